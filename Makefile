@@ -1,0 +1,29 @@
+# vpblu: every command an operator or CI needs. `make test` alone works on a
+# fresh Debian machine: it runs the idempotent setup first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup setup-system setup-python setup-kube test lint unit demo bench clean-host
+
+setup: setup-system setup-python setup-kube
+
+setup-system:
+	bash scripts/setup-system.sh
+
+setup-python:
+	bash scripts/setup-python.sh
+
+setup-kube:
+	bash scripts/build-kube.sh
+
+lint: setup-python
+	$(VENV)/bin/ruff check vpblu tests bench
+	$(VENV)/bin/mypy
+
+test: setup
+	$(MAKE) lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+unit: setup-python
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors

@@ -1,0 +1,1 @@
+"""vpblu: an encrypted node-to-node WireGuard mesh for Kubernetes."""

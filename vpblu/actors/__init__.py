@@ -1,0 +1,1 @@
+"""Controller-side actors: one file per actor, named for what it owns."""

@@ -1,0 +1,261 @@
+"""The cluster as vpblu sees it: typed, immutable values, and nothing else.
+
+This module owns the shapes of the objects the controller reads from the
+Kubernetes API (Node, VpbluNode and the four policy kinds) once the watcher
+boundary has turned raw API dicts into them, and the shapes of a node's
+desired state. It never does I/O, never reads a clock and holds no state.
+
+The Custom Resources (group ``vpblu.io``, version ``v1alpha1``, all
+cluster-scoped) carry these spec fields; ``kustomize/base/crds`` is the schema
+the API server enforces, this module is what the controller understands:
+
+VpbluNode (name = the Node's name)
+    spec.endpoint         optional "host:port" overriding the Node's InternalIP
+    status.publicKey      the daemon's current WireGuard public key (base64)
+    status.conditions     Ready, KeyRotation, ...
+
+TunnelPolicy
+    spec.mode             "FullMesh" | "Explicit"
+    spec.listenPort       1..65535, default 51820
+    spec.persistentKeepalive  0..65535 seconds, default 25 (0 = off)
+    spec.peerings         Explicit only: [{nodes: [a, b]}], each an undirected pair
+
+RoutePolicy
+    spec.routes           [{cidr: CIDR, via: nodeName}] — traffic to `cidr` goes
+                          through `via`'s tunnel instead of the owner derived
+                          from Node podCIDRs
+
+BlockPolicy
+    spec.cidrPairs        [{from: CIDR, to: CIDR}] dropped by the classifier
+                          (one direction; list both to block both)
+    spec.nodePairs        [{nodes: [a, b]}] never peered with each other
+    spec.isolate          [nodeName] — no peers, and nobody peers with it
+    spec.drain            [nodeName] — never chosen as a RoutePolicy `via`
+
+RotationPolicy
+    spec.schedule         5-field cron
+    spec.overlapSeconds   how long peers accept both keys, 1..3600
+    spec.nodes            optional [nodeName] it applies to (empty = all)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from enum import Enum
+from typing import Any
+
+import attrs
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_KEEPALIVE = 25
+WG_KEY_LEN = 32
+
+
+def network(value: str | IPNetwork) -> IPNetwork:
+    """Parse a CIDR strictly (host bits must be zero): `10.0.0.1/24` is an error."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    return ipaddress.ip_network(value, strict=True)
+
+
+def _networks(values: Any) -> tuple[IPNetwork, ...]:
+    return tuple(sorted({network(v) for v in values}, key=_net_key))
+
+
+def _net_key(n: IPNetwork) -> tuple[int, int, int]:
+    return (n.version, int(n.network_address), n.prefixlen)
+
+
+def check_public_key(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    """A WireGuard key is 32 bytes in standard base64 (44 characters)."""
+    if value is None:
+        return
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{attribute.name}: not base64: {exc}") from None
+    if len(raw) != WG_KEY_LEN:
+        raise ValueError(f"{attribute.name}: a WireGuard key is {WG_KEY_LEN} bytes, got {len(raw)}")
+
+
+def _check_port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{attribute.name}: port {value} is outside 1..65535")
+
+
+def _check_keepalive(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name}: {value} is outside 0..65535")
+
+
+def _check_name(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value or len(value) > 253:
+        raise ValueError(f"{attribute.name}: a node name is 1..253 characters, got {value!r}")
+
+
+@attrs.frozen(slots=True, order=True)
+class Endpoint:
+    """Where a node's WireGuard listens on the underlay."""
+
+    host: IPAddress = attrs.field(converter=ipaddress.ip_address)
+    port: int = attrs.field(validator=_check_port)
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"endpoint {text!r} is not host:port")
+        return cls(host.strip("[]"), int(port))
+
+
+# --- what the watchers produce -------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class NodeInfo:
+    """One Kubernetes node merged with its VpbluNode: everything the core needs."""
+
+    name: str = attrs.field(validator=_check_name)
+    internal_ip: IPAddress | None = attrs.field(
+        default=None, converter=attrs.converters.optional(ipaddress.ip_address)
+    )
+    pod_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    public_key: str | None = attrs.field(default=None, validator=check_public_key)
+    endpoint_override: Endpoint | None = None
+
+
+class TunnelMode(Enum):
+    FULL_MESH = "FullMesh"
+    EXPLICIT = "Explicit"
+
+
+def _pair(value: Any) -> frozenset[str]:
+    pair = frozenset(value)
+    if len(pair) != 2:
+        raise ValueError(f"a node pair names two different nodes, got {sorted(value)}")
+    return pair
+
+
+def _pairs(values: Any) -> frozenset[frozenset[str]]:
+    return frozenset(_pair(v) for v in values)
+
+
+@attrs.frozen(slots=True)
+class TunnelPolicy:
+    name: str
+    generation: int = 1
+    mode: TunnelMode = TunnelMode.FULL_MESH
+    listen_port: int = attrs.field(default=DEFAULT_LISTEN_PORT, validator=_check_port)
+    persistent_keepalive: int = attrs.field(default=DEFAULT_KEEPALIVE, validator=_check_keepalive)
+    peerings: frozenset[frozenset[str]] = attrs.field(default=frozenset(), converter=_pairs)
+
+
+@attrs.frozen(slots=True)
+class RouteOverride:
+    cidr: IPNetwork = attrs.field(converter=network)
+    via: str = attrs.field(validator=_check_name)
+
+
+@attrs.frozen(slots=True)
+class RoutePolicy:
+    name: str
+    generation: int = 1
+    routes: tuple[RouteOverride, ...] = attrs.field(default=(), converter=tuple)
+
+
+@attrs.frozen(slots=True, order=True)
+class CidrPair:
+    """Packets from `src` to `dst` are dropped by the classifier."""
+
+    src: IPNetwork = attrs.field(converter=network, order=_net_key)
+    dst: IPNetwork = attrs.field(converter=network, order=_net_key)
+
+
+@attrs.frozen(slots=True)
+class BlockPolicy:
+    name: str
+    generation: int = 1
+    cidr_pairs: tuple[CidrPair, ...] = attrs.field(default=(), converter=tuple)
+    node_pairs: frozenset[frozenset[str]] = attrs.field(default=frozenset(), converter=_pairs)
+    isolate: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    drain: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+
+
+@attrs.frozen(slots=True)
+class RotationPolicy:
+    name: str
+    schedule: str
+    generation: int = 1
+    overlap_seconds: int = 30
+    nodes: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+
+
+@attrs.frozen(slots=True)
+class ClusterSnapshot:
+    """Everything the pure core reads, keyed by object name. Immutable."""
+
+    nodes: tuple[NodeInfo, ...] = attrs.field(default=(), converter=tuple)
+    tunnel_policies: tuple[TunnelPolicy, ...] = attrs.field(default=(), converter=tuple)
+    route_policies: tuple[RoutePolicy, ...] = attrs.field(default=(), converter=tuple)
+    block_policies: tuple[BlockPolicy, ...] = attrs.field(default=(), converter=tuple)
+    rotation_policies: tuple[RotationPolicy, ...] = attrs.field(default=(), converter=tuple)
+
+
+# --- what the core produces ------------------------------------------------------
+
+
+@attrs.frozen(slots=True, order=True)
+class Peer:
+    """One WireGuard peer of a node, as the node should configure it."""
+
+    name: str
+    public_key: str = attrs.field(validator=check_public_key)
+    endpoint: Endpoint | None
+    allowed_ips: tuple[IPNetwork, ...] = attrs.field(converter=_networks, order=False)
+    persistent_keepalive: int = attrs.field(default=0, validator=_check_keepalive)
+
+
+@attrs.frozen(slots=True, order=True)
+class Route:
+    """`cidr` is reached through the mesh interface towards peer `via`."""
+
+    cidr: IPNetwork = attrs.field(converter=network, order=_net_key)
+    via: str
+
+
+@attrs.frozen(slots=True)
+class NodeDesiredState:
+    """What one node's daemon should have in its kernel. Peers sorted by name."""
+
+    node: str
+    listen_port: int = DEFAULT_LISTEN_PORT
+    peers: tuple[Peer, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
+    routes: tuple[Route, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
+    blocks: tuple[CidrPair, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
+
+
+class ConditionStatus(Enum):
+    TRUE = "True"
+    FALSE = "False"
+
+
+@attrs.frozen(slots=True, order=True)
+class Condition:
+    """What the core ignored and why, addressed to the object that caused it."""
+
+    kind: str  # "TunnelPolicy", "RoutePolicy", "BlockPolicy", "RotationPolicy", "VpbluNode"
+    name: str
+    type: str  # "Accepted", "Ready", ...
+    status: str  # "True" | "False"
+    reason: str  # CamelCase, e.g. "ConflictingRoute"
+    message: str

@@ -1,0 +1,1 @@
+"""Daemon-side actors: each owns one kernel resource of the node."""
