@@ -233,15 +233,28 @@ class Route:
     via: str
 
 
+def _sorted_peers(values: Any) -> tuple[Peer, ...]:
+    return tuple(sorted(values, key=lambda p: p.name))
+
+
+def _sorted_routes(values: Any) -> tuple[Route, ...]:
+    return tuple(sorted(values))
+
+
+def _sorted_blocks(values: Any) -> tuple[CidrPair, ...]:
+    return tuple(sorted(values))
+
+
 @attrs.frozen(slots=True)
 class NodeDesiredState:
-    """What one node's daemon should have in its kernel. Peers sorted by name."""
+    """What one node's daemon should have in its kernel, in a canonical order
+    (peers by name, routes and blocks by address) so equal states compare equal."""
 
     node: str
     listen_port: int = DEFAULT_LISTEN_PORT
-    peers: tuple[Peer, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
-    routes: tuple[Route, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
-    blocks: tuple[CidrPair, ...] = attrs.field(default=(), converter=lambda v: tuple(sorted(v)))
+    peers: tuple[Peer, ...] = attrs.field(default=(), converter=_sorted_peers)
+    routes: tuple[Route, ...] = attrs.field(default=(), converter=_sorted_routes)
+    blocks: tuple[CidrPair, ...] = attrs.field(default=(), converter=_sorted_blocks)
 
 
 class ConditionStatus(Enum):
