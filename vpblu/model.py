@@ -272,3 +272,60 @@ class Condition:
     status: str  # "True" | "False"
     reason: str  # CamelCase, e.g. "ConflictingRoute"
     message: str
+
+
+# --- the smallest changes between two desired states of one node ---------------
+
+
+@attrs.frozen(slots=True)
+class PeerAdded:
+    peer: Peer
+
+
+@attrs.frozen(slots=True)
+class PeerChanged:
+    """The peer's key, endpoint, allowed IPs or keepalive changed; the whole new peer."""
+
+    peer: Peer
+
+
+@attrs.frozen(slots=True)
+class PeerRemoved:
+    name: str
+
+
+@attrs.frozen(slots=True)
+class RouteAdded:
+    route: Route
+
+
+@attrs.frozen(slots=True)
+class RouteRemoved:
+    route: Route
+
+
+@attrs.frozen(slots=True)
+class BlockAdded:
+    block: CidrPair
+
+
+@attrs.frozen(slots=True)
+class BlockRemoved:
+    block: CidrPair
+
+
+@attrs.frozen(slots=True)
+class ListenPortChanged:
+    port: int = attrs.field(validator=_check_port)
+
+
+Change = (
+    PeerAdded
+    | PeerChanged
+    | PeerRemoved
+    | RouteAdded
+    | RouteRemoved
+    | BlockAdded
+    | BlockRemoved
+    | ListenPortChanged
+)
