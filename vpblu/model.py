@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
@@ -83,6 +84,10 @@ def check_public_key(_inst: object, attribute: attrs.Attribute[Any], value: str 
         raise ValueError(f"{attribute.name}: a WireGuard key is {WG_KEY_LEN} bytes, got {len(raw)}")
 
 
+def _names(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
 def _check_port(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 1 <= value <= 65535:
         raise ValueError(f"{attribute.name}: port {value} is outside 1..65535")
@@ -116,6 +121,29 @@ class Endpoint:
         if not sep:
             raise ValueError(f"endpoint {text!r} is not host:port")
         return cls(host.strip("[]"), int(port))
+
+
+# Typed converters: mypy's attrs plugin cannot see through a bare `tuple`.
+def _route_overrides(values: Iterable[RouteOverride]) -> tuple[RouteOverride, ...]:
+    return tuple(values)
+
+def _cidr_pairs(values: Iterable[CidrPair]) -> tuple[CidrPair, ...]:
+    return tuple(values)
+
+def _node_infos(values: Iterable[NodeInfo]) -> tuple[NodeInfo, ...]:
+    return tuple(values)
+
+def _tunnel_policies(values: Iterable[TunnelPolicy]) -> tuple[TunnelPolicy, ...]:
+    return tuple(values)
+
+def _route_policies(values: Iterable[RoutePolicy]) -> tuple[RoutePolicy, ...]:
+    return tuple(values)
+
+def _block_policies(values: Iterable[BlockPolicy]) -> tuple[BlockPolicy, ...]:
+    return tuple(values)
+
+def _rotation_policies(values: Iterable[RotationPolicy]) -> tuple[RotationPolicy, ...]:
+    return tuple(values)
 
 
 # --- what the watchers produce -------------------------------------------------
@@ -170,7 +198,7 @@ class RouteOverride:
 class RoutePolicy:
     name: str
     generation: int = 1
-    routes: tuple[RouteOverride, ...] = attrs.field(default=(), converter=tuple)
+    routes: tuple[RouteOverride, ...] = attrs.field(default=(), converter=_route_overrides)
 
 
 @attrs.frozen(slots=True, order=True)
@@ -185,10 +213,10 @@ class CidrPair:
 class BlockPolicy:
     name: str
     generation: int = 1
-    cidr_pairs: tuple[CidrPair, ...] = attrs.field(default=(), converter=tuple)
+    cidr_pairs: tuple[CidrPair, ...] = attrs.field(default=(), converter=_cidr_pairs)
     node_pairs: frozenset[frozenset[str]] = attrs.field(default=frozenset(), converter=_pairs)
-    isolate: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    drain: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    isolate: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    drain: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
 
 
 @attrs.frozen(slots=True)
@@ -197,18 +225,20 @@ class RotationPolicy:
     schedule: str
     generation: int = 1
     overlap_seconds: int = 30
-    nodes: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    nodes: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
 
 
 @attrs.frozen(slots=True)
 class ClusterSnapshot:
     """Everything the pure core reads, keyed by object name. Immutable."""
 
-    nodes: tuple[NodeInfo, ...] = attrs.field(default=(), converter=tuple)
-    tunnel_policies: tuple[TunnelPolicy, ...] = attrs.field(default=(), converter=tuple)
-    route_policies: tuple[RoutePolicy, ...] = attrs.field(default=(), converter=tuple)
-    block_policies: tuple[BlockPolicy, ...] = attrs.field(default=(), converter=tuple)
-    rotation_policies: tuple[RotationPolicy, ...] = attrs.field(default=(), converter=tuple)
+    nodes: tuple[NodeInfo, ...] = attrs.field(default=(), converter=_node_infos)
+    tunnel_policies: tuple[TunnelPolicy, ...] = attrs.field(default=(), converter=_tunnel_policies)
+    route_policies: tuple[RoutePolicy, ...] = attrs.field(default=(), converter=_route_policies)
+    block_policies: tuple[BlockPolicy, ...] = attrs.field(default=(), converter=_block_policies)
+    rotation_policies: tuple[RotationPolicy, ...] = attrs.field(
+        default=(), converter=_rotation_policies
+    )
 
 
 # --- what the core produces ------------------------------------------------------
