@@ -1,0 +1,68 @@
+"""Every message one vpblu actor sends another, and nothing else.
+
+Rules: frozen, slotted attrs classes; validators where a wrong value is
+possible; one union type per actor inbox, dispatched with `match`; never a
+dict, never a private key.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from vpblu.resources import Typed
+
+# --- WatcherActor -> StateActor -----------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class InvalidSource:
+    """An object the watcher could not type: reported as a status condition."""
+
+    kind: str
+    name: str
+    generation: int
+    message: str
+
+
+@attrs.frozen(slots=True)
+class KindListed:
+    """The complete current set of one kind, after a (re)list.
+
+    Level-triggered: the receiver replaces its whole view of `kind` with this,
+    which is how deletions missed while a watch was down are noticed.
+    """
+
+    kind: str
+    objects: tuple[Typed, ...]
+    invalid: tuple[InvalidSource, ...]
+    resource_version: str
+
+
+@attrs.frozen(slots=True)
+class KindChanged:
+    """What one watch batch changed: upserted objects, deleted names, invalid ones."""
+
+    kind: str
+    upserted: tuple[Typed, ...]
+    deleted: tuple[str, ...]
+    invalid: tuple[InvalidSource, ...]
+    resource_version: str
+
+
+WatchMessage = KindListed | KindChanged
+
+
+# --- LeaderActor -> whoever gates leader-only work ------------------------------------
+
+
+@attrs.frozen(slots=True)
+class LeaderObserved:
+    """Who holds the Lease now, as this replica last saw it.
+
+    `holder` None means nobody (never held, released, or expired). `address`
+    is the holder's gRPC address, so a follower can redirect daemons there.
+    """
+
+    is_me: bool
+    holder: str | None
+    address: str | None
