@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import attrs
 
+from vpblu.model import Condition
 from vpblu.resources import Typed
 
 # --- WatcherActor -> StateActor -----------------------------------------------------
@@ -66,3 +67,32 @@ class LeaderObserved:
     is_me: bool
     holder: str | None
     address: str | None
+
+
+# --- StateActor / NodeSessionActor -> StatusActor -----------------------------------
+
+
+@attrs.frozen(slots=True)
+class PublicKeyReported:
+    """A daemon said (in its Hello) that this is its current public key."""
+
+    node: str
+    public_key: str
+
+
+@attrs.frozen(slots=True)
+class ObjectConditions:
+    """The complete set of conditions one object should show now.
+
+    Level-triggered: the StatusActor makes the object's status.conditions
+    equal to this (keeping lastTransitionTime where a condition's status did
+    not change), and writes nothing when it already is.
+    """
+
+    kind: str
+    name: str
+    generation: int
+    conditions: tuple[Condition, ...]
+
+
+StatusMessage = PublicKeyReported | ObjectConditions

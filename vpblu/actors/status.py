@@ -1,0 +1,188 @@
+"""StatusActor: the only writer of vpblu objects' status.
+
+Owns status writes: a daemon's reported public key into its VpbluNode
+(creating the VpbluNode when the node has none yet) and the conditions the
+core computed for every policy and VpbluNode (Accepted / what was ignored and
+why, with observedGeneration). It never writes spec, and never decides
+anything: it makes status equal to what it was told, level-triggered.
+
+Writes are coalesced per object (only the newest wanted status of an object
+is written; a burst of 1000 key reports on a mass reconnect becomes at most
+one write per node), done by a few concurrent workers, skipped when the
+object already shows it, and retried with backoff when the API server is
+unavailable. A write for an object that has since been deleted is dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from vpblu.kube import (
+    GROUP,
+    VERSION,
+    VPBLU_NODES,
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    KubeApi,
+    NotFound,
+    RawObject,
+    ResourceKind,
+)
+from vpblu.messages import ObjectConditions, PublicKeyReported, StatusMessage
+from vpblu.model import Condition
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4
+RETRY_DELAY = 1.0
+RETRY_DELAY_MAX = 30.0
+
+
+@attrs.frozen(slots=True)
+class _Key:
+    kind: str
+    name: str
+
+
+@attrs.frozen(slots=True)
+class _Wanted:
+    """The part of an object's status one message decides."""
+
+    public_key: str | None = None
+    conditions: ObjectConditions | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions_status(wanted: ObjectConditions, current: list[RawObject]) -> list[RawObject]:
+    """status.conditions as they should be; lastTransitionTime kept where the status held."""
+    before = {c.get("type"): c for c in current if isinstance(c, dict)}
+    out = []
+    for cond in _merge_by_type(wanted.conditions).values():
+        old = before.get(cond.type)
+        changed = old is None or old.get("status") != cond.status
+        out.append({
+            "type": cond.type,
+            "status": cond.status,
+            "reason": cond.reason,
+            "message": cond.message,
+            "observedGeneration": wanted.generation,
+            "lastTransitionTime": _now() if changed or old is None else old.get(
+                "lastTransitionTime", _now()),
+        })
+    return out
+
+
+def _merge_by_type(conditions: tuple[Condition, ...]) -> Mapping[str, Condition]:
+    """One condition per type: a False beats a True, and messages of the same
+    status are joined, so an object with three problems shows all three."""
+    merged: dict[str, Condition] = {}
+    for cond in sorted(conditions):
+        old = merged.get(cond.type)
+        if old is None or (old.status == "True" and cond.status == "False"):
+            merged[cond.type] = cond
+        elif old.status == cond.status and cond.message not in old.message:
+            merged[cond.type] = attrs.evolve(old, message=f"{old.message}; {cond.message}")
+    return merged
+
+
+def _same_conditions(a: list[RawObject], b: list[RawObject]) -> bool:
+    def strip(cs: list[RawObject]) -> list[tuple[object, ...]]:
+        return sorted((c.get("type"), c.get("status"), c.get("reason"), c.get("message"),
+                       c.get("observedGeneration")) for c in cs)
+    return strip(a) == strip(b)
+
+
+class StatusActor:
+    def __init__(self, kube: KubeApi, inbox: trio.MemoryReceiveChannel[StatusMessage],
+                 kinds: Mapping[str, ResourceKind]) -> None:
+        self._kube = kube
+        self._inbox = inbox
+        self._kinds = dict(kinds)
+        self._wanted: dict[_Key, _Wanted] = {}
+        # Unbounded, with a reason: a key is queued at most once (`_queued`), so
+        # the queue never holds more entries than there are objects.
+        self._dirty_send, self._dirty_receive = trio.open_memory_channel[_Key](math.inf)
+        self._queued: set[_Key] = set()
+        self._writes = 0
+
+    @property
+    def writes(self) -> int:
+        """How many status writes reached the API server (for tests and the bench)."""
+        return self._writes
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(self._worker)
+            task_status.started()
+            async for message in self._inbox:
+                match message:
+                    case PublicKeyReported(node=node, public_key=key):
+                        k = _Key(VPBLU_NODES.kind, node)
+                        self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
+                                                       public_key=key)
+                    case ObjectConditions(kind=kind, name=name):
+                        k = _Key(kind, name)
+                        self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
+                                                       conditions=message)
+                if k not in self._queued:
+                    self._queued.add(k)
+                    self._dirty_send.send_nowait(k)
+            nursery.cancel_scope.cancel()
+
+    async def _worker(self) -> None:
+        async for key in self._dirty_receive:
+            self._queued.discard(key)
+            delay = RETRY_DELAY
+            while True:
+                wanted = self._wanted.get(key)
+                if wanted is None:
+                    break
+                try:
+                    await self._write(key, wanted)
+                    break
+                except NotFound:
+                    log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
+                    break
+                except Conflict:
+                    continue  # someone wrote in between: read again and redo
+                except (ApiUnavailable, ApiError) as exc:
+                    log.warning("status of %s %s: %r; retrying in %.1fs",
+                                key.kind, key.name, exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_DELAY_MAX)
+
+    async def _write(self, key: _Key, wanted: _Wanted) -> None:
+        kind = self._kinds[key.kind]
+        try:
+            current = await self._kube.get(kind, key.name)
+        except NotFound:
+            if kind is not VPBLU_NODES or wanted.public_key is None:
+                raise
+            # A daemon connected before anyone made its VpbluNode: make it now.
+            current = await self._kube.create(VPBLU_NODES, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "VpbluNode",
+                "metadata": {"name": key.name}, "spec": {},
+            })
+        status = dict(current.get("status") or {})
+        patch: RawObject = {}
+        if wanted.public_key is not None and status.get("publicKey") != wanted.public_key:
+            patch["publicKey"] = wanted.public_key
+        if wanted.conditions is not None:
+            old = list(status.get("conditions") or [])
+            new = conditions_status(wanted.conditions, old)
+            if not _same_conditions(old, new):
+                patch["conditions"] = new
+        if patch:
+            await self._kube.patch_status(kind, key.name, patch)
+            self._writes += 1
