@@ -113,6 +113,10 @@ class StatusActor:
         # the queue never holds more entries than there are objects.
         self._dirty_send, self._dirty_receive = trio.open_memory_channel[_Key](math.inf)
         self._queued: set[_Key] = set()
+        # A key a worker is writing is not queued again: the worker itself
+        # notices (by `_version`) that newer status arrived and writes again.
+        self._busy: set[_Key] = set()
+        self._version: dict[_Key, int] = {}
         self._writes = 0
 
     @property
@@ -135,7 +139,8 @@ class StatusActor:
                         k = _Key(kind, name)
                         self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
                                                        conditions=message)
-                if k not in self._queued:
+                self._version[k] = self._version.get(k, 0) + 1
+                if k not in self._queued and k not in self._busy:
                     self._queued.add(k)
                     self._dirty_send.send_nowait(k)
             nursery.cancel_scope.cancel()
@@ -143,24 +148,30 @@ class StatusActor:
     async def _worker(self) -> None:
         async for key in self._dirty_receive:
             self._queued.discard(key)
-            delay = RETRY_DELAY
-            while True:
-                wanted = self._wanted.get(key)
-                if wanted is None:
-                    break
-                try:
-                    await self._write(key, wanted)
-                    break
-                except NotFound:
-                    log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
-                    break
-                except Conflict:
-                    continue  # someone wrote in between: read again and redo
-                except (ApiUnavailable, ApiError) as exc:
-                    log.warning("status of %s %s: %r; retrying in %.1fs",
-                                key.kind, key.name, exc, delay)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_DELAY_MAX)
+            self._busy.add(key)
+            try:
+                await self._write_until_current(key)
+            finally:
+                self._busy.discard(key)
+
+    async def _write_until_current(self, key: _Key) -> None:
+        delay = RETRY_DELAY
+        while True:
+            version = self._version[key]
+            try:
+                await self._write(key, self._wanted[key])
+                if self._version[key] == version:
+                    return
+            except NotFound:
+                log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
+                return
+            except Conflict:
+                continue  # someone wrote in between: read again and redo
+            except (ApiUnavailable, ApiError) as exc:
+                log.warning("status of %s %s: %r; retrying in %.1fs",
+                            key.kind, key.name, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY_MAX)
 
     async def _write(self, key: _Key, wanted: _Wanted) -> None:
         kind = self._kinds[key.kind]

@@ -66,7 +66,7 @@ class WatcherActor:
         retrying = tenacity.AsyncRetrying(
             sleep=trio.sleep,
             wait=tenacity.wait_exponential_jitter(
-                initial=RETRY_INITIAL, max=RETRY_MAX, jitter=RETRY_JITTER),
+                multiplier=RETRY_INITIAL, max=RETRY_MAX, jitter=RETRY_JITTER),
             retry=tenacity.retry_if_exception_type((ApiUnavailable, ApiError)),
             before_sleep=self._log_retry,
             reraise=True,
