@@ -1,0 +1,256 @@
+"""Conversion between the warm stream's typed values and their protobuf form.
+
+Owns the mapping of `vpblu.wire` and `vpblu.model` values onto
+`vpblu/proto/mesh.proto`, both ways. Decoding validates everything the model
+validates (keys, CIDRs with host bits zero, ports, generations, names), so a
+malformed message from the wire stops here as one `ProtocolViolation` naming
+what was wrong, never as a crash somewhere past the transport.
+
+Pure: no I/O, no clock, no gRPC. It must never log message contents (they name
+nodes and keys; public keys only, but still noise).
+"""
+
+from __future__ import annotations
+
+from vpblu import wire
+from vpblu.model import (
+    BlockAdded,
+    BlockRemoved,
+    Change,
+    CidrPair,
+    Endpoint,
+    ListenPortChanged,
+    NodeDesiredState,
+    Peer,
+    PeerAdded,
+    PeerChanged,
+    PeerRemoved,
+    Route,
+    RouteAdded,
+    RouteRemoved,
+)
+from vpblu.proto import mesh_pb2 as pb
+
+MAX_NAME_LEN = 253
+
+
+class ProtocolViolation(Exception):
+    """A message from the other end is malformed or out of place."""
+
+
+def _name(value: str, what: str) -> str:
+    if not value or len(value) > MAX_NAME_LEN:
+        raise ProtocolViolation(f"{what}: a node name is 1..{MAX_NAME_LEN} characters, "
+                                f"got {value[:MAX_NAME_LEN + 1]!r}")
+    return value
+
+
+# --- values ------------------------------------------------------------------------
+
+
+def encode_peer(peer: Peer) -> pb.Peer:
+    msg = pb.Peer(
+        name=peer.name,
+        public_key=peer.public_key,
+        allowed_ips=[str(n) for n in peer.allowed_ips],
+        persistent_keepalive=peer.persistent_keepalive,
+    )
+    if peer.endpoint is not None:
+        msg.endpoint.host = str(peer.endpoint.host)
+        msg.endpoint.port = peer.endpoint.port
+    return msg
+
+
+def decode_peer(msg: pb.Peer) -> Peer:
+    endpoint = Endpoint(msg.endpoint.host, msg.endpoint.port) if msg.HasField("endpoint") else None
+    return Peer(
+        name=_name(msg.name, "peer name"),
+        public_key=msg.public_key,
+        endpoint=endpoint,
+        allowed_ips=tuple(msg.allowed_ips),
+        persistent_keepalive=msg.persistent_keepalive,
+    )
+
+
+def encode_route(route: Route) -> pb.Route:
+    return pb.Route(cidr=str(route.cidr), via=route.via)
+
+
+def decode_route(msg: pb.Route) -> Route:
+    return Route(cidr=msg.cidr, via=_name(msg.via, "route via"))
+
+
+def encode_block(block: CidrPair) -> pb.CidrPair:
+    return pb.CidrPair(src=str(block.src), dst=str(block.dst))
+
+
+def decode_block(msg: pb.CidrPair) -> CidrPair:
+    return CidrPair(src=msg.src, dst=msg.dst)
+
+
+def encode_state(state: NodeDesiredState) -> pb.NodeDesiredState:
+    return pb.NodeDesiredState(
+        node=state.node,
+        listen_port=state.listen_port,
+        peers=[encode_peer(p) for p in state.peers],
+        routes=[encode_route(r) for r in state.routes],
+        blocks=[encode_block(b) for b in state.blocks],
+    )
+
+
+def decode_state(msg: pb.NodeDesiredState) -> NodeDesiredState:
+    if not 1 <= msg.listen_port <= 65535:
+        raise ProtocolViolation(f"listen port {msg.listen_port} is outside 1..65535")
+    peers = [decode_peer(p) for p in msg.peers]
+    names = [p.name for p in peers]
+    if len(set(names)) != len(names):
+        raise ProtocolViolation("a desired state names one peer twice")
+    return NodeDesiredState(
+        node=_name(msg.node, "node"),
+        listen_port=msg.listen_port,
+        peers=peers,
+        routes=[decode_route(r) for r in msg.routes],
+        blocks=[decode_block(b) for b in msg.blocks],
+    )
+
+
+def encode_change(change: Change) -> pb.Change:
+    match change:
+        case PeerAdded(peer):
+            return pb.Change(peer_added=encode_peer(peer))
+        case PeerChanged(peer):
+            return pb.Change(peer_changed=encode_peer(peer))
+        case PeerRemoved(name):
+            return pb.Change(peer_removed=name)
+        case RouteAdded(route):
+            return pb.Change(route_added=encode_route(route))
+        case RouteRemoved(route):
+            return pb.Change(route_removed=encode_route(route))
+        case BlockAdded(block):
+            return pb.Change(block_added=encode_block(block))
+        case BlockRemoved(block):
+            return pb.Change(block_removed=encode_block(block))
+        case ListenPortChanged(port):
+            return pb.Change(listen_port_changed=port)
+
+
+def decode_change(msg: pb.Change) -> Change:
+    match msg.WhichOneof("change"):
+        case "peer_added":
+            return PeerAdded(decode_peer(msg.peer_added))
+        case "peer_changed":
+            return PeerChanged(decode_peer(msg.peer_changed))
+        case "peer_removed":
+            return PeerRemoved(_name(msg.peer_removed, "removed peer"))
+        case "route_added":
+            return RouteAdded(decode_route(msg.route_added))
+        case "route_removed":
+            return RouteRemoved(decode_route(msg.route_removed))
+        case "block_added":
+            return BlockAdded(decode_block(msg.block_added))
+        case "block_removed":
+            return BlockRemoved(decode_block(msg.block_removed))
+        case "listen_port_changed":
+            return ListenPortChanged(msg.listen_port_changed)
+        case _:
+            raise ProtocolViolation("a Change carries no change")
+
+
+# --- daemon -> controller ------------------------------------------------------------
+
+
+def encode_node_message(message: wire.NodeMessage) -> pb.NodeMessage:
+    match message:
+        case wire.Hello():
+            return pb.NodeMessage(hello=pb.Hello(
+                node_name=message.node_name,
+                public_key=message.public_key,
+                last_applied_generation=message.last_applied_generation,
+                daemon_version=message.daemon_version,
+            ))
+        case wire.Ack(generation, error):
+            return pb.NodeMessage(ack=pb.Ack(generation=generation, error=error))
+        case wire.Heartbeat():
+            return pb.NodeMessage(heartbeat=pb.Heartbeat())
+
+
+def _decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
+    match msg.WhichOneof("kind"):
+        case "hello":
+            h = msg.hello
+            return wire.Hello(
+                node_name=_name(h.node_name, "hello node name"),
+                public_key=h.public_key,
+                last_applied_generation=h.last_applied_generation,
+                daemon_version=h.daemon_version,
+            )
+        case "ack":
+            error = msg.ack.error if msg.ack.HasField("error") else None
+            return wire.Ack(generation=msg.ack.generation, error=error)
+        case "heartbeat":
+            return wire.Heartbeat()
+        case _:
+            raise ProtocolViolation("an empty NodeMessage")
+
+
+def decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
+    """The typed message, or `ProtocolViolation` saying what is malformed."""
+    try:
+        return _decode_node_message(msg)
+    except ProtocolViolation:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ProtocolViolation(f"malformed NodeMessage: {exc}") from None
+
+
+# --- controller -> daemon ------------------------------------------------------------
+
+
+def encode_controller_message(message: wire.ControllerMessage) -> pb.ControllerMessage:
+    match message:
+        case wire.SyncState(generation, state):
+            return pb.ControllerMessage(
+                sync_state=pb.SyncState(generation=generation, state=encode_state(state)))
+        case wire.Delta(generation, base_generation, changes):
+            return pb.ControllerMessage(delta=pb.Delta(
+                generation=generation,
+                base_generation=base_generation,
+                changes=[encode_change(c) for c in changes],
+            ))
+        case wire.Redirect(leader):
+            return pb.ControllerMessage(redirect=pb.Redirect(leader=leader))
+        case wire.Refused(reason):
+            return pb.ControllerMessage(refused=pb.Refused(reason=reason))
+
+
+def _decode_controller_message(msg: pb.ControllerMessage) -> wire.ControllerMessage:
+    match msg.WhichOneof("kind"):
+        case "sync_state":
+            if not msg.sync_state.HasField("state"):
+                raise ProtocolViolation("a SyncState without a state")
+            return wire.SyncState(
+                generation=msg.sync_state.generation, state=decode_state(msg.sync_state.state))
+        case "delta":
+            return wire.Delta(
+                generation=msg.delta.generation,
+                base_generation=msg.delta.base_generation,
+                changes=[decode_change(c) for c in msg.delta.changes],
+            )
+        case "redirect":
+            if not msg.redirect.leader:
+                raise ProtocolViolation("a Redirect without a leader address")
+            return wire.Redirect(leader=msg.redirect.leader)
+        case "refused":
+            return wire.Refused(reason=msg.refused.reason)
+        case _:
+            raise ProtocolViolation("an empty ControllerMessage")
+
+
+def decode_controller_message(msg: pb.ControllerMessage) -> wire.ControllerMessage:
+    """The typed message, or `ProtocolViolation` saying what is malformed."""
+    try:
+        return _decode_controller_message(msg)
+    except ProtocolViolation:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ProtocolViolation(f"malformed ControllerMessage: {exc}") from None

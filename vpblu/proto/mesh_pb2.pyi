@@ -1,0 +1,155 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Endpoint(_message.Message):
+    __slots__ = ("host", "port")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("name", "public_key", "endpoint", "allowed_ips", "persistent_keepalive")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_IPS_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENT_KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    public_key: str
+    endpoint: Endpoint
+    allowed_ips: _containers.RepeatedScalarFieldContainer[str]
+    persistent_keepalive: int
+    def __init__(self, name: _Optional[str] = ..., public_key: _Optional[str] = ..., endpoint: _Optional[_Union[Endpoint, _Mapping]] = ..., allowed_ips: _Optional[_Iterable[str]] = ..., persistent_keepalive: _Optional[int] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("cidr", "via")
+    CIDR_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    cidr: str
+    via: str
+    def __init__(self, cidr: _Optional[str] = ..., via: _Optional[str] = ...) -> None: ...
+
+class CidrPair(_message.Message):
+    __slots__ = ("src", "dst")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    dst: str
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ...) -> None: ...
+
+class NodeDesiredState(_message.Message):
+    __slots__ = ("node", "listen_port", "peers", "routes", "blocks")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    listen_port: int
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    blocks: _containers.RepeatedCompositeFieldContainer[CidrPair]
+    def __init__(self, node: _Optional[str] = ..., listen_port: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[CidrPair, _Mapping]]] = ...) -> None: ...
+
+class Change(_message.Message):
+    __slots__ = ("peer_added", "peer_changed", "peer_removed", "route_added", "route_removed", "block_added", "block_removed", "listen_port_changed")
+    PEER_ADDED_FIELD_NUMBER: _ClassVar[int]
+    PEER_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PEER_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_ADDED_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ADDED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_PORT_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    peer_added: Peer
+    peer_changed: Peer
+    peer_removed: str
+    route_added: Route
+    route_removed: Route
+    block_added: CidrPair
+    block_removed: CidrPair
+    listen_port_changed: int
+    def __init__(self, peer_added: _Optional[_Union[Peer, _Mapping]] = ..., peer_changed: _Optional[_Union[Peer, _Mapping]] = ..., peer_removed: _Optional[str] = ..., route_added: _Optional[_Union[Route, _Mapping]] = ..., route_removed: _Optional[_Union[Route, _Mapping]] = ..., block_added: _Optional[_Union[CidrPair, _Mapping]] = ..., block_removed: _Optional[_Union[CidrPair, _Mapping]] = ..., listen_port_changed: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("node_name", "public_key", "last_applied_generation", "daemon_version")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAST_APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    public_key: str
+    last_applied_generation: int
+    daemon_version: str
+    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., last_applied_generation: _Optional[int] = ..., daemon_version: _Optional[str] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("generation", "error")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    error: str
+    def __init__(self, generation: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeMessage(_message.Message):
+    __slots__ = ("hello", "ack", "heartbeat")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    ack: Ack
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class SyncState(_message.Message):
+    __slots__ = ("generation", "state")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    state: NodeDesiredState
+    def __init__(self, generation: _Optional[int] = ..., state: _Optional[_Union[NodeDesiredState, _Mapping]] = ...) -> None: ...
+
+class Delta(_message.Message):
+    __slots__ = ("generation", "base_generation", "changes")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    base_generation: int
+    changes: _containers.RepeatedCompositeFieldContainer[Change]
+    def __init__(self, generation: _Optional[int] = ..., base_generation: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[Change, _Mapping]]] = ...) -> None: ...
+
+class Redirect(_message.Message):
+    __slots__ = ("leader",)
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    leader: str
+    def __init__(self, leader: _Optional[str] = ...) -> None: ...
+
+class Refused(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("sync_state", "delta", "redirect", "refused")
+    SYNC_STATE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    sync_state: SyncState
+    delta: Delta
+    redirect: Redirect
+    refused: Refused
+    def __init__(self, sync_state: _Optional[_Union[SyncState, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,630 @@
+"""The warm stream's transport: the one adapter between vpblu and grpclib.
+
+Owns the Mesh gRPC service on the controller (`MeshServer`) and the daemon's
+end of it (`open_mesh_stream`), TLS on both, and the check that a stream
+speaks for the node its token proves (`vpblu.identity`). Above this module
+everything is plain trio and typed `vpblu.wire` values; below it, grpclib
+runs on asyncio under trio-asyncio.
+
+Shape of one stream: grpclib's per-message loops stay on the asyncio side.
+A reader task decodes every incoming message into a bounded inbox (full
+inbox = the reader stops = HTTP/2 flow control pushes back on the sender);
+the trio side takes whatever has arrived as one batch, and hands whole
+batches to be written. Crossing between trio and asyncio costs about five
+times a message's own cost (STACK.md), so it happens once per batch.
+
+grpclib does not see trio deadlines: every wait on the asyncio side has its
+own named timeout. A stream that fails in any way (reset, dropped
+connection, malformed message, closed by either end) ends as one
+`StreamClosed` on the trio side, raised by the next `receive_batch` once
+what had arrived is consumed; it never raises anywhere else.
+
+It must never log a token, never retry (the stream actors own reconnecting
+with backoff) and never decide anything about desired state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+import trio_asyncio
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
+
+from vpblu import codec, wire
+from vpblu.codec import ProtocolViolation
+from vpblu.identity import AuthenticationFailed, Authenticator, Identity
+from vpblu.proto import mesh_grpc
+from vpblu.proto import mesh_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # TCP + TLS + request headers + Hello
+AUTH_TIMEOUT = 15.0  # the Authenticator's own TokenReview timeout is shorter
+HELLO_TIMEOUT = 10.0  # a client that connects and says nothing is dropped
+ACCEPT_TIMEOUT = 10.0  # the controller must take a new stream off the channel in this time
+WRITE_TIMEOUT = 10.0  # one batch; a peer that stops reading for this long is gone
+CLOSE_TIMEOUT = 5.0  # ending an RPC (trailers or reset) never waits longer
+SERVER_STOP_TIMEOUT = 5.0
+INBOX_LIMIT = 1024  # messages buffered per stream before flow control pushes back
+BATCH_LIMIT = 1024  # most messages one receive_batch returns
+CLOSE_REASON_KEY = "vpblu-close-reason"  # trailing metadata of a stream the controller closed
+
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+class StreamClosed(Exception):
+    """The stream is over; nothing more can be sent or received on it.
+
+    `status` is the gRPC status name when the other end ended the RPC with
+    one ("UNAUTHENTICATED", "PERMISSION_DENIED", ...), else None.
+    """
+
+    def __init__(self, reason: str, *, status: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class ConnectFailed(StreamClosed):
+    """The daemon could not open the stream at all (refused, TLS, timeout)."""
+
+
+# --- TLS -------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class ServerTLS:
+    """File paths (a mounted Secret in production). `client_ca`: require client
+    certificates signed by it (mTLS); None: TLS with tokens only."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@attrs.frozen(slots=True)
+class ClientTLS:
+    """`ca` verifies the controller; `cert`/`key` for mTLS; `server_name`
+    overrides the name checked in the controller's certificate."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
+def server_ssl_context(tls: ServerTLS) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    ctx.set_alpn_protocols(["h2"])
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cafile=tls.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(tls: ClientTLS) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    if tls.cert is not None:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+# --- the asyncio side of one stream --------------------------------------------------
+
+
+class _Inbox(Generic[R]):
+    """Decoded messages waiting for the trio side. One producer, one consumer."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[R] = deque()
+        self._limit = limit
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._closed: StreamClosed | None = None
+
+    async def put(self, item: R) -> None:
+        while len(self._items) >= self._limit:
+            self._writable.clear()
+            await self._writable.wait()
+        self._items.append(item)
+        self._readable.set()
+
+    async def take(self, limit: int) -> list[R]:
+        while not self._items:
+            if self._closed is not None:
+                raise StreamClosed(self._closed.reason, status=self._closed.status)
+            self._readable.clear()
+            await self._readable.wait()
+        batch = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+        self._writable.set()
+        return batch
+
+    def close(self, why: StreamClosed) -> None:
+        """First reason wins; what already arrived is still delivered."""
+        if self._closed is None:
+            self._closed = why
+        self._readable.set()
+
+    @property
+    def closed(self) -> StreamClosed | None:
+        return self._closed
+
+
+class _Call(Generic[R, S]):
+    """One RPC on the asyncio side: the reader loop, batch writes, ending.
+
+    `stream` is a grpclib server or client stream (same send/recv API).
+    """
+
+    def __init__(self, stream: Any, decode: Callable[[Any], R]) -> None:
+        self.stream = stream
+        self._decode = decode
+        self.inbox: _Inbox[R] = _Inbox(INBOX_LIMIT)
+        self._write_lock = asyncio.Lock()
+        self.stop = asyncio.Event()  # the reader ended, or the trio side closed
+        self.finished = asyncio.Event()  # the RPC is over on this side
+        self.close_reason: str | None = None
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                message = await self.stream.recv_message()
+                if message is None:
+                    self.inbox.close(await self._end_of_stream())
+                    return
+                await self.inbox.put(self._decode(message))
+        except ProtocolViolation as exc:
+            log.warning("protocol violation on the mesh stream: %s", exc)
+            self.inbox.close(StreamClosed(f"protocol violation: {exc}"))
+        except GRPCError as exc:
+            self.inbox.close(StreamClosed(_grpc_reason(exc), status=exc.status.name))
+        except Exception as exc:
+            # Every other failure here (reset, connection lost, h2 or protobuf
+            # decode errors) means the same thing to the trio side: this
+            # stream is gone and a new one must be opened.
+            self.inbox.close(self._status_behind(exc))
+        finally:
+            self.inbox.close(StreamClosed("stream ended"))
+            self.stop.set()
+
+    async def _end_of_stream(self) -> StreamClosed:
+        return StreamClosed("the other end ended the stream")
+
+    def _status_behind(self, exc: Exception) -> StreamClosed:
+        return StreamClosed(f"stream broken: {exc!r}")
+
+    async def write(self, batch: Sequence[S]) -> None:
+        if self.close_reason is not None:
+            raise StreamClosed(f"closed here: {self.close_reason}")
+        if self.stop.is_set():
+            closed = self.inbox.closed
+            raise StreamClosed(closed.reason if closed else "stream ended",
+                               status=closed.status if closed else None)
+        async with self._write_lock:
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    for message in batch:
+                        await self.stream.send_message(message)
+            except TimeoutError:
+                self.request_close("a write timed out")
+                raise StreamClosed(f"no write progress in {WRITE_TIMEOUT} s") from None
+            except GRPCError as exc:
+                raise StreamClosed(_grpc_reason(exc), status=exc.status.name) from None
+            except Exception as exc:
+                raise StreamClosed(f"stream broken: {exc!r}") from None
+
+    def request_close(self, reason: str) -> None:
+        """From either side; the task serving the RPC ends it."""
+        if self.close_reason is None and not self.finished.is_set():
+            self.close_reason = reason
+        self.inbox.close(StreamClosed(f"closed here: {reason}"))
+        self.stop.set()
+
+
+def _grpc_reason(exc: GRPCError) -> str:
+    return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
+
+
+class _ServerCall(_Call[wire.NodeMessage, pb.ControllerMessage]):
+    async def serve(self) -> None:
+        """Run in grpclib's handler task until the stream ends; then end the RPC."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                reader = tasks.create_task(self.read_loop())
+                await self.stop.wait()
+                reader.cancel()
+            await self._finish()
+        except asyncio.CancelledError:
+            # grpclib cancels handlers when the server closes but leaves the
+            # connection open: reset the stream, or the daemon never learns.
+            with contextlib.suppress(Exception):
+                await self.stream.cancel()
+            raise
+        finally:
+            self.inbox.close(StreamClosed("stream ended"))
+            self.finished.set()
+
+    async def _finish(self) -> None:
+        stream = self.stream
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT), self._write_lock:
+                if self.close_reason is not None:
+                    # Status OK, the reason in trailing metadata: grpclib
+                    # resets the stream right after non-OK trailers, and a
+                    # reset makes the client drop messages it has not read
+                    # yet; a controller's last messages must still arrive.
+                    reason = self.close_reason.encode("ascii", "backslashreplace").decode()
+                    await stream.send_trailing_metadata(metadata={CLOSE_REASON_KEY: reason})
+                else:
+                    await stream.send_trailing_metadata()
+        except Exception as exc:
+            log.debug("ending a mesh stream: %r", exc)
+            with contextlib.suppress(Exception):
+                await stream.cancel()
+
+
+class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
+    def __init__(self, channel: Channel, stream: Any) -> None:
+        super().__init__(stream, codec.decode_controller_message)
+        self.channel = channel
+        # The reader is an asyncio task owned by this call, not a trio task:
+        # a nursery around the daemon's `async with` block would wrap every
+        # error raised in the block into an ExceptionGroup. `shutdown`
+        # cancels and awaits it, so it never outlives the stream.
+        self._reader = asyncio.get_running_loop().create_task(self.read_loop())
+
+    @classmethod
+    async def open(cls, host: str, port: int, tls: ClientTLS, token: str,
+                   hello: pb.NodeMessage) -> _ClientCall:
+        # The Channel is made here, inside asyncio context (trio-asyncio trap).
+        channel = Channel(host, port, ssl=client_ssl_context(tls),
+                          config=Configuration(ssl_target_name_override=tls.server_name))
+        stream = mesh_grpc.MeshStub(channel).Connect.open(
+            metadata={"authorization": f"Bearer {token}"})
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await stream.__aenter__()
+                await stream.send_request()
+                await stream.send_message(hello)
+        except BaseException:
+            channel.close()
+            raise
+        return cls(channel, stream)
+
+    async def _end_of_stream(self) -> StreamClosed:
+        # The server ended its side: its trailers say why (a status other
+        # than OK raises here). grpclib reads them only once we end ours.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.stream.end()
+                await self.stream.recv_trailing_metadata()
+        except GRPCError as exc:
+            return StreamClosed(_grpc_reason(exc), status=exc.status.name)
+        except Exception as exc:
+            return self._status_behind(exc)
+        reason = (self.stream.trailing_metadata or {}).get(CLOSE_REASON_KEY)
+        if reason:
+            return StreamClosed(f"the controller closed the stream: {reason}", status="OK")
+        return StreamClosed("the controller ended the stream", status="OK")
+
+    def _status_behind(self, exc: Exception) -> StreamClosed:
+        """A reset can overtake the trailers that came before it: grpclib's
+        own exit reads the status the server sent from the stream then, and
+        so do we (`_maybe_raise` is how grpclib 0.4 does it)."""
+        try:
+            self.stream._maybe_raise()
+        except GRPCError as status:
+            return StreamClosed(_grpc_reason(status), status=status.status.name)
+        except Exception as other:
+            log.debug("no status behind a broken mesh stream: %r", other)
+        return StreamClosed(f"stream broken: {exc!r}")
+
+    async def shutdown(self) -> None:
+        """Reset the RPC (the server sees it at once) and close the connection.
+        Never waits for trailers: that wait is what hangs (STACK.md)."""
+        try:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            with contextlib.suppress(Exception):
+                await self.stream.cancel()
+            with contextlib.suppress(Exception):
+                await self.stream.__aexit__(None, None, None)
+        finally:
+            self.channel.close()
+            self.finished.set()
+
+
+# --- the trio side ----------------------------------------------------------------------
+
+
+class BatchStream(Generic[R, S]):
+    """The trio face of one stream: receive and send whole batches.
+
+    Receive from one task and send from another freely; `receive_batch` from
+    two tasks at once is not supported (one consumer).
+    """
+
+    def __init__(self, call: _Call[R, Any], encode: Callable[[S], Any]) -> None:
+        self._call = call
+        self._encode = encode
+
+    async def receive_batch(self) -> list[R]:
+        """At least one message, all that arrived up to BATCH_LIMIT; or
+        `StreamClosed` once the stream is over and everything was delivered."""
+        batch: list[R] = await trio_asyncio.aio_as_trio(self._call.inbox.take)(BATCH_LIMIT)
+        return batch
+
+    async def send_batch(self, messages: Sequence[S]) -> None:
+        """Written in order; `StreamClosed` if the stream is over."""
+        if not messages:
+            return
+        encoded = [self._encode(m) for m in messages]
+        await trio_asyncio.aio_as_trio(self._call.write)(encoded)
+
+    def close(self, reason: str) -> None:
+        """End the stream; returns at once, the RPC ends in the background
+        (`wait_closed` to wait). Idempotent."""
+        self._call.request_close(reason)
+
+    async def wait_closed(self) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await trio_asyncio.aio_as_trio(self._call.finished.wait)()
+
+    @property
+    def closed(self) -> bool:
+        return self._call.stop.is_set()
+
+
+@attrs.frozen(slots=True)
+class PeerInfo:
+    """Where a stream came from, for logs and status."""
+
+    address: str
+    client_cert_subject: str | None = None
+
+
+class NodeStream(BatchStream[wire.NodeMessage, wire.ControllerMessage]):
+    """A daemon's stream as the controller sees it, after authentication and Hello."""
+
+    def __init__(self, call: _ServerCall, hello: wire.Hello, identity: Identity,
+                 peer: PeerInfo) -> None:
+        super().__init__(call, codec.encode_controller_message)
+        self.hello = hello
+        self.identity = identity
+        self.peer = peer
+
+    @property
+    def node_name(self) -> str:
+        return self.hello.node_name
+
+    def __repr__(self) -> str:
+        return f"NodeStream({self.node_name!r} from {self.peer.address})"
+
+
+ControllerStream = BatchStream[wire.ControllerMessage, wire.NodeMessage]
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+def _bearer_token(metadata: Any) -> str | None:
+    value = metadata.get("authorization") if metadata is not None else None
+    if not isinstance(value, str):
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _peer_info(stream: Any) -> PeerInfo:
+    peer = stream.peer
+    addr = peer.addr()
+    address = f"{addr[0]}:{addr[1]}" if addr else "?"
+    subject = None
+    cert = peer.cert()
+    if cert:
+        subject = ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+    return PeerInfo(address, subject)
+
+
+class _MeshService(mesh_grpc.MeshBase):
+    """The grpclib handler; runs on asyncio, one task per stream."""
+
+    def __init__(self, authenticator: Authenticator,
+                 new_streams: trio.MemorySendChannel[NodeStream],
+                 redirect_to: str | None) -> None:
+        self._authenticator = authenticator
+        self._new_streams = new_streams
+        self._redirect_to = redirect_to
+        self.live: set[_ServerCall] = set()
+
+    async def Connect(self, stream: Any) -> None:
+        peer = _peer_info(stream)
+        if self._redirect_to is not None:
+            redirect = wire.Redirect(self._redirect_to)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await stream.send_message(codec.encode_controller_message(redirect))
+                await stream.send_trailing_metadata()
+            return
+        identity = await self._authenticate(stream, peer)
+        hello = await self._receive_hello(stream)
+        if hello.node_name != identity.node_name:
+            reason = (f"the token speaks for node {identity.node_name!r}, "
+                      f"the Hello for {hello.node_name!r}")
+            log.warning("refused a mesh stream from %s: %s", peer.address, reason)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await stream.send_message(codec.encode_controller_message(wire.Refused(reason)))
+            raise GRPCError(Status.PERMISSION_DENIED, reason)
+        call = _ServerCall(stream, codec.decode_node_message)
+        node_stream = NodeStream(call, hello, identity, peer)
+        try:
+            async with asyncio.timeout(ACCEPT_TIMEOUT):
+                await trio_asyncio.trio_as_aio(self._new_streams.send)(node_stream)
+        except TimeoutError:
+            raise GRPCError(Status.UNAVAILABLE, "the controller is not taking streams") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise GRPCError(Status.UNAVAILABLE, "the controller is shutting down") from None
+        log.info("mesh stream from node %s at %s", hello.node_name, peer.address)
+        self.live.add(call)
+        try:
+            await call.serve()
+        finally:
+            self.live.discard(call)
+
+    async def _authenticate(self, stream: Any, peer: PeerInfo) -> Identity:
+        token = _bearer_token(stream.metadata)
+        if token is None:
+            log.warning("refused a mesh stream from %s: no bearer token", peer.address)
+            raise GRPCError(Status.UNAUTHENTICATED, "no bearer token in the request metadata")
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT):
+                return await trio_asyncio.trio_as_aio(self._authenticator.authenticate)(token)  # type: ignore[no-any-return]
+        except AuthenticationFailed as exc:
+            log.warning("refused a mesh stream from %s: %s", peer.address, exc)
+            raise GRPCError(Status.UNAUTHENTICATED, f"token refused: {exc}") from None
+        except TimeoutError:
+            raise GRPCError(Status.UNAVAILABLE, "authentication timed out") from None
+        except GRPCError:
+            raise
+        except Exception as exc:
+            log.warning("cannot authenticate a mesh stream from %s: %r", peer.address, exc)
+            raise GRPCError(Status.UNAVAILABLE, "cannot check the token now") from None
+
+    async def _receive_hello(self, stream: Any) -> wire.Hello:
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await stream.recv_message()
+        except TimeoutError:
+            raise GRPCError(
+                Status.DEADLINE_EXCEEDED, f"no Hello within {HELLO_TIMEOUT} s") from None
+        if first is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the stream ended before a Hello")
+        try:
+            hello = codec.decode_node_message(first)
+        except ProtocolViolation as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        if not isinstance(hello, wire.Hello):
+            raise GRPCError(Status.INVALID_ARGUMENT, "the first message must be a Hello")
+        return hello
+
+
+class MeshServer:
+    """The controller's Mesh gRPC server, run as a trio task.
+
+    Every authenticated stream whose Hello matches its token's node arrives
+    on `new_streams` as a `NodeStream`. With `redirect_to` (a follower), every
+    stream is answered with one Redirect to that address and ended.
+    """
+
+    def __init__(self, *, host: str, port: int, tls: ServerTLS, authenticator: Authenticator,
+                 new_streams: trio.MemorySendChannel[NodeStream],
+                 redirect_to: str | None = None) -> None:
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._service = _MeshService(authenticator, new_streams, redirect_to)
+        self._bound_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful with port 0); only once started."""
+        if self._bound_port is None:
+            raise RuntimeError("the Mesh server is not started")
+        return self._bound_port
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx = server_ssl_context(self._tls)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.create_server((self._host, self._port), family=family)
+        try:
+            self._bound_port = sock.getsockname()[1]
+            server = await trio_asyncio.aio_as_trio(self._start)(sock, ctx)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SERVER_STOP_TIMEOUT):
+                await trio_asyncio.aio_as_trio(self._stop)(server)
+
+    async def _start(self, sock: socket.socket, ctx: ssl.SSLContext) -> Server:
+        # grpclib's Server binds the running asyncio loop when it is made.
+        server = Server([self._service])
+        await server.start(sock=sock, ssl=ctx)
+        return server
+
+    async def _stop(self, server: Server) -> None:
+        # End every stream with its trailers first, so daemons reconnect at
+        # once and get the messages already sent; whatever is still
+        # handshaking is reset by server.close().
+        calls = list(self._service.live)
+        for call in calls:
+            call.request_close("the controller is shutting down")
+        if calls:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    for call in calls:
+                        await call.finished.wait()
+        server.close()
+        await server.wait_closed()
+
+
+# --- client ----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_mesh_stream(address: str, tls: ClientTLS, token: str,
+                           hello: wire.Hello) -> AsyncIterator[ControllerStream]:
+    """The daemon's end of the warm stream, Hello already sent.
+
+    Raises `ConnectFailed` if the controller cannot be reached or its
+    certificate does not verify. A refusal (bad token, wrong node) and a
+    Redirect arrive through the stream: a `Refused`/`Redirect` message and
+    then `StreamClosed` from `receive_batch`. Leaving the block resets the
+    stream and closes the connection.
+    """
+    host, port = split_address(address)
+    try:
+        call = await trio_asyncio.aio_as_trio(_ClientCall.open)(
+            host, port, tls, token, codec.encode_node_message(hello))
+    except (OSError, TimeoutError, GRPCError) as exc:
+        raise ConnectFailed(f"cannot open a mesh stream to {address}: {exc!r}") from None
+    stream = ControllerStream(call, codec.encode_node_message)
+    try:
+        yield stream
+    finally:
+        call.request_close("the daemon closed the stream")
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await trio_asyncio.aio_as_trio(call.shutdown)()
