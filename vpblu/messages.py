@@ -8,8 +8,9 @@ dict, never a private key.
 from __future__ import annotations
 
 import attrs
+import trio
 
-from vpblu.model import Condition
+from vpblu.model import Change, Condition, NodeDesiredState
 from vpblu.resources import Typed
 
 # --- WatcherActor -> StateActor -----------------------------------------------------
@@ -67,6 +68,11 @@ class LeaderObserved:
     is_me: bool
     holder: str | None
     address: str | None
+    # The Lease's leaseTransitions when this replica took it: every leader's
+    # term is higher than the last one's, so generations stamped with it stay
+    # monotonic across failovers (a daemon's genGuard would ignore a new
+    # leader that started counting from 1).
+    term: int = 0
 
 
 # --- StateActor / NodeSessionActor -> StatusActor -----------------------------------
@@ -96,3 +102,60 @@ class ObjectConditions:
 
 
 StatusMessage = PublicKeyReported | ObjectConditions
+
+
+# --- StateActor <-> NodeSessionActor ------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class PushSync:
+    """Send the node its whole desired state at `generation`."""
+
+    generation: int
+    state: NodeDesiredState
+
+
+@attrs.frozen(slots=True)
+class PushDelta:
+    """Send the node `changes` taking it from `base_generation` to `generation`;
+    `state` is the result, kept by the session for its periodic full resync."""
+
+    generation: int
+    base_generation: int
+    changes: tuple[Change, ...]
+    state: NodeDesiredState
+
+
+SessionCommand = PushSync | PushDelta
+
+
+@attrs.frozen(slots=True, eq=False)
+class SessionOpened:
+    """A daemon's stream is up; `mailbox` reaches its NodeSessionActor.
+
+    `session_id` tells two sessions of one node apart (a daemon that
+    reconnects before its old stream is noticed dead): only the newest counts.
+    """
+
+    node: str
+    session_id: int
+    mailbox: trio.MemorySendChannel[SessionCommand]
+
+
+@attrs.frozen(slots=True)
+class SessionClosed:
+    node: str
+    session_id: int
+
+
+@attrs.frozen(slots=True)
+class NodeAcked:
+    """The daemon applied `generation` (or failed to, with `error`)."""
+
+    node: str
+    session_id: int
+    generation: int
+    error: str | None = None
+
+
+StateMessage = WatchMessage | SessionOpened | SessionClosed | NodeAcked

@@ -73,6 +73,7 @@ async def test_graceful_release_hands_over_within_a_retry_period(
         lease = await kube.get(LEASES, "vpblu-controller", namespace="vpblu-system")
         assert lease["spec"]["holderIdentity"] == "b"
         assert lease["spec"]["leaseTransitions"] == 1
+        assert b.seen[-1].term == 1
         nursery.cancel_scope.cancel()
 
 

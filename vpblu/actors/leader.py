@@ -127,7 +127,7 @@ class LeaderActor:
                                         namespace=s.namespace)
             except Conflict:
                 return  # someone else created it first; look again next round
-            await self._became_leader()
+            await self._became_leader(0)
             return
 
         spec = lease.get("spec") or {}
@@ -159,14 +159,14 @@ class LeaderActor:
             await self._kube.replace(LEASES, s.name, body, namespace=s.namespace)
         except Conflict:
             return
-        await self._became_leader()
+        await self._became_leader(transitions)
 
-    async def _became_leader(self) -> None:
+    async def _became_leader(self, term: int) -> None:
         self._last_renew = trio.current_time()
         if not self._leading:
             log.info("lease %s: %s is now the leader", self._settings.name, self._identity)
             self._leading = True
-        await self._report(LeaderObserved(True, self._identity, self._address))
+        await self._report(LeaderObserved(True, self._identity, self._address, term))
 
     async def _report(self, observed: LeaderObserved) -> None:
         if observed != self._last_report:

@@ -1,0 +1,164 @@
+"""NodeSessionActor fault injection: drops, missing acks, overflow, resync.
+
+The daemon is a FakeNodeStream; the StateActor and StatusActor are plain
+channels the test reads. Virtual time throughout.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from tests.fakes.streams import FakeNodeStream, public_key
+from vpblu import wire
+from vpblu.actors.session import NodeSessionActor, SessionSettings
+from vpblu.messages import (
+    NodeAcked,
+    PublicKeyReported,
+    PushDelta,
+    PushSync,
+    SessionClosed,
+    SessionOpened,
+    StateMessage,
+    StatusMessage,
+)
+from vpblu.model import NodeDesiredState, Peer, PeerAdded
+
+SETTINGS = SessionSettings(resync_period=300, ack_timeout=15, mailbox_size=4)
+
+
+def peer(i: int) -> Peer:
+    return Peer(f"n{i}", public_key(i), None, (f"10.244.{i}.0/24",), 25)
+
+
+def state(*peers: int) -> NodeDesiredState:
+    return NodeDesiredState("n0", 51820, tuple(peer(i) for i in peers))
+
+
+class Harness:
+    def __init__(self, stream: FakeNodeStream) -> None:
+        self.stream = stream
+        self.state_send, self.state = trio.open_memory_channel[StateMessage](100)
+        self.status_send, self.status = trio.open_memory_channel[StatusMessage](100)
+        self.actor = NodeSessionActor(stream, 7, self.state_send, self.status_send, SETTINGS)
+        self.done = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.actor.run(task_status=task_status)
+        finally:
+            self.done.set()
+
+    async def opened(self) -> SessionOpened:
+        msg = await self.state.receive()
+        assert isinstance(msg, SessionOpened)
+        return msg
+
+
+async def test_pushes_reach_the_daemon_and_acks_come_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness(FakeNodeStream("n0", key=9))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        assert await h.status.receive() == PublicKeyReported("n0", public_key(9))
+        opened = await h.opened()
+        assert (opened.node, opened.session_id) == ("n0", 7)
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await opened.mailbox.send(PushDelta(11, 10, (PeerAdded(peer(2)),), state(1, 2)))
+        await h.stream.wait_sent(2)
+        assert h.stream.sent == [wire.SyncState(10, state(1)),
+                                 wire.Delta(11, 10, (PeerAdded(peer(2)),))]
+        await h.stream.deliver(wire.Ack(10))
+        assert await h.state.receive() == NodeAcked("n0", 7, 10)
+        await h.stream.deliver(wire.Ack(11), wire.Ack(10))  # cumulative; an old ack is moot
+        assert await h.state.receive() == NodeAcked("n0", 7, 11)
+        await h.stream.deliver(wire.Ack(11, "netlink said no"))
+        assert await h.state.receive() == NodeAcked("n0", 7, 11, "netlink said no")
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_dropped_mid_delta_ends_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        h.stream.write_gate = trio.Event()
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await trio.sleep(1)  # the write is in flight...
+        h.stream.drop()  # ...when the daemon's side dies
+        h.stream.write_gate.set()
+        await h.done.wait()
+        assert await h.state.receive() == SessionClosed("n0", 7)
+        assert h.stream.closed_reason is not None
+        assert h.stream.sent == []
+
+
+async def test_missing_ack_resends_the_whole_state_then_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await opened.mailbox.send(PushDelta(11, 10, (PeerAdded(peer(2)),), state(1, 2)))
+        await h.stream.wait_sent(2)
+        t0 = trio.current_time()
+        await h.stream.wait_sent(3)
+        assert trio.current_time() - t0 == SETTINGS.ack_timeout
+        assert h.stream.sent[2] == wire.SyncState(11, state(1, 2))
+        await h.done.wait()
+        assert trio.current_time() - t0 == 2 * SETTINGS.ack_timeout
+        assert h.stream.closed_reason is not None
+        assert "not acknowledged" in h.stream.closed_reason
+        assert await h.state.receive() == SessionClosed("n0", 7)
+
+
+async def test_acked_session_only_resyncs_periodically(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await h.stream.wait_sent(1)
+        await h.stream.ack_latest()
+        t0 = trio.current_time()
+        await h.stream.wait_sent(2)
+        assert trio.current_time() - t0 == SETTINGS.resync_period
+        assert h.stream.sent[1] == wire.SyncState(10, state(1))
+        assert h.stream.closed_reason is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_sync_supersedes_queued_deltas(autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        h.stream.write_gate = trio.Event()
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await trio.sleep(1)  # the session is stuck writing generation 10
+        for gen in (11, 12, 13):
+            opened.mailbox.send_nowait(
+                PushDelta(gen, gen - 1, (PeerAdded(peer(gen)),), state(1)))
+        opened.mailbox.send_nowait(PushSync(14, state(1, 2, 3)))
+        h.stream.write_gate.set()
+        await h.stream.wait_sent(2)
+        await trio.sleep(1)
+        assert h.stream.sent == [wire.SyncState(10, state(1)), wire.SyncState(14, state(1, 2, 3))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_second_hello_is_a_protocol_violation(autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        await h.opened()
+        await h.stream.deliver(wire.Hello("n0", public_key(1)))
+        await h.done.wait()
+        assert h.stream.closed_reason == "a second Hello on one stream"

@@ -1,0 +1,221 @@
+"""NodeSessionActor: one connected daemon's warm stream, on the leader.
+
+Owns one daemon's stream for as long as it lasts: it forwards the pushes the
+StateActor gives it (PushSync / PushDelta) to the daemon as SyncState /
+Delta, reports the daemon's acknowledgements back, keeps the daemon in step
+with a full SyncState every `resync_period`, and watches for acknowledgements
+that never come. It never computes desired state and never touches the API
+server; its only kernel of truth is "what did I last send, and what did the
+daemon say it applied".
+
+Batching: everything already in the mailbox goes out as one batch (one
+crossing into asyncio, one write burst). A PushSync in a batch makes every
+push queued before it moot, so those are dropped; this is how a slow daemon
+whose mailbox overflowed catches up with one message instead of a backlog.
+
+Acknowledgements: if the daemon has not acknowledged what was sent within
+`ack_timeout`, the whole state is sent once more as a SyncState (a lost or
+refused delta is the likely cause); if that is not acknowledged either, the
+stream is closed, and the daemon's reconnect starts afresh. The daemon keeps
+its mesh in the meantime: closing a stream never changes a node's kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from vpblu import wire
+from vpblu.messages import (
+    NodeAcked,
+    PublicKeyReported,
+    PushDelta,
+    PushSync,
+    SessionClosed,
+    SessionCommand,
+    SessionOpened,
+    StateMessage,
+    StatusMessage,
+)
+from vpblu.model import NodeDesiredState
+from vpblu.transport import StreamClosed
+
+log = logging.getLogger(__name__)
+
+MAILBOX_SIZE = 64
+RESYNC_PERIOD = 300.0
+ACK_TIMEOUT = 15.0
+
+
+class SessionStream(Protocol):
+    """What a session needs of a stream (vpblu.transport.NodeStream is one)."""
+
+    @property
+    def node_name(self) -> str: ...
+
+    @property
+    def hello(self) -> wire.Hello: ...
+
+    async def receive_batch(self) -> list[wire.NodeMessage]: ...
+
+    async def send_batch(self, messages: Sequence[wire.ControllerMessage]) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class SessionSettings:
+    resync_period: float = RESYNC_PERIOD
+    ack_timeout: float = ACK_TIMEOUT
+    mailbox_size: int = MAILBOX_SIZE
+
+
+def coalesce(batch: Sequence[SessionCommand]) -> list[SessionCommand]:
+    """Drop every push queued before the last PushSync: the sync supersedes them."""
+    for i in range(len(batch) - 1, -1, -1):
+        if isinstance(batch[i], PushSync):
+            return list(batch[i:])
+    return list(batch)
+
+
+def to_wire(push: SessionCommand) -> wire.SyncState | wire.Delta:
+    match push:
+        case PushSync(generation=gen, state=state):
+            return wire.SyncState(gen, state)
+        case PushDelta(generation=gen, base_generation=base, changes=changes):
+            return wire.Delta(gen, base, changes)
+
+
+class NodeSessionActor:
+    def __init__(
+        self,
+        stream: SessionStream,
+        session_id: int,
+        state: trio.MemorySendChannel[StateMessage],
+        status: trio.MemorySendChannel[StatusMessage],
+        settings: SessionSettings = SessionSettings(),
+    ) -> None:
+        self._stream = stream
+        self._node = stream.node_name
+        self._sid = session_id
+        self._state = state
+        self._status = status
+        self._settings = settings
+        self._mailbox_send, self._mailbox = trio.open_memory_channel[SessionCommand](
+            settings.mailbox_size)
+        self._latest: tuple[int, NodeDesiredState] | None = None
+        self._sent_generation = 0
+        self._sent_at = 0.0
+        self._acked_generation = 0
+        self._resent_for_ack = False
+        self.messages_sent = 0
+        self._end_reason = "session ended"
+        self._done = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._state, self._status, self._mailbox:
+            try:
+                hello = self._stream.hello
+                await self._status.send(PublicKeyReported(self._node, hello.public_key))
+                await self._state.send(SessionOpened(self._node, self._sid, self._mailbox_send))
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    self._done = nursery.cancel_scope
+                    nursery.start_soon(self._read)
+                    nursery.start_soon(self._write)
+            finally:
+                self._stream.close(self._end_reason)
+                with trio.CancelScope(shield=True):
+                    await self._state.send(SessionClosed(self._node, self._sid))
+
+    def _end(self, reason: str, *, problem: bool = True) -> None:
+        """Stop the session (both tasks) and close the stream with `reason`."""
+        if problem:
+            log.warning("node %s: %s; closing its stream", self._node, reason)
+        else:
+            log.info("node %s: %s", self._node, reason)
+        self._end_reason = reason
+        self._done.cancel()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                batch = await self._stream.receive_batch()
+                best: wire.Ack | None = None
+                for message in batch:
+                    match message:
+                        case wire.Ack(error=None):
+                            if best is None or message.generation > best.generation:
+                                best = message
+                        case wire.Ack(generation=gen, error=error):
+                            await self._state.send(NodeAcked(self._node, self._sid, gen, error))
+                        case wire.Heartbeat():
+                            pass
+                        case wire.Hello():
+                            self._end("a second Hello on one stream")
+                            return
+                if best is not None and best.generation > self._acked_generation:
+                    self._acked_generation = best.generation
+                    await self._state.send(NodeAcked(self._node, self._sid, best.generation))
+        except StreamClosed as exc:
+            self._end(f"stream closed: {exc}", problem=False)
+
+    def _next_wakeup(self) -> float:
+        deadline = math.inf
+        if self._latest is not None:
+            deadline = self._sent_at + self._settings.resync_period
+        if self._sent_generation > self._acked_generation:
+            deadline = min(deadline, self._sent_at + self._settings.ack_timeout)
+        return deadline
+
+    async def _write(self) -> None:
+        while True:
+            batch: list[SessionCommand] = []
+            with trio.move_on_at(self._next_wakeup()):
+                batch.append(await self._mailbox.receive())
+            while True:
+                try:
+                    batch.append(self._mailbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if batch:
+                pushes = coalesce(batch)
+                self._latest = (pushes[-1].generation, pushes[-1].state)
+                try:
+                    await self._send([to_wire(p) for p in pushes])
+                except StreamClosed as exc:
+                    self._end(f"stream closed: {exc}", problem=False)
+                    return
+                self._resent_for_ack = False
+                continue
+            # Woken by a deadline, not a push.
+            now = trio.current_time()
+            unacked = self._sent_generation > self._acked_generation
+            if unacked and now >= self._sent_at + self._settings.ack_timeout:
+                if self._resent_for_ack:
+                    self._end(f"generation {self._sent_generation} not acknowledged within "
+                              f"{2 * self._settings.ack_timeout:.0f}s")
+                    return
+                self._resent_for_ack = True
+                log.info("node %s: no ack for generation %d; sending the whole state again",
+                         self._node, self._sent_generation)
+            elif now < self._sent_at + self._settings.resync_period:
+                continue  # the deadline moved (an ack came): nothing is due
+            assert self._latest is not None
+            generation, state = self._latest
+            try:
+                await self._send([wire.SyncState(generation, state)])
+            except StreamClosed as exc:
+                self._end(f"stream closed: {exc}", problem=False)
+                return
+
+    async def _send(self, messages: list[wire.SyncState | wire.Delta]) -> None:
+        await self._stream.send_batch(messages)
+        self.messages_sent += len(messages)
+        self._sent_generation = max(self._sent_generation, messages[-1].generation)
+        self._sent_at = trio.current_time()
