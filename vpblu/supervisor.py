@@ -103,9 +103,10 @@ class ChildSpec:
 
 @attrs.frozen
 class Backoff:
-    initial: float = BACKOFF_INITIAL
-    maximum: float = BACKOFF_MAX
-    jitter: float = BACKOFF_JITTER
+    # A zero initial delay would let a crash loop spin the CPU.
+    initial: float = attrs.field(default=BACKOFF_INITIAL, validator=attrs.validators.gt(0))
+    maximum: float = attrs.field(default=BACKOFF_MAX, validator=attrs.validators.gt(0))
+    jitter: float = attrs.field(default=BACKOFF_JITTER, validator=attrs.validators.ge(0))
     stable_after: float = BACKOFF_STABLE_AFTER
 
     def delay(self, attempt: int) -> float:
@@ -214,6 +215,13 @@ def _is_crash(exc: BaseException) -> bool:
 
 
 class Supervisor:
+    """Runs its children in one nursery and restarts them as its strategy says.
+
+    `run` has the actor signature, so a supervisor nests as a child:
+    ``ChildSpec("sessions", lambda: Supervisor("sessions", strategy=...).run)``.
+    The object may be run again after it ended (a parent restarting it).
+    """
+
     def __init__(
         self,
         name: str,
@@ -262,8 +270,10 @@ class Supervisor:
             self._nursery = None
         # Only _escalate ends the loop above without an exception: it cancels
         # the nursery, whose scope absorbs that Cancelled once every child is gone.
-        assert self._escalation is not None
-        raise self._escalation from self._escalation.__cause__
+        escalation = self._escalation
+        if escalation is None:
+            raise RuntimeError(f"supervisor {self.name!r} stopped without a reason")
+        raise escalation from escalation.__cause__
 
     async def start_child(self, spec: ChildSpec) -> None:
         """Add a child and return once it has started.

@@ -45,6 +45,7 @@ class Life:
     raises: type[BaseException] | None = Boom  # None: return normally
     startup: float = 0.0
     crash_while_starting: bool = False
+    cleanup: float = 0.0  # shielded, like an actor tearing down what it owns
 
 
 @attrs.define(eq=False)
@@ -72,6 +73,8 @@ class FakeChild:
             if life.raises is not None:
                 raise life.raises(f"{self.name} #{n}")
         finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(life.cleanup)
             self.stops.append(trio.current_time())
             self.journal.append(f"stop {self.name}")
 
@@ -177,6 +180,21 @@ async def test_rest_for_one_restarts_later_siblings_only(autojump_clock: trio.ab
     assert [len(x.starts) for x in (a, b, c)] == [1, 2, 2]
     assert sorted(journal[:2]) == ["stop b", "stop c"]
     assert journal[2:] == ["start b", "started b", "start c", "started c"]
+
+
+async def test_no_two_incarnations_overlap(autojump_clock: trio.abc.Clock) -> None:
+    crashing = FakeChild("a", crashes(1, after=1.0))
+    slow = FakeChild("b", (Life(cleanup=20.0),))  # its cleanup outlasts a's backoff
+    sup = Supervisor(
+        "root", [crashing.spec(), slow.spec()], strategy=Strategy.ONE_FOR_ALL, backoff=BACKOFF
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await trio.sleep(LONG)
+        nursery.cancel_scope.cancel()
+    assert slow.stops[0] == 21.0
+    assert 21.0 + 1.0 <= crashing.starts[1] <= 21.0 + 1.5  # waited for b, then backed off
+    assert slow.starts[1] >= crashing.starts[1]
 
 
 @pytest.mark.parametrize(
@@ -436,3 +454,5 @@ def test_child_names_must_be_unique_and_non_empty() -> None:
         Supervisor("root", [FakeChild("a").spec(), FakeChild("a").spec()])
     with pytest.raises(ValueError, match="needs a name"):
         ChildSpec("", FakeChild("x").run)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="initial"):
+        Backoff(initial=0.0)
