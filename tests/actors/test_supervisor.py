@@ -137,6 +137,20 @@ async def test_escalates_when_restart_intensity_is_exceeded(autojump_clock: trio
     assert 1 + 2 + 4 <= trio.current_time() <= 1 + 2 + 4 + 1.5
 
 
+async def test_escalating_while_starting_fails_the_parents_start(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ready = FakeChild("a")
+    never = FakeChild("b", (Life(crash_while_starting=True),) * 3)
+    sup = Supervisor("root", [ready.spec(), never.spec()], max_restarts=2, backoff=BACKOFF)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(SupervisorEscalation) as caught:
+            await nursery.start(sup.run)
+    assert caught.value.child == "b"
+    assert len(never.starts) == 3
+    assert ready.stops == [trio.current_time()]
+
+
 async def test_terminal_error_escalates_without_retry(autojump_clock: trio.abc.Clock) -> None:
     child = FakeChild("a", (Life(seconds=5.0, raises=TerminalError),))
     sup = Supervisor("root", [child.spec()], backoff=BACKOFF)
