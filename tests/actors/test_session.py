@@ -19,8 +19,8 @@ from vpblu.messages import (
     PushSync,
     SessionClosed,
     SessionOpened,
-    StateMessage,
-    StatusMessage,
+    StateInbox,
+    StatusInbox,
 )
 from vpblu.model import NodeDesiredState, Peer, PeerAdded
 
@@ -38,8 +38,8 @@ def state(*peers: int) -> NodeDesiredState:
 class Harness:
     def __init__(self, stream: FakeNodeStream) -> None:
         self.stream = stream
-        self.state_send, self.state = trio.open_memory_channel[StateMessage](100)
-        self.status_send, self.status = trio.open_memory_channel[StatusMessage](100)
+        self.state_send, self.state = trio.open_memory_channel[StateInbox](100)
+        self.status_send, self.status = trio.open_memory_channel[StatusInbox](100)
         self.actor = NodeSessionActor(stream, 7, self.state_send, self.status_send, SETTINGS)
         self.done = trio.Event()
 

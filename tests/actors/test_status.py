@@ -10,7 +10,7 @@ import trio.testing
 from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.status import StatusActor
 from vpblu.kube import TUNNEL_POLICIES, VPBLU_NODES
-from vpblu.messages import ObjectConditions, PublicKeyReported, StatusMessage
+from vpblu.messages import ObjectConditions, PublicKeyReported, StatusInbox
 from vpblu.model import Condition
 
 KINDS = {k.kind: k for k in (VPBLU_NODES, TUNNEL_POLICIES)}
@@ -21,8 +21,8 @@ def key(n: int) -> str:
 
 
 async def run_status(nursery: trio.Nursery, kube: FakeKubeApi) -> tuple[
-        trio.MemorySendChannel[StatusMessage], StatusActor]:
-    send, receive = trio.open_memory_channel[StatusMessage](100)
+        trio.MemorySendChannel[StatusInbox], StatusActor]:
+    send, receive = trio.open_memory_channel[StatusInbox](100)
     actor = StatusActor(kube, receive, KINDS)
     await nursery.start(actor.run)
     return send, actor

@@ -37,10 +37,10 @@ from vpblu.messages import (
     PushDelta,
     PushSync,
     SessionClosed,
-    SessionCommand,
+    SessionInbox,
     SessionOpened,
-    StateMessage,
-    StatusMessage,
+    StateInbox,
+    StatusInbox,
 )
 from vpblu.model import NodeDesiredState
 from vpblu.transport import StreamClosed
@@ -75,7 +75,7 @@ class SessionSettings:
     mailbox_size: int = MAILBOX_SIZE
 
 
-def coalesce(batch: Sequence[SessionCommand]) -> list[SessionCommand]:
+def coalesce(batch: Sequence[SessionInbox]) -> list[SessionInbox]:
     """Drop every push queued before the last PushSync: the sync supersedes them."""
     for i in range(len(batch) - 1, -1, -1):
         if isinstance(batch[i], PushSync):
@@ -83,7 +83,7 @@ def coalesce(batch: Sequence[SessionCommand]) -> list[SessionCommand]:
     return list(batch)
 
 
-def to_wire(push: SessionCommand) -> wire.SyncState | wire.Delta:
+def to_wire(push: SessionInbox) -> wire.SyncState | wire.Delta:
     match push:
         case PushSync(generation=gen, state=state):
             return wire.SyncState(gen, state)
@@ -96,8 +96,8 @@ class NodeSessionActor:
         self,
         stream: SessionStream,
         session_id: int,
-        state: trio.MemorySendChannel[StateMessage],
-        status: trio.MemorySendChannel[StatusMessage],
+        state: trio.MemorySendChannel[StateInbox],
+        status: trio.MemorySendChannel[StatusInbox],
         settings: SessionSettings = SessionSettings(),
     ) -> None:
         self._stream = stream
@@ -106,7 +106,7 @@ class NodeSessionActor:
         self._state = state
         self._status = status
         self._settings = settings
-        self._mailbox_send, self._mailbox = trio.open_memory_channel[SessionCommand](
+        self._mailbox_send, self._mailbox = trio.open_memory_channel[SessionInbox](
             settings.mailbox_size)
         self._latest: tuple[int, NodeDesiredState] | None = None
         self._sent_generation = 0
@@ -175,7 +175,7 @@ class NodeSessionActor:
 
     async def _write(self) -> None:
         while True:
-            batch: list[SessionCommand] = []
+            batch: list[SessionInbox] = []
             with trio.move_on_at(self._next_wakeup()):
                 batch.append(await self._mailbox.receive())
             while True:

@@ -35,7 +35,7 @@ from vpblu.kube import (
     RawObject,
     ResourceKind,
 )
-from vpblu.messages import ObjectConditions, PublicKeyReported, StatusMessage
+from vpblu.messages import ObjectConditions, PublicKeyReported, StatusInbox
 from vpblu.model import Condition
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _same_conditions(a: list[RawObject], b: list[RawObject]) -> bool:
 
 
 class StatusActor:
-    def __init__(self, kube: KubeApi, inbox: trio.MemoryReceiveChannel[StatusMessage],
+    def __init__(self, kube: KubeApi, inbox: trio.MemoryReceiveChannel[StatusInbox],
                  kinds: Mapping[str, ResourceKind]) -> None:
         self._kube = kube
         self._inbox = inbox
