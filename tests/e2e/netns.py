@@ -60,8 +60,15 @@ class Node:
         return {
             "link": run("ip", "-n", self.netns, "-o", "link", "show"),
             "rule": run("ip", "-n", self.netns, "rule") + run("ip", "-n", self.netns, "-6", "rule"),
-            "route": run("ip", "-n", self.netns, "route", "show", "table", "all")
-            + run("ip", "-n", self.netns, "-6", "route", "show", "table", "all"),
+            # IPv6 link-local routes appear whenever address autoconfiguration
+            # finishes, independent of anything under test.
+            "route": "\n".join(
+                line for line in (
+                    run("ip", "-n", self.netns, "route", "show", "table", "all")
+                    + run("ip", "-n", self.netns, "-6", "route", "show", "table", "all")
+                ).splitlines()
+                if "fe80:" not in line
+            ),
             "iptables": "\n".join(
                 line for line in in_ns(self.netns, "iptables-save").splitlines()
                 if not line.startswith("#")
