@@ -99,9 +99,14 @@ def desired_state(node: Node, daemons: list[Daemon]) -> NodeDesiredState:
     for other in daemons:
         if other.node is node:
             continue
-        peers.append(Peer(other.node.name, other.keys.public_key,
-                          Endpoint(other.node.underlay_ip, LISTEN_PORT),
-                          (other.node.pod_cidr,)))
+        peers.append(
+            Peer(
+                other.node.name,
+                other.keys.public_key,
+                Endpoint(other.node.underlay_ip, LISTEN_PORT),
+                (other.node.pod_cidr,),
+            )
+        )
         routes.append(Route(other.node.pod_cidr, other.node.name))
     return NodeDesiredState(node.name, LISTEN_PORT, peers, routes)
 

@@ -15,6 +15,7 @@ the namespace alone would leak it). Use it as a context manager.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -63,14 +64,16 @@ class Node:
             # IPv6 link-local routes appear whenever address autoconfiguration
             # finishes, independent of anything under test.
             "route": "\n".join(
-                line for line in (
+                line
+                for line in (
                     run("ip", "-n", self.netns, "route", "show", "table", "all")
                     + run("ip", "-n", self.netns, "-6", "route", "show", "table", "all")
                 ).splitlines()
                 if "fe80:" not in line
             ),
             "iptables": "\n".join(
-                line for line in in_ns(self.netns, "iptables-save").splitlines()
+                line
+                for line in in_ns(self.netns, "iptables-save").splitlines()
                 if not line.startswith("#")
             ),
         }
@@ -103,15 +106,42 @@ class Lab:
         ns = f"{self.prefix}-n{index}"
         self._add_netns(ns)
         node = Node(
-            name=f"node{index}", netns=ns, underlay_ip=UNDERLAY_NET[index],
-            pod_cidr=ipaddress.ip_network(pod_cidr), wg_interface=f"{self.prefix}-wg{index}",
+            name=f"node{index}",
+            netns=ns,
+            underlay_ip=UNDERLAY_NET[index],
+            pod_cidr=ipaddress.ip_network(pod_cidr),
+            wg_interface=f"{self.prefix}-wg{index}",
         )
         self.nodes.append(node)
         bridge_side = f"{self.prefix}-n{index}u"
-        run("ip", "-n", self.underlay, "link", "add", bridge_side, "type", "veth",
-            "peer", "name", "eth0", "netns", ns)
-        run("ip", "-n", self.underlay, "link", "set", bridge_side, "mtu", str(mtu), "master", "br0",
-            "up")
+        run(
+            "ip",
+            "-n",
+            self.underlay,
+            "link",
+            "add",
+            bridge_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
+        run(
+            "ip",
+            "-n",
+            self.underlay,
+            "link",
+            "set",
+            bridge_side,
+            "mtu",
+            str(mtu),
+            "master",
+            "br0",
+            "up",
+        )
         run("ip", "-n", ns, "link", "set", "eth0", "mtu", str(mtu))
         run("ip", "-n", ns, "addr", "add", f"{node.underlay_ip}/24", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -126,8 +156,21 @@ class Lab:
         gateway = node.pod_cidr[1]
         pod = Pod(netns=ns, ip=node.pod_cidr[10 + index], host_veth=host_veth)
         node.pods.append(pod)
-        run("ip", "-n", node.netns, "link", "add", host_veth, "type", "veth",
-            "peer", "name", "eth0", "netns", ns)
+        run(
+            "ip",
+            "-n",
+            node.netns,
+            "link",
+            "add",
+            host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
         run("ip", "-n", node.netns, "addr", "add", f"{gateway}/32", "dev", host_veth)
         run("ip", "-n", node.netns, "link", "set", host_veth, "up")
         run("ip", "-n", node.netns, "route", "add", f"{pod.ip}/32", "dev", host_veth)
@@ -136,13 +179,29 @@ class Lab:
         run("ip", "-n", ns, "route", "add", "default", "via", str(gateway), "dev", "eth0", "onlink")
         return pod
 
-    def mark_pod_traffic(self, node: Node, pod: Pod, remote: Sequence[ipaddress.IPv4Network],
-                         fwmark: int, mask: int) -> None:
+    def mark_pod_traffic(
+        self, node: Node, pod: Pod, remote: Sequence[ipaddress.IPv4Network], fwmark: int, mask: int
+    ) -> None:
         """Stand-in for the eBPF classifier: mark what a pod sends to remote pod CIDRs."""
         for cidr in remote:
-            in_ns(node.netns, "iptables", "-w", "5", "-t", "mangle", "-A", "PREROUTING",
-                  "-i", pod.host_veth, "-d", str(cidr), "-j", "MARK",
-                  "--set-xmark", f"{fwmark:#x}/{mask:#x}")
+            in_ns(
+                node.netns,
+                "iptables",
+                "-w",
+                "5",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                pod.host_veth,
+                "-d",
+                str(cidr),
+                "-j",
+                "MARK",
+                "--set-xmark",
+                f"{fwmark:#x}/{mask:#x}",
+            )
 
     def close(self) -> None:
         for node in self.nodes:
@@ -174,7 +233,5 @@ def stop_wireguard_go(netns: str, interface: str) -> None:
     while wireguard_go_pids(interface) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in wireguard_go_pids(interface):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

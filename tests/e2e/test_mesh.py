@@ -30,8 +30,9 @@ def build(lab: Lab, nodes: int) -> list[Node]:
         lab.add_pod(node, 1)
         out.append(node)
     for node in out:
-        lab.mark_pod_traffic(node, node.pods[0], remote_cidrs(node, lab), MESH_FWMARK,
-                             MESH_FWMARK_MASK)
+        lab.mark_pod_traffic(
+            node, node.pods[0], remote_cidrs(node, lab), MESH_FWMARK, MESH_FWMARK_MASK
+        )
     return out
 
 
@@ -40,10 +41,29 @@ async def converge(daemons: list[Daemon]) -> None:
         await d.apply_ok(desired_state(d.node, daemons))
 
 
-def ping(src: Pod, dst: Pod, *, count: str = "3", extra: tuple[str, ...] = ()) -> tuple[int, int, str]:
+def ping(
+    src: Pod, dst: Pod, *, count: str = "3", extra: tuple[str, ...] = ()
+) -> tuple[int, int, str]:
     result = subprocess.run(
-        ["ip", "netns", "exec", src.netns, "ping", "-n", "-q", "-c", count, "-W", "2", *extra,
-         str(dst.ip)], capture_output=True, text=True, check=False)
+        [
+            "ip",
+            "netns",
+            "exec",
+            src.netns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            count,
+            "-W",
+            "2",
+            *extra,
+            str(dst.ip),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     out = result.stdout + result.stderr
     m = PING_SUMMARY.search(out)
     assert m, out
@@ -52,23 +72,37 @@ def ping(src: Pod, dst: Pod, *, count: str = "3", extra: tuple[str, ...] = ()) -
 
 async def continuous_ping(src: Pod, dst: Pod) -> tuple[int, int, str]:
     return await trio.to_thread.run_sync(
-        lambda: ping(src, dst, count=PING_COUNT, extra=("-i", PING_INTERVAL)))
+        lambda: ping(src, dst, count=PING_COUNT, extra=("-i", PING_INTERVAL))
+    )
 
 
 async def test_pod_to_pod_is_encrypted_on_the_underlay_and_cleanup_restores(
-        lab: Lab, state_root: Path) -> None:
+    lab: Lab, state_root: Path
+) -> None:
     nodes = build(lab, 2)
     before = [n.snapshot() for n in nodes]
     async with trio.open_nursery() as nursery:
         daemons = [await start_daemon(nursery, n, state_root) for n in nodes]
         try:
             await converge(daemons)
-            capture = Path(str(state_root) + "-capture.txt")
+            capture = state_root / "capture.txt"
             tcpdump = await trio.lowlevel.open_process(
-                ["ip", "netns", "exec", lab.underlay, "tcpdump", "-i", "br0", "-n", "-l",
-                 "-U", "ip and not igmp"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    lab.underlay,
+                    "tcpdump",
+                    "-i",
+                    "br0",
+                    "-n",
+                    "-l",
+                    "-U",
+                    "ip and not igmp",
+                ],
                 stdout=os.open(capture, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-                stderr=subprocess.PIPE)
+                stderr=subprocess.PIPE,
+            )
             try:
                 assert tcpdump.stderr is not None
                 seen = b""
@@ -82,8 +116,9 @@ async def test_pod_to_pod_is_encrypted_on_the_underlay_and_cleanup_restores(
                 tcpdump.terminate()
                 await tcpdump.wait()
             # IGMP reports from the fresh bridge are the only other IPv4 frames.
-            lines = [line for line in capture.read_text().splitlines() if line.strip()]
-            capture.unlink()
+            text = await trio.Path(capture).read_text()
+            await trio.Path(capture).unlink()
+            lines = [line for line in text.splitlines() if line.strip()]
             a, b = (str(n.underlay_ip) for n in nodes)
             wg = re.compile(rf"IP ({a}|{b})\.51820 > ({a}|{b})\.51820: UDP")
             assert len(lines) >= 10, lines  # 5 requests + 5 replies at least
@@ -106,13 +141,15 @@ async def test_reapplying_the_same_state_writes_nothing(lab: Lab, state_root: Pa
         daemons = [await start_daemon(nursery, n, state_root) for n in nodes]
         try:
             await converge(daemons)
-            counts = [(d.backend.statistics().writes, d.kernel.statistics().writes)
-                      for d in daemons]
+            counts = [
+                (d.backend.statistics().writes, d.kernel.statistics().writes) for d in daemons
+            ]
             for d in daemons:
                 applied = await d.apply_ok(desired_state(d.node, daemons))
                 assert not applied.changed_anything
-            assert counts == [(d.backend.statistics().writes, d.kernel.statistics().writes)
-                              for d in daemons]
+            assert counts == [
+                (d.backend.statistics().writes, d.kernel.statistics().writes) for d in daemons
+            ]
             assert ping(nodes[0].pods[0], nodes[1].pods[0])[:2] == (3, 3)
         finally:
             for d in daemons:
@@ -146,7 +183,8 @@ async def test_adding_a_peer_loses_no_packet_to_another(lab: Lab, state_root: Pa
 
 
 async def test_daemon_restart_adopts_the_interface_without_a_write(
-        lab: Lab, state_root: Path) -> None:
+    lab: Lab, state_root: Path
+) -> None:
     nodes = build(lab, 2)
     async with trio.open_nursery() as nursery:
         daemons = [await start_daemon(nursery, n, state_root) for n in nodes]
@@ -199,38 +237,96 @@ async def test_large_packets_mss_clamp_and_local_emsgsize(lab: Lab, state_root: 
             assert int(mtu) == MESH_MTU
             server = await trio.lowlevel.open_process(
                 ["ip", "netns", "exec", dst.netns, "iperf3", "-s", "-1", "-B", str(dst.ip)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 await trio.sleep(0.5)
                 client = await trio.run_process(
-                    ["ip", "netns", "exec", src.netns, "iperf3", "-c", str(dst.ip), "-n", "8M",
-                     "-J"], capture_stdout=True, check=False)
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        src.netns,
+                        "iperf3",
+                        "-c",
+                        str(dst.ip),
+                        "-n",
+                        "8M",
+                        "-J",
+                    ],
+                    capture_stdout=True,
+                    check=False,
+                )
                 assert client.returncode == 0, client.stdout[-2000:]
-                assert b'"bytes":\t8388608' in client.stdout or b'"bytes": 8388608' in \
-                    client.stdout or b"8388608" in client.stdout
+                assert (
+                    b'"bytes":\t8388608' in client.stdout
+                    or b'"bytes": 8388608' in client.stdout
+                    or b"8388608" in client.stdout
+                )
             finally:
                 with trio.move_on_after(5):
                     await server.wait()
                 if server.returncode is None:
                     server.kill()
                     await server.wait()
-            counters = in_ns(nodes[0].netns, "iptables", "-t", "mangle", "-L", "FORWARD", "-v",
-                             "-x", "-n")
+            counters = in_ns(
+                nodes[0].netns, "iptables", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n"
+            )
             clamped = [line for line in counters.splitlines() if "TCPMSS" in line]
             assert len(clamped) == 2 and all(f"set {MESH_MTU - 40}" in c for c in clamped)
             assert sum(int(line.split()[0]) for line in clamped) >= 2, counters
             # From the node itself, a marked DF packet larger than the mesh MTU
             # fails at once with EMSGSIZE instead of vanishing.
-            local = subprocess.run(
-                ["ip", "netns", "exec", nodes[0].netns, "ping", "-c", "1", "-W", "2", "-M", "do",
-                 "-m", str(MESH_FWMARK), "-s", str(MESH_MTU), str(dst.ip)],
-                capture_output=True, text=True, check=False)
+            # Blocking on purpose: a short command, nothing else waits on this loop.
+            local = subprocess.run(  # noqa: ASYNC221
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    nodes[0].netns,
+                    "ping",
+                    "-c",
+                    "1",
+                    "-W",
+                    "2",
+                    "-M",
+                    "do",
+                    "-m",
+                    str(MESH_FWMARK),
+                    "-s",
+                    str(MESH_MTU),
+                    str(dst.ip),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             out = local.stdout + local.stderr
             assert local.returncode != 0 and "message too long" in out.lower(), out
             # From a pod (veth MTU 1500) the node answers "fragmentation needed".
-            frag = subprocess.run(
-                ["ip", "netns", "exec", src.netns, "ping", "-n", "-c", "2", "-W", "2", "-M", "do",
-                 "-s", str(MESH_MTU), str(dst.ip)], capture_output=True, text=True, check=False)
+            frag = subprocess.run(  # noqa: ASYNC221
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    src.netns,
+                    "ping",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-W",
+                    "2",
+                    "-M",
+                    "do",
+                    "-s",
+                    str(MESH_MTU),
+                    str(dst.ip),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             out = (frag.stdout + frag.stderr).replace("mtu=", "mtu = ")
             assert frag.returncode != 0 and f"mtu = {MESH_MTU}" in out, out
         finally:
