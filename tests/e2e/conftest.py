@@ -1,0 +1,124 @@
+"""Fixtures for the mesh tests: a lab of namespaces and daemons running in them."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.e2e.netns import Lab, Node
+from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
+from vpblu.model import Endpoint, NodeDesiredState, Peer, Route
+from vpblu.node.config import DaemonConfig
+from vpblu.node.keys import KeyStore
+from vpblu.node.mtu import IptablesMtuKernel, MtuActor
+from vpblu.node.netlink import IPRouteKernel, NetlinkActor
+from vpblu.node.wireguard import UserspaceBackend
+
+LISTEN_PORT = 51820
+APPLY_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab("vw") as lab:
+        yield lab
+
+
+@dataclass
+class Daemon:
+    """One node's NetlinkActor and MtuActor, running until `crash()` or `stop()`."""
+
+    node: Node
+    config: DaemonConfig
+    keys: KeyStore
+    backend: UserspaceBackend
+    kernel: IPRouteKernel
+    actor: NetlinkActor
+    mtu: MtuActor
+    send: trio.MemorySendChannel[ApplyDesiredState]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    async def apply(self, state: NodeDesiredState) -> ApplyOutcome:
+        reply_send, reply_recv = trio.open_memory_channel[ApplyOutcome](1)
+        with trio.fail_after(APPLY_TIMEOUT):
+            await self.send.send(ApplyDesiredState(state, reply_send))
+            return await reply_recv.receive()
+
+    async def apply_ok(self, state: NodeDesiredState) -> Applied:
+        outcome = await self.apply(state)
+        assert isinstance(outcome, Applied), outcome
+        return outcome
+
+    def crash(self) -> None:
+        """Stop the actors the way a killed daemon stops: no cleanup at all."""
+        self.scope.cancel()
+
+    async def cleanup(self) -> None:
+        self.crash()
+        await self.mtu.cleanup()
+        await self.actor.cleanup()
+
+
+def node_config(node: Node, state_dir: Path) -> DaemonConfig:
+    return DaemonConfig(node_name=node.name, interface=node.wg_interface, state_dir=state_dir)
+
+
+async def start_daemon(nursery: trio.Nursery, node: Node, state_root: Path) -> Daemon:
+    config = node_config(node, state_root / node.name)
+    keys = await trio.to_thread.run_sync(KeyStore.load_or_create, config.state_dir)
+    backend = UserspaceBackend(netns=node.netns)
+    kernel = IPRouteKernel(netns=node.netns)
+    send, recv = trio.open_memory_channel[ApplyDesiredState](0)
+    actor = NetlinkActor(config, keys, backend, kernel, recv)
+    _mtu_send, mtu_recv = trio.open_memory_channel[object](0)
+    mtu = MtuActor(config, IptablesMtuKernel(netns=node.netns), mtu_recv)  # type: ignore[arg-type]
+    daemon = Daemon(node, config, keys, backend, kernel, actor, mtu, send)
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with daemon.scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(actor.run)
+                await inner.start(mtu.run)
+                task_status.started()
+
+    await nursery.start(run)
+    return daemon
+
+
+def desired_state(node: Node, daemons: list[Daemon]) -> NodeDesiredState:
+    """Full mesh: every other daemon's node is a peer owning its pod CIDR."""
+    peers = []
+    routes = []
+    for other in daemons:
+        if other.node is node:
+            continue
+        peers.append(
+            Peer(
+                other.node.name,
+                other.keys.public_key,
+                Endpoint(other.node.underlay_ip, LISTEN_PORT),
+                (other.node.pod_cidr,),
+            )
+        )
+        routes.append(Route(other.node.pod_cidr, other.node.name))
+    return NodeDesiredState(node.name, LISTEN_PORT, peers, routes)
+
+
+def remote_cidrs(node: Node, lab: Lab) -> list[ipaddress.IPv4Network]:
+    return [n.pod_cidr for n in lab.nodes if n is not node]
+
+
+@pytest.fixture
+def state_root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vw-state-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)

@@ -1,0 +1,256 @@
+"""The MtuActor: the mesh interface's MTU and the TCP MSS clamp on the mesh path.
+
+Owns the MTU of ``config.interface`` (underlay MTU - ``config.mtu_overhead``;
+the underlay is ``config.underlay_interface`` or the device of the default
+route) and the iptables mangle rules, tagged with the comment ``vpblu``, that
+clamp the MSS of TCP SYNs through the mesh interface to MTU - 40. Re-checks
+every `MTU_RECHECK_INTERVAL` and on `CheckMtu`.
+
+Why: a pod's veth says 1500, WireGuard adds 60 to 80 bytes, and a full-size
+encrypted frame that does not fit the underlay is dropped silently, while
+pings and handshakes (small) still work. A smaller mesh MTU makes oversize
+DF packets fail loudly (ICMP "fragmentation needed" / EMSGSIZE); the MSS
+clamp makes TCP never try them.
+
+Must never: touch an iptables rule without the ``vpblu`` comment, add a rule
+that is already there (``iptables -C`` first), or create the mesh interface
+(the NetlinkActor owns its existence; missing, it is checked next time).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import socket
+import subprocess
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from vpblu.messages import CheckMtu, MtuInbox, MtuStatus
+from vpblu.node.config import DaemonConfig
+from vpblu.node.nsexec import command_prefix, run_in_netns
+
+log = logging.getLogger(__name__)
+
+MTU_RECHECK_INTERVAL = 30.0
+IPTABLES_LOCK_WAIT = "5"
+# IPv4 20 + TCP 20 bytes of headers between the MTU and the MSS.
+TCP_IPV4_HEADERS = 40
+RULE_COMMENT = "vpblu"
+MANGLE_CHAIN = "FORWARD"
+
+
+@attrs.frozen(slots=True, order=True)
+class ClampRule:
+    """SYNs going out of (``-o``) or coming in from (``-i``) `interface` get MSS `mss`."""
+
+    direction: str  # "-o" | "-i"
+    interface: str
+    mss: int
+
+    def spec(self) -> list[str]:
+        return [
+            MANGLE_CHAIN,
+            self.direction,
+            self.interface,
+            "-p",
+            "tcp",
+            "--tcp-flags",
+            "SYN,RST",
+            "SYN",
+            "-m",
+            "comment",
+            "--comment",
+            RULE_COMMENT,
+            "-j",
+            "TCPMSS",
+            "--set-mss",
+            str(self.mss),
+        ]
+
+
+_SAVED_RULE = re.compile(r"^-A FORWARD (?P<dir>-[io]) (?P<iface>\S+) .*--set-mss (?P<mss>\d+)")
+
+
+def parse_clamp_rules(saved: str) -> tuple[tuple[ClampRule, str], ...]:
+    """Our rules in ``iptables -t mangle -S FORWARD`` output, with their lines."""
+    found = []
+    for line in saved.splitlines():
+        if f"--comment {RULE_COMMENT} " not in line and f'--comment "{RULE_COMMENT}" ' not in line:
+            continue
+        m = _SAVED_RULE.match(line)
+        if m:
+            found.append((ClampRule(m["dir"], m["iface"], int(m["mss"])), line))
+    return tuple(found)
+
+
+class MtuKernel(Protocol):
+    async def underlay(self, configured: str | None) -> tuple[str, int]:
+        """The underlay interface's name and MTU."""
+        ...
+
+    async def link_mtu(self, interface: str) -> int | None: ...
+
+    async def set_link_mtu(self, interface: str, mtu: int) -> None: ...
+
+    async def clamp_rules(self) -> tuple[tuple[ClampRule, str], ...]: ...
+
+    async def ensure_clamp(self, rule: ClampRule) -> None: ...
+
+    async def delete_clamp(self, line: str) -> None: ...
+
+
+class MtuActor:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        kernel: MtuKernel,
+        inbox: trio.MemoryReceiveChannel[MtuInbox],
+        *,
+        recheck_interval: float = MTU_RECHECK_INTERVAL,
+    ) -> None:
+        self._config = config
+        self._kernel = kernel
+        self._inbox = inbox
+        self._recheck_interval = recheck_interval
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.check()
+        task_status.started()
+        async with self._inbox:
+            while True:
+                message: MtuInbox | None = None
+                with trio.move_on_after(self._recheck_interval):
+                    try:
+                        message = await self._inbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                match message:
+                    case None:
+                        await self.check()
+                    case CheckMtu(reply=reply):
+                        await reply.send(await self.check())
+
+    async def check(self) -> MtuStatus:
+        """Bring the mesh MTU and the clamp rules to what the underlay asks for."""
+        underlay, underlay_mtu = await self._kernel.underlay(self._config.underlay_interface)
+        want_mtu = underlay_mtu - self._config.mtu_overhead
+        iface = self._config.interface
+        changed = False
+        have_mtu = await self._kernel.link_mtu(iface)
+        if have_mtu is None:
+            log.info("%s does not exist yet; MTU and MSS clamp wait for it", iface)
+            return MtuStatus(underlay, underlay_mtu, None, None, changed=False)
+        if have_mtu != want_mtu:
+            log.info(
+                "%s: MTU %d -> %d (underlay %s MTU %d)",
+                iface,
+                have_mtu,
+                want_mtu,
+                underlay,
+                underlay_mtu,
+            )
+            await self._kernel.set_link_mtu(iface, want_mtu)
+            changed = True
+        mss = want_mtu - TCP_IPV4_HEADERS
+        wanted = {ClampRule(d, iface, mss) for d in ("-o", "-i")}
+        for rule, line in await self._kernel.clamp_rules():
+            if rule.interface == iface and rule not in wanted:
+                await self._kernel.delete_clamp(line)
+                changed = True
+        for rule in sorted(wanted):
+            await self._kernel.ensure_clamp(rule)
+        return MtuStatus(underlay, underlay_mtu, want_mtu, mss, changed)
+
+    async def cleanup(self) -> None:
+        """Remove this interface's clamp rules. The MTU goes with the interface."""
+        for rule, line in await self._kernel.clamp_rules():
+            if rule.interface == self._config.interface:
+                await self._kernel.delete_clamp(line)
+
+
+class IptablesMtuKernel:
+    """`MtuKernel` over pyroute2 (links) and the iptables command (mangle), in `netns`."""
+
+    def __init__(self, *, netns: str | None = None) -> None:
+        self._netns = netns
+        self.writes = 0
+
+    async def _ipr(self, fn: Any) -> Any:
+        def run() -> Any:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                return fn(ipr)
+
+        return await run_in_netns(self._netns, run)
+
+    async def underlay(self, configured: str | None) -> tuple[str, int]:
+        def find(ipr: Any) -> tuple[str, int]:
+            if configured is not None:
+                index = ipr.link_lookup(ifname=configured)
+                if not index:
+                    raise OSError(f"underlay interface {configured} does not exist")
+            else:
+                defaults = [
+                    r
+                    for r in ipr.get_routes(family=socket.AF_INET, table=254)
+                    if r["dst_len"] == 0 and r.get_attr("RTA_OIF")
+                ]
+                if not defaults:
+                    raise OSError("no default route: set underlay_interface")
+                index = [defaults[0].get_attr("RTA_OIF")]
+            link = ipr.get_links(index[0])[0]
+            return str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU"))
+
+        result: tuple[str, int] = await self._ipr(find)
+        return result
+
+    async def link_mtu(self, interface: str) -> int | None:
+        def mtu(ipr: Any) -> int | None:
+            index = ipr.link_lookup(ifname=interface)
+            if not index:
+                return None
+            return int(ipr.get_links(index[0])[0].get_attr("IFLA_MTU"))
+
+        result: int | None = await self._ipr(mtu)
+        return result
+
+    async def set_link_mtu(self, interface: str, mtu: int) -> None:
+        self.writes += 1
+        await self._ipr(
+            lambda ipr: ipr.link("set", index=ipr.link_lookup(ifname=interface)[0], mtu=mtu)
+        )
+
+    async def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        cmd = [
+            *command_prefix(self._netns),
+            "iptables",
+            "-w",
+            IPTABLES_LOCK_WAIT,
+            "-t",
+            "mangle",
+            *args,
+        ]
+        result = await trio.run_process(cmd, check=False, capture_stdout=True, capture_stderr=True)
+        if check and result.returncode != 0:
+            raise OSError(f"{shlex.join(cmd)}: {result.stderr.decode(errors='replace').strip()}")
+        return result
+
+    async def clamp_rules(self) -> tuple[tuple[ClampRule, str], ...]:
+        result = await self._iptables("-S", MANGLE_CHAIN)
+        return parse_clamp_rules(result.stdout.decode())
+
+    async def ensure_clamp(self, rule: ClampRule) -> None:
+        if (await self._iptables("-C", *rule.spec(), check=False)).returncode == 0:
+            return
+        self.writes += 1
+        await self._iptables("-A", *rule.spec())
+
+    async def delete_clamp(self, line: str) -> None:
+        self.writes += 1
+        tokens = shlex.split(line)
+        await self._iptables("-D", *tokens[1:])

@@ -1,0 +1,354 @@
+"""The NetlinkActor: the daemon's mesh interface, its routing table and its rule.
+
+Owns, on this node: the WireGuard interface ``config.interface`` (created or
+adopted through a `WireGuardBackend`, its private key from the `KeyStore`, its
+listen port, its socket fwmark ``config.wg_socket_fwmark``, its peers, link
+up), every route in table ``config.table`` that points into that interface,
+the rule ``fwmark config.fwmark/config.fwmark_mask lookup config.table``, and
+the interface's rp_filter. Its inbox takes `ApplyDesiredState` and replies
+with what it changed (`Applied`) or the error (`ApplyFailed`).
+
+Must never: write when the kernel already matches, rewrite the whole peer set
+or restart the interface (tunnels to unchanged peers would drop), touch a
+route or rule it does not own, or delete anything because something failed
+elsewhere (a dead controller or API server leaves the mesh as it is; only
+`cleanup()`, called on an orderly uninstall, removes what it created).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from vpblu.messages import Applied, ApplyDesiredState, ApplyFailed, ApplyOutcome, NetlinkInbox
+from vpblu.model import IPNetwork, NodeDesiredState, network
+from vpblu.node.config import DaemonConfig
+from vpblu.node.keys import KeyStore
+from vpblu.node.nsexec import run_in_netns
+from vpblu.node.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
+
+log = logging.getLogger(__name__)
+
+IFF_UP = 0x1
+ENOENT = 2
+EEXIST = 17
+ESRCH = 3
+# rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
+RP_FILTER_OFF = 0
+RP_FILTER_LOOSE = 2
+
+
+@attrs.frozen(slots=True)
+class MeshRule:
+    """``ip rule fwmark <fwmark>/<mask> lookup <table> priority <priority>``."""
+
+    family: int
+    fwmark: int
+    mask: int
+    table: int
+    priority: int
+
+
+@attrs.frozen(slots=True)
+class KernelStatistics:
+    writes: int
+
+
+class MeshKernel(Protocol):
+    """The links, routes, rules and sysctls the NetlinkActor touches."""
+
+    async def link_state(self, interface: str) -> bool | None:
+        """None if `interface` does not exist here, else whether it is up."""
+        ...
+
+    async def set_link_up(self, interface: str) -> None: ...
+
+    async def routes(self, table: int, interface: str) -> frozenset[IPNetwork]:
+        """Destinations of the routes in `table` whose device is `interface`."""
+        ...
+
+    async def add_route(self, table: int, interface: str, cidr: IPNetwork) -> None: ...
+
+    async def delete_route(self, table: int, interface: str, cidr: IPNetwork) -> None: ...
+
+    async def has_rule(self, rule: MeshRule) -> bool: ...
+
+    async def add_rule(self, rule: MeshRule) -> None: ...
+
+    async def delete_rule(self, rule: MeshRule) -> None: ...
+
+    async def relax_rp_filter(self, interface: str) -> None: ...
+
+    def statistics(self) -> KernelStatistics: ...
+
+
+def mesh_rules(config: DaemonConfig) -> tuple[MeshRule, ...]:
+    return tuple(
+        MeshRule(family, config.fwmark, config.fwmark_mask, config.table, config.rule_priority)
+        for family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+class NetlinkActor:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        keys: KeyStore,
+        backend: WireGuardBackend,
+        kernel: MeshKernel,
+        inbox: trio.MemoryReceiveChannel[NetlinkInbox],
+    ) -> None:
+        self._config = config
+        self._keys = keys
+        self._backend = backend
+        self._kernel = kernel
+        self._inbox = inbox
+
+    @property
+    def interface(self) -> str:
+        return self._config.interface
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.prepare()
+        task_status.started()
+        async with self._inbox:
+            async for message in self._inbox:
+                match message:
+                    case ApplyDesiredState(state=state, reply=reply):
+                        outcome = await self._apply_or_fail(state)
+                        await reply.send(outcome)
+
+    async def prepare(self) -> None:
+        """Create or adopt the interface and bring key, fwmark, link, rules and
+        rp_filter to what they should be, writing only what differs."""
+        iface = self.interface
+        await self._backend.ensure_interface(iface)
+        if await self._kernel.link_state(iface) is None:
+            # The UAPI socket directory is shared by all network namespaces: a
+            # socket that answers for a link we cannot see is someone else's.
+            raise WireGuardError(
+                f"{iface}: WireGuard answers but the link is not in this network namespace"
+            )
+        device = await self._backend.read(iface)
+        if device.public_key != self._keys.public_key:
+            log.info("%s: installing this node's key (public %s)", iface, self._keys.public_key)
+            await self._keys.install(self._backend, iface)
+        update = plan_update(
+            device, listen_port=None, fwmark=self._config.wg_socket_fwmark, peers=None
+        )
+        await self._backend.write(iface, update)
+        if not await self._kernel.link_state(iface):
+            await self._kernel.set_link_up(iface)
+        await self._kernel.relax_rp_filter(iface)
+        for rule in mesh_rules(self._config):
+            if not await self._kernel.has_rule(rule):
+                await self._kernel.add_rule(rule)
+
+    async def _apply_or_fail(self, state: NodeDesiredState) -> ApplyOutcome:
+        try:
+            return await self.apply(state)
+        except (WireGuardError, OSError, trio.TooSlowError) as exc:
+            # Reported, not raised: what was written stays, and the next
+            # (level-triggered) desired state retries from the kernel's state.
+            log.warning("%s: applying the desired state failed: %s", self.interface, exc)
+            return ApplyFailed(f"{type(exc).__name__}: {exc}")
+
+    async def apply(self, state: NodeDesiredState) -> Applied:
+        iface = self.interface
+        device = await self._backend.read(iface)
+        update = plan_update(
+            device,
+            listen_port=state.listen_port,
+            fwmark=self._config.wg_socket_fwmark,
+            peers=[PeerConfig.from_peer(p) for p in state.peers],
+        )
+        await self._backend.write(iface, update)
+        had = set(device.peer_map())
+        added = tuple(
+            p.public_key for p in update.peers if not p.remove and p.public_key not in had
+        )
+        changed = tuple(p.public_key for p in update.peers if not p.remove and p.public_key in had)
+        removed = tuple(p.public_key for p in update.peers if p.remove)
+
+        table = self._config.table
+        have_routes = await self._kernel.routes(table, iface)
+        want_routes = frozenset(r.cidr for r in state.routes)
+        routes_added = _ordered(want_routes - have_routes)
+        routes_removed = _ordered(have_routes - want_routes)
+        for cidr in routes_added:
+            await self._kernel.add_route(table, iface, cidr)
+        for cidr in routes_removed:
+            await self._kernel.delete_route(table, iface, cidr)
+        return Applied(
+            added,
+            changed,
+            removed,
+            routes_added,
+            routes_removed,
+            listen_port_changed=update.listen_port is not None,
+        )
+
+    async def cleanup(self) -> None:
+        """Remove the rules, routes and interface this actor owns."""
+        iface = self.interface
+        for rule in mesh_rules(self._config):
+            if await self._kernel.has_rule(rule):
+                await self._kernel.delete_rule(rule)
+        if await self._kernel.link_state(iface) is not None:
+            for cidr in await self._kernel.routes(self._config.table, iface):
+                await self._kernel.delete_route(self._config.table, iface, cidr)
+            await self._backend.delete_interface(iface)
+
+
+def _ordered(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    return tuple(sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+
+
+class IPRouteKernel:
+    """`MeshKernel` over pyroute2's IPRoute, on a worker thread, in `netns`."""
+
+    def __init__(self, *, netns: str | None = None) -> None:
+        self._netns = netns
+        self._writes = 0
+
+    def statistics(self) -> KernelStatistics:
+        return KernelStatistics(writes=self._writes)
+
+    async def _call(self, fn: Any) -> Any:
+        def run() -> Any:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                return fn(ipr)
+
+        return await run_in_netns(self._netns, run)
+
+    async def link_state(self, interface: str) -> bool | None:
+        def state(ipr: Any) -> bool | None:
+            links = ipr.get_links(ifname=interface) if ipr.link_lookup(ifname=interface) else []
+            if not links:
+                return None
+            return bool(links[0]["flags"] & IFF_UP)
+
+        result: bool | None = await self._call(state)
+        return result
+
+    async def set_link_up(self, interface: str) -> None:
+        self._writes += 1
+        await self._call(lambda ipr: ipr.link("set", index=_index(ipr, interface), state="up"))
+
+    async def routes(self, table: int, interface: str) -> frozenset[IPNetwork]:
+        def dump(ipr: Any) -> frozenset[IPNetwork]:
+            found = ipr.link_lookup(ifname=interface)
+            if not found:
+                return frozenset()
+            nets: set[IPNetwork] = set()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_routes(family=family, table=table):
+                    if msg.get_attr("RTA_TABLE") != table or msg.get_attr("RTA_OIF") != found[0]:
+                        continue
+                    dst = msg.get_attr("RTA_DST")
+                    if dst is None:
+                        dst = "0.0.0.0" if family == socket.AF_INET else "::"
+                    nets.add(network(f"{dst}/{msg['dst_len']}"))
+            return frozenset(nets)
+
+        result: frozenset[IPNetwork] = await self._call(dump)
+        return result
+
+    async def add_route(self, table: int, interface: str, cidr: IPNetwork) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.route(
+                "add", dst=str(cidr), oif=_index(ipr, interface), table=table, family=_family(cidr)
+            )
+        )
+
+    async def delete_route(self, table: int, interface: str, cidr: IPNetwork) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.route(
+                "del", dst=str(cidr), oif=_index(ipr, interface), table=table, family=_family(cidr)
+            )
+        )
+
+    async def has_rule(self, rule: MeshRule) -> bool:
+        def find(ipr: Any) -> bool:
+            for msg in ipr.get_rules(family=rule.family):
+                if (
+                    msg.get_attr("FRA_PRIORITY") == rule.priority
+                    and msg.get_attr("FRA_FWMARK") == rule.fwmark
+                    and msg.get_attr("FRA_FWMASK") == rule.mask
+                    and msg.get_attr("FRA_TABLE") == rule.table
+                ):
+                    return True
+            return False
+
+        result: bool = await self._call(find)
+        return result
+
+    async def add_rule(self, rule: MeshRule) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.rule(
+                "add",
+                family=rule.family,
+                fwmark=rule.fwmark,
+                fwmask=rule.mask,
+                table=rule.table,
+                priority=rule.priority,
+            )
+        )
+
+    async def delete_rule(self, rule: MeshRule) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.rule(
+                "del",
+                family=rule.family,
+                fwmark=rule.fwmark,
+                fwmask=rule.mask,
+                table=rule.table,
+                priority=rule.priority,
+            )
+        )
+
+    async def relax_rp_filter(self, interface: str) -> None:
+        # Decrypted packets come out of the mesh interface with a remote pod's
+        # source address, but the route back to that address lives only in the
+        # fwmark table (the reverse-path check looks up without the mark), so a
+        # strict rp_filter sees them arrive on the "wrong" interface and drops
+        # them. The kernel uses max(conf/all, conf/<iface>): with `all` off we
+        # turn the interface off too; with `all` strict (1) the best the
+        # interface can do is loose (2), which accepts any source that has some
+        # route (a default route is enough) — and leaves `all` to its owner.
+        def relax() -> None:
+            base = "/proc/sys/net/ipv4/conf"
+            with open(f"{base}/all/rp_filter") as fh:
+                all_value = int(fh.read())
+            want = RP_FILTER_OFF if all_value == RP_FILTER_OFF else RP_FILTER_LOOSE
+            path = f"{base}/{interface}/rp_filter"
+            with open(path) as fh:
+                if int(fh.read()) == want:
+                    return
+            self._writes += 1
+            with open(path, "w") as fh:
+                fh.write(str(want))
+
+        await run_in_netns(self._netns, relax)
+
+
+def _index(ipr: Any, interface: str) -> int:
+    found = ipr.link_lookup(ifname=interface)
+    if not found:
+        raise OSError(ENOENT, f"{interface}: no such interface")
+    return int(found[0])
+
+
+def _family(cidr: IPNetwork) -> int:
+    return socket.AF_INET if cidr.version == 4 else socket.AF_INET6
