@@ -465,13 +465,13 @@ class _MeshService(mesh_grpc.MeshBase):
                  redirect_to: str | None) -> None:
         self._authenticator = authenticator
         self._new_streams = new_streams
-        self._redirect_to = redirect_to
+        self.redirect_to = redirect_to
         self.live: set[_ServerCall] = set()
 
     async def Connect(self, stream: Any) -> None:
         peer = _peer_info(stream)
-        if self._redirect_to is not None:
-            redirect = wire.Redirect(self._redirect_to)
+        if self.redirect_to is not None:
+            redirect = wire.Redirect(self.redirect_to)
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await stream.send_message(codec.encode_controller_message(redirect))
                 await stream.send_trailing_metadata()
@@ -554,6 +554,12 @@ class MeshServer:
         self._tls = tls
         self._service = _MeshService(authenticator, new_streams, redirect_to)
         self._bound_port: int | None = None
+
+    def redirect_to(self, leader: str | None) -> None:
+        """From now on answer new streams with a Redirect to `leader` (this
+        replica follows), or, with None, hand them to `new_streams` (it leads).
+        Streams already handed over are not touched."""
+        self._service.redirect_to = leader
 
     @property
     def port(self) -> int:
