@@ -1,0 +1,718 @@
+"""Table tests for the pure core: each row is a rule, read as a spec.
+
+Cases compare whole structures (every state, every condition), the way
+Kilo's topology_test does, so a rule cannot pass by accident elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import attrs
+import pytest
+
+from vpblu.desiredstate import (
+    apply,
+    compute,
+    diff,
+    diff_all,
+    recompute,
+)
+from vpblu.model import (
+    BlockAdded,
+    BlockPolicy,
+    BlockRemoved,
+    CidrPair,
+    ClusterSnapshot,
+    Condition,
+    Endpoint,
+    ListenPortChanged,
+    NodeDesiredState,
+    NodeInfo,
+    Peer,
+    PeerAdded,
+    PeerChanged,
+    PeerRemoved,
+    Route,
+    RouteAdded,
+    RouteOverride,
+    RoutePolicy,
+    RouteRemoved,
+    TunnelMode,
+    TunnelPolicy,
+)
+
+
+def key(i: int) -> str:
+    return base64.b64encode(bytes([i]) * 32).decode()
+
+
+A = NodeInfo("a", "192.168.0.1", ("10.0.1.0/24",), key(1))
+B = NodeInfo("b", "192.168.0.2", ("10.0.2.0/24",), key(2))
+C = NodeInfo("c", "192.168.0.3", ("10.0.3.0/24",), key(3))
+MESH = TunnelPolicy("mesh")
+
+
+def peer(
+    node: NodeInfo,
+    allowed: Sequence[str] | None = None,
+    *,
+    port: int = 51820,
+    keepalive: int = 25,
+    endpoint: Endpoint | None = None,
+) -> Peer:
+    if endpoint is None and node.internal_ip is not None:
+        endpoint = Endpoint(node.internal_ip, port)
+    assert node.public_key is not None
+    return Peer(
+        name=node.name,
+        public_key=node.public_key,
+        endpoint=endpoint,
+        allowed_ips=node.pod_cidrs if allowed is None else allowed,
+        persistent_keepalive=keepalive,
+    )
+
+
+def state(
+    name: str,
+    *peers: Peer,
+    port: int = 51820,
+    blocks: Sequence[CidrPair] = (),
+    routes: Sequence[Route] | None = None,
+) -> NodeDesiredState:
+    """Routes default to the rule itself: each allowed IP of each peer, via it."""
+    if routes is None:
+        routes = [Route(cidr, p.name) for p in peers for cidr in p.allowed_ips]
+    return NodeDesiredState(name, port, peers, routes, blocks)
+
+
+def ok(kind: str, name: str) -> Condition:
+    return Condition(kind, name, "Accepted", "True", "Accepted", "in force")
+
+
+def refused(kind: str, name: str, reason: str, message: str) -> Condition:
+    return Condition(kind, name, "Accepted", "False", reason, message)
+
+
+def nodes_ok(*names: str) -> list[Condition]:
+    return [ok("VpbluNode", n) for n in names]
+
+
+@attrs.frozen
+class Case:
+    name: str
+    snapshot: ClusterSnapshot
+    states: Sequence[NodeDesiredState]
+    conditions: Sequence[Condition]
+
+
+CASES = [
+    Case(
+        "no TunnelPolicy: the mesh is off, blocks still apply, every node says why",
+        ClusterSnapshot(
+            nodes=[A, B],
+            block_policies=[
+                BlockPolicy("deny", cidr_pairs=[CidrPair("10.0.1.0/24", "10.0.2.0/24")])
+            ],
+        ),
+        [
+            state("a", blocks=[CidrPair("10.0.1.0/24", "10.0.2.0/24")]),
+            state("b", blocks=[CidrPair("10.0.1.0/24", "10.0.2.0/24")]),
+        ],
+        [
+            ok("BlockPolicy", "deny"),
+            refused(
+                "VpbluNode", "a", "NoTunnelPolicy", "no TunnelPolicy exists, so the mesh is off"
+            ),
+            refused(
+                "VpbluNode", "b", "NoTunnelPolicy", "no TunnelPolicy exists, so the mesh is off"
+            ),
+        ],
+    ),
+    Case(
+        "FullMesh: every pair, each pod CIDR routed via its node (routes spelled out)",
+        ClusterSnapshot(nodes=[C, A, B], tunnel_policies=[MESH]),
+        [
+            state(
+                "a",
+                peer(B),
+                peer(C),
+                routes=[Route("10.0.2.0/24", "b"), Route("10.0.3.0/24", "c")],
+            ),
+            state(
+                "b",
+                peer(A),
+                peer(C),
+                routes=[Route("10.0.1.0/24", "a"), Route("10.0.3.0/24", "c")],
+            ),
+            state(
+                "c",
+                peer(A),
+                peer(B),
+                routes=[Route("10.0.1.0/24", "a"), Route("10.0.2.0/24", "b")],
+            ),
+        ],
+        [ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "TunnelPolicy's listen port is every node's port and its endpoints' port; keepalive too",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[TunnelPolicy("mesh", listen_port=51000, persistent_keepalive=0)],
+        ),
+        [
+            state("a", peer(B, port=51000, keepalive=0), port=51000),
+            state("b", peer(A, port=51000, keepalive=0), port=51000),
+        ],
+        [ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b")],
+    ),
+    Case(
+        "VpbluNode spec.endpoint overrides InternalIP:listenPort",
+        ClusterSnapshot(
+            nodes=[A, attrs.evolve(B, endpoint_override=Endpoint("203.0.113.7", 4500))],
+            tunnel_policies=[MESH],
+        ),
+        [
+            state("a", peer(B, endpoint=Endpoint("203.0.113.7", 4500))),
+            state("b", peer(A)),
+        ],
+        [ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b")],
+    ),
+    Case(
+        "dual stack: IPv4 and IPv6 pod CIDRs are both allowed and routed",
+        ClusterSnapshot(
+            nodes=[
+                attrs.evolve(A, pod_cidrs=("fd00:1::/64", "10.0.1.0/24")),
+                attrs.evolve(B, internal_ip="fd00:ffff::2"),
+            ],
+            tunnel_policies=[MESH],
+        ),
+        [
+            state("a", peer(attrs.evolve(B, internal_ip="fd00:ffff::2"))),
+            state("b", peer(A, ["10.0.1.0/24", "fd00:1::/64"])),
+        ],
+        [ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b")],
+    ),
+    Case(
+        "Explicit: only the listed pairs peer",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[TunnelPolicy("mesh", mode=TunnelMode.EXPLICIT, peerings=[["a", "b"]])],
+        ),
+        [state("a", peer(B)), state("b", peer(A)), state("c")],
+        [ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "Explicit: a peering naming a missing node is ignored and reported, the rest hold",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[
+                TunnelPolicy("mesh", mode=TunnelMode.EXPLICIT, peerings=[["a", "zed"], ["b", "c"]])
+            ],
+        ),
+        [state("a"), state("b", peer(C)), state("c", peer(B))],
+        [
+            refused("TunnelPolicy", "mesh", "UnknownNode", "peering a-zed ignored: no node zed"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "several TunnelPolicies: the first by name is in force, the others are superseded",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[
+                TunnelPolicy("beta"),
+                TunnelPolicy("alpha", mode=TunnelMode.EXPLICIT, peerings=[["a", "c"]]),
+            ],
+        ),
+        [state("a", peer(C)), state("b"), state("c", peer(A))],
+        [
+            ok("TunnelPolicy", "alpha"),
+            refused(
+                "TunnelPolicy",
+                "beta",
+                "Superseded",
+                "TunnelPolicy 'alpha' is in force; only one TunnelPolicy applies",
+            ),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "RoutePolicy moves a whole pod CIDR: it leaves the owner, joins via, the owner routes it"
+        " via too, via does not route it to itself",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("move", routes=[RouteOverride("10.0.1.0/24", "b")])],
+        ),
+        [
+            state("a", peer(B, ["10.0.1.0/24", "10.0.2.0/24"]), peer(C)),
+            state("b", peer(A, []), peer(C)),
+            state("c", peer(A, []), peer(B, ["10.0.1.0/24", "10.0.2.0/24"])),
+        ],
+        [ok("RoutePolicy", "move"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "RoutePolicy moves part of a pod CIDR: the owner keeps the rest, split into CIDRs",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("part", routes=[RouteOverride("10.0.1.0/26", "b")])],
+        ),
+        [
+            state("a", peer(B, ["10.0.1.0/26", "10.0.2.0/24"])),
+            state("b", peer(A, ["10.0.1.64/26", "10.0.1.128/25"])),
+        ],
+        [ok("RoutePolicy", "part"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b")],
+    ),
+    Case(
+        "RoutePolicy for a CIDR no node owns: via gains it",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("lan", routes=[RouteOverride("192.168.100.0/24", "b")])],
+        ),
+        [state("a", peer(B, ["10.0.2.0/24", "192.168.100.0/24"])), state("b", peer(A))],
+        [ok("RoutePolicy", "lan"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b")],
+    ),
+    Case(
+        "two RoutePolicies claim one CIDR: the first by name wins, the other is refused",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy("second", routes=[RouteOverride("10.0.1.0/24", "c")]),
+                RoutePolicy("first", routes=[RouteOverride("10.0.1.0/24", "b")]),
+            ],
+        ),
+        [
+            state("a", peer(B, ["10.0.1.0/24", "10.0.2.0/24"]), peer(C)),
+            state("b", peer(A, []), peer(C)),
+            state("c", peer(A, []), peer(B, ["10.0.1.0/24", "10.0.2.0/24"])),
+        ],
+        [
+            ok("RoutePolicy", "first"),
+            refused(
+                "RoutePolicy",
+                "second",
+                "ConflictingRoute",
+                "route 10.0.1.0/24 via c ignored: RoutePolicy 'first' already routes it via b",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "overlapping routes via different nodes would give one node two peers with overlapping"
+        " allowed IPs: the later is refused",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy(
+                    "wide",
+                    routes=[
+                        RouteOverride("172.20.0.0/16", "b"),
+                        RouteOverride("172.20.5.0/24", "c"),
+                    ],
+                )
+            ],
+        ),
+        [
+            state("a", peer(B, ["10.0.2.0/24", "172.20.0.0/16"]), peer(C)),
+            state("b", peer(A), peer(C)),
+            state("c", peer(A), peer(B, ["10.0.2.0/24", "172.20.0.0/16"])),
+        ],
+        [
+            refused(
+                "RoutePolicy",
+                "wide",
+                "OverlappingRoute",
+                "route 172.20.5.0/24 via c ignored: it overlaps 172.20.0.0/16 which"
+                " RoutePolicy 'wide' routes via b",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "the same CIDR via the same node in two RoutePolicies is agreement, not conflict",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy("one", routes=[RouteOverride("172.20.0.0/16", "b")]),
+                RoutePolicy("two", routes=[RouteOverride("172.20.0.0/16", "b")]),
+            ],
+        ),
+        [state("a", peer(B, ["10.0.2.0/24", "172.20.0.0/16"])), state("b", peer(A))],
+        [
+            ok("RoutePolicy", "one"),
+            ok("RoutePolicy", "two"),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+        ],
+    ),
+    Case(
+        "routes via a missing, an isolated or a drained node are refused; the owner keeps its CIDR",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy(
+                    "bad",
+                    routes=[
+                        RouteOverride("10.0.1.0/24", "zed"),
+                        RouteOverride("10.0.1.0/25", "c"),
+                        RouteOverride("10.0.1.128/25", "b"),
+                    ],
+                )
+            ],
+            block_policies=[BlockPolicy("ops", isolate=["c"], drain=["b"])],
+        ),
+        [state("a", peer(B)), state("b", peer(A)), state("c")],
+        [
+            ok("BlockPolicy", "ops"),
+            refused(
+                "RoutePolicy",
+                "bad",
+                "UnknownNode",
+                "route 10.0.1.0/24 via zed ignored: no node zed; "
+                "route 10.0.1.0/25 via c ignored: c is isolated; "
+                "route 10.0.1.128/25 via b ignored: b is drained",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "a route via a node without a key stays in force: the CIDR waits for that node",
+        ClusterSnapshot(
+            nodes=[A, B, attrs.evolve(C, public_key=None)],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("wait", routes=[RouteOverride("10.0.1.0/24", "c")])],
+        ),
+        [state("a", peer(B)), state("b", peer(A, [])), state("c")],
+        [
+            ok("RoutePolicy", "wait"),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+            refused(
+                "VpbluNode",
+                "c",
+                "NoPublicKey",
+                "no public key yet: no node peers with it until its daemon reports one",
+            ),
+        ],
+    ),
+    Case(
+        "BlockPolicy isolate beats FullMesh: no peers, and nobody peers with it",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            block_policies=[BlockPolicy("quarantine", isolate=["a"])],
+        ),
+        [state("a"), state("b", peer(C)), state("c", peer(B))],
+        [ok("BlockPolicy", "quarantine"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "BlockPolicy node pair beats FullMesh: that pair never peers, each still peers the rest",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            block_policies=[BlockPolicy("apart", node_pairs=[["b", "a"]])],
+        ),
+        [state("a", peer(C)), state("b", peer(C)), state("c", peer(A), peer(B))],
+        [ok("BlockPolicy", "apart"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "BlockPolicy node pair beats an Explicit peering",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[
+                TunnelPolicy("mesh", mode=TunnelMode.EXPLICIT, peerings=[["a", "b"], ["a", "c"]])
+            ],
+            block_policies=[BlockPolicy("apart", node_pairs=[["a", "b"]])],
+        ),
+        [state("a", peer(C)), state("b"), state("c", peer(A))],
+        [ok("BlockPolicy", "apart"), ok("TunnelPolicy", "mesh"), *nodes_ok("a", "b", "c")],
+    ),
+    Case(
+        "BlockPolicy CIDR pairs go to every node, deduplicated and sorted across policies",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            block_policies=[
+                BlockPolicy("two", cidr_pairs=[CidrPair("10.0.2.0/24", "10.0.1.0/24")]),
+                BlockPolicy(
+                    "one",
+                    cidr_pairs=[
+                        CidrPair("10.0.2.0/24", "10.0.1.0/24"),
+                        CidrPair("10.0.1.0/24", "10.0.2.0/24"),
+                    ],
+                ),
+            ],
+        ),
+        [
+            state(
+                "a",
+                peer(B),
+                blocks=[
+                    CidrPair("10.0.1.0/24", "10.0.2.0/24"),
+                    CidrPair("10.0.2.0/24", "10.0.1.0/24"),
+                ],
+            ),
+            state(
+                "b",
+                peer(A),
+                blocks=[
+                    CidrPair("10.0.1.0/24", "10.0.2.0/24"),
+                    CidrPair("10.0.2.0/24", "10.0.1.0/24"),
+                ],
+            ),
+        ],
+        [
+            ok("BlockPolicy", "one"),
+            ok("BlockPolicy", "two"),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+        ],
+    ),
+    Case(
+        "a node without a public key: nobody peers with it, it gets its own (empty) state",
+        ClusterSnapshot(nodes=[A, B, attrs.evolve(C, public_key=None)], tunnel_policies=[MESH]),
+        [state("a", peer(B)), state("b", peer(A)), state("c")],
+        [
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+            refused(
+                "VpbluNode",
+                "c",
+                "NoPublicKey",
+                "no public key yet: no node peers with it until its daemon reports one",
+            ),
+        ],
+    ),
+    Case(
+        "a node without an endpoint is peered without one (it reaches out), and reported",
+        ClusterSnapshot(nodes=[A, attrs.evolve(B, internal_ip=None)], tunnel_policies=[MESH]),
+        [
+            state(
+                "a",
+                Peer(
+                    name="b",
+                    public_key=key(2),
+                    endpoint=None,
+                    allowed_ips=("10.0.2.0/24",),
+                    persistent_keepalive=25,
+                ),
+            ),
+            state("b", peer(A)),
+        ],
+        [
+            ok("TunnelPolicy", "mesh"),
+            ok("VpbluNode", "a"),
+            refused(
+                "VpbluNode",
+                "b",
+                "NoEndpoint",
+                "no InternalIP and no spec.endpoint: its peers wait for it to reach them",
+            ),
+        ],
+    ),
+    Case(
+        "overlapping pod CIDRs: the first node by name keeps it, the other loses it and is told",
+        ClusterSnapshot(
+            nodes=[attrs.evolve(B, pod_cidrs=("10.0.2.0/24", "10.0.1.128/25")), A],
+            tunnel_policies=[MESH],
+        ),
+        [state("a", peer(B)), state("b", peer(A))],
+        [
+            ok("TunnelPolicy", "mesh"),
+            ok("VpbluNode", "a"),
+            refused(
+                "VpbluNode",
+                "b",
+                "OverlappingPodCIDR",
+                "pod CIDR 10.0.1.128/25 overlaps 10.0.1.0/24 of node a and is left out of"
+                " this node's allowed IPs",
+            ),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_compute(case: Case) -> None:
+    result = compute(case.snapshot)
+    assert dict(result.states) == {s.node: s for s in case.states}
+    assert list(result.states) == sorted(s.node for s in case.states)
+    assert result.conditions == tuple(case.conditions)
+
+
+# --- diff and apply ---------------------------------------------------------------
+
+PA, PB, PC = peer(A), peer(B), peer(C)
+PB_MOVED = peer(B, endpoint=Endpoint("192.168.9.2", 51820))
+BLOCK = CidrPair("10.0.1.0/24", "10.0.2.0/24")
+
+
+@attrs.frozen
+class DiffCase:
+    name: str
+    old: NodeDesiredState
+    new: NodeDesiredState
+    changes: tuple[object, ...]
+
+
+DIFF_CASES = [
+    DiffCase("equal states: nothing", state("x", PA, PB), state("x", PA, PB), ()),
+    DiffCase(
+        "a peer joins: the peer and one route per allowed IP",
+        state("x", PA),
+        state("x", PA, PB),
+        (PeerAdded(PB), RouteAdded(Route("10.0.2.0/24", "b"))),
+    ),
+    DiffCase(
+        "a peer leaves: its name and its routes",
+        state("x", PA, PB, PC),
+        state("x", PA, PC),
+        (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b"))),
+    ),
+    DiffCase(
+        "a peer's endpoint changes: one PeerChanged with the whole new peer, routes untouched",
+        state("x", PA, PB),
+        state("x", PA, PB_MOVED),
+        (PeerChanged(PB_MOVED),),
+    ),
+    DiffCase(
+        "a CIDR moves between peers: both peers change, the route is replaced",
+        state("x", PA, PB),
+        state("x", peer(A, []), peer(B, ["10.0.1.0/24", "10.0.2.0/24"])),
+        (
+            PeerChanged(peer(A, [])),
+            PeerChanged(peer(B, ["10.0.1.0/24", "10.0.2.0/24"])),
+            RouteRemoved(Route("10.0.1.0/24", "a")),
+            RouteAdded(Route("10.0.1.0/24", "b")),
+        ),
+    ),
+    DiffCase(
+        "listen port first, then peers, routes, blocks",
+        state("x", PB, blocks=[BLOCK]),
+        state("x", PA, port=51000),
+        (
+            ListenPortChanged(51000),
+            PeerAdded(PA),
+            PeerRemoved("b"),
+            RouteAdded(Route("10.0.1.0/24", "a")),
+            RouteRemoved(Route("10.0.2.0/24", "b")),
+            BlockRemoved(BLOCK),
+        ),
+    ),
+    DiffCase(
+        "a block appears",
+        state("x"),
+        state("x", blocks=[BLOCK]),
+        (BlockAdded(BLOCK),),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", DIFF_CASES, ids=[c.name for c in DIFF_CASES])
+def test_diff_and_apply(case: DiffCase) -> None:
+    assert diff(case.old, case.new) == case.changes
+    assert apply(case.old, diff(case.old, case.new)) == case.new
+
+
+def test_diff_refuses_states_of_two_nodes() -> None:
+    with pytest.raises(ValueError, match="two different nodes"):
+        diff(state("x"), state("y"))
+
+
+def test_apply_is_idempotent_like_kernel_writes() -> None:
+    full = state("x", PA, PB, blocks=[BLOCK])
+    again = (PeerAdded(PA), RouteAdded(Route("10.0.1.0/24", "a")), BlockAdded(BLOCK))
+    assert apply(full, again) == full
+    gone = (PeerRemoved("zed"), RouteRemoved(Route("10.9.0.0/24", "zed")))
+    assert apply(full, gone) == full
+    assert apply(state("x"), (PeerChanged(PA),)) == state("x", PA, routes=[])
+
+
+# --- recompute: what the StateActor sends -----------------------------------------
+
+
+def test_join_sends_each_node_one_peer_and_its_routes_and_the_newcomer_everything() -> None:
+    before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH]))
+    after = recompute(before, ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
+    assert dict(after.changes) == {
+        "a": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c"))),
+        "b": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c"))),
+        "c": (
+            PeerAdded(PA),
+            PeerAdded(PB),
+            RouteAdded(Route("10.0.1.0/24", "a")),
+            RouteAdded(Route("10.0.2.0/24", "b")),
+        ),
+    }
+    assert after.removed == frozenset()
+    assert dict(after.result.states) == {
+        "a": state("a", PB, PC),
+        "b": state("b", PA, PC),
+        "c": state("c", PA, PB),
+    }
+
+
+def test_leave_removes_the_peer_everywhere_and_names_the_node_gone() -> None:
+    before = compute(ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
+    after = recompute(before, ClusterSnapshot(nodes=[A, C], tunnel_policies=[MESH]))
+    assert dict(after.changes) == {
+        "a": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b"))),
+        "c": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b"))),
+    }
+    assert after.removed == frozenset({"b"})
+
+
+def test_new_key_is_one_peer_changed_per_node_and_unchanged_states_are_kept() -> None:
+    before = compute(ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
+    rekeyed = attrs.evolve(C, public_key=key(33))
+    after = recompute(before, ClusterSnapshot(nodes=[A, B, rekeyed], tunnel_policies=[MESH]))
+    assert dict(after.changes) == {
+        "a": (PeerChanged(peer(rekeyed)),),
+        "b": (PeerChanged(peer(rekeyed)),),
+    }
+    assert after.result.states["c"] is before.states["c"]
+    # Unchanged peers stay the very same objects, so the next diff is cheap.
+    assert after.result.states["a"].peers[0] is before.states["a"].peers[0]
+
+
+def test_a_policy_change_recomputes_everything_and_equals_compute() -> None:
+    before = compute(ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
+    snapshot = ClusterSnapshot(
+        nodes=[A, B, C],
+        tunnel_policies=[MESH],
+        block_policies=[BlockPolicy("q", isolate=["a"])],
+    )
+    after = recompute(before, snapshot)
+    fresh = compute(snapshot)
+    assert after.result == fresh
+    assert dict(after.changes) == diff_all(before, fresh)
+    assert dict(after.changes) == {
+        "a": (
+            PeerRemoved("b"),
+            PeerRemoved("c"),
+            RouteRemoved(Route("10.0.2.0/24", "b")),
+            RouteRemoved(Route("10.0.3.0/24", "c")),
+        ),
+        "b": (PeerRemoved("a"), RouteRemoved(Route("10.0.1.0/24", "a"))),
+        "c": (PeerRemoved("a"), RouteRemoved(Route("10.0.1.0/24", "a"))),
+    }
+
+
+def test_diff_all_leaves_out_unchanged_and_diffs_new_nodes_from_empty() -> None:
+    before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH]))
+    after = compute(
+        ClusterSnapshot(nodes=[A, B, attrs.evolve(C, public_key=None)], tunnel_policies=[MESH])
+    )
+    # c has no key: nobody's state changes, and c's own state is the empty one.
+    assert diff_all(before, after) == {}

@@ -1,0 +1,280 @@
+"""Property tests for the pure core: invariants that hold for any snapshot.
+
+Snapshots are small (up to 7 nodes) but dense in conflicts: pod CIDRs drawn
+from a pool with nested ranges, policies naming nodes that do not exist,
+several TunnelPolicies, keyless and endpointless nodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import random
+from collections.abc import Sequence
+
+import attrs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vpblu.desiredstate import DesiredResult, apply, compute, diff, diff_all, recompute
+from vpblu.model import (
+    BlockPolicy,
+    CidrPair,
+    ClusterSnapshot,
+    Endpoint,
+    NodeDesiredState,
+    NodeInfo,
+    Peer,
+    RouteOverride,
+    RoutePolicy,
+    TunnelMode,
+    TunnelPolicy,
+)
+
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+NAMES = [f"n{i}" for i in range(7)]
+GHOST = "ghost"  # named by policies, never a node
+POD_POOL = [f"10.0.{i}.0/24" for i in range(10)] + [
+    "10.0.0.0/16",  # holds every /24 above
+    "10.0.1.0/26",
+    "fd00:0:0:1::/64",
+    "fd00:0:0:2::/64",
+    "fd00:0:0:1::/80",
+]
+ROUTE_POOL = [*POD_POOL, "172.20.0.0/16", "172.20.1.0/24", "0.0.0.0/0", "10.0.3.128/25"]
+
+keys = st.binary(min_size=32, max_size=32).map(lambda b: base64.b64encode(b).decode())
+names_or_ghost = st.sampled_from([*NAMES, GHOST])
+pairs = st.lists(names_or_ghost, min_size=2, max_size=2, unique=True)
+
+
+@st.composite
+def node_infos(draw: st.DrawFn, name: str) -> NodeInfo:
+    index = NAMES.index(name) if name in NAMES else 99
+    cidrs = draw(
+        st.one_of(
+            st.just([f"10.0.{index}.0/24"]),  # the usual: one CIDR of its own
+            st.lists(st.sampled_from(POD_POOL), max_size=3),
+        )
+    )
+    return NodeInfo(
+        name=name,
+        internal_ip=draw(st.one_of(st.none(), st.just(f"192.168.0.{index + 1}"))),
+        pod_cidrs=cidrs,
+        public_key=draw(st.one_of(keys, keys, keys, st.none())),
+        endpoint_override=draw(
+            st.one_of(st.none(), st.none(), st.just(Endpoint("203.0.113.9", 4500 + index)))
+        ),
+    )
+
+
+@st.composite
+def node_lists(draw: st.DrawFn) -> list[NodeInfo]:
+    chosen = draw(st.lists(st.sampled_from(NAMES), max_size=len(NAMES), unique=True))
+    return [draw(node_infos(name)) for name in chosen]
+
+
+tunnel_policies = st.builds(
+    TunnelPolicy,
+    name=st.sampled_from(["t1", "t2", "t3"]),
+    mode=st.sampled_from(TunnelMode),
+    listen_port=st.sampled_from([51820, 51000]),
+    persistent_keepalive=st.sampled_from([25, 0]),
+    peerings=st.lists(pairs, max_size=5),
+)
+route_policies = st.builds(
+    RoutePolicy,
+    name=st.sampled_from(["r1", "r2", "r3"]),
+    routes=st.lists(
+        st.builds(RouteOverride, cidr=st.sampled_from(ROUTE_POOL), via=names_or_ghost),
+        max_size=3,
+    ),
+)
+block_policies = st.builds(
+    BlockPolicy,
+    name=st.sampled_from(["b1", "b2"]),
+    cidr_pairs=st.lists(
+        st.builds(CidrPair, src=st.sampled_from(POD_POOL[:4]), dst=st.sampled_from(POD_POOL[:4])),
+        max_size=2,
+    ),
+    node_pairs=st.lists(pairs, max_size=2),
+    isolate=st.lists(names_or_ghost, max_size=2),
+    drain=st.lists(names_or_ghost, max_size=2),
+)
+
+
+def _unique(items: Sequence[object]) -> list[object]:
+    return list({getattr(i, "name"): i for i in items}.values())  # noqa: B009
+
+
+@st.composite
+def snapshots(draw: st.DrawFn, nodes: list[NodeInfo] | None = None) -> ClusterSnapshot:
+    return ClusterSnapshot(
+        nodes=draw(node_lists()) if nodes is None else nodes,
+        tunnel_policies=_unique(draw(st.lists(tunnel_policies, max_size=2))),
+        route_policies=_unique(draw(st.lists(route_policies, max_size=2))),
+        block_policies=_unique(draw(st.lists(block_policies, max_size=2))),
+    )
+
+
+@st.composite
+def next_snapshots(draw: st.DrawFn, before: ClusterSnapshot) -> ClusterSnapshot:
+    """What a watcher would see next: mostly node events, sometimes a policy edit."""
+    nodes = []
+    for node in before.nodes:
+        fate = draw(st.sampled_from(["keep", "keep", "keep", "drop", "change"]))
+        if fate == "keep":
+            nodes.append(node)
+        elif fate == "change":
+            nodes.append(draw(node_infos(node.name)))
+    present = {n.name for n in before.nodes}
+    for name in draw(st.lists(st.sampled_from(NAMES), max_size=2, unique=True)):
+        if name not in present:
+            nodes.append(draw(node_infos(name)))
+    policies = draw(st.sampled_from(["same", "same", "same", "routes", "all"]))
+    if policies == "same":
+        return attrs.evolve(before, nodes=nodes)
+    fresh = draw(snapshots(nodes))
+    if policies == "routes":
+        return attrs.evolve(before, nodes=nodes, route_policies=fresh.route_policies)
+    return fresh
+
+
+def _peerable(snapshot: ClusterSnapshot) -> set[str]:
+    isolated = {n for b in snapshot.block_policies for n in b.isolate}
+    return {n.name for n in snapshot.nodes if n.public_key is not None and n.name not in isolated}
+
+
+def _blocked(snapshot: ClusterSnapshot) -> set[frozenset[str]]:
+    return {pair for b in snapshot.block_policies for pair in b.node_pairs}
+
+
+@SETTINGS
+@given(snapshots())
+def test_invariants(snapshot: ClusterSnapshot) -> None:
+    result = compute(snapshot)
+    states = result.states
+    assert set(states) == {n.name for n in snapshot.nodes}
+    peered = {(name, p.name) for name, s in states.items() for p in s.peers}
+    # A node never peers with itself, and peering is symmetric (FullMesh and Explicit).
+    assert all(a != b for a, b in peered)
+    assert all((b, a) in peered for a, b in peered)
+    # Everyone sees the same entry for a node: its one Peer object.
+    by_name: dict[str, Peer] = {}
+    for s in states.values():
+        for p in s.peers:
+            assert by_name.setdefault(p.name, p) is p
+    blocked = _blocked(snapshot)
+    peerable = _peerable(snapshot)
+    for name, s in states.items():
+        # No two peers of one node share or overlap an allowed IP.
+        nets = [net for p in s.peers for net in p.allowed_ips]
+        for x, y in itertools.combinations(nets, 2):
+            assert not (x.version == y.version and x.overlaps(y)), (name, x, y)
+        # Routes are exactly each peer's allowed IPs via that peer.
+        assert len(set(s.routes)) == len(s.routes)
+        assert {(r.cidr, r.via) for r in s.routes} == {
+            (net, p.name) for p in s.peers for net in p.allowed_ips
+        }
+        # Blocked pairs, isolated and keyless nodes are never peered or routed to.
+        for p in s.peers:
+            assert frozenset((name, p.name)) not in blocked
+            assert p.name in peerable and name in peerable
+        assert len({p.name for p in s.peers}) == len(s.peers)
+        # Every node carries every CIDR pair block.
+        assert set(s.blocks) == {c for b in snapshot.block_policies for c in b.cidr_pairs}
+    # FullMesh peers every allowed pair; Explicit only listed pairs.
+    tunnels = sorted(snapshot.tunnel_policies, key=lambda t: t.name)
+    if tunnels:
+        winner = tunnels[0]
+        for a, b in itertools.permutations(peerable, 2):
+            allowed = frozenset((a, b)) not in blocked and (
+                winner.mode is TunnelMode.FULL_MESH or frozenset((a, b)) in winner.peerings
+            )
+            assert ((a, b) in peered) == allowed, (a, b)
+    else:
+        assert not peered
+    # A drained node carries nothing but (parts of) its own pod CIDRs.
+    drained = {n for b in snapshot.block_policies for n in b.drain}
+    nodes = {n.name: n for n in snapshot.nodes}
+    for p in by_name.values():
+        if p.name in drained:
+            own = nodes[p.name].pod_cidrs
+            assert all(
+                any(net.version == c.version and net.subnet_of(c) for c in own)  # type: ignore[arg-type]
+                for net in p.allowed_ips
+            )
+    # One Accepted condition per object read.
+    keys_ = [(c.kind, c.name, c.type) for c in result.conditions]
+    assert len(keys_) == len(set(keys_))
+    assert list(result.conditions) == sorted(result.conditions)
+    assert {n for k, n, _ in keys_ if k == "VpbluNode"} == set(nodes)
+
+
+@SETTINGS
+@given(snapshots(), st.randoms(use_true_random=False))
+def test_deterministic_whatever_the_order(snapshot: ClusterSnapshot, rnd: random.Random) -> None:
+    shuffled = ClusterSnapshot(
+        nodes=rnd.sample(snapshot.nodes, len(snapshot.nodes)),
+        tunnel_policies=rnd.sample(snapshot.tunnel_policies, len(snapshot.tunnel_policies)),
+        route_policies=rnd.sample(snapshot.route_policies, len(snapshot.route_policies)),
+        block_policies=rnd.sample(snapshot.block_policies, len(snapshot.block_policies)),
+    )
+    first, second = compute(snapshot), compute(shuffled)
+    assert first == second
+    assert list(first.states) == list(second.states)
+
+
+@SETTINGS
+@given(snapshots())
+def test_states_are_canonical(snapshot: ClusterSnapshot) -> None:
+    # The core builds states without re-sorting; a normally built copy must
+    # be equal and in the same order.
+    for s in compute(snapshot).states.values():
+        rebuilt = NodeDesiredState(s.node, s.listen_port, s.peers, s.routes, s.blocks)
+        assert rebuilt == s
+        assert (rebuilt.peers, rebuilt.routes, rebuilt.blocks) == (s.peers, s.routes, s.blocks)
+
+
+def _states(result: DesiredResult, name: str) -> NodeDesiredState:
+    return result.states.get(name, NodeDesiredState(node=name))
+
+
+@SETTINGS
+@given(st.data())
+def test_apply_of_diff_is_the_new_state_and_diff_is_minimal(data: st.DataObject) -> None:
+    old = compute(data.draw(snapshots()))
+    new = compute(data.draw(snapshots()))
+    for name in NAMES:
+        a, b = _states(old, name), _states(new, name)
+        changes = diff(a, b)
+        assert apply(a, changes) == b
+        assert diff(a, a) == ()
+        peers_a = {p.name: p for p in a.peers}
+        peers_b = {p.name: p for p in b.peers}
+        smallest = (
+            (a.listen_port != b.listen_port)
+            + sum(peers_a.get(n) != peers_b.get(n) for n in peers_a.keys() | peers_b.keys())
+            + len(set(a.routes) ^ set(b.routes))
+            + len(set(a.blocks) ^ set(b.blocks))
+        )
+        assert len(changes) == smallest
+
+
+@SETTINGS
+@given(st.data())
+def test_incremental_equals_full_recompute(data: st.DataObject) -> None:
+    snapshot = data.draw(snapshots())
+    result = compute(snapshot)
+    for _ in range(2):  # twice, so a recomputed result is itself a valid `previous`
+        following = data.draw(next_snapshots(snapshot))
+        step = recompute(result, following)
+        fresh = compute(following)
+        assert step.result == fresh
+        assert list(step.result.states) == list(fresh.states)
+        assert dict(step.changes) == diff_all(result, fresh)
+        assert step.removed == set(result.states) - set(fresh.states)
+        for name, state in fresh.states.items():
+            assert apply(_states(result, name), step.changes.get(name, ())) == state
+        snapshot, result = following, step.result
