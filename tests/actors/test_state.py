@@ -1,0 +1,224 @@
+"""StateActor: the view, the pushes, and the rules that keep a mesh safe.
+
+The watchers and sessions are plain channels the test drives; the pure core
+is the real one.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+import trio
+import trio.testing
+
+from vpblu import model
+from vpblu.actors.state import WATCHED_KINDS, StateActor
+from vpblu.messages import (
+    InvalidSource,
+    KindChanged,
+    KindListed,
+    NodeAcked,
+    ObjectConditions,
+    PushDelta,
+    PushSync,
+    SessionClosed,
+    SessionInbox,
+    SessionOpened,
+    StateInbox,
+    StatusInbox,
+)
+from vpblu.resources import NodeSource, ObjectMeta, PolicySource, Typed, VpbluNodeSource
+
+
+def key(i: int) -> str:
+    return base64.b64encode(bytes([i]) * 32).decode()
+
+
+def meta(name: str, generation: int = 1) -> ObjectMeta:
+    return ObjectMeta(name, generation, "1", f"uid-{name}")
+
+
+def node(i: int) -> NodeSource:
+    return NodeSource(meta(f"n{i}"), ipaddress.ip_address(f"192.0.2.{i}"),
+                      (model.network(f"10.244.{i}.0/24"),))
+
+
+def vnode(i: int) -> VpbluNodeSource:
+    return VpbluNodeSource(meta(f"n{i}"), None, key(i))
+
+
+def mesh(generation: int = 1) -> PolicySource:
+    return PolicySource(meta("mesh", generation), model.TunnelPolicy("mesh", generation))
+
+
+class Harness:
+    def __init__(self, term: int = 3) -> None:
+        self.send, receive = trio.open_memory_channel[StateInbox](1000)
+        status_send, self.status = trio.open_memory_channel[StatusInbox](1000)
+        self.actor = StateActor(receive, status_send, term=term)
+        self.sid = 0
+
+    async def list_all(self, nodes: range, *, policy: bool = True) -> None:
+        objects: dict[str, tuple[Typed, ...]] = {
+            "Node": tuple(node(i) for i in nodes),
+            "VpbluNode": tuple(vnode(i) for i in nodes),
+            "TunnelPolicy": (mesh(),) if policy else (),
+        }
+        for kind in WATCHED_KINDS:
+            await self.send.send(KindListed(kind, objects.get(kind, ()), (), "1"))
+
+    async def connect(self, i: int, size: int = 16) -> trio.MemoryReceiveChannel[SessionInbox]:
+        self.sid += 1
+        mailbox_send, mailbox = trio.open_memory_channel[SessionInbox](size)
+        await self.send.send(SessionOpened(f"n{i}", self.sid, mailbox_send))
+        return mailbox
+
+
+def peers(state: model.NodeDesiredState) -> list[str]:
+    return [p.name for p in state.peers]
+
+
+async def test_full_sync_then_deltas(autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(term=3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4))
+        box = await h.connect(1)
+        sync = await box.receive()
+        assert isinstance(sync, PushSync)
+        assert peers(sync.state) == ["n2", "n3"]
+        assert sync.generation >> 32 == 3  # stamped with the leader's term
+        await h.send.send(KindChanged("Node", (node(4),), (), (), "2"))
+        await h.send.send(KindChanged("VpbluNode", (vnode(4),), (), (), "3"))
+        delta = await box.receive()
+        assert isinstance(delta, PushDelta)
+        assert delta.base_generation == sync.generation
+        assert delta.generation > sync.generation
+        assert [type(c).__name__ for c in delta.changes] == ["PeerAdded", "RouteAdded"]
+        assert peers(delta.state) == ["n2", "n3", "n4"]
+        await h.send.send(KindChanged("Node", (), ("n2",), (), "4"))
+        delta2 = await box.receive()
+        assert isinstance(delta2, PushDelta)
+        assert peers(delta2.state) == ["n3", "n4"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_nothing_is_pushed_before_every_kind_is_listed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        box = await h.connect(1)
+        # A new leader whose watchers have listed all but one kind must not
+        # tell the daemon anything (it would be "no peers": a torn-down mesh).
+        await h.send.send(KindListed("Node", (node(1), node(2)), (), "1"))
+        await h.send.send(KindListed("VpbluNode", (vnode(1), vnode(2)), (), "1"))
+        await h.send.send(KindListed("RoutePolicy", (), (), "1"))
+        await h.send.send(KindListed("BlockPolicy", (), (), "1"))
+        await h.send.send(KindListed("RotationPolicy", (), (), "1"))
+        with trio.move_on_after(60):
+            msg = await box.receive()
+            raise AssertionError(f"pushed {msg} before TunnelPolicy was listed")
+        await h.send.send(KindListed("TunnelPolicy", (mesh(),), (), "1"))
+        sync = await box.receive()
+        assert isinstance(sync, PushSync)
+        assert peers(sync.state) == ["n2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_invalid_update_keeps_the_last_valid_version(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3))
+        box = await h.connect(1)
+        await box.receive()
+        bad = InvalidSource("TunnelPolicy", "mesh", 2, "spec.mode: 'Fullmesh' is not valid")
+        await h.send.send(KindChanged("TunnelPolicy", (), (), (bad,), "5"))
+        with trio.move_on_after(30):
+            msg = await box.receive()
+            raise AssertionError(f"an invalid edit changed the mesh: {msg}")
+        # The operator learns why, on the object itself.
+        while True:
+            cond = await h.status.receive()
+            if isinstance(cond, ObjectConditions) and cond.name == "mesh" and cond.generation == 2:
+                break
+        [accepted] = cond.conditions
+        assert accepted.status == "False"
+        assert accepted.reason == "InvalidSpec"
+        assert "spec.mode" in accepted.message and "stays in effect" in accepted.message
+        nursery.cancel_scope.cancel()
+
+
+async def test_slow_session_gets_one_sync_instead_of_a_backlog(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3))
+        slow = await h.connect(1, size=2)
+        fast = await h.connect(2, size=100)
+        await trio.sleep(1)  # both have their PushSync queued
+        for i in range(10, 20):  # ten joins; the slow daemon reads nothing
+            await h.send.send(KindChanged("Node", (node(i),), (), (), str(i)))
+            await h.send.send(KindChanged("VpbluNode", (vnode(i),), (), (), str(i)))
+            await trio.sleep(1)
+        assert h.actor.statistics().overflows == 1
+        # The fast one got everything, undisturbed.
+        received = [fast.receive_nowait() for _ in range(11)]
+        assert isinstance(received[0], PushSync)
+        assert all(isinstance(m, PushDelta) for m in received[1:])
+        # The slow one: what fitted, then (once it reads) one full sync of the latest state.
+        first = [slow.receive_nowait(), slow.receive_nowait()]
+        await trio.sleep(1)
+        final = slow.receive_nowait()
+        assert isinstance(final, PushSync)
+        assert peers(final.state) == sorted(["n2", *[f"n{i}" for i in range(10, 20)]])
+        assert final.generation > first[-1].generation
+        nursery.cancel_scope.cancel()
+
+
+async def test_reconnecting_twice_keeps_only_the_newest_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3))
+        await h.connect(1)  # session 1
+        second = await h.connect(1)  # session 2: the same daemon, reconnected
+        assert isinstance(await second.receive(), PushSync)
+        # The old session's close arrives late: it must not drop the new one.
+        await h.send.send(SessionClosed("n1", 1))
+        await h.send.send(NodeAcked("n1", 1, 999))  # a stale ack from the old stream
+        await h.send.send(KindChanged("Node", (node(5),), (), (), "9"))
+        await h.send.send(KindChanged("VpbluNode", (vnode(5),), (), (), "9"))
+        delta = await second.receive()
+        assert isinstance(delta, PushDelta)
+        assert h.actor.acked() == {"n1": 0}
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_tunnel_policy_means_no_peers_and_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3), policy=False)
+        box = await h.connect(1)
+        sync = await box.receive()
+        assert isinstance(sync, PushSync)
+        assert sync.state.peers == ()
+        reasons = set()
+        while len(reasons) < 1:
+            msg = await h.status.receive()
+            if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
+                reasons |= {c.reason for c in msg.conditions}
+        assert reasons == {"NoTunnelPolicy"}
+        nursery.cancel_scope.cancel()

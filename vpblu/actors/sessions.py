@@ -1,0 +1,76 @@
+"""SessionsActor: one NodeSessionActor per connected daemon, on the leader.
+
+Owns the set of live sessions: it takes each authenticated stream the Mesh
+server accepts, numbers it, and starts a NodeSessionActor for it under a
+supervisor as a temporary child (a session is never restarted: its stream
+is gone, and the daemon's reconnect makes a new one). A second stream for a
+node that already has one replaces it: the old session is terminated first,
+so a daemon that reconnects twice at once ends up with exactly one session,
+its newest. It never reads a stream itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import trio
+
+from vpblu.actors.session import NodeSessionActor, SessionSettings
+from vpblu.messages import StateInbox, StatusInbox
+from vpblu.supervisor import ChildSpec, Restart, Supervisor
+from vpblu.transport import NodeStream
+
+log = logging.getLogger(__name__)
+
+# Sessions are temporary children: none is ever restarted, so this only
+# bounds how many crash in a burst before the leader's tree is restarted.
+SESSION_CRASH_LIMIT = 1000
+
+
+class SessionsActor:
+    def __init__(
+        self,
+        streams: trio.MemoryReceiveChannel[NodeStream],
+        state: trio.MemorySendChannel[StateInbox],
+        status: trio.MemorySendChannel[StatusInbox],
+        settings: SessionSettings | None = None,
+    ) -> None:
+        self._streams = streams
+        self._state = state
+        self._status = status
+        self._settings = settings or SessionSettings()
+        self._next_id = 0
+        self._current: dict[str, str] = {}  # node -> child name of its session
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        supervisor = Supervisor("sessions", max_restarts=SESSION_CRASH_LIMIT, period=60.0)
+        async with self._streams, self._state, self._status, trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            task_status.started()
+            async for stream in self._streams:
+                await self._replace(supervisor, stream)
+            nursery.cancel_scope.cancel()
+
+    async def _replace(self, supervisor: Supervisor, stream: NodeStream) -> None:
+        node = stream.node_name
+        self._next_id += 1
+        sid = self._next_id
+        old = self._current.get(node)
+        if old is not None:
+            log.info("node %s reconnected; its previous session gives way", node)
+            with contextlib.suppress(LookupError):  # it may have ended by itself
+                await supervisor.terminate_child(old)
+        name = f"session-{node}-{sid}"
+        self._current[node] = name
+
+        def factory() -> NodeSessionActor:
+            return NodeSessionActor(stream, sid, self._state.clone(), self._status.clone(),
+                                    self._settings)
+
+        try:
+            await supervisor.start_child(
+                ChildSpec(name, lambda: factory().run, restart=Restart.TEMPORARY))
+        except Exception:
+            log.exception("node %s: the session could not start", node)
+            stream.close("the controller could not start a session")

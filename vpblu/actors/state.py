@@ -1,0 +1,322 @@
+"""StateActor: the cluster snapshot, the desired state, and who needs what.
+
+Owns the leader's view of the cluster (the latest typed object of every
+watched kind), the desired state computed from it by the pure core, and, per
+connected node, the generation and state last pushed to it. It sends each
+NodeSessionActor only its own node's changes, and each object's conditions
+to the StatusActor. It never talks to the API server or to a stream itself.
+
+Invariants:
+- Nothing is pushed to any node until every watched kind has been listed
+  once. A new leader must not tell a daemon "you have no peers" just because
+  its watchers have not caught up: that is the one way a controller
+  failover could tear a working mesh down.
+- Work is level-triggered: messages only mark the view dirty; after draining
+  whatever is queued, the actor recomputes once. A burst of 1000 watch events
+  costs one recompute, not 1000.
+- Generations are `term << 32 | sequence`, where the term is the Lease's
+  transition count when this replica became leader: they only grow, across
+  failovers too, so a daemon's genGuard never ignores a new leader.
+- A session that cannot take a push at once (its bounded mailbox is full: a
+  slow daemon) never slows the others: the push is dropped, the node is
+  marked, and it gets one fresh PushSync as soon as its mailbox has room.
+- An object that becomes invalid keeps its last valid version in effect (and
+  gets a condition saying so): a typo in a policy edit must not tear down a
+  working mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TypeVar
+
+import attrs
+import trio
+
+from vpblu import desiredstate
+from vpblu.messages import (
+    InvalidSource,
+    KindChanged,
+    KindListed,
+    NodeAcked,
+    ObjectConditions,
+    PushDelta,
+    PushSync,
+    SessionClosed,
+    SessionInbox,
+    SessionOpened,
+    StateInbox,
+    StatusInbox,
+)
+from vpblu.model import (
+    BlockPolicy,
+    Change,
+    ClusterSnapshot,
+    Condition,
+    NodeDesiredState,
+    NodeInfo,
+    RotationPolicy,
+    RoutePolicy,
+    TunnelPolicy,
+)
+from vpblu.resources import NodeSource, PolicySource, Typed, VpbluNodeSource
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P", TunnelPolicy, RoutePolicy, BlockPolicy, RotationPolicy)
+
+SEQUENCE_BITS = 32
+# How often nodes whose mailbox overflowed are offered their PushSync again.
+RETRY_OVERFLOWED = 0.2
+
+WATCHED_KINDS = ("Node", "VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
+                 "RotationPolicy")
+
+
+@attrs.define
+class _Session:
+    session_id: int
+    mailbox: trio.MemorySendChannel[SessionInbox]
+    sent_generation: int = 0
+    sent_state: NodeDesiredState | None = None
+    needs_sync: bool = True
+    acked_generation: int = 0
+
+
+@attrs.frozen(slots=True)
+class StateStatistics:
+    generation: int
+    recomputes: int
+    nodes: int
+    sessions: int
+    pushes: int
+    overflows: int
+    synced: bool
+
+
+class StateActor:
+    def __init__(
+        self,
+        inbox: trio.MemoryReceiveChannel[StateInbox],
+        status: trio.MemorySendChannel[StatusInbox],
+        *,
+        term: int,
+    ) -> None:
+        self._inbox = inbox
+        self._status = status
+        self._term = term
+        self._sequence = 0
+        self._objects: dict[str, dict[str, Typed]] = {k: {} for k in WATCHED_KINDS}
+        self._invalid: dict[tuple[str, str], InvalidSource] = {}
+        self._listed: set[str] = set()
+        self._sessions: dict[str, _Session] = {}
+        self._result: desiredstate.DesiredResult | None = None
+        self._node_infos: dict[str, tuple[NodeSource, VpbluNodeSource | None, NodeInfo]] = {}
+        self._sent_conditions: dict[tuple[str, str], ObjectConditions] = {}
+        self._dirty = False
+        self._recomputes = 0
+        self._pushes = 0
+        self._overflows = 0
+        self._acks: dict[str, int] = {}
+
+    @property
+    def generation(self) -> int:
+        return (self._term << SEQUENCE_BITS) | self._sequence
+
+    def statistics(self) -> StateStatistics:
+        return StateStatistics(self.generation, self._recomputes, len(self._states()),
+                               len(self._sessions), self._pushes, self._overflows,
+                               self._synced)
+
+    def acked(self) -> Mapping[str, int]:
+        """The generation each connected node last acknowledged."""
+        return {n: s.acked_generation for n, s in self._sessions.items()}
+
+    def _states(self) -> Mapping[str, NodeDesiredState]:
+        return self._result.states if self._result is not None else {}
+
+    @property
+    def _synced(self) -> bool:
+        return self._listed.issuperset(WATCHED_KINDS)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, self._status:
+            task_status.started()
+            while True:
+                with trio.move_on_after(RETRY_OVERFLOWED if self._overflowed() else float("inf")):
+                    await self._handle(await self._inbox.receive())
+                # Level-triggered: take everything already queued, then act once.
+                while True:
+                    try:
+                        await self._handle(self._inbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                if self._dirty and self._synced:
+                    await self._recompute()
+                if self._synced:
+                    self._push_pending_syncs()
+
+    def _overflowed(self) -> bool:
+        return any(s.needs_sync for s in self._sessions.values())
+
+    async def _handle(self, message: StateInbox) -> None:
+        match message:
+            case KindListed(kind=kind, objects=objects, invalid=invalid):
+                previous = self._objects[kind]
+                fresh = {_name(o): o for o in objects}
+                # An object that is invalid now but was valid before stays in
+                # effect at its last valid version.
+                for bad in invalid:
+                    if bad.name in previous:
+                        fresh[bad.name] = previous[bad.name]
+                self._objects[kind] = fresh
+                self._invalid = {k: v for k, v in self._invalid.items() if k[0] != kind}
+                self._invalid.update({(kind, b.name): b for b in invalid})
+                self._listed.add(kind)
+                self._dirty = True
+            case KindChanged(kind=kind, upserted=upserted, deleted=deleted, invalid=invalid):
+                view = self._objects[kind]
+                for obj in upserted:
+                    view[_name(obj)] = obj
+                    self._invalid.pop((kind, _name(obj)), None)
+                for name in deleted:
+                    view.pop(name, None)
+                    self._invalid.pop((kind, name), None)
+                    self._sent_conditions.pop((kind, name), None)
+                for bad in invalid:
+                    self._invalid[(kind, bad.name)] = bad
+                self._dirty = True
+            case SessionOpened(node=node, session_id=sid, mailbox=mailbox):
+                old = self._sessions.get(node)
+                if old is not None and old.session_id > sid:
+                    return  # a stale open arriving after a newer one
+                self._sessions[node] = _Session(sid, mailbox)
+            case SessionClosed(node=node, session_id=sid):
+                current = self._sessions.get(node)
+                if current is not None and current.session_id == sid:
+                    del self._sessions[node]
+            case NodeAcked(node=node, session_id=sid, generation=gen, error=error):
+                current = self._sessions.get(node)
+                if current is not None and current.session_id == sid:
+                    if error is None:
+                        current.acked_generation = max(current.acked_generation, gen)
+                    else:
+                        log.warning("node %s could not apply generation %d: %s", node, gen, error)
+                        # Whatever it has now, it is not what we think: resync it.
+                        current.needs_sync = True
+
+    def snapshot(self) -> ClusterSnapshot:
+        keys: dict[str, VpbluNodeSource] = {
+            n: o for n, o in self._objects["VpbluNode"].items() if isinstance(o, VpbluNodeSource)}
+        nodes = []
+        for name, src in sorted(self._objects["Node"].items()):
+            assert isinstance(src, NodeSource)
+            vn = keys.get(name)
+            # NodeInfo validates keys and addresses: build it once per change
+            # of its sources, not on every recompute of a 1000-node cluster.
+            cached = self._node_infos.get(name)
+            if cached is None or cached[0] is not src or cached[1] is not vn:
+                info = NodeInfo(
+                    name=name,
+                    internal_ip=src.internal_ip,
+                    pod_cidrs=src.pod_cidrs,
+                    public_key=vn.public_key if vn else None,
+                    endpoint_override=vn.endpoint if vn else None,
+                )
+                cached = (src, vn, info)
+                self._node_infos[name] = cached
+            nodes.append(cached[2])
+        for gone in self._node_infos.keys() - self._objects["Node"].keys():
+            del self._node_infos[gone]
+        return ClusterSnapshot(
+            nodes=nodes,
+            tunnel_policies=self._policies("TunnelPolicy", TunnelPolicy),
+            route_policies=self._policies("RoutePolicy", RoutePolicy),
+            block_policies=self._policies("BlockPolicy", BlockPolicy),
+            rotation_policies=self._policies("RotationPolicy", RotationPolicy),
+        )
+
+    def _policies(self, kind: str, cls: type[P]) -> list[P]:
+        return [o.policy for _, o in sorted(self._objects[kind].items())
+                if isinstance(o, PolicySource) and isinstance(o.policy, cls)]
+
+    async def _recompute(self) -> None:
+        self._dirty = False
+        self._recomputes += 1
+        snapshot = self.snapshot()
+        previous = self._result
+        if previous is None:
+            self._result = desiredstate.compute(snapshot)
+            changes: Mapping[str, tuple[Change, ...]] = {}
+        else:
+            recomputed = desiredstate.recompute(previous, snapshot)
+            self._result = recomputed.result
+            changes = recomputed.changes
+        self._sequence += 1
+        generation = self.generation
+        states = self._states()
+        for node, session in self._sessions.items():
+            if session.needs_sync or session.sent_state is None:
+                continue  # a PushSync is owed anyway
+            new = states.get(node) or NodeDesiredState(node)
+            old_state = previous.states.get(node) if previous is not None else None
+            if session.sent_state is old_state:
+                node_changes = changes.get(node, ())
+            else:
+                node_changes = desiredstate.diff(session.sent_state, new)
+            if node_changes:
+                self._offer(node, session, PushDelta(generation, session.sent_generation,
+                                                     node_changes, new))
+        await self._report_conditions(self._result.conditions)
+
+    def _push_pending_syncs(self) -> None:
+        for node, session in self._sessions.items():
+            if session.needs_sync:
+                state = self._states().get(node) or NodeDesiredState(node)
+                self._offer(node, session, PushSync(self.generation, state))
+
+    def _offer(self, node: str, session: _Session, push: SessionInbox) -> None:
+        try:
+            session.mailbox.send_nowait(push)
+        except trio.WouldBlock:
+            if not session.needs_sync:
+                self._overflows += 1
+                log.info("node %s is slow: dropping deltas, a full sync follows", node)
+            session.needs_sync = True
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the session is ending; its SessionClosed is on the way
+        self._pushes += 1
+        session.needs_sync = False
+        session.sent_generation = push.generation
+        session.sent_state = push.state
+
+    async def _report_conditions(self, conditions: tuple[Condition, ...]) -> None:
+        by_object: dict[tuple[str, str], list[Condition]] = {}
+        for cond in conditions:
+            by_object.setdefault((cond.kind, cond.name), []).append(cond)
+        for (kind, name), bad in self._invalid.items():
+            # What the operator must see is that the current edit was refused;
+            # the core's verdict on the older version it still runs is moot.
+            kept = name in self._objects.get(kind, {})
+            suffix = " (its last valid version stays in effect)" if kept else ""
+            by_object[(kind, name)] = [Condition(
+                kind, name, "Accepted", "False", "InvalidSpec", bad.message + suffix)]
+        for (kind, name), conds in by_object.items():
+            generation = self._generation_of(kind, name)
+            invalid = self._invalid.get((kind, name))
+            if invalid is not None:
+                generation = invalid.generation
+            message = ObjectConditions(kind, name, generation, tuple(sorted(conds)))
+            if self._sent_conditions.get((kind, name)) != message:
+                self._sent_conditions[(kind, name)] = message
+                await self._status.send(message)
+
+    def _generation_of(self, kind: str, name: str) -> int:
+        obj = self._objects.get(kind, {}).get(name)
+        return obj.meta.generation if obj is not None else 0
+
+
+def _name(obj: Typed) -> str:
+    return obj.meta.name

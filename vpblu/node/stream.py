@@ -1,0 +1,214 @@
+"""StreamActor: the daemon's end of the warm stream to the leader.
+
+Owns the daemon's connection to the controller and its record of what it has
+applied: the desired state at the highest generation it applied. It connects
+(TLS, with the node's ServiceAccount token), follows a follower's Redirect to
+the leader, reconnects with exponential backoff and jitter, applies SyncState
+and Deltas through the kernel actors (via the `Applier` seam) and
+acknowledges what it applied.
+
+genGuard: a message whose generation is not above the applied one is ignored
+(and the applied generation acknowledged again, so the controller knows where
+the node stands). A Delta whose base is not exactly the applied generation is
+refused with an error Ack; the controller answers with a full SyncState.
+
+It must never change the kernel because the controller went away: losing the
+stream only starts the reconnect loop; the mesh stays as last applied. The
+private key is not this actor's business: the Hello carries the public key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import trio
+
+from vpblu import desiredstate, wire
+from vpblu.model import NodeDesiredState
+from vpblu.supervisor import Backoff
+from vpblu.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PERIOD = 30.0
+RECONNECT_INITIAL = 0.2
+RECONNECT_MAX = 30.0
+RECONNECT_JITTER = 1.0
+# A stream that stayed up this long counts as healthy: the backoff starts over.
+STABLE_AFTER = 10.0
+
+
+class Applier(Protocol):
+    """Makes the node's kernel match a desired state, by difference.
+
+    Raises on failure; may be called again with the same state (idempotent).
+    """
+
+    async def apply(self, state: NodeDesiredState) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class StreamSettings:
+    addresses: tuple[str, ...]
+    tls: ClientTLS
+    token_file: Path
+    daemon_version: str = "0.1.0"
+    heartbeat_period: float = HEARTBEAT_PERIOD
+
+
+@attrs.frozen(slots=True)
+class AppliedRecord:
+    generation: int
+    state: NodeDesiredState
+
+
+@attrs.frozen(slots=True)
+class StreamStatistics:
+    connected_to: str | None
+    applied_generation: int
+    connects: int
+    redirects: int
+    ignored_stale: int
+    refused_deltas: int
+
+
+class _Redirected(Exception):
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
+class StreamActor:
+    def __init__(
+        self,
+        node_name: str,
+        public_key: Callable[[], str],
+        applier: Applier,
+        settings: StreamSettings,
+    ) -> None:
+        self._node = node_name
+        self._public_key = public_key
+        self._applier = applier
+        self._settings = settings
+        self._applied: AppliedRecord | None = None
+        self._connected_to: str | None = None
+        self._connects = 0
+        self._redirects = 0
+        self._ignored_stale = 0
+        self._refused_deltas = 0
+        self._applied_changed = trio.Event()
+
+    @property
+    def applied(self) -> AppliedRecord | None:
+        return self._applied
+
+    def statistics(self) -> StreamStatistics:
+        gen = self._applied.generation if self._applied else 0
+        return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
+                                self._ignored_stale, self._refused_deltas)
+
+    async def wait_applied(self, generation: int) -> None:
+        while self._applied is None or self._applied.generation < generation:
+            await self._applied_changed.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER)
+        attempt = 0
+        target_index = 0
+        override: str | None = None
+        while True:
+            address = override or self._settings.addresses[
+                target_index % len(self._settings.addresses)]
+            override = None
+            started = trio.current_time()
+            try:
+                await self._session(address)
+            except _Redirected as r:
+                self._redirects += 1
+                log.info("controller at %s is a follower; the leader is %s", address, r.leader)
+                override = r.leader
+                continue  # no backoff: the redirect is an answer, not a failure
+            except (ConnectFailed, StreamClosed) as exc:
+                log.warning("mesh stream to %s: %s", address, exc)
+            finally:
+                self._connected_to = None
+            if trio.current_time() - started > STABLE_AFTER:
+                attempt = 0
+            attempt += 1
+            target_index += 1
+            delay = backoff.delay(attempt)
+            log.info("reconnecting in %.1fs (the mesh stays as applied meanwhile)", delay)
+            await trio.sleep(delay)
+
+    def _hello(self) -> wire.Hello:
+        gen = self._applied.generation if self._applied else 0
+        return wire.Hello(self._node, self._public_key(), gen, self._settings.daemon_version)
+
+    async def _session(self, address: str) -> None:
+        token = (await trio.Path(self._settings.token_file).read_text()).strip()
+        async with open_mesh_stream(address, self._settings.tls, token, self._hello()) as stream:
+            self._connects += 1
+            self._connected_to = address
+            log.info("mesh stream to %s open", address)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, stream)
+                while True:
+                    batch = await stream.receive_batch()
+                    acks = await self._handle(batch)
+                    if acks:
+                        await stream.send_batch(acks)
+
+    async def _heartbeat(self, stream: _Sender) -> None:
+        while True:
+            await trio.sleep(self._settings.heartbeat_period)
+            await stream.send_batch([wire.Heartbeat()])
+
+    async def _handle(self, batch: Sequence[wire.ControllerMessage]) -> list[wire.NodeMessage]:
+        """Fold the batch into one target state, apply it once, acknowledge."""
+        applied = self._applied
+        target = applied
+        acks: list[wire.NodeMessage] = []
+        for message in batch:
+            current_gen = target.generation if target else 0
+            match message:
+                case wire.SyncState(generation=gen, state=state):
+                    if target is not None and gen <= current_gen:
+                        self._ignored_stale += 1
+                        continue
+                    target = AppliedRecord(gen, state)
+                case wire.Delta(generation=gen, base_generation=base, changes=changes):
+                    if target is not None and gen <= current_gen:
+                        self._ignored_stale += 1
+                        continue
+                    if target is None or base != current_gen:
+                        self._refused_deltas += 1
+                        acks.append(wire.Ack(gen, f"delta base {base} is not the applied "
+                                                  f"generation {current_gen}"))
+                        continue
+                    target = AppliedRecord(gen, desiredstate.apply(target.state, changes))
+                case wire.Redirect(leader=leader):
+                    raise _Redirected(leader)
+                case wire.Refused(reason=reason):
+                    raise StreamClosed(f"the controller refused this daemon: {reason}")
+        if target is not None and target is not applied:
+            try:
+                await self._applier.apply(target.state)
+            except Exception as exc:
+                log.exception("applying generation %d failed", target.generation)
+                acks.append(wire.Ack(target.generation, f"apply failed: {exc}"))
+                return acks
+            self._applied = target
+            self._applied_changed.set()
+            self._applied_changed = trio.Event()
+        if self._applied is not None:
+            acks.append(wire.Ack(self._applied.generation))
+        return acks
+
+
+class _Sender(Protocol):
+    async def send_batch(self, messages: Sequence[wire.NodeMessage]) -> None: ...
