@@ -1,0 +1,53 @@
+"""Integration fixtures: vpblu's kustomize base installed on the session's API server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from vpblu.testenv import TestEnv
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "kustomize" / "base"
+SAMPLES = REPO / "kustomize" / "samples"
+CRD_NAMES = frozenset({
+    "vpblunodes.vpblu.io",
+    "tunnelpolicies.vpblu.io",
+    "routepolicies.vpblu.io",
+    "blockpolicies.vpblu.io",
+    "rotationpolicies.vpblu.io",
+})
+# Established usually follows the apply within a second; the bound is for a
+# loaded machine.
+ESTABLISHED_TIMEOUT = 30.0
+POLL_INTERVAL = 0.1
+
+
+def established_crds(env: TestEnv) -> frozenset[str]:
+    out = env.kubectl("get", "crd", "-o", "json").stdout
+    names = set()
+    for crd in json.loads(out)["items"]:
+        conditions = crd.get("status", {}).get("conditions") or []
+        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            names.add(crd["metadata"]["name"])
+    return frozenset(names)
+
+
+def wait_established(env: TestEnv, names: frozenset[str]) -> None:
+    deadline = time.monotonic() + ESTABLISHED_TIMEOUT
+    while not names <= (seen := established_crds(env)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not Established after {ESTABLISHED_TIMEOUT} s: "
+                                 f"{sorted(names - seen)}")
+        time.sleep(POLL_INTERVAL)
+
+
+@pytest.fixture(scope="session")
+def vpblu_installed(kube: TestEnv) -> TestEnv:
+    """The session API server with `kustomize/base` applied and its CRDs Established."""
+    kube.kubectl("apply", "-k", str(BASE))
+    wait_established(kube, CRD_NAMES)
+    return kube
