@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -107,15 +107,25 @@ class Binaries:
         return found
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. The signal fires when the
-    # *thread* that forked exits, which is why every child is forked by the
-    # TestEnv's own spawner thread, which lives exactly as long as the TestEnv.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        os._exit(127)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(127)
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGKILL when the thread that forked it exits.
+
+    The signal fires when the forking *thread* exits, which is why every child
+    is forked by the TestEnv's own spawner thread, which lives exactly as long
+    as the TestEnv. prctl is looked up here, before the fork: dlopen in a
+    forked child of a threaded process can deadlock on a lock held by a thread
+    that does not exist there.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(127)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -396,11 +406,12 @@ class TestEnv:
     def _spawn(self, name: str, args: list[str]) -> _Child:
         log_path = self.dir / f"{name}.log"
         log = log_path.open("ab")
+        preexec = _die_with_parent()
 
         def popen() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.dir, preexec_fn=_die_with_parent,
+                cwd=self.dir, preexec_fn=preexec,
                 # Own session: a terminal's Ctrl-C reaches only us, and we stop
                 # the children in order (API server before etcd).
                 start_new_session=True,

@@ -43,6 +43,16 @@ def wait_established(env: TestEnv, names: frozenset[str]) -> None:
             raise AssertionError(f"not Established after {ESTABLISHED_TIMEOUT} s: "
                                  f"{sorted(names - seen)}")
         time.sleep(POLL_INTERVAL)
+    # Established is not yet served: for a moment after it, a list answers 429
+    # "storage is (re)initializing" while the resource's watch cache fills.
+    for name in names:
+        plural, group = name.split(".", 1)
+        path = f"/apis/{group}/v1alpha1/{plural}"
+        while (status := env.request("GET", path).status) != 200:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"GET {path} answers {status} after "
+                                     f"{ESTABLISHED_TIMEOUT} s")
+            time.sleep(POLL_INTERVAL)
 
 
 @pytest.fixture(scope="session")
