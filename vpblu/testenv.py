@@ -340,7 +340,8 @@ class TestEnv:
 
     def request(self, method: str, path: str, body: object = None, *,
                 content_type: str = "application/json") -> ApiResponse:
-        """One admin HTTPS call to the API server; the body is sent and parsed as JSON."""
+        """One admin HTTPS call to the API server. The body is sent as JSON; the
+        answer is parsed when it is JSON, else kept as text (e.g. /readyz)."""
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT,
                                            context=self.ssl_context())
         try:
@@ -351,7 +352,9 @@ class TestEnv:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
-            return ApiResponse(resp.status, json.loads(data) if data else None)
+            if resp.getheader("Content-Type", "").startswith("application/json"):
+                return ApiResponse(resp.status, json.loads(data))
+            return ApiResponse(resp.status, data.decode(errors="replace"))
         finally:
             conn.close()
 

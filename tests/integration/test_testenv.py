@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.integration
 GONE_TIMEOUT = 15.0
 UP_READY_TIMEOUT = 90.0
 POLL_INTERVAL = 0.05
+# PR_SET_PDEATHSIG fires at once when the forking thread exits; this is ample.
+THREAD_EXIT_GRACE = 0.5
 
 
 class Boom(Exception):
@@ -101,7 +104,14 @@ def test_restart_keeps_port_and_data_then_leaves_nothing() -> None:
         assert wait_gone([old_apiserver]) == []
         with pytest.raises(ConnectionRefusedError):
             env.request("GET", "/readyz")
-        env.start_apiserver()
+        # Started from a thread that is gone right after (as from
+        # trio.to_thread): the API server must outlive that thread.
+        starter = threading.Thread(target=env.start_apiserver)
+        starter.start()
+        starter.join()
+        time.sleep(THREAD_EXIT_GRACE)
+        assert env.apiserver_running
+        assert env.request("GET", "/readyz").status == 200
         assert env.server_url == url
         assert env.pids[0] == first_pids[0]  # etcd kept running
         out = json.loads(env.kubectl("get", "namespace", "survives-restart", "-o", "json").stdout)
