@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from tests.cluster import install_base
 from vpblu.testenv import TestEnv
 
 
@@ -21,6 +22,15 @@ def kube() -> Iterator[TestEnv]:
     """
     with TestEnv.start() as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def vpblu_installed(kube: TestEnv) -> TestEnv:
+    """The session API server with `kustomize/base` applied and its five CRDs
+    Established and served (no controller-manager: the Deployment and DaemonSet
+    exist but run nothing)."""
+    install_base(kube)
+    return kube
 
 
 @pytest.fixture

@@ -208,8 +208,10 @@ class TestEnv:
     Attributes for clients: `kubeconfig_path` (admin, O=system:masters, 0600),
     `server_url`, `ca_pem` (the serving CA), `port`, `etcd_url`, `dir`.
 
-    All methods are synchronous and may be called from any thread, e.g.
-    `await trio.to_thread.run_sync(env.restart_apiserver)` from a trio test.
+    All methods are synchronous and may be called from any thread (one caller
+    at a time), e.g. `await trio.to_thread.run_sync(env.restart_apiserver)`
+    from a trio test: the children are forked by the TestEnv's own thread, so
+    they do not die with the calling thread.
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -481,7 +483,7 @@ class TestEnv:
             "--service-cluster-ip-range=10.0.0.0/24",
         ]
 
-    def _wait_ready(self, child: _Child, probe: Any) -> None:
+    def _wait_ready(self, child: _Child, probe: Callable[[], bool]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if child.exited():

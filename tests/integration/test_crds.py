@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import BASE, CRD_NAMES, SAMPLES, established_crds
+from tests.cluster import BASE, CRD_NAMES, SAMPLES, established_crds
 from vpblu.testenv import TestEnv
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""Integration fixtures: vpblu's kustomize base installed on the session's API server."""
+"""vpblu's kustomize base on a TestEnv: where it is, installing it, waiting until it is served."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from vpblu.testenv import TestEnv
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "kustomize" / "base"
 SAMPLES = REPO / "kustomize" / "samples"
 CRD_NAMES = frozenset({
@@ -55,9 +53,7 @@ def wait_established(env: TestEnv, names: frozenset[str]) -> None:
             time.sleep(POLL_INTERVAL)
 
 
-@pytest.fixture(scope="session")
-def vpblu_installed(kube: TestEnv) -> TestEnv:
-    """The session API server with `kustomize/base` applied and its CRDs Established."""
-    kube.kubectl("apply", "-k", str(BASE))
-    wait_established(kube, CRD_NAMES)
-    return kube
+def install_base(env: TestEnv) -> None:
+    """`kubectl apply -k kustomize/base`, then wait until every CRD is served."""
+    env.kubectl("apply", "-k", str(BASE))
+    wait_established(env, CRD_NAMES)
