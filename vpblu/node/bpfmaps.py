@@ -68,6 +68,7 @@ ETH_P_ALL = 0x0003
 
 RTMGRP_LINK = 1
 NETLINK_RECV_SIZE = 1 << 16
+MAX_DRAINED_EVENTS = 256
 
 _FAMILY_BYTE = {4: 4, 6: 6}
 _ADDR_BITS = {4: 32, 6: 128}
@@ -146,6 +147,7 @@ class NetlinkPodLinks:
         self._glob = glob
         self._ipr: Any = None
         self._events: trio.socket.SocketType | None = None
+        self._raw_events: socket.socket | None = None
         self._lock = trio.Lock()
 
     async def open(self) -> None:
@@ -164,12 +166,13 @@ class NetlinkPodLinks:
             return ipr, sock
 
         self._ipr, sock = await trio.to_thread.run_sync(make)
+        self._raw_events = sock
         self._events = trio.socket.from_stdlib_socket(sock)
 
     async def aclose(self) -> None:
         if self._events is not None:
             self._events.close()
-            self._events = None
+            self._events = self._raw_events = None
         if self._ipr is not None:
             ipr, self._ipr = self._ipr, None
             async with self._lock:
@@ -251,10 +254,12 @@ class NetlinkPodLinks:
     async def wait_link_change(self) -> None:
         assert self._events is not None, "open() first"
         await self._events.recv(NETLINK_RECV_SIZE)
-        # Drain what else queued up: one relist answers them all.
-        while True:
+        # Drain what else queued up (one relist answers them all), bounded so a
+        # flood of link events cannot keep this from yielding.
+        assert self._raw_events is not None
+        for _ in range(MAX_DRAINED_EVENTS):
             try:
-                self._events.recv_into(bytearray(NETLINK_RECV_SIZE), flags=socket.MSG_DONTWAIT)
+                self._raw_events.recv(NETLINK_RECV_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
 
