@@ -10,6 +10,7 @@ Everything lives in namespaces named vb-<tag>-*, deleted (with their veths) on c
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -115,8 +116,9 @@ def topology() -> Iterator[Topology]:
         sh("ip", "-n", topo.node, "route", "add", "10.96.0.0/12", "via", "10.250.0.2")
         sh("ip", "-n", topo.node, "route", "add", "default", "via", "10.250.1.2", "table",
            str(MESH_TABLE))
-        sh("ip", "-n", topo.node, "rule", "add", "fwmark", f"{MESH_FWMARK:#x}/{MESH_FWMARK_MASK:#x}",
-           "lookup", str(MESH_TABLE), "priority", "5182")
+        mark = f"{MESH_FWMARK:#x}/{MESH_FWMARK_MASK:#x}"
+        sh("ip", "-n", topo.node, "rule", "add", "fwmark", mark, "lookup", str(MESH_TABLE),
+           "priority", "5182")
         yield topo
     finally:
         for ns in reversed(topo.namespaces):
@@ -164,10 +166,9 @@ class Sender:
             next_at = trio.current_time()
             while True:
                 now = trio.current_time()
-                try:
+                # A drop may surface as an error here; the receiver counts it lost.
+                with contextlib.suppress(OSError):
                     await sock.sendto(_PACKET.pack(self.stream, seq, now), (self.dst, UDP_PORT))
-                except OSError:
-                    pass  # a drop may surface as an error here; the receiver counts it lost
                 self.sent[seq] = now  # after the send: a cancelled send never left
                 seq += 1
                 next_at += SEND_INTERVAL

@@ -150,8 +150,8 @@ async def test_a_veth_created_after_start_gets_the_classifier(topo: Topology) ->
             await apply(send, routes=REMOTE_ROUTES)
             await trio.to_thread.run_sync(topo.add_pod, "c", 3)
             with trio.fail_after(ATTACH_TIMEOUT):
-                while topo.host_veth("c") not in actor.statistics().attached:
-                    await trio.sleep(0.01)
+                await actor.wait_attached(topo.host_veth("c"))
+            assert topo.host_veth("c") in actor.statistics().attached
             late = Sender(topo.pods["c"], REMOTE_ADDR, stream=3)
             async with sending(late):
                 await trio.sleep(0.2)

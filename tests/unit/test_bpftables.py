@@ -17,6 +17,10 @@ def net(text: str) -> IPNetwork:
     return ipaddress.ip_network(text)
 
 
+def addr(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
 def lpm(table: dict[IPNetwork, int], addr: IPAddress) -> int | None:
     """What the kernel's LPM trie returns for `addr`: the longest prefix containing it."""
     best = [n for n in table if n.version == addr.version and addr in n]
@@ -31,16 +35,17 @@ def classifier_drops(tables: bpftables.ClassifierTables, src: IPAddress, dst: IP
 
 
 def test_nested_prefixes_carry_the_bits_of_every_containing_rule() -> None:
-    rules = {0: CidrPair("10.0.0.0/8", "192.168.0.0/16"), 1: CidrPair("10.1.0.0/16", "172.16.0.0/12")}
+    rules = {
+        0: CidrPair("10.0.0.0/8", "192.168.0.0/16"),
+        1: CidrPair("10.1.0.0/16", "172.16.0.0/12"),
+    }
     t = bpftables.tables(rules, ())
     assert t.block_src == {net("10.0.0.0/8"): 0b01, net("10.1.0.0/16"): 0b11}
     assert t.block_dst == {net("192.168.0.0/16"): 0b01, net("172.16.0.0/12"): 0b10}
     # 10.1.2.3 matches the /16 only (longest), which must still carry rule 0's bit.
-    assert classifier_drops(t, ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("192.168.1.1"))
-    assert classifier_drops(t, ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("172.16.0.9"))
-    assert not classifier_drops(
-        t, ipaddress.ip_address("10.2.0.1"), ipaddress.ip_address("172.16.0.9")
-    )
+    assert classifier_drops(t, addr("10.1.2.3"), addr("192.168.1.1"))
+    assert classifier_drops(t, addr("10.1.2.3"), addr("172.16.0.9"))
+    assert not classifier_drops(t, addr("10.2.0.1"), addr("172.16.0.9"))
 
 
 def test_families_never_mix() -> None:
@@ -61,7 +66,7 @@ def test_rule_ids_are_stable_and_freed_ids_are_reused_lowest_first() -> None:
 def test_more_rules_than_bits_are_refused_with_a_clear_error() -> None:
     rules = [CidrPair(f"10.{i // 256}.{i % 256}.0/24", "10.200.0.0/16") for i in range(129)]
     assert len(bpftables.assign_rule_ids(rules[:BLOCK_RULE_LIMIT], {})) == BLOCK_RULE_LIMIT
-    with pytest.raises(TooManyBlockRules, match="129 blocked CIDR pairs.*at most 128"):
+    with pytest.raises(TooManyBlockRules, match=r"129 blocked CIDR pairs.*at most 128"):
         bpftables.assign_rule_ids(rules, {})
 
 
@@ -79,7 +84,10 @@ def test_dest_table_precedence_route_over_local_over_cluster() -> None:
 
 
 def test_diff_writes_only_what_differs() -> None:
-    d = bpftables.diff({net("10.0.0.0/8"): 1, net("10.1.0.0/16"): 3}, {net("10.0.0.0/8"): 1, net("10.2.0.0/16"): 1})
+    d = bpftables.diff(
+        {net("10.0.0.0/8"): 1, net("10.1.0.0/16"): 3},
+        {net("10.0.0.0/8"): 1, net("10.2.0.0/16"): 1},
+    )
     assert d.upserts == {net("10.2.0.0/16"): 1}
     assert d.deletes == {net("10.1.0.0/16")}
     assert len(bpftables.diff({net("10.0.0.0/8"): 1}, {net("10.0.0.0/8"): 1})) == 0

@@ -26,7 +26,7 @@ import fnmatch
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,7 +101,9 @@ class PodLinkControl(Protocol):
 
     async def pod_links(self) -> list[PodLink]: ...
 
-    async def attach(self, link: PodLink, prog_fd: int) -> None: ...
+    async def attach(self, link: PodLink, prog_fd: int) -> bool:
+        """Attach (or swap in) the classifier; False when the link is already gone."""
+        ...
 
     async def detach(self, link: PodLink) -> None: ...
 
@@ -193,29 +195,41 @@ class NetlinkPodLinks:
         result: list[PodLink] = await self._call(list_links)
         return result
 
-    async def attach(self, link: PodLink, prog_fd: int) -> None:
+    async def attach(self, link: PodLink, prog_fd: int) -> bool:
         from pyroute2 import NetlinkError
 
-        def attach() -> None:
+        def attach() -> bool:
             try:
                 self._ipr.tc("add", "clsact", link.index)
             except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return False  # a pod deleted between the listing and now
                 if exc.code != errno.EEXIST:
                     raise
-            self._ipr.tc(
-                "replace-filter",
-                "bpf",
-                link.index,
-                handle=FILTER_HANDLE,
-                parent=TC_INGRESS_PARENT,
-                prio=FILTER_PRIO,
-                protocol=ETH_P_ALL,
-                fd=prog_fd,
-                name=FILTER_NAME,
-                direct_action=True,
-            )
+            try:
+                self._tc_replace(link, prog_fd)
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return False
+                raise
+            return True
 
-        await self._call(attach)
+        result: bool = await self._call(attach)
+        return result
+
+    def _tc_replace(self, link: PodLink, prog_fd: int) -> None:
+        self._ipr.tc(
+            "replace-filter",
+            "bpf",
+            link.index,
+            handle=FILTER_HANDLE,
+            parent=TC_INGRESS_PARENT,
+            prio=FILTER_PRIO,
+            protocol=ETH_P_ALL,
+            fd=prog_fd,
+            name=FILTER_NAME,
+            direct_action=True,
+        )
 
     async def detach(self, link: PodLink) -> None:
         """Remove our filter, and the clsact qdisc once no filter at all is left on it:
@@ -377,24 +391,27 @@ class BpfMapActor:
         *,
         netns: str | None = None,
         links: PodLinkControl | None = None,
+        load_classifier: Callable[[Path, Path], ClassifierMaps] = BccClassifier,
         source: Path = CLASSIFIER_SOURCE,
     ) -> None:
         self._config = config
         self._inbox = inbox
         self._links: PodLinkControl = links or NetlinkPodLinks(netns, config.pod_veth_glob)
         self._source = source
+        self._load_classifier = load_classifier
         self._maps: ClassifierMaps | None = None
         self._tables = ClassifierTables()
         self._rules: dict[int, Any] = {}
         self._classifier_config: ClassifierConfig | None = None
         self._attached: dict[int, PodLink] = {}
+        self._attachments_changed = trio.Event()
         self._written = 0
         self._deleted = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         source, pin_dir = self._source, self._config.bpf_pin_dir
         # Compiling takes ~0.4 s of CPU: off the trio thread.
-        maps = await trio.to_thread.run_sync(lambda: BccClassifier(source, pin_dir))
+        maps = await trio.to_thread.run_sync(self._load_classifier, source, pin_dir)
         self._maps = maps
         try:
             # Subscribe to link events before the first listing, so a veth
@@ -434,9 +451,17 @@ class BpfMapActor:
         for index in self._attached.keys() - present.keys():
             del self._attached[index]
         for index, link in present.items():
-            if self._attached.get(index) != link:
-                await self._links.attach(link, self._maps.prog_fd)
+            if self._attached.get(index) != link and await self._links.attach(
+                link, self._maps.prog_fd
+            ):
                 self._attached[index] = link
+        self._attachments_changed.set()
+        self._attachments_changed = trio.Event()
+
+    async def wait_attached(self, name: str) -> None:
+        """Return once the classifier is attached to the link called `name`."""
+        while name not in {link.name for link in self._attached.values()}:
+            await self._attachments_changed.wait()
 
     async def _follow_links(self) -> None:
         while True:
