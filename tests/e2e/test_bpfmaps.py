@@ -15,7 +15,7 @@ import trio_asyncio  # noqa: F401  the daemon imports it; pyroute2 must still wo
 
 from tests.e2e.datapath import OTHER_ADDR, REMOTE_ADDR, Receiver, Sender, Topology, topology
 from vpblu.messages import ApplyDataPath, BpfMapsMessage, DataPathApplied
-from vpblu.model import CidrPair, Route
+from vpblu.model import CidrPair, Route, network
 from vpblu.node.bpfmaps import BpfMapActor
 
 pytestmark = pytest.mark.e2e
@@ -242,3 +242,38 @@ async def test_cleanup_removes_filters_qdiscs_and_pins(topo: Topology) -> None:
     assert "clsact" in during and "clsact" not in before
     assert after == before
     assert not topo.pin_dir.exists()
+
+
+def test_both_families_round_trip_through_the_pinned_kernel_maps(topo: Topology) -> None:
+    """IPv6 shares the tries with IPv4 (family byte + 16 address bytes): what is written
+    reads back equal, and a second load over the same pins sees it."""
+    from vpblu.node import bpftables
+    from vpblu.node.bpfmaps import CLASSIFIER_SOURCE, BccClassifier
+
+    rules = bpftables.assign_rule_ids(
+        [CidrPair("10.1.0.0/16", "10.2.0.0/16"), CidrPair("fd00:1::/64", "fd00:2::/48"),
+         CidrPair("::/0", "fd00:2:0:1::/64")],
+        {},
+    )
+    wanted = bpftables.tables(
+        rules,
+        [Route("fd00:99::/56", "b"), Route("10.99.0.0/16", "b")],
+        [network("fd00:240::/64")],
+        [network("fd00::/16")],
+    )
+    empty = bpftables.ClassifierTables()
+    maps = BccClassifier(CLASSIFIER_SOURCE, topo.pin_dir)
+    try:
+        maps.write_block_src(bpftables.diff(empty.block_src, wanted.block_src))
+        maps.write_block_dst(bpftables.diff(empty.block_dst, wanted.block_dst))
+        maps.write_dest(bpftables.diff(empty.dest, wanted.dest))
+        ids = maps.map_ids()
+    finally:
+        maps.close()
+    again = BccClassifier(CLASSIFIER_SOURCE, topo.pin_dir)
+    try:
+        assert again.map_ids() == ids
+        assert again.read_tables() == wanted
+        assert bpftables.decode_rules(wanted.block_src, wanted.block_dst) == rules
+    finally:
+        again.close()
