@@ -34,7 +34,7 @@ import attrs
 import trio
 
 from vpblu.messages import ApplyDataPath, BpfMapsMessage, DataPathApplied
-from vpblu.model import IPNetwork
+from vpblu.model import CidrPair, IPNetwork
 from vpblu.node import bpftables
 from vpblu.node.bpftables import (
     BLOCK_WORDS,
@@ -267,7 +267,13 @@ class NetlinkPodLinks:
 
     async def wait_link_change(self) -> None:
         assert self._events is not None, "open() first"
-        await self._events.recv(NETLINK_RECV_SIZE)
+        try:
+            await self._events.recv(NETLINK_RECV_SIZE)
+        except OSError as exc:
+            # ENOBUFS: the kernel dropped events for us. Nothing is lost that
+            # matters, since the caller relists everything on return.
+            if exc.errno != errno.ENOBUFS:
+                raise
         # Drain what else queued up (one relist answers them all), bounded so a
         # flood of link events cannot keep this from yielding.
         assert self._raw_events is not None
@@ -401,7 +407,7 @@ class BpfMapActor:
         self._load_classifier = load_classifier
         self._maps: ClassifierMaps | None = None
         self._tables = ClassifierTables()
-        self._rules: dict[int, Any] = {}
+        self._rules: dict[int, CidrPair] = {}
         self._classifier_config: ClassifierConfig | None = None
         self._attached: dict[int, PodLink] = {}
         self._attachments_changed = trio.Event()
