@@ -37,7 +37,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-from vpblu.model import Change, Condition, IPNetwork, NodeDesiredState
+from vpblu.model import Change, CidrPair, Condition, IPNetwork, NodeDesiredState, Route, network
 from vpblu.resources import Typed
 
 # --- WatcherActor -> StateActor -----------------------------------------------------
@@ -255,3 +255,53 @@ class CheckMtu:
 
 
 MtuInbox = CheckMtu
+
+
+# --- daemon -> BpfMapActor ------------------------------------------------------------
+
+
+def _routes(values: tuple[Route, ...] | list[Route]) -> tuple[Route, ...]:
+    return tuple(sorted(values))
+
+
+def _blocks(values: tuple[CidrPair, ...] | list[CidrPair]) -> tuple[CidrPair, ...]:
+    return tuple(sorted(values))
+
+
+def _cidrs(values: tuple[IPNetwork | str, ...] | list[IPNetwork | str]) -> tuple[IPNetwork, ...]:
+    return tuple(sorted({network(v) for v in values}, key=lambda n: (n.version, n.prefixlen, n)))
+
+
+@attrs.frozen(slots=True)
+class DataPathApplied:
+    """What one ApplyDataPath wrote: `written` entries set, `deleted` removed.
+    `refused` says why nothing was written (e.g. too many block rules)."""
+
+    written: int
+    deleted: int
+    refused: str | None = None
+
+
+@attrs.frozen(slots=True)
+class ApplyDataPath:
+    """The complete data-path policy this node's classifier should enforce now.
+
+    Level-triggered: the BpfMapActor makes its pinned maps equal to this and
+    writes only the entries that differ. `routes` are remote pod CIDRs (marked
+    into the mesh); `local_cidrs` this node's own pod CIDRs; `cluster_cidrs`
+    the whole cluster's pod ranges, which `strict` (fail-closed) uses to drop
+    cluster traffic that has no remote route. `reply`, when given, receives one
+    DataPathApplied.
+    """
+
+    routes: tuple[Route, ...] = attrs.field(default=(), converter=_routes)
+    blocks: tuple[CidrPair, ...] = attrs.field(default=(), converter=_blocks)
+    local_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_cidrs)
+    cluster_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_cidrs)
+    strict: bool = False
+    reply: trio.MemorySendChannel[DataPathApplied] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+
+
+BpfMapInbox = ApplyDataPath
