@@ -12,7 +12,7 @@ everything is torn down by the fixture, also on failure.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -112,28 +112,37 @@ async def start(lab: RotationLab) -> tuple[LabNode, list[LabNode], MeshTraffic]:
     return rotating, peers, traffic
 
 
+async def twice(step: Callable[[], Awaitable[object]]) -> None:
+    """Run a step, then run it again as a restarted daemon would: the repeat must change
+    nothing and lose nothing."""
+    await step()
+    await step()
+
+
 async def prepare_distribute_activate(
-    rotating: LabNode, peers: list[LabNode], old_public: str, new_key: bytes
+    rotating: LabNode, peers: list[LabNode], old_public: str, new_key: bytes, *, again: bool
 ) -> None:
+    run = twice if again else (lambda step: step())
     new_public = public_key_of(new_key)
+    r, lr = rotating, layout(rotating)
     # Prepare: the bridge holds K'; nothing routes into it yet.
-    staged = await prepare_rotating_node(
-        rotating.devices, rotating.routes, layout(rotating), new_key
-    )
-    assert staged == new_public
-    assert set((await routes_of(rotating)).values()) == {rotating.primary}
+    await run(lambda: prepare_rotating_node(r.devices, r.routes, lr, new_key))
+    assert (await r.devices.read(lr.bridge)).public_key == new_public
+    assert set((await routes_of(r)).values()) == {r.primary}
     await trio.sleep(DWELL)
     # Distribute: each peer accepts both keys and already sends to the rotating node on K'.
-    for peer in peers:
-        await distribute_to_peer(
-            peer.devices, peer.routes, layout(peer), peer.private_key, old_public, new_public
+    for p in peers:
+        await run(
+            lambda p=p: distribute_to_peer(
+                p.devices, p.routes, layout(p), p.private_key, old_public, new_public
+            )
         )
-        assert (await routes_of(peer))[str(rotating.pod_cidr)] == layout(peer).bridge
+        assert (await routes_of(p))[str(r.pod_cidr)] == layout(p).bridge
         await trio.sleep(DWELL)
     # Activate: the rotating node sends on K' only; its idle primary is re-keyed.
-    await activate_rotating_node(rotating.devices, rotating.routes, layout(rotating), new_key)
-    assert set((await routes_of(rotating)).values()) == {layout(rotating).bridge}
-    assert (await rotating.devices.read(rotating.primary)).public_key == new_public
+    await run(lambda: activate_rotating_node(r.devices, r.routes, lr, new_key))
+    assert set((await routes_of(r)).values()) == {lr.bridge}
+    assert (await r.devices.read(r.primary)).public_key == new_public
     await trio.sleep(DWELL)
 
 
@@ -143,18 +152,22 @@ async def test_rotation_through_all_phases_loses_nothing(lab: RotationLab) -> No
     new_public = public_key_of(new_key)
     since = time.time()
 
-    await prepare_distribute_activate(rotating, peers, old_public, new_key)
+    # Every step runs twice, as after a daemon restart in the middle of it.
+    await prepare_distribute_activate(rotating, peers, old_public, new_key, again=True)
     # Retire: peers swap the primary entry K -> K' and come home; then the rotating node;
     # then the peers' bridges go.
-    for peer in peers:
-        await switch_peer_primary(peer.devices, peer.routes, layout(peer), old_public, new_public)
-        assert (await routes_of(peer))[str(rotating.pod_cidr)] == peer.primary
+    for p in peers:
+        await twice(
+            lambda p=p: switch_peer_primary(p.devices, p.routes, layout(p), old_public, new_public)
+        )
+        assert (await routes_of(p))[str(rotating.pod_cidr)] == p.primary
         await trio.sleep(DWELL)
-    await retire_rotating_node(rotating.devices, rotating.routes, layout(rotating))
+    r = rotating
+    await twice(lambda: retire_rotating_node(r.devices, r.routes, layout(r)))
     assert set((await routes_of(rotating)).values()) == {rotating.primary}
     await trio.sleep(DWELL)
-    for peer in peers:
-        await retire_peer_bridge(peer.devices, peer.routes, layout(peer))
+    for p in peers:
+        await twice(lambda p=p: retire_peer_bridge(p.devices, p.routes, layout(p)))
 
     await assert_carries_traffic(peers, new_public, since)
     assert_nothing_lost(*traffic.stop())
@@ -167,7 +180,7 @@ async def test_rollback_after_activate_loses_nothing(lab: RotationLab) -> None:
     old_key, old_public, new_key = rotating.private_key, rotating.public_key, new_private_key()
     since = time.time()
 
-    await prepare_distribute_activate(rotating, peers, old_public, new_key)
+    await prepare_distribute_activate(rotating, peers, old_public, new_key, again=False)
     # Roll back: the rotating node's primary gets K back and handshakes again while traffic
     # still crosses the bridges, and it sends on K again; every peer comes home; the
     # rotating node's bridge goes last.
