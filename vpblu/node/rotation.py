@@ -88,10 +88,10 @@ Proven in tests/e2e/test_rotation_mechanism.py (3 nodes, wireguard-go, the rotat
 node exchanging 250 pkt/s of sequence-numbered UDP each way with both peers plus a TCP
 stream in and one out, 1 s of traffic in every intermediate state): full rotation with
 every step run twice (a restarted daemon re-running its step) — ≈ 2 600 datagrams per
-direction, 0 lost, TCP intact (≈ 5.5 MB each, longest receive stall 0.01–0.09 s), the old
+direction, 0 lost, TCP intact (≈ 5.5 MB each, longest receive stall 0.01-0.09 s), the old
 key on no interface; rollback after Activate — 0 lost; the in-place control (re-key the
-one interface, peers swap the entry 2 s later) loses 373–377 per outgoing direction and
-0–1 incoming.
+one interface, peers swap the entry 2 s later) loses 373-377 per outgoing direction and
+0-1 incoming.
 
 Restart and failover. Every step is idempotent and reads the device before it writes
 (re-writing a device's current private key is a no-op in both implementations and keeps
@@ -107,7 +107,7 @@ because its controller went away.
 
 Kernel WireGuard: the same calls (netlink WG_CMD_SET_DEVICE instead of UAPI `set=1`;
 several entries for one peer in one message are applied in order, which `prewarm`
-relies on), the same semantics (see a–d), `ip link add wg-mesh-rot type wireguard`
+relies on), the same semantics (see a-d), `ip link add wg-mesh-rot type wireguard`
 instead of a wireguard-go process. Names do not alternate: the primary is always
 `wg-mesh`; the bridge is always `wg-mesh-rot`, on listen port + 1 (the underlay must
 allow it), and exists only during a rotation, so nothing keyed on the primary's name
