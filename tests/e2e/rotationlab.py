@@ -1,0 +1,545 @@
+"""A mesh of network namespaces running real wireguard-go, for the rotation tests.
+
+Owns the namespaces `vr-*`, the veths between them, the wireguard-go processes it starts
+(by pid) and the flow probes. Everything is torn down in `RotationLab.close`, which the
+fixture calls even when a test fails. Interface names are machine-unique (`vr-` prefix)
+because wireguard-go's UAPI sockets share /var/run/wireguard across namespaces.
+
+`UapiDevices` and `IpRoutes` are the lab's implementations of the rotation seams
+(`WireGuardDevices`, `MeshRoutes`) for one node namespace; production uses the daemon's
+WireGuard backend and pyroute2.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from vpblu.model import Endpoint, IPNetwork, network
+from vpblu.node.rotation import DeviceState, DeviceUpdate, PeerState, PeerUpdate
+
+UAPI_DIR = Path("/var/run/wireguard")
+SOCKET_WAIT = 5.0
+POLL = 0.02
+PROBE = Path(__file__).with_name("flowprobe.py")
+HUB = "vr-hub"
+POD_MARK = 0x00B10000
+WG_MARK = 0x00B20000
+MESH_TABLE = 5182
+LISTEN_PORT = 51820
+MTU = 1420
+
+
+def new_private_key() -> bytes:
+    return X25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+    )
+
+
+def public_key_of(private_key: bytes) -> str:
+    raw = (
+        X25519PrivateKey.from_private_bytes(private_key)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+    return base64.b64encode(raw).decode()
+
+
+def _hex(b64: str) -> str:
+    return base64.b64decode(b64).hex()
+
+
+def _b64(hex_text: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_text)).decode()
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+class UapiDevices:
+    """wireguard-go devices of one namespace, spoken to over the UAPI socket."""
+
+    def __init__(self, netns: str, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+        self.netns = netns
+        self._processes = processes
+
+    def _socket(self, interface: str) -> Path:
+        return UAPI_DIR / f"{interface}.sock"
+
+    async def exists(self, interface: str) -> bool:
+        return self._socket(interface).exists() and interface in self._processes
+
+    async def ensure_interface(self, interface: str) -> bool:
+        if await self.exists(interface):
+            return False
+        self._processes[interface] = spawn_wireguard_go(self.netns, interface)
+        # wireguard-go has no readiness signal but its socket: poll for it.
+        with trio.fail_after(SOCKET_WAIT):
+            for _ in iter(int, 1):
+                if self._socket(interface).exists():
+                    break
+                await trio.sleep(POLL)
+        return True
+
+    async def _request(self, interface: str, request: bytes) -> str:
+        stream = await trio.open_unix_socket(str(self._socket(interface)))
+        async with stream:
+            await stream.send_all(request)
+            chunks = []
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"".join(chunks).endswith(b"\n\n"):
+                    break
+        text = b"".join(chunks).decode()
+        errno = next((line for line in text.splitlines() if line.startswith("errno=")), "")
+        if errno != "errno=0":
+            raise OSError(f"UAPI {interface}: {errno or 'no answer'}")
+        return text
+
+    async def read(self, interface: str) -> DeviceState:
+        text = await self._request(interface, b"get=1\n\n")
+        public_key = None
+        listen_port = fwmark = 0
+        peers: list[PeerState] = []
+        current: dict[str, object] | None = None
+        allowed: list[IPNetwork] = []
+
+        def finish() -> None:
+            if current is not None:
+                peers.append(PeerState(allowed_ips=tuple(allowed), **current))  # type: ignore[arg-type]
+
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key == "private_key":
+                public_key = public_key_of(bytes.fromhex(value))
+            elif key == "listen_port":
+                listen_port = int(value)
+            elif key == "fwmark":
+                fwmark = int(value)
+            elif key == "public_key":
+                finish()
+                current, allowed = {"public_key": _b64(value)}, []
+            elif current is None:
+                continue
+            elif key == "endpoint":
+                current["endpoint"] = Endpoint.parse(value)
+            elif key == "allowed_ip":
+                allowed.append(network(value))
+            elif key == "persistent_keepalive_interval":
+                current["persistent_keepalive"] = int(value)
+            elif key == "last_handshake_time_sec":
+                current["latest_handshake"] = float(value) + float(
+                    current.get("latest_handshake", 0.0)
+                )  # type: ignore[arg-type]
+            elif key == "last_handshake_time_nsec":
+                current["latest_handshake"] = (
+                    float(current.get("latest_handshake", 0.0)) + int(value) / 1e9
+                )  # type: ignore[arg-type]
+            elif key == "rx_bytes":
+                current["rx_bytes"] = int(value)
+            elif key == "tx_bytes":
+                current["tx_bytes"] = int(value)
+        finish()
+        return DeviceState(public_key, listen_port, fwmark, tuple(peers))
+
+    async def write(self, interface: str, update: DeviceUpdate) -> None:
+        lines = ["set=1"]
+        if update.private_key is not None:
+            lines.append(f"private_key={update.private_key.hex()}")
+        if update.listen_port is not None:
+            lines.append(f"listen_port={update.listen_port}")
+        if update.fwmark is not None:
+            lines.append(f"fwmark={update.fwmark}")
+        for peer in update.peers:
+            lines.append(f"public_key={_hex(peer.public_key)}")
+            if peer.remove:
+                lines.append("remove=true")
+                continue
+            if peer.endpoint is not None:
+                lines.append(f"endpoint={peer.endpoint}")
+            if peer.persistent_keepalive is not None:
+                lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+            if peer.allowed_ips is not None:
+                lines.append("replace_allowed_ips=true")
+                lines += [f"allowed_ip={cidr}" for cidr in peer.allowed_ips]
+        await self._request(interface, ("\n".join(lines) + "\n\n").encode())
+
+    async def delete_interface(self, interface: str) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            await trio.run_process(
+                ["ip", "-n", self.netns, "link", "del", interface], capture_stderr=True
+            )
+        proc = self._processes.pop(interface, None)
+        if proc is not None:
+            # Deleting the TUN makes wireguard-go exit; give it that chance first.
+            with trio.move_on_after(3):
+                for _ in iter(int, 1):
+                    if proc.poll() is not None:
+                        break
+                    await trio.sleep(POLL)
+            stop_process(proc)
+
+
+class IpRoutes:
+    """The mesh table of one namespace through iproute2 (`ip route replace` is one
+    RTM_NEWROUTE with NLM_F_REPLACE: atomic per prefix)."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+
+    async def _ip(self, *argv: str) -> str:
+        done = await trio.run_process(
+            ["ip", "-n", self.netns, *argv], capture_stdout=True, capture_stderr=True
+        )
+        return done.stdout.decode()
+
+    async def read(self, table: int) -> dict[IPNetwork, str]:
+        rows = json.loads(await self._ip("-j", "route", "show", "table", str(table)) or "[]")
+        return {network(r["dst"] if "/" in r["dst"] else f"{r['dst']}/32"): r["dev"] for r in rows}
+
+    async def replace(self, table: int, cidr: IPNetwork, interface: str) -> None:
+        await self._ip("route", "replace", str(cidr), "dev", interface, "table", str(table))
+
+    async def link_mtu(self, interface: str) -> int:
+        return int(json.loads(await self._ip("-j", "link", "show", interface))[0]["mtu"])
+
+    async def link_up(self, interface: str, mtu: int) -> None:
+        await self._ip("link", "set", interface, "mtu", str(mtu), "up")
+
+
+def spawn_wireguard_go(netns: str, interface: str) -> subprocess.Popen[bytes]:
+    """Foreground mode, so the lab owns the process by pid and can always end it."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", netns, "wireguard-go", "-f", interface],
+        env=dict(os.environ, WG_PROCESS_FOREGROUND="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(3)
+
+
+@attrs.define
+class LabNode:
+    index: int
+    netns: str
+    primary: str
+    private_key: bytes = attrs.field(repr=False)
+    devices: UapiDevices
+    routes: IpRoutes
+
+    @property
+    def underlay(self) -> str:
+        return f"192.168.77.{self.index}"
+
+    @property
+    def pod_ip(self) -> str:
+        return f"10.77.{self.index}.1"
+
+    @property
+    def pod_cidr(self) -> IPNetwork:
+        return ipaddress.ip_network(f"10.77.{self.index}.0/24")
+
+    @property
+    def public_key(self) -> str:
+        return public_key_of(self.private_key)
+
+
+@attrs.frozen
+class FlowResult:
+    name: str
+    sent: int
+    received: int
+    send_errors: int
+    duplicates: int
+    missing: tuple[int, ...]
+
+
+class RotationLab:
+    """Nodes `vr-n<i>` joined by veths to a bridge in `vr-hub`; each node's pod address
+    sits on its `lo`, its pod sockets carry the classifier's fwmark, and `ip rule fwmark
+    … lookup 5182` sends them into the mesh table, as on a vpblu node."""
+
+    def __init__(self, count: int) -> None:
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.probes: list[subprocess.Popen[str]] = []
+        self.namespaces: list[str] = []
+        self.nodes: list[LabNode] = []
+        self.count = count
+
+    def build(self) -> None:
+        run("ip", "netns", "add", HUB)
+        self.namespaces.append(HUB)
+        run("ip", "-n", HUB, "link", "add", "vr-hubbr", "type", "bridge")
+        run("ip", "-n", HUB, "link", "set", "vr-hubbr", "up")
+        for i in range(1, self.count + 1):
+            ns = f"vr-n{i}"
+            run("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            run(
+                "ip",
+                "link",
+                "add",
+                f"vr-n{i}u",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"vr-n{i}h",
+                "netns",
+                HUB,
+            )
+            run("ip", "-n", HUB, "link", "set", f"vr-n{i}h", "master", "vr-hubbr", "up")
+            run("ip", "-n", ns, "addr", "add", f"192.168.77.{i}/24", "dev", f"vr-n{i}u")
+            run("ip", "-n", ns, "link", "set", f"vr-n{i}u", "up")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "-n", ns, "addr", "add", f"10.77.{i}.1/32", "dev", "lo")
+            run(
+                "ip",
+                "-n",
+                ns,
+                "rule",
+                "add",
+                "fwmark",
+                f"{POD_MARK:#x}/0xff0000",
+                "lookup",
+                str(MESH_TABLE),
+                "priority",
+                str(MESH_TABLE),
+            )
+            # Decrypted pod packets arrive on the mesh interface with a source the main
+            # table does not route back there; vpblu turns strict rp_filter off on it.
+            run(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            )
+            self.nodes.append(
+                LabNode(
+                    i,
+                    ns,
+                    f"vr-n{i}m",
+                    new_private_key(),
+                    UapiDevices(ns, self.processes),
+                    IpRoutes(ns),
+                )
+            )
+
+    async def start_mesh(self) -> None:
+        """Full mesh on the primaries, one route per remote pod CIDR into the primary."""
+        for node in self.nodes:
+            await node.devices.ensure_interface(node.primary)
+            await node.routes.link_up(node.primary, MTU)
+        for node in self.nodes:
+            peers = tuple(
+                PeerUpdate(
+                    other.public_key,
+                    endpoint=Endpoint(other.underlay, LISTEN_PORT),
+                    allowed_ips=(other.pod_cidr,),
+                    persistent_keepalive=25,
+                )
+                for other in self.nodes
+                if other is not node
+            )
+            await node.devices.write(
+                node.primary,
+                DeviceUpdate(
+                    private_key=node.private_key,
+                    listen_port=LISTEN_PORT,
+                    fwmark=WG_MARK,
+                    peers=peers,
+                ),
+            )
+            for other in self.nodes:
+                if other is not node:
+                    await node.routes.replace(MESH_TABLE, other.pod_cidr, node.primary)
+
+    def probe(self, node: LabNode, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                sys.executable,
+                str(PROBE),
+                *args,
+                "--mark",
+                hex(POD_MARK),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.probes.append(proc)
+        return proc
+
+    @staticmethod
+    def finish(*procs: subprocess.Popen[str], timeout: float = 15.0) -> list[dict[str, object]]:
+        """Stop all senders at once (a receiver that stopped first would miss the other
+        side's last datagrams), then collect what each probe counted."""
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        return [dict(json.loads(proc.communicate(timeout=timeout)[0])) for proc in procs]
+
+    def close(self) -> None:
+        for proc in self.probes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(3)
+        for name, proc in list(self.processes.items()):
+            stop_process(proc)
+            self.processes.pop(name, None)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        # wireguard-go removes its socket on a clean exit; a killed one may leave it.
+        for node in self.nodes:
+            for name in (node.primary, node.primary + "-rot"):
+                with contextlib.suppress(FileNotFoundError):
+                    (UAPI_DIR / f"{name}.sock").unlink()
+        time.sleep(0.1)
+
+
+@attrs.frozen
+class DirectionCount:
+    direction: str
+    sent: int
+    received: int
+    missing_count: int
+    send_errors: int
+    rate: float
+
+
+@attrs.frozen
+class StreamCount:
+    direction: str
+    sent: int
+    received: int
+    error: str
+    longest_stall: float
+
+
+class MeshTraffic:
+    """Sequence-numbered UDP both ways between `hub` and each of `others`, plus one TCP
+    stream into `hub` (from the first other) and one out of it (to the last)."""
+
+    def __init__(
+        self, lab: RotationLab, hub: LabNode, others: list[LabNode], rate: int, tcp_kib: int
+    ) -> None:
+        self.lab = lab
+        self.hub = hub
+        self.others = others
+        self.rate = rate
+        self.tcp_kib = tcp_kib
+        self._udp: list[tuple[LabNode, LabNode, subprocess.Popen[str], subprocess.Popen[str]]] = []
+        self._tcp: list[tuple[str, subprocess.Popen[str], subprocess.Popen[str]]] = []
+
+    async def start(self) -> None:
+        lab, hub = self.lab, self.hub
+        for port, other in enumerate(self.others, start=7000):
+            pair = []
+            for a, b in ((hub, other), (other, hub)):
+                pair.append(
+                    lab.probe(
+                        a,
+                        "udp",
+                        "--bind",
+                        a.pod_ip,
+                        "--peer",
+                        b.pod_ip,
+                        "--port",
+                        str(port),
+                        "--rate",
+                        str(self.rate),
+                    )
+                )
+            self._udp.append((hub, other, pair[0], pair[1]))
+        streams = [(self.others[0], hub, 7100), (hub, self.others[-1], 7101)]
+        servers = [
+            lab.probe(dst, "tcp-server", "--bind", dst.pod_ip, "--port", str(port))
+            for _, dst, port in streams
+        ]
+        await trio.sleep(0.3)
+        for (src, dst, port), server in zip(streams, servers, strict=True):
+            client = lab.probe(
+                src,
+                "tcp-client",
+                "--bind",
+                src.pod_ip,
+                "--peer",
+                dst.pod_ip,
+                "--port",
+                str(port),
+                "--rate",
+                str(self.tcp_kib),
+            )
+            self._tcp.append((f"{src.netns}->{dst.netns}", client, server))
+
+    def stop(self) -> tuple[list[DirectionCount], list[StreamCount]]:
+        procs = [p for _, _, a, b in self._udp for p in (a, b)] + [
+            p for _, c, s in self._tcp for p in (c, s)
+        ]
+        counted = iter(self.lab.finish(*procs))
+        udp: list[DirectionCount] = []
+        for a, b, _, _ in self._udp:
+            near, far = next(counted), next(counted)
+            for src, dst, tx, rx in ((a, b, near, far), (b, a, far, near)):
+                udp.append(
+                    DirectionCount(
+                        f"{src.netns}->{dst.netns}",
+                        int(tx["sent"]),  # type: ignore[call-overload]
+                        int(rx["received"]),  # type: ignore[call-overload]
+                        int(rx["missing_count"]) + int(tx["sent"]) - int(rx["highest"]),  # type: ignore[call-overload]
+                        int(tx["send_errors"]),  # type: ignore[call-overload]
+                        float(tx["sent"]) / float(tx["duration"]),  # type: ignore[arg-type]
+                    )
+                )
+        tcp = []
+        for name, _, _ in self._tcp:
+            client, server = next(counted), next(counted)
+            tcp.append(
+                StreamCount(
+                    name,
+                    int(client["bytes"]),  # type: ignore[call-overload]
+                    int(server["bytes"]),  # type: ignore[call-overload]
+                    str(client["error"] or server["error"]),
+                    float(server.get("longest_stall", 0.0)),  # type: ignore[arg-type]
+                )
+            )
+        return udp, tcp
