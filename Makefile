@@ -25,5 +25,9 @@ test: setup
 	$(MAKE) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# A 3-node encrypted mesh in network namespaces, live until Ctrl-C (root).
+demo: setup
+	$(PY) -m vpblu.cli --log-level WARNING demo
+
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors

@@ -46,6 +46,19 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "vpblu-daemon ServiceAccount)")
 
 
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="a local encrypted cluster in network namespaces (root)")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of live status before cleaning up (default: until Ctrl-C)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vpblu.demo import DemoSettings, run_demo
+
+    return run_demo(DemoSettings(nodes=args.nodes, duration=args.duration))
+
+
 def _run_controller(args: argparse.Namespace) -> int:
     import trio_asyncio
 
@@ -79,12 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     _controller_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "controller":
             return _run_controller(args)
+        if args.command == "demo":
+            return _run_demo(args)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")
