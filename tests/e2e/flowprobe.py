@@ -77,12 +77,15 @@ def run_udp(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
     start = time.monotonic()
     sent = 0
     send_errors = 0
+    first_send_wall = 0.0
     while not stop.event.is_set():
         due = start + sent * interval
         delay = due - time.monotonic()
         if delay > 0:
             stop.event.wait(delay)
             continue
+        if sent == 0:
+            first_send_wall = time.time()
         try:
             sock.sendto(DATAGRAM.pack(sent, time.time()), (args.peer, args.port))
         except OSError:
@@ -105,6 +108,10 @@ def run_udp(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
         "missing": missing[:2000],
         "missing_count": len(missing),
         "duration": sending_time,
+        # Datagram n left at first_send_wall + n / rate (wall clock, for
+        # relating a loss to an API call made outside this process).
+        "first_send_wall": first_send_wall,
+        "rate": args.rate,
     }
 
 

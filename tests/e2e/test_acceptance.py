@@ -1,0 +1,376 @@
+"""The acceptance suite: vpblu as a user meets it, on the real stack.
+
+One `LocalCluster` for the module: a real kube-apiserver with `kustomize/base`
+applied by `kubectl apply -k`, two controller replica processes, three node
+network namespaces each running the real `vpblu daemon run` (wireguard-go,
+bcc-compiled eBPF on the pods' veths), pods as namespaces, tcpdump on the
+underlay. Tests that change the cluster put it back as they found it (the
+mesh complete, both replicas up, no policies but the FullMesh one), so the
+order of the tests does not matter for their verdicts; the disruptive ones
+come last only to keep the cheap ones cheap.
+
+Traffic loss is counted with sequence-numbered UDP (tests/e2e/flowprobe.py),
+not ping: ping slows during an outage and the kernel ticks at 250 Hz.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vpblu.localcluster import (
+    KUSTOMIZE_SAMPLES,
+    SYSTEM_NAMESPACE,
+    WG_PORT,
+    ClusterSettings,
+    LocalCluster,
+    Pod,
+    underlay_packets,
+)
+
+FLOWPROBE = Path(__file__).with_name("flowprobe.py")
+CONVERGE_TIMEOUT = 90.0
+CHANGE_TIMEOUT = 30.0
+# The acceptance bound on a BlockPolicy: traffic stops within 1 s of the apply.
+BLOCK_BOUND = 1.0
+UDP_RATE = 200.0
+FLOW_START_DELAY = 2.0
+FLOW_GRACE = 2.0
+FLOW_STOP_TIMEOUT = 15.0
+EXTERNAL_CIDR = ipaddress.IPv4Network("10.250.0.0/24")
+EXTERNAL_IP = EXTERNAL_CIDR[10]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster.start(ClusterSettings(nodes=3)) as c:
+        c.apply_kustomize(KUSTOMIZE_SAMPLES)
+        c.wait_for(c.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
+        yield c
+
+
+@pytest.fixture
+def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The shared cluster, checked whole before the test and made whole after it."""
+    _restore(cluster)
+    yield cluster
+    _restore(cluster)
+
+
+def _restore(cluster: LocalCluster) -> None:
+    for controller in cluster.controllers:
+        if not controller.running:
+            cluster.start_controller(controller.index)
+    for node in cluster.nodes:
+        if cluster.get("node", node.name) is None:
+            cluster.register_node(node)
+        if not node.daemon_running:
+            cluster.start_daemon(node)
+    cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
+
+
+def pods(cluster: LocalCluster) -> list[Pod]:
+    return [node.pods[0] for node in cluster.nodes]
+
+
+class UdpFlow:
+    """Sequence-numbered UDP both ways between two pods, for the with-block."""
+
+    def __init__(self, cluster: LocalCluster, a: Pod, b: Pod, port: int) -> None:
+        self.cluster, self.a, self.b, self.port = cluster, a, b, port
+        self.procs: list[subprocess.Popen[str]] = []
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> UdpFlow:
+        for me, peer in ((self.a, self.b), (self.b, self.a)):
+            self.procs.append(self.cluster.popen_in(me.netns, [
+                sys.executable, str(FLOWPROBE), "udp", "--bind", str(me.ip),
+                "--peer", str(peer.ip), "--port", str(self.port), "--rate", str(UDP_RATE),
+                "--start-delay", str(FLOW_START_DELAY), "--grace", str(FLOW_GRACE),
+            ], stdout=subprocess.PIPE))
+        time.sleep(FLOW_START_DELAY + 0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for pod, proc in zip((self.a, self.b), self.procs, strict=True):
+            out, _ = proc.communicate(timeout=FLOW_STOP_TIMEOUT)
+            if out.strip():
+                self.results[pod.name] = json.loads(out.strip().splitlines()[-1])
+
+    def received_by(self, pod: Pod) -> dict[str, Any]:
+        return self.results[pod.name]
+
+    def assert_lossless(self) -> None:
+        for pod in (self.a, self.b):
+            r = self.received_by(pod)
+            assert r["received"] > UDP_RATE, r
+            assert r["missing_count"] == 0, f"{pod.name} missed {r['missing_count']}: {r}"
+        for pod in (self.a, self.b):
+            assert self.received_by(pod)["send_errors"] == 0, self.results
+
+
+def all_pairs_ping(cluster: LocalCluster) -> list[tuple[str, str]]:
+    failed = []
+    for src, dst in itertools.permutations(pods(cluster), 2):
+        if not cluster.ping(src, dst.ip, count=2):
+            failed.append((src.name, dst.name))
+    return failed
+
+
+def leader_serves_every_node(cluster: LocalCluster) -> bool:
+    leader = cluster.leading_controller()
+    return leader is not None and cluster.connected_nodes(leader) == {
+        n.name for n in cluster.nodes}
+
+
+# --- 1 ---------------------------------------------------------------------------------
+
+
+def test_deploy_with_kustomize_one_leader_three_daemons_connected(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    for kind, name in (("deployment", "vpblu-controller"), ("daemonset", "vpblu-daemon"),
+                       ("serviceaccount", "vpblu-daemon")):
+        assert cluster.get(kind, name, namespace=SYSTEM_NAMESPACE) is not None, (kind, name)
+    identities = {c.identity for c in cluster.controllers}
+    assert cluster.leader() in identities
+    leader = cluster.leading_controller()
+    assert leader is not None
+    cluster.wait_for(lambda: leader_serves_every_node(cluster), CHANGE_TIMEOUT,
+                     "every daemon connected to the leader")
+    follower = next(c for c in cluster.controllers if c is not leader)
+    assert cluster.connected_nodes(follower) == set()
+    keys = cluster.public_keys()
+    for node in cluster.nodes:
+        device = cluster.wg_device(node)
+        assert device is not None
+        assert keys[node.name] == device.public_key
+
+
+# --- 2 ---------------------------------------------------------------------------------
+
+
+def test_full_mesh_peers_have_the_right_keys_and_every_pod_pair_pings(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    keys = cluster.public_keys()
+    for node in cluster.nodes:
+        device = cluster.wg_device(node)
+        assert device is not None and len(device.peers) == 2
+        for other in cluster.nodes:
+            if other is node:
+                continue
+            peer = device.peer(keys[other.name])
+            assert peer is not None, (node.name, other.name)
+            assert peer.endpoint == f"{other.underlay_ip}:{WG_PORT}"
+            assert peer.allowed_ips == (str(other.pod_cidr),)
+    assert all_pairs_ping(cluster) == []
+
+
+# --- 3 ---------------------------------------------------------------------------------
+
+
+def test_the_underlay_carries_only_wireguard_between_node_addresses(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    with cluster.capture(f"not arp and not host {cluster.controller_ip}") as lines:
+        assert all_pairs_ping(cluster) == []
+    packets = underlay_packets(lines)
+    assert len(packets) == len(lines), [x for x in lines if "IP " not in x]
+    # 6 ordered pairs x 2 pings x (request + reply), at least.
+    assert len(packets) >= 24, lines
+    node_ips = {str(n.underlay_ip) for n in cluster.nodes}
+    for src, dst, summary in packets:
+        assert src.rpartition(".")[0] in node_ips, (src, dst, summary)
+        assert dst.rpartition(".")[0] in node_ips, (src, dst, summary)
+        assert src.endswith(f".{WG_PORT}") and dst.endswith(f".{WG_PORT}"), (src, dst)
+        assert summary.startswith("UDP"), (src, dst, summary)
+    pod_ips = {str(p.ip) for p in pods(cluster)}
+    assert not [x for x in lines if any(ip in x for ip in pod_ips)]
+
+
+# --- 7 ---------------------------------------------------------------------------------
+
+
+def test_a_multi_megabyte_tcp_transfer_crosses_the_mesh(healthy: LocalCluster) -> None:
+    cluster = healthy
+    a, b = pods(cluster)[0], pods(cluster)[2]
+    server = cluster.popen_in(b.netns, [
+        sys.executable, str(FLOWPROBE), "tcp-server", "--bind", str(b.ip), "--port", "5201",
+        "--grace", "3"], stdout=subprocess.PIPE)
+    time.sleep(1.0)
+    client = cluster.popen_in(a.netns, [
+        sys.executable, str(FLOWPROBE), "tcp-client", "--bind", str(a.ip),
+        "--peer", str(b.ip), "--port", "5201", "--rate", "4096"], stdout=subprocess.PIPE)
+    time.sleep(2.5)
+    client.send_signal(signal.SIGTERM)
+    sent = json.loads(client.communicate(timeout=FLOW_STOP_TIMEOUT)[0])
+    server.send_signal(signal.SIGTERM)
+    got = json.loads(server.communicate(timeout=FLOW_STOP_TIMEOUT)[0])
+    assert sent["error"] == "" and got["error"] == "", (sent, got)
+    assert got["bytes"] == sent["bytes"] >= 4 * 1024 * 1024, (sent, got)
+
+
+# --- 9 ---------------------------------------------------------------------------------
+
+
+def test_route_policy_moves_where_a_cidr_is_reached(healthy: LocalCluster) -> None:
+    cluster = healthy
+    node1, node2, _node3 = cluster.nodes
+    external = next((p for p in node2.pods if p.ip == EXTERNAL_IP), None)
+    if external is None:
+        # A subnet behind node2 that is no node's podCIDR: only a RoutePolicy
+        # makes it reachable through the mesh.
+        external = cluster.add_pod(node2, 9, ip=EXTERNAL_IP, name="external")
+    src = node1.pods[0]
+    assert not cluster.ping(src, EXTERNAL_IP, count=1)
+    policy = {"apiVersion": "vpblu.io/v1alpha1", "kind": "RoutePolicy",
+              "metadata": {"name": "external-via-node2"},
+              "spec": {"routes": [{"cidr": str(EXTERNAL_CIDR), "via": node2.name}]}}
+    cluster.apply(policy)
+    try:
+        def routed() -> bool:
+            device = cluster.wg_device(node1)
+            peer = device.peer(cluster.public_keys()[node2.name]) if device else None
+            return peer is not None and str(EXTERNAL_CIDR) in peer.allowed_ips
+
+        cluster.wait_for(routed, CHANGE_TIMEOUT, "the RoutePolicy on node1's peer node2")
+        with cluster.capture(f"udp and not host {cluster.controller_ip}") as lines:
+            assert cluster.ping(src, external.ip, count=3)
+        flows = {(s.rpartition(".")[0], d.rpartition(".")[0])
+                 for s, d, _ in underlay_packets(lines)}
+        assert (str(node1.underlay_ip), str(node2.underlay_ip)) in flows, lines
+        assert all(str(cluster.nodes[2].underlay_ip) not in f for f in flows), lines
+    finally:
+        cluster.delete("routepolicy", "external-via-node2")
+
+    def unrouted() -> bool:
+        device = cluster.wg_device(node1)
+        return device is not None and all(str(EXTERNAL_CIDR) not in p.allowed_ips
+                                          for p in device.peers)
+
+    cluster.wait_for(unrouted, CHANGE_TIMEOUT, "the RoutePolicy gone from node1")
+    assert not cluster.ping(src, EXTERNAL_IP, count=1)
+
+
+# --- 4 ---------------------------------------------------------------------------------
+
+
+def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    a, b, c = pods(cluster)
+    na, nb = cluster.nodes[0], cluster.nodes[1]
+    policy = {"apiVersion": "vpblu.io/v1alpha1", "kind": "BlockPolicy",
+              "metadata": {"name": "block-n1-n2"},
+              "spec": {"cidrPairs": [{"from": str(na.pod_cidr), "to": str(nb.pod_cidr)},
+                                     {"from": str(nb.pod_cidr), "to": str(na.pod_cidr)}]}}
+    with UdpFlow(cluster, a, b, 6001) as blocked, UdpFlow(cluster, a, c, 6002) as other:
+        time.sleep(1.0)
+        apply_started = time.time()
+        cluster.apply(policy)
+        applied_at = time.time()
+        time.sleep(3.0)
+        try:
+            assert not cluster.ping(a, b.ip, count=1)
+        finally:
+            cluster.delete("blockpolicy", "block-n1-n2")
+        deleted_at = time.time()
+        cluster.wait_for(lambda: cluster.ping(a, b.ip, count=1), CHANGE_TIMEOUT,
+                         "a-b traffic restored")
+        time.sleep(2.0)
+    other.assert_lossless()
+    for pod in (a, b):
+        r = blocked.received_by(pod)
+        first, rate = r["first_send_wall"], r["rate"]
+
+        def sent_at(seq: int, first: float = first, rate: float = rate) -> float:
+            return first + seq / rate
+
+        missing = r["missing"]
+        assert missing, f"nothing was blocked towards {pod.name}: {r}"
+        # Everything sent from 1 s after the apply until the delete is lost...
+        lost = set(missing)
+        during = [s for s in range(r["highest"])
+                  if applied_at + BLOCK_BOUND <= sent_at(s) <= deleted_at]
+        assert during and all(s in lost for s in during), (pod.name, r)
+        # ...nothing sent before the apply is, and traffic came back after.
+        assert all(sent_at(s) >= apply_started for s in missing), (pod.name, r)
+        assert sent_at(r["highest"] - 1) > deleted_at, (pod.name, r)
+
+
+# --- 6 ---------------------------------------------------------------------------------
+
+
+def test_both_controllers_down_traffic_continues_and_daemons_reconverge(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    a, b, _ = pods(cluster)
+    with UdpFlow(cluster, a, b, 6003) as flow:
+        for controller in cluster.controllers:
+            cluster.stop_controller(controller.index)
+        time.sleep(3.0)
+        assert all_pairs_ping(cluster) == []
+        for controller in cluster.controllers:
+            cluster.start_controller(controller.index)
+        cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,
+                         "every daemon reconnected to the new leader")
+        cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "the mesh whole")
+    flow.assert_lossless()
+
+
+# --- 8 ---------------------------------------------------------------------------------
+
+
+def test_leader_failover_under_traffic_loses_no_packet(healthy: LocalCluster) -> None:
+    cluster = healthy
+    cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,
+                     "every daemon on the leader")
+    old = cluster.leading_controller()
+    assert old is not None
+    a, _, c = pods(cluster)
+    with UdpFlow(cluster, a, c, 6004) as flow:
+        cluster.kill_controller(old.index)
+        new = next(x for x in cluster.controllers if x is not old)
+        cluster.wait_for(lambda: cluster.leader() == new.identity, CONVERGE_TIMEOUT,
+                         "the other replica leading")
+        cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,
+                         "every daemon on the new leader")
+        cluster.start_controller(old.index)
+        cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "the mesh whole")
+    flow.assert_lossless()
+
+
+# --- 5 ---------------------------------------------------------------------------------
+
+
+def test_deleting_a_node_removes_its_peer_everywhere(healthy: LocalCluster) -> None:
+    cluster = healthy
+    gone = cluster.nodes[2]
+    key = cluster.public_keys()[gone.name]
+    cluster.deregister_node(gone)
+
+    def peer_removed() -> bool:
+        for node in cluster.nodes[:2]:
+            device = cluster.wg_device(node)
+            if device is None or device.peer(key) is not None or len(device.peers) != 1:
+                return False
+        return True
+
+    cluster.wait_for(peer_removed, CHANGE_TIMEOUT, f"{gone.name}'s peer removed")
+    a, b, c = pods(cluster)
+    assert cluster.ping(a, b.ip, count=1)
+    assert not cluster.ping(a, c.ip, count=1)
+    # `healthy` registers the node again and waits for the mesh to be whole.
