@@ -616,6 +616,7 @@ class LocalCluster:
 
     def daemon_resource_args(self, node: Node) -> list[str]:
         return [
+            "--node-name", node.name,
             "--interface", node.interface,
             "--state-dir", str(node.state_dir),
             "--bpf-pin-dir", str(node.pin_dir),
@@ -630,7 +631,6 @@ class LocalCluster:
         argv = [
             *nsenter(node.netns), sys.executable, "-m", "vpblu.cli",
             "--log-level", self.settings.log_level, "daemon", "run",
-            "--node-name", node.name,
             *(arg for c in self.controllers for arg in ("--controller", c.address)),
             "--ca", str(self.ca_path), "--token-file", str(node.token_file),
             "--wireguard-backend", self.settings.wireguard_backend,
