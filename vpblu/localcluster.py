@@ -747,9 +747,12 @@ class LocalCluster:
         try:
             # tcpdump says "listening on" on stderr once it captures.
             assert proc.stderr is not None
-            first = proc.stderr.readline()
-            if "listening" not in first:
-                raise ClusterError(f"tcpdump did not start: {first}")
+            said = ""
+            while "listening" not in said:
+                line = proc.stderr.readline()
+                if not line:
+                    raise ClusterError(f"tcpdump did not start: {said}")
+                said += line
             yield lines
         finally:
             # Let the last packets reach the capture buffer before stopping.
