@@ -151,6 +151,8 @@ def _show_capture(cluster: LocalCluster, say: Callable[[str], None]) -> None:
     say(f"captured {len(lines)} packets: {len(wireguard)} are UDP {WG_PORT} between node "
         f"addresses, {len(lines) - len(wireguard)} are anything else, {len(cleartext)} "
         "carry a pod address in the clear")
+    for line in [x for x in lines if f".{WG_PORT} > " not in x or "UDP" not in x][:5]:
+        say(f"  NOT WIREGUARD: {line}")
     if not lines or len(wireguard) != len(lines) or cleartext:
         raise SystemExit("the underlay carried something other than WireGuard")
 

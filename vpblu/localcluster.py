@@ -803,6 +803,10 @@ class LocalCluster:
     def _make_underlay(self) -> None:
         ns, tag = self.underlay_netns, self.tag
         self._add_netns(ns)
+        # No IPv6 on the underlay: its link-local chatter (router
+        # solicitations, MLD) is not what a capture is looking for.
+        run(*nsenter(ns), "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1")
         run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", ns, "addr", "add", f"{self.gateway_ip}/24", "dev", "br0")
         run("ip", "-n", ns, "link", "set", "br0", "up")
