@@ -720,6 +720,11 @@ class LocalCluster:
         """Poll `condition` until true; the seconds it took. ClusterError on timeout."""
         began = time.monotonic()
         while not condition():
+            for node in self.nodes:
+                if node.daemon is not None and node.daemon.exited():
+                    raise ClusterError(f"the daemon of {node.name} exited with "
+                                       f"{node.daemon.proc.returncode} while waiting for "
+                                       f"{what}\n{self.diagnostics()}")
             if time.monotonic() - began > timeout:
                 raise ClusterError(f"not {what} after {timeout} s\n{self.diagnostics()}")
             time.sleep(POLL_INTERVAL * 3)
