@@ -1,0 +1,234 @@
+"""`vpblu daemon run` end to end: real daemon processes in node namespaces, fed by a
+FakeController over real TLS gRPC; wireguard-go, the bcc classifier on real veths doing
+the marking (no iptables stand-in), real packets between pod namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from tests.e2e.daemonlab import (
+    MESH_MTU,
+    PREFIX,
+    REPO,
+    DaemonLab,
+    daemon_argv,
+    daemon_lab,
+    full_mesh,
+    node_state,
+    pinned_map_ids,
+)
+from tests.e2e.datapath import Receiver, Sender
+from tests.e2e.netns import UNDERLAY_GATEWAY, Lab, Node, Pod, in_ns
+from vpblu.model import CidrPair
+
+pytestmark = pytest.mark.e2e
+
+ACK_TIMEOUT = 20.0
+PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+FLOWPROBE = str(REPO / "tests" / "e2e" / "flowprobe.py")
+FLOW_PORT = 40100
+FLOW_RATE = 200.0  # datagrams/s each way
+BLOCK_DEADLINE = 1.0
+
+
+def ping(src: Pod, dst: Pod, *extra: str, count: int = 3) -> tuple[int, int, str]:
+    result = subprocess.run(
+        ["ip", "netns", "exec", src.netns, "ping", "-n", "-q", "-c", str(count), "-W", "2",
+         *extra, str(dst.ip)],
+        capture_output=True, text=True, check=False,
+    )
+    out = result.stdout + result.stderr
+    m = PING_SUMMARY.search(out)
+    assert m, out
+    return int(m[1]), int(m[2]), out
+
+
+async def converge(dl: DaemonLab, members: list[Node], keys: dict[str, str]) -> dict[str, int]:
+    gens = {n.name: await dl.controller.sync(n.name, full_mesh(n, keys, members))
+            for n in members}
+    with trio.fail_after(ACK_TIMEOUT):
+        for n in members:
+            await dl.controller.wait_ack(n.name, gens[n.name])
+    return gens
+
+
+class Flow:
+    """Sequence-numbered UDP both ways between two pods (tests/e2e/flowprobe.py)."""
+
+    def __init__(self, a: Pod, b: Pod, port: int = FLOW_PORT) -> None:
+        self.ends = [(a, b), (b, a)]
+        self.port = port
+        self.procs: list[trio.Process] = []
+
+    async def start(self) -> None:
+        for src, dst in self.ends:
+            self.procs.append(await trio.lowlevel.open_process(
+                ["ip", "netns", "exec", src.netns, sys.executable, FLOWPROBE, "udp",
+                 "--bind", str(src.ip), "--peer", str(dst.ip), "--port", str(self.port),
+                 "--rate", str(FLOW_RATE)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        await trio.sleep(1.0)  # both bound and sending (flowprobe's start delay is 0.5 s)
+
+    async def stop(self) -> list[dict[str, object]]:
+        results = []
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            assert p.stdout is not None
+            out = b""
+            with trio.fail_after(10):
+                while chunk := await p.stdout.receive_some():
+                    out += chunk
+                await p.wait()
+            results.append(json.loads(out))
+        self.procs.clear()
+        return results
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.kill()
+
+
+def assert_no_loss(results: list[dict[str, object]]) -> None:
+    a, b = results
+    for sender, receiver in ((a, b), (b, a)):
+        assert sender["send_errors"] == 0, results
+        assert receiver["missing_count"] == 0, results
+        assert receiver["received"] == sender["sent"], results
+
+
+async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() -> None:
+    async with daemon_lab(2) as dl:
+        n1, n2 = dl.nodes
+        p1, p2 = n1.pods[0], n2.pods[0]
+        before = {n.name: node_state(n) for n in dl.nodes}
+        keys = {n.name: await dl.start(n) for n in dl.nodes}
+        await converge(dl, dl.nodes, keys)
+
+        # --- pod to pod through wg-mesh, marked by the classifier; only WireGuard on the wire
+        capture = dl.tmp / "capture.txt"
+        tcpdump = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", dl.lab.underlay, "tcpdump", "-i", "br0", "-n", "-l", "-U",
+             "ip and not igmp"],
+            stdout=os.open(capture, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert tcpdump.stderr is not None
+            seen = b""
+            with trio.fail_after(5):
+                while b"listening on" not in seen:
+                    seen += await tcpdump.stderr.receive_some()
+            sent, received, out = ping(p1, p2, count=5)
+            assert (sent, received) == (5, 5), out
+            await trio.sleep(0.3)
+        finally:
+            tcpdump.terminate()
+            await tcpdump.wait()
+        lines = [ln for ln in capture.read_text().splitlines() if " IP " in ln]
+        node_ips = {str(n.underlay_ip) for n in dl.nodes}
+        wg = re.compile(r" IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): "
+                        r"UDP")
+        ctl_port = dl.address.rsplit(":", 1)[1]
+        wireguard_packets = 0
+        for line in lines:
+            assert "10.78." not in line, f"a pod address on the underlay: {line}"
+            m = wg.search(line)
+            if m and {m["src"], m["dst"]} <= node_ips and "51820" in (m["sport"], m["dport"]):
+                wireguard_packets += 1
+                continue
+            # The only other traffic: the daemons' TLS stream to the controller.
+            controller = f"{UNDERLAY_GATEWAY}.{ctl_port}"
+            assert (f"IP {controller} >" in line or f"> {controller}:" in line) and (
+                "Flags [" in line), line
+        assert wireguard_packets >= 10, lines
+
+        # --- the classifier did the marking
+        marked = in_ns(n1.netns, "tc", "filter", "show", "dev", p1.host_veth, "ingress")
+        assert "vpblu-classify" in marked and "direct-action" in marked, marked
+
+        # --- the same state again: a new generation, no write anywhere
+        before_applies = len(dl.daemons[n1.name].applies())
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+        applies = dl.daemons[n1.name].applies()
+        assert len(applies) == before_applies + 1
+        assert applies[-1].writes == 0, applies[-1]
+        print(f"apply times n1 (ms): {[a.ms for a in applies]}")
+
+        # --- a blocked pair is dropped within 1 s of the map write
+        receiver = Receiver()
+        sender = Sender(p1.netns, str(p2.ip), stream=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve, p2.netns)
+            await nursery.start(sender.run)
+            await trio.sleep(0.5)
+            blocked = attrs.evolve(full_mesh(n1, keys, dl.nodes),
+                                   blocks=(CidrPair(n1.pod_cidr, n2.pod_cidr),))
+            asked = trio.current_time()
+            gen = await dl.controller.sync(n1.name, blocked)
+            with trio.fail_after(ACK_TIMEOUT):
+                await dl.controller.wait_ack(n1.name, gen)
+            acked = trio.current_time()
+            await trio.sleep(BLOCK_DEADLINE + 0.5)
+            nursery.cancel_scope.cancel()
+        got = receiver.stream(1)
+        assert len(got) > 50, "the flow never ran before the block"
+        late = [seq for seq, at in got.items() if at > acked + BLOCK_DEADLINE]
+        assert not late, f"{len(late)} packets sent > 1 s after the map write got through"
+        last_through = max(got.values())
+        print(f"block: ack {1000 * (acked - asked):.1f} ms after the sync; last packet through "
+              f"was sent {1000 * (last_through - asked):.1f} ms after the sync")
+        assert last_through - asked <= BLOCK_DEADLINE + (acked - asked)
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+
+        # --- MSS clamp: several MB of TCP pod to pod; DF above the mesh MTU fails loudly
+        mtu = in_ns(n1.netns, "cat", f"/sys/class/net/{n1.wg_interface}/mtu")
+        assert int(mtu) == MESH_MTU
+        server = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", p2.netns, "iperf3", "-s", "-1", "-B", str(p2.ip)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await trio.sleep(0.5)
+            client = await trio.run_process(
+                ["ip", "netns", "exec", p1.netns, "iperf3", "-c", str(p2.ip), "-n", "8M", "-J"],
+                capture_stdout=True, check=False)
+            assert client.returncode == 0, client.stdout[-2000:]
+            result = json.loads(client.stdout)
+            assert result["end"]["sum_received"]["bytes"] >= 8 * 1024 * 1024
+        finally:
+            with trio.move_on_after(5):
+                await server.wait()
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+        counters = in_ns(n1.netns, "iptables", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n")
+        clamped = [ln for ln in counters.splitlines() if "TCPMSS" in ln]
+        assert len(clamped) == 2 and all(f"set {MESH_MTU - 40}" in c for c in clamped), counters
+        assert sum(int(ln.split()[0]) for ln in clamped) >= 2, counters
+        sent, received, out = ping(p1, p2, "-M", "do", "-s", str(MESH_MTU), count=2)
+        out = out.replace("mtu=", "mtu = ")
+        assert received == 0 and f"mtu = {MESH_MTU}" in out, out
+
+        # --- cleanup gives the namespaces back as they were
+        for n in dl.nodes:
+            await dl.daemons[n.name].stop()
+            result = await dl.cleanup(n)
+            assert result.returncode == 0, result.stderr.decode()
+            after = node_state(n)
+            for what in before[n.name]:
+                assert after[what] == before[n.name][what], (n.name, what, after[what])
+            assert (dl.state_dir(n) / "wireguard.key").exists()  # kept without --remove-key
