@@ -46,7 +46,8 @@ START_TIMEOUT = 30.0  # a daemon process: imports, bcc compile, wireguard-go, fi
 STOP_TIMEOUT = 10.0
 APPLY_LINE = re.compile(
     r"apply done in (?P<ms>[\d.]+) ms: .* writes netlink=(?P<netlink>\d+) "
-    r"wireguard=(?P<wireguard>\d+) maps=(?P<maps>\d+)"
+    r"wireguard=(?P<wireguard>\d+) maps=(?P<maps>\d+); since start netlink=(?P<total_netlink>\d+) "
+    r"wireguard=(?P<total_wireguard>\d+)"
 )
 
 
@@ -56,6 +57,8 @@ class ApplyLine:
     netlink: int
     wireguard: int
     maps: int
+    total_netlink: int  # since the process started, its preparation included
+    total_wireguard: int
 
     @property
     def writes(self) -> int:
@@ -108,7 +111,8 @@ class DaemonProcess:
 
     def applies(self) -> list[ApplyLine]:
         return [
-            ApplyLine(float(m["ms"]), int(m["netlink"]), int(m["wireguard"]), int(m["maps"]))
+            ApplyLine(float(m["ms"]), int(m["netlink"]), int(m["wireguard"]), int(m["maps"]),
+                      int(m["total_netlink"]), int(m["total_wireguard"]))
             for m in APPLY_LINE.finditer(self.log())
         ]
 

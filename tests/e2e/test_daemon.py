@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import attrs
 import pytest
@@ -17,17 +16,15 @@ import trio
 
 from tests.e2e.daemonlab import (
     MESH_MTU,
-    PREFIX,
     REPO,
     DaemonLab,
-    daemon_argv,
     daemon_lab,
     full_mesh,
     node_state,
     pinned_map_ids,
 )
 from tests.e2e.datapath import Receiver, Sender
-from tests.e2e.netns import UNDERLAY_GATEWAY, Lab, Node, Pod, in_ns
+from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
 from vpblu.model import CidrPair
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +35,7 @@ FLOWPROBE = str(REPO / "tests" / "e2e" / "flowprobe.py")
 FLOW_PORT = 40100
 FLOW_RATE = 200.0  # datagrams/s each way
 BLOCK_DEADLINE = 1.0
+START_TIMEOUT_BAD_KEY = 20.0
 
 
 def ping(src: Pod, dst: Pod, *extra: str, count: int = 3) -> tuple[int, int, str]:
@@ -235,3 +233,86 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
             for what in before[n.name]:
                 assert after[what] == before[n.name][what], (n.name, what, after[what])
             assert (dl.state_dir(n) / "wireguard.key").exists()  # kept without --remove-key
+
+
+async def test_adding_a_peer_and_kill_9_restart_lose_no_packet() -> None:
+    async with daemon_lab(3) as dl:
+        n1, n2, n3 = dl.nodes
+        p1, p2, p3 = (n.pods[0] for n in dl.nodes)
+        keys = {n.name: await dl.start(n) for n in dl.nodes}
+        await converge(dl, [n1, n2], keys)
+        gen3 = await dl.controller.sync(n3.name, full_mesh(n3, keys, [n3]))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n3.name, gen3)
+
+        # --- a third node joins while p1 and p2 exchange sequence-numbered UDP
+        flow = Flow(p1, p2)
+        try:
+            await flow.start()
+            await converge(dl, dl.nodes, keys)
+            await trio.sleep(1.0)
+            results = await flow.stop()
+        finally:
+            flow.kill()
+        assert_no_loss(results)
+        print(f"add peer under flow: {results[0]['sent']}+{results[1]['sent']} datagrams, "
+              f"0 lost; apply n1 {dl.daemons[n1.name].applies()[-1].ms:.1f} ms")
+        sent, received, out = ping(p1, p3)
+        assert (sent, received) == (3, 3), out
+
+        # --- kill -9 the daemon of n1 under traffic, start it again
+        d1 = dl.daemons[n1.name]
+        ids_before = pinned_map_ids(n1)
+        acks_before = len(dl.controller.acks(n1.name))
+        log_before = len(d1.log())
+        flow = Flow(p1, p2, port=FLOW_PORT + 1)
+        try:
+            await flow.start()
+            killed = trio.current_time()
+            d1.kill9()
+            await d1.wait()
+            await trio.sleep(0.5)
+            key_again = await dl.start(n1)
+            with trio.fail_after(ACK_TIMEOUT):
+                ack = await dl.controller.wait_ack(n1.name, 1, after=acks_before)
+            back = trio.current_time()
+            await trio.sleep(1.0)
+            results = await flow.stop()
+        finally:
+            flow.kill()
+        assert_no_loss(results)
+        assert key_again == keys[n1.name]
+        assert ack.generation == max(a.generation for a in dl.controller.acks(n1.name))
+        assert pinned_map_ids(n1) == ids_before
+        second_life = d1.log()[log_before:]
+        first = d1.applies()[-1]
+        # Nothing rebuilt that was right: wireguard-go adopted, no netlink/UAPI write at
+        # start or in the first apply, no map entry written, MTU untouched.
+        assert "adopting running wireguard-go" in second_life, second_life
+        assert "started wireguard-go" not in second_life
+        assert (first.total_netlink, first.total_wireguard, first.maps) == (0, 0, 0), first
+        assert " MTU " not in second_life
+        print(f"kill -9 restart: {1000 * (back - killed):.0f} ms from the kill to the new "
+              f"daemon's ack (0.5 s of it waiting); {results[0]['sent']}+{results[1]['sent']} "
+              f"datagrams, 0 lost; map ids {ids_before}")
+
+
+async def test_a_bad_key_file_stops_the_daemon_before_it_changes_anything() -> None:
+    async with daemon_lab(1) as dl:
+        (node,) = dl.nodes
+        state = dl.state_dir(node)
+        state.mkdir(mode=0o700)
+        key_file = state / "wireguard.key"
+        key_file.write_text("not-a-key\n")
+        key_file.chmod(0o600)
+        before = node_state(node)
+        d = dl.daemon(node)
+        await d.start()
+        with trio.fail_after(START_TIMEOUT_BAD_KEY):
+            code = await d.wait()
+        log = d.log()
+        assert code != 0
+        assert str(key_file) in log and "truncated or corrupt" in log, log
+        assert node_state(node) == before
+        assert not await trio.Path(f"/var/run/wireguard/{node.wg_interface}.sock").exists()
+        assert key_file.read_text() == "not-a-key\n"

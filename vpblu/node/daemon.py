@@ -147,7 +147,8 @@ class KernelApplier:
         after = self.statistics()
         log.info(
             "apply done in %.1f ms: %d peers, %d routes, %d blocks; writes netlink=%d "
-            "wireguard=%d maps=%d; peers +%d ~%d -%d, routes +%d -%d",
+            "wireguard=%d maps=%d; since start netlink=%d wireguard=%d; "
+            "peers +%d ~%d -%d, routes +%d -%d",
             elapsed * 1000,
             len(state.peers),
             len(state.routes),
@@ -155,6 +156,8 @@ class KernelApplier:
             after.netlink_writes - before.netlink_writes,
             after.wireguard_writes - before.wireguard_writes,
             after.map_writes - before.map_writes,
+            after.netlink_writes,
+            after.wireguard_writes,
             len(first.peers_added),
             len(first.peers_changed),
             len(first.peers_removed),
