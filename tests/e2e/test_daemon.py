@@ -26,6 +26,7 @@ from tests.e2e.daemonlab import (
 from tests.e2e.datapath import Receiver, Sender
 from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
 from vpblu.model import CidrPair
+from vpblu.node.config import MESH_TABLE
 
 pytestmark = pytest.mark.e2e
 
@@ -164,6 +165,22 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
         assert len(applies) == before_applies + 1
         assert applies[-1].writes == 0, applies[-1]
         print(f"apply times n1 (ms): {[a.ms for a in applies]}")
+
+        # --- fail closed: a marked packet whose mesh route is gone is refused, never
+        # routed in the clear through the main table; the next apply puts the route back
+        table = str(MESH_TABLE)
+        assert "unreachable default" in in_ns(n1.netns, "ip", "route", "show", "table", table)
+        assert "unreachable default" in in_ns(n1.netns, "ip", "-6", "route", "show", "table",
+                                              table)
+        in_ns(n1.netns, "ip", "route", "del", str(n2.pod_cidr), "table", table)
+        sent, received, out = ping(p1, p2, count=1)
+        assert received == 0 and "Unreachable" in out, out
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+        assert dl.daemons[n1.name].applies()[-1].netlink == 1
+        sent, received, out = ping(p1, p2, count=1)
+        assert received == 1, out
 
         # --- a blocked pair is dropped within 1 s of the map write
         receiver = Receiver()
