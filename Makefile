@@ -27,7 +27,7 @@ test: setup
 
 # A 3-node encrypted mesh in network namespaces, live until Ctrl-C (root).
 demo: setup
-	$(PY) -m vpblu.cli --log-level WARNING demo
+	$(PY) -m vpblu --log-level WARNING demo
 
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors
