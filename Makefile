@@ -26,8 +26,9 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # A 3-node encrypted mesh in network namespaces, live until Ctrl-C (root).
+# DEMO_ARGS="--duration 30" stops it on its own.
 demo: setup
-	$(PY) -m vpblu --log-level WARNING demo
+	$(PY) -m vpblu --log-level WARNING demo $(DEMO_ARGS)
 
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors

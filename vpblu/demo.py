@@ -10,6 +10,7 @@ shortened).
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -53,8 +54,16 @@ def short(key: str | None) -> str:
     return f"{key[:8]}…" if key else "-"
 
 
+def _interrupt(_signo: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(settings: DemoSettings, out: Callable[[str], None] = print) -> int:
     clock = Clock()
+    # Installed explicitly: a shell starts background jobs with SIGINT
+    # ignored, and SIGTERM (kill, systemd, a CI timeout) must clean up too.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     def say(msg: str) -> None:
         out(f"{clock.stamp()} {msg}")
