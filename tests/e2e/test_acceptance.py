@@ -353,6 +353,26 @@ def test_leader_failover_under_traffic_loses_no_packet(healthy: LocalCluster) ->
     flow.assert_lossless()
 
 
+# --- beyond the nine: a node's daemon killed ------------------------------------------
+
+
+def test_a_daemon_killed_and_restarted_loses_no_packet(healthy: LocalCluster) -> None:
+    cluster = healthy
+    a, b, _ = pods(cluster)
+    node = cluster.nodes[0]
+    key = cluster.public_keys()[node.name]
+    with UdpFlow(cluster, a, b, 6005) as flow:
+        cluster.kill_daemon(node)
+        time.sleep(1.0)
+        assert cluster.ping(a, b.ip, count=1)
+        cluster.start_daemon(node)
+        cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,
+                         f"{node.name}'s new daemon connected")
+        cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "the mesh whole")
+    flow.assert_lossless()
+    assert cluster.public_keys()[node.name] == key
+
+
 # --- 5 ---------------------------------------------------------------------------------
 
 
