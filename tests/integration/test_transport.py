@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import pytest
@@ -15,6 +16,7 @@ import trio_asyncio
 from vpblu import wire
 from vpblu.identity import AuthenticationFailed, Identity
 from vpblu.model import NodeDesiredState, PeerRemoved
+from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.pki import CertAuthority
 from vpblu.transport import (
     ClientTLS,
@@ -263,3 +265,36 @@ async def test_the_server_stopping_ends_every_stream(pki: Pki) -> None:
                 "the controller closed the stream: the controller is shutting down")
             await daemon_cm.__aexit__(None, None, None)
             outer.cancel_scope.cancel()
+
+
+class _NoApplier:
+    async def apply(self, state: NodeDesiredState) -> None:
+        pass
+
+
+async def test_a_daemon_redirected_by_a_follower_reaches_the_leader(
+        pki: Pki, tmp_path: Path) -> None:
+    """The StreamActor's Redirect is raised inside its session's nursery: it must
+    still be recognised as a redirect (not escape as an ExceptionGroup and crash
+    the daemon), and the daemon must open a stream at the leader."""
+    token = tmp_path / "token"
+    token.write_text("token-a")
+    async with trio_asyncio.open_loop():
+        leader_send, leader_streams = trio.open_memory_channel[NodeStream](0)
+        follower_send, _follower_streams = trio.open_memory_channel[NodeStream](0)
+        leader = MeshServer(host="127.0.0.1", port=0, tls=pki.server,
+                            authenticator=FakeAuthenticator(), new_streams=leader_send)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leader.run)
+            follower = MeshServer(host="127.0.0.1", port=0, tls=pki.server,
+                                  authenticator=FakeAuthenticator(), new_streams=follower_send,
+                                  redirect_to=f"127.0.0.1:{leader.port}")
+            await nursery.start(follower.run)
+            actor = StreamActor("a", lambda: KEY, _NoApplier(), StreamSettings(
+                addresses=(f"127.0.0.1:{follower.port}",), tls=pki.client, token_file=token))
+            nursery.start_soon(actor.run)
+            with trio.fail_after(PROMPTLY * 3):
+                stream = await leader_streams.receive()
+            assert stream.node_name == "a"
+            assert actor.statistics().redirects == 1
+            nursery.cancel_scope.cancel()

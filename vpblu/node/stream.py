@@ -155,13 +155,21 @@ class StreamActor:
             self._connects += 1
             self._connected_to = address
             log.info("mesh stream to %s open", address)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, stream)
-                while True:
-                    batch = await stream.receive_batch()
-                    acks = await self._handle(batch)
-                    if acks:
-                        await stream.send_batch(acks)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, stream)
+                    while True:
+                        batch = await stream.receive_batch()
+                        acks = await self._handle(batch)
+                        if acks:
+                            await stream.send_batch(acks)
+            except BaseExceptionGroup as group:
+                # trio wraps what ends the session (a Redirect, a closed or
+                # refused stream) in an ExceptionGroup; run() must see the one
+                # exception itself, or a follower's Redirect crashes the daemon.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
     async def _heartbeat(self, stream: _Sender) -> None:
         while True:
