@@ -49,6 +49,8 @@ FLOW_GRACE = 2.0
 FLOW_STOP_TIMEOUT = 15.0
 EXTERNAL_CIDR = ipaddress.IPv4Network("10.250.0.0/24")
 EXTERNAL_IP = EXTERNAL_CIDR[10]
+# WireGuard's own messages on the wire: keepalive, handshake response, initiation.
+WG_CONTROL_LENGTHS = frozenset({"32", "92", "148"})
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +251,14 @@ def test_route_policy_moves_where_a_cidr_is_reached(healthy: LocalCluster) -> No
         cluster.wait_for(routed, CHANGE_TIMEOUT, "the RoutePolicy on node1's peer node2")
         with cluster.capture(f"udp and not host {cluster.controller_ip}") as lines:
             assert cluster.ping(src, external.ip, count=3)
-        flows = {(s.rpartition(".")[0], d.rpartition(".")[0])
-                 for s, d, _ in underlay_packets(lines)}
-        assert (str(node1.underlay_ip), str(node2.underlay_ip)) in flows, lines
-        assert all(str(cluster.nodes[2].underlay_ip) not in f for f in flows), lines
+        n1, n2, n3 = (str(n.underlay_ip) for n in cluster.nodes)
+        data = [(s.rpartition(".")[0], d.rpartition(".")[0])
+                for s, d, summary in underlay_packets(lines)
+                if summary.split("length ")[-1] not in WG_CONTROL_LENGTHS]
+        # The pings travel node1 <-> node2 only; node3 sees at most its own
+        # keepalives and handshakes.
+        assert data.count((n1, n2)) >= 3 and data.count((n2, n1)) >= 3, lines
+        assert not [f for f in data if n3 in f], lines
     finally:
         cluster.delete("routepolicy", "external-via-node2")
 
@@ -286,8 +292,9 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
         try:
             assert not cluster.ping(a, b.ip, count=1)
         finally:
+            # Before the call: the mesh may act on the delete before kubectl exits.
+            deleted_at = time.time()
             cluster.delete("blockpolicy", "block-n1-n2")
-        deleted_at = time.time()
         cluster.wait_for(lambda: cluster.ping(a, b.ip, count=1), CHANGE_TIMEOUT,
                          "a-b traffic restored")
         time.sleep(2.0)
@@ -305,7 +312,9 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
         lost = set(missing)
         during = [s for s in range(r["highest"])
                   if applied_at + BLOCK_BOUND <= sent_at(s) <= deleted_at]
-        assert during and all(s in lost for s in during), (pod.name, r)
+        delivered = [round(sent_at(s) - applied_at, 3) for s in during if s not in lost]
+        assert during and not delivered, (pod.name, "delivered, s after the apply:",
+                                          delivered[:20], r)
         # ...nothing sent before the apply is, and traffic came back after.
         assert all(sent_at(s) >= apply_started for s in missing), (pod.name, r)
         assert sent_at(r["highest"] - 1) > deleted_at, (pod.name, r)
