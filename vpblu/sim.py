@@ -199,7 +199,8 @@ def sim_nodes(prefix: str, count: int) -> list[SimNode]:
 
 class _Waiter:
     def __init__(self, names: Iterable[str]) -> None:
-        self.dirty: set[str] = set(names)
+        self.names = frozenset(names)
+        self.dirty: set[str] = set(self.names)
         self.event = trio.Event()
 
 
@@ -260,8 +261,9 @@ class SimCluster:
 
     def _applied(self, name: str) -> None:
         for waiter in self._waiters:
-            waiter.dirty.add(name)
-            waiter.event.set()
+            if name in waiter.names:
+                waiter.dirty.add(name)
+                waiter.event.set()
 
     async def wait_all(self, predicate: Callable[[SimDaemon], bool],
                        names: Iterable[str] | None = None) -> None:
