@@ -157,18 +157,32 @@ class StreamActor:
             self._connects += 1
             self._connected_to = address
             log.info("mesh stream to %s open", address)
+            # The stream's end (a close, a Redirect, a refusal) is caught
+            # inside the nursery and raised after it: raised through it, it
+            # would arrive wrapped in an ExceptionGroup that `run` does not
+            # catch, and the daemon would stop reconnecting.
+            ended: _Redirected | StreamClosed | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, stream)
-                while True:
-                    batch = await stream.receive_batch()
-                    acks = await self._handle(batch)
-                    if acks:
-                        await stream.send_batch(acks)
+                try:
+                    while True:
+                        batch = await stream.receive_batch()
+                        acks = await self._handle(batch)
+                        if acks:
+                            await stream.send_batch(acks)
+                except (_Redirected, StreamClosed) as exc:
+                    ended = exc
+                nursery.cancel_scope.cancel()
+            assert ended is not None
+            raise ended
 
     async def _heartbeat(self, stream: _Sender) -> None:
-        while True:
-            await trio.sleep(self._settings.heartbeat_period)
-            await stream.send_batch([wire.Heartbeat()])
+        try:
+            while True:
+                await trio.sleep(self._settings.heartbeat_period)
+                await stream.send_batch([wire.Heartbeat()])
+        except StreamClosed:
+            return  # the receive loop sees the end too, and reports it
 
     async def _handle(self, batch: Sequence[wire.ControllerMessage]) -> list[wire.NodeMessage]:
         """Fold the batch into one target state, apply it once, acknowledge."""
