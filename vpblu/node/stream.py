@@ -74,6 +74,7 @@ class StreamStatistics:
     redirects: int
     ignored_stale: int
     refused_deltas: int
+    syncs_applied: int  # full SyncStates taken (each (re)connect brings one)
 
 
 class _Redirected(Exception):
@@ -100,6 +101,7 @@ class StreamActor:
         self._redirects = 0
         self._ignored_stale = 0
         self._refused_deltas = 0
+        self._syncs_applied = 0
         self._applied_changed = trio.Event()
 
     @property
@@ -109,7 +111,7 @@ class StreamActor:
     def statistics(self) -> StreamStatistics:
         gen = self._applied.generation if self._applied else 0
         return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
-                                self._ignored_stale, self._refused_deltas)
+                                self._ignored_stale, self._refused_deltas, self._syncs_applied)
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -155,23 +157,38 @@ class StreamActor:
             self._connects += 1
             self._connected_to = address
             log.info("mesh stream to %s open", address)
+            # The stream's end (a close, a Redirect, a refusal) is caught
+            # inside the nursery and raised after it: raised through it, it
+            # would arrive wrapped in an ExceptionGroup that `run` does not
+            # catch, and the daemon would stop reconnecting.
+            ended: _Redirected | StreamClosed | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, stream)
-                while True:
-                    batch = await stream.receive_batch()
-                    acks = await self._handle(batch)
-                    if acks:
-                        await stream.send_batch(acks)
+                try:
+                    while True:
+                        batch = await stream.receive_batch()
+                        acks = await self._handle(batch)
+                        if acks:
+                            await stream.send_batch(acks)
+                except (_Redirected, StreamClosed) as exc:
+                    ended = exc
+                nursery.cancel_scope.cancel()
+            assert ended is not None
+            raise ended
 
     async def _heartbeat(self, stream: _Sender) -> None:
-        while True:
-            await trio.sleep(self._settings.heartbeat_period)
-            await stream.send_batch([wire.Heartbeat()])
+        try:
+            while True:
+                await trio.sleep(self._settings.heartbeat_period)
+                await stream.send_batch([wire.Heartbeat()])
+        except StreamClosed:
+            return  # the receive loop sees the end too, and reports it
 
     async def _handle(self, batch: Sequence[wire.ControllerMessage]) -> list[wire.NodeMessage]:
         """Fold the batch into one target state, apply it once, acknowledge."""
         applied = self._applied
         target = applied
+        syncs = 0
         acks: list[wire.NodeMessage] = []
         for message in batch:
             current_gen = target.generation if target else 0
@@ -181,6 +198,7 @@ class StreamActor:
                         self._ignored_stale += 1
                         continue
                     target = AppliedRecord(gen, state)
+                    syncs += 1
                 case wire.Delta(generation=gen, base_generation=base, changes=changes):
                     if target is not None and gen <= current_gen:
                         self._ignored_stale += 1
@@ -203,6 +221,7 @@ class StreamActor:
                 acks.append(wire.Ack(target.generation, f"apply failed: {exc}"))
                 return acks
             self._applied = target
+            self._syncs_applied += syncs
             self._applied_changed.set()
             self._applied_changed = trio.Event()
         if self._applied is not None:
