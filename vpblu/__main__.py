@@ -1,4 +1,4 @@
-"""`python -m vpblu ...`: the same command line as the `vpblu` script."""
+"""`python -m vpblu`: the same command line as `vpblu`."""
 
 import sys
 

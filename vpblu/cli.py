@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.session import SessionSettings
 from vpblu.transport import ServerTLS
+
+if TYPE_CHECKING:
+    from vpblu.node.config import DaemonConfig
 
 log = logging.getLogger("vpblu")
 
@@ -73,18 +78,127 @@ def _run_controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_resource_flags(p: argparse.ArgumentParser) -> None:
+    """What the daemon creates on a node: `run` and `cleanup` must agree on it."""
+    from vpblu.node import config as c
+
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                   help="this node's Kubernetes name (env NODE_NAME)")
+    p.add_argument("--interface", default=c.DEFAULT_INTERFACE)
+    p.add_argument("--state-dir", type=Path, default=c.DEFAULT_STATE_DIR)
+    p.add_argument("--bpf-pin-dir", type=Path, default=c.DEFAULT_BPF_PIN_DIR)
+    p.add_argument("--pod-veth-glob", default="veth*",
+                   help="host-side pod veths the classifier attaches to")
+    p.add_argument("--underlay-interface", default=None,
+                   help="default: the device of the default route")
+    p.add_argument("--mtu-overhead", type=int, default=c.DEFAULT_MTU_OVERHEAD)
+    p.add_argument("--wireguard-backend", choices=["auto", "kernel", "userspace"],
+                   default="auto")
+
+
+def _daemon_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("daemon", help="the node daemon")
+    dsub = p.add_subparsers(dest="daemon_command", required=True)
+    run = dsub.add_parser("run", help="run the node daemon")
+    _node_resource_flags(run)
+    env_controllers = os.environ.get("VPBLU_CONTROLLER", "")
+    run.add_argument("--controller", action="append", default=None,
+                     help="controller address host:port (repeatable; env VPBLU_CONTROLLER, "
+                          "comma-separated)")
+    run.add_argument("--ca", type=Path, required=True,
+                     help="CA that signed the controller's certificate")
+    run.add_argument("--server-name", default=None,
+                     help="name to check in the controller's certificate")
+    run.add_argument("--token-file", type=Path, default=os.environ.get("VPBLU_TOKEN_FILE"),
+                     help="the projected ServiceAccount token (env VPBLU_TOKEN_FILE)")
+    run.set_defaults(env_controllers=[a for a in env_controllers.split(",") if a.strip()])
+    clean = dsub.add_parser("cleanup", help="remove everything the daemon created on this node")
+    _node_resource_flags(clean)
+    clean.add_argument("--remove-key", action="store_true",
+                       help="also delete the node's private key file")
+
+
+def _daemon_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DaemonConfig:
+    from vpblu.node.config import DaemonConfig
+
+    if not args.node_name:
+        parser.error("--node-name (or env NODE_NAME) is required")
+    return DaemonConfig(
+        node_name=args.node_name,
+        interface=args.interface,
+        state_dir=args.state_dir,
+        bpf_pin_dir=args.bpf_pin_dir,
+        pod_veth_glob=args.pod_veth_glob,
+        underlay_interface=args.underlay_interface,
+        mtu_overhead=args.mtu_overhead,
+        wireguard_backend=args.wireguard_backend,
+    )
+
+
+def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import trio_asyncio
+
+    from vpblu.node.daemon import DaemonSettings, cleanup_node, run_daemon
+    from vpblu.node.keys import KeyFileError
+    from vpblu.node.stream import StreamSettings
+    from vpblu.supervisor import SupervisorEscalation
+    from vpblu.transport import ClientTLS
+
+    config = _daemon_config(args, parser)
+    if args.daemon_command == "cleanup":
+        remove_key: bool = args.remove_key
+
+        async def cleanup() -> None:
+            await cleanup_node(config, remove_key=remove_key)
+
+        trio.run(cleanup)
+        return 0
+    controllers = tuple(args.controller or args.env_controllers)
+    if not controllers:
+        parser.error("--controller (or env VPBLU_CONTROLLER) is required")
+    if args.token_file is None:
+        parser.error("--token-file (or env VPBLU_TOKEN_FILE) is required")
+    settings = DaemonSettings(
+        config=config,
+        stream=StreamSettings(
+            addresses=controllers,
+            tls=ClientTLS(args.ca, server_name=args.server_name),
+            token_file=args.token_file,
+        ),
+    )
+
+    async def main() -> None:
+        async with trio_asyncio.open_loop():
+            await run_daemon(settings)
+
+    try:
+        trio.run(main)
+    except KeyFileError as exc:
+        # The text names the file and never the key.
+        log.error("cannot start: %s", exc)
+        print(f"vpblu daemon: {exc}", file=sys.stderr)
+        return 2
+    except SupervisorEscalation as exc:
+        log.error("stopping: %s", exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vpblu", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     _controller_parser(sub)
+    _daemon_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "controller":
             return _run_controller(args)
+        if args.command == "daemon":
+            return _run_daemon(args, parser)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import attrs
+from croniter import croniter
 
 from vpblu import model
 
@@ -198,6 +199,9 @@ def parse_rotation_policy(raw: RawObject) -> PolicySource:
     schedule = spec.get("schedule")
     if not isinstance(schedule, str) or len(schedule.split()) != 5:
         raise InvalidObject("spec.schedule: a cron schedule has 5 fields")
+    # The CRD's pattern only counts fields; "61 * * * *" gets past it.
+    if not croniter.is_valid(schedule):
+        raise InvalidObject(f"spec.schedule: {schedule!r} is not a valid cron schedule")
     with _at("spec.overlapSeconds"):
         overlap = int(spec.get("overlapSeconds", 30))
     if not 1 <= overlap <= 3600:

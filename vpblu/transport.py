@@ -548,7 +548,12 @@ class MeshServer:
 
     def __init__(self, *, host: str, port: int, tls: ServerTLS, authenticator: Authenticator,
                  new_streams: trio.MemorySendChannel[NodeStream],
-                 redirect_to: str | None = None) -> None:
+                 redirect_to: str | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
+        # `listen_socket`: a bound, listening TCP socket to serve on instead of
+        # binding host:port here (made in another network namespace, say); the
+        # server owns it from now on.
+        self._listen_socket = listen_socket
         self._host = host
         self._port = port
         self._tls = tls
@@ -570,8 +575,11 @@ class MeshServer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ctx = server_ssl_context(self._tls)
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.create_server((self._host, self._port), family=family)
+        if self._listen_socket is not None:
+            sock = self._listen_socket
+        else:
+            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            sock = socket.create_server((self._host, self._port), family=family)
         try:
             self._bound_port = sock.getsockname()[1]
             server = await trio_asyncio.aio_as_trio(self._start)(sock, ctx)

@@ -222,3 +222,21 @@ async def test_no_tunnel_policy_means_no_peers_and_says_so(
                 reasons |= {c.reason for c in msg.conditions}
         assert reasons == {"NoTunnelPolicy"}
         nursery.cancel_scope.cancel()
+
+
+async def test_full_push_mode_sends_whole_states(autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = trio.open_memory_channel[StateInbox](1000)
+    status_send, _status = trio.open_memory_channel[StatusInbox](1000)
+    h = Harness()
+    h.send, h.actor = send, StateActor(receive, status_send, term=1, full_pushes=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3))
+        box = await h.connect(1)
+        await box.receive()
+        await h.send.send(KindChanged("Node", (node(4),), (), (), "2"))
+        await h.send.send(KindChanged("VpbluNode", (vnode(4),), (), (), "3"))
+        push = await box.receive()
+        assert isinstance(push, PushSync)
+        assert peers(push.state) == ["n2", "n4"]
+        nursery.cancel_scope.cancel()

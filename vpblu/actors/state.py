@@ -102,10 +102,14 @@ class StateActor:
         status: trio.MemorySendChannel[StatusInbox],
         *,
         term: int,
+        full_pushes: bool = False,
     ) -> None:
         self._inbox = inbox
         self._status = status
         self._term = term
+        # Send every change as a whole PushSync instead of a PushDelta: only
+        # for `python -m vpblu.bench --compare`, which measures what deltas save.
+        self._full_pushes = full_pushes
         self._sequence = 0
         self._objects: dict[str, dict[str, Typed]] = {k: {} for k in WATCHED_KINDS}
         self._invalid: dict[tuple[str, str], InvalidSource] = {}
@@ -265,7 +269,11 @@ class StateActor:
                 node_changes = changes.get(node, ())
             else:
                 node_changes = desiredstate.diff(session.sent_state, new)
-            if node_changes:
+            if not node_changes:
+                continue
+            if self._full_pushes:
+                self._offer(node, session, PushSync(generation, new))
+            else:
                 self._offer(node, session, PushDelta(generation, session.sent_generation,
                                                      node_changes, new))
         await self._report_conditions(self._result.conditions)

@@ -4,7 +4,8 @@ Owns, on this node: the WireGuard interface ``config.interface`` (created or
 adopted through a `WireGuardBackend`, its private key from the `KeyStore`, its
 listen port, its socket fwmark ``config.wg_socket_fwmark``, its peers, link
 up), every route in table ``config.table`` that points into that interface,
-the rule ``fwmark config.fwmark/config.fwmark_mask lookup config.table``, and
+the ``unreachable default`` routes (IPv4 and IPv6) that make that table fail
+closed, the rule ``fwmark config.fwmark/config.fwmark_mask lookup config.table``, and
 the interface's rp_filter. Its inbox takes `ApplyDesiredState` and replies
 with what it changed (`Applied`) or the error (`ApplyFailed`).
 
@@ -41,6 +42,8 @@ ESRCH = 3
 # rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
 RP_FILTER_OFF = 0
 RP_FILTER_LOOSE = 2
+RTN_UNREACHABLE = 7
+_DEFAULT_DST: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 
 
 @attrs.frozen(slots=True)
@@ -75,6 +78,12 @@ class MeshKernel(Protocol):
     async def add_route(self, table: int, interface: str, cidr: IPNetwork) -> None: ...
 
     async def delete_route(self, table: int, interface: str, cidr: IPNetwork) -> None: ...
+
+    async def has_unreachable_default(self, table: int, family: int) -> bool: ...
+
+    async def add_unreachable_default(self, table: int, family: int) -> None: ...
+
+    async def delete_unreachable_default(self, table: int, family: int) -> None: ...
 
     async def has_rule(self, rule: MeshRule) -> bool: ...
 
@@ -145,6 +154,13 @@ class NetlinkActor:
         if not await self._kernel.link_state(iface):
             await self._kernel.set_link_up(iface)
         await self._kernel.relax_rp_filter(iface)
+        # Fail closed: a packet the classifier marked for a CIDR whose route
+        # is gone (or not there yet) must hit this, not fall through the rule
+        # to the main table and leave in the clear. Before the rule, so the
+        # table never routes marked packets without it.
+        for family in (socket.AF_INET, socket.AF_INET6):
+            if not await self._kernel.has_unreachable_default(self._config.table, family):
+                await self._kernel.add_unreachable_default(self._config.table, family)
         for rule in mesh_rules(self._config):
             if not await self._kernel.has_rule(rule):
                 await self._kernel.add_rule(rule)
@@ -195,14 +211,26 @@ class NetlinkActor:
 
     async def cleanup(self) -> None:
         """Remove the rules, routes and interface this actor owns."""
-        iface = self.interface
-        for rule in mesh_rules(self._config):
-            if await self._kernel.has_rule(rule):
-                await self._kernel.delete_rule(rule)
-        if await self._kernel.link_state(iface) is not None:
-            for cidr in await self._kernel.routes(self._config.table, iface):
-                await self._kernel.delete_route(self._config.table, iface, cidr)
-            await self._backend.delete_interface(iface)
+        await remove_mesh(self._config, self._backend, self._kernel)
+
+
+async def remove_mesh(config: DaemonConfig, backend: WireGuardBackend, kernel: MeshKernel) -> None:
+    """Uninstall: the rules first (marked packets then take the main table's
+    path, which is what they did before the mesh existed), then the routes,
+    the fail-closed defaults and the interface. Needs no key, so an operator
+    can clean up a node whose key file is gone or damaged."""
+    iface = config.interface
+    for rule in mesh_rules(config):
+        if await kernel.has_rule(rule):
+            await kernel.delete_rule(rule)
+    if await kernel.link_state(iface) is not None:
+        for cidr in await kernel.routes(config.table, iface):
+            await kernel.delete_route(config.table, iface, cidr)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        if await kernel.has_unreachable_default(config.table, family):
+            await kernel.delete_unreachable_default(config.table, family)
+    if await kernel.link_state(iface) is not None:
+        await backend.delete_interface(iface)
 
 
 def _ordered(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
@@ -274,6 +302,34 @@ class IPRouteKernel:
         await self._call(
             lambda ipr: ipr.route(
                 "del", dst=str(cidr), oif=_index(ipr, interface), table=table, family=_family(cidr)
+            )
+        )
+
+    async def has_unreachable_default(self, table: int, family: int) -> bool:
+        def find(ipr: Any) -> bool:
+            return any(
+                msg["type"] == RTN_UNREACHABLE
+                and msg["dst_len"] == 0
+                and msg.get_attr("RTA_TABLE") == table
+                for msg in ipr.get_routes(family=family, table=table)
+            )
+
+        result: bool = await self._call(find)
+        return result
+
+    async def add_unreachable_default(self, table: int, family: int) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.route(
+                "add", dst=_DEFAULT_DST[family], table=table, family=family, type="unreachable"
+            )
+        )
+
+    async def delete_unreachable_default(self, table: int, family: int) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.route(
+                "del", dst=_DEFAULT_DST[family], table=table, family=family, type="unreachable"
             )
         )
 

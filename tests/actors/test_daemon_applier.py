@@ -1,0 +1,121 @@
+"""KernelApplier: the order of its two kernel actors, and its failures, on fake actors."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+
+from vpblu.messages import (
+    Applied,
+    ApplyDataPath,
+    ApplyDesiredState,
+    ApplyFailed,
+    BpfMapInbox,
+    DataPathApplied,
+    NetlinkInbox,
+)
+from vpblu.model import CidrPair, NodeDesiredState, Route
+from vpblu.node.daemon import ApplyError, KernelApplier
+
+
+@attrs.frozen
+class FakeWrites:
+    writes: int = 0
+
+
+class FakeCounter:
+    def statistics(self) -> FakeWrites:
+        return FakeWrites()
+
+
+@attrs.define
+class FakeKernelActors:
+    """Answers both inboxes and records, in order, which routes each was asked for."""
+
+    log: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
+    netlink_error: str | None = None
+    refused: str | None = None
+
+    async def netlink(self, inbox: trio.MemoryReceiveChannel[NetlinkInbox]) -> None:
+        async for message in inbox:
+            self.log.append(("netlink", tuple(str(r.cidr) for r in message.state.routes)))
+            if self.netlink_error:
+                await message.reply.send(ApplyFailed(self.netlink_error))
+            else:
+                await message.reply.send(Applied())
+
+    async def datapath(self, inbox: trio.MemoryReceiveChannel[BpfMapInbox]) -> None:
+        async for message in inbox:
+            self.log.append(("maps", tuple(str(r.cidr) for r in message.routes)))
+            assert message.reply is not None
+            await message.reply.send(DataPathApplied(1, 0, refused=self.refused))
+
+
+def state(*cidrs: str, blocks: tuple[CidrPair, ...] = ()) -> NodeDesiredState:
+    return NodeDesiredState("n1", routes=[Route(c, "n2") for c in cidrs], blocks=blocks)
+
+
+async def run_applier(fake: FakeKernelActors, *states: NodeDesiredState) -> None:
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](0)
+    dp_send, dp_recv = trio.open_memory_channel[BpfMapInbox](0)
+    applier = KernelApplier(nl_send, dp_send, routes_counter=FakeCounter(),
+                            wireguard_counter=FakeCounter())
+    error: ApplyError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake.netlink, nl_recv)
+        nursery.start_soon(fake.datapath, dp_recv)
+        try:
+            for s in states:
+                await applier.apply(s)
+        except ApplyError as exc:
+            error = exc  # raised out here, not wrapped in the nursery's ExceptionGroup
+        finally:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def test_routes_exist_before_marks_and_marks_go_before_routes() -> None:
+    fake = FakeKernelActors()
+    await run_applier(fake, state("10.1.0.0/24"), state("10.2.0.0/24"))
+    assert fake.log == [
+        ("netlink", ("10.1.0.0/24",)),
+        ("maps", ("10.1.0.0/24",)),
+        # The second state drops 10.1: its route stays until the classifier stops marking it.
+        ("netlink", ("10.1.0.0/24", "10.2.0.0/24")),
+        ("maps", ("10.2.0.0/24",)),
+        ("netlink", ("10.2.0.0/24",)),
+    ]
+
+
+async def test_the_same_state_again_is_one_netlink_and_one_map_apply() -> None:
+    fake = FakeKernelActors()
+    await run_applier(fake, state("10.1.0.0/24"), state("10.1.0.0/24"))
+    assert [who for who, _ in fake.log] == ["netlink", "maps", "netlink", "maps"]
+
+
+@pytest.mark.parametrize("where", ["netlink", "maps"])
+async def test_a_failed_step_raises_so_the_stream_acks_an_error(where: str) -> None:
+    fake = FakeKernelActors(
+        netlink_error="EPERM" if where == "netlink" else None,
+        refused="too many block rules" if where == "maps" else None,
+    )
+    with pytest.raises(ApplyError, match="EPERM" if where == "netlink" else "too many"):
+        await run_applier(fake, state("10.1.0.0/24"))
+    # A failed route step never goes on to mark.
+    if where == "netlink":
+        assert fake.log == [("netlink", ("10.1.0.0/24",))]
+
+
+async def test_an_actor_that_never_answers_times_out() -> None:
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](1)
+    dp_send, _dp_recv = trio.open_memory_channel[BpfMapInbox](1)
+    applier = KernelApplier(nl_send, dp_send, routes_counter=FakeCounter(),
+                            wireguard_counter=FakeCounter(), step_timeout=0.5)
+    async with nl_recv:
+        with pytest.raises(trio.TooSlowError):
+            await applier.apply(state("10.1.0.0/24"))
+        held = nl_recv.receive_nowait()
+        assert isinstance(held, ApplyDesiredState)
+    assert not isinstance(held, ApplyDataPath)

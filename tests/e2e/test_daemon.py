@@ -1,0 +1,335 @@
+"""`vpblu daemon run` end to end: real daemon processes in node namespaces, fed by a
+FakeController over real TLS gRPC; wireguard-go, the bcc classifier on real veths doing
+the marking (no iptables stand-in), real packets between pod namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import attrs
+import pytest
+import trio
+
+from tests.e2e.daemonlab import (
+    MESH_MTU,
+    REPO,
+    DaemonLab,
+    daemon_lab,
+    full_mesh,
+    node_state,
+    pinned_map_ids,
+)
+from tests.e2e.datapath import Receiver, Sender
+from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
+from vpblu.model import CidrPair
+from vpblu.node.config import MESH_TABLE
+
+pytestmark = pytest.mark.e2e
+
+ACK_TIMEOUT = 20.0
+PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+FLOWPROBE = str(REPO / "tests" / "e2e" / "flowprobe.py")
+FLOW_PORT = 40100
+FLOW_RATE = 200.0  # datagrams/s each way
+BLOCK_DEADLINE = 1.0
+START_TIMEOUT_BAD_KEY = 20.0
+
+
+def ping(src: Pod, dst: Pod, *extra: str, count: int = 3) -> tuple[int, int, str]:
+    result = subprocess.run(
+        ["ip", "netns", "exec", src.netns, "ping", "-n", "-c", str(count), "-W", "2",
+         *extra, str(dst.ip)],
+        capture_output=True, text=True, check=False,
+    )
+    out = result.stdout + result.stderr
+    m = PING_SUMMARY.search(out)
+    assert m, out
+    return int(m[1]), int(m[2]), out
+
+
+async def converge(dl: DaemonLab, members: list[Node], keys: dict[str, str]) -> dict[str, int]:
+    gens = {n.name: await dl.controller.sync(n.name, full_mesh(n, keys, members))
+            for n in members}
+    with trio.fail_after(ACK_TIMEOUT):
+        for n in members:
+            await dl.controller.wait_ack(n.name, gens[n.name])
+    return gens
+
+
+class Flow:
+    """Sequence-numbered UDP both ways between two pods (tests/e2e/flowprobe.py)."""
+
+    def __init__(self, a: Pod, b: Pod, port: int = FLOW_PORT) -> None:
+        self.ends = [(a, b), (b, a)]
+        self.port = port
+        self.procs: list[trio.Process] = []
+
+    async def start(self) -> None:
+        for src, dst in self.ends:
+            self.procs.append(await trio.lowlevel.open_process(
+                ["ip", "netns", "exec", src.netns, sys.executable, FLOWPROBE, "udp",
+                 "--bind", str(src.ip), "--peer", str(dst.ip), "--port", str(self.port),
+                 "--rate", str(FLOW_RATE)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        await trio.sleep(1.0)  # both bound and sending (flowprobe's start delay is 0.5 s)
+
+    async def stop(self) -> list[dict[str, object]]:
+        results = []
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            assert p.stdout is not None
+            out = b""
+            with trio.fail_after(10):
+                while chunk := await p.stdout.receive_some():
+                    out += chunk
+                await p.wait()
+            results.append(json.loads(out))
+        self.procs.clear()
+        return results
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                p.kill()
+
+
+def assert_no_loss(results: list[dict[str, object]]) -> None:
+    a, b = results
+    for sender, receiver in ((a, b), (b, a)):
+        assert sender["send_errors"] == 0, results
+        assert receiver["missing_count"] == 0, results
+        assert receiver["received"] == sender["sent"], results
+
+
+async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() -> None:
+    async with daemon_lab(2) as dl:
+        n1, n2 = dl.nodes
+        p1, p2 = n1.pods[0], n2.pods[0]
+        before = {n.name: node_state(n) for n in dl.nodes}
+        keys = {n.name: await dl.start(n) for n in dl.nodes}
+        await converge(dl, dl.nodes, keys)
+
+        # --- pod to pod through wg-mesh, marked by the classifier; only WireGuard on the wire
+        capture = dl.tmp / "capture.txt"
+        tcpdump = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", dl.lab.underlay, "tcpdump", "-i", "br0", "-n", "-l", "-U",
+             "ip and not igmp"],
+            stdout=os.open(capture, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert tcpdump.stderr is not None
+            seen = b""
+            with trio.fail_after(5):
+                while b"listening on" not in seen:
+                    seen += await tcpdump.stderr.receive_some()
+            sent, received, out = ping(p1, p2, count=5)
+            assert (sent, received) == (5, 5), out
+            await trio.sleep(0.3)
+        finally:
+            tcpdump.terminate()
+            await tcpdump.wait()
+        lines = [ln for ln in capture.read_text().splitlines() if " IP " in ln]
+        node_ips = {str(n.underlay_ip) for n in dl.nodes}
+        wg = re.compile(r" IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): "
+                        r"UDP")
+        ctl_port = dl.address.rsplit(":", 1)[1]
+        wireguard_packets = 0
+        for line in lines:
+            assert "10.78." not in line, f"a pod address on the underlay: {line}"
+            m = wg.search(line)
+            if m and {m["src"], m["dst"]} <= node_ips and "51820" in (m["sport"], m["dport"]):
+                wireguard_packets += 1
+                continue
+            # The only other traffic: the daemons' TLS stream to the controller.
+            controller = f"{UNDERLAY_GATEWAY}.{ctl_port}"
+            assert (f"IP {controller} >" in line or f"> {controller}:" in line) and (
+                "Flags [" in line), line
+        assert wireguard_packets >= 10, lines
+
+        # --- the classifier did the marking
+        marked = in_ns(n1.netns, "tc", "filter", "show", "dev", p1.host_veth, "ingress")
+        assert "vpblu-classify" in marked and "direct-action" in marked, marked
+
+        # --- the same state again: a new generation, no write anywhere
+        before_applies = len(dl.daemons[n1.name].applies())
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+        applies = dl.daemons[n1.name].applies()
+        assert len(applies) == before_applies + 1
+        assert applies[-1].writes == 0, applies[-1]
+        print(f"apply times n1 (ms): {[a.ms for a in applies]}")
+
+        # --- fail closed: a marked packet whose mesh route is gone is refused, never
+        # routed in the clear through the main table; the next apply puts the route back
+        table = str(MESH_TABLE)
+        assert "unreachable default" in in_ns(n1.netns, "ip", "route", "show", "table", table)
+        assert "unreachable default" in in_ns(n1.netns, "ip", "-6", "route", "show", "table",
+                                              table)
+        in_ns(n1.netns, "ip", "route", "del", str(n2.pod_cidr), "table", table)
+        sent, received, out = ping(p1, p2, count=1)
+        assert received == 0 and "Unreachable" in out, out
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+        assert dl.daemons[n1.name].applies()[-1].netlink == 1
+        sent, received, out = ping(p1, p2, count=1)
+        assert received == 1, out
+
+        # --- a blocked pair is dropped within 1 s of the map write
+        receiver = Receiver()
+        sender = Sender(p1.netns, str(p2.ip), stream=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.serve, p2.netns)
+            await nursery.start(sender.run)
+            await trio.sleep(0.5)
+            blocked = attrs.evolve(full_mesh(n1, keys, dl.nodes),
+                                   blocks=(CidrPair(n1.pod_cidr, n2.pod_cidr),))
+            asked = trio.current_time()
+            gen = await dl.controller.sync(n1.name, blocked)
+            with trio.fail_after(ACK_TIMEOUT):
+                await dl.controller.wait_ack(n1.name, gen)
+            acked = trio.current_time()
+            await trio.sleep(BLOCK_DEADLINE + 0.5)
+            nursery.cancel_scope.cancel()
+        got = receiver.stream(1)
+        assert len(got) > 50, "the flow never ran before the block"
+        late = [seq for seq, at in got.items() if at > acked + BLOCK_DEADLINE]
+        assert not late, f"{len(late)} packets sent > 1 s after the map write got through"
+        last_through = max(got.values())
+        print(f"block: ack {1000 * (acked - asked):.1f} ms after the sync; last packet through "
+              f"was sent {1000 * (last_through - asked):.1f} ms after the sync")
+        assert last_through - asked <= BLOCK_DEADLINE + (acked - asked)
+        gen = await dl.controller.sync(n1.name, full_mesh(n1, keys, dl.nodes))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n1.name, gen)
+
+        # --- MSS clamp: several MB of TCP pod to pod; DF above the mesh MTU fails loudly
+        mtu = in_ns(n1.netns, "cat", f"/sys/class/net/{n1.wg_interface}/mtu")
+        assert int(mtu) == MESH_MTU
+        server = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", p2.netns, "iperf3", "-s", "-1", "-B", str(p2.ip)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await trio.sleep(0.5)
+            client = await trio.run_process(
+                ["ip", "netns", "exec", p1.netns, "iperf3", "-c", str(p2.ip), "-n", "8M", "-J"],
+                capture_stdout=True, check=False)
+            assert client.returncode == 0, client.stdout[-2000:]
+            result = json.loads(client.stdout)
+            # iperf3 -n stops counting when the client has written 8 MiB; the
+            # server's figure is taken at that moment, a little behind.
+            assert result["end"]["sum_sent"]["bytes"] >= 8 * 1024 * 1024, result["end"]
+            assert result["end"]["sum_received"]["bytes"] >= 4 * 1024 * 1024, result["end"]
+        finally:
+            with trio.move_on_after(5):
+                await server.wait()
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+        counters = in_ns(n1.netns, "iptables", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n")
+        clamped = [ln for ln in counters.splitlines() if "TCPMSS" in ln]
+        assert len(clamped) == 2 and all(f"set {MESH_MTU - 40}" in c for c in clamped), counters
+        assert sum(int(ln.split()[0]) for ln in clamped) >= 2, counters
+        sent, received, out = ping(p1, p2, "-M", "do", "-s", str(MESH_MTU), count=2)
+        out = out.replace("mtu=", "mtu = ")
+        assert received == 0 and f"mtu = {MESH_MTU}" in out, out
+
+        # --- cleanup gives the namespaces back as they were
+        for n in dl.nodes:
+            await dl.daemons[n.name].stop()
+            result = await dl.cleanup(n)
+            assert result.returncode == 0, result.stderr.decode()
+            after = node_state(n)
+            for what in before[n.name]:
+                assert after[what] == before[n.name][what], (n.name, what, after[what])
+            assert (dl.state_dir(n) / "wireguard.key").exists()  # kept without --remove-key
+
+
+async def test_adding_a_peer_and_kill_9_restart_lose_no_packet() -> None:
+    async with daemon_lab(3) as dl:
+        n1, n2, n3 = dl.nodes
+        p1, p2, p3 = (n.pods[0] for n in dl.nodes)
+        keys = {n.name: await dl.start(n) for n in dl.nodes}
+        await converge(dl, [n1, n2], keys)
+        gen3 = await dl.controller.sync(n3.name, full_mesh(n3, keys, [n3]))
+        with trio.fail_after(ACK_TIMEOUT):
+            await dl.controller.wait_ack(n3.name, gen3)
+
+        # --- a third node joins while p1 and p2 exchange sequence-numbered UDP
+        flow = Flow(p1, p2)
+        try:
+            await flow.start()
+            await converge(dl, dl.nodes, keys)
+            await trio.sleep(1.0)
+            results = await flow.stop()
+        finally:
+            flow.kill()
+        assert_no_loss(results)
+        print(f"add peer under flow: {results[0]['sent']}+{results[1]['sent']} datagrams, "
+              f"0 lost; apply n1 {dl.daemons[n1.name].applies()[-1].ms:.1f} ms")
+        sent, received, out = ping(p1, p3)
+        assert (sent, received) == (3, 3), out
+
+        # --- kill -9 the daemon of n1 under traffic, start it again
+        d1 = dl.daemons[n1.name]
+        ids_before = pinned_map_ids(n1)
+        acks_before = len(dl.controller.acks(n1.name))
+        log_before = len(d1.log())
+        flow = Flow(p1, p2, port=FLOW_PORT + 1)
+        try:
+            await flow.start()
+            killed = trio.current_time()
+            d1.kill9()
+            await d1.wait()
+            await trio.sleep(0.5)
+            key_again = await dl.start(n1)
+            with trio.fail_after(ACK_TIMEOUT):
+                ack = await dl.controller.wait_ack(n1.name, 1, after=acks_before)
+            back = trio.current_time()
+            await trio.sleep(1.0)
+            results = await flow.stop()
+        finally:
+            flow.kill()
+        assert_no_loss(results)
+        assert key_again == keys[n1.name]
+        assert ack.generation == max(a.generation for a in dl.controller.acks(n1.name))
+        assert pinned_map_ids(n1) == ids_before
+        second_life = d1.log()[log_before:]
+        first = d1.applies()[-1]
+        # Nothing rebuilt that was right: wireguard-go adopted, no netlink/UAPI write at
+        # start or in the first apply, no map entry written, MTU untouched.
+        assert "adopting running wireguard-go" in second_life, second_life
+        assert "started wireguard-go" not in second_life
+        assert (first.total_netlink, first.total_wireguard, first.maps) == (0, 0, 0), first
+        assert " MTU " not in second_life
+        print(f"kill -9 restart: {1000 * (back - killed):.0f} ms from the kill to the new "
+              f"daemon's ack (0.5 s of it waiting); {results[0]['sent']}+{results[1]['sent']} "
+              f"datagrams, 0 lost; map ids {ids_before}")
+
+
+async def test_a_bad_key_file_stops_the_daemon_before_it_changes_anything() -> None:
+    async with daemon_lab(1) as dl:
+        (node,) = dl.nodes
+        state = dl.state_dir(node)
+        state.mkdir(mode=0o700)
+        key_file = state / "wireguard.key"
+        key_file.write_text("not-a-key\n")
+        key_file.chmod(0o600)
+        before = node_state(node)
+        d = dl.daemon(node)
+        await d.start()
+        with trio.fail_after(START_TIMEOUT_BAD_KEY):
+            code = await d.wait()
+        log = d.log()
+        assert code != 0
+        assert str(key_file) in log and "truncated or corrupt" in log, log
+        assert node_state(node) == before
+        assert not await trio.Path(f"/var/run/wireguard/{node.wg_interface}.sock").exists()
+        assert key_file.read_text() == "not-a-key\n"

@@ -1,0 +1,82 @@
+"""Raw API objects become typed values, or an InvalidObject naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vpblu import model
+from vpblu.resources import (
+    InvalidObject,
+    parse_block_policy,
+    parse_node,
+    parse_rotation_policy,
+    parse_route_policy,
+    parse_tunnel_policy,
+    parse_vpblu_node,
+)
+
+
+def obj(name: str, spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "generation": 3, "resourceVersion": "7"},
+            "spec": spec or {}, **extra}
+
+
+def test_node_prefers_pod_cidrs_and_takes_internal_ip() -> None:
+    raw = obj("n1", {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
+              status={"addresses": [{"type": "Hostname", "address": "n1"},
+                                    {"type": "InternalIP", "address": "192.0.2.1"}]})
+    node = parse_node(raw)
+    assert str(node.internal_ip) == "192.0.2.1"
+    assert [str(c) for c in node.pod_cidrs] == ["10.244.1.0/24", "fd00:1::/64"]
+    assert node.meta.generation == 3
+
+
+def test_vpblu_node_endpoint_and_key() -> None:
+    key = "A" * 43 + "="
+    vn = parse_vpblu_node(obj("n1", {"endpoint": "[2001:db8::1]:51820"},
+                              status={"publicKey": key}))
+    assert vn.endpoint == model.Endpoint("2001:db8::1", 51820)
+    assert vn.public_key == key
+
+
+def test_policies_become_model_values() -> None:
+    tunnel = parse_tunnel_policy(obj("t", {"mode": "Explicit", "listenPort": 51000,
+                                           "peerings": [{"nodes": ["a", "b"]}]}))
+    assert tunnel.policy == model.TunnelPolicy(
+        "t", 3, model.TunnelMode.EXPLICIT, 51000, model.DEFAULT_KEEPALIVE, [("a", "b")])
+    route = parse_route_policy(obj("r", {"routes": [{"cidr": "10.9.0.0/16", "via": "a"}]}))
+    assert route.policy == model.RoutePolicy("r", 3, (model.RouteOverride("10.9.0.0/16", "a"),))
+    pair = {"from": "10.1.0.0/16", "to": "10.2.0.0/16"}
+    block = parse_block_policy(obj("b", {"cidrPairs": [pair], "isolate": ["c"]}))
+    assert isinstance(block.policy, model.BlockPolicy)
+    assert block.policy.isolate == frozenset({"c"})
+    rotation = parse_rotation_policy(obj("rot", {"schedule": "0 3 * * 0", "overlapSeconds": 60}))
+    assert isinstance(rotation.policy, model.RotationPolicy)
+    assert rotation.policy.overlap_seconds == 60
+
+
+@pytest.mark.parametrize(("parse", "raw", "field"), [
+    (parse_node, obj("n", {"podCIDR": "10.244.1.1/24"}), "spec.podCIDRs"),
+    (parse_node, obj("n", status={"addresses": [{"type": "InternalIP", "address": "x"}]}),
+     "status.addresses"),
+    (parse_vpblu_node, obj("n", {"endpoint": "nonsense"}), "spec.endpoint"),
+    (parse_vpblu_node, obj("n", status={"publicKey": "c2hvcnQ="}), "status.publicKey"),
+    (parse_tunnel_policy, obj("t", {"mode": "Fullmesh"}), "spec.mode"),
+    (parse_tunnel_policy, obj("t", {"mode": "Explicit"}), "spec.peerings"),
+    (parse_tunnel_policy, obj("t", {"listenPort": 70000}), "spec"),
+    (parse_tunnel_policy, obj("t", {"mode": "Explicit", "peerings": [{"nodes": ["a", "a"]}]}),
+     "spec.peerings[0].nodes"),
+    (parse_route_policy, obj("r", {"routes": [{"cidr": "10.0.0.0/33", "via": "a"}]}),
+     "spec.routes[0]"),
+    (parse_block_policy, obj("b", {"cidrPairs": [{"from": "10.0.0.0/8"}]}), "spec.cidrPairs[0]"),
+    (parse_rotation_policy, obj("x", {"schedule": "0 3 * *"}), "spec.schedule"),
+    (parse_rotation_policy, obj("x", {"schedule": "61 * * * *"}), "spec.schedule"),
+    (parse_rotation_policy, obj("x", {"schedule": "0 3 * * 0", "overlapSeconds": 0}),
+     "spec.overlapSeconds"),
+])
+def test_invalid_objects_name_the_field(parse: Any, raw: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidObject) as err:
+        parse(raw)
+    assert str(err.value).startswith(field + ":")
