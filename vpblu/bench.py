@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -452,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # A SIGTERM must clean up like Ctrl-C: the API server, the controller,
+    # the simulated nodes' objects and the work directory all go.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting the test API server...", flush=True)
     with TestEnv.start() as env, _workdir() as workdir:
         install_base(env)
