@@ -49,6 +49,8 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--daemon-user", action="append", default=None,
                    help="username allowed to speak for a node (repeatable; default: the "
                         "vpblu-daemon ServiceAccount)")
+    p.add_argument("--full-pushes", action="store_true",
+                   help="send whole states instead of deltas (a benchmark baseline only)")
 
 
 def _run_controller(args: argparse.Namespace) -> int:
@@ -68,6 +70,7 @@ def _run_controller(args: argparse.Namespace) -> int:
                             args.renew_deadline, args.retry_period),
         session=SessionSettings(resync_period=args.resync_period),
         daemon_users=users,
+        full_pushes=args.full_pushes,
     )
 
     async def main() -> None:

@@ -81,6 +81,8 @@ class ControllerSettings:
     # authenticated token carrying a node name (tests only).
     daemon_users: frozenset[str] | None = frozenset(
         {"system:serviceaccount:vpblu-system:vpblu-daemon"})
+    # Push whole states instead of deltas (the benchmark's --compare baseline).
+    full_pushes: bool = False
 
 
 @attrs.define
@@ -157,7 +159,8 @@ class LeadershipActor:
                 ChildSpec("status", with_inbox_clone(
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS), status_receive)),
                 ChildSpec("state", with_inbox_clone(
-                    lambda inbox: StateActor(inbox, status_send.clone(), term=term),
+                    lambda inbox: StateActor(inbox, status_send.clone(), term=term,
+                                             full_pushes=settings.full_pushes),
                     state_receive)),
                 *(watcher(kind, parse) for kind, parse in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(

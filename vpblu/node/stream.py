@@ -75,6 +75,8 @@ class StreamStatistics:
     ignored_stale: int
     refused_deltas: int
     syncs_applied: int  # full SyncStates taken (each (re)connect brings one)
+    messages_received: int = 0  # controller messages, over every stream so far
+    bytes_received: int = 0  # their protobuf bytes (what the bench reports per event)
 
 
 class _Redirected(Exception):
@@ -102,6 +104,9 @@ class StreamActor:
         self._ignored_stale = 0
         self._refused_deltas = 0
         self._syncs_applied = 0
+        # Received on streams that ended, plus a way to read the live one's.
+        self._received_before = (0, 0)
+        self._live_received: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._applied_changed = trio.Event()
 
     @property
@@ -110,8 +115,11 @@ class StreamActor:
 
     def statistics(self) -> StreamStatistics:
         gen = self._applied.generation if self._applied else 0
+        live = self._live_received()
         return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
-                                self._ignored_stale, self._refused_deltas, self._syncs_applied)
+                                self._ignored_stale, self._refused_deltas, self._syncs_applied,
+                                self._received_before[0] + live[0],
+                                self._received_before[1] + live[1])
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -162,6 +170,7 @@ class StreamActor:
             # would arrive wrapped in an ExceptionGroup that `run` does not
             # catch, and the daemon would stop reconnecting.
             ended: _Redirected | StreamClosed | None = None
+            self._live_received = lambda: stream.received
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, stream)
                 try:
@@ -173,6 +182,10 @@ class StreamActor:
                 except (_Redirected, StreamClosed) as exc:
                     ended = exc
                 nursery.cancel_scope.cancel()
+            done = stream.received
+            self._received_before = (self._received_before[0] + done[0],
+                                     self._received_before[1] + done[1])
+            self._live_received = lambda: (0, 0)
             assert ended is not None
             raise ended
 
