@@ -85,8 +85,16 @@ class LeaderActor:
                         await self._release()
 
     async def _step(self) -> None:
+        # A leader may keep trying one renewal for what is left of its renew
+        # deadline: cutting a slow call off after one retry period made a
+        # busy controller (1000 daemons reconnecting at once) step down,
+        # which dropped every stream and made it busier still.
+        budget = self._settings.retry_period
+        if self._leading:
+            left = self._settings.renew_deadline - (trio.current_time() - self._last_renew)
+            budget = max(budget, left)
         try:
-            with trio.fail_after(self._settings.retry_period):
+            with trio.fail_after(budget):
                 await self._try_acquire_or_renew()
         except (ApiUnavailable, ApiError, trio.TooSlowError) as exc:
             log.warning("lease %s: %r", self._settings.name, exc)
