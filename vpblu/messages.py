@@ -37,6 +37,7 @@ from __future__ import annotations
 import attrs
 import trio
 
+from vpblu import wire
 from vpblu.model import Change, CidrPair, Condition, IPNetwork, NodeDesiredState, Route, network
 from vpblu.resources import Typed
 
@@ -232,7 +233,25 @@ class ApplyDesiredState:
     reply: trio.MemorySendChannel[ApplyOutcome] = attrs.field(eq=False, repr=False)
 
 
-NetlinkInbox = ApplyDesiredState
+@attrs.frozen(slots=True)
+class RotationStepDone:
+    """How one rotation step went: `error` None means done. `new_public_key` is
+    the staged key's public half after a PREPARE."""
+
+    error: str | None = None
+    new_public_key: str = ""
+
+
+@attrs.frozen(slots=True)
+class RunRotationStep:
+    """Do one step of a key rotation on this node (the NetlinkActor owns both the
+    mesh interface and the rotation's bridge, so steps and applies never interleave)."""
+
+    step: wire.RotationStep
+    reply: trio.MemorySendChannel[RotationStepDone] = attrs.field(eq=False, repr=False)
+
+
+NetlinkInbox = ApplyDesiredState | RunRotationStep
 
 
 # --- MtuActor (vpblu/node/mtu.py) -------------------------------------------------
