@@ -179,6 +179,7 @@ def encode_node_message(message: wire.NodeMessage) -> pb.NodeMessage:
                 error=message.error,
                 new_public_key=message.new_public_key,
                 stamp=message.stamp,
+                rotating_node=message.rotating_node,
             ))
 
 
@@ -209,6 +210,7 @@ def _decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
             return wire.RotationResult(
                 rotation_id=r.rotation_id,
                 step=_rotation_step_kind(r.step),
+                rotating_node=_name(r.rotating_node, "rotating node"),
                 stamp=r.stamp,
                 error=r.error if r.HasField("error") else None,
                 new_public_key=r.new_public_key,

@@ -91,6 +91,7 @@ class RotationResult:
 
     rotation_id: str = attrs.field(validator=_check_rotation_id)
     step: RotationStepKind
+    rotating_node: str = attrs.field(validator=_check_node_name)
     stamp: int = attrs.field(validator=_check_generation)
     error: str | None = None
     new_public_key: str = attrs.field(default="", validator=_check_optional_key)

@@ -87,7 +87,7 @@ node_messages: st.SearchStrategy[wire.NodeMessage] = st.one_of(
     st.builds(wire.Ack, generations, st.none() | st.text()),
     st.just(wire.Heartbeat()),
     st.builds(wire.RotationResult, rotation_ids, st.sampled_from(wire.RotationStepKind),
-              generations, st.none() | st.text(), st.just("") | keys),
+              names, generations, st.none() | st.text(), st.just("") | keys),
 )
 
 
@@ -195,7 +195,8 @@ MALFORMED_NODE = {
     "hello name too long": (
         pb.NodeMessage(hello=pb.Hello(node_name="a" * 254, public_key=KEY)), "1..253"),
     "rotation result unspecified step": (
-        pb.NodeMessage(rotation_result=pb.RotationResult(rotation_id="r1")), "unknown rotation"),
+        pb.NodeMessage(rotation_result=pb.RotationResult(rotation_id="r1", rotating_node="a")),
+        "unknown rotation"),
 }
 
 

@@ -259,8 +259,8 @@ class StreamActor:
 
 
 def _result(step: wire.RotationStep, done: RotationStepDone) -> wire.RotationResult:
-    return wire.RotationResult(step.rotation_id, step.step, step.stamp, done.error,
-                               done.new_public_key)
+    return wire.RotationResult(step.rotation_id, step.step, step.rotating_node, step.stamp,
+                               done.error, done.new_public_key)
 
 
 class _Sender(Protocol):

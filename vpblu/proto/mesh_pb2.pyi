@@ -127,18 +127,20 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class RotationResult(_message.Message):
-    __slots__ = ("rotation_id", "step", "error", "new_public_key", "stamp")
+    __slots__ = ("rotation_id", "step", "error", "new_public_key", "stamp", "rotating_node")
     ROTATION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     STAMP_FIELD_NUMBER: _ClassVar[int]
+    ROTATING_NODE_FIELD_NUMBER: _ClassVar[int]
     rotation_id: str
     step: RotationStepKind
     error: str
     new_public_key: str
     stamp: int
-    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., error: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ...) -> None: ...
+    rotating_node: str
+    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., error: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ..., rotating_node: _Optional[str] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
     __slots__ = ("hello", "ack", "heartbeat", "rotation_result")
