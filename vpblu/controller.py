@@ -84,6 +84,8 @@ class ControllerSettings:
     # authenticated token carrying a node name (tests only).
     daemon_users: frozenset[str] | None = frozenset(
         {"system:serviceaccount:vpblu-system:vpblu-daemon"})
+    # Push whole states instead of deltas (the benchmark's --compare baseline).
+    full_pushes: bool = False
 
 
 @attrs.define
@@ -163,6 +165,7 @@ class LeadershipActor:
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS), status_receive)),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
+                                             full_pushes=settings.full_pushes,
                                              rotations=rotations_send.clone()),
                     state_receive)),
                 ChildSpec("rotations", with_inbox_clone(

@@ -116,4 +116,7 @@ async def test_leader_steps_down_when_it_cannot_renew(
         assert trio.current_time() - t0 <= SETTINGS.renew_deadline + SETTINGS.retry_period + 0.5
         kube.come_back()
         await a.wait_leading()
+        # Leading again is a new term, though the Lease was still ours.
+        terms = [seen.term for seen in a.seen if seen.is_me]
+        assert terms[-1] > terms[0]
         nursery.cancel_scope.cancel()

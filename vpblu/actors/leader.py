@@ -150,7 +150,11 @@ class LeaderActor:
 
         transitions = int(spec.get("leaseTransitions") or 0)
         acquire_time = spec.get("acquireTime")
-        if holder != self._identity:
+        if holder != self._identity or not self._leading:
+            # A new term also when we take back our own Lease after stepping
+            # down (the API server was away): the term stamps generations,
+            # and a term reused would make daemons ignore the new leader's
+            # SyncStates as older than what the last one sent them.
             transitions += 1
             acquire_time = None
         rv = lease.get("metadata", {}).get("resourceVersion")

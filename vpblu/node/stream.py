@@ -91,6 +91,9 @@ class StreamStatistics:
     redirects: int
     ignored_stale: int
     refused_deltas: int
+    syncs_applied: int  # full SyncStates taken (each (re)connect brings one)
+    messages_received: int = 0  # controller messages, over every stream so far
+    bytes_received: int = 0  # their protobuf bytes (what the bench reports per event)
 
 
 class _Redirected(Exception):
@@ -120,6 +123,10 @@ class StreamActor:
         self._redirects = 0
         self._ignored_stale = 0
         self._refused_deltas = 0
+        self._syncs_applied = 0
+        # Received on streams that ended, plus a way to read the live one's.
+        self._received_before = (0, 0)
+        self._live_received: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._applied_changed = trio.Event()
 
     @property
@@ -128,8 +135,11 @@ class StreamActor:
 
     def statistics(self) -> StreamStatistics:
         gen = self._applied.generation if self._applied else 0
+        live = self._live_received()
         return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
-                                self._ignored_stale, self._refused_deltas)
+                                self._ignored_stale, self._refused_deltas, self._syncs_applied,
+                                self._received_before[0] + live[0],
+                                self._received_before[1] + live[1])
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -175,16 +185,32 @@ class StreamActor:
             self._connects += 1
             self._connected_to = address
             log.info("mesh stream to %s open", address)
+            # The stream's end (a close, a Redirect, a refusal) is caught
+            # inside the nursery and raised after it: raised through it, it
+            # would arrive wrapped in an ExceptionGroup that `run` does not
+            # catch, and the daemon would stop reconnecting.
+            ended: _Redirected | StreamClosed | None = None
+            self._live_received = lambda: stream.received
             steps_send, steps_receive = trio.open_memory_channel[wire.RotationStep](
                 ROTATION_QUEUE)
             async with steps_send, steps_receive, trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, stream)
                 nursery.start_soon(self._rotations, stream, steps_receive)
-                while True:
-                    batch = await stream.receive_batch()
-                    acks = await self._handle(batch, steps_send)
-                    if acks:
-                        await stream.send_batch(acks)
+                try:
+                    while True:
+                        batch = await stream.receive_batch()
+                        acks = await self._handle(batch, steps_send)
+                        if acks:
+                            await stream.send_batch(acks)
+                except (_Redirected, StreamClosed) as exc:
+                    ended = exc
+                nursery.cancel_scope.cancel()
+            done = stream.received
+            self._received_before = (self._received_before[0] + done[0],
+                                     self._received_before[1] + done[1])
+            self._live_received = lambda: (0, 0)
+            assert ended is not None
+            raise ended
 
     async def _rotations(self, stream: _Sender,
                          steps: trio.MemoryReceiveChannel[wire.RotationStep]) -> None:
@@ -193,12 +219,18 @@ class StreamActor:
                 done = RotationStepDone("this daemon does not rotate keys")
             else:
                 done = await self._rotator.rotate(step)
-            await stream.send_batch([_result(step, done)])
+            try:
+                await stream.send_batch([_result(step, done)])
+            except StreamClosed:
+                return  # the receive loop sees the end too; a resent step is run again
 
     async def _heartbeat(self, stream: _Sender) -> None:
-        while True:
-            await trio.sleep(self._settings.heartbeat_period)
-            await stream.send_batch([wire.Heartbeat()])
+        try:
+            while True:
+                await trio.sleep(self._settings.heartbeat_period)
+                await stream.send_batch([wire.Heartbeat()])
+        except StreamClosed:
+            return  # the receive loop sees the end too, and reports it
 
     async def _handle(
         self,
@@ -209,6 +241,7 @@ class StreamActor:
         queue rotation steps for their own task."""
         applied = self._applied
         target = applied
+        syncs = 0
         acks: list[wire.NodeMessage] = []
         for message in batch:
             current_gen = target.generation if target else 0
@@ -218,6 +251,7 @@ class StreamActor:
                         self._ignored_stale += 1
                         continue
                     target = AppliedRecord(gen, state)
+                    syncs += 1
                 case wire.Delta(generation=gen, base_generation=base, changes=changes):
                     if target is not None and gen <= current_gen:
                         self._ignored_stale += 1
@@ -251,6 +285,7 @@ class StreamActor:
                 acks.append(wire.Ack(target.generation, f"apply failed: {exc}"))
                 return acks
             self._applied = target
+            self._syncs_applied += syncs
             self._applied_changed.set()
             self._applied_changed = trio.Event()
         if self._applied is not None:
