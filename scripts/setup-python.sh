@@ -16,7 +16,7 @@ fi
 stamp=.venv/.vpblu-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
   echo "$want" > "$stamp"
 fi
 # A folder holding only a `bcc` link, named by a .pth file: the venv sees

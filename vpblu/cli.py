@@ -49,6 +49,8 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--daemon-user", action="append", default=None,
                    help="username allowed to speak for a node (repeatable; default: the "
                         "vpblu-daemon ServiceAccount)")
+    p.add_argument("--full-pushes", action="store_true",
+                   help="send whole states instead of deltas (a benchmark baseline only)")
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,6 +83,7 @@ def _run_controller(args: argparse.Namespace) -> int:
                             args.renew_deadline, args.retry_period),
         session=SessionSettings(resync_period=args.resync_period),
         daemon_users=users,
+        full_pushes=args.full_pushes,
     )
 
     async def main() -> None:
@@ -197,7 +200,7 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpblu", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -205,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _controller_parser(sub)
     _demo_parser(sub)
     _daemon_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -172,6 +172,22 @@ def encode_node_message(message: wire.NodeMessage) -> pb.NodeMessage:
             return pb.NodeMessage(ack=pb.Ack(generation=generation, error=error))
         case wire.Heartbeat():
             return pb.NodeMessage(heartbeat=pb.Heartbeat())
+        case wire.RotationResult():
+            return pb.NodeMessage(rotation_result=pb.RotationResult(
+                rotation_id=message.rotation_id,
+                step=int(message.step),  # type: ignore[arg-type]
+                error=message.error,
+                new_public_key=message.new_public_key,
+                stamp=message.stamp,
+                rotating_node=message.rotating_node,
+            ))
+
+
+def _rotation_step_kind(value: int) -> wire.RotationStepKind:
+    try:
+        return wire.RotationStepKind(value)
+    except ValueError:
+        raise ProtocolViolation(f"unknown rotation step {value}") from None
 
 
 def _decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
@@ -189,6 +205,16 @@ def _decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
             return wire.Ack(generation=msg.ack.generation, error=error)
         case "heartbeat":
             return wire.Heartbeat()
+        case "rotation_result":
+            r = msg.rotation_result
+            return wire.RotationResult(
+                rotation_id=r.rotation_id,
+                step=_rotation_step_kind(r.step),
+                rotating_node=_name(r.rotating_node, "rotating node"),
+                stamp=r.stamp,
+                error=r.error if r.HasField("error") else None,
+                new_public_key=r.new_public_key,
+            )
         case _:
             raise ProtocolViolation("an empty NodeMessage")
 
@@ -221,6 +247,15 @@ def encode_controller_message(message: wire.ControllerMessage) -> pb.ControllerM
             return pb.ControllerMessage(redirect=pb.Redirect(leader=leader))
         case wire.Refused(reason):
             return pb.ControllerMessage(refused=pb.Refused(reason=reason))
+        case wire.RotationStep():
+            return pb.ControllerMessage(rotation_step=pb.RotationStep(
+                rotation_id=message.rotation_id,
+                step=int(message.step),  # type: ignore[arg-type]
+                rotating_node=message.rotating_node,
+                old_public_key=message.old_public_key,
+                new_public_key=message.new_public_key,
+                stamp=message.stamp,
+            ))
 
 
 def _decode_controller_message(msg: pb.ControllerMessage) -> wire.ControllerMessage:
@@ -242,6 +277,16 @@ def _decode_controller_message(msg: pb.ControllerMessage) -> wire.ControllerMess
             return wire.Redirect(leader=msg.redirect.leader)
         case "refused":
             return wire.Refused(reason=msg.refused.reason)
+        case "rotation_step":
+            r = msg.rotation_step
+            return wire.RotationStep(
+                rotation_id=r.rotation_id,
+                step=_rotation_step_kind(r.step),
+                rotating_node=_name(r.rotating_node, "rotating node"),
+                old_public_key=r.old_public_key,
+                new_public_key=r.new_public_key,
+                stamp=r.stamp,
+            )
         case _:
             raise ProtocolViolation("an empty ControllerMessage")
 

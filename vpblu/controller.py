@@ -12,6 +12,7 @@ connected by which channels. The tree:
           state         StateActor (its term stamps every generation)
           watch-<Kind>  one WatcherActor per kind
           sessions      SessionsActor -> one NodeSessionActor per daemon
+          rotations     RotationsActor -> one RotationActor per node (key rotation)
 
 The leader subtree is one_for_all because its actors share one view: if the
 StateActor restarts, its view is empty and every watcher must list again to
@@ -35,13 +36,14 @@ import trio_asyncio
 from vpblu import kube as k
 from vpblu import resources
 from vpblu.actors.leader import LeaderActor, LeaseSettings
+from vpblu.actors.rotation import LeaderRotationPorts, RotationsActor, RotationSettings
 from vpblu.actors.session import SessionSettings
 from vpblu.actors.sessions import SessionsActor
 from vpblu.actors.state import StateActor
 from vpblu.actors.status import StatusActor
 from vpblu.actors.watcher import Parser, WatcherActor
 from vpblu.identity import TokenReviewAuthenticator
-from vpblu.messages import LeaderObserved, StateInbox, StatusInbox
+from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 from vpblu.transport import MeshServer, NodeStream, ServerTLS, split_address
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 STATE_INBOX = 256
 STATUS_INBOX = 256
+ROTATIONS_INBOX = 256
 NEW_STREAMS = 64
 
 WATCHED: tuple[tuple[k.ResourceKind, Parser], ...] = (
@@ -81,6 +84,8 @@ class ControllerSettings:
     # authenticated token carrying a node name (tests only).
     daemon_users: frozenset[str] | None = frozenset(
         {"system:serviceaccount:vpblu-system:vpblu-daemon"})
+    # Push whole states instead of deltas (the benchmark's --compare baseline).
+    full_pushes: bool = False
 
 
 @attrs.define
@@ -147,6 +152,8 @@ class LeadershipActor:
         with trio.CancelScope() as scope:
             state_send, state_receive = trio.open_memory_channel[StateInbox](STATE_INBOX)
             status_send, status_receive = trio.open_memory_channel[StatusInbox](STATUS_INBOX)
+            rotations_send, rotations_receive = trio.open_memory_channel[RotationsInbox](
+                ROTATIONS_INBOX)
             kube, settings = self._kube, self._settings
 
             def watcher(kind: k.ResourceKind, parse: Parser) -> ChildSpec:
@@ -157,15 +164,23 @@ class LeadershipActor:
                 ChildSpec("status", with_inbox_clone(
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS), status_receive)),
                 ChildSpec("state", with_inbox_clone(
-                    lambda inbox: StateActor(inbox, status_send.clone(), term=term),
+                    lambda inbox: StateActor(inbox, status_send.clone(), term=term,
+                                             full_pushes=settings.full_pushes,
+                                             rotations=rotations_send.clone()),
                     state_receive)),
+                ChildSpec("rotations", with_inbox_clone(
+                    lambda inbox: RotationsActor(
+                        LeaderRotationPorts(status_send.clone(), state_send.clone()), inbox,
+                        RotationSettings(term=term)),
+                    rotations_receive)),
                 *(watcher(kind, parse) for kind, parse in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(
                     self._streams.clone(), state_send.clone(), status_send.clone(),
                     settings.session).run),
             ]
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
-            async with state_send, state_receive, status_send, status_receive:
+            async with (state_send, state_receive, status_send, status_receive,
+                        rotations_send, rotations_receive):
                 task_status.started(scope)
                 await tree.run()
 

@@ -73,7 +73,7 @@ import attrs
 import yaml
 
 from vpblu.pki import CertAuthority, write_private
-from vpblu.testenv import TestEnv
+from vpblu.testenv import TestEnv, install_base
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,12 @@ TOKEN_AUDIENCE = "vpblu"
 TOKEN_DURATION = "24h"
 WG_PORT = 51820
 
-CRD_NAMES = frozenset({
-    "vpblunodes.vpblu.io", "tunnelpolicies.vpblu.io", "routepolicies.vpblu.io",
-    "blockpolicies.vpblu.io", "rotationpolicies.vpblu.io",
-})
-
 # A controller answers on its port within a second or two of starting (a
 # Python import of grpclib and kubernetes-asyncio); the bound is for 2 cores
 # shared with other suites.
 CONTROLLER_START_TIMEOUT = 30.0
 PROCESS_STOP_TIMEOUT = 10.0
 CLEANUP_TIMEOUT = 60.0
-CRD_SERVED_TIMEOUT = 30.0
 WG_EXIT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
@@ -770,8 +764,7 @@ class LocalCluster:
     # --- building --------------------------------------------------------------------------
 
     def _install(self) -> None:
-        self.kubectl("apply", "-k", str(KUSTOMIZE_BASE))
-        self._wait_crds_served()
+        install_base(self.env)
         token = self.kubectl("create", "token", CONTROLLER_SA, "-n", SYSTEM_NAMESPACE,
                              f"--duration={TOKEN_DURATION}").stdout.strip()
         import base64
@@ -787,17 +780,6 @@ class LocalCluster:
             "current-context": "local",
         }
         write_private(self.dir / "controller.kubeconfig", yaml.safe_dump(config).encode())
-
-    def _wait_crds_served(self) -> None:
-        deadline = time.monotonic() + CRD_SERVED_TIMEOUT
-        for name in sorted(CRD_NAMES):
-            plural, group = name.split(".", 1)
-            path = f"/apis/{group}/v1alpha1/{plural}"
-            # Established is not yet served: a list answers 429 for a moment.
-            while self.env.request("GET", path).status != 200:
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"{path} not served after {CRD_SERVED_TIMEOUT} s")
-                time.sleep(POLL_INTERVAL)
 
     def _make_underlay(self) -> None:
         ns, tag = self.underlay_netns, self.tag

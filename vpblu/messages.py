@@ -37,8 +37,9 @@ from __future__ import annotations
 import attrs
 import trio
 
+from vpblu import wire
 from vpblu.model import Change, CidrPair, Condition, IPNetwork, NodeDesiredState, Route, network
-from vpblu.resources import Typed
+from vpblu.resources import LastRotation, RotationRecord, Typed
 
 # --- WatcherActor -> StateActor -----------------------------------------------------
 
@@ -128,7 +129,20 @@ class ObjectConditions:
     conditions: tuple[Condition, ...]
 
 
-StatusInbox = PublicKeyReported | ObjectConditions
+@attrs.frozen(slots=True, eq=False)
+class RotationStatus:
+    """Make status.rotation of `node` this record (None: remove it), and publicKey /
+    lastRotation when given; `written` is set once the API server has it (the
+    RotationActor persists each step before sending it)."""
+
+    node: str
+    record: RotationRecord | None
+    public_key: str | None = None
+    last: LastRotation | None = None
+    written: trio.Event = attrs.field(factory=trio.Event, repr=False)
+
+
+StatusInbox = PublicKeyReported | ObjectConditions | RotationStatus
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------
@@ -153,7 +167,14 @@ class PushDelta:
     state: NodeDesiredState
 
 
-SessionInbox = PushSync | PushDelta
+@attrs.frozen(slots=True)
+class PushRotationStep:
+    """Send the daemon one key-rotation step (not a desired state: no generation)."""
+
+    step: wire.RotationStep
+
+
+SessionInbox = PushSync | PushDelta | PushRotationStep
 
 
 @attrs.frozen(slots=True, eq=False)
@@ -185,7 +206,51 @@ class NodeAcked:
     error: str | None = None
 
 
-StateInbox = WatchMessage | SessionOpened | SessionClosed | NodeAcked
+# --- RotationActor <-> StateActor / NodeSessionActor -----------------------------------
+
+
+@attrs.frozen(slots=True)
+class NodeRotationView:
+    """What one node's RotationActor needs to know, level-triggered (from the StateActor)."""
+
+    node: str
+    public_key: str | None  # status.publicKey
+    record: RotationRecord | None  # status.rotation
+    last_rotation: LastRotation | None
+    rotate_now: str | None  # the vpblu.io/rotate-now annotation
+    schedule: str | None  # the cron schedule of the RotationPolicy covering the node
+    peers: tuple[str, ...]  # the nodes whose desired state has this node as a peer
+
+
+@attrs.frozen(slots=True)
+class RotationViews:
+    """Every node's NodeRotationView, after a recompute (RotationActors start/stop with it)."""
+
+    nodes: tuple[NodeRotationView, ...]
+
+
+@attrs.frozen(slots=True)
+class RotationResultReceived:
+    """`node`'s daemon answered a rotation step."""
+
+    node: str
+    result: wire.RotationResult
+
+
+RotationInbox = NodeRotationView | RotationResultReceived
+RotationsInbox = RotationViews | RotationResultReceived
+
+
+@attrs.frozen(slots=True)
+class SendRotationStep:
+    """A RotationActor asks the StateActor (which holds the sessions) to pass a step on."""
+
+    node: str
+    step: wire.RotationStep
+
+
+StateInbox = (WatchMessage | SessionOpened | SessionClosed | NodeAcked | SendRotationStep
+              | RotationResultReceived)
 
 
 # --- NetlinkActor (vpblu/node/netlink.py) ----------------------------------------
@@ -232,7 +297,25 @@ class ApplyDesiredState:
     reply: trio.MemorySendChannel[ApplyOutcome] = attrs.field(eq=False, repr=False)
 
 
-NetlinkInbox = ApplyDesiredState
+@attrs.frozen(slots=True)
+class RotationStepDone:
+    """How one rotation step went: `error` None means done. `new_public_key` is
+    the staged key's public half after a PREPARE."""
+
+    error: str | None = None
+    new_public_key: str = ""
+
+
+@attrs.frozen(slots=True)
+class RunRotationStep:
+    """Do one step of a key rotation on this node (the NetlinkActor owns both the
+    mesh interface and the rotation's bridge, so steps and applies never interleave)."""
+
+    step: wire.RotationStep
+    reply: trio.MemorySendChannel[RotationStepDone] = attrs.field(eq=False, repr=False)
+
+
+NetlinkInbox = ApplyDesiredState | RunRotationStep
 
 
 # --- MtuActor (vpblu/node/mtu.py) -------------------------------------------------

@@ -12,6 +12,7 @@ before a schema tightened.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any
 import attrs
 from croniter import croniter
 
-from vpblu import model
+from vpblu import model, wire
 
 RawObject = dict[str, Any]
 
@@ -50,6 +51,64 @@ class NodeSource:
     pod_cidrs: tuple[model.IPNetwork, ...]
 
 
+ROTATE_NOW_ANNOTATION = "vpblu.io/rotate-now"
+
+
+class RotationPhase(enum.Enum):
+    PREPARE = "Prepare"
+    DISTRIBUTE = "Distribute"
+    ACTIVATE = "Activate"
+    RETIRE = "Retire"
+    ROLLING_BACK = "RollingBack"
+
+
+@attrs.frozen(slots=True)
+class RotationRecord:
+    """A key rotation in progress, as status.rotation of the rotating VpbluNode
+    holds it: written by the leader's RotationActor *before* each step is sent,
+    so a new leader knows where to resume or roll back."""
+
+    rotation_id: str
+    phase: RotationPhase
+    step: wire.RotationStepKind
+    old_public_key: str
+    new_public_key: str = ""
+    peers: tuple[str, ...] = ()
+    trigger: str = ""  # the rotate-now annotation value (or "schedule") that started it
+    stamp: int = 0
+
+    @property
+    def published_key(self) -> str:
+        """The key peers' primary interfaces hold for this node now: K until
+        Retire, K' from Retire on (rotation.py: the switch happens then)."""
+        if self.phase is RotationPhase.RETIRE and self.new_public_key:
+            return self.new_public_key
+        return self.old_public_key
+
+    def to_status(self) -> RawObject:
+        return {
+            "rotationId": self.rotation_id, "phase": self.phase.value, "step": self.step.name,
+            "oldPublicKey": self.old_public_key, "newPublicKey": self.new_public_key,
+            "peers": list(self.peers), "trigger": self.trigger, "stamp": self.stamp,
+        }
+
+
+@attrs.frozen(slots=True)
+class LastRotation:
+    """status.lastRotation: how the node's last rotation ended."""
+
+    rotation_id: str
+    outcome: str  # "Completed" or "RolledBack"
+    trigger: str
+    finished: float  # seconds since the epoch
+    message: str = ""
+
+    def to_status(self) -> RawObject:
+        return {"rotationId": self.rotation_id, "outcome": self.outcome,
+                "trigger": self.trigger, "finished": int(self.finished),
+                "message": self.message}
+
+
 @attrs.frozen(slots=True)
 class VpbluNodeSource:
     """What vpblu reads from a VpbluNode (spec and the status it wrote itself)."""
@@ -57,6 +116,13 @@ class VpbluNodeSource:
     meta: ObjectMeta
     endpoint: model.Endpoint | None
     public_key: str | None
+    rotation: RotationRecord | None = None
+    last_rotation: LastRotation | None = None
+
+    @property
+    def published_key(self) -> str | None:
+        """The key peers should hold for this node: mid-rotation the rotation decides."""
+        return self.rotation.published_key if self.rotation is not None else self.public_key
 
 
 @attrs.frozen(slots=True)
@@ -129,7 +195,22 @@ def parse_vpblu_node(raw: RawObject) -> VpbluNodeSource:
     if public_key is not None:
         with _at("status.publicKey"):
             model.check_public_key(None, _PUBLIC_KEY_ATTR, public_key)
-    return VpbluNodeSource(meta, endpoint, public_key)
+    rotation = None
+    if isinstance(r := _field(raw, "status.rotation"), dict):
+        with _at("status.rotation"):
+            rotation = RotationRecord(
+                rotation_id=str(r["rotationId"]), phase=RotationPhase(r["phase"]),
+                step=wire.RotationStepKind[r["step"]], old_public_key=str(r["oldPublicKey"]),
+                new_public_key=str(r.get("newPublicKey") or ""),
+                peers=tuple(str(p) for p in r.get("peers") or ()),
+                trigger=str(r.get("trigger") or ""), stamp=int(r.get("stamp") or 0))
+    last = None
+    if isinstance(r := _field(raw, "status.lastRotation"), dict):
+        with _at("status.lastRotation"):
+            last = LastRotation(str(r["rotationId"]), str(r["outcome"]),
+                                str(r.get("trigger") or ""), float(r.get("finished") or 0),
+                                str(r.get("message") or ""))
+    return VpbluNodeSource(meta, endpoint, public_key, rotation, last)
 
 
 _PUBLIC_KEY_ATTR = attrs.fields(model.NodeInfo).public_key

@@ -90,6 +90,10 @@ class KubectlError(RuntimeError):
     """kubectl failed; the message carries its stderr."""
 
 
+class TokenRequestFailed(RuntimeError):
+    """The TokenRequest API refused; the message carries the API server's reason."""
+
+
 @attrs.frozen(slots=True)
 class Binaries:
     kube_apiserver: Path
@@ -334,11 +338,38 @@ class TestEnv:
         return result
 
     def create_token(self, service_account: str, namespace: str,
-                     audiences: Sequence[str] = ()) -> str:
-        """A bound ServiceAccount token from the TokenRequest API."""
+                     audiences: Sequence[str] = (), *, bound_pod: str | None = None) -> str:
+        """A bound ServiceAccount token from the TokenRequest API.
+
+        With `bound_pod` the token is bound to that Pod (in `namespace`, run
+        by `service_account`): it dies with the Pod, and when the Pod has
+        spec.nodeName, TokenReview reports the node in user.extra
+        ("authentication.kubernetes.io/node-name"). That needs no kubelet:
+        the API server reads the Pod (and its Node, if any) when it mints
+        the token, and checks the Pod still exists when it reviews it.
+        """
         args = ["create", "token", service_account, "-n", namespace]
         args += [f"--audience={a}" for a in audiences]
+        if bound_pod is not None:
+            args += ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"]
         return self.kubectl(*args).stdout.strip()
+
+    def request_token(self, service_account: str, namespace: str,
+                      audiences: Sequence[str] = (), *, bound_pod: str | None = None,
+                      expiration_seconds: int = 3600) -> str:
+        """`create_token` through one HTTPS call instead of a kubectl process:
+        the same TokenRequest, cheap enough to mint a thousand (the bench)."""
+        spec: dict[str, Any] = {"audiences": list(audiences),
+                                "expirationSeconds": expiration_seconds}
+        if bound_pod is not None:
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": bound_pod}
+        answer = self.request(
+            "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+        if answer.status != 201:
+            raise TokenRequestFailed(f"TokenRequest for {namespace}/{service_account} answered "
+                               f"{answer.status}: {answer.message}")
+        return str(answer.body["status"]["token"])
 
     def request(self, method: str, path: str, body: object = None, *,
                 content_type: str = "application/json") -> ApiResponse:
@@ -551,3 +582,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- vpblu's kustomize base on a TestEnv ----------------------------------------------
+
+# The repository checkout (vpblu is installed editable from it).
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "kustomize" / "base"
+SAMPLES = REPO / "kustomize" / "samples"
+CRD_NAMES = frozenset({
+    "vpblunodes.vpblu.io",
+    "tunnelpolicies.vpblu.io",
+    "routepolicies.vpblu.io",
+    "blockpolicies.vpblu.io",
+    "rotationpolicies.vpblu.io",
+})
+# Established usually follows the apply within a second; the bound is for a
+# loaded machine.
+ESTABLISHED_TIMEOUT = 30.0
+CRD_POLL_INTERVAL = 0.1
+
+
+def established_crds(env: TestEnv) -> frozenset[str]:
+    out = env.kubectl("get", "crd", "-o", "json").stdout
+    names = set()
+    for crd in json.loads(out)["items"]:
+        conditions = crd.get("status", {}).get("conditions") or []
+        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            names.add(crd["metadata"]["name"])
+    return frozenset(names)
+
+
+def wait_established(env: TestEnv, names: frozenset[str]) -> None:
+    deadline = time.monotonic() + ESTABLISHED_TIMEOUT
+    while not names <= (seen := established_crds(env)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not Established after {ESTABLISHED_TIMEOUT} s: "
+                                 f"{sorted(names - seen)}")
+        time.sleep(CRD_POLL_INTERVAL)
+    # Established is not yet served: for a moment after it, a list answers 429
+    # "storage is (re)initializing" while the resource's watch cache fills.
+    for name in names:
+        plural, group = name.split(".", 1)
+        path = f"/apis/{group}/v1alpha1/{plural}"
+        while (status := env.request("GET", path).status) != 200:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"GET {path} answers {status} after "
+                                     f"{ESTABLISHED_TIMEOUT} s")
+            time.sleep(CRD_POLL_INTERVAL)
+
+
+def install_base(env: TestEnv) -> None:
+    """`kubectl apply -k kustomize/base`, then wait until every CRD is served."""
+    env.kubectl("apply", "-k", str(BASE))
+    wait_established(env, CRD_NAMES)

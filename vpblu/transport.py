@@ -192,6 +192,8 @@ class _Call(Generic[R, S]):
         self.stop = asyncio.Event()  # the reader ended, or the trio side closed
         self.finished = asyncio.Event()  # the RPC is over on this side
         self.close_reason: str | None = None
+        self.messages_received = 0
+        self.bytes_received = 0  # protobuf bytes, without gRPC/HTTP/2/TLS framing
 
     async def read_loop(self) -> None:
         try:
@@ -200,6 +202,8 @@ class _Call(Generic[R, S]):
                 if message is None:
                     self.inbox.close(await self._end_of_stream())
                     return
+                self.messages_received += 1
+                self.bytes_received += message.ByteSize()
                 await self.inbox.put(self._decode(message))
         except ProtocolViolation as exc:
             log.warning("protocol violation on the mesh stream: %s", exc)
@@ -389,6 +393,11 @@ class BatchStream(Generic[R, S]):
             return
         encoded = [self._encode(m) for m in messages]
         await trio_asyncio.aio_as_trio(self._call.write)(encoded)
+
+    @property
+    def received(self) -> tuple[int, int]:
+        """Messages and protobuf bytes received on this stream so far."""
+        return self._call.messages_received, self._call.bytes_received
 
     def close(self, reason: str) -> None:
         """End the stream; returns at once, the RPC ends in the background

@@ -1,14 +1,15 @@
 """What a daemon and the controller say to each other on the warm stream.
 
 Owns the typed values of DESIGN §5: the daemon's `NodeMessage`s (Hello, Ack,
-Heartbeat) and the controller's `ControllerMessage`s (SyncState, Delta,
-Redirect, Refused). They are what the session and stream actors exchange with
+Heartbeat, RotationResult) and the controller's `ControllerMessage`s (SyncState,
+Delta, Redirect, Refused, RotationStep). They are what the session and stream actors exchange with
 `vpblu.transport`; `vpblu.codec` turns them into protobuf and back. Nothing
 here does I/O or knows about gRPC.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,7 +60,44 @@ class Heartbeat:
     """Proof of life when there is nothing to acknowledge."""
 
 
-NodeMessage = Hello | Ack | Heartbeat
+class RotationStepKind(enum.IntEnum):
+    """One step of a key rotation (values as in mesh.proto)."""
+
+    PREPARE = 1
+    DISTRIBUTE = 2
+    ACTIVATE = 3
+    SWITCH_PEER = 4
+    RETIRE_ROTATING = 5
+    RETIRE_PEER = 6
+    ROLL_BACK_ROTATING = 7
+    ROLL_BACK_PEER = 8
+    ABANDON_ROTATING = 9
+
+
+def _check_rotation_id(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value or len(value) > 64:
+        raise ValueError(f"{attribute.name}: a rotation id is 1..64 characters")
+
+
+def _check_optional_key(inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        check_public_key(inst, attribute, value)
+
+
+@attrs.frozen(slots=True)
+class RotationResult:
+    """What the daemon did with the RotationStep stamped `stamp`: done, or `error`.
+    A PREPARE result carries the staged key's public half (never the private one)."""
+
+    rotation_id: str = attrs.field(validator=_check_rotation_id)
+    step: RotationStepKind
+    rotating_node: str = attrs.field(validator=_check_node_name)
+    stamp: int = attrs.field(validator=_check_generation)
+    error: str | None = None
+    new_public_key: str = attrs.field(default="", validator=_check_optional_key)
+
+
+NodeMessage = Hello | Ack | Heartbeat | RotationResult
 
 
 # --- controller -> daemon --------------------------------------------------------
@@ -103,4 +141,17 @@ class Refused:
     reason: str
 
 
-ControllerMessage = SyncState | Delta | Redirect | Refused
+@attrs.frozen(slots=True)
+class RotationStep:
+    """Do one step of `rotating_node`'s key rotation K -> K' and answer with a
+    RotationResult. Idempotent on the daemon; `stamp` orders steps like a generation."""
+
+    rotation_id: str = attrs.field(validator=_check_rotation_id)
+    step: RotationStepKind
+    rotating_node: str = attrs.field(validator=_check_node_name)
+    old_public_key: str = attrs.field(validator=check_public_key)
+    new_public_key: str = attrs.field(default="", validator=_check_optional_key)
+    stamp: int = attrs.field(default=0, validator=_check_generation)
+
+
+ControllerMessage = SyncState | Delta | Redirect | Refused | RotationStep

@@ -116,4 +116,24 @@ async def test_leader_steps_down_when_it_cannot_renew(
         assert trio.current_time() - t0 <= SETTINGS.renew_deadline + SETTINGS.retry_period + 0.5
         kube.come_back()
         await a.wait_leading()
+        # Leading again is a new term, though the Lease was still ours.
+        terms = [seen.term for seen in a.seen if seen.is_me]
+        assert terms[-1] > terms[0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_renewal_within_the_deadline_keeps_the_lead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKubeApi()
+    a = Replica(kube, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await a.wait_leading()
+        # A renewal (two calls) now takes longer than a retry period, but less than
+        # the renew deadline: a busy leader, not a dead one.
+        a.client.delay = SETTINGS.retry_period * 0.75  # get + replace: 1.5 periods
+        await trio.sleep(30)
+        assert a.leading
+        assert [m.is_me for m in a.seen] == [True]
         nursery.cancel_scope.cancel()

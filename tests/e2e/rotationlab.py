@@ -5,9 +5,8 @@ Owns the namespaces `vr-*`, the veths between them, the wireguard-go processes i
 fixture calls even when a test fails. Interface names are machine-unique (`vr-` prefix)
 because wireguard-go's UAPI sockets share /var/run/wireguard across namespaces.
 
-`UapiDevices` and `IpRoutes` are the lab's implementations of the rotation seams
-(`WireGuardDevices`, `MeshRoutes`) for one node namespace; production uses the daemon's
-WireGuard backend and pyroute2.
+`UapiDevices` (the daemon's `UserspaceBackend`, with lab-owned wireguard-go processes) and
+`IpRoutes` are the rotation seams (`WireGuardBackend`, `MeshRoutes`) for one node namespace.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from vpblu.model import Endpoint, IPNetwork, network
-from vpblu.node.rotation import DeviceState, DeviceUpdate, PeerState, PeerUpdate
+from vpblu.node.wireguard import DeviceUpdate, PeerUpdate, UserspaceBackend
 
 UAPI_DIR = Path("/var/run/wireguard")
 SOCKET_WAIT = 5.0
@@ -75,18 +74,17 @@ def run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
-class UapiDevices:
-    """wireguard-go devices of one namespace, spoken to over the UAPI socket."""
+class UapiDevices(UserspaceBackend):
+    """wireguard-go devices of one namespace: the daemon's UAPI backend, except that the
+    lab starts each wireguard-go in the foreground and owns it by pid."""
 
     def __init__(self, netns: str, processes: dict[str, subprocess.Popen[bytes]]) -> None:
+        super().__init__(netns=netns, socket_dir=UAPI_DIR)
         self.netns = netns
         self._processes = processes
 
-    def _socket(self, interface: str) -> Path:
-        return UAPI_DIR / f"{interface}.sock"
-
     async def exists(self, interface: str) -> bool:
-        return self._socket(interface).exists() and interface in self._processes
+        return self.socket_path(interface).exists() and interface in self._processes
 
     async def ensure_interface(self, interface: str) -> bool:
         if await self.exists(interface):
@@ -95,96 +93,10 @@ class UapiDevices:
         # wireguard-go has no readiness signal but its socket: poll for it.
         with trio.fail_after(SOCKET_WAIT):
             for _ in iter(int, 1):
-                if self._socket(interface).exists():
+                if self.socket_path(interface).exists():
                     break
                 await trio.sleep(POLL)
         return True
-
-    async def _request(self, interface: str, request: bytes) -> str:
-        stream = await trio.open_unix_socket(str(self._socket(interface)))
-        async with stream:
-            await stream.send_all(request)
-            chunks = []
-            while True:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if b"".join(chunks).endswith(b"\n\n"):
-                    break
-        text = b"".join(chunks).decode()
-        errno = next((line for line in text.splitlines() if line.startswith("errno=")), "")
-        if errno != "errno=0":
-            raise OSError(f"UAPI {interface}: {errno or 'no answer'}")
-        return text
-
-    async def read(self, interface: str) -> DeviceState:
-        text = await self._request(interface, b"get=1\n\n")
-        public_key = None
-        listen_port = fwmark = 0
-        peers: list[PeerState] = []
-        current: dict[str, object] | None = None
-        allowed: list[IPNetwork] = []
-
-        def finish() -> None:
-            if current is not None:
-                peers.append(PeerState(allowed_ips=tuple(allowed), **current))  # type: ignore[arg-type]
-
-        for line in text.splitlines():
-            key, _, value = line.partition("=")
-            if key == "private_key":
-                public_key = public_key_of(bytes.fromhex(value))
-            elif key == "listen_port":
-                listen_port = int(value)
-            elif key == "fwmark":
-                fwmark = int(value)
-            elif key == "public_key":
-                finish()
-                current, allowed = {"public_key": _b64(value)}, []
-            elif current is None:
-                continue
-            elif key == "endpoint":
-                current["endpoint"] = Endpoint.parse(value)
-            elif key == "allowed_ip":
-                allowed.append(network(value))
-            elif key == "persistent_keepalive_interval":
-                current["persistent_keepalive"] = int(value)
-            elif key == "last_handshake_time_sec":
-                current["latest_handshake"] = float(value) + float(
-                    current.get("latest_handshake", 0.0)
-                )  # type: ignore[arg-type]
-            elif key == "last_handshake_time_nsec":
-                current["latest_handshake"] = (
-                    float(current.get("latest_handshake", 0.0)) + int(value) / 1e9
-                )  # type: ignore[arg-type]
-            elif key == "rx_bytes":
-                current["rx_bytes"] = int(value)
-            elif key == "tx_bytes":
-                current["tx_bytes"] = int(value)
-        finish()
-        return DeviceState(public_key, listen_port, fwmark, tuple(peers))
-
-    async def write(self, interface: str, update: DeviceUpdate) -> None:
-        lines = ["set=1"]
-        if update.private_key is not None:
-            lines.append(f"private_key={update.private_key.hex()}")
-        if update.listen_port is not None:
-            lines.append(f"listen_port={update.listen_port}")
-        if update.fwmark is not None:
-            lines.append(f"fwmark={update.fwmark}")
-        for peer in update.peers:
-            lines.append(f"public_key={_hex(peer.public_key)}")
-            if peer.remove:
-                lines.append("remove=true")
-                continue
-            if peer.endpoint is not None:
-                lines.append(f"endpoint={peer.endpoint}")
-            if peer.persistent_keepalive is not None:
-                lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
-            if peer.allowed_ips is not None:
-                lines.append("replace_allowed_ips=true")
-                lines += [f"allowed_ip={cidr}" for cidr in peer.allowed_ips]
-        await self._request(interface, ("\n".join(lines) + "\n\n").encode())
 
     async def delete_interface(self, interface: str) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -31,8 +31,6 @@ from tests.e2e.rotationlab import (
 )
 from vpblu.node.rotation import (
     BridgeLayout,
-    DeviceUpdate,
-    PeerUpdate,
     activate_rotating_node,
     close_rotating_bridge,
     distribute_to_peer,
@@ -43,6 +41,7 @@ from vpblu.node.rotation import (
     roll_back_rotating_node,
     switch_peer_primary,
 )
+from vpblu.node.wireguard import DeviceUpdate, PeerUpdate
 
 pytestmark = pytest.mark.e2e
 

@@ -205,12 +205,13 @@ class SeverableClient:
     def __init__(self, api: FakeKubeApi) -> None:
         self._api = api
         self.severed = False
+        self.delay = 0.0  # every call takes this long first (a slow or busy server)
 
     def __getattr__(self, verb: str) -> Any:
         target = getattr(self._api, verb)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(self.delay)
             if self.severed:
                 raise ApiUnavailable("fake: this client is cut off")
             return await target(*args, **kwargs)

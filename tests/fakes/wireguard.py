@@ -1,9 +1,10 @@
 """In-memory stand-ins for the rotation seams: WireGuard devices and the mesh table.
 
-`FakeWireGuardDevices` applies `DeviceUpdate`s the way the kernel and wireguard-go do
-(peers keyed by public key, updates in order, a keepalive switched on from 0 "sends" a
-keepalive that completes a handshake when `answering` is true) and records every call
-in `log`, so tests can assert order. `FakeMeshRoutes` is a dict per table.
+`FakeWireGuardDevices` (a `WireGuardBackend`) applies `DeviceUpdate`s the way the
+kernel and wireguard-go do (peers keyed by public key, updates in order, a keepalive
+switched on from 0 "sends" a keepalive that completes a handshake when `answering`
+is true) and records every call in `log`, so tests can assert order.
+`FakeMeshRoutes` is a dict per table.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import attrs
 import trio
 
 from vpblu.model import IPNetwork
-from vpblu.node.rotation import DeviceState, DeviceUpdate, PeerState, public_key_of
+from vpblu.node.keys import public_key_of
+from vpblu.node.wireguard import BackendStatistics, DeviceState, DeviceUpdate, PeerConfig
 
 
 @attrs.define
@@ -20,7 +22,7 @@ class FakeDevice:
     private_key: bytes | None = attrs.field(default=None, repr=False)
     listen_port: int = 0
     fwmark: int = 0
-    peers: dict[str, PeerState] = attrs.Factory(dict)
+    peers: dict[str, PeerConfig] = attrs.Factory(dict)
 
 
 class FakeWireGuardDevices:
@@ -28,6 +30,14 @@ class FakeWireGuardDevices:
         self.devices: dict[str, FakeDevice] = {}
         self.log = log
         self.answering = answering
+        self.writes = 0
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    def statistics(self) -> BackendStatistics:
+        return BackendStatistics(reads=0, writes=self.writes)
 
     async def exists(self, interface: str) -> bool:
         return interface in self.devices
@@ -46,6 +56,7 @@ class FakeWireGuardDevices:
 
     async def write(self, interface: str, update: DeviceUpdate) -> None:
         dev = self.devices[interface]
+        self.writes += 1
         parts = []
         if update.private_key is not None and update.private_key != dev.private_key:
             dev.private_key = update.private_key
@@ -60,7 +71,7 @@ class FakeWireGuardDevices:
                 dev.peers.pop(change.public_key, None)
                 parts.append(f"-{change.public_key[:4]}")
                 continue
-            peer = old or PeerState(change.public_key)
+            peer = old or PeerConfig(change.public_key)
             peer = attrs.evolve(
                 peer,
                 endpoint=change.endpoint or peer.endpoint,

@@ -37,6 +37,7 @@ names = st.text(st.sampled_from("abcdefghij-.0123456789"), min_size=1, max_size=
 keys = st.binary(min_size=32, max_size=32).map(lambda b: base64.b64encode(b).decode())
 ports = st.integers(1, 65535)
 generations = st.integers(0, wire.MAX_GENERATION)
+rotation_ids = st.text(st.sampled_from("abcdef0123456789-"), min_size=1, max_size=64)
 v4nets = st.builds(
     lambda addr, plen: ipaddress.ip_network((addr, plen), strict=False),
     st.integers(0, 2**32 - 1), st.integers(0, 32),
@@ -78,11 +79,15 @@ controller_messages: st.SearchStrategy[wire.ControllerMessage] = st.one_of(
     deltas,
     st.builds(wire.Redirect, st.text(min_size=1)),
     st.builds(wire.Refused, st.text()),
+    st.builds(wire.RotationStep, rotation_ids, st.sampled_from(wire.RotationStepKind), names,
+              keys, st.just("") | keys, generations),
 )
 node_messages: st.SearchStrategy[wire.NodeMessage] = st.one_of(
     st.builds(wire.Hello, names, keys, generations, st.text()),
     st.builds(wire.Ack, generations, st.none() | st.text()),
     st.just(wire.Heartbeat()),
+    st.builds(wire.RotationResult, rotation_ids, st.sampled_from(wire.RotationStepKind),
+              names, generations, st.none() | st.text(), st.just("") | keys),
 )
 
 
@@ -163,6 +168,16 @@ MALFORMED_CONTROLLER = {
         pb.ControllerMessage(delta=pb.Delta(generation=2, base_generation=1,
                                             changes=[pb.Change(listen_port_changed=0)])), "port"),
     "redirect nowhere": (pb.ControllerMessage(redirect=pb.Redirect()), "leader address"),
+    "rotation step unknown": (
+        pb.ControllerMessage(rotation_step=pb.RotationStep(
+            rotation_id="r1", step=99, rotating_node="a", old_public_key=KEY)), "unknown rotation"),
+    "rotation step without id": (
+        pb.ControllerMessage(rotation_step=pb.RotationStep(
+            step=1, rotating_node="a", old_public_key=KEY)), "rotation id"),
+    "rotation step bad new key": (
+        pb.ControllerMessage(rotation_step=pb.RotationStep(
+            rotation_id="r1", step=2, rotating_node="a", old_public_key=KEY,
+            new_public_key="x")), "new_public_key"),
 }
 
 
@@ -179,6 +194,9 @@ MALFORMED_NODE = {
     "hello keyless": (pb.NodeMessage(hello=pb.Hello(node_name="a")), "32 bytes"),
     "hello name too long": (
         pb.NodeMessage(hello=pb.Hello(node_name="a" * 254, public_key=KEY)), "1..253"),
+    "rotation result unspecified step": (
+        pb.NodeMessage(rotation_result=pb.RotationResult(rotation_id="r1", rotating_node="a")),
+        "unknown rotation"),
 }
 
 

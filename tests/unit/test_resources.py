@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -80,3 +81,19 @@ def test_invalid_objects_name_the_field(parse: Any, raw: dict[str, Any], field: 
     with pytest.raises(InvalidObject) as err:
         parse(raw)
     assert str(err.value).startswith(field + ":")
+
+
+def test_a_rotation_record_round_trips_through_status_and_decides_the_published_key() -> None:
+    from vpblu import wire
+    from vpblu.resources import RotationPhase, RotationRecord, parse_vpblu_node
+
+    old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
+    for phase, published in ((RotationPhase.ACTIVATE, old), (RotationPhase.RETIRE, new),
+                             (RotationPhase.ROLLING_BACK, old)):
+        record = RotationRecord("r1", phase, wire.RotationStepKind.ACTIVATE, old, new,
+                                ("b",), "t", 5)
+        raw = {"metadata": {"name": "a"},
+               "status": {"publicKey": new, "rotation": record.to_status()}}
+        parsed = parse_vpblu_node(raw)
+        assert parsed.rotation == record
+        assert parsed.published_key == published

@@ -12,11 +12,10 @@ import trio
 
 from tests.fakes.wireguard import FakeMeshRoutes, FakeWireGuardDevices
 from vpblu.model import Endpoint
+from vpblu.node.keys import public_key_of as pub
 from vpblu.node.rotation import (
     PREWARM_TIMEOUT,
     BridgeLayout,
-    DeviceUpdate,
-    PeerUpdate,
     RotationError,
     activate_rotating_node,
     distribute_to_peer,
@@ -25,7 +24,7 @@ from vpblu.node.rotation import (
     roll_back_rotating_node,
     switch_peer_primary,
 )
-from vpblu.node.rotation import public_key_of as pub
+from vpblu.node.wireguard import DeviceUpdate, PeerUpdate
 
 TABLE = 5182
 LAYOUT = BridgeLayout.for_primary("wg-mesh", 51820, TABLE, 0xB20000)

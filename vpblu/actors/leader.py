@@ -85,8 +85,16 @@ class LeaderActor:
                         await self._release()
 
     async def _step(self) -> None:
+        # A leader may keep trying one renewal for what is left of its renew
+        # deadline: cutting a slow call off after one retry period made a
+        # busy controller (1000 daemons reconnecting at once) step down,
+        # which dropped every stream and made it busier still.
+        budget = self._settings.retry_period
+        if self._leading:
+            left = self._settings.renew_deadline - (trio.current_time() - self._last_renew)
+            budget = max(budget, left)
         try:
-            with trio.fail_after(self._settings.retry_period):
+            with trio.fail_after(budget):
                 await self._try_acquire_or_renew()
         except (ApiUnavailable, ApiError, trio.TooSlowError) as exc:
             log.warning("lease %s: %r", self._settings.name, exc)
@@ -150,7 +158,11 @@ class LeaderActor:
 
         transitions = int(spec.get("leaseTransitions") or 0)
         acquire_time = spec.get("acquireTime")
-        if holder != self._identity:
+        if holder != self._identity or not self._leading:
+            # A new term also when we take back our own Lease after stepping
+            # down (the API server was away): the term stamps generations,
+            # and a term reused would make daemons ignore the new leader's
+            # SyncStates as older than what the last one sent them.
             transitions += 1
             acquire_time = None
         rv = lease.get("metadata", {}).get("resourceVersion")

@@ -35,7 +35,9 @@ from vpblu.messages import (
     NodeAcked,
     PublicKeyReported,
     PushDelta,
+    PushRotationStep,
     PushSync,
+    RotationResultReceived,
     SessionClosed,
     SessionInbox,
     SessionOpened,
@@ -75,7 +77,10 @@ class SessionSettings:
     mailbox_size: int = MAILBOX_SIZE
 
 
-def coalesce(batch: Sequence[SessionInbox]) -> list[SessionInbox]:
+StatePush = PushSync | PushDelta
+
+
+def coalesce(batch: Sequence[StatePush]) -> list[StatePush]:
     """Drop every push queued before the last PushSync: the sync supersedes them."""
     for i in range(len(batch) - 1, -1, -1):
         if isinstance(batch[i], PushSync):
@@ -83,7 +88,7 @@ def coalesce(batch: Sequence[SessionInbox]) -> list[SessionInbox]:
     return list(batch)
 
 
-def to_wire(push: SessionInbox) -> wire.SyncState | wire.Delta:
+def to_wire(push: StatePush) -> wire.SyncState | wire.Delta:
     match push:
         case PushSync(generation=gen, state=state):
             return wire.SyncState(gen, state)
@@ -156,6 +161,8 @@ class NodeSessionActor:
                             await self._state.send(NodeAcked(self._node, self._sid, gen, error))
                         case wire.Heartbeat():
                             pass
+                        case wire.RotationResult():
+                            await self._state.send(RotationResultReceived(self._node, message))
                         case wire.Hello():
                             self._end("a second Hello on one stream")
                             return
@@ -184,14 +191,20 @@ class NodeSessionActor:
                 except trio.WouldBlock:
                     break
             if batch:
-                pushes = coalesce(batch)
-                self._latest = (pushes[-1].generation, pushes[-1].state)
+                # Rotation steps are not state: never coalesced away, sent as they are.
+                steps = [p.step for p in batch if isinstance(p, PushRotationStep)]
+                pushes = coalesce([p for p in batch if not isinstance(p, PushRotationStep)])
                 try:
-                    await self._send([to_wire(p) for p in pushes])
+                    if pushes:
+                        self._latest = (pushes[-1].generation, pushes[-1].state)
+                        await self._send([to_wire(p) for p in pushes])
+                        self._resent_for_ack = False
+                    if steps:
+                        await self._stream.send_batch(steps)
+                        self.messages_sent += len(steps)
                 except StreamClosed as exc:
                     self._end(f"stream closed: {exc}", problem=False)
                     return
-                self._resent_for_ack = False
                 continue
             # Woken by a deadline, not a push.
             now = trio.current_time()

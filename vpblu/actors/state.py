@@ -23,10 +23,21 @@ Invariants:
 - An object that becomes invalid keeps its last valid version in effect (and
   gets a condition saying so): a typo in a policy edit must not tear down a
   working mesh.
+- Mid-rotation, a node's peers are told the key its rotation record says
+  (`VpbluNodeSource.published_key`: the old key until Retire), not the key its
+  daemon reports: an ordinary PeerChanged would swap the key in place and lose
+  packets (vpblu/node/rotation.py).
+
+It is also the leader's switchboard for rotations: it hands every node's
+`NodeRotationView` to the RotationsActor after each recompute, passes a
+RotationActor's `SendRotationStep` to that node's session (dropped when the node
+has no session or its mailbox is full: the RotationActor re-sends), and passes
+daemons' RotationResults back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import TypeVar
@@ -40,9 +51,15 @@ from vpblu.messages import (
     KindChanged,
     KindListed,
     NodeAcked,
+    NodeRotationView,
     ObjectConditions,
     PushDelta,
+    PushRotationStep,
     PushSync,
+    RotationResultReceived,
+    RotationsInbox,
+    RotationViews,
+    SendRotationStep,
     SessionClosed,
     SessionInbox,
     SessionOpened,
@@ -60,7 +77,13 @@ from vpblu.model import (
     RoutePolicy,
     TunnelPolicy,
 )
-from vpblu.resources import NodeSource, PolicySource, Typed, VpbluNodeSource
+from vpblu.resources import (
+    ROTATE_NOW_ANNOTATION,
+    NodeSource,
+    PolicySource,
+    Typed,
+    VpbluNodeSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +126,11 @@ class StateActor:
         *,
         term: int,
         full_pushes: bool = False,
+        rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
     ) -> None:
         self._inbox = inbox
         self._status = status
+        self._rotations = rotations
         self._term = term
         # Send every change as a whole PushSync instead of a PushDelta: only
         # for `python -m vpblu.bench --compare`, which measures what deltas save.
@@ -200,6 +225,15 @@ class StateActor:
                 current = self._sessions.get(node)
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
+            case SendRotationStep(node=node, step=step):
+                session = self._sessions.get(node)
+                if session is not None:
+                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                             trio.ClosedResourceError):
+                        session.mailbox.send_nowait(PushRotationStep(step))
+            case RotationResultReceived():
+                if self._rotations is not None:
+                    await self._rotations.send(message)
             case NodeAcked(node=node, session_id=sid, generation=gen, error=error):
                 current = self._sessions.get(node)
                 if current is not None and current.session_id == sid:
@@ -225,7 +259,7 @@ class StateActor:
                     name=name,
                     internal_ip=src.internal_ip,
                     pod_cidrs=src.pod_cidrs,
-                    public_key=vn.public_key if vn else None,
+                    public_key=vn.published_key if vn else None,
                     endpoint_override=vn.endpoint if vn else None,
                 )
                 cached = (src, vn, info)
@@ -277,6 +311,32 @@ class StateActor:
                 self._offer(node, session, PushDelta(generation, session.sent_generation,
                                                      node_changes, new))
         await self._report_conditions(self._result.conditions)
+        await self._report_rotation_views()
+
+    async def _report_rotation_views(self) -> None:
+        if self._rotations is None:
+            return
+        peers_of: dict[str, list[str]] = {}
+        for node, state in self._states().items():
+            for peer in state.peers:
+                peers_of.setdefault(peer.name, []).append(node)
+        policies = self._policies("RotationPolicy", RotationPolicy)
+        views = []
+        for name in sorted(self._objects["Node"]):
+            vn = self._objects["VpbluNode"].get(name)
+            source = vn if isinstance(vn, VpbluNodeSource) else None
+            schedule = next((p.schedule for p in policies if not p.nodes or name in p.nodes),
+                            None)
+            views.append(NodeRotationView(
+                node=name,
+                public_key=source.public_key if source else None,
+                record=source.rotation if source else None,
+                last_rotation=source.last_rotation if source else None,
+                rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
+                schedule=schedule,
+                peers=tuple(sorted(peers_of.get(name, ()))),
+            ))
+        await self._rotations.send(RotationViews(tuple(views)))
 
     def _push_pending_syncs(self) -> None:
         for node, session in self._sessions.items():
@@ -284,7 +344,7 @@ class StateActor:
                 state = self._states().get(node) or NodeDesiredState(node)
                 self._offer(node, session, PushSync(self.generation, state))
 
-    def _offer(self, node: str, session: _Session, push: SessionInbox) -> None:
+    def _offer(self, node: str, session: _Session, push: PushSync | PushDelta) -> None:
         try:
             session.mailbox.send_nowait(push)
         except trio.WouldBlock:

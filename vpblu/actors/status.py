@@ -1,6 +1,8 @@
 """StatusActor: the only writer of vpblu objects' status.
 
-Owns status writes: a daemon's reported public key into its VpbluNode
+Owns status writes: a key rotation's record (status.rotation, lastRotation;
+the RotationActor waits on `RotationStatus.written` before it sends the step it
+records), a daemon's reported public key into its VpbluNode
 (creating the VpbluNode when the node has none yet) and the conditions the
 core computed for every policy and VpbluNode (Accepted / what was ignored and
 why, with observedGeneration). It never writes spec, and never decides
@@ -35,7 +37,7 @@ from vpblu.kube import (
     RawObject,
     ResourceKind,
 )
-from vpblu.messages import ObjectConditions, PublicKeyReported, StatusInbox
+from vpblu.messages import ObjectConditions, PublicKeyReported, RotationStatus, StatusInbox
 from vpblu.model import Condition
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,18 @@ class _Key:
     name: str
 
 
+_UNSET = "unset"
+
+
 @attrs.frozen(slots=True)
 class _Wanted:
     """The part of an object's status one message decides."""
 
     public_key: str | None = None
     conditions: ObjectConditions | None = None
+    # status.rotation: _UNSET leaves it alone, None removes it.
+    rotation: RawObject | str | None = _UNSET
+    last_rotation: RawObject | None = None
 
 
 def _now() -> str:
@@ -117,6 +125,8 @@ class StatusActor:
         # notices (by `_version`) that newer status arrived and writes again.
         self._busy: set[_Key] = set()
         self._version: dict[_Key, int] = {}
+        # RotationStatus messages waiting for their version to be written.
+        self._waiters: dict[_Key, list[tuple[int, trio.Event]]] = {}
         self._writes = 0
 
     @property
@@ -139,6 +149,18 @@ class StatusActor:
                         k = _Key(kind, name)
                         self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
                                                        conditions=message)
+                    case RotationStatus(node=node, record=record, public_key=key, last=last):
+                        k = _Key(VPBLU_NODES.kind, node)
+                        wanted = attrs.evolve(
+                            self._wanted.get(k, _Wanted()),
+                            rotation=None if record is None else record.to_status())
+                        if key is not None:
+                            wanted = attrs.evolve(wanted, public_key=key)
+                        if last is not None:
+                            wanted = attrs.evolve(wanted, last_rotation=last.to_status())
+                        self._wanted[k] = wanted
+                        self._waiters.setdefault(k, []).append(
+                            (self._version.get(k, 0) + 1, message.written))
                 self._version[k] = self._version.get(k, 0) + 1
                 if k not in self._queued and k not in self._busy:
                     self._queued.add(k)
@@ -160,10 +182,12 @@ class StatusActor:
             version = self._version[key]
             try:
                 await self._write(key, self._wanted[key])
+                self._wake(key, version)
                 if self._version[key] == version:
                     return
             except NotFound:
                 log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
+                self._wake(key, version)
                 return
             except Conflict:
                 continue  # someone wrote in between: read again and redo
@@ -172,6 +196,13 @@ class StatusActor:
                             key.kind, key.name, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_MAX)
+
+    def _wake(self, key: _Key, version: int) -> None:
+        waiting = self._waiters.get(key, [])
+        for v, event in waiting:
+            if v <= version:
+                event.set()
+        self._waiters[key] = [(v, e) for v, e in waiting if v > version]
 
     async def _write(self, key: _Key, wanted: _Wanted) -> None:
         kind = self._kinds[key.kind]
@@ -189,6 +220,10 @@ class StatusActor:
         patch: RawObject = {}
         if wanted.public_key is not None and status.get("publicKey") != wanted.public_key:
             patch["publicKey"] = wanted.public_key
+        if wanted.rotation != _UNSET and status.get("rotation") != wanted.rotation:
+            patch["rotation"] = wanted.rotation
+        if wanted.last_rotation is not None and status.get("lastRotation") != wanted.last_rotation:
+            patch["lastRotation"] = wanted.last_rotation
         if wanted.conditions is not None:
             old = list(status.get("conditions") or [])
             new = conditions_status(wanted.conditions, old)

@@ -35,6 +35,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from vpblu import wire
 from vpblu.messages import (
     Applied,
     ApplyDataPath,
@@ -44,6 +45,8 @@ from vpblu.messages import (
     DataPathApplied,
     MtuInbox,
     NetlinkInbox,
+    RotationStepDone,
+    RunRotationStep,
 )
 from vpblu.model import NodeDesiredState, Route
 from vpblu.node.bpfmaps import BpfMapActor
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 # holding the request never answers, and the StreamActor must get an error Ack
 # rather than hang (its next SyncState retries, level-triggered).
 APPLY_STEP_TIMEOUT = 30.0
+# A rotation step may wait behind an apply, and runs under the NetlinkActor's own
+# ROTATION_STEP_TIMEOUT (45 s).
+ROTATION_STEP_WAIT = 90.0
 
 
 @attrs.frozen(slots=True)
@@ -99,7 +105,8 @@ class ApplyError(Exception):
 
 
 class KernelApplier:
-    """`vpblu.node.stream.Applier` over the NetlinkActor and the BpfMapActor."""
+    """`vpblu.node.stream.Applier` over the NetlinkActor and the BpfMapActor, and
+    `vpblu.node.stream.Rotator` over the NetlinkActor."""
 
     def __init__(
         self,
@@ -165,6 +172,16 @@ class KernelApplier:
             len(last.routes_removed),
         )
 
+    async def rotate(self, step: wire.RotationStep) -> RotationStepDone:
+        send, receive = trio.open_memory_channel[RotationStepDone](1)
+        async with send, receive:
+            with trio.move_on_after(ROTATION_STEP_WAIT) as scope:
+                await self._netlink.send(RunRotationStep(step, send))
+                done = await receive.receive()
+        if scope.cancelled_caught:
+            return RotationStepDone(f"no answer from the netlink actor in {ROTATION_STEP_WAIT}s")
+        return done
+
     async def _apply_netlink(self, state: NodeDesiredState) -> Applied:
         send, receive = trio.open_memory_channel[ApplyOutcome](1)
         async with send, receive:
@@ -210,7 +227,8 @@ async def run_daemon(settings: DaemonSettings) -> None:
         applier = KernelApplier(
             netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend
         )
-        stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream)
+        stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream,
+                             rotator=applier)
         tree = Supervisor(
             "daemon",
             [

@@ -11,9 +11,21 @@ Must never: put the private key into a log line, an exception text, a repr or
 a message, or hand it to anything but a WireGuard backend write
 (`KeyStore.install`). The public key is free to go anywhere.
 
-Room for rotation (later): the active key is one `_Secret`; a rotation stages a
-second one next to it (its own 0600 file), activates it by renaming it over the
-key file, and retires the old one with `_Secret.zeroize`.
+Rotation (vpblu/node/rotation.py has the mechanism): `stage` writes a new key
+K' to ``wireguard.key.next`` (0600, fsynced) and its rotation id next to it
+*before* it returns K'.pub, so a public key is never published for a key that
+is not on disk. `activate` makes K' the key file and keeps K as
+``wireguard.key.old`` (a hard link first, then one atomic rename, so a crash at
+any instant leaves a key file; `load_or_create` repairs a half-done activation).
+`retire` zeroizes and deletes K; `roll_back` makes K the key file again and
+zeroizes and deletes K'. While a rotation is in progress (`rotating`) the
+primary interface may legitimately hold K or K': the NetlinkActor then leaves
+its private key alone, and only the rotation steps change it.
+
+The mechanism needs the raw bytes to write them into a device:
+`staged_private_key` / `previous_private_key` / `active_private_key` hand them
+to `vpblu.node.rotation` step functions, which pass them straight to a backend
+write, and nowhere else.
 """
 
 from __future__ import annotations
@@ -42,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEY_FILE_NAME = "wireguard.key"
+NEXT_SUFFIX = ".next"
+OLD_SUFFIX = ".old"
+ROTATION_ID_SUFFIX = ".rotation"
 STATE_DIR_MODE = 0o700
 KEY_FILE_MODE = 0o600
 # `wg genkey` format: 44 characters of base64 and a newline.
@@ -87,12 +102,16 @@ def public_key_of(private: bytes) -> str:
 
 
 class KeyStore:
-    """The node's private key, loaded from (or created in) `state_dir`."""
+    """The node's private key, loaded from (or created in) `state_dir`, and the
+    second key of a rotation in progress."""
 
     def __init__(self, path: Path, secret: _Secret) -> None:
         self._path = path
         self._active = secret
         self._public_key = secret.public_key()
+        self._staged: _Secret | None = None  # K' before activation
+        self._previous: _Secret | None = None  # K after activation, until retire
+        self._rotation_id: str | None = None
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> KeyStore:
@@ -108,7 +127,127 @@ class KeyStore:
                 "generated a new WireGuard key in %s (public key %s)", path, secret.public_key()
             )
         store = cls(path, secret)
+        store._load_rotation()
         return store
+
+    # --- rotation -------------------------------------------------------------------
+
+    def _sibling(self, suffix: str) -> Path:
+        return self._path.with_name(self._path.name + suffix)
+
+    def _load_rotation(self) -> None:
+        """Pick up a rotation a previous daemon left on disk."""
+        next_path, old_path = self._sibling(NEXT_SUFFIX), self._sibling(OLD_SUFFIX)
+        id_path = self._sibling(ROTATION_ID_SUFFIX)
+        if next_path.exists() and old_path.exists():
+            # activate() stopped between its link and its rename: not activated, and
+            # the old file is a second name of the key file (unlink, never scrub).
+            old_path.unlink()
+        if next_path.exists():
+            self._staged = _read_key_file(next_path)
+        elif old_path.exists():
+            self._previous = _read_key_file(old_path)
+        if self.rotating and id_path.exists():
+            self._rotation_id = id_path.read_text().strip() or None
+        elif not self.rotating:
+            id_path.unlink(missing_ok=True)
+
+    @property
+    def rotating(self) -> bool:
+        """A second key exists (staged or previous): a rotation is in progress."""
+        return self._staged is not None or self._previous is not None
+
+    @property
+    def rotation_id(self) -> str | None:
+        return self._rotation_id
+
+    @property
+    def staged_public_key(self) -> str | None:
+        return None if self._staged is None else self._staged.public_key()
+
+    @property
+    def previous_public_key(self) -> str | None:
+        return None if self._previous is None else self._previous.public_key()
+
+    def stage(self, rotation_id: str) -> str:
+        """Stage K' for `rotation_id` (again: the same K') and return K'.pub, only
+        once K' is on disk. Blocking file I/O."""
+        if self._previous is not None:
+            if self._rotation_id == rotation_id:
+                return self._public_key  # already activated: K' is the active key
+            raise KeyFileError(f"{self._path}: rotation {self._rotation_id} is still "
+                               "activated; retire or roll it back first")
+        if self._staged is not None and self._rotation_id == rotation_id:
+            return self._staged.public_key()
+        self._drop_staged()
+        _write_atomically(self._sibling(ROTATION_ID_SUFFIX), rotation_id.encode() + b"\n")
+        self._staged = _create_key_file(self._sibling(NEXT_SUFFIX))
+        self._rotation_id = rotation_id
+        log.info("staged a new WireGuard key for rotation %s (public %s)",
+                 rotation_id, self._staged.public_key())
+        return self._staged.public_key()
+
+    def activate(self, rotation_id: str) -> None:
+        """K' becomes the key file; K stays as the old file until `retire`. Idempotent."""
+        if self._previous is not None and self._rotation_id == rotation_id:
+            return
+        if self._staged is None or self._rotation_id != rotation_id:
+            raise KeyFileError(f"{self._path}: no key staged for rotation {rotation_id}")
+        old_path = self._sibling(OLD_SUFFIX)
+        old_path.unlink(missing_ok=True)
+        os.link(self._path, old_path)
+        os.rename(self._sibling(NEXT_SUFFIX), self._path)
+        _fsync_dir(self._path.parent)
+        self._previous, self._active, self._staged = self._active, self._staged, None
+        self._public_key = self._active.public_key()
+
+    def retire(self) -> None:
+        """Zeroize and delete K: the rotation is over. Idempotent."""
+        if self._staged is not None:
+            raise KeyFileError(f"{self._path}: rotation {self._rotation_id} is not activated")
+        _destroy(self._sibling(OLD_SUFFIX))
+        if self._previous is not None:
+            self._previous.zeroize()
+            self._previous = None
+        self._sibling(ROTATION_ID_SUFFIX).unlink(missing_ok=True)
+        self._rotation_id = None
+
+    def roll_back(self) -> None:
+        """K is the key file again; K' zeroized and deleted. Idempotent."""
+        if self._previous is not None:
+            old_path = self._sibling(OLD_SUFFIX)
+            # The key file holds K' now: overwrite it in place before K replaces it.
+            _scrub(self._path)
+            os.rename(old_path, self._path)
+            _fsync_dir(self._path.parent)
+            self._active.zeroize()
+            self._active, self._previous = self._previous, None
+            self._public_key = self._active.public_key()
+        self._drop_staged()
+        self._sibling(ROTATION_ID_SUFFIX).unlink(missing_ok=True)
+        self._rotation_id = None
+
+    def _drop_staged(self) -> None:
+        _destroy(self._sibling(NEXT_SUFFIX))
+        if self._staged is not None:
+            self._staged.zeroize()
+            self._staged = None
+
+    def active_private_key(self) -> bytes:
+        """For a rotation step's device write only."""
+        return self._active.bytes()
+
+    def staged_private_key(self) -> bytes:
+        """K', for a rotation step's device write only (before activation)."""
+        if self._staged is None:
+            raise KeyFileError(f"{self._path}: no key is staged")
+        return self._staged.bytes()
+
+    def previous_private_key(self) -> bytes:
+        """K after activation, for a rollback's device write only."""
+        if self._previous is None:
+            raise KeyFileError(f"{self._path}: no previous key is kept")
+        return self._previous.bytes()
 
     @property
     def path(self) -> Path:
@@ -125,8 +264,10 @@ class KeyStore:
         await backend.write(interface, DeviceUpdate(private_key=self._active.bytes()))
 
     def close(self) -> None:
-        """Forget the key (zeroize what we hold); the file stays."""
-        self._active.zeroize()
+        """Forget the keys (zeroize what we hold); the files stay."""
+        for secret in (self._active, self._staged, self._previous):
+            if secret is not None:
+                secret.zeroize()
 
     def __repr__(self) -> str:
         return f"KeyStore(path={str(self._path)!r}, public_key={self._public_key!r})"
@@ -197,3 +338,43 @@ def _create_key_file(path: Path) -> _Secret:
     finally:
         os.close(dir_fd)
     return secret
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, KEY_FILE_MODE)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _scrub(path: Path) -> None:
+    """Overwrite a key file's bytes with zeros on disk (best effort on journaling
+    or copy-on-write file systems, where old blocks may survive)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        os.write(fd, b"\0" * size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _destroy(path: Path) -> None:
+    """Zeroize and delete a key file; nothing if it is gone."""
+    _scrub(path)
+    path.unlink(missing_ok=True)

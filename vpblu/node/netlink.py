@@ -7,7 +7,16 @@ up), every route in table ``config.table`` that points into that interface,
 the ``unreachable default`` routes (IPv4 and IPv6) that make that table fail
 closed, the rule ``fwmark config.fwmark/config.fwmark_mask lookup config.table``, and
 the interface's rp_filter. Its inbox takes `ApplyDesiredState` and replies
-with what it changed (`Applied`) or the error (`ApplyFailed`).
+with what it changed (`Applied`) or the error (`ApplyFailed`), and
+`RunRotationStep`: during a key rotation it also owns the bridge interface
+``<interface>-rot`` and runs the steps of `vpblu.node.rotation` (one at a time,
+between applies, so a step and an apply never write the same device at once).
+
+While a rotation is in progress the NetlinkActor must not "repair" what the
+rotation did: a mesh-table route that points into the bridge counts as present
+(it is not added again into the primary), the bridge itself is never touched by
+an apply, and `prepare` leaves the primary's private key alone when it is one of
+the rotation's two keys (the KeyStore says which; only the steps re-key).
 
 Must never: write when the kernel already matches, rewrite the whole peer set
 or restart the interface (tunnels to unchanged peers would drop), touch a
@@ -18,6 +27,7 @@ elsewhere (a dead controller or API server leaves the mesh as it is; only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Iterable
@@ -26,10 +36,20 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from vpblu.messages import Applied, ApplyDesiredState, ApplyFailed, ApplyOutcome, NetlinkInbox
+from vpblu import wire
+from vpblu.messages import (
+    Applied,
+    ApplyDesiredState,
+    ApplyFailed,
+    ApplyOutcome,
+    NetlinkInbox,
+    RotationStepDone,
+    RunRotationStep,
+)
 from vpblu.model import IPNetwork, NodeDesiredState, network
+from vpblu.node import rotation
 from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import KeyStore
+from vpblu.node.keys import KeyFileError, KeyStore
 from vpblu.node.nsexec import run_in_netns
 from vpblu.node.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
 
@@ -43,6 +63,17 @@ ESRCH = 3
 RP_FILTER_OFF = 0
 RP_FILTER_LOOSE = 2
 RTN_UNREACHABLE = 7
+# One step waits at most for a prewarm handshake per peer it touches (12 s each,
+# concurrently on rollback) and a drain; a stuck device must not hold the
+# actor's inbox (and every apply behind it) forever.
+ROTATION_STEP_TIMEOUT = 45.0
+ROTATING_NODE_STEPS = frozenset({
+    wire.RotationStepKind.PREPARE,
+    wire.RotationStepKind.ACTIVATE,
+    wire.RotationStepKind.RETIRE_ROTATING,
+    wire.RotationStepKind.ROLL_BACK_ROTATING,
+    wire.RotationStepKind.ABANDON_ROTATING,
+})
 _DEFAULT_DST: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 
 
@@ -93,7 +124,40 @@ class MeshKernel(Protocol):
 
     async def relax_rp_filter(self, interface: str) -> None: ...
 
+    # What a key rotation needs besides (vpblu.node.rotation.MeshRoutes).
+
+    async def table_routes(self, table: int) -> dict[IPNetwork, str]:
+        """Every unicast route of `table`: destination -> device name."""
+        ...
+
+    async def replace_route(self, table: int, cidr: IPNetwork, interface: str) -> None:
+        """One atomic RTM_NEWROUTE with NLM_F_REPLACE: the prefix is never unrouted."""
+        ...
+
+    async def link_mtu(self, interface: str) -> int: ...
+
+    async def set_link_mtu_up(self, interface: str, mtu: int) -> None: ...
+
     def statistics(self) -> KernelStatistics: ...
+
+
+class KernelMeshRoutes:
+    """`vpblu.node.rotation.MeshRoutes` over a MeshKernel."""
+
+    def __init__(self, kernel: MeshKernel) -> None:
+        self._kernel = kernel
+
+    async def read(self, table: int) -> dict[IPNetwork, str]:
+        return await self._kernel.table_routes(table)
+
+    async def replace(self, table: int, cidr: IPNetwork, interface: str) -> None:
+        await self._kernel.replace_route(table, cidr, interface)
+
+    async def link_mtu(self, interface: str) -> int:
+        return await self._kernel.link_mtu(interface)
+
+    async def link_up(self, interface: str, mtu: int) -> None:
+        await self._kernel.set_link_mtu_up(interface, mtu)
 
 
 def mesh_rules(config: DaemonConfig) -> tuple[MeshRule, ...]:
@@ -131,6 +195,17 @@ class NetlinkActor:
                     case ApplyDesiredState(state=state, reply=reply):
                         outcome = await self._apply_or_fail(state)
                         await reply.send(outcome)
+                    case RunRotationStep(step=step, reply=rotation_reply):
+                        done = await self._rotate_or_fail(step)
+                        # The asker may have gone (its stream dropped): the step is
+                        # done all the same, and a resent step finds it done.
+                        with contextlib.suppress(trio.BrokenResourceError,
+                                                 trio.ClosedResourceError):
+                            await rotation_reply.send(done)
+
+    @property
+    def bridge(self) -> str:
+        return self._config.interface + rotation.DEFAULT_BRIDGE_SUFFIX
 
     async def prepare(self) -> None:
         """Create or adopt the interface and bring key, fwmark, link, rules and
@@ -144,7 +219,11 @@ class NetlinkActor:
                 f"{iface}: WireGuard answers but the link is not in this network namespace"
             )
         device = await self._backend.read(iface)
-        if device.public_key != self._keys.public_key:
+        rotation_keys = {self._keys.previous_public_key, self._keys.staged_public_key}
+        if self._keys.rotating and device.public_key in rotation_keys:
+            log.info("%s: a key rotation is in progress (%s); its steps own the key",
+                     iface, self._keys.rotation_id)
+        elif device.public_key != self._keys.public_key:
             log.info("%s: installing this node's key (public %s)", iface, self._keys.public_key)
             await self._keys.install(self._backend, iface)
         update = plan_update(
@@ -193,8 +272,10 @@ class NetlinkActor:
 
         table = self._config.table
         have_routes = await self._kernel.routes(table, iface)
+        # A route a rotation moved into the bridge is there: it goes home by a step.
+        on_bridge = await self._kernel.routes(table, self.bridge)
         want_routes = frozenset(r.cidr for r in state.routes)
-        routes_added = _ordered(want_routes - have_routes)
+        routes_added = _ordered(want_routes - have_routes - on_bridge)
         routes_removed = _ordered(have_routes - want_routes)
         for cidr in routes_added:
             await self._kernel.add_route(table, iface, cidr)
@@ -208,6 +289,74 @@ class NetlinkActor:
             routes_removed,
             listen_port_changed=update.listen_port is not None,
         )
+
+    async def _rotate_or_fail(self, step: wire.RotationStep) -> RotationStepDone:
+        try:
+            with trio.fail_after(ROTATION_STEP_TIMEOUT):
+                public_key = await self.rotate(step)
+        except (rotation.RotationError, KeyFileError, WireGuardError, OSError,
+                trio.TooSlowError) as exc:
+            log.warning("rotation %s: step %s failed: %s", step.rotation_id, step.step.name, exc)
+            return RotationStepDone(f"{type(exc).__name__}: {exc}")
+        log.info("rotation %s of %s: step %s done", step.rotation_id, step.rotating_node,
+                 step.step.name)
+        return RotationStepDone(None, public_key)
+
+    async def rotate(self, step: wire.RotationStep) -> str:
+        """Run one step; returns the staged public key after PREPARE, else ""."""
+        kind = wire.RotationStepKind
+        mine = step.rotating_node == self._config.node_name
+        if mine != (step.step in ROTATING_NODE_STEPS):
+            raise rotation.RotationError(
+                f"step {step.step.name} for {step.rotating_node} does not run on "
+                f"{self._config.node_name}")
+        keys, backend = self._keys, self._backend
+        routes = KernelMeshRoutes(self._kernel)
+        device = await backend.read(self.interface)
+        layout = rotation.BridgeLayout.for_primary(
+            self.interface, device.listen_port, self._config.table,
+            self._config.wg_socket_fwmark)
+        old, new = step.old_public_key, step.new_public_key
+        match step.step:
+            case kind.PREPARE:
+                public_key = await trio.to_thread.run_sync(keys.stage, step.rotation_id)
+                if keys.staged_public_key is not None:
+                    await rotation.prepare_rotating_node(
+                        backend, routes, layout, keys.staged_private_key())
+                    await self._kernel.relax_rp_filter(layout.bridge)
+                return public_key
+            case kind.DISTRIBUTE:
+                await rotation.distribute_to_peer(
+                    backend, routes, layout, keys.active_private_key(), old, new)
+                await self._kernel.relax_rp_filter(layout.bridge)
+            case kind.ACTIVATE:
+                if new not in (keys.staged_public_key, keys.public_key) or not keys.rotating:
+                    raise rotation.RotationError(f"no staged key {new} to activate")
+                # Active on disk before the primary holds it: a restart in between
+                # finds a rotation in progress and leaves the primary alone.
+                await trio.to_thread.run_sync(keys.activate, step.rotation_id)
+                await rotation.activate_rotating_node(
+                    backend, routes, layout, keys.active_private_key())
+            case kind.SWITCH_PEER:
+                await rotation.switch_peer_primary(backend, routes, layout, old, new)
+            case kind.RETIRE_ROTATING:
+                if keys.staged_public_key is not None:
+                    raise rotation.RotationError("retire before activate")
+                await rotation.retire_rotating_node(backend, routes, layout)
+                await trio.to_thread.run_sync(keys.retire)
+            case kind.RETIRE_PEER:
+                await rotation.retire_peer_bridge(backend, routes, layout)
+            case kind.ROLL_BACK_ROTATING:
+                original = (keys.previous_private_key() if keys.previous_public_key
+                            else keys.active_private_key())
+                await rotation.roll_back_rotating_node(backend, routes, layout, original)
+                await trio.to_thread.run_sync(keys.roll_back)
+            case kind.ROLL_BACK_PEER:
+                await rotation.roll_back_peer(backend, routes, layout)
+            case kind.ABANDON_ROTATING:
+                await rotation.close_rotating_bridge(backend, routes, layout)
+                await trio.to_thread.run_sync(keys.roll_back)
+        return ""
 
     async def cleanup(self) -> None:
         """Remove the rules, routes and interface this actor owns."""
@@ -397,6 +546,46 @@ class IPRouteKernel:
                 fh.write(str(want))
 
         await run_in_netns(self._netns, relax)
+
+
+    async def table_routes(self, table: int) -> dict[IPNetwork, str]:
+        def dump(ipr: Any) -> dict[IPNetwork, str]:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            found: dict[IPNetwork, str] = {}
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_routes(family=family, table=table):
+                    oif = msg.get_attr("RTA_OIF")
+                    if msg.get_attr("RTA_TABLE") != table or oif not in names:
+                        continue
+                    dst = msg.get_attr("RTA_DST")
+                    if dst is None:
+                        dst = "0.0.0.0" if family == socket.AF_INET else "::"
+                    found[network(f"{dst}/{msg['dst_len']}")] = names[oif]
+            return found
+
+        result: dict[IPNetwork, str] = await self._call(dump)
+        return result
+
+    async def replace_route(self, table: int, cidr: IPNetwork, interface: str) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.route(
+                "replace", dst=str(cidr), oif=_index(ipr, interface), table=table,
+                family=_family(cidr)
+            )
+        )
+
+    async def link_mtu(self, interface: str) -> int:
+        def mtu(ipr: Any) -> int:
+            return int(ipr.get_links(_index(ipr, interface))[0].get_attr("IFLA_MTU"))
+
+        result: int = await self._call(mtu)
+        return result
+
+    async def set_link_mtu_up(self, interface: str, mtu: int) -> None:
+        self._writes += 1
+        await self._call(
+            lambda ipr: ipr.link("set", index=_index(ipr, interface), mtu=mtu, state="up"))
 
 
 def _index(ipr: Any, interface: str) -> int:

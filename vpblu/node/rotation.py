@@ -5,8 +5,10 @@ Activate → Retire) on the rotating node and on each of its peers: a transient 
 WireGuard interface, the moves of mesh-table routes between the primary interface
 (`wg-mesh`) and the bridge, the in-place re-key of the idle primary, the swap of the
 rotating node's peer entry on each peer, and the rollbacks. It reaches WireGuard and the
-routing table only through the `WireGuardDevices` and `MeshRoutes` seams, so it runs
-unchanged on kernel WireGuard (netlink) and on wireguard-go (UAPI). It never decides
+routing table only through the `WireGuardBackend` and `MeshRoutes` seams, so it runs
+unchanged on kernel WireGuard (netlink) and on wireguard-go (UAPI): the daemon's own
+`vpblu.node.wireguard` backends, whose `PeerConfig.latest_handshake` tells a fresh
+handshake from an old one. It never decides
 *when* a phase runs (the controller's RotationActor does), never generates, stores or logs
 a private key (the KeyStore hands it the bytes and zeroizes them), and never writes
 ``replace_peers`` to a live interface.
@@ -117,16 +119,20 @@ and socket fwmark, and an MSS clamp keyed on the interface name must cover it to
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import attrs
 import trio
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from vpblu.model import Endpoint, IPNetwork, network
+from vpblu.model import Endpoint, IPNetwork
+from vpblu.node.keys import public_key_of
+from vpblu.node.wireguard import (
+    DeviceUpdate,
+    PeerConfig,
+    PeerUpdate,
+    WireGuardBackend,
+)
 
 DEFAULT_BRIDGE_SUFFIX = "-rot"
 # A handshake takes one round trip; 12 s also covers one REKEY_TIMEOUT (5 s) retry when the
@@ -144,77 +150,6 @@ PREWARM_KEEPALIVE = 25
 
 class RotationError(Exception):
     """A rotation step found the node in a state it must not act on."""
-
-
-def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
-    return tuple(
-        sorted(
-            {network(v) for v in values},
-            key=lambda n: (n.version, int(n.network_address), n.prefixlen),
-        )
-    )
-
-
-@attrs.frozen(slots=True)
-class PeerState:
-    """One peer entry as a device holds it, with when its last handshake completed
-    (seconds since the epoch, 0.0 for never)."""
-
-    public_key: str
-    endpoint: Endpoint | None = None
-    allowed_ips: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
-    persistent_keepalive: int = 0
-    latest_handshake: float = 0.0
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-
-
-@attrs.frozen(slots=True)
-class DeviceState:
-    public_key: str | None = None
-    listen_port: int = 0
-    fwmark: int = 0
-    peers: tuple[PeerState, ...] = ()
-
-    def peer(self, public_key: str) -> PeerState | None:
-        return next((p for p in self.peers if p.public_key == public_key), None)
-
-
-@attrs.frozen(slots=True)
-class PeerUpdate:
-    """A change to one peer; None fields stay as the device has them. Several updates of
-    one key in one write are applied in order (used to toggle a keepalive)."""
-
-    public_key: str
-    remove: bool = False
-    endpoint: Endpoint | None = None
-    allowed_ips: tuple[IPNetwork, ...] | None = None
-    persistent_keepalive: int | None = None
-
-
-@attrs.frozen(slots=True)
-class DeviceUpdate:
-    """One atomic write to a device."""
-
-    private_key: bytes | None = attrs.field(default=None, repr=False)
-    listen_port: int | None = None
-    fwmark: int | None = None
-    peers: tuple[PeerUpdate, ...] = ()
-
-
-class WireGuardDevices(Protocol):
-    """Kernel netlink or wireguard-go UAPI. `read` derives the public key and drops the
-    private one."""
-
-    async def ensure_interface(self, interface: str) -> bool: ...
-
-    async def read(self, interface: str) -> DeviceState: ...
-
-    async def write(self, interface: str, update: DeviceUpdate) -> None: ...
-
-    async def delete_interface(self, interface: str) -> None: ...
-
-    async def exists(self, interface: str) -> bool: ...
 
 
 class MeshRoutes(Protocol):
@@ -277,7 +212,7 @@ async def require_idle(routes: MeshRoutes, table: int, interface: str) -> None:
         raise RotationError(f"{interface} still carries {', '.join(busy)}")
 
 
-async def prewarm(devices: WireGuardDevices, interface: str, peer: PeerState) -> float:
+async def prewarm(devices: WireGuardBackend, interface: str, peer: PeerConfig) -> float:
     """Make `interface` complete a fresh handshake with `peer` now, before any route uses
     it, and return the handshake's time. A keepalive switched on from 0 is sent at once;
     with no usable session it starts the handshake."""
@@ -308,11 +243,11 @@ async def prewarm(devices: WireGuardDevices, interface: str, peer: PeerState) ->
 
 
 async def open_bridge(
-    devices: WireGuardDevices,
+    devices: WireGuardBackend,
     routes: MeshRoutes,
     layout: BridgeLayout,
     private_key: bytes,
-    peers: Sequence[PeerState],
+    peers: Sequence[PeerConfig],
 ) -> None:
     """Create (or adopt) the bridge with `private_key` and exactly these peers."""
     await devices.ensure_interface(layout.bridge)
@@ -340,22 +275,12 @@ async def open_bridge(
     )
 
 
-async def close_bridge(devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout) -> None:
+async def close_bridge(devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout) -> None:
     if not await devices.exists(layout.bridge):
         return
     await require_idle(routes, layout.table, layout.bridge)
     await trio.sleep(DRAIN_SECONDS)
     await devices.delete_interface(layout.bridge)
-
-
-def public_key_of(private_key: bytes) -> str:
-    """The base64 public key of a raw X25519 private key; the private bytes stay put."""
-    raw = (
-        X25519PrivateKey.from_private_bytes(private_key)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
-    return base64.b64encode(raw).decode()
 
 
 def _at_port(endpoint: Endpoint | None, port: int) -> Endpoint | None:
@@ -366,13 +291,13 @@ def _at_port(endpoint: Endpoint | None, port: int) -> Endpoint | None:
 
 
 async def prepare_rotating_node(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout, new_private_key: bytes
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout, new_private_key: bytes
 ) -> str:
     """Prepare: R.bridge holds K' and every peer of the primary (at their bridge ports,
     keepalive off so it does not knock on ports that are not open yet). Returns K'.pub."""
     primary = await devices.read(layout.primary)
     bridge_peers = [
-        PeerState(p.public_key, _at_port(p.endpoint, layout.bridge_port), p.allowed_ips, 0)
+        PeerConfig(p.public_key, _at_port(p.endpoint, layout.bridge_port), p.allowed_ips, 0)
         for p in primary.peers
     ]
     await open_bridge(devices, routes, layout, new_private_key, bridge_peers)
@@ -383,7 +308,7 @@ async def prepare_rotating_node(
 
 
 async def activate_rotating_node(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout, new_private_key: bytes
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout, new_private_key: bytes
 ) -> None:
     """Activate: every route into R.bridge, then re-key the idle primary to K'."""
     await move_routes(routes, layout.table, layout.primary, layout.bridge)
@@ -393,7 +318,7 @@ async def activate_rotating_node(
 
 
 async def retire_rotating_node(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
 ) -> None:
     """Retire (after every peer switched its primary entry): routes back into the primary,
     which answers with K' on warm sessions, then drop the bridge. The caller zeroizes K."""
@@ -402,7 +327,7 @@ async def retire_rotating_node(
 
 
 async def roll_back_rotating_node(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout, old_private_key: bytes
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout, old_private_key: bytes
 ) -> None:
     """Roll back, first step (any phase before Retire): the primary gets K back (it is
     idle if Activate ran), handshakes every peer again, and R's routes return to it.
@@ -419,7 +344,7 @@ async def roll_back_rotating_node(
 
 
 async def close_rotating_bridge(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
 ) -> None:
     """Roll back, last step: every peer has left its bridge, so R's bridge goes."""
     await close_bridge(devices, routes, layout)
@@ -429,7 +354,7 @@ async def close_rotating_bridge(
 
 
 async def distribute_to_peer(
-    devices: WireGuardDevices,
+    devices: WireGuardBackend,
     routes: MeshRoutes,
     layout: BridgeLayout,
     own_private_key: bytes,
@@ -444,7 +369,7 @@ async def distribute_to_peer(
         entry = primary.peer(new_public_key)
     if entry is None:
         raise RotationError("the rotating node is not a peer of this node")
-    bridge_entry = PeerState(
+    bridge_entry = PeerConfig(
         new_public_key,
         _at_port(entry.endpoint, layout.bridge_port),
         entry.allowed_ips,
@@ -459,7 +384,7 @@ async def distribute_to_peer(
 
 
 async def switch_peer_primary(
-    devices: WireGuardDevices,
+    devices: WireGuardBackend,
     routes: MeshRoutes,
     layout: BridgeLayout,
     old_public_key: str,
@@ -494,14 +419,14 @@ async def switch_peer_primary(
 
 
 async def retire_peer_bridge(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
 ) -> None:
     """Retire, last step on P (after R left its bridge): drop P.bridge."""
     await close_bridge(devices, routes, layout)
 
 
 async def roll_back_peer(
-    devices: WireGuardDevices, routes: MeshRoutes, layout: BridgeLayout
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
 ) -> None:
     """Roll back, second step on P: P.primary still holds K, so its routes go back there
     and P's bridge goes. R has already given its primary K back (`roll_back_rotating_node`)

@@ -12,6 +12,12 @@ genGuard: a message whose generation is not above the applied one is ignored
 the node stands). A Delta whose base is not exactly the applied generation is
 refused with an error Ack; the controller answers with a full SyncState.
 
+Rotation steps (`wire.RotationStep`) go to the `Rotator` seam one at a time,
+on a task of their own so the stream keeps reading while a step waits for a
+handshake; each is answered with a `wire.RotationResult`. A step stamped below
+the highest stamp seen is a deposed leader's and is refused, not run. Steps are
+idempotent, so a step resent after a reconnect is simply run again.
+
 It must never change the kernel because the controller went away: losing the
 stream only starts the reconnect loop; the mesh stays as last applied. The
 private key is not this actor's business: the Hello carries the public key.
@@ -28,6 +34,7 @@ import attrs
 import trio
 
 from vpblu import desiredstate, wire
+from vpblu.messages import RotationStepDone
 from vpblu.model import NodeDesiredState
 from vpblu.supervisor import Backoff
 from vpblu.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
@@ -40,6 +47,9 @@ RECONNECT_MAX = 30.0
 RECONNECT_JITTER = 1.0
 # A stream that stayed up this long counts as healthy: the backoff starts over.
 STABLE_AFTER = 10.0
+# Rotation steps waiting to run; the controller sends one step per node at a time,
+# so more than a few queued means a confused controller: those are refused.
+ROTATION_QUEUE = 8
 
 
 class Applier(Protocol):
@@ -49,6 +59,13 @@ class Applier(Protocol):
     """
 
     async def apply(self, state: NodeDesiredState) -> None: ...
+
+
+class Rotator(Protocol):
+    """Runs one key-rotation step on this node; never raises for a failed step
+    (the error goes back to the controller in the RotationResult)."""
+
+    async def rotate(self, step: wire.RotationStep) -> RotationStepDone: ...
 
 
 @attrs.frozen(slots=True)
@@ -74,6 +91,9 @@ class StreamStatistics:
     redirects: int
     ignored_stale: int
     refused_deltas: int
+    syncs_applied: int  # full SyncStates taken (each (re)connect brings one)
+    messages_received: int = 0  # controller messages, over every stream so far
+    bytes_received: int = 0  # their protobuf bytes (what the bench reports per event)
 
 
 class _Redirected(Exception):
@@ -89,10 +109,13 @@ class StreamActor:
         public_key: Callable[[], str],
         applier: Applier,
         settings: StreamSettings,
+        rotator: Rotator | None = None,
     ) -> None:
         self._node = node_name
         self._public_key = public_key
         self._applier = applier
+        self._rotator = rotator
+        self._rotation_stamp = 0
         self._settings = settings
         self._applied: AppliedRecord | None = None
         self._connected_to: str | None = None
@@ -100,6 +123,10 @@ class StreamActor:
         self._redirects = 0
         self._ignored_stale = 0
         self._refused_deltas = 0
+        self._syncs_applied = 0
+        # Received on streams that ended, plus a way to read the live one's.
+        self._received_before = (0, 0)
+        self._live_received: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._applied_changed = trio.Event()
 
     @property
@@ -108,8 +135,11 @@ class StreamActor:
 
     def statistics(self) -> StreamStatistics:
         gen = self._applied.generation if self._applied else 0
+        live = self._live_received()
         return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
-                                self._ignored_stale, self._refused_deltas)
+                                self._ignored_stale, self._refused_deltas, self._syncs_applied,
+                                self._received_before[0] + live[0],
+                                self._received_before[1] + live[1])
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -155,31 +185,63 @@ class StreamActor:
             self._connects += 1
             self._connected_to = address
             log.info("mesh stream to %s open", address)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat, stream)
+            # The stream's end (a close, a Redirect, a refusal) is caught
+            # inside the nursery and raised after it: raised through it, it
+            # would arrive wrapped in an ExceptionGroup that `run` does not
+            # catch, and the daemon would stop reconnecting.
+            ended: _Redirected | StreamClosed | None = None
+            self._live_received = lambda: stream.received
+            steps_send, steps_receive = trio.open_memory_channel[wire.RotationStep](
+                ROTATION_QUEUE)
+            async with steps_send, steps_receive, trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, stream)
+                nursery.start_soon(self._rotations, stream, steps_receive)
+                try:
                     while True:
                         batch = await stream.receive_batch()
-                        acks = await self._handle(batch)
+                        acks = await self._handle(batch, steps_send)
                         if acks:
                             await stream.send_batch(acks)
-            except BaseExceptionGroup as group:
-                # trio wraps what ends the session (a Redirect, a closed or
-                # refused stream) in an ExceptionGroup; run() must see the one
-                # exception itself, or a follower's Redirect crashes the daemon.
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
+                except (_Redirected, StreamClosed) as exc:
+                    ended = exc
+                nursery.cancel_scope.cancel()
+            done = stream.received
+            self._received_before = (self._received_before[0] + done[0],
+                                     self._received_before[1] + done[1])
+            self._live_received = lambda: (0, 0)
+            assert ended is not None
+            raise ended
+
+    async def _rotations(self, stream: _Sender,
+                         steps: trio.MemoryReceiveChannel[wire.RotationStep]) -> None:
+        async for step in steps:
+            if self._rotator is None:
+                done = RotationStepDone("this daemon does not rotate keys")
+            else:
+                done = await self._rotator.rotate(step)
+            try:
+                await stream.send_batch([_result(step, done)])
+            except StreamClosed:
+                return  # the receive loop sees the end too; a resent step is run again
 
     async def _heartbeat(self, stream: _Sender) -> None:
-        while True:
-            await trio.sleep(self._settings.heartbeat_period)
-            await stream.send_batch([wire.Heartbeat()])
+        try:
+            while True:
+                await trio.sleep(self._settings.heartbeat_period)
+                await stream.send_batch([wire.Heartbeat()])
+        except StreamClosed:
+            return  # the receive loop sees the end too, and reports it
 
-    async def _handle(self, batch: Sequence[wire.ControllerMessage]) -> list[wire.NodeMessage]:
-        """Fold the batch into one target state, apply it once, acknowledge."""
+    async def _handle(
+        self,
+        batch: Sequence[wire.ControllerMessage],
+        steps: trio.MemorySendChannel[wire.RotationStep],
+    ) -> list[wire.NodeMessage]:
+        """Fold the batch into one target state, apply it once, acknowledge;
+        queue rotation steps for their own task."""
         applied = self._applied
         target = applied
+        syncs = 0
         acks: list[wire.NodeMessage] = []
         for message in batch:
             current_gen = target.generation if target else 0
@@ -189,6 +251,7 @@ class StreamActor:
                         self._ignored_stale += 1
                         continue
                     target = AppliedRecord(gen, state)
+                    syncs += 1
                 case wire.Delta(generation=gen, base_generation=base, changes=changes):
                     if target is not None and gen <= current_gen:
                         self._ignored_stale += 1
@@ -203,6 +266,17 @@ class StreamActor:
                     raise _Redirected(leader)
                 case wire.Refused(reason=reason):
                     raise StreamClosed(f"the controller refused this daemon: {reason}")
+                case wire.RotationStep(stamp=stamp):
+                    if stamp < self._rotation_stamp:
+                        acks.append(_result(message, RotationStepDone(
+                            f"stale step: stamp {stamp} is below {self._rotation_stamp}")))
+                        continue
+                    self._rotation_stamp = stamp
+                    try:
+                        steps.send_nowait(message)
+                    except trio.WouldBlock:
+                        acks.append(_result(message, RotationStepDone(
+                            "too many rotation steps queued")))
         if target is not None and target is not applied:
             try:
                 await self._applier.apply(target.state)
@@ -211,11 +285,17 @@ class StreamActor:
                 acks.append(wire.Ack(target.generation, f"apply failed: {exc}"))
                 return acks
             self._applied = target
+            self._syncs_applied += syncs
             self._applied_changed.set()
             self._applied_changed = trio.Event()
         if self._applied is not None:
             acks.append(wire.Ack(self._applied.generation))
         return acks
+
+
+def _result(step: wire.RotationStep, done: RotationStepDone) -> wire.RotationResult:
+    return wire.RotationResult(step.rotation_id, step.step, step.rotating_node, step.stamp,
+                               done.error, done.new_public_key)
 
 
 class _Sender(Protocol):

@@ -57,6 +57,12 @@ class PeerConfig:
     endpoint: Endpoint | None = None
     allowed_ips: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_sorted_networks)
     persistent_keepalive: int = 0
+    # When the last handshake completed (seconds since the epoch, 0.0 for never).
+    # Observed, not configured: it takes no part in comparisons, so a device whose
+    # sessions renewed still equals its desired configuration.
+    latest_handshake: float = attrs.field(default=0.0, eq=False)
+    rx_bytes: int = attrs.field(default=0, eq=False)
+    tx_bytes: int = attrs.field(default=0, eq=False)
 
     @classmethod
     def from_peer(cls, peer: Peer) -> PeerConfig:
@@ -79,6 +85,9 @@ class DeviceState:
 
     def peer_map(self) -> dict[str, PeerConfig]:
         return {p.public_key: p for p in self.peers}
+
+    def peer(self, public_key: str) -> PeerConfig | None:
+        return next((p for p in self.peers if p.public_key == public_key), None)
 
 
 @attrs.frozen(slots=True)
@@ -132,6 +141,10 @@ class WireGuardBackend(Protocol):
     async def write(self, interface: str, update: DeviceUpdate) -> None: ...
 
     async def delete_interface(self, interface: str) -> None: ...
+
+    async def exists(self, interface: str) -> bool:
+        """Whether `interface` is there and answers (the rotation's bridge may not be)."""
+        ...
 
     def statistics(self) -> BackendStatistics: ...
 
@@ -289,6 +302,12 @@ def parse_get(response: str) -> DeviceState:
             peer["allowed_ips"].append(value)
         elif key == "persistent_keepalive_interval":
             peer["persistent_keepalive"] = int(value)
+        elif key == "last_handshake_time_sec":
+            peer["latest_handshake"] = peer.get("latest_handshake", 0.0) + int(value)
+        elif key == "last_handshake_time_nsec":
+            peer["latest_handshake"] = peer.get("latest_handshake", 0.0) + int(value) / 1e9
+        elif key in ("rx_bytes", "tx_bytes"):
+            peer[key] = int(value)
     finish()
     return DeviceState(public_key, listen_port, fwmark, peers)
 
@@ -349,6 +368,9 @@ class UserspaceBackend:
                 if tail.endswith(b"\n\n") and b"errno=" in tail:
                     break
         return b"".join(chunks).decode()
+
+    async def exists(self, interface: str) -> bool:
+        return await self.answers(interface)
 
     async def answers(self, interface: str) -> bool:
         try:
@@ -446,6 +468,14 @@ def _key_value(attr: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _kernel_timespec(value: Any) -> float:
+    """pyroute2 decodes WGPEER_A_LAST_HANDSHAKE_TIME as {tv_sec, tv_nsec}."""
+    try:
+        return float(value["tv_sec"]) + float(value["tv_nsec"]) / 1e9
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
 def parse_kernel_info(messages: Iterable[Any]) -> DeviceState:
     """Fold pyroute2 `WireGuard.info()` messages (large devices come in several)
     into one DeviceState. The private key is turned into its public key and
@@ -476,6 +506,13 @@ def parse_kernel_info(messages: Iterable[Any]) -> DeviceState:
             keepalive = p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
             if keepalive is not None:
                 entry["persistent_keepalive"] = keepalive
+            handshake = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+            if handshake:
+                entry["latest_handshake"] = _kernel_timespec(handshake)
+            for attr, field in (("WGPEER_A_RX_BYTES", "rx_bytes"),
+                                ("WGPEER_A_TX_BYTES", "tx_bytes")):
+                if (count := p.get_attr(attr)) is not None:
+                    entry[field] = int(count)
             for aip in p.get_attr("WGPEER_A_ALLOWEDIPS") or ():
                 if "addr" in aip:
                     entry["allowed_ips"].append(aip["addr"])
@@ -566,6 +603,15 @@ class KernelBackend:
 
     async def delete_interface(self, interface: str) -> None:
         await run_in_netns(self._netns, lambda: _delete_link(interface))
+
+    async def exists(self, interface: str) -> bool:
+        def lookup() -> bool:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                return bool(ipr.link_lookup(ifname=interface))
+
+        return await run_in_netns(self._netns, lookup)
 
 
 # --- choosing ---------------------------------------------------------------------------

@@ -1,10 +1,34 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RotationStepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROTATION_STEP_UNSPECIFIED: _ClassVar[RotationStepKind]
+    PREPARE: _ClassVar[RotationStepKind]
+    DISTRIBUTE: _ClassVar[RotationStepKind]
+    ACTIVATE: _ClassVar[RotationStepKind]
+    SWITCH_PEER: _ClassVar[RotationStepKind]
+    RETIRE_ROTATING: _ClassVar[RotationStepKind]
+    RETIRE_PEER: _ClassVar[RotationStepKind]
+    ROLL_BACK_ROTATING: _ClassVar[RotationStepKind]
+    ROLL_BACK_PEER: _ClassVar[RotationStepKind]
+    ABANDON_ROTATING: _ClassVar[RotationStepKind]
+ROTATION_STEP_UNSPECIFIED: RotationStepKind
+PREPARE: RotationStepKind
+DISTRIBUTE: RotationStepKind
+ACTIVATE: RotationStepKind
+SWITCH_PEER: RotationStepKind
+RETIRE_ROTATING: RotationStepKind
+RETIRE_PEER: RotationStepKind
+ROLL_BACK_ROTATING: RotationStepKind
+ROLL_BACK_PEER: RotationStepKind
+ABANDON_ROTATING: RotationStepKind
 
 class Endpoint(_message.Message):
     __slots__ = ("host", "port")
@@ -102,15 +126,33 @@ class Heartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RotationResult(_message.Message):
+    __slots__ = ("rotation_id", "step", "error", "new_public_key", "stamp", "rotating_node")
+    ROTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
+    ROTATING_NODE_FIELD_NUMBER: _ClassVar[int]
+    rotation_id: str
+    step: RotationStepKind
+    error: str
+    new_public_key: str
+    stamp: int
+    rotating_node: str
+    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., error: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ..., rotating_node: _Optional[str] = ...) -> None: ...
+
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "ack", "heartbeat")
+    __slots__ = ("hello", "ack", "heartbeat", "rotation_result")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_RESULT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    rotation_result: RotationResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., rotation_result: _Optional[_Union[RotationResult, _Mapping]] = ...) -> None: ...
 
 class SyncState(_message.Message):
     __slots__ = ("generation", "state")
@@ -142,14 +184,32 @@ class Refused(_message.Message):
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
+class RotationStep(_message.Message):
+    __slots__ = ("rotation_id", "step", "rotating_node", "old_public_key", "new_public_key", "stamp")
+    ROTATION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROTATING_NODE_FIELD_NUMBER: _ClassVar[int]
+    OLD_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
+    rotation_id: str
+    step: RotationStepKind
+    rotating_node: str
+    old_public_key: str
+    new_public_key: str
+    stamp: int
+    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., rotating_node: _Optional[str] = ..., old_public_key: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ...) -> None: ...
+
 class ControllerMessage(_message.Message):
-    __slots__ = ("sync_state", "delta", "redirect", "refused")
+    __slots__ = ("sync_state", "delta", "redirect", "refused", "rotation_step")
     SYNC_STATE_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_STEP_FIELD_NUMBER: _ClassVar[int]
     sync_state: SyncState
     delta: Delta
     redirect: Redirect
     refused: Refused
-    def __init__(self, sync_state: _Optional[_Union[SyncState, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ...) -> None: ...
+    rotation_step: RotationStep
+    def __init__(self, sync_state: _Optional[_Union[SyncState, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., rotation_step: _Optional[_Union[RotationStep, _Mapping]] = ...) -> None: ...

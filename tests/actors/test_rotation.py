@@ -1,0 +1,241 @@
+"""The RotationActor's phase machine on fake ports and fake daemons (virtual time):
+the order of steps and of status writes, rollback on a failure at each phase and on a
+timeout, and a new leader resuming from the persisted record."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from vpblu import wire
+from vpblu.actors.rotation import RotationActor, RotationSettings, RotationToken, next_fire
+from vpblu.messages import NodeRotationView, RotationInbox, RotationResultReceived
+from vpblu.resources import LastRotation, RotationPhase, RotationRecord
+
+Step = wire.RotationStepKind
+OLD = base64.b64encode(bytes([1]) * 32).decode()
+NEW = base64.b64encode(bytes([2]) * 32).decode()
+PEERS = ("b", "c")
+
+
+@attrs.define
+class FakeRotationPorts:
+    """Records status writes and sent steps; fake daemons answer through `answer`."""
+
+    inbox: trio.MemorySendChannel[RotationInbox]
+    log: list[str] = attrs.Factory(list)
+    persisted: list[RotationRecord | None] = attrs.Factory(list)
+    public_keys: list[str | None] = attrs.Factory(list)
+    lasts: list[LastRotation] = attrs.Factory(list)
+    persist_times: list[float] = attrs.Factory(list)
+    # (node, step) -> error text, or None to stay silent; absent: answer ok.
+    faults: dict[tuple[str, Step], str | None] = attrs.Factory(dict)
+    connected: Callable[[str], bool] = lambda _node: True
+
+    async def persist(self, node: str, record: RotationRecord | None, *,
+                      public_key: str | None = None, last: LastRotation | None = None) -> None:
+        await trio.sleep(0.01)  # a status write takes a moment
+        self.persisted.append(record)
+        self.persist_times.append(trio.current_time())
+        self.public_keys.append(public_key)
+        if last is not None:
+            self.lasts.append(last)
+        self.log.append("persist " + (f"{record.phase.value}/{record.step.name}"
+                                      if record else "done"))
+
+    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+        # Every step is persisted before it is sent.
+        last = self.persisted[-1]
+        assert last is not None and last.step is step.step and last.stamp == step.stamp
+        if not self.connected(node):
+            return
+        self.log.append(f"send {step.step.name} {node}")
+        key = (node, step.step)
+        if key in self.faults and self.faults[key] is None:
+            return
+        error = self.faults.get(key)
+        new = NEW if step.step is Step.PREPARE else ""
+        await self.inbox.send(RotationResultReceived(node, wire.RotationResult(
+            step.rotation_id, step.step, "a", step.stamp, error, new)))
+
+    def wall_clock(self) -> float:
+        return 1_700_000_000.0 + trio.current_time()
+
+    def sent(self) -> list[str]:
+        return [e for e in self.log if e.startswith("send")]
+
+
+def view(**changes: object) -> NodeRotationView:
+    base = NodeRotationView("a", OLD, None, None, None, None, PEERS)
+    return attrs.evolve(base, **changes)  # type: ignore[arg-type]
+
+
+async def run_one(ports: FakeRotationPorts, receive: trio.MemoryReceiveChannel[RotationInbox],
+                  first: NodeRotationView, *, wait: Callable[[FakeRotationPorts], bool],
+                  settings: RotationSettings | None = None) -> RotationActor:
+    actor = RotationActor("a", ports, RotationToken(), receive,
+                          settings or RotationSettings(term=3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await ports.inbox.send(first)
+        with trio.fail_after(3600):
+            while not wait(ports):  # noqa: ASYNC110 (polling a fake's record, virtual time)
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    return actor
+
+
+def channel() -> tuple[trio.MemorySendChannel[RotationInbox],
+                       trio.MemoryReceiveChannel[RotationInbox]]:
+    return trio.open_memory_channel[RotationInbox](64)
+
+
+HAPPY = [
+    "send PREPARE a", "send DISTRIBUTE b", "send DISTRIBUTE c", "send ACTIVATE a",
+    "send SWITCH_PEER b", "send SWITCH_PEER c", "send RETIRE_ROTATING a",
+    "send RETIRE_PEER b", "send RETIRE_PEER c",
+]
+ROLLBACK = ["send ROLL_BACK_ROTATING a", "send ROLL_BACK_PEER b", "send ROLL_BACK_PEER c",
+            "send ABANDON_ROTATING a"]
+
+
+async def test_rotate_now_runs_every_phase_in_order_and_persists_before_each_step(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    actor = await run_one(ports, receive, view(rotate_now="t1"),
+                          wait=lambda p: bool(p.lasts))
+    assert ports.sent() == HAPPY
+    phases = [r.phase for r in ports.persisted if r is not None]
+    assert phases == [RotationPhase.PREPARE, RotationPhase.DISTRIBUTE, RotationPhase.ACTIVATE,
+                      *[RotationPhase.RETIRE] * 3]
+    # K'.pub is in the record before any peer is told about it.
+    assert all(r.new_public_key == NEW for r in ports.persisted[1:] if r is not None)
+    assert ports.persisted[-1] is None and ports.public_keys[-1] == NEW
+    assert ports.lasts[0].outcome == "Completed" and ports.lasts[0].trigger == "t1"
+    stamps = [r.stamp for r in ports.persisted if r is not None]
+    assert stamps == sorted(set(stamps)) and all(s >> 32 == 3 for s in stamps)
+    assert actor.statistics().completed == 1
+
+
+@pytest.mark.parametrize(("node", "step"), [("a", Step.PREPARE), ("c", Step.DISTRIBUTE),
+                                            ("a", Step.ACTIVATE)])
+async def test_a_failure_before_retire_rolls_back_in_the_mechanisms_order(
+        autojump_clock: trio.testing.MockClock, node: str, step: Step) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, faults={(node, step): "boom"})
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    sent = ports.sent()
+    assert sent[-4:] == ROLLBACK
+    assert f"send {step.name} {node}" in sent
+    assert not any("SWITCH_PEER" in e or "RETIRE" in e for e in sent)
+    assert ports.lasts[0].outcome == "RolledBack" and "boom" in ports.lasts[0].message
+    assert ports.persisted[-1] is None and ports.public_keys[-1] == OLD
+
+
+async def test_a_silent_daemon_times_out_and_rolls_back_after_resending(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, faults={("b", Step.DISTRIBUTE): None})
+    settings = RotationSettings(term=1, step_timeout=20.0, resend_interval=5.0)
+    start = trio.current_time()
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts),
+                  settings=settings)
+    assert ports.sent()[-4:] == ROLLBACK
+    # Re-sent every 5 s until the 20 s step timeout (c answered the first time).
+    assert ports.sent().count("send DISTRIBUTE b") == 4
+    assert trio.current_time() - start >= 20.0
+    assert "no answer" in ports.lasts[0].message
+
+
+async def test_retire_rolls_forward_and_retries_until_every_daemon_has_done_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, faults={("c", Step.SWITCH_PEER): "busy"})
+
+    async def heal() -> None:
+        await trio.sleep(40)
+        ports.faults.clear()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heal)
+        await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    assert ports.lasts[0].outcome == "Completed"
+    assert not any("ROLL_BACK" in e for e in ports.sent())
+    assert ports.sent().count("send SWITCH_PEER c") >= 2
+
+
+@pytest.mark.parametrize(("phase", "step", "expect"), [
+    (RotationPhase.PREPARE, Step.PREPARE, ROLLBACK),
+    (RotationPhase.DISTRIBUTE, Step.DISTRIBUTE, ROLLBACK),
+    (RotationPhase.ACTIVATE, Step.ACTIVATE, ["send ACTIVATE a", *HAPPY[4:]]),
+    (RotationPhase.RETIRE, Step.RETIRE_ROTATING, HAPPY[6:]),
+    (RotationPhase.ROLLING_BACK, Step.ROLL_BACK_PEER, ROLLBACK[1:]),
+])
+async def test_a_new_leader_resumes_or_rolls_back_from_the_persisted_record(
+        autojump_clock: trio.testing.MockClock, phase: RotationPhase, step: Step,
+        expect: list[str]) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    left = RotationRecord("r1", phase, step, OLD, NEW if phase is not RotationPhase.PREPARE
+                          else "", PEERS, "t0", stamp=(2 << 32) | 9)
+    await run_one(ports, receive, view(record=left, rotate_now="t0"),
+                  wait=lambda p: bool(p.lasts))
+    assert ports.sent() == expect
+    # The new leader's stamps are above the old leader's.
+    assert all(r.stamp > left.stamp for r in ports.persisted if r is not None)
+    # The trigger that started the old rotation does not start another one.
+    assert len(ports.lasts) == 1
+
+
+async def test_the_schedule_fires_at_the_next_cron_time_and_one_trigger_fires_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    start = trio.current_time()
+    fire = next_fire("*/10 * * * *", ports.wall_clock())
+    last = LastRotation("r0", "Completed", "t1", 0.0)
+    # "t1" was handled before (lastRotation): only the schedule triggers.
+    await run_one(ports, receive, view(schedule="*/10 * * * *", rotate_now="t1",
+                                       last_rotation=last),
+                  wait=lambda p: bool(p.lasts))
+    assert ports.lasts[0].trigger.startswith("schedule@")
+    elapsed = trio.current_time() - start
+    assert fire - 1_700_000_000.0 - start <= elapsed < fire - 1_700_000_000.0 - start + 60
+
+
+async def test_one_rotation_at_a_time_across_the_cluster(
+        autojump_clock: trio.testing.MockClock) -> None:
+    token = RotationToken()
+    ports_by_node: dict[str, FakeRotationPorts] = {}
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for node in ("a", "b"):
+            send, receive = channel()
+            ports = FakeRotationPorts(send)
+            ports_by_node[node] = ports
+            actor = RotationActor(node, ports, token, receive, RotationSettings())
+            await nursery.start(actor.run)
+            await send.send(attrs.evolve(view(rotate_now="go"), node=node,
+                                         peers=("c",)))
+
+        async def watch() -> None:
+            while True:
+                if token.holder is not None and (not order or order[-1] != token.holder):
+                    order.append(token.holder)
+                await trio.sleep(0.001)
+
+        nursery.start_soon(watch)
+        with trio.fail_after(600):
+            while not all(p.lasts for p in ports_by_node.values()):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert sorted(order) == ["a", "b"]
+    # The second rotation's first status write comes after the first one's last.
+    first, second = (ports_by_node[n] for n in order)
+    assert max(first.persist_times) <= min(second.persist_times)

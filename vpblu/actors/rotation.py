@@ -1,0 +1,441 @@
+"""RotationActor: one node's key rotation, driven from the leader.
+
+Owns the phase machine of one node R's key rotation (DESIGN §6, the mechanism
+in vpblu/node/rotation.py): *when* it starts (the node's RotationPolicy cron
+schedule, read with croniter in UTC, or a new value of the VpbluNode annotation
+``vpblu.io/rotate-now``), and which step goes to which daemon next:
+
+    Prepare     PREPARE to R (it stages K' and answers K'.pub)
+    Distribute  DISTRIBUTE to every peer P
+    Activate    ACTIVATE to R
+    Retire      SWITCH_PEER to every P, RETIRE_ROTATING to R, RETIRE_PEER to every P
+    rollback    ROLL_BACK_ROTATING to R, ROLL_BACK_PEER to every P, ABANDON_ROTATING to R
+
+Between steps it waits for every involved daemon's RotationResult, re-sending
+the step every `RESEND_INTERVAL` (steps are idempotent: a daemon that
+reconnected, or a step lost with a stream, just runs it again) until
+`STEP_TIMEOUT`. A failure or timeout before Retire rolls back; Retire and the
+rollback only go forward, retrying with backoff until every daemon has done its
+part, because stopping halfway would leave a node half-rotated.
+
+Before each step is sent, the record (phase, step, rotation id, K and K'.pub,
+the peers involved) is written to the VpbluNode's status and the write is
+confirmed (`RotationPorts.persist`). A new leader reads it back and resumes:
+Prepare and Distribute roll back, Activate is re-sent and carried on, Retire and
+a rollback continue at the recorded step. The StateActor publishes R's key to
+its peers from the same record (`RotationRecord.published_key`: K until Retire),
+so an ordinary PeerChanged never swaps R's key in place.
+
+One node at a time across the cluster: a rotation holds the `RotationToken`
+from its first step to its last. It never sees a private key (K' is made on R
+and only K'.pub comes back), and it never talks to the API server or a stream
+itself: its `RotationPorts` do (the StatusActor and the StateActor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+import attrs
+import trio
+from croniter import croniter
+
+from vpblu import wire
+from vpblu.messages import (
+    NodeRotationView,
+    RotationInbox,
+    RotationResultReceived,
+    RotationsInbox,
+    RotationStatus,
+    RotationViews,
+    SendRotationStep,
+    StateInbox,
+    StatusInbox,
+)
+from vpblu.resources import LastRotation, RotationPhase, RotationRecord
+
+log = logging.getLogger(__name__)
+
+Step = wire.RotationStepKind
+
+STEP_TIMEOUT = 60.0  # a forward step: every daemon answers in this time, or we roll back
+RESEND_INTERVAL = 5.0
+RETRY_INITIAL = 1.0  # Retire and rollback steps retry forever, backing off to RETRY_MAX
+RETRY_MAX = 30.0
+SEQUENCE_BITS = 32
+# Views and results for one node; a full mailbox drops a view (the next one is
+# newer) or a result (the step is re-sent and answered again).
+ROTATION_MAILBOX = 64
+SCHEDULE_TRIGGER = "schedule"
+
+
+class RotationPorts(Protocol):
+    """How a RotationActor reaches the world: the StatusActor and the sessions."""
+
+    async def persist(self, node: str, record: RotationRecord | None, *,
+                      public_key: str | None = None, last: LastRotation | None = None) -> None:
+        """Write status.rotation (None: remove it), and publicKey / lastRotation when
+        given; return once the API server has it."""
+        ...
+
+    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+        """Offer `step` to `node`'s daemon; silently nothing if it is not connected."""
+        ...
+
+    def wall_clock(self) -> float:
+        """Seconds since the epoch (cron schedules are wall-clock times)."""
+        ...
+
+
+class RotationToken:
+    """One rotation at a time across the cluster (shared by the leader's RotationActors)."""
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self.holder: str | None = None
+
+    async def acquire(self, node: str) -> None:
+        await self._lock.acquire()
+        self.holder = node
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+
+@attrs.frozen(slots=True)
+class RotationSettings:
+    term: int = 0
+    step_timeout: float = STEP_TIMEOUT
+    resend_interval: float = RESEND_INTERVAL
+
+
+class StepFailed(Exception):
+    """A daemon refused a step, or did not answer in time."""
+
+
+@attrs.frozen(slots=True)
+class RotationStatistics:
+    completed: int
+    rolled_back: int
+    phase: RotationPhase | None
+
+
+def next_fire(schedule: str, after: float) -> float:
+    """The first time the 5-field cron `schedule` fires after `after` (UTC, epoch s)."""
+    start = datetime.datetime.fromtimestamp(after, datetime.UTC)
+    fire: datetime.datetime = croniter(schedule, start).get_next(datetime.datetime)
+    return fire.timestamp()
+
+
+class RotationActor:
+    def __init__(self, node: str, ports: RotationPorts, token: RotationToken,
+                 inbox: trio.MemoryReceiveChannel[RotationInbox],
+                 settings: RotationSettings = RotationSettings()) -> None:
+        self._node = node
+        self._ports = ports
+        self._token = token
+        self._inbox = inbox
+        self._settings = settings
+        self._view: NodeRotationView | None = None
+        self._view_changed = trio.Event()
+        self._results: list[RotationResultReceived] = []
+        self._result_arrived = trio.Event()
+        self._sequence = 0
+        self._record: RotationRecord | None = None
+        self._completed = 0
+        self._rolled_back = 0
+        self._handled_triggers: set[str] = set()
+
+    def statistics(self) -> RotationStatistics:
+        return RotationStatistics(self._completed, self._rolled_back,
+                                  self._record.phase if self._record else None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive)
+            task_status.started()
+            await self._drive()
+            nursery.cancel_scope.cancel()
+
+    async def _receive(self) -> None:
+        async for message in self._inbox:
+            match message:
+                case NodeRotationView():
+                    self._view = message
+                    self._view_changed.set()
+                    self._view_changed = trio.Event()
+                case RotationResultReceived():
+                    self._results.append(message)
+                    self._result_arrived.set()
+                    self._result_arrived = trio.Event()
+
+    async def _current_view(self) -> NodeRotationView:
+        while self._view is None:
+            await self._view_changed.wait()
+        return self._view
+
+    async def _drive(self) -> None:
+        view = await self._current_view()
+        if view.last_rotation is not None:
+            self._handled_triggers.add(view.last_rotation.trigger)
+        if view.record is not None:
+            # A rotation a previous leader left: finish it before anything else.
+            self._handled_triggers.add(view.record.trigger)
+            await self._token.acquire(self._node)
+            try:
+                await self._resume(view.record)
+            finally:
+                self._token.release()
+        since = self._ports.wall_clock()
+        while True:
+            trigger = await self._wait_for_trigger(since)
+            self._handled_triggers.add(trigger)
+            await self._token.acquire(self._node)
+            try:
+                view = await self._current_view()
+                if view.public_key is None or not view.peers:
+                    log.info("node %s: no key or no peers yet; rotation skipped", self._node)
+                else:
+                    await self._rotate(view, trigger)
+            finally:
+                self._token.release()
+            since = self._ports.wall_clock()
+
+    async def _wait_for_trigger(self, since: float) -> str:
+        """Until the schedule fires or a new rotate-now value appears."""
+        while True:
+            view = await self._current_view()
+            if view.rotate_now and view.rotate_now not in self._handled_triggers:
+                return view.rotate_now
+            deadline = float("inf")
+            if view.schedule:
+                fire = next_fire(view.schedule, since)
+                deadline = trio.current_time() + max(0.0, fire - self._ports.wall_clock())
+            changed = self._view_changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+                continue
+            return f"{SCHEDULE_TRIGGER}@{int(self._ports.wall_clock())}"
+
+    # --- one rotation -----------------------------------------------------------------
+
+    async def _rotate(self, view: NodeRotationView, trigger: str) -> None:
+        assert view.public_key is not None
+        record = RotationRecord(
+            rotation_id=f"{secrets.token_hex(6)}", phase=RotationPhase.PREPARE,
+            step=Step.PREPARE, old_public_key=view.public_key, peers=tuple(sorted(view.peers)),
+            trigger=trigger)
+        log.info("node %s: rotation %s starts (%s), %d peers", self._node,
+                 record.rotation_id, trigger, len(record.peers))
+        try:
+            answers = await self._forward(record, RotationPhase.PREPARE, Step.PREPARE,
+                                          [self._node])
+            new_key = answers[self._node].new_public_key
+            if not new_key or new_key == record.old_public_key:
+                raise StepFailed(f"{self._node} staged no new key")
+            record = attrs.evolve(record, new_public_key=new_key)
+            await self._forward(record, RotationPhase.DISTRIBUTE, Step.DISTRIBUTE, record.peers)
+            await self._forward(record, RotationPhase.ACTIVATE, Step.ACTIVATE, [self._node])
+        except StepFailed as exc:
+            await self._roll_back(self._record or record, str(exc))
+            return
+        await self._retire(record, Step.SWITCH_PEER)
+
+    async def _resume(self, record: RotationRecord) -> None:
+        log.info("node %s: resuming rotation %s at %s/%s", self._node, record.rotation_id,
+                 record.phase.value, record.step.name)
+        self._record = record
+        match record.phase:
+            case RotationPhase.PREPARE | RotationPhase.DISTRIBUTE:
+                await self._roll_back(record, f"leader changed during {record.phase.value}")
+            case RotationPhase.ACTIVATE:
+                try:
+                    await self._forward(record, RotationPhase.ACTIVATE, Step.ACTIVATE,
+                                        [self._node])
+                except StepFailed as exc:
+                    await self._roll_back(self._record or record, str(exc))
+                    return
+                await self._retire(record, Step.SWITCH_PEER)
+            case RotationPhase.RETIRE:
+                await self._retire(record, record.step)
+            case RotationPhase.ROLLING_BACK:
+                await self._roll_back(record, "resumed by a new leader", start=record.step)
+
+    async def _retire(self, record: RotationRecord, start: Step) -> None:
+        order = [(Step.SWITCH_PEER, record.peers), (Step.RETIRE_ROTATING, (self._node,)),
+                 (Step.RETIRE_PEER, record.peers)]
+        steps = [s for s in order if _rank(s[0]) >= _rank(start)]
+        for step, nodes in steps:
+            await self._until_done(record, RotationPhase.RETIRE, step, nodes)
+        await self._ports.persist(self._node, None, public_key=record.new_public_key, last=(
+            LastRotation(record.rotation_id, "Completed", record.trigger,
+                         self._ports.wall_clock())))
+        self._record = None
+        self._completed += 1
+        log.info("node %s: rotation %s completed (new key %s)", self._node,
+                 record.rotation_id, record.new_public_key)
+
+    async def _roll_back(self, record: RotationRecord, reason: str,
+                         start: Step = Step.ROLL_BACK_ROTATING) -> None:
+        log.warning("node %s: rotation %s rolls back: %s", self._node, record.rotation_id, reason)
+        order = [(Step.ROLL_BACK_ROTATING, (self._node,)), (Step.ROLL_BACK_PEER, record.peers),
+                 (Step.ABANDON_ROTATING, (self._node,))]
+        for step, nodes in [s for s in order if _rank(s[0]) >= _rank(start)]:
+            await self._until_done(record, RotationPhase.ROLLING_BACK, step, nodes)
+        await self._ports.persist(self._node, None, public_key=record.old_public_key, last=(
+            LastRotation(record.rotation_id, "RolledBack", record.trigger,
+                         self._ports.wall_clock(), reason[:1000])))
+        self._record = None
+        self._rolled_back += 1
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _stamp(self) -> int:
+        self._sequence += 1
+        return (self._settings.term << SEQUENCE_BITS) | self._sequence
+
+    async def _forward(self, record: RotationRecord, phase: RotationPhase, step: Step,
+                       nodes: Iterable[str]) -> dict[str, wire.RotationResult]:
+        """Persist, send, wait for every answer; StepFailed on an error or timeout."""
+        with trio.move_on_after(self._settings.step_timeout) as scope:
+            return await self._step(record, phase, step, nodes, fail_fast=True)
+        assert scope.cancelled_caught
+        raise StepFailed(f"{step.name}: no answer within {self._settings.step_timeout:.0f}s")
+
+    async def _until_done(self, record: RotationRecord, phase: RotationPhase, step: Step,
+                          nodes: Iterable[str]) -> None:
+        """Persist, send, and keep at it (backing off) until every node has done it."""
+        delay = RETRY_INITIAL
+        pending = tuple(nodes)
+        while True:
+            with trio.move_on_after(self._settings.step_timeout):
+                try:
+                    await self._step(record, phase, step, pending, fail_fast=True)
+                    return
+                except StepFailed as exc:
+                    log.warning("node %s: rotation %s %s: %s; retrying in %.0fs", self._node,
+                                record.rotation_id, step.name, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _step(self, record: RotationRecord, phase: RotationPhase, step: Step,
+                    nodes: Iterable[str], *, fail_fast: bool) -> dict[str, wire.RotationResult]:
+        stamp = self._stamp()
+        record = attrs.evolve(record, phase=phase, step=step, stamp=stamp)
+        # Persisted before it is sent: a new leader must find every step it may have missed.
+        await self._ports.persist(self._node, record)
+        self._record = record
+        message = wire.RotationStep(record.rotation_id, step, self._node, record.old_public_key,
+                                    record.new_public_key, stamp)
+        waiting = set(nodes)
+        answers: dict[str, wire.RotationResult] = {}
+        self._results.clear()
+        while waiting:
+            for node in sorted(waiting):
+                await self._ports.send_step(node, message)
+            with trio.move_on_after(self._settings.resend_interval):
+                while waiting:
+                    arrived = self._result_arrived
+                    for received in self._results:
+                        result = received.result
+                        if (received.node not in waiting or result.stamp != stamp
+                                or result.rotation_id != record.rotation_id):
+                            continue
+                        if result.error is not None and fail_fast:
+                            raise StepFailed(f"{step.name} on {received.node}: {result.error}")
+                        if result.error is None:
+                            waiting.discard(received.node)
+                            answers[received.node] = result
+                    self._results.clear()
+                    if waiting:
+                        await arrived.wait()
+        return answers
+
+
+def _rank(step: Step) -> int:
+    order = [Step.PREPARE, Step.DISTRIBUTE, Step.ACTIVATE, Step.SWITCH_PEER,
+             Step.RETIRE_ROTATING, Step.RETIRE_PEER, Step.ROLL_BACK_ROTATING,
+             Step.ROLL_BACK_PEER, Step.ABANDON_ROTATING]
+    return order.index(step)
+
+
+class LeaderRotationPorts:
+    """`RotationPorts` on the leader: status through the StatusActor, steps through
+    the StateActor (which holds the sessions)."""
+
+    def __init__(self, status: trio.MemorySendChannel[StatusInbox],
+                 state: trio.MemorySendChannel[StateInbox]) -> None:
+        self._status = status
+        self._state = state
+
+    async def persist(self, node: str, record: RotationRecord | None, *,
+                      public_key: str | None = None, last: LastRotation | None = None) -> None:
+        message = RotationStatus(node, record, public_key, last)
+        await self._status.send(message)
+        await message.written.wait()
+
+    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+        await self._state.send(SendRotationStep(node, step))
+
+    def wall_clock(self) -> float:
+        return time.time()
+
+
+class RotationsActor:
+    """Starts one RotationActor per node and stops it when the node goes; routes
+    daemons' RotationResults to the rotating node's actor. Holds the RotationToken."""
+
+    def __init__(self, ports: RotationPorts, inbox: trio.MemoryReceiveChannel[RotationsInbox],
+                 settings: RotationSettings = RotationSettings()) -> None:
+        self._ports = ports
+        self._inbox = inbox
+        self._settings = settings
+        self._token = RotationToken()
+        self._actors: dict[str, tuple[trio.CancelScope,
+                                      trio.MemorySendChannel[RotationInbox]]] = {}
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        return frozenset(self._actors)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, trio.open_nursery() as nursery:
+            task_status.started()
+            async for message in self._inbox:
+                match message:
+                    case RotationViews(nodes=views):
+                        await self._update(nursery, views)
+                    case RotationResultReceived(result=result):
+                        actor = self._actors.get(result.rotating_node)
+                        if actor is not None:
+                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                                actor[1].send_nowait(message)
+            nursery.cancel_scope.cancel()
+
+    async def _update(self, nursery: trio.Nursery, views: tuple[NodeRotationView, ...]) -> None:
+        wanted = {v.node: v for v in views}
+        for gone in set(self._actors) - set(wanted):
+            scope, mailbox = self._actors.pop(gone)
+            scope.cancel()
+            await mailbox.aclose()
+        for node, view in wanted.items():
+            if node not in self._actors:
+                self._actors[node] = await nursery.start(self._run_actor, node)
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                self._actors[node][1].send_nowait(view)
+
+    async def _run_actor(self, node: str, *, task_status: trio.TaskStatus[
+            tuple[trio.CancelScope, trio.MemorySendChannel[RotationInbox]]]
+            = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[RotationInbox](ROTATION_MAILBOX)
+        with trio.CancelScope() as scope:
+            actor = RotationActor(node, self._ports, self._token, receive, self._settings)
+            task_status.started((scope, send))
+            await actor.run()

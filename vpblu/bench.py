@@ -1,0 +1,486 @@
+"""`python -m vpblu.bench`: how fast the mesh converges, measured on the real thing.
+
+Owns the benchmark: a real kube-apiserver (vpblu.testenv), the real
+controller as its own process (so its CPU time and peak RSS are its own), and
+N simulated daemons (vpblu.sim: the real daemon stream over real TLS gRPC,
+with a recording kernel) in this process. Each scenario is timed from the
+API write that triggers it to the moment the last affected daemon has applied
+(and so acknowledged) the resulting state:
+
+    formation   N nodes with keys, then a FullMesh TunnelPolicy is created
+    join        a node's Node object is created (its daemon is already up)
+    leave       that Node object is deleted
+    block       a BlockPolicy with one CIDR pair is created
+    route       a RoutePolicy moving part of one node's pod CIDR is created
+
+For every event it also counts what the daemons received (messages, protobuf
+bytes) and the controller's CPU seconds. `--compare` runs every size twice,
+with deltas and with whole-state pushes, so the gain is a ratio from one run.
+
+It prints a table (with progress while it runs) and writes a JSON file and a
+PNG plot of latency against N into bench/results/. It must never be run as a
+timed test: these machines are noisy, so it reports medians and percentiles
+of repeated events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import trio_asyncio
+
+from vpblu.sim import MeshPki, SimCluster, SimDaemon, is_full_mesh
+from vpblu.testenv import REPO, TestEnv, install_base
+
+log = logging.getLogger("vpblu.bench")
+
+SCENARIOS = ("formation", "join", "leave", "block", "route")
+DEFAULT_SIZES = (10, 100, 1000)
+RESULTS = REPO / "bench" / "results"
+# Per size: how many times each event is repeated. Mesh formation at N=1000
+# costs N^2 peers of work, so it gets fewer repeats than the O(N) events.
+REPEATS = {10: (10, 30), 100: (5, 20), 1000: (3, 10)}
+SPARE_NODES = 1
+EVENT_TIMEOUT = 120.0
+SETTLE_TIMEOUT = 300.0
+CONTROLLER_START_TIMEOUT = 60.0
+
+
+@attrs.frozen(slots=True)
+class Sample:
+    scenario: str
+    n: int
+    mode: str
+    latency: float  # seconds, API write -> last affected daemon applied
+    messages: int  # received by all daemons for this event
+    bytes: int
+    controller_cpu: float  # seconds of the controller process for this event
+
+
+@attrs.frozen(slots=True)
+class Summary:
+    scenario: str
+    n: int
+    mode: str
+    count: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    messages: float  # median per event
+    bytes: float
+    cpu_ms: float
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> Summary:
+        first = samples[0]
+        lat = sorted(s.latency for s in samples)
+        return cls(first.scenario, first.n, first.mode, len(samples),
+                   1000 * _percentile(lat, 50), 1000 * _percentile(lat, 95),
+                   1000 * _percentile(lat, 99),
+                   statistics.median(s.messages for s in samples),
+                   statistics.median(s.bytes for s in samples),
+                   1000 * statistics.median(s.controller_cpu for s in samples))
+
+
+def _percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile: with few samples, p99 is the worst one seen."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class ControllerProcess:
+    """`python -m vpblu controller` as a child process, measured through /proc."""
+
+    def __init__(self, env: TestEnv, pki: MeshPki, port: int, *, full_pushes: bool,
+                 log_path: Path) -> None:
+        args = [
+            sys.executable, "-m", "vpblu", "--log-level", "WARNING", "controller",
+            "--kubeconfig", str(env.kubeconfig_path),
+            "--listen", f"127.0.0.1:{port}", "--advertise", f"127.0.0.1:{port}",
+            "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+            "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "1",
+        ]
+        if full_pushes:
+            args.append("--full-pushes")
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Bench:
+    def __init__(self, env: TestEnv, workdir: Path, args: argparse.Namespace) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.args = args
+        self.samples: list[Sample] = []
+        self.peak_rss: dict[str, int] = {}
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    # --- API writes, timed ------------------------------------------------------------
+
+    async def api(self, method: str, path: str, body: object = None) -> None:
+        answer = await trio.to_thread.run_sync(self.env.request, method, path, body)
+        if answer.status not in (200, 201, 202):
+            raise RuntimeError(f"{method} {path}: {answer.status} {answer.message}")
+
+    async def measure(self, scenario: str, n: int, mode: str, cluster: SimCluster,
+                      controller: ControllerProcess, trigger: Callable[[], Any],
+                      done: Callable[[SimDaemon], bool], affected: Sequence[str]) -> None:
+        before = _received(cluster)
+        cpu0 = controller.cpu_seconds()
+        t0 = trio.current_time()
+        await trigger()
+        with trio.fail_after(EVENT_TIMEOUT):
+            await cluster.wait_all(done, affected)
+        latency = trio.current_time() - t0
+        await trio.sleep(0.05)  # let the controller finish its bookkeeping for this event
+        after = _received(cluster)
+        self.samples.append(Sample(scenario, n, mode, latency, after[0] - before[0],
+                                   after[1] - before[1], controller.cpu_seconds() - cpu0))
+
+    # --- one size, one mode -----------------------------------------------------------
+
+    async def run_size(self, n: int, mode: str) -> None:
+        formations, events = REPEATS.get(n, (3, 10))
+        if self.args.quick:
+            formations, events = 2, 3
+        directory = self.workdir / f"{mode}-{n}"
+        pki = MeshPki.create(directory / "pki")
+        port = _free_port()
+        controller = ControllerProcess(self.env, pki, port, full_pushes=(mode == "full"),
+                                       log_path=directory / "controller.log")
+        try:
+            async with SimCluster.open(self.env, directory / "nodes", pki.client,
+                                       (f"127.0.0.1:{port}",), n + SPARE_NODES,
+                                       prefix=f"b{mode[0]}{n}", keep_history=False) as cluster:
+                names = sorted(cluster.daemons)
+                members, spare = names[:n], names[n]
+                await self.settle(cluster, names)
+                # The spare node's daemon is up and its key is known; its Node
+                # object goes, so a join is one Node create.
+                await cluster.delete_node(spare)
+                await self.run_events(cluster, controller, n, mode, members, spare,
+                                      formations, events)
+                self.peak_rss[f"{mode}-{n}"] = controller.peak_rss()
+        finally:
+            controller.stop()
+
+    async def settle(self, cluster: SimCluster, names: list[str]) -> None:
+        """Every daemon connected and applied its first sync; every key is in the API."""
+        with trio.fail_after(SETTLE_TIMEOUT):
+            await cluster.wait_all(lambda d: d.applier.current is not None, names)
+            while True:
+                answer = await trio.to_thread.run_sync(
+                    self.env.request, "GET", "/apis/vpblu.io/v1alpha1/vpblunodes")
+                keys = {o["metadata"]["name"]: (o.get("status") or {}).get("publicKey")
+                        for o in answer.body.get("items", [])}
+                if all(keys.get(name) == cluster.daemons[name].public_key for name in names):
+                    return
+                await trio.sleep(0.2)
+
+    async def run_events(self, cluster: SimCluster, controller: ControllerProcess, n: int,
+                         mode: str, members: list[str], spare: str, formations: int,
+                         events: int) -> None:
+        mesh_path = "/apis/vpblu.io/v1alpha1/tunnelpolicies"
+        mesh = {"apiVersion": "vpblu.io/v1alpha1", "kind": "TunnelPolicy",
+                "metadata": {"name": "bench-mesh"}, "spec": {"mode": "FullMesh"}}
+        full = is_full_mesh(cluster, members)
+
+        def no_peers(d: SimDaemon) -> bool:
+            return d.applier.current is not None and not d.applier.current.peers
+
+        self.say(f"  N={n} {mode}: formation x{formations}")
+        for i in range(formations):
+            await self.measure("formation", n, mode, cluster, controller,
+                               lambda: self.api("POST", mesh_path, mesh), full, members)
+            if i < formations - 1:
+                await self.api("DELETE", f"{mesh_path}/bench-mesh")
+                await cluster.wait_all(no_peers, members)
+        self._progress("formation", n, mode)
+
+        node_body = _node_body(cluster, spare)
+
+        def has_spare(d: SimDaemon) -> bool:
+            state = d.applier.current
+            return state is not None and any(p.name == spare for p in state.peers)
+
+        def lacks_spare(d: SimDaemon) -> bool:
+            return not has_spare(d)
+
+        self.say(f"  N={n} {mode}: join and leave x{events}")
+        for _ in range(events):
+            await self.measure("join", n, mode, cluster, controller,
+                               lambda: self.api("POST", "/api/v1/nodes", node_body),
+                               has_spare, members)
+            await self.measure("leave", n, mode, cluster, controller,
+                               lambda: self.api("DELETE", f"/api/v1/nodes/{spare}"),
+                               lacks_spare, members)
+        self._progress("join", n, mode)
+        self._progress("leave", n, mode)
+
+        src = cluster.nodes[members[0]].pod_cidr
+        dst = cluster.nodes[members[-1]].pod_cidr
+        block_path = "/apis/vpblu.io/v1alpha1/blockpolicies"
+        block = {"apiVersion": "vpblu.io/v1alpha1", "kind": "BlockPolicy",
+                 "metadata": {"name": "bench-block"},
+                 "spec": {"cidrPairs": [{"from": src, "to": dst}]}}
+
+        def has_block(d: SimDaemon) -> bool:
+            state = d.applier.current
+            return state is not None and any(str(b.src) == src for b in state.blocks)
+
+        self.say(f"  N={n} {mode}: block x{events}")
+        for _ in range(events):
+            await self.measure("block", n, mode, cluster, controller,
+                               lambda: self.api("POST", block_path, block), has_block, members)
+            await self.api("DELETE", f"{block_path}/bench-block")
+            await cluster.wait_all(lambda d: not has_block(d), members)
+        self._progress("block", n, mode)
+
+        # Half of the first node's pod CIDR is moved to the last node's tunnel.
+        owner, via = members[0], members[-1]
+        moved = str(next(_subnets(cluster.nodes[owner].pod_cidr)))
+        route_path = "/apis/vpblu.io/v1alpha1/routepolicies"
+        route = {"apiVersion": "vpblu.io/v1alpha1", "kind": "RoutePolicy",
+                 "metadata": {"name": "bench-route"},
+                 "spec": {"routes": [{"cidr": moved, "via": via}]}}
+
+        def routed(d: SimDaemon) -> bool:
+            state = d.applier.current
+            if d.name == via:
+                return True  # the via node never routes to itself
+            return state is not None and any(
+                str(r.cidr) == moved and r.via == via for r in state.routes)
+
+        self.say(f"  N={n} {mode}: route x{events}")
+        for _ in range(events):
+            await self.measure("route", n, mode, cluster, controller,
+                               lambda: self.api("POST", route_path, route), routed, members)
+            await self.api("DELETE", f"{route_path}/bench-route")
+            await cluster.wait_all(lambda d: not routed(d) or d.name == via,
+                                   [m for m in members if m != via])
+        self._progress("route", n, mode)
+        await self.api("DELETE", f"{mesh_path}/bench-mesh")
+
+    def _progress(self, scenario: str, n: int, mode: str) -> None:
+        mine = [s for s in self.samples if (s.scenario, s.n, s.mode) == (scenario, n, mode)]
+        if mine:
+            s = Summary.of(mine)
+            self.say(f"    {scenario:<9} p50 {s.p50_ms:8.1f} ms  p99 {s.p99_ms:8.1f} ms  "
+                     f"{s.messages:7.0f} msgs {s.bytes / 1024:9.1f} KiB  cpu {s.cpu_ms:7.1f} ms")
+
+
+def _received(cluster: SimCluster) -> tuple[int, int]:
+    messages = byte_count = 0
+    for daemon in cluster.daemons.values():
+        stats = daemon.stream.statistics()
+        messages += stats.messages_received
+        byte_count += stats.bytes_received
+    return messages, byte_count
+
+
+def _subnets(cidr: str) -> Iterator[Any]:
+    import ipaddress
+
+    net = ipaddress.ip_network(cidr)
+    return net.subnets(prefixlen_diff=1)
+
+
+def _node_body(cluster: SimCluster, name: str) -> dict[str, Any]:
+    node = cluster.nodes[name]
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": node.name, "labels": {"vpblu.io/simulated": "true"}},
+        "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+        "status": {"addresses": [{"type": "InternalIP", "address": node.internal_ip}]},
+    }
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def summarize(samples: Sequence[Sample]) -> list[Summary]:
+    groups: dict[tuple[str, int, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.scenario, s.n, s.mode), []).append(s)
+    return [Summary.of(g) for _, g in sorted(groups.items(), key=lambda kv: (
+        SCENARIOS.index(kv[0][0]), kv[0][1], kv[0][2]))]
+
+
+def slope(summaries: Sequence[Summary], scenario: str, mode: str) -> float | None:
+    """Least-squares slope of controller CPU per event against N (ms per node)."""
+    points = [(s.n, s.cpu_ms) for s in summaries if s.scenario == scenario and s.mode == mode]
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(p[0] for p in points)
+    mean_y = statistics.fmean(p[1] for p in points)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    if var == 0:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+
+
+def table(summaries: Sequence[Summary], peak_rss: dict[str, int]) -> str:
+    lines = [f"{'scenario':<10}{'N':>6} {'mode':<6}{'runs':>5}{'p50 ms':>10}{'p95 ms':>10}"
+             f"{'p99 ms':>10}{'msgs/ev':>9}{'KiB/ev':>10}{'ctl cpu ms':>11}"]
+    for s in summaries:
+        lines.append(f"{s.scenario:<10}{s.n:>6} {s.mode:<6}{s.count:>5}{s.p50_ms:>10.1f}"
+                     f"{s.p95_ms:>10.1f}{s.p99_ms:>10.1f}{s.messages:>9.0f}"
+                     f"{s.bytes / 1024:>10.1f}{s.cpu_ms:>11.1f}")
+    for key, rss in sorted(peak_rss.items()):
+        lines.append(f"controller peak RSS ({key}): {rss / 2**20:.0f} MiB")
+    for scenario in ("join", "block"):
+        k = slope(summaries, scenario, "delta")
+        if k is not None:
+            lines.append(f"controller CPU per {scenario} event grows {k:.3f} ms per node")
+    for scenario in SCENARIOS:
+        pairs = {(s.n): s for s in summaries if s.scenario == scenario and s.mode == "delta"}
+        fulls = {(s.n): s for s in summaries if s.scenario == scenario and s.mode == "full"}
+        for n in sorted(pairs.keys() & fulls.keys()):
+            d, f = pairs[n], fulls[n]
+            if d.bytes:
+                lines.append(f"{scenario} N={n}: full pushes send {f.bytes / d.bytes:.1f}x the "
+                             f"bytes of deltas; p50 {f.p50_ms / max(d.p50_ms, 1e-9):.2f}x")
+    return "\n".join(lines)
+
+
+def plot(summaries: Sequence[Summary], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scenario in SCENARIOS:
+        for mode, style in (("delta", "-o"), ("full", "--x")):
+            pts = sorted((s.n, s.p99_ms) for s in summaries
+                         if s.scenario == scenario and s.mode == mode)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                        label=f"{scenario} ({mode}) p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes (N)")
+    ax.set_ylabel("API write -> last daemon applied (ms)")
+    ax.set_title("vpblu convergence latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+@contextmanager
+def _workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="vpblu-bench-") as d:
+        yield Path(d)
+
+
+async def _main(args: argparse.Namespace, env: TestEnv, workdir: Path) -> Bench:
+    bench = Bench(env, workdir, args)
+    modes = ("delta", "full") if args.compare else ("delta",)
+    async with trio_asyncio.open_loop():
+        for n in args.sizes:
+            for mode in modes:
+                bench.say(f"N={n} ({mode} pushes): registering {n + SPARE_NODES} nodes...")
+                started = time.monotonic()
+                await bench.run_size(n, mode)
+                bench.say(f"  done in {time.monotonic() - started:.0f} s")
+    return bench
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpblu.bench", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                        type=lambda s: tuple(int(x) for x in s.split(",")),
+                        help="comma-separated node counts (default 10,100,1000)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run every size with whole-state pushes instead of deltas")
+    parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # A SIGTERM must clean up like Ctrl-C: the API server, the controller,
+    # the simulated nodes' objects and the work directory all go.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print("starting the test API server...", flush=True)
+    with TestEnv.start() as env, _workdir() as workdir:
+        install_base(env)
+        bench = trio.run(_main, args, env, workdir)
+    summaries = summarize(bench.samples)
+    print()
+    print(table(summaries, bench.peak_rss))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = {
+        "when": stamp,
+        "machine": {"cpus": os.cpu_count()},
+        "sizes": list(args.sizes),
+        "summaries": [attrs.asdict(s) for s in summaries],
+        "peak_rss_bytes": bench.peak_rss,
+        "samples": [attrs.asdict(s) for s in bench.samples],
+    }
+    json_path = args.out / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {json_path}")
+    png = args.out / f"bench-{stamp}.png"
+    if plot(summaries, png):
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Simulated daemons: the real daemon stream over real TLS gRPC, a recording kernel.
+
+Owns, for the integration tests and the benchmark, N stand-in nodes: each is
+registered in a real API server (a Node with InternalIP and podCIDR, a
+VpbluNode, a Pod of the `vpblu-daemon` ServiceAccount bound to the Node, and
+a Pod-bound `vpblu` token), holds its own X25519 key pair, and runs the real
+`StreamActor` against the real controller. Only the kernel is simulated: a
+`RecordingApplier` records every NodeDesiredState the daemon applied and
+counts the writes a real daemon would have made (the differences).
+
+Kept lean for N=1000 (issue 8): API objects are made by a few threads at
+once, a waiter re-checks only the nodes that applied something since it last
+looked, and applied states share their Peer objects with the messages they
+came from.
+
+It must never touch a kernel, never reach an address other than loopback, and
+never put a private key (the simulated WireGuard keys, the TLS keys) into a
+log line, a repr or a file that is not 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from vpblu import desiredstate
+from vpblu.model import NodeDesiredState, PeerRemoved
+from vpblu.node.stream import StreamActor, StreamSettings
+from vpblu.pki import CertAuthority, write_private
+from vpblu.testenv import TestEnv
+from vpblu.transport import ClientTLS, ServerTLS
+
+log = logging.getLogger(__name__)
+
+DAEMON_NAMESPACE = "vpblu-system"
+DAEMON_SERVICE_ACCOUNT = "vpblu-daemon"
+AUDIENCE = "vpblu"
+# API calls made at once while registering or removing nodes: enough to hide
+# each call's round trip, few enough not to crowd two shared cores.
+API_CONCURRENCY = 8
+FIRST_INTERNAL_IP = ipaddress.ip_address("172.16.0.1")
+POD_NETWORK = ipaddress.ip_network("10.128.0.0/9")
+POD_PREFIX = 24
+HEARTBEAT_PERIOD = 30.0
+
+
+class SimulatedApplyFailure(Exception):
+    """A RecordingApplier told to fail."""
+
+
+@attrs.frozen(slots=True)
+class AppliedStep:
+    """One apply: when (trio's clock), what, and how many writes it took."""
+
+    at: float
+    state: NodeDesiredState
+    writes: int
+    peers_removed: int
+
+
+class RecordingApplier:
+    """The simulated kernel: `Applier` that records, counts, and can misbehave.
+
+    `fail_next(n)` makes the next n applies raise; `delay` makes every apply
+    take that long (a slow node). `on_applied` is told the node's name after
+    each successful apply.
+    """
+
+    def __init__(self, node: str, on_applied: Callable[[str], None] | None = None,
+                 *, keep_history: bool = True) -> None:
+        self.node = node
+        self.current: NodeDesiredState | None = None
+        self.history: list[AppliedStep] = []
+        self.writes = 0
+        self.peers_removed = 0
+        self.applies = 0
+        self.failures = 0
+        self.delay = 0.0
+        self._fail_next = 0
+        self._keep_history = keep_history
+        self._on_applied = on_applied
+
+    def fail_next(self, count: int = 1) -> None:
+        self._fail_next = count
+
+    async def apply(self, state: NodeDesiredState) -> None:
+        if self.delay:
+            await trio.sleep(self.delay)
+        if self._fail_next > 0:
+            self._fail_next -= 1
+            self.failures += 1
+            raise SimulatedApplyFailure(f"node {self.node}: told to fail")
+        changes = desiredstate.diff(self.current or NodeDesiredState(state.node), state)
+        removed = sum(isinstance(c, PeerRemoved) for c in changes)
+        self.writes += len(changes)
+        self.peers_removed += removed
+        self.applies += 1
+        self.current = state
+        if self._keep_history:
+            self.history.append(AppliedStep(trio.current_time(), state, len(changes), removed))
+        if self._on_applied is not None:
+            self._on_applied(self.node)
+
+    @property
+    def peer_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.current.peers) if self.current else frozenset()
+
+
+@attrs.frozen(slots=True)
+class SimNode:
+    name: str
+    internal_ip: str
+    pod_cidr: str
+
+    @property
+    def pod_name(self) -> str:
+        return f"{DAEMON_SERVICE_ACCOUNT}-{self.name}"
+
+
+class SimDaemon:
+    """One simulated node's daemon: its key pair, its token file, its stream."""
+
+    def __init__(self, node: SimNode, settings: StreamSettings,
+                 on_applied: Callable[[str], None] | None = None,
+                 *, keep_history: bool = True) -> None:
+        self.node = node
+        self._private = X25519PrivateKey.generate()
+        self.public_key = base64.b64encode(self._private.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw)).decode()
+        self.applier = RecordingApplier(node.name, on_applied, keep_history=keep_history)
+        self.settings = settings
+        self.stream = StreamActor(node.name, lambda: self.public_key, self.applier, settings)
+        self._scope: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"SimDaemon({self.node.name!r}, {self.public_key})"
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def running(self) -> bool:
+        return self._scope is not None
+
+    def new_key(self) -> None:
+        """A reinstalled node: a new key pair, announced at the next Hello."""
+        self._private = X25519PrivateKey.generate()
+        self.public_key = base64.b64encode(self._private.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw)).decode()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                await self.stream.run(task_status=task_status)
+            finally:
+                self._scope = None
+
+    def stop(self) -> None:
+        """End the daemon process (its stream closes); what it applied stays."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+@attrs.frozen(slots=True)
+class MeshPki:
+    """TLS files for the Mesh stream on loopback: one CA, one server cert."""
+
+    server: ServerTLS
+    client: ClientTLS
+
+    @classmethod
+    def create(cls, directory: Path) -> MeshPki:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = CertAuthority.create("vpblu mesh CA (simulation)")
+        ca.write(directory / "ca.crt")
+        ca.issue("vpblu-controller", dns_names=("localhost",), ip_addresses=("127.0.0.1",),
+                 server=True).write(directory / "controller.crt", directory / "controller.key")
+        return cls(ServerTLS(directory / "controller.crt", directory / "controller.key"),
+                   ClientTLS(directory / "ca.crt"))
+
+
+def sim_nodes(prefix: str, count: int) -> list[SimNode]:
+    """`count` nodes with distinct InternalIPs and /24 pod CIDRs."""
+    pods = POD_NETWORK.subnets(new_prefix=POD_PREFIX)
+    return [SimNode(f"{prefix}-{i:04d}", str(FIRST_INTERNAL_IP + i), str(next(pods)))
+            for i in range(count)]
+
+
+class _Waiter:
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self.dirty: set[str] = set(self.names)
+        self.event = trio.Event()
+
+
+class SimCluster:
+    """N simulated nodes registered in `env` and their daemons.
+
+    Make one with `SimCluster.open(...)`; daemons start with it (or later,
+    `start_daemon`) and everything it registered is deleted when the block
+    ends, even when it ends with an error.
+    """
+
+    def __init__(self, env: TestEnv, directory: Path, tls: ClientTLS,
+                 addresses: tuple[str, ...], nodes: list[SimNode], nursery: trio.Nursery,
+                 *, keep_history: bool = True) -> None:
+        self.env = env
+        self.directory = directory
+        self.nodes = {n.name: n for n in nodes}
+        self._nursery = nursery
+        self._waiters: list[_Waiter] = []
+        self._limiter = trio.CapacityLimiter(API_CONCURRENCY)
+        self.daemons: dict[str, SimDaemon] = {}
+        for node in nodes:
+            settings = StreamSettings(addresses=addresses, tls=tls,
+                                      token_file=directory / f"{node.name}.token",
+                                      daemon_version="sim", heartbeat_period=HEARTBEAT_PERIOD)
+            self.daemons[node.name] = SimDaemon(node, settings, self._applied,
+                                                keep_history=keep_history)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, env: TestEnv, directory: Path, tls: ClientTLS,
+                   addresses: tuple[str, ...], count: int, *, prefix: str = "sim",
+                   start: bool = True, keep_history: bool = True) -> AsyncIterator[SimCluster]:
+        await trio.Path(directory).mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            cluster = cls(env, directory, tls, addresses, sim_nodes(prefix, count), nursery,
+                          keep_history=keep_history)
+            try:
+                await cluster._each(cluster._register, list(cluster.nodes.values()))
+                if start:
+                    for name in cluster.daemons:
+                        await cluster.start_daemon(name)
+                yield cluster
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await cluster._each(cluster._unregister, list(cluster.nodes.values()))
+
+    # --- daemons -------------------------------------------------------------------
+
+    async def start_daemon(self, name: str) -> None:
+        daemon = self.daemons[name]
+        if not daemon.running:
+            await self._nursery.start(daemon.run)
+
+    def stop_daemon(self, name: str) -> None:
+        self.daemons[name].stop()
+
+    def _applied(self, name: str) -> None:
+        for waiter in self._waiters:
+            if name in waiter.names:
+                waiter.dirty.add(name)
+                waiter.event.set()
+
+    async def wait_all(self, predicate: Callable[[SimDaemon], bool],
+                       names: Iterable[str] | None = None) -> None:
+        """Until `predicate` holds for every daemon named (default: all) at
+        once. Each wake re-checks only the nodes that applied something, so
+        a satisfied node that applies again is checked again too."""
+        waiter = _Waiter(self.daemons if names is None else names)
+        pending: set[str] = set()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                dirty, waiter.dirty = waiter.dirty, set()
+                for name in dirty:
+                    if predicate(self.daemons[name]):
+                        pending.discard(name)
+                    else:
+                        pending.add(name)
+                if not pending and not waiter.dirty:
+                    return
+                await waiter.event.wait()
+                waiter.event = trio.Event()
+        finally:
+            self._waiters.remove(waiter)
+
+    # --- the API objects -----------------------------------------------------------
+
+    async def _each(self, step: Callable[[SimNode], None], nodes: list[SimNode]) -> None:
+        async def one(node: SimNode) -> None:
+            await trio.to_thread.run_sync(step, node, limiter=self._limiter)
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+
+    def _call(self, method: str, path: str, body: object = None,
+              ok: tuple[int, ...] = (200, 201)) -> None:
+        answer = self.env.request(method, path, body)
+        if answer.status not in ok:
+            raise RuntimeError(f"{method} {path}: {answer.status} {answer.message}")
+
+    def _register(self, node: SimNode) -> None:
+        self._call("POST", "/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node.name, "labels": {"vpblu.io/simulated": "true"}},
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": node.internal_ip}]},
+        })
+        self._call("POST", "/apis/vpblu.io/v1alpha1/vpblunodes", {
+            "apiVersion": "vpblu.io/v1alpha1", "kind": "VpbluNode",
+            "metadata": {"name": node.name}, "spec": {},
+        }, ok=(201, 409))
+        self._call("POST", f"/api/v1/namespaces/{DAEMON_NAMESPACE}/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": node.pod_name, "namespace": DAEMON_NAMESPACE,
+                         "labels": {"vpblu.io/simulated": "true"}},
+            "spec": {"nodeName": node.name, "serviceAccountName": DAEMON_SERVICE_ACCOUNT,
+                     "containers": [{"name": "daemon", "image": "vpblu:simulated"}]},
+        })
+        token = self.env.request_token(DAEMON_SERVICE_ACCOUNT, DAEMON_NAMESPACE, [AUDIENCE],
+                                       bound_pod=node.pod_name)
+        write_private(self.directory / f"{node.name}.token", token.encode())
+
+    def _unregister(self, node: SimNode) -> None:
+        gone = (200, 202, 404)
+        for method, path in (
+            ("DELETE", f"/api/v1/namespaces/{DAEMON_NAMESPACE}/pods/{node.pod_name}"
+                       "?gracePeriodSeconds=0"),
+            ("DELETE", f"/apis/vpblu.io/v1alpha1/vpblunodes/{node.name}"),
+            ("DELETE", f"/api/v1/nodes/{node.name}"),
+        ):
+            try:
+                self._call(method, path, ok=gone)
+            except Exception as exc:
+                log.warning("simulated node %s: %s", node.name, exc)
+
+    async def delete_node(self, name: str) -> None:
+        """Delete the Node object (its daemon keeps running, as a dead node's would)."""
+        await trio.to_thread.run_sync(
+            self._call, "DELETE", f"/api/v1/nodes/{name}", None, (200, 202))
+
+
+def is_full_mesh(cluster: SimCluster, names: Iterable[str] | None = None
+                 ) -> Callable[[SimDaemon], bool]:
+    """A `wait_all` predicate: the daemon peers with every other named node,
+    with that node's current public key and exactly its pod CIDR."""
+    members = frozenset(cluster.daemons if names is None else names)
+    cidrs = {n: (ipaddress.ip_network(cluster.nodes[n].pod_cidr),) for n in members}
+
+    def check(daemon: SimDaemon) -> bool:
+        state = daemon.applier.current
+        if state is None or len(state.peers) != len(members) - 1:
+            return False
+        for peer in state.peers:
+            if peer.name not in members or peer.name == daemon.name:
+                return False
+            if peer.public_key != cluster.daemons[peer.name].public_key or \
+                    peer.allowed_ips != cidrs[peer.name]:
+                return False
+        return True
+
+    return check
+
