@@ -95,6 +95,8 @@ def _converge(cluster: LocalCluster, clock: Clock, say: Callable[[str], None]) -
     last = ""
     deadline = time.monotonic() + CONVERGE_TIMEOUT
     while True:
+        # Checked first, so the last line printed shows the converged mesh.
+        complete = cluster.mesh_complete()
         keys = cluster.public_keys()
         parts = []
         for node in cluster.nodes:
@@ -105,7 +107,7 @@ def _converge(cluster: LocalCluster, clock: Clock, say: Callable[[str], None]) -
         if line != last:
             say(line)
             last = line
-        if cluster.mesh_complete():
+        if complete:
             return clock.elapsed()
         if time.monotonic() > deadline:
             raise SystemExit(f"the mesh did not converge in {CONVERGE_TIMEOUT} s\n"
