@@ -195,7 +195,11 @@ async def run_controller(
     `task_status.started` hands back this replica's `Leadership` view (for
     tests, the demo and the bench)."""
     host, port = split_address(settings.listen)
-    async with k.open_kube_client(settings.kubeconfig) as kube:
+    # The Lease gets a client (a connection pool) of its own, as client-go
+    # advises: a burst of TokenReviews from a thousand reconnecting daemons
+    # must never queue the renewal behind it and cost the lead.
+    async with (k.open_kube_client(settings.kubeconfig) as kube,
+                k.open_kube_client(settings.kubeconfig) as lease_kube):
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
         streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
         authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
@@ -209,7 +213,7 @@ async def run_controller(
                     kube, server, observed, streams_receive.clone(), settings, view),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(
-                kube, settings.identity, settings.advertise, observed_send.clone(),
+                lease_kube, settings.identity, settings.advertise, observed_send.clone(),
                 settings.lease).run),
         ])
         async with (streams_send, streams_receive, observed_send, observed_receive,

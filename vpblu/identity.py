@@ -19,6 +19,8 @@ import trio
 AUDIENCE = "vpblu"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 TOKEN_REVIEW_TIMEOUT = 10.0
+# TokenReviews in flight at once; the rest wait their turn (see authenticate).
+TOKEN_REVIEW_CONCURRENCY = 16
 
 
 @attrs.frozen(slots=True)
@@ -56,14 +58,20 @@ class TokenReviewAuthenticator:
     """
 
     def __init__(self, api: TokenReviewer, *, audience: str = AUDIENCE,
-                 allowed_users: frozenset[str] | None = None) -> None:
+                 allowed_users: frozenset[str] | None = None,
+                 concurrency: int = TOKEN_REVIEW_CONCURRENCY) -> None:
         self._api = api
         self._audience = audience
         self._allowed_users = allowed_users
+        # A thousand daemons reconnecting at once wait here, in order, instead
+        # of as a thousand requests in the API client's pool, where they would
+        # time out together and all reconnect again.
+        self._limiter = trio.CapacityLimiter(concurrency)
 
     async def authenticate(self, token: str) -> Identity:
-        with trio.fail_after(TOKEN_REVIEW_TIMEOUT):
-            review = await self._api.token_review(token, [self._audience])
+        async with self._limiter:
+            with trio.fail_after(TOKEN_REVIEW_TIMEOUT):
+                review = await self._api.token_review(token, [self._audience])
         status = review.get("status") or {}
         if not status.get("authenticated"):
             raise AuthenticationFailed(status.get("error") or "the API server rejected the token")

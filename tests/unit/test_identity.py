@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from vpblu.identity import (
     NODE_NAME_EXTRA,
@@ -57,3 +59,34 @@ async def test_only_allowed_users_speak_for_a_node() -> None:
     auth = TokenReviewAuthenticator(api, allowed_users=frozenset({SA}))
     with pytest.raises(AuthenticationFailed, match="may not speak for a node"):
         await auth.authenticate("t")
+
+
+class SlowTokenReviewer(FakeTokenReviewer):
+    """Takes a while per review and remembers how many were in flight at once."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def token_review(self, token: str, audiences: Sequence[str]) -> dict[str, Any]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await trio.sleep(0.5)
+            return await super().token_review(token, audiences)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_reconnect_storm_queues_here_not_in_the_api_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    api = SlowTokenReviewer(bound("node-a"))
+    auth = TokenReviewAuthenticator(api, concurrency=4)
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(auth.authenticate, f"t{i}")
+    assert len(api.asked) == 40
+    assert api.most_in_flight == 4
+    assert trio.current_time() == 40 / 4 * 0.5
