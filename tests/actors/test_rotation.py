@@ -239,3 +239,7 @@ async def test_one_rotation_at_a_time_across_the_cluster(
     # The second rotation's first status write comes after the first one's last.
     first, second = (ports_by_node[n] for n in order)
     assert max(first.persist_times) <= min(second.persist_times)
+    # A daemon that was a peer in the first rotation refuses a step stamped
+    # below what it saw there: the stamps rise across both rotations.
+    stamps = [r.stamp for p in (first, second) for r in p.persisted if r is not None]
+    assert stamps == sorted(set(stamps)), stamps

@@ -94,11 +94,22 @@ class RotationPorts(Protocol):
 
 
 class RotationToken:
-    """One rotation at a time across the cluster (shared by the leader's RotationActors)."""
+    """One rotation at a time across the cluster (shared by the leader's RotationActors),
+    and the leader's one sequence of step stamps.
+
+    A daemon refuses a step stamped below the highest it has seen from any
+    rotation (it is a peer in its neighbours' rotations too), so the sequence
+    must rise across all the leader's rotations, not per node.
+    """
 
     def __init__(self) -> None:
         self._lock = trio.Lock()
         self.holder: str | None = None
+        self._sequence = 0
+
+    def next_sequence(self) -> int:
+        self._sequence += 1
+        return self._sequence
 
     async def acquire(self, node: str) -> None:
         await self._lock.acquire()
@@ -147,7 +158,6 @@ class RotationActor:
         self._view_changed = trio.Event()
         self._results: list[RotationResultReceived] = []
         self._result_arrived = trio.Event()
-        self._sequence = 0
         self._record: RotationRecord | None = None
         self._completed = 0
         self._rolled_back = 0
@@ -298,8 +308,7 @@ class RotationActor:
     # --- steps --------------------------------------------------------------------------
 
     def _stamp(self) -> int:
-        self._sequence += 1
-        return (self._settings.term << SEQUENCE_BITS) | self._sequence
+        return (self._settings.term << SEQUENCE_BITS) | self._token.next_sequence()
 
     async def _forward(self, record: RotationRecord, phase: RotationPhase, step: Step,
                        nodes: Iterable[str]) -> dict[str, wire.RotationResult]:
