@@ -120,9 +120,13 @@ class AllTraffic:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def losses(self) -> dict[str, int]:
-        return {f"{f.a.name}<->{f.b.name} at {pod.name}": f.received_by(pod)["missing_count"]
-                for f in self.udp for pod in (f.a, f.b)}
+    def losses(self) -> dict[str, object]:
+        lost: dict[str, object] = {
+            f"{f.a.name}<->{f.b.name} at {pod.name}": f.received_by(pod)["missing_count"]
+            for f in self.udp for pod in (f.a, f.b)}
+        lost["tcp bytes, longest stall s"] = (self.tcp.got.get("bytes"),
+                                              self.tcp.got.get("longest_stall"))
+        return lost
 
     def assert_lossless(self) -> None:
         for flow in self.udp:
