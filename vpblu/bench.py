@@ -398,12 +398,14 @@ def plot(summaries: Sequence[Summary], path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scenario in SCENARIOS:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, scenario in enumerate(SCENARIOS):
+        color = colors[index % len(colors)]  # one colour per scenario, a line style per mode
         for mode, style in (("delta", "-o"), ("full", "--x")):
             pts = sorted((s.n, s.p99_ms) for s in summaries
                          if s.scenario == scenario and s.mode == mode)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color,
                         label=f"{scenario} ({mode}) p99")
     ax.set_xscale("log")
     ax.set_yscale("log")

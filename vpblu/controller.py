@@ -54,13 +54,27 @@ STATUS_INBOX = 256
 ROTATIONS_INBOX = 256
 NEW_STREAMS = 64
 
-WATCHED: tuple[tuple[k.ResourceKind, Parser], ...] = (
-    (k.NODES, resources.parse_node),
-    (k.VPBLU_NODES, resources.parse_vpblu_node),
-    (k.TUNNEL_POLICIES, resources.parse_tunnel_policy),
-    (k.ROUTE_POLICIES, resources.parse_route_policy),
-    (k.BLOCK_POLICIES, resources.parse_block_policy),
-    (k.ROTATION_POLICIES, resources.parse_rotation_policy),
+DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
+
+
+@attrs.frozen(slots=True)
+class Watched:
+    kind: k.ResourceKind
+    parse: Parser
+    namespace: str | None = None
+    label_selector: str | None = None
+
+
+WATCHED: tuple[Watched, ...] = (
+    Watched(k.NODES, resources.parse_node),
+    Watched(k.VPBLU_NODES, resources.parse_vpblu_node),
+    Watched(k.TUNNEL_POLICIES, resources.parse_tunnel_policy),
+    Watched(k.ROUTE_POLICIES, resources.parse_route_policy),
+    Watched(k.BLOCK_POLICIES, resources.parse_block_policy),
+    Watched(k.ROTATION_POLICIES, resources.parse_rotation_policy),
+    # Only the daemon's own Pods: they tell each VpbluNode whether a daemon
+    # is scheduled on its node at all (no key yet is then explained).
+    Watched(k.PODS, resources.parse_daemon_pod, "vpblu-system", DAEMON_POD_SELECTOR),
 )
 STATUS_KINDS = {kind.kind: kind for kind in (
     k.VPBLU_NODES, k.TUNNEL_POLICIES, k.ROUTE_POLICIES, k.BLOCK_POLICIES, k.ROTATION_POLICIES)}
@@ -156,9 +170,11 @@ class LeadershipActor:
                 ROTATIONS_INBOX)
             kube, settings = self._kube, self._settings
 
-            def watcher(kind: k.ResourceKind, parse: Parser) -> ChildSpec:
-                return ChildSpec(f"watch-{kind.kind}",
-                                 lambda: WatcherActor(kube, kind, parse, state_send.clone()).run)
+            def watcher(w: Watched) -> ChildSpec:
+                return ChildSpec(f"watch-{w.kind.kind}",
+                                 lambda: WatcherActor(kube, w.kind, w.parse, state_send.clone(),
+                                                      namespace=w.namespace,
+                                                      label_selector=w.label_selector).run)
 
             children = [
                 ChildSpec("status", with_inbox_clone(
@@ -173,7 +189,7 @@ class LeadershipActor:
                         LeaderRotationPorts(status_send.clone(), state_send.clone()), inbox,
                         RotationSettings(term=term)),
                     rotations_receive)),
-                *(watcher(kind, parse) for kind, parse in WATCHED),
+                *(watcher(w) for w in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(
                     self._streams.clone(), state_send.clone(), status_send.clone(),
                     settings.session).run),

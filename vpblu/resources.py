@@ -133,7 +133,16 @@ class PolicySource:
     policy: model.TunnelPolicy | model.RoutePolicy | model.BlockPolicy | model.RotationPolicy
 
 
-Typed = NodeSource | VpbluNodeSource | PolicySource
+@attrs.frozen(slots=True)
+class DaemonPodSource:
+    """A vpblu daemon Pod: which node it is bound to, and how it is doing."""
+
+    meta: ObjectMeta
+    node_name: str | None
+    phase: str
+
+
+Typed = NodeSource | VpbluNodeSource | PolicySource | DaemonPodSource
 
 
 def meta_of(raw: RawObject) -> ObjectMeta:
@@ -292,3 +301,10 @@ def parse_rotation_policy(raw: RawObject) -> PolicySource:
         overlap_seconds=overlap, nodes=frozenset(str(n) for n in spec.get("nodes") or ()),
     )
     return PolicySource(meta, policy)
+
+
+def parse_daemon_pod(raw: RawObject) -> DaemonPodSource:
+    meta = meta_of(raw)
+    node_name = _field(raw, "spec.nodeName")
+    return DaemonPodSource(meta, str(node_name) if node_name else None,
+                           str(_field(raw, "status.phase", "Pending")))

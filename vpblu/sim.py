@@ -318,7 +318,9 @@ class SimCluster:
         self._call("POST", f"/api/v1/namespaces/{DAEMON_NAMESPACE}/pods", {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": node.pod_name, "namespace": DAEMON_NAMESPACE,
-                         "labels": {"vpblu.io/simulated": "true"}},
+                         "labels": {"vpblu.io/simulated": "true",
+                                    "app.kubernetes.io/name": "vpblu",
+                                    "app.kubernetes.io/component": "daemon"}},
             "spec": {"nodeName": node.name, "serviceAccountName": DAEMON_SERVICE_ACCOUNT,
                      "containers": [{"name": "daemon", "image": "vpblu:simulated"}]},
         })

@@ -118,6 +118,7 @@ async def test_nothing_is_pushed_before_every_kind_is_listed(
         await h.send.send(KindListed("RoutePolicy", (), (), "1"))
         await h.send.send(KindListed("BlockPolicy", (), (), "1"))
         await h.send.send(KindListed("RotationPolicy", (), (), "1"))
+        await h.send.send(KindListed("Pod", (), (), "1"))
         with trio.move_on_after(60):
             msg = await box.receive()
             raise AssertionError(f"pushed {msg} before TunnelPolicy was listed")
@@ -219,7 +220,7 @@ async def test_no_tunnel_policy_means_no_peers_and_says_so(
         while len(reasons) < 1:
             msg = await h.status.receive()
             if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
-                reasons |= {c.reason for c in msg.conditions}
+                reasons |= {c.reason for c in msg.conditions if c.type == "Accepted"}
         assert reasons == {"NoTunnelPolicy"}
         nursery.cancel_scope.cancel()
 
@@ -239,4 +240,27 @@ async def test_full_push_mode_sends_whole_states(autojump_clock: trio.testing.Mo
         push = await box.receive()
         assert isinstance(push, PushSync)
         assert peers(push.state) == ["n2", "n4"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_node_says_whether_a_daemon_pod_is_bound_to_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from vpblu.resources import DaemonPodSource
+
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 3))
+        pod = DaemonPodSource(meta("vpblu-daemon-abc"), "n1", "Running")
+        await h.send.send(KindChanged("Pod", (pod,), (), (), "9"))
+        seen: dict[str, tuple[str, str]] = {}
+        while len(seen) < 2 or seen.get("n1", ("", ""))[0] != "True":
+            msg = await h.status.receive()
+            if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
+                for c in msg.conditions:
+                    if c.type == "DaemonScheduled":
+                        seen[msg.name] = (c.status, c.message)
+        assert seen["n1"] == ("True", "pod vpblu-daemon-abc is Running")
+        assert seen["n2"][0] == "False"
         nursery.cancel_scope.cancel()

@@ -45,11 +45,16 @@ async def test_ten_nodes_converge_to_a_full_mesh(
             # Without a TunnelPolicy the mesh is off, but every daemon is synced.
             with trio.fail_after(CONVERGE_TIMEOUT):
                 await cluster.wait_all(no_peers)
-            # Each daemon's public key, from its Hello, lands in its VpbluNode.
+            # Each daemon's public key, from its Hello, lands in its VpbluNode,
+            # and the VpbluNode says a daemon Pod is bound to its node.
             for daemon in cluster.daemons.values():
                 await wait_api(env, f"{GROUP_PATH}/vpblunodes/{daemon.name}",
                                lambda b, d=daemon: (b.get("status") or {}).get("publicKey")
                                == d.public_key)
+                await wait_api(env, f"{GROUP_PATH}/vpblunodes/{daemon.name}",
+                               lambda b: any(
+                                   c.get("type") == "DaemonScheduled" and c.get("status") == "True"
+                                   for c in (b.get("status") or {}).get("conditions") or ()))
             timings = []
             for _ in range(3):
                 began = trio.current_time()

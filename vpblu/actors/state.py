@@ -79,6 +79,7 @@ from vpblu.model import (
 )
 from vpblu.resources import (
     ROTATE_NOW_ANNOTATION,
+    DaemonPodSource,
     NodeSource,
     PolicySource,
     Typed,
@@ -94,7 +95,7 @@ SEQUENCE_BITS = 32
 RETRY_OVERFLOWED = 0.2
 
 WATCHED_KINDS = ("Node", "VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
-                 "RotationPolicy")
+                 "RotationPolicy", "Pod")
 
 
 @attrs.define
@@ -360,9 +361,27 @@ class StateActor:
         session.sent_generation = push.generation
         session.sent_state = push.state
 
+    def _daemon_conditions(self) -> list[Condition]:
+        """Per node: is a vpblu daemon Pod bound to it? (No key yet is then explained.)"""
+        pods: dict[str, list[DaemonPodSource]] = {}
+        for pod in self._objects["Pod"].values():
+            if isinstance(pod, DaemonPodSource) and pod.node_name is not None:
+                pods.setdefault(pod.node_name, []).append(pod)
+        out = []
+        for node in self._objects["Node"]:
+            mine = sorted(pods.get(node, ()), key=lambda p: p.meta.name)
+            if mine:
+                text = ", ".join(f"pod {p.meta.name} is {p.phase}" for p in mine)
+                out.append(Condition("VpbluNode", node, "DaemonScheduled", "True",
+                                     "DaemonPod", text))
+            else:
+                out.append(Condition("VpbluNode", node, "DaemonScheduled", "False",
+                                     "NoDaemonPod", "no vpblu daemon Pod is bound to this node"))
+        return out
+
     async def _report_conditions(self, conditions: tuple[Condition, ...]) -> None:
         by_object: dict[tuple[str, str], list[Condition]] = {}
-        for cond in conditions:
+        for cond in (*conditions, *self._daemon_conditions()):
             by_object.setdefault((cond.kind, cond.name), []).append(cond)
         for (kind, name), bad in self._invalid.items():
             # What the operator must see is that the current edit was refused;
