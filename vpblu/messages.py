@@ -220,6 +220,9 @@ class NodeRotationView:
     rotate_now: str | None  # the vpblu.io/rotate-now annotation
     schedule: str | None  # the cron schedule of the RotationPolicy covering the node
     peers: tuple[str, ...]  # the nodes whose desired state has this node as a peer
+    # That policy's overlapSeconds: how long, once the node has switched, its
+    # peers keep accepting both keys before Retire (0: no policy, on demand).
+    overlap_seconds: float = 0.0
 
 
 @attrs.frozen(slots=True)

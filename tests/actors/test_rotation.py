@@ -243,3 +243,15 @@ async def test_one_rotation_at_a_time_across_the_cluster(
     # below what it saw there: the stamps rise across both rotations.
     stamps = [r.stamp for p in (first, second) for r in p.persisted if r is not None]
     assert stamps == sorted(set(stamps)), stamps
+
+
+async def test_peers_accept_both_keys_for_the_policys_overlap_before_retire(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    await run_one(ports, receive, view(rotate_now="t1", overlap_seconds=45.0),
+                  wait=lambda p: bool(p.lasts))
+    assert ports.sent() == HAPPY
+    at = {r.step: t for r, t in zip(ports.persisted, ports.persist_times, strict=True)
+          if r is not None}
+    assert at[Step.SWITCH_PEER] - at[Step.ACTIVATE] >= 45.0

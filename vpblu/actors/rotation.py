@@ -256,6 +256,13 @@ class RotationActor:
         except StepFailed as exc:
             await self._roll_back(self._record or record, str(exc))
             return
+        if view.overlap_seconds > 0:
+            # The overlap window: R sends with K' and every peer still accepts
+            # K too. Nothing is lost by waiting; it gives traffic that set out
+            # under K (and slow handshakes) time to finish before K is dropped.
+            log.info("node %s: rotation %s active; peers accept both keys for %.0fs",
+                     self._node, record.rotation_id, view.overlap_seconds)
+            await trio.sleep(view.overlap_seconds)
         await self._retire(record, Step.SWITCH_PEER)
 
     async def _resume(self, record: RotationRecord) -> None:

@@ -326,8 +326,8 @@ class StateActor:
         for name in sorted(self._objects["Node"]):
             vn = self._objects["VpbluNode"].get(name)
             source = vn if isinstance(vn, VpbluNodeSource) else None
-            schedule = next((p.schedule for p in policies if not p.nodes or name in p.nodes),
-                            None)
+            policy = next((p for p in policies if not p.nodes or name in p.nodes), None)
+            schedule = policy.schedule if policy else None
             views.append(NodeRotationView(
                 node=name,
                 public_key=source.public_key if source else None,
@@ -336,6 +336,7 @@ class StateActor:
                 rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
                 schedule=schedule,
                 peers=tuple(sorted(peers_of.get(name, ()))),
+                overlap_seconds=float(policy.overlap_seconds) if policy else 0.0,
             ))
         await self._rotations.send(RotationViews(tuple(views)))
 
