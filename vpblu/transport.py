@@ -42,6 +42,7 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
@@ -50,6 +51,7 @@ from vpblu.codec import ProtocolViolation
 from vpblu.identity import AuthenticationFailed, Authenticator, Identity
 from vpblu.proto import mesh_grpc
 from vpblu.proto import mesh_pb2 as pb
+from vpblu.pushencoder import PushEncoder
 
 log = logging.getLogger(__name__)
 
@@ -422,11 +424,15 @@ class PeerInfo:
 
 
 class NodeStream(BatchStream[wire.NodeMessage, wire.ControllerMessage]):
-    """A daemon's stream as the controller sees it, after authentication and Hello."""
+    """A daemon's stream as the controller sees it, after authentication and Hello.
+
+    What it sends is serialized by the server's one `PushEncoder` (each Peer
+    once for all streams) and handed to grpclib as bytes (`_PreEncodedCodec`).
+    """
 
     def __init__(self, call: _ServerCall, hello: wire.Hello, identity: Identity,
-                 peer: PeerInfo) -> None:
-        super().__init__(call, codec.encode_controller_message)
+                 peer: PeerInfo, encoder: PushEncoder) -> None:
+        super().__init__(call, encoder.encode)
         self.hello = hello
         self.identity = identity
         self.peer = peer
@@ -466,6 +472,16 @@ def _peer_info(stream: Any) -> PeerInfo:
     return PeerInfo(address, subject)
 
 
+class _PreEncodedCodec(ProtoCodec):
+    """grpclib's protobuf codec that also takes a message already serialized
+    (bytes from `PushEncoder`) and sends it as it is."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return super().encode(message, message_type)
+
+
 class _MeshService(mesh_grpc.MeshBase):
     """The grpclib handler; runs on asyncio, one task per stream."""
 
@@ -476,6 +492,7 @@ class _MeshService(mesh_grpc.MeshBase):
         self._new_streams = new_streams
         self.redirect_to = redirect_to
         self.live: set[_ServerCall] = set()
+        self.encoder = PushEncoder()
 
     async def Connect(self, stream: Any) -> None:
         peer = _peer_info(stream)
@@ -495,7 +512,7 @@ class _MeshService(mesh_grpc.MeshBase):
                 await stream.send_message(codec.encode_controller_message(wire.Refused(reason)))
             raise GRPCError(Status.PERMISSION_DENIED, reason)
         call = _ServerCall(stream, codec.decode_node_message)
-        node_stream = NodeStream(call, hello, identity, peer)
+        node_stream = NodeStream(call, hello, identity, peer, self.encoder)
         try:
             async with asyncio.timeout(ACCEPT_TIMEOUT):
                 await trio_asyncio.trio_as_aio(self._new_streams.send)(node_stream)
@@ -604,7 +621,7 @@ class MeshServer:
 
     async def _start(self, sock: socket.socket, ctx: ssl.SSLContext) -> Server:
         # grpclib's Server binds the running asyncio loop when it is made.
-        server = Server([self._service])
+        server = Server([self._service], codec=_PreEncodedCodec())
         await server.start(sock=sock, ssl=ctx)
         return server
 
