@@ -1,9 +1,10 @@
 """What it costs the controller to encode its pushes, plain codec vs PushEncoder.
 
 `python bench/push_encoding.py [peers] [runs]`: (1) one SyncState with
-`peers` peers (default 1000): plain `codec` + SerializeToString, then
-`PushEncoder` cold (empty cache) and warm; (2) one PeerAdded Delta encoded
-for each of `peers` sessions, as the controller does when a node joins.
+`peers` peers and a route through each (default 1000, a FullMesh node's
+state): plain `codec` + SerializeToString, then `PushEncoder` cold (empty
+cache) and warm; (2) one PeerAdded + RouteAdded Delta encoded for each of
+`peers` sessions, as the controller does when a node joins.
 Prints the median of `runs` (default 7) in milliseconds.
 """
 
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from vpblu import codec, wire
-from vpblu.model import Endpoint, NodeDesiredState, Peer, PeerAdded
+from vpblu.model import Endpoint, NodeDesiredState, Peer, PeerAdded, Route, RouteAdded
 from vpblu.pushencoder import PushEncoder
 
 
@@ -39,8 +40,11 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 7
     peers = [peer(i) for i in range(n)]
-    sync = wire.SyncState(42, NodeDesiredState("node-x", peers=peers))
-    delta = wire.Delta(43, 42, (PeerAdded(peer(n)),))
+    routes = [Route(p.allowed_ips[0], p.name) for p in peers]
+    sync = wire.SyncState(42, NodeDesiredState("node-x", peers=peers, routes=routes))
+    joined = peer(n)
+    delta = wire.Delta(43, 42, (PeerAdded(joined), RouteAdded(Route(joined.allowed_ips[0],
+                                                                    joined.name))))
 
     plain_sync = median_ms(lambda: codec.encode_controller_message(sync).SerializeToString(), runs)
     cold_sync = median_ms(lambda: PushEncoder().encode(sync), runs)
@@ -63,7 +67,7 @@ def main() -> None:
           f"({plain_sync / warm_sync:.0f}x)")
     plain_fan = median_ms(plain_fanout, runs)
     fast_fan = median_ms(fast_fanout, runs)
-    print(f"PeerAdded Delta to {n} sessions: plain {plain_fan:.2f} ms, "
+    print(f"PeerAdded+RouteAdded Delta to {n} sessions: plain {plain_fan:.2f} ms, "
           f"PushEncoder {fast_fan:.2f} ms ({plain_fan / fast_fan:.1f}x)")
 
 

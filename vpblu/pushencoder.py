@@ -6,7 +6,8 @@ what `vpblu.codec.encode_controller_message(m).SerializeToString()` gives,
 without building the message tree. The point is the Peer: one immutable
 `Peer` object (desiredstate keeps unchanged peers as the very same object)
 sits in up to N-1 nodes' states, so it is serialized once, cached by
-identity, and every SyncState or Delta that carries it is put together by
+identity (so are Routes and CidrPairs, shared the same way), and every
+SyncState or Delta that carries it is put together by
 concatenating cached bytes under hand-written tags and lengths (protobuf
 wire format: a length-delimited field is a one-byte tag here, a varint
 length, the bytes; a repeated message field is that once per element;
@@ -26,9 +27,25 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
 from vpblu import codec, wire
-from vpblu.model import NodeDesiredState, Peer, PeerAdded, PeerChanged
+from vpblu.model import (
+    BlockAdded,
+    BlockRemoved,
+    CidrPair,
+    ListenPortChanged,
+    NodeDesiredState,
+    Peer,
+    PeerAdded,
+    PeerChanged,
+    PeerRemoved,
+    Route,
+    RouteAdded,
+    RouteRemoved,
+)
+
+V = TypeVar("V", Peer, Route, CidrPair)
 
 # Wire types (protobuf encoding spec): 0 varint, 2 length-delimited.
 _VARINT = 0
@@ -87,9 +104,20 @@ _STATE_BLOCK = _tag(5, _LEN)
 _DELTA_GENERATION = _tag(1, _VARINT)
 _DELTA_BASE = _tag(2, _VARINT)
 _DELTA_CHANGE = _tag(3, _LEN)
-# Change.peer_added = 1, .peer_changed = 2
+# Change (a oneof: its members are written even at their default value)
 _CHANGE_PEER_ADDED = _tag(1, _LEN)
 _CHANGE_PEER_CHANGED = _tag(2, _LEN)
+_CHANGE_PEER_REMOVED = _tag(3, _LEN)
+_CHANGE_ROUTE_ADDED = _tag(4, _LEN)
+_CHANGE_ROUTE_REMOVED = _tag(5, _LEN)
+_CHANGE_BLOCK_ADDED = _tag(6, _LEN)
+_CHANGE_BLOCK_REMOVED = _tag(7, _LEN)
+_CHANGE_LISTEN_PORT = _tag(8, _VARINT)
+# Route.cidr = 1, .via = 2; CidrPair.src = 1, .dst = 2
+_ROUTE_CIDR = _tag(1, _LEN)
+_ROUTE_VIA = _tag(2, _LEN)
+_BLOCK_SRC = _tag(1, _LEN)
+_BLOCK_DST = _tag(2, _LEN)
 
 
 
@@ -105,6 +133,14 @@ def _peer(peer: Peer) -> bytes:
     return b"".join(parts)
 
 
+def _route(route: Route) -> bytes:
+    return _string(_ROUTE_CIDR, str(route.cidr)) + _string(_ROUTE_VIA, route.via)
+
+
+def _block(block: CidrPair) -> bytes:
+    return _string(_BLOCK_SRC, str(block.src)) + _string(_BLOCK_DST, str(block.dst))
+
+
 class PushEncoder:
     """Serializes controller messages, each distinct Peer object once.
 
@@ -114,48 +150,74 @@ class PushEncoder:
     """
 
     def __init__(self) -> None:
-        # id(peer) -> (weak reference to that peer, its serialized pb.Peer).
-        # The weak reference both drops the entry when the peer dies and
-        # proves on lookup that the id still names the same object.
-        self._peers: dict[int, tuple[weakref.ref[Peer], bytes]] = {}
+        # id(value) -> (weak reference to that value, its serialized bytes
+        # behind their varint length). The weak reference both drops the
+        # entry when the value dies and proves on lookup that the id still
+        # names the same object.
+        self._cache: dict[int, tuple[weakref.ref[Peer | Route | CidrPair], bytes]] = {}
 
     def __len__(self) -> int:
-        return len(self._peers)
+        return len(self._cache)
+
+    def _cached(self, value: V, serialize: Callable[[V], bytes]) -> bytes:
+        key = id(value)
+        entry = self._cache.get(key)
+        if entry is not None and entry[0]() is value:
+            return entry[1]
+        data = serialize(value)
+        data = _varint(len(data)) + data
+        self._cache[key] = (weakref.ref(value, self._forget(key)), data)
+        return data
+
+    def _forget(self, key: int) -> Callable[[weakref.ref[Peer | Route | CidrPair]], None]:
+        cache = self._cache
+
+        def forget(ref: weakref.ref[Peer | Route | CidrPair]) -> None:
+            entry = cache.get(key)
+            if entry is not None and entry[0] is ref:
+                del cache[key]
+
+        return forget
 
     def peer_bytes(self, peer: Peer) -> bytes:
         """The serialized pb.Peer of `peer` behind its varint length (what
         follows the tag of a Peer field), from the cache when it is there."""
-        key = id(peer)
-        entry = self._peers.get(key)
-        if entry is not None and entry[0]() is peer:
-            return entry[1]
-        data = _peer(peer)
-        data = _varint(len(data)) + data
-        self._peers[key] = (weakref.ref(peer, self._forget(key)), data)
-        return data
-
-    def _forget(self, key: int) -> Callable[[weakref.ref[Peer]], None]:
-        peers = self._peers
-
-        def forget(ref: weakref.ref[Peer]) -> None:
-            entry = peers.get(key)
-            if entry is not None and entry[0] is ref:
-                del peers[key]
-
-        return forget
+        return self._cached(peer, _peer)
 
     def state_bytes(self, state: NodeDesiredState) -> bytes:
         """The serialized pb.NodeDesiredState."""
         parts = [_string(_STATE_NODE, state.node), _uint(_STATE_PORT, state.listen_port)]
+        # Tag, length, bytes per element: the tag is the separator of a join.
         if state.peers:
-            # Tag, length, bytes per peer: the tag is the separator of a join.
-            parts.append(_STATE_PEER)
-            parts.append(_STATE_PEER.join([self.peer_bytes(p) for p in state.peers]))
-        parts.extend(_field(_STATE_ROUTE, codec.encode_route(r).SerializeToString())
-                     for r in state.routes)
-        parts.extend(_field(_STATE_BLOCK, codec.encode_block(b).SerializeToString())
-                     for b in state.blocks)
+            parts += (_STATE_PEER, _STATE_PEER.join([self._cached(p, _peer) for p in state.peers]))
+        if state.routes:
+            parts += (_STATE_ROUTE,
+                      _STATE_ROUTE.join([self._cached(r, _route) for r in state.routes]))
+        if state.blocks:
+            parts += (_STATE_BLOCK,
+                      _STATE_BLOCK.join([self._cached(b, _block) for b in state.blocks]))
         return b"".join(parts)
+
+    def change_bytes(self, change: object) -> bytes:
+        """The serialized pb.Change."""
+        match change:
+            case PeerAdded(peer):
+                return _CHANGE_PEER_ADDED + self._cached(peer, _peer)
+            case PeerChanged(peer):
+                return _CHANGE_PEER_CHANGED + self._cached(peer, _peer)
+            case PeerRemoved(name):
+                return _field(_CHANGE_PEER_REMOVED, name.encode())
+            case RouteAdded(route):
+                return _CHANGE_ROUTE_ADDED + self._cached(route, _route)
+            case RouteRemoved(route):
+                return _CHANGE_ROUTE_REMOVED + self._cached(route, _route)
+            case BlockAdded(block):
+                return _CHANGE_BLOCK_ADDED + self._cached(block, _block)
+            case BlockRemoved(block):
+                return _CHANGE_BLOCK_REMOVED + self._cached(block, _block)
+            case ListenPortChanged(port):
+                return _CHANGE_LISTEN_PORT + _varint(port)
+        raise TypeError(f"not a Change: {type(change).__name__}")
 
     def encode(self, message: wire.ControllerMessage) -> bytes:
         """The serialized pb.ControllerMessage, byte for byte what the codec makes."""
@@ -167,15 +229,7 @@ class PushEncoder:
             case wire.Delta(generation, base_generation, changes):
                 parts = [_uint(_DELTA_GENERATION, generation),
                          _uint(_DELTA_BASE, base_generation)]
-                for change in changes:
-                    match change:
-                        case PeerAdded(peer):
-                            body = _CHANGE_PEER_ADDED + self.peer_bytes(peer)
-                        case PeerChanged(peer):
-                            body = _CHANGE_PEER_CHANGED + self.peer_bytes(peer)
-                        case _:
-                            body = codec.encode_change(change).SerializeToString()
-                    parts.append(_field(_DELTA_CHANGE, body))
+                parts.extend(_field(_DELTA_CHANGE, self.change_bytes(c)) for c in changes)
                 return _field(_CM_DELTA, b"".join(parts))
             case _:
                 # Rare and small (Redirect, Refused, RotationStep): the plain codec.

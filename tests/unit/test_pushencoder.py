@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from hypothesis import given
+from hypothesis import given, settings
 
 from tests.unit.test_codec import KEY, controller_messages, peers, states
 from vpblu import codec, wire
@@ -19,6 +19,7 @@ def plain(message: wire.ControllerMessage) -> bytes:
     return data
 
 
+@settings(max_examples=500)
 @given(controller_messages)
 def test_fast_bytes_are_the_plain_encoders_bytes(message: wire.ControllerMessage) -> None:
     encoder = PushEncoder()
