@@ -18,7 +18,7 @@ awaited crossing per stream was most of a push's cost (~0.2 ms each, so
 ~200 ms for 1000 sessions; bench/push_crossing.py). There `send_batch` does
 not cross at all: it appends the already-serialized batch to the stream's
 bounded outbox and wakes the stream's asyncio writer task (~1 µs). It waits
-(one crossing) only when the outbox holds OUTBOX_LIMIT messages, so a daemon
+(one crossing) only when the outbox holds OUTBOX_LIMIT bytes, so a daemon
 that stops reading pushes back on its session, whose mailbox coalesces. A
 failed write closes the stream; the session learns it from its next
 `send_batch` or `receive_batch`. The daemon's end still awaits each write.
@@ -73,7 +73,10 @@ WRITE_TIMEOUT = 10.0  # one batch; a peer that stops reading for this long is go
 CLOSE_TIMEOUT = 5.0  # ending an RPC (trailers or reset) never waits longer
 SERVER_STOP_TIMEOUT = 5.0
 INBOX_LIMIT = 1024  # messages buffered per stream before flow control pushes back
-OUTBOX_LIMIT = 32  # controller messages queued per stream before send_batch waits
+# Serialized bytes queued per controller stream before send_batch waits: a
+# byte bound, because a SyncState at N=1000 is ~150 KB and a message count
+# would let 1000 sessions queue gigabytes; small deltas never reach it.
+OUTBOX_LIMIT = 128 * 1024
 ROOM_TIMEOUT = WRITE_TIMEOUT + CLOSE_TIMEOUT  # the writer gives up before this
 BATCH_LIMIT = 1024  # most messages one receive_batch returns
 CLOSE_REASON_KEY = "vpblu-close-reason"  # trailing metadata of a stream the controller closed
@@ -278,12 +281,17 @@ def _grpc_reason(exc: GRPCError) -> str:
     return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
 
 
+def _size(message: bytes | pb.ControllerMessage) -> int:
+    return len(message) if isinstance(message, bytes) else message.ByteSize()
+
+
 class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
     """The controller's end: writes go through the outbox and a writer task."""
 
     def __init__(self, stream: Any, decode: Callable[[Any], wire.NodeMessage]) -> None:
         super().__init__(stream, decode)
         self.outbox: deque[bytes | pb.ControllerMessage] = deque()
+        self.outbox_bytes = 0
         self._outbox_ready = asyncio.Event()  # the writer has something to do
         self._room = asyncio.Event()  # the outbox went below OUTBOX_LIMIT
 
@@ -297,16 +305,17 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
         order. False when the outbox is full and the caller must `wait_for_room`."""
         self.check_open()
         self.outbox.extend(batch)
+        self.outbox_bytes += sum(_size(m) for m in batch)
         # Setting an asyncio Event from trio is safe under trio-asyncio: it
         # only schedules the waiter's wake-up on the loop, which runs in this
         # thread.
         self._outbox_ready.set()
-        return len(self.outbox) < OUTBOX_LIMIT
+        return self.outbox_bytes < OUTBOX_LIMIT
 
     async def wait_for_room(self) -> None:
         try:
             async with asyncio.timeout(ROOM_TIMEOUT):
-                while len(self.outbox) >= OUTBOX_LIMIT and not self.stop.is_set():
+                while self.outbox_bytes >= OUTBOX_LIMIT and not self.stop.is_set():
                     self._room.clear()
                     await self._room.wait()
         except TimeoutError:
@@ -337,8 +346,8 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
                         if self.stop.is_set() and self.close_reason is None:
                             return False
                         await self.stream.send_message(self.outbox[0])
-                        self.outbox.popleft()
-                        if len(self.outbox) < OUTBOX_LIMIT:
+                        self.outbox_bytes -= _size(self.outbox.popleft())
+                        if self.outbox_bytes < OUTBOX_LIMIT:
                             self._room.set()
             except TimeoutError:
                 self.request_close("a write timed out")

@@ -19,7 +19,6 @@ from vpblu.model import NodeDesiredState, Peer, PeerRemoved
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.pki import CertAuthority
 from vpblu.transport import (
-    OUTBOX_LIMIT,
     ClientTLS,
     ConnectFailed,
     ControllerStream,
@@ -188,7 +187,7 @@ async def test_a_daemon_that_stops_reading_pushes_back_on_the_sender(pki: Pki) -
                 queued += 1
                 await node_stream.send_batch([wire.SyncState(queued, state)])
         assert queued < 400  # send_batch waited for room, and went on waiting
-        assert queued >= OUTBOX_LIMIT
+        assert queued > 2  # writes went on while the daemon did not read
         assert not node_stream.closed
         got = await receive_n(daemon, queued)
         assert [m.generation for m in got] == list(range(1, queued + 1))  # type: ignore[attr-defined]
