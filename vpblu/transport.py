@@ -14,10 +14,11 @@ batches to be written. Crossing between trio and asyncio costs about five
 times a message's own cost (STACK.md), so it happens once per batch.
 
 On the controller a push goes to thousands of streams at once, and even one
-awaited crossing per stream was most of a push's cost (~0.2 ms each, so
-~200 ms for 1000 sessions; bench/push_crossing.py). There `send_batch` does
-not cross at all: it appends the already-serialized batch to the stream's
-bounded outbox and wakes the stream's asyncio writer task (~1 µs). It waits
+awaited crossing per stream cost more than the push itself: 0.14-0.2 ms
+each, 140-210 ms for 1000 sessions (bench/push_crossing.py, busy 2 cores).
+There `send_batch` does not cross at all: it appends the already-serialized
+batch to the stream's bounded outbox and wakes the stream's asyncio writer
+task (0.7-0.8 ms for 1000 sessions, ~200x less). It waits
 (one crossing) only when the outbox holds OUTBOX_LIMIT bytes, so a daemon
 that stops reading pushes back on its session, whose mailbox coalesces. A
 failed write closes the stream; the session learns it from its next
