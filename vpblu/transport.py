@@ -13,6 +13,17 @@ the trio side takes whatever has arrived as one batch, and hands whole
 batches to be written. Crossing between trio and asyncio costs about five
 times a message's own cost (STACK.md), so it happens once per batch.
 
+On the controller a push goes to thousands of streams at once, and even one
+awaited crossing per stream cost more than the push itself: 0.14-0.2 ms
+each, 140-210 ms for 1000 sessions (bench/push_crossing.py, busy 2 cores).
+There `send_batch` does not cross at all: it appends the already-serialized
+batch to the stream's bounded outbox and wakes the stream's asyncio writer
+task (0.7-0.8 ms for 1000 sessions, ~200x less). It waits
+(one crossing) only when the outbox holds OUTBOX_LIMIT bytes, so a daemon
+that stops reading pushes back on its session, whose mailbox coalesces. A
+failed write closes the stream; the session learns it from its next
+`send_batch` or `receive_batch`. The daemon's end still awaits each write.
+
 grpclib does not see trio deadlines: every wait on the asyncio side has its
 own named timeout. A stream that fails in any way (reset, dropped
 connection, malformed message, closed by either end) ends as one
@@ -42,6 +53,7 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
@@ -50,6 +62,7 @@ from vpblu.codec import ProtocolViolation
 from vpblu.identity import AuthenticationFailed, Authenticator, Identity
 from vpblu.proto import mesh_grpc
 from vpblu.proto import mesh_pb2 as pb
+from vpblu.pushencoder import PushEncoder
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,11 @@ WRITE_TIMEOUT = 10.0  # one batch; a peer that stops reading for this long is go
 CLOSE_TIMEOUT = 5.0  # ending an RPC (trailers or reset) never waits longer
 SERVER_STOP_TIMEOUT = 5.0
 INBOX_LIMIT = 1024  # messages buffered per stream before flow control pushes back
+# Serialized bytes queued per controller stream before send_batch waits: a
+# byte bound, because a SyncState at N=1000 is ~150 KB and a message count
+# would let 1000 sessions queue gigabytes; small deltas never reach it.
+OUTBOX_LIMIT = 128 * 1024
+ROOM_TIMEOUT = WRITE_TIMEOUT + CLOSE_TIMEOUT  # the writer gives up before this
 BATCH_LIMIT = 1024  # most messages one receive_batch returns
 CLOSE_REASON_KEY = "vpblu-close-reason"  # trailing metadata of a stream the controller closed
 
@@ -195,6 +213,9 @@ class _Call(Generic[R, S]):
         self.messages_received = 0
         self.bytes_received = 0  # protobuf bytes, without gRPC/HTTP/2/TLS framing
 
+    def _stopped(self) -> None:
+        self.stop.set()
+
     async def read_loop(self) -> None:
         try:
             while True:
@@ -217,7 +238,7 @@ class _Call(Generic[R, S]):
             self.inbox.close(self._status_behind(exc))
         finally:
             self.inbox.close(StreamClosed("stream ended"))
-            self.stop.set()
+            self._stopped()
 
     async def _end_of_stream(self) -> StreamClosed:
         return StreamClosed("the other end ended the stream")
@@ -225,13 +246,17 @@ class _Call(Generic[R, S]):
     def _status_behind(self, exc: Exception) -> StreamClosed:
         return StreamClosed(f"stream broken: {exc!r}")
 
-    async def write(self, batch: Sequence[S]) -> None:
+    def check_open(self) -> None:
+        """`StreamClosed` if nothing more may be written."""
         if self.close_reason is not None:
             raise StreamClosed(f"closed here: {self.close_reason}")
         if self.stop.is_set():
             closed = self.inbox.closed
             raise StreamClosed(closed.reason if closed else "stream ended",
                                status=closed.status if closed else None)
+
+    async def write(self, batch: Sequence[S]) -> None:
+        self.check_open()
         async with self._write_lock:
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT):
@@ -250,21 +275,99 @@ class _Call(Generic[R, S]):
         if self.close_reason is None and not self.finished.is_set():
             self.close_reason = reason
         self.inbox.close(StreamClosed(f"closed here: {reason}"))
-        self.stop.set()
+        self._stopped()
 
 
 def _grpc_reason(exc: GRPCError) -> str:
     return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
 
 
-class _ServerCall(_Call[wire.NodeMessage, pb.ControllerMessage]):
+def _size(message: bytes | pb.ControllerMessage) -> int:
+    return len(message) if isinstance(message, bytes) else message.ByteSize()
+
+
+class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
+    """The controller's end: writes go through the outbox and a writer task."""
+
+    def __init__(self, stream: Any, decode: Callable[[Any], wire.NodeMessage]) -> None:
+        super().__init__(stream, decode)
+        self.outbox: deque[bytes | pb.ControllerMessage] = deque()
+        self.outbox_bytes = 0
+        self._outbox_ready = asyncio.Event()  # the writer has something to do
+        self._room = asyncio.Event()  # the outbox went below OUTBOX_LIMIT
+
+    def _stopped(self) -> None:
+        super()._stopped()
+        self._outbox_ready.set()
+        self._room.set()
+
+    def enqueue(self, batch: Sequence[bytes | pb.ControllerMessage]) -> bool:
+        """Called from trio (same thread): queue `batch` for the writer, in
+        order. False when the outbox is full and the caller must `wait_for_room`."""
+        self.check_open()
+        self.outbox.extend(batch)
+        self.outbox_bytes += sum(_size(m) for m in batch)
+        # Setting an asyncio Event from trio is safe under trio-asyncio: it
+        # only schedules the waiter's wake-up on the loop, which runs in this
+        # thread.
+        self._outbox_ready.set()
+        return self.outbox_bytes < OUTBOX_LIMIT
+
+    async def wait_for_room(self) -> None:
+        try:
+            async with asyncio.timeout(ROOM_TIMEOUT):
+                while self.outbox_bytes >= OUTBOX_LIMIT and not self.stop.is_set():
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:
+            self.request_close("the outbox did not drain")
+        self.check_open()
+
+    async def write_loop(self) -> None:
+        """Write what is queued, until the stream stops. After a close asked
+        for here, what is still queued goes out first (within CLOSE_TIMEOUT):
+        a controller's last messages must arrive."""
+        while True:
+            while not self.outbox:
+                if self.stop.is_set():
+                    return
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            if self.stop.is_set() and self.close_reason is None:
+                return  # the stream broke or the daemon ended it: nothing more goes out
+            if not await self._write_out():
+                return
+
+    async def _write_out(self) -> bool:
+        timeout = CLOSE_TIMEOUT if self.stop.is_set() else WRITE_TIMEOUT
+        async with self._write_lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    while self.outbox:
+                        if self.stop.is_set() and self.close_reason is None:
+                            return False
+                        await self.stream.send_message(self.outbox[0])
+                        self.outbox_bytes -= _size(self.outbox.popleft())
+                        if self.outbox_bytes < OUTBOX_LIMIT:
+                            self._room.set()
+            except TimeoutError:
+                self.request_close("a write timed out")
+                return False
+            except Exception as exc:
+                self.request_close(f"a write failed: {exc!r}")
+                return False
+        return True
+
     async def serve(self) -> None:
         """Run in grpclib's handler task until the stream ends; then end the RPC."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(self.read_loop())
+                tasks.create_task(self.write_loop())
                 await self.stop.wait()
                 reader.cancel()
+                # The writer ends on its own: at once, or once the queue is
+                # out after a close asked for here (bounded by CLOSE_TIMEOUT).
             await self._finish()
         except asyncio.CancelledError:
             # grpclib cancels handlers when the server closes but leaves the
@@ -422,14 +525,29 @@ class PeerInfo:
 
 
 class NodeStream(BatchStream[wire.NodeMessage, wire.ControllerMessage]):
-    """A daemon's stream as the controller sees it, after authentication and Hello."""
+    """A daemon's stream as the controller sees it, after authentication and Hello.
+
+    What it sends is serialized by the server's one `PushEncoder` (each Peer
+    once for all streams), handed to grpclib as bytes (`_PreEncodedCodec`)
+    and queued for the stream's writer (see the module docstring).
+    """
 
     def __init__(self, call: _ServerCall, hello: wire.Hello, identity: Identity,
-                 peer: PeerInfo) -> None:
-        super().__init__(call, codec.encode_controller_message)
+                 peer: PeerInfo, encoder: PushEncoder) -> None:
+        super().__init__(call, encoder.encode)
+        self._server_call = call
         self.hello = hello
         self.identity = identity
         self.peer = peer
+
+    async def send_batch(self, messages: Sequence[wire.ControllerMessage]) -> None:
+        """Queued in order for the writer; returns without crossing into
+        asyncio unless the outbox is full. `StreamClosed` if the stream is
+        over (a failed earlier write included)."""
+        if not messages:
+            return
+        if not self._server_call.enqueue([self._encode(m) for m in messages]):
+            await trio_asyncio.aio_as_trio(self._server_call.wait_for_room)()
 
     @property
     def node_name(self) -> str:
@@ -466,6 +584,16 @@ def _peer_info(stream: Any) -> PeerInfo:
     return PeerInfo(address, subject)
 
 
+class _PreEncodedCodec(ProtoCodec):
+    """grpclib's protobuf codec that also takes a message already serialized
+    (bytes from `PushEncoder`) and sends it as it is."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return super().encode(message, message_type)
+
+
 class _MeshService(mesh_grpc.MeshBase):
     """The grpclib handler; runs on asyncio, one task per stream."""
 
@@ -476,6 +604,7 @@ class _MeshService(mesh_grpc.MeshBase):
         self._new_streams = new_streams
         self.redirect_to = redirect_to
         self.live: set[_ServerCall] = set()
+        self.encoder = PushEncoder()
 
     async def Connect(self, stream: Any) -> None:
         peer = _peer_info(stream)
@@ -495,7 +624,7 @@ class _MeshService(mesh_grpc.MeshBase):
                 await stream.send_message(codec.encode_controller_message(wire.Refused(reason)))
             raise GRPCError(Status.PERMISSION_DENIED, reason)
         call = _ServerCall(stream, codec.decode_node_message)
-        node_stream = NodeStream(call, hello, identity, peer)
+        node_stream = NodeStream(call, hello, identity, peer, self.encoder)
         try:
             async with asyncio.timeout(ACCEPT_TIMEOUT):
                 await trio_asyncio.trio_as_aio(self._new_streams.send)(node_stream)
@@ -604,7 +733,7 @@ class MeshServer:
 
     async def _start(self, sock: socket.socket, ctx: ssl.SSLContext) -> Server:
         # grpclib's Server binds the running asyncio loop when it is made.
-        server = Server([self._service])
+        server = Server([self._service], codec=_PreEncodedCodec())
         await server.start(sock=sock, ssl=ctx)
         return server
 

@@ -15,7 +15,7 @@ import trio_asyncio
 
 from vpblu import wire
 from vpblu.identity import AuthenticationFailed, Identity
-from vpblu.model import NodeDesiredState, PeerRemoved
+from vpblu.model import NodeDesiredState, Peer, PeerRemoved
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.pki import CertAuthority
 from vpblu.transport import (
@@ -158,6 +158,39 @@ async def test_a_thousand_messages_pipelined_each_way(pki: Pki) -> None:
             nursery.start_soon(daemon.send_batch, acks)
             assert await receive_n(daemon, 1000) == deltas
             assert await receive_n(node_stream, 1000) == acks
+
+
+async def test_single_message_batches_are_queued_and_arrive_in_order(pki: Pki) -> None:
+    deltas = [wire.Delta(g + 1, g, [PeerRemoved(f"n{g}")]) for g in range(300)]
+    async with running_mesh(pki.server) as mesh, \
+            open_mesh_stream(mesh.address, pki.client, "token-a", hello()) as daemon:
+        node_stream = await mesh.accept()
+        for delta in deltas:
+            await node_stream.send_batch([delta])
+        assert await receive_n(daemon, 300) == deltas
+
+
+def big_state(node: str, peers: int) -> NodeDesiredState:
+    return NodeDesiredState(node, peers=[
+        Peer(f"p{i:05d}", base64.b64encode(i.to_bytes(32, "big")).decode(), None,
+             (f"10.{i >> 8}.{i & 255}.0/24",)) for i in range(peers)])
+
+
+async def test_a_daemon_that_stops_reading_pushes_back_on_the_sender(pki: Pki) -> None:
+    state = big_state("a", 1000)  # ~100 KB a SyncState
+    queued = 0
+    async with running_mesh(pki.server) as mesh, \
+            open_mesh_stream(mesh.address, pki.client, "token-a", hello()) as daemon:
+        node_stream = await mesh.accept()
+        with trio.move_on_after(PROMPTLY):
+            while queued < 400:  # ~40 MB: far beyond HTTP/2 windows and socket buffers
+                queued += 1
+                await node_stream.send_batch([wire.SyncState(queued, state)])
+        assert queued < 400  # send_batch waited for room, and went on waiting
+        assert queued > 2  # writes went on while the daemon did not read
+        assert not node_stream.closed
+        got = await receive_n(daemon, queued)
+        assert [m.generation for m in got] == list(range(1, queued + 1))  # type: ignore[attr-defined]
 
 
 async def test_a_server_certificate_from_another_ca_fails_to_connect(pki: Pki) -> None:

@@ -1,0 +1,63 @@
+"""PushEncoder: its bytes are exactly the plain codec's, and its Peer cache
+never hands out the bytes of a different peer."""
+
+from __future__ import annotations
+
+import gc
+
+from hypothesis import given, settings
+
+from tests.unit.test_codec import KEY, controller_messages, peers, states
+from vpblu import codec, wire
+from vpblu.model import Endpoint, NodeDesiredState, Peer, PeerAdded, PeerChanged, PeerRemoved
+from vpblu.proto import mesh_pb2 as pb
+from vpblu.pushencoder import PushEncoder
+
+
+def plain(message: wire.ControllerMessage) -> bytes:
+    data: bytes = codec.encode_controller_message(message).SerializeToString()
+    return data
+
+
+@settings(max_examples=500)
+@given(controller_messages)
+def test_fast_bytes_are_the_plain_encoders_bytes(message: wire.ControllerMessage) -> None:
+    encoder = PushEncoder()
+    fast = encoder.encode(message)
+    assert fast == plain(message)
+    assert pb.ControllerMessage.FromString(fast) == codec.encode_controller_message(message)
+    assert codec.decode_controller_message(pb.ControllerMessage.FromString(fast)) == message
+    assert encoder.encode(message) == fast  # a second time, from the cache
+
+
+@given(states, peers)
+def test_one_encoder_shared_by_many_messages_stays_exact(state: NodeDesiredState,
+                                                         peer: Peer) -> None:
+    encoder = PushEncoder()
+    messages: list[wire.ControllerMessage] = [
+        wire.SyncState(7, state),
+        wire.Delta(8, 7, (PeerAdded(peer), PeerRemoved("x"), PeerChanged(peer))),
+        wire.SyncState(2**64 - 1, NodeDesiredState(state.node, peers=(peer, *state.peers[1:]))),
+    ]
+    for message in messages * 2:
+        assert encoder.encode(message) == plain(message)
+
+
+def test_a_peer_is_serialized_once_and_forgotten_when_it_dies() -> None:
+    encoder = PushEncoder()
+    peer = Peer("b", KEY, Endpoint("192.0.2.1", 51820), ("10.0.1.0/24",), 25)
+    first = encoder.peer_bytes(peer)
+    assert encoder.peer_bytes(peer) is first
+    assert len(encoder) == 1
+    del peer
+    gc.collect()
+    assert len(encoder) == 0
+
+
+def test_an_equal_but_distinct_peer_is_encoded_from_its_own_fields() -> None:
+    encoder = PushEncoder()
+    old = Peer("b", KEY, None, ("10.0.1.0/24",))
+    encoder.peer_bytes(old)
+    new = Peer("b", KEY, None, ("10.0.2.0/24",))
+    state = NodeDesiredState("a", peers=(new,))
+    assert encoder.encode(wire.SyncState(1, state)) == plain(wire.SyncState(1, state))
