@@ -67,13 +67,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import attrs
 import yaml
 
 from vpblu.pki import CertAuthority, write_private
-from vpblu.testenv import TestEnv, install_base
+from vpblu.testenv import ChildProcess, TestEnv, install_base
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Node:
     token_file: Path
     log_path: Path
     pods: list[Pod] = attrs.field(factory=list)
-    daemon: _Process | None = None
+    daemon: ChildProcess | None = None
     daemon_starts: int = 0
 
     @property
@@ -175,7 +175,7 @@ class Controller:
     index: int
     address: str
     log_path: Path
-    process: _Process | None = None
+    process: ChildProcess | None = None
     starts: int = 0
 
     @property
@@ -206,50 +206,6 @@ class WgDevice:
 
     def peer(self, public_key: str) -> WgPeer | None:
         return next((p for p in self.peers if p.public_key == public_key), None)
-
-
-class _Process:
-    """A child process with its log file; stopped with TERM, then KILL."""
-
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path,
-                 log_file: IO[bytes]) -> None:
-        self.name = name
-        self.proc = proc
-        self.log_path = log_path
-        self._log = log_file
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        try:
-            return self.log_path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup at all, as when a node's daemon is OOM-killed."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait(PROCESS_STOP_TIMEOUT)
-        self._log.close()
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(PROCESS_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(PROCESS_STOP_TIMEOUT)
-        finally:
-            self._log.close()
 
 
 def run(*argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT,
@@ -873,7 +829,7 @@ class LocalCluster:
         for c in self.controllers:
             self.start_controller(c.index)
 
-    def _spawn(self, name: str, argv: list[str], log_path: Path) -> _Process:
+    def _spawn(self, name: str, argv: list[str], log_path: Path) -> ChildProcess:
         log_file = log_path.open("ab")
         preexec = _die_with_parent()
 
@@ -891,7 +847,7 @@ class LocalCluster:
         except BaseException:
             log_file.close()
             raise
-        return _Process(name, proc, log_path, log_file)
+        return ChildProcess(name, proc, log_path, log_file)
 
 
 @contextlib.contextmanager

@@ -168,8 +168,11 @@ def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
-class _Child:
-    """One child process with its log file; stopped with TERM, then KILL."""
+class ChildProcess:
+    """One child process with its log file; stopped with TERM, then KILL.
+
+    Shared by the test API server's etcd and kube-apiserver and by
+    vpblu.localcluster's controllers and daemons."""
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path,
                  log: IO[bytes]) -> None:
@@ -192,6 +195,15 @@ class _Child:
         except OSError:
             return ""
         return data.decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as when a process is OOM-killed."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        try:
+            self.proc.wait(KILL_TIMEOUT)
+        finally:
+            self._log.close()
 
     def stop(self) -> None:
         try:
@@ -227,8 +239,8 @@ class TestEnv:
         self._kubectl = kubectl or shutil.which("kubectl") or "kubectl"
         # The one thread that forks every child (see _die_with_parent).
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=DIR_PREFIX)
-        self._etcd: _Child | None = None
-        self._apiserver: _Child | None = None
+        self._etcd: ChildProcess | None = None
+        self._apiserver: ChildProcess | None = None
         self.port = 0
         self.etcd_port = 0
         self.etcd_peer_port = 0
@@ -439,7 +451,7 @@ class TestEnv:
         }
         write_private(self.kubeconfig_path, yaml.safe_dump(config).encode())
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
+    def _spawn(self, name: str, args: list[str]) -> ChildProcess:
         log_path = self.dir / f"{name}.log"
         log = log_path.open("ab")
         preexec = _die_with_parent()
@@ -458,7 +470,7 @@ class TestEnv:
         except BaseException:
             log.close()
             raise
-        return _Child(name, proc, log_path, log)
+        return ChildProcess(name, proc, log_path, log)
 
     def _start_etcd(self) -> None:
         for attempt in range(PORT_ATTEMPTS):
@@ -514,7 +526,7 @@ class TestEnv:
             "--service-cluster-ip-range=10.0.0.0/24",
         ]
 
-    def _wait_ready(self, child: _Child, probe: Callable[[], bool]) -> None:
+    def _wait_ready(self, child: ChildProcess, probe: Callable[[], bool]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if child.exited():
