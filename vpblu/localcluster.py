@@ -51,7 +51,6 @@ with `trio.to_thread.run_sync`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import json
 import logging
@@ -73,7 +72,7 @@ import attrs
 import yaml
 
 from vpblu.pki import CertAuthority, write_private
-from vpblu.testenv import ChildProcess, TestEnv, install_base
+from vpblu.testenv import ChildProcess, TestEnv, install_base, spawn_child
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +109,6 @@ WG_EXIT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
 LOG_TAIL_BYTES = 4000
-
-_PR_SET_PDEATHSIG = 1
 
 
 class ClusterError(RuntimeError):
@@ -231,24 +228,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _die_with_parent() -> Callable[[], None]:
-    """A preexec_fn: the child gets SIGKILL when the forking thread exits.
-
-    Every child is forked by the cluster's own spawner thread, which lives as
-    long as the cluster (see vpblu/testenv.py for the same reasoning).
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os._exit(127)
-        if os.getppid() != parent:
-            os._exit(127)
-
-    return preexec
 
 
 def _wireguard_go_pids(prefix: str) -> list[int]:
@@ -830,24 +809,7 @@ class LocalCluster:
             self.start_controller(c.index)
 
     def _spawn(self, name: str, argv: list[str], log_path: Path) -> ChildProcess:
-        log_file = log_path.open("ab")
-        preexec = _die_with_parent()
-
-        def popen() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                cwd=self.dir, preexec_fn=preexec,
-                # Own session: a terminal's Ctrl-C reaches only the harness,
-                # which stops the children in order.
-                start_new_session=True,
-            )
-
-        try:
-            proc = self._spawner.submit(popen).result()
-        except BaseException:
-            log_file.close()
-            raise
-        return ChildProcess(name, proc, log_path, log_file)
+        return spawn_child(self._spawner, name, argv, log_path, self.dir)
 
 
 @contextlib.contextmanager

@@ -132,6 +132,29 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
+def spawn_child(spawner: ThreadPoolExecutor, name: str, argv: list[str], log_path: Path,
+                cwd: Path) -> ChildProcess:
+    """Start `argv` from `spawner` (a one-thread pool that lives as long as its
+    owner: see _die_with_parent), logging to `log_path`, in a session of its
+    own so a terminal's Ctrl-C reaches only the owner, which stops its
+    children in order. Used by TestEnv and vpblu.localcluster."""
+    log = log_path.open("ab")
+    preexec = _die_with_parent()
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=cwd, preexec_fn=preexec, start_new_session=True,
+        )
+
+    try:
+        proc = spawner.submit(popen).result()
+    except BaseException:
+        log.close()
+        raise
+    return ChildProcess(name, proc, log_path, log)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -452,25 +475,7 @@ class TestEnv:
         write_private(self.kubeconfig_path, yaml.safe_dump(config).encode())
 
     def _spawn(self, name: str, args: list[str]) -> ChildProcess:
-        log_path = self.dir / f"{name}.log"
-        log = log_path.open("ab")
-        preexec = _die_with_parent()
-
-        def popen() -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.dir, preexec_fn=preexec,
-                # Own session: a terminal's Ctrl-C reaches only us, and we stop
-                # the children in order (API server before etcd).
-                start_new_session=True,
-            )
-
-        try:
-            proc = self._spawner.submit(popen).result()
-        except BaseException:
-            log.close()
-            raise
-        return ChildProcess(name, proc, log_path, log)
+        return spawn_child(self._spawner, name, args, self.dir / f"{name}.log", self.dir)
 
     def _start_etcd(self) -> None:
         for attempt in range(PORT_ATTEMPTS):
