@@ -33,11 +33,11 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import trio
 import trio_asyncio
 
 from vpblu.sim import MeshPki, SimCluster, SimDaemon, is_full_mesh
-from vpblu.testenv import REPO, TestEnv, install_base
+from vpblu.testenv import REPO, TestEnv, install_base, spawn_child
 
 log = logging.getLogger("vpblu.bench")
 
@@ -106,10 +106,13 @@ def _percentile(sorted_values: Sequence[float], p: float) -> float:
 
 
 class ControllerProcess:
-    """`python -m vpblu controller` as a child process, measured through /proc."""
+    """`python -m vpblu controller` as a child process, measured through /proc.
 
-    def __init__(self, env: TestEnv, pki: MeshPki, port: int, *, full_pushes: bool,
-                 log_path: Path) -> None:
+    Started like the test API server (vpblu.testenv.spawn_child): it dies with
+    the benchmark even when the benchmark is SIGKILLed."""
+
+    def __init__(self, spawner: ThreadPoolExecutor, env: TestEnv, pki: MeshPki, port: int, *,
+                 full_pushes: bool, log_path: Path) -> None:
         args = [
             sys.executable, "-m", "vpblu", "--log-level", "WARNING", "controller",
             "--kubeconfig", str(env.kubeconfig_path),
@@ -118,28 +121,25 @@ class ControllerProcess:
         ]  # the production lease settings: the bench measures what an operator gets
         if full_pushes:
             args.append("--full-pushes")
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self.child = spawn_child(spawner, "controller", args, log_path, REPO)
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])  # utime + stime
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def peak_rss(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
         return 0
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
+        self.child.stop()
 
 
 def _free_port() -> int:
@@ -151,8 +151,10 @@ def _free_port() -> int:
 
 
 class Bench:
-    def __init__(self, env: TestEnv, workdir: Path, args: argparse.Namespace) -> None:
+    def __init__(self, env: TestEnv, workdir: Path, args: argparse.Namespace,
+                 spawner: ThreadPoolExecutor) -> None:
         self.env = env
+        self.spawner = spawner
         self.workdir = workdir
         self.args = args
         self.samples: list[Sample] = []
@@ -192,7 +194,8 @@ class Bench:
         directory = self.workdir / f"{mode}-{n}"
         pki = MeshPki.create(directory / "pki")
         port = _free_port()
-        controller = ControllerProcess(self.env, pki, port, full_pushes=(mode == "full"),
+        controller = ControllerProcess(self.spawner, self.env, pki, port,
+                                       full_pushes=(mode == "full"),
                                        log_path=directory / "controller.log")
         try:
             async with SimCluster.open(self.env, directory / "nodes", pki.client,
@@ -234,6 +237,9 @@ class Bench:
         def no_peers(d: SimDaemon) -> bool:
             return d.applier.current is not None and not d.applier.current.peers
 
+        wanted = self.args.scenarios
+        if "formation" not in wanted:
+            formations = 1  # the mesh must form once for the other scenarios
         self.say(f"  N={n} {mode}: formation x{formations}")
         for i in range(formations):
             await self.measure("formation", n, mode, cluster, controller,
@@ -253,7 +259,7 @@ class Bench:
             return not has_spare(d)
 
         self.say(f"  N={n} {mode}: join and leave x{events}")
-        for _ in range(events):
+        for _ in range(events if {"join", "leave"} & wanted else 0):
             await self.measure("join", n, mode, cluster, controller,
                                lambda: self.api("POST", "/api/v1/nodes", node_body),
                                has_spare, members)
@@ -275,7 +281,7 @@ class Bench:
             return state is not None and any(str(b.src) == src for b in state.blocks)
 
         self.say(f"  N={n} {mode}: block x{events}")
-        for _ in range(events):
+        for _ in range(events if "block" in wanted else 0):
             await self.measure("block", n, mode, cluster, controller,
                                lambda: self.api("POST", block_path, block), has_block, members)
             await self.api("DELETE", f"{block_path}/bench-block")
@@ -298,7 +304,7 @@ class Bench:
                 str(r.cidr) == moved and r.via == via for r in state.routes)
 
         self.say(f"  N={n} {mode}: route x{events}")
-        for _ in range(events):
+        for _ in range(events if "route" in wanted else 0):
             await self.measure("route", n, mode, cluster, controller,
                                lambda: self.api("POST", route_path, route), routed, members)
             await self.api("DELETE", f"{route_path}/bench-route")
@@ -429,17 +435,58 @@ def _workdir() -> Iterator[Path]:
         yield Path(d)
 
 
-async def _main(args: argparse.Namespace, env: TestEnv, workdir: Path) -> Bench:
-    bench = Bench(env, workdir, args)
+async def _main(args: argparse.Namespace, env: TestEnv, workdir: Path,
+                spawner: ThreadPoolExecutor) -> Bench:
+    bench = Bench(env, workdir, args, spawner)
     modes = ("delta", "full") if args.compare else ("delta",)
-    async with trio_asyncio.open_loop():
-        for n in args.sizes:
-            for mode in modes:
-                bench.say(f"N={n} ({mode} pushes): registering {n + SPARE_NODES} nodes...")
-                started = time.monotonic()
-                await bench.run_size(n, mode)
-                bench.say(f"  done in {time.monotonic() - started:.0f} s")
+    async with trio.open_nursery() as nursery:
+        # Ctrl-C and SIGTERM cancel the run, which then cleans up in order. Left
+        # to trio's default, the KeyboardInterrupt is raised in whatever code
+        # runs when it comes - often trio-asyncio's loop, whose death leaves
+        # every asyncio call waiting forever.
+        interrupted = await nursery.start(_cancel_on_signal, nursery.cancel_scope)
+        async with trio_asyncio.open_loop():
+            for n in args.sizes:
+                for mode in modes:
+                    bench.say(f"N={n} ({mode} pushes): registering {n + SPARE_NODES} nodes...")
+                    started = time.monotonic()
+                    await bench.run_size(n, mode)
+                    bench.say(f"  done in {time.monotonic() - started:.0f} s")
+        nursery.cancel_scope.cancel()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     return bench
+
+
+async def _cancel_on_signal(scope: trio.CancelScope, *,
+                            task_status: trio.TaskStatus[trio.Event]) -> None:
+    interrupted = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started(interrupted)
+        async for signo in signals:
+            if not interrupted.is_set():
+                print(f"\n{signal.Signals(signo).name}: stopping; cleaning up (nodes, controller,"
+                      " API server)...", file=sys.stderr, flush=True)
+                interrupted.set()
+                scope.cancel()
+
+
+def _dump_tasks(_signo: int, _frame: object) -> None:
+    """SIGUSR1: print where every trio task waits (for a run that seems stuck)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        print("(not inside trio.run)", file=sys.stderr, flush=True)
+        return
+    stack: list[tuple[trio.lowlevel.Task, int]] = [(root, 0)] if root else []
+    while stack:
+        task, depth = stack.pop()
+        where = " <- ".join(f"{f.f_code.co_name}:{line}"
+                            for f, line in list(task.iter_await_frames())[-3:])
+        print(f"{'  ' * depth}{task.name}: {where}", file=sys.stderr)
+        for nursery in task.child_nurseries:
+            stack.extend((child, depth + 1) for child in nursery.child_tasks)
+    sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,17 +497,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated node counts (default 10,100,1000)")
     parser.add_argument("--compare", action="store_true",
                         help="also run every size with whole-state pushes instead of deltas")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        type=lambda s: frozenset(x for x in s.split(",") if x),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default all;"
+                             " the mesh is formed once even when formation is left out)")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if not args.scenarios <= set(SCENARIOS):
+        parser.error(f"unknown scenario(s): {', '.join(sorted(args.scenarios - set(SCENARIOS)))}")
     logging.basicConfig(level=logging.WARNING)
     # A SIGTERM must clean up like Ctrl-C: the API server, the controller,
-    # the simulated nodes' objects and the work directory all go.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # the simulated nodes' objects and the work directory all go. It is
+    # turned into a SIGINT so that, inside trio.run, trio's own handler takes
+    # it (a KeyboardInterrupt raised in trio's internals is a TrioInternalError
+    # and skips the cleanup).
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: os.kill(os.getpid(), signal.SIGINT))
+    signal.signal(signal.SIGUSR1, _dump_tasks)
     print("starting the test API server...", flush=True)
-    with TestEnv.start() as env, _workdir() as workdir:
-        install_base(env)
-        bench = trio.run(_main, args, env, workdir)
+    try:
+        with TestEnv.start() as env, _workdir() as workdir, ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="vpblu-bench-spawner") as spawner:
+            install_base(env)
+            bench = trio.run(_main, args, env, workdir, spawner)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written; everything started was stopped",
+              file=sys.stderr)
+        return 130
     summaries = summarize(bench.samples)
     print()
     print(table(summaries, bench.peak_rss))

@@ -78,7 +78,7 @@ import bisect
 import ipaddress
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -269,8 +269,8 @@ class _Claims:
 
     @staticmethod
     def _span(net: IPNetwork) -> tuple[int, int, int]:
-        first = int(net.network_address)
-        return net.version, first, first + net.num_addresses - 1
+        # broadcast_address is cached on the network; num_addresses is not.
+        return net.version, int(net.network_address), int(net.broadcast_address)
 
     def holder(self, net: IPNetwork) -> _Claim | None:
         """The claim overlapping `net`, if any (there is at most one that
@@ -477,6 +477,17 @@ def _allowed_ips(
     return allowed
 
 
+def _same_endpoint(endpoint: Endpoint | None, node: NodeInfo, listen_port: int) -> bool:
+    """`endpoint` is what `_peer` would build for `node` (without building one:
+    parsing its address is most of a recompute's per-node cost)."""
+    if node.endpoint_override is not None:
+        return endpoint == node.endpoint_override
+    if node.internal_ip is None:
+        return endpoint is None
+    return (endpoint is not None and endpoint.port == listen_port
+            and endpoint.host == node.internal_ip)
+
+
 def _peer(
     node: NodeInfo,
     public_key: str,
@@ -486,17 +497,17 @@ def _peer(
     previous: Peer | None,
 ) -> Peer:
     endpoint = node.endpoint_override
-    if endpoint is None and node.internal_ip is not None:
-        endpoint = Endpoint(node.internal_ip, listen_port)
     if (
         previous is not None
         and previous.public_key == public_key
-        and previous.endpoint == endpoint
         and previous.allowed_ips == allowed
         and previous.persistent_keepalive == keepalive
+        and _same_endpoint(previous.endpoint, node, listen_port)
     ):
         # Keep the very object so unchanged peers compare by identity, cheaply.
         return previous
+    if endpoint is None and node.internal_ip is not None:
+        endpoint = Endpoint(node.internal_ip, listen_port)
     return Peer(
         name=node.name,
         public_key=public_key,
@@ -645,12 +656,14 @@ def state_for(topology: Topology, node: str) -> NodeDesiredState:
     return _canonical_state(node, t.listen_port, peers, routes, t.blocks)
 
 
-def compute(snapshot: ClusterSnapshot) -> DesiredResult:
+def compute(snapshot: ClusterSnapshot, previous: Topology | None = None) -> DesiredResult:
     """Every node's desired state and the conditions, for one snapshot.
 
     O(N log N + R^2) planning plus the output, O(N * P) pointer copies; at
-    FullMesh the per-node Python work is O(1 + its own CIDRs)."""
-    topology, conditions = plan(snapshot)
+    FullMesh the per-node Python work is O(1 + its own CIDRs). With
+    `previous`, unchanged peers and routes are the previous objects, so
+    states compare (and diff) by identity, in C."""
+    topology, conditions = plan(snapshot, previous)
     states = {name: state_for(topology, name) for name in _node_names(snapshot)}
     return DesiredResult(MappingProxyType(states), conditions, topology)
 
@@ -725,6 +738,38 @@ def _diff_sorted(
             j += 1
     changes.extend(removed(a) for a in old[i:])
     changes.extend(added(b) for b in new[j:])
+
+
+class LazyChanges(Mapping[str, tuple[Change, ...]]):
+    """`diff_all(old, new)` as a mapping that diffs a node only when asked: a
+    policy change recomputes every state, but a caller that sends a node its
+    whole state (a mesh forming or going away) never needs that node's diff."""
+
+    def __init__(self, old: DesiredResult, new: DesiredResult) -> None:
+        self._old = old
+        self._new = new
+        self._diffs: dict[str, tuple[Change, ...]] = {}
+
+    def __getitem__(self, name: str) -> tuple[Change, ...]:
+        changes = self._diffs.get(name)
+        if changes is None:
+            state = self._new.states[name]  # KeyError: not a node of `new`
+            before = self._old.states.get(name)
+            if before is state:
+                changes = ()
+            else:
+                changes = diff(before if before is not None else NodeDesiredState(node=name),
+                               state)
+            self._diffs[name] = changes
+        if not changes:
+            raise KeyError(name)
+        return changes
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._new.states if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def diff_all(old: DesiredResult, new: DesiredResult) -> dict[str, tuple[Change, ...]]:
@@ -821,10 +866,10 @@ def recompute(previous: DesiredResult, snapshot: ClusterSnapshot) -> Recomputed:
         snapshot.tunnel_policies != before.tunnel_policies
         or snapshot.block_policies != before.block_policies
     ):
-        result = compute(snapshot)
+        result = compute(snapshot, old)
         return Recomputed(
             result,
-            MappingProxyType(diff_all(previous, result)),
+            LazyChanges(previous, result),
             frozenset(previous.states.keys() - result.states.keys()),
         )
     topology, conditions = plan(snapshot, old)

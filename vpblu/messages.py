@@ -219,7 +219,6 @@ class NodeRotationView:
     last_rotation: LastRotation | None
     rotate_now: str | None  # the vpblu.io/rotate-now annotation
     schedule: str | None  # the cron schedule of the RotationPolicy covering the node
-    peers: tuple[str, ...]  # the nodes whose desired state has this node as a peer
     # That policy's overlapSeconds: how long, once the node has switched, its
     # peers keep accepting both keys before Retire (0: no policy, on demand).
     overlap_seconds: float = 0.0
@@ -227,7 +226,10 @@ class NodeRotationView:
 
 @attrs.frozen(slots=True)
 class RotationViews:
-    """Every node's NodeRotationView, after a recompute (RotationActors start/stop with it)."""
+    """Every node's NodeRotationView, sent when one changed (RotationActors start/stop
+    with it). Built from the node's own objects only, so a node event costs O(N)
+    here, not O(N * peers): who peers with a node is asked for (`PeersWanted`) when
+    a rotation starts."""
 
     nodes: tuple[NodeRotationView, ...]
 
@@ -252,8 +254,17 @@ class SendRotationStep:
     step: wire.RotationStep
 
 
+@attrs.frozen(slots=True)
+class PeersWanted:
+    """A RotationActor asks the StateActor which nodes have `node` as a peer now
+    (the nodes that must learn its new key); the answer goes to `reply`."""
+
+    node: str
+    reply: trio.MemorySendChannel[tuple[str, ...]] = attrs.field(eq=False, repr=False)
+
+
 StateInbox = (WatchMessage | SessionOpened | SessionClosed | NodeAcked | SendRotationStep
-              | RotationResultReceived)
+              | RotationResultReceived | PeersWanted)
 
 
 # --- NetlinkActor (vpblu/node/netlink.py) ----------------------------------------

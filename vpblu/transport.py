@@ -74,6 +74,7 @@ WRITE_TIMEOUT = 10.0  # one batch; a peer that stops reading for this long is go
 CLOSE_TIMEOUT = 5.0  # ending an RPC (trailers or reset) never waits longer
 SERVER_STOP_TIMEOUT = 5.0
 INBOX_LIMIT = 1024  # messages buffered per stream before flow control pushes back
+INBOX_BYTES = 8 << 20  # ... or this many bytes of them (~60 SyncStates of 1000 peers)
 # Serialized bytes queued per controller stream before send_batch waits: a
 # byte bound, because a SyncState at N=1000 is ~150 KB and a message count
 # would let 1000 sessions queue gigabytes; small deltas never reach it.
@@ -161,18 +162,24 @@ def split_address(address: str) -> tuple[str, int]:
 class _Inbox(Generic[R]):
     """Decoded messages waiting for the trio side. One producer, one consumer."""
 
-    def __init__(self, limit: int) -> None:
-        self._items: deque[R] = deque()
+    def __init__(self, limit: int, byte_limit: int = INBOX_BYTES) -> None:
+        self._items: deque[tuple[R, int]] = deque()
         self._limit = limit
+        self._byte_limit = byte_limit
+        self._bytes = 0
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._closed: StreamClosed | None = None
 
-    async def put(self, item: R) -> None:
-        while len(self._items) >= self._limit:
+    async def put(self, item: R, size: int = 0) -> None:
+        """Wait until there is room: fewer than `limit` messages and `byte_limit`
+        bytes (of their wire form) wait; one message alone always fits."""
+        while self._items and (len(self._items) >= self._limit
+                               or self._bytes + size > self._byte_limit):
             self._writable.clear()
             await self._writable.wait()
-        self._items.append(item)
+        self._items.append((item, size))
+        self._bytes += size
         self._readable.set()
 
     async def take(self, limit: int) -> list[R]:
@@ -181,7 +188,11 @@ class _Inbox(Generic[R]):
                 raise StreamClosed(self._closed.reason, status=self._closed.status)
             self._readable.clear()
             await self._readable.wait()
-        batch = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+        batch = []
+        for _ in range(min(limit, len(self._items))):
+            item, size = self._items.popleft()
+            self._bytes -= size
+            batch.append(item)
         self._writable.set()
         return batch
 
@@ -223,9 +234,10 @@ class _Call(Generic[R, S]):
                 if message is None:
                     self.inbox.close(await self._end_of_stream())
                     return
+                size = message.ByteSize()
                 self.messages_received += 1
-                self.bytes_received += message.ByteSize()
-                await self.inbox.put(self._decode(message))
+                self.bytes_received += size
+                await self.inbox.put(self._decode(message), size)
         except ProtocolViolation as exc:
             log.warning("protocol violation on the mesh stream: %s", exc)
             self.inbox.close(StreamClosed(f"protocol violation: {exc}"))

@@ -36,6 +36,7 @@ class FakeRotationPorts:
     # (node, step) -> error text, or None to stay silent; absent: answer ok.
     faults: dict[tuple[str, Step], str | None] = attrs.Factory(dict)
     connected: Callable[[str], bool] = lambda _node: True
+    peers: tuple[str, ...] = PEERS  # who peers with the rotating node
 
     async def persist(self, node: str, record: RotationRecord | None, *,
                       public_key: str | None = None, last: LastRotation | None = None) -> None:
@@ -63,6 +64,9 @@ class FakeRotationPorts:
         await self.inbox.send(RotationResultReceived(node, wire.RotationResult(
             step.rotation_id, step.step, "a", step.stamp, error, new)))
 
+    async def peers_of(self, node: str) -> tuple[str, ...]:
+        return self.peers
+
     def wall_clock(self) -> float:
         return 1_700_000_000.0 + trio.current_time()
 
@@ -71,7 +75,7 @@ class FakeRotationPorts:
 
 
 def view(**changes: object) -> NodeRotationView:
-    base = NodeRotationView("a", OLD, None, None, None, None, PEERS)
+    base = NodeRotationView("a", OLD, None, None, None, None)
     return attrs.evolve(base, **changes)  # type: ignore[arg-type]
 
 
@@ -217,12 +221,11 @@ async def test_one_rotation_at_a_time_across_the_cluster(
     async with trio.open_nursery() as nursery:
         for node in ("a", "b"):
             send, receive = channel()
-            ports = FakeRotationPorts(send)
+            ports = FakeRotationPorts(send, peers=("c",))
             ports_by_node[node] = ports
             actor = RotationActor(node, ports, token, receive, RotationSettings())
             await nursery.start(actor.run)
-            await send.send(attrs.evolve(view(rotate_now="go"), node=node,
-                                         peers=("c",)))
+            await send.send(attrs.evolve(view(rotate_now="go"), node=node))
 
         async def watch() -> None:
             while True:
@@ -255,3 +258,17 @@ async def test_peers_accept_both_keys_for_the_policys_overlap_before_retire(
     at = {r.step: t for r, t in zip(ports.persisted, ports.persist_times, strict=True)
           if r is not None}
     assert at[Step.SWITCH_PEER] - at[Step.ACTIVATE] >= 45.0
+
+
+async def test_a_node_nobody_peers_with_is_not_rotated(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, peers=())
+    actor = RotationActor("a", ports, RotationToken(), receive, RotationSettings(term=3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await send.send(view(rotate_now="go"))
+        await trio.sleep(600)
+        nursery.cancel_scope.cancel()
+    assert ports.log == []  # nothing persisted, no step sent
+    assert actor.statistics().completed == 0

@@ -20,6 +20,7 @@ from vpblu.messages import (
     KindListed,
     NodeAcked,
     ObjectConditions,
+    PeersWanted,
     PushDelta,
     PushSync,
     SessionClosed,
@@ -263,4 +264,64 @@ async def test_each_node_says_whether_a_daemon_pod_is_bound_to_it(
                         seen[msg.name] = (c.status, c.message)
         assert seen["n1"] == ("True", "pod vpblu-daemon-abc is Running")
         assert seen["n2"][0] == "False"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_status_write_coming_back_does_not_recompute(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4))
+        box = await h.connect(1)
+        await box.receive()
+        await trio.sleep(1)
+        before = h.actor.statistics().recomputes
+        # Our own status write, echoed by the watch: a new resourceVersion only.
+        echo = VpbluNodeSource(ObjectMeta("n2", 1, "9", "uid-n2"), None, key(2))
+        await h.send.send(KindChanged("VpbluNode", (echo,), (), (), "9"))
+        await trio.sleep(1)
+        assert h.actor.statistics().recomputes == before
+        # A new key is a change: recomputed and pushed.
+        rekeyed = VpbluNodeSource(ObjectMeta("n2", 1, "10", "uid-n2"), None, key(42))
+        await h.send.send(KindChanged("VpbluNode", (rekeyed,), (), (), "10"))
+        delta = await box.receive()
+        assert isinstance(delta, PushDelta)
+        assert [type(c).__name__ for c in delta.changes] == ["PeerChanged"]
+        assert h.actor.statistics().recomputes == before + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forming_mesh_is_pushed_as_whole_states(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4), policy=False)
+        box = await h.connect(1)
+        first = await box.receive()
+        assert isinstance(first, PushSync) and not first.state.peers
+        # Every change is an addition: the state is sent, not 4 changes.
+        await h.send.send(KindChanged("TunnelPolicy", (mesh(),), (), (), "2"))
+        formed = await box.receive()
+        assert isinstance(formed, PushSync)
+        assert peers(formed.state) == ["n2", "n3"]
+        await h.send.send(KindChanged("TunnelPolicy", (), ("mesh",), (), "3"))
+        gone = await box.receive()
+        assert isinstance(gone, PushSync) and not gone.state.peers
+        nursery.cancel_scope.cancel()
+
+
+async def test_who_peers_with_a_node_is_answered_on_request(
+        autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4))
+        await trio.sleep(1)
+        reply, answer = trio.open_memory_channel[tuple[str, ...]](1)
+        await h.send.send(PeersWanted("n2", reply))
+        assert await answer.receive() == ("n1", "n3")
+        await h.send.send(PeersWanted("nobody", reply))
+        assert await answer.receive() == ()
         nursery.cancel_scope.cancel()

@@ -220,3 +220,23 @@ def test_random_bytes_never_escape_as_anything_but_a_protocol_violation(data: by
             continue  # grpclib's codec refuses these before the codec sees them
         with contextlib.suppress(ProtocolViolation):
             decode(message)
+
+
+def test_equal_peers_decode_to_one_shared_object() -> None:
+    peer = Peer("b", KEY, None, ("10.0.1.0/24",))
+    state = NodeDesiredState("a", peers=(peer,), routes=(Route("10.0.1.0/24", "b"),))
+    one = over_the_wire_controller(wire.SyncState(3, state))
+    two = over_the_wire_controller(wire.SyncState(4, state))
+    assert isinstance(one, wire.SyncState) and isinstance(two, wire.SyncState)
+    assert one.state == two.state == state
+    assert one.state.peers[0] is two.state.peers[0]
+    assert one.state.routes[0] is two.state.routes[0]
+
+
+def test_a_malformed_peer_is_refused_every_time_not_remembered() -> None:
+    bad = pb.ControllerMessage(sync_state=pb.SyncState(generation=1, state=pb.NodeDesiredState(
+        node="a", listen_port=51820,
+        peers=[pb.Peer(name="b", public_key="not-a-key", allowed_ips=["10.0.1.0/24"])])))
+    for _ in range(2):
+        with pytest.raises(codec.ProtocolViolation):
+            codec.decode_controller_message(bad)

@@ -49,6 +49,7 @@ from croniter import croniter
 from vpblu import wire
 from vpblu.messages import (
     NodeRotationView,
+    PeersWanted,
     RotationInbox,
     RotationResultReceived,
     RotationsInbox,
@@ -73,6 +74,7 @@ SEQUENCE_BITS = 32
 # newer) or a result (the step is re-sent and answered again).
 ROTATION_MAILBOX = 64
 SCHEDULE_TRIGGER = "schedule"
+PEERS_TIMEOUT = 10.0
 
 
 class RotationPorts(Protocol):
@@ -86,6 +88,11 @@ class RotationPorts(Protocol):
 
     async def send_step(self, node: str, step: wire.RotationStep) -> None:
         """Offer `step` to `node`'s daemon; silently nothing if it is not connected."""
+        ...
+
+    async def peers_of(self, node: str) -> tuple[str, ...]:
+        """The nodes whose desired state has `node` as a peer now (they must learn
+        its new key); raises PeersUnknown if that cannot be learnt."""
         ...
 
     def wall_clock(self) -> float:
@@ -125,6 +132,10 @@ class RotationSettings:
     term: int = 0
     step_timeout: float = STEP_TIMEOUT
     resend_interval: float = RESEND_INTERVAL
+
+
+class PeersUnknown(Exception):
+    """The StateActor did not say who peers with the node (it was restarting)."""
 
 
 class StepFailed(Exception):
@@ -210,10 +221,11 @@ class RotationActor:
             await self._token.acquire(self._node)
             try:
                 view = await self._current_view()
-                if view.public_key is None or not view.peers:
+                peers = await self._peers() if view.public_key is not None else ()
+                if not peers:
                     log.info("node %s: no key or no peers yet; rotation skipped", self._node)
                 else:
-                    await self._rotate(view, trigger)
+                    await self._rotate(view, trigger, peers)
             finally:
                 self._token.release()
             since = self._ports.wall_clock()
@@ -236,11 +248,19 @@ class RotationActor:
 
     # --- one rotation -----------------------------------------------------------------
 
-    async def _rotate(self, view: NodeRotationView, trigger: str) -> None:
+    async def _peers(self) -> tuple[str, ...]:
+        try:
+            return await self._ports.peers_of(self._node)
+        except PeersUnknown as exc:
+            log.warning("node %s: %s", self._node, exc)
+            return ()
+
+    async def _rotate(self, view: NodeRotationView, trigger: str,
+                      peers: tuple[str, ...]) -> None:
         assert view.public_key is not None
         record = RotationRecord(
             rotation_id=f"{secrets.token_hex(6)}", phase=RotationPhase.PREPARE,
-            step=Step.PREPARE, old_public_key=view.public_key, peers=tuple(sorted(view.peers)),
+            step=Step.PREPARE, old_public_key=view.public_key, peers=tuple(sorted(peers)),
             trigger=trigger)
         log.info("node %s: rotation %s starts (%s), %d peers", self._node,
                  record.rotation_id, trigger, len(record.peers))
@@ -400,6 +420,15 @@ class LeaderRotationPorts:
     async def send_step(self, node: str, step: wire.RotationStep) -> None:
         await self._state.send(SendRotationStep(node, step))
 
+    async def peers_of(self, node: str) -> tuple[str, ...]:
+        reply, answer = trio.open_memory_channel[tuple[str, ...]](1)
+        await self._state.send(PeersWanted(node, reply))
+        # A StateActor that restarts drops the question: do not wait forever.
+        with trio.move_on_after(PEERS_TIMEOUT):
+            async with answer:
+                return await answer.receive()
+        raise PeersUnknown(f"no answer in {PEERS_TIMEOUT:.0f}s to who peers with {node}")
+
     def wall_clock(self) -> float:
         return time.time()
 
@@ -416,6 +445,7 @@ class RotationsActor:
         self._token = RotationToken()
         self._actors: dict[str, tuple[trio.CancelScope,
                                       trio.MemorySendChannel[RotationInbox]]] = {}
+        self._forwarded: dict[str, NodeRotationView] = {}
 
     @property
     def nodes(self) -> frozenset[str]:
@@ -439,13 +469,20 @@ class RotationsActor:
         wanted = {v.node: v for v in views}
         for gone in set(self._actors) - set(wanted):
             scope, mailbox = self._actors.pop(gone)
+            self._forwarded.pop(gone, None)
             scope.cancel()
             await mailbox.aclose()
         for node, view in wanted.items():
             if node not in self._actors:
                 self._actors[node] = await nursery.start(self._run_actor, node)
-            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+            elif self._forwarded.get(node) == view:
+                continue  # only a changed view wakes the node's actor
+            try:
                 self._actors[node][1].send_nowait(view)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self._forwarded.pop(node, None)  # offered again with the next views
+            else:
+                self._forwarded[node] = view
 
     async def _run_actor(self, node: str, *, task_status: trio.TaskStatus[
             tuple[trio.CancelScope, trio.MemorySendChannel[RotationInbox]]]

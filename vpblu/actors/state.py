@@ -53,6 +53,7 @@ from vpblu.messages import (
     NodeAcked,
     NodeRotationView,
     ObjectConditions,
+    PeersWanted,
     PushDelta,
     PushRotationStep,
     PushSync,
@@ -149,6 +150,11 @@ class StateActor:
         self._pushes = 0
         self._overflows = 0
         self._acks: dict[str, int] = {}
+        # Rotation views per node with the VpbluNode object each was built from.
+        self._views: dict[str, tuple[VpbluNodeSource | None, NodeRotationView]] = {}
+        self._view_policies: list[RotationPolicy] = []
+        self._sent_views: tuple[NodeRotationView, ...] = ()
+        self._daemon_conditions_cache: list[Condition] | None = None
 
     @property
     def generation(self) -> int:
@@ -205,18 +211,30 @@ class StateActor:
                 self._invalid.update({(kind, b.name): b for b in invalid})
                 self._listed.add(kind)
                 self._dirty = True
+                if kind in ("Node", "Pod"):
+                    self._daemon_conditions_cache = None
             case KindChanged(kind=kind, upserted=upserted, deleted=deleted, invalid=invalid):
                 view = self._objects[kind]
+                changed = bool(deleted or invalid)
                 for obj in upserted:
-                    view[_name(obj)] = obj
-                    self._invalid.pop((kind, _name(obj)), None)
+                    name = _name(obj)
+                    before = view.get(name)
+                    view[name] = obj
+                    was_invalid = self._invalid.pop((kind, name), None) is not None
+                    # Our own status writes come back as events that change
+                    # nothing we read (a new resourceVersion): at 1000 nodes a
+                    # recompute each would double the work of every event.
+                    changed = changed or was_invalid or before is None or not _same(before, obj)
                 for name in deleted:
                     view.pop(name, None)
                     self._invalid.pop((kind, name), None)
                     self._sent_conditions.pop((kind, name), None)
                 for bad in invalid:
                     self._invalid[(kind, bad.name)] = bad
-                self._dirty = True
+                if changed:
+                    self._dirty = True
+                    if kind in ("Node", "Pod"):
+                        self._daemon_conditions_cache = None
             case SessionOpened(node=node, session_id=sid, mailbox=mailbox):
                 old = self._sessions.get(node)
                 if old is not None and old.session_id > sid:
@@ -232,6 +250,10 @@ class StateActor:
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                              trio.ClosedResourceError):
                         session.mailbox.send_nowait(PushRotationStep(step))
+            case PeersWanted(node=node, reply=reply):
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                         trio.ClosedResourceError):
+                    reply.send_nowait(self._peers_of(node))
             case RotationResultReceived():
                 if self._rotations is not None:
                     await self._rotations.send(message)
@@ -299,14 +321,26 @@ class StateActor:
             if session.needs_sync or session.sent_state is None:
                 continue  # a PushSync is owed anyway
             new = states.get(node) or NodeDesiredState(node)
+            sent = session.sent_state
+            if new is sent:
+                continue
+            if not _size(sent) or not _size(new):
+                # From or to nothing (a mesh forming or going away): the whole
+                # state is the delta, so it is sent as such, without a diff.
+                if new != sent:
+                    self._offer(node, session, PushSync(generation, new))
+                continue
             old_state = previous.states.get(node) if previous is not None else None
-            if session.sent_state is old_state:
+            if sent is old_state:
                 node_changes = changes.get(node, ())
             else:
-                node_changes = desiredstate.diff(session.sent_state, new)
+                node_changes = desiredstate.diff(sent, new)
             if not node_changes:
                 continue
-            if self._full_pushes:
+            if self._full_pushes or len(node_changes) >= _size(new):
+                # A delta as long as the state it builds is sent as that
+                # state: no more bytes, and the daemon replaces instead of
+                # inserting one by one.
                 self._offer(node, session, PushSync(generation, new))
             else:
                 self._offer(node, session, PushDelta(generation, session.sent_generation,
@@ -315,30 +349,46 @@ class StateActor:
         await self._report_rotation_views()
 
     async def _report_rotation_views(self) -> None:
+        """Every node's rotation view, sent when one of them changed. A view is
+        rebuilt only when its inputs (the VpbluNode object, the policies) are new
+        objects, so a recompute of a quiet 1000-node cluster costs ~N lookups."""
         if self._rotations is None:
             return
-        peers_of: dict[str, list[str]] = {}
-        for node, state in self._states().items():
-            for peer in state.peers:
-                peers_of.setdefault(peer.name, []).append(node)
         policies = self._policies("RotationPolicy", RotationPolicy)
+        if policies != self._view_policies:
+            self._view_policies = policies
+            self._views.clear()
         views = []
         for name in sorted(self._objects["Node"]):
             vn = self._objects["VpbluNode"].get(name)
             source = vn if isinstance(vn, VpbluNodeSource) else None
-            policy = next((p for p in policies if not p.nodes or name in p.nodes), None)
-            schedule = policy.schedule if policy else None
-            views.append(NodeRotationView(
-                node=name,
-                public_key=source.public_key if source else None,
-                record=source.rotation if source else None,
-                last_rotation=source.last_rotation if source else None,
-                rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
-                schedule=schedule,
-                peers=tuple(sorted(peers_of.get(name, ()))),
-                overlap_seconds=float(policy.overlap_seconds) if policy else 0.0,
-            ))
-        await self._rotations.send(RotationViews(tuple(views)))
+            cached = self._views.get(name)
+            if cached is None or cached[0] is not source:
+                policy = next((p for p in policies if not p.nodes or name in p.nodes), None)
+                cached = (source, NodeRotationView(
+                    node=name,
+                    public_key=source.public_key if source else None,
+                    record=source.rotation if source else None,
+                    last_rotation=source.last_rotation if source else None,
+                    rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
+                    schedule=policy.schedule if policy else None,
+                    overlap_seconds=float(policy.overlap_seconds) if policy else 0.0,
+                ))
+                self._views[name] = cached
+            views.append(cached[1])
+        for gone in self._views.keys() - self._objects["Node"].keys():
+            del self._views[gone]
+        sent = self._sent_views
+        if len(views) == len(sent) and all(a is b for a, b in zip(views, sent, strict=True)):
+            return
+        self._sent_views = tuple(views)
+        await self._rotations.send(RotationViews(self._sent_views))
+
+    def _peers_of(self, node: str) -> tuple[str, ...]:
+        # Peering is symmetric (Topology.is_neighbour): the nodes that have
+        # `node` as a peer are exactly the peers in its own desired state.
+        state = self._states().get(node)
+        return tuple(p.name for p in state.peers) if state is not None else ()
 
     def _push_pending_syncs(self) -> None:
         for node, session in self._sessions.items():
@@ -363,7 +413,13 @@ class StateActor:
         session.sent_state = push.state
 
     def _daemon_conditions(self) -> list[Condition]:
-        """Per node: is a vpblu daemon Pod bound to it? (No key yet is then explained.)"""
+        """Per node: is a vpblu daemon Pod bound to it? (No key yet is then explained.)
+        Rebuilt only when a Node or a Pod changed."""
+        if self._daemon_conditions_cache is None:
+            self._daemon_conditions_cache = self._build_daemon_conditions()
+        return self._daemon_conditions_cache
+
+    def _build_daemon_conditions(self) -> list[Condition]:
         pods: dict[str, list[DaemonPodSource]] = {}
         for pod in self._objects["Pod"].values():
             if isinstance(pod, DaemonPodSource) and pod.node_name is not None:
@@ -396,14 +452,37 @@ class StateActor:
             invalid = self._invalid.get((kind, name))
             if invalid is not None:
                 generation = invalid.generation
-            message = ObjectConditions(kind, name, generation, tuple(sorted(conds)))
-            if self._sent_conditions.get((kind, name)) != message:
-                self._sent_conditions[(kind, name)] = message
-                await self._status.send(message)
+            ordered = tuple(sorted(conds, key=_condition_order)) if len(conds) > 1 else tuple(
+                conds)
+            sent = self._sent_conditions.get((kind, name))
+            if sent is not None and sent.generation == generation and sent.conditions == ordered:
+                continue
+            message = ObjectConditions(kind, name, generation, ordered)
+            self._sent_conditions[(kind, name)] = message
+            await self._status.send(message)
 
     def _generation_of(self, kind: str, name: str) -> int:
         obj = self._objects.get(kind, {}).get(name)
         return obj.meta.generation if obj is not None else 0
+
+
+def _condition_order(c: Condition) -> tuple[str, str, str, str, str, str]:
+    # Condition's own order (attrs' __lt__ is ~10x slower than a key sort).
+    return c.kind, c.name, c.type, c.status, c.reason, c.message
+
+
+def _same(old: Typed, new: Typed) -> bool:
+    """`new` says what `old` said: only its resourceVersion moved."""
+    if old == new:
+        return True
+    if old.meta.resource_version == new.meta.resource_version:
+        return False
+    moved = attrs.evolve(new.meta, resource_version=old.meta.resource_version)
+    return attrs.evolve(new, meta=moved) == old
+
+
+def _size(state: NodeDesiredState) -> int:
+    return len(state.peers) + len(state.routes) + len(state.blocks)
 
 
 def _name(obj: Typed) -> str:
