@@ -12,6 +12,9 @@ API write that triggers it to the moment the last affected daemon has applied
     leave       that Node object is deleted
     block       a BlockPolicy with one CIDR pair is created
     route       a RoutePolicy moving part of one node's pod CIDR is created
+    rotation    every node is annotated vpblu.io/rotate-now: the whole cluster's
+                keys are rotated, one node at a time, until every daemon holds
+                every peer's new key and every node retired its old one
 
 For every event it also counts what the daemons received (messages, protobuf
 bytes) and the controller's CPU seconds. `--compare` runs every size twice,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import math
@@ -46,12 +50,13 @@ import attrs
 import trio
 import trio_asyncio
 
-from vpblu.sim import MeshPki, SimCluster, SimDaemon, is_full_mesh
+from vpblu.resources import ROTATE_NOW_ANNOTATION
+from vpblu.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.testenv import REPO, TestEnv, install_base, spawn_child
 
 log = logging.getLogger("vpblu.bench")
 
-SCENARIOS = ("formation", "join", "leave", "block", "route")
+SCENARIOS = ("formation", "join", "leave", "block", "route", "rotation")
 DEFAULT_SIZES = (10, 100, 1000)
 RESULTS = REPO / "bench" / "results"
 # Per size: how many times each event is repeated. Mesh formation at N=1000
@@ -61,6 +66,9 @@ SPARE_NODES = 1
 EVENT_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 300.0
 CONTROLLER_START_TIMEOUT = 60.0
+# Nodes rotated in the rotation scenario: all of them up to N=100, a sample above.
+ROTATION_ALL_UP_TO = 100
+ROTATION_SAMPLE = 20
 
 
 @attrs.frozen(slots=True)
@@ -159,6 +167,7 @@ class Bench:
         self.args = args
         self.samples: list[Sample] = []
         self.peak_rss: dict[str, int] = {}
+        self.rotations: dict[str, int] = {}  # nodes rotated in the rotation scenario
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -311,7 +320,36 @@ class Bench:
             await cluster.wait_all(lambda d: not routed(d) or d.name == via,
                                    [m for m in members if m != via])
         self._progress("route", n, mode)
+
+        if "rotation" in wanted:
+            # One node at a time, each rotation O(N) steps: the whole cluster
+            # is O(N^2), so a large cluster rotates a sample of its nodes.
+            rotating = members[:n if n <= ROTATION_ALL_UP_TO else ROTATION_SAMPLE]
+            self.rotations[f"{mode}-{n}"] = len(rotating)
+            self.say(f"  N={n} {mode}: rotation of {len(rotating)} of {n} nodes' keys x1")
+            await self.measure("rotation", n, mode, cluster, controller,
+                               lambda: self.rotate_all(rotating, f"bench-{mode}-{n}"),
+                               has_rotated(cluster, rotating), members)
+            self._progress("rotation", n, mode)
         await self.api("DELETE", f"{mesh_path}/bench-mesh")
+
+    async def rotate_all(self, members: Sequence[str], trigger: str) -> None:
+        """Annotate every VpbluNode: the leader's RotationActors take them one at a time."""
+        patch = {"metadata": {"annotations": {ROTATE_NOW_ANNOTATION: trigger}}}
+
+        def annotate(name: str) -> None:
+            answer = self.env.request(
+                "PATCH", f"/apis/vpblu.io/v1alpha1/vpblunodes/{name}", patch,
+                content_type="application/merge-patch+json")
+            if answer.status != 200:
+                raise RuntimeError(f"annotating {name}: {answer.status} {answer.message}")
+
+        limiter = trio.CapacityLimiter(8)
+        async with trio.open_nursery() as nursery:
+            for name in members:
+                nursery.start_soon(functools.partial(
+                    trio.to_thread.run_sync, annotate, name, limiter=limiter))
+
 
     def _progress(self, scenario: str, n: int, mode: str) -> None:
         mine = [s for s in self.samples if (s.scenario, s.n, s.mode) == (scenario, n, mode)]
@@ -371,7 +409,8 @@ def slope(summaries: Sequence[Summary], scenario: str, mode: str) -> float | Non
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
 
 
-def table(summaries: Sequence[Summary], peak_rss: dict[str, int]) -> str:
+def table(summaries: Sequence[Summary], peak_rss: dict[str, int],
+          rotations: dict[str, int] | None = None) -> str:
     lines = [f"{'scenario':<10}{'N':>6} {'mode':<6}{'runs':>5}{'p50 ms':>10}{'p95 ms':>10}"
              f"{'p99 ms':>10}{'msgs/ev':>9}{'KiB/ev':>10}{'ctl cpu ms':>11}"]
     for s in summaries:
@@ -380,6 +419,13 @@ def table(summaries: Sequence[Summary], peak_rss: dict[str, int]) -> str:
                      f"{s.bytes / 1024:>10.1f}{s.cpu_ms:>11.1f}")
     for key, rss in sorted(peak_rss.items()):
         lines.append(f"controller peak RSS ({key}): {rss / 2**20:.0f} MiB")
+    for s in summaries:
+        rotated = (rotations or {}).get(f"{s.mode}-{s.n}")
+        if s.scenario == "rotation" and rotated:
+            per_node = s.p50_ms / rotated
+            lines.append(f"rotation N={s.n} ({s.mode}): {rotated} of {s.n} nodes rotated, "
+                         f"{per_node:.0f} ms per node; the whole cluster "
+                         f"~{per_node * s.n / 1000:.0f} s")
     for scenario in ("join", "block"):
         k = slope(summaries, scenario, "delta")
         if k is not None:
@@ -526,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     summaries = summarize(bench.samples)
     print()
-    print(table(summaries, bench.peak_rss))
+    print(table(summaries, bench.peak_rss, bench.rotations))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     result = {
@@ -535,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": list(args.sizes),
         "summaries": [attrs.asdict(s) for s in summaries],
         "peak_rss_bytes": bench.peak_rss,
+        "nodes_rotated": bench.rotations,
         "samples": [attrs.asdict(s) for s in bench.samples],
     }
     json_path = args.out / f"bench-{stamp}.json"

@@ -32,7 +32,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from vpblu import desiredstate
+from vpblu import desiredstate, wire
+from vpblu.messages import RotationStepDone
 from vpblu.model import NodeDesiredState, PeerRemoved
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.pki import CertAuthority, write_private
@@ -122,6 +123,64 @@ class RecordingApplier:
         return frozenset(p.name for p in self.current.peers) if self.current else frozenset()
 
 
+def _new_key_pair() -> tuple[X25519PrivateKey, str]:
+    private = X25519PrivateKey.generate()
+    public = base64.b64encode(private.public_key().public_bytes(
+        Encoding.Raw, PublicFormat.Raw)).decode()
+    return private, public
+
+
+class SimRotator:
+    """The simulated key store's side of a rotation (`stream.Rotator`): PREPARE
+    stages a new pair (the same one again for a re-sent step), ACTIVATE makes it
+    the node's key, a roll-back returns to the old one. Peer steps succeed (a
+    real daemon would add or drop the bridge peer). Records every step."""
+
+    def __init__(self, daemon: SimDaemon,
+                 on_step: Callable[[str], None] | None = None) -> None:
+        self._daemon = daemon
+        self._on_step = on_step
+        self._staged: dict[str, tuple[X25519PrivateKey, str]] = {}
+        self._before: dict[str, tuple[X25519PrivateKey, str]] = {}
+        self.steps: list[tuple[str, wire.RotationStepKind]] = []
+        self.retired = 0  # rotations of this node's own key that completed
+
+    async def rotate(self, step: wire.RotationStep) -> RotationStepDone:
+        done = self._rotate(step)
+        self.steps.append((step.rotation_id, step.step))
+        if self._on_step is not None:
+            self._on_step(self._daemon.name)
+        return done
+
+    def _rotate(self, step: wire.RotationStep) -> RotationStepDone:
+        kind = wire.RotationStepKind
+        if step.rotating_node != self._daemon.name:
+            return RotationStepDone()
+        daemon, rid = self._daemon, step.rotation_id
+        match step.step:
+            case kind.PREPARE:
+                staged = self._staged.setdefault(rid, _new_key_pair())
+                return RotationStepDone(new_public_key=staged[1])
+            case kind.ACTIVATE:
+                pair = self._staged.get(rid)
+                if pair is None:
+                    return RotationStepDone(f"rotation {rid}: no staged key")
+                if daemon.public_key != pair[1]:
+                    self._before[rid] = daemon.key_pair
+                    daemon.key_pair = pair
+            case kind.ROLL_BACK_ROTATING:
+                if rid in self._before:
+                    daemon.key_pair = self._before.pop(rid)
+            case kind.RETIRE_ROTATING:
+                if self._staged.pop(rid, None) is not None:
+                    self.retired += 1
+                self._before.pop(rid, None)
+            case kind.ABANDON_ROTATING:
+                self._staged.pop(rid, None)
+                self._before.pop(rid, None)
+        return RotationStepDone()
+
+
 @attrs.frozen(slots=True)
 class SimNode:
     name: str
@@ -140,13 +199,17 @@ class SimDaemon:
                  on_applied: Callable[[str], None] | None = None,
                  *, keep_history: bool = True) -> None:
         self.node = node
-        self._private = X25519PrivateKey.generate()
-        self.public_key = base64.b64encode(self._private.public_key().public_bytes(
-            Encoding.Raw, PublicFormat.Raw)).decode()
+        self.key_pair = _new_key_pair()
         self.applier = RecordingApplier(node.name, on_applied, keep_history=keep_history)
         self.settings = settings
-        self.stream = StreamActor(node.name, lambda: self.public_key, self.applier, settings)
+        self.rotator = SimRotator(self, on_applied)
+        self.stream = StreamActor(node.name, lambda: self.public_key, self.applier, settings,
+                                  self.rotator)
         self._scope: trio.CancelScope | None = None
+
+    @property
+    def public_key(self) -> str:
+        return self.key_pair[1]
 
     def __repr__(self) -> str:
         return f"SimDaemon({self.node.name!r}, {self.public_key})"
@@ -161,9 +224,7 @@ class SimDaemon:
 
     def new_key(self) -> None:
         """A reinstalled node: a new key pair, announced at the next Hello."""
-        self._private = X25519PrivateKey.generate()
-        self.public_key = base64.b64encode(self._private.public_key().public_bytes(
-            Encoding.Raw, PublicFormat.Raw)).decode()
+        self.key_pair = _new_key_pair()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -375,3 +436,22 @@ def is_full_mesh(cluster: SimCluster, names: Iterable[str] | None = None
 
     return check
 
+
+
+def has_rotated(cluster: SimCluster, rotating: Iterable[str]) -> Callable[[SimDaemon], bool]:
+    """A `wait_all` predicate: every node in `rotating` retired one more own key
+    than when this was called, and the daemon holds each of them, as a peer,
+    by its new key."""
+    retired = {name: cluster.daemons[name].rotator.retired for name in rotating}
+
+    def done(name: str) -> bool:
+        return cluster.daemons[name].rotator.retired > retired[name]
+
+    def check(daemon: SimDaemon) -> bool:
+        state = daemon.applier.current
+        if state is None or (daemon.name in retired and not done(daemon.name)):
+            return False
+        return all(done(p.name) and p.public_key == cluster.daemons[p.name].public_key
+                   for p in state.peers if p.name in retired)
+
+    return check

@@ -22,7 +22,7 @@ from tests.integration.meshlab import (
     wait_api,
     wait_leading,
 )
-from vpblu.sim import SimCluster, SimDaemon, is_full_mesh
+from vpblu.sim import SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.testenv import TestEnv
 
 NODES = 10
@@ -141,3 +141,40 @@ async def test_node_deletion_blocks_and_a_stale_reconnect(
         finally:
             for kind, name in (("tunnelpolicies", tunnel), ("blockpolicies", block)):
                 await aapi(env, "DELETE", f"{GROUP_PATH}/{kind}/{name}", ok=(200, 404))
+
+
+async def test_rotating_every_node_gives_every_daemon_the_new_keys(
+        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env = vpblu_installed
+    pki = mesh_pki(tmp_path)
+    settings = controller_settings(env, pki, unique("lease"))
+    tunnel = unique("mesh")
+    async with running_controller(settings) as view:
+        await wait_leading(view)
+        await aapi(env, "POST", f"{GROUP_PATH}/tunnelpolicies",
+                   policy("TunnelPolicy", tunnel, {"mode": "FullMesh"}))
+        try:
+            async with SimCluster.open(env, tmp_path / "sim", pki.client, (settings.advertise,),
+                                       4, prefix=unique("rot")) as cluster:
+                with trio.fail_after(CONVERGE_TIMEOUT):
+                    await cluster.wait_all(is_full_mesh(cluster))
+                old = {name: d.public_key for name, d in cluster.daemons.items()}
+                done = has_rotated(cluster, sorted(cluster.daemons))
+                for name in cluster.daemons:
+                    await trio.to_thread.run_sync(lambda n=name: env.request(
+                        "PATCH", f"{GROUP_PATH}/vpblunodes/{n}",
+                        {"metadata": {"annotations": {"vpblu.io/rotate-now": "t1"}}},
+                        content_type="application/merge-patch+json"))
+                with trio.fail_after(4 * CONVERGE_TIMEOUT):
+                    await cluster.wait_all(done)
+                for name, daemon in cluster.daemons.items():
+                    assert daemon.public_key != old[name]
+                    state = daemon.applier.current
+                    assert state is not None and len(state.peers) == 3
+                    assert not {p.public_key for p in state.peers} & set(old.values())
+                    body = await wait_api(env, f"{GROUP_PATH}/vpblunodes/{name}",
+                                          lambda b, d=daemon: (b.get("status") or {}).get(
+                                              "publicKey") == d.public_key)
+                    assert (body["status"].get("lastRotation") or {}).get("trigger") == "t1"
+        finally:
+            await aapi(env, "DELETE", f"{GROUP_PATH}/tunnelpolicies/{tunnel}", ok=(200, 404))
