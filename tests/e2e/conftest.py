@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.e2e.netns import Lab, Node
+from vpblu.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster
 from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
 from vpblu.model import Endpoint, NodeDesiredState, Peer, Route
 from vpblu.node.config import DaemonConfig
@@ -23,6 +24,30 @@ from vpblu.node.wireguard import UserspaceBackend
 
 LISTEN_PORT = 51820
 APPLY_TIMEOUT = 10.0
+CLUSTER_CONVERGE_TIMEOUT = 90.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """A 3-node LocalCluster with the sample FullMesh, shared by a module's tests."""
+    with LocalCluster.start(ClusterSettings(nodes=3)) as c:
+        c.apply_kustomize(KUSTOMIZE_SAMPLES)
+        c.wait_for(c.mesh_complete, CLUSTER_CONVERGE_TIMEOUT, "a complete FullMesh")
+        yield c
+
+
+def restore_cluster(cluster: LocalCluster) -> None:
+    """Make the shared cluster whole again: every controller and daemon running,
+    every Node registered, the mesh complete."""
+    for controller in cluster.controllers:
+        if not controller.running:
+            cluster.start_controller(controller.index)
+    for node in cluster.nodes:
+        if cluster.get("node", node.name) is None:
+            cluster.register_node(node)
+        if not node.daemon_running:
+            cluster.start_daemon(node)
+    cluster.wait_for(cluster.mesh_complete, CLUSTER_CONVERGE_TIMEOUT, "a complete FullMesh")
 
 
 @pytest.fixture

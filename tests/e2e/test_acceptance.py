@@ -28,18 +28,17 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
 from vpblu.localcluster import (
-    KUSTOMIZE_SAMPLES,
     SYSTEM_NAMESPACE,
     WG_PORT,
-    ClusterSettings,
     LocalCluster,
     Pod,
     underlay_packets,
 )
 
 FLOWPROBE = Path(__file__).with_name("flowprobe.py")
-CONVERGE_TIMEOUT = 90.0
+CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
 CHANGE_TIMEOUT = 30.0
 # The acceptance bound on a BlockPolicy: traffic stops within 1 s of the apply.
 BLOCK_BOUND = 1.0
@@ -53,32 +52,12 @@ EXTERNAL_IP = EXTERNAL_CIDR[10]
 WG_CONTROL_LENGTHS = frozenset({"32", "92", "148"})
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster.start(ClusterSettings(nodes=3)) as c:
-        c.apply_kustomize(KUSTOMIZE_SAMPLES)
-        c.wait_for(c.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
-        yield c
-
-
 @pytest.fixture
 def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The shared cluster, checked whole before the test and made whole after it."""
-    _restore(cluster)
+    restore_cluster(cluster)
     yield cluster
-    _restore(cluster)
-
-
-def _restore(cluster: LocalCluster) -> None:
-    for controller in cluster.controllers:
-        if not controller.running:
-            cluster.start_controller(controller.index)
-    for node in cluster.nodes:
-        if cluster.get("node", node.name) is None:
-            cluster.register_node(node)
-        if not node.daemon_running:
-            cluster.start_daemon(node)
-    cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
+    restore_cluster(cluster)
 
 
 def pods(cluster: LocalCluster) -> list[Pod]:

@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
 from tests.e2e.test_acceptance import FLOW_STOP_TIMEOUT, FLOWPROBE, UdpFlow
-from vpblu.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster, Node, Pod
+from vpblu.localcluster import LocalCluster, Node, Pod
 from vpblu.resources import ROTATE_NOW_ANNOTATION
 
-CONVERGE_TIMEOUT = 90.0
+CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
 # A rotation's steps each wait for prewarm handshakes and drains; on 2 shared
 # cores with six probes running one takes well under this.
 ROTATION_TIMEOUT = 120.0
@@ -38,14 +39,6 @@ UDP_BASE_PORT = 6101
 KEY_FILE_NAME = "wireguard.key"
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster.start(ClusterSettings(nodes=3)) as c:
-        c.apply_kustomize(KUSTOMIZE_SAMPLES)
-        c.wait_for(c.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
-        yield c
-
-
 @pytest.fixture
 def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
     _restore(cluster)
@@ -54,13 +47,7 @@ def healthy(cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 
 def _restore(cluster: LocalCluster) -> None:
-    for controller in cluster.controllers:
-        if not controller.running:
-            cluster.start_controller(controller.index)
-    for node in cluster.nodes:
-        if not node.daemon_running:
-            cluster.start_daemon(node)
-    cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "a complete FullMesh")
+    restore_cluster(cluster)
     cluster.wait_for(lambda: not any(_status(cluster, n).get("rotation")
                                      for n in cluster.nodes),
                      ROTATION_TIMEOUT, "no rotation in progress")
