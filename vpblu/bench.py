@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ import attrs
 import trio
 import trio_asyncio
 
+from vpblu.cli import CONTROLLER_GC_THRESHOLDS
 from vpblu.resources import ROTATE_NOW_ANNOTATION
 from vpblu.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.testenv import REPO, TestEnv, install_base, spawn_child
@@ -560,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and skips the cleanup).
     signal.signal(signal.SIGTERM, lambda _sig, _frame: os.kill(os.getpid(), signal.SIGINT))
     signal.signal(signal.SIGUSR1, _dump_tasks)
+    # The simulated daemons stand in for N processes; in one they hold N^2
+    # peers, and the default collector thresholds would make the harness,
+    # not the controller, the slow part (the controller sets the same).
+    gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
     print("starting the test API server...", flush=True)
     try:
         with TestEnv.start() as env, _workdir() as workdir, ThreadPoolExecutor(
