@@ -97,3 +97,60 @@ async def test_deleted_object_is_dropped_not_retried(
         assert kube.calls.count(("get", "TunnelPolicy")) == 1
         assert actor.writes == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_later_writes_patch_onto_the_version_written_without_reading_it_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKubeApi()
+    await kube.put(TUNNEL_POLICIES, {"metadata": {"name": "mesh"}, "spec": {"mode": "FullMesh"}})
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        for generation, status in enumerate(("True", "False", "True"), start=1):
+            cond = Condition("TunnelPolicy", "mesh", "Accepted", status, "Accepted", status)
+            await send.send(ObjectConditions("TunnelPolicy", "mesh", generation, (cond,)))
+            await trio.sleep(1)
+        [shown] = (await kube.get(TUNNEL_POLICIES, "mesh"))["status"]["conditions"]
+        assert (shown["status"], shown["observedGeneration"]) == ("True", 3)
+        assert actor.writes == 3
+        assert kube.calls.count(("get", "TunnelPolicy")) - 1 == 1  # one read, plus ours above
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_by_someone_else_in_between_is_read_not_overwritten(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKubeApi()
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        await send.send(PublicKeyReported("n1", key(1)))
+        await trio.sleep(1)
+        # Someone else writes the object: its status now has a field of theirs
+        # and a transition time this actor has not seen.
+        obj = await kube.get(VPBLU_NODES, "n1")
+        obj["status"]["endpoint"] = "192.0.2.7:51820"
+        await kube.put(VPBLU_NODES, obj)
+        await send.send(PublicKeyReported("n1", key(2)))
+        await trio.sleep(1)
+        status = (await kube.get(VPBLU_NODES, "n1"))["status"]
+        assert status == {"publicKey": key(2), "endpoint": "192.0.2.7:51820"}
+        assert actor.writes == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_what_it_wrote_last_never_skips_a_write_unread(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKubeApi()
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        await send.send(PublicKeyReported("n1", key(1)))
+        await trio.sleep(1)
+        obj = await kube.get(VPBLU_NODES, "n1")
+        del obj["status"]["publicKey"]  # someone wiped it
+        await kube.put(VPBLU_NODES, obj)
+        await send.send(PublicKeyReported("n1", key(1)))  # a reconnect reports it again
+        await trio.sleep(1)
+        assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(1)
+        assert actor.writes == 2
+        nursery.cancel_scope.cancel()

@@ -156,12 +156,16 @@ class FakeKubeApi:
         await self.remove(kind, name)
 
     async def patch_status(self, kind: ResourceKind, name: str, status: RawObject, *,
-                           namespace: str | None = None) -> RawObject:
+                           namespace: str | None = None,
+                           resource_version: str | None = None) -> RawObject:
         await trio.lowlevel.checkpoint()
         self._check("patch_status", kind)
         current = self._objects[kind.kind].get(name)
         if current is None:
             raise NotFound(404, "NotFound", name)
+        if resource_version is not None and resource_version != current["metadata"][
+                "resourceVersion"]:
+            raise Conflict(409, "Conflict", "the object has been modified")
         obj = copy.deepcopy(current)
         merged: dict[str, Any] = dict(obj.get("status") or {})
         merged.update(status)
