@@ -36,8 +36,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +73,7 @@ CONTROLLER_START_TIMEOUT = 60.0
 # Nodes rotated in the rotation scenario: all of them up to N=100, a sample above.
 ROTATION_ALL_UP_TO = 100
 ROTATION_SAMPLE = 20
+PROFILER_ATTACH = 0.5  # seconds py-spy is given to attach before an event
 
 
 @attrs.frozen(slots=True)
@@ -82,6 +85,10 @@ class Sample:
     messages: int  # received by all daemons for this event
     bytes: int
     controller_cpu: float  # seconds of the controller process for this event
+    # Seconds of this process (the N simulated daemons): on a 2-core machine
+    # the harness competes with the controller, so a latency is only the
+    # controller's when this stays well below it.
+    harness_cpu: float = 0.0
 
 
 @attrs.frozen(slots=True)
@@ -96,6 +103,7 @@ class Summary:
     messages: float  # median per event
     bytes: float
     cpu_ms: float
+    harness_cpu_ms: float = 0.0
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> Summary:
@@ -106,7 +114,8 @@ class Summary:
                    1000 * _percentile(lat, 99),
                    statistics.median(s.messages for s in samples),
                    statistics.median(s.bytes for s in samples),
-                   1000 * statistics.median(s.controller_cpu for s in samples))
+                   1000 * statistics.median(s.controller_cpu for s in samples),
+                   1000 * statistics.median(s.harness_cpu for s in samples))
 
 
 def _percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -184,17 +193,47 @@ class Bench:
     async def measure(self, scenario: str, n: int, mode: str, cluster: SimCluster,
                       controller: ControllerProcess, trigger: Callable[[], Any],
                       done: Callable[[SimDaemon], bool], affected: Sequence[str]) -> None:
-        before = _received(cluster)
-        cpu0 = controller.cpu_seconds()
-        t0 = trio.current_time()
-        await trigger()
-        with trio.fail_after(EVENT_TIMEOUT):
-            await cluster.wait_all(done, affected)
-        latency = trio.current_time() - t0
-        await trio.sleep(0.05)  # let the controller finish its bookkeeping for this event
-        after = _received(cluster)
+        with self._profiling(scenario, n, mode, controller):
+            before = _received(cluster)
+            cpu0 = controller.cpu_seconds()
+            harness0 = time.process_time()
+            t0 = trio.current_time()
+            await trigger()
+            with trio.fail_after(EVENT_TIMEOUT):
+                await cluster.wait_all(done, affected)
+            latency = trio.current_time() - t0
+            await trio.sleep(0.05)  # let the controller finish its bookkeeping for this event
+            after = _received(cluster)
+            harness = time.process_time() - harness0
         self.samples.append(Sample(scenario, n, mode, latency, after[0] - before[0],
-                                   after[1] - before[1], controller.cpu_seconds() - cpu0))
+                                   after[1] - before[1], controller.cpu_seconds() - cpu0,
+                                   harness))
+
+    @contextmanager
+    def _profiling(self, scenario: str, n: int, mode: str,
+                   controller: ControllerProcess) -> Iterator[None]:
+        """With --profile DIR: py-spy samples the controller and this process
+        (the simulated daemons) while one event runs, into
+        DIR/<scenario>-<n>-<mode>-<i>-{controller,harness}.txt (collapsed stacks)."""
+        if self.args.profile is None:
+            yield
+            return
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        i = sum(1 for s in self.samples if (s.scenario, s.n, s.mode) == (scenario, n, mode))
+        spies = [subprocess.Popen(
+            [self.args.py_spy, "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
+             "--rate", "100", "--output", str(self.args.profile / f"{scenario}-{n}-{mode}-{i}-"
+                                                f"{who}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for who, pid in (("controller", controller.pid), ("harness", os.getpid()))]
+        time.sleep(PROFILER_ATTACH)
+        try:
+            yield
+        finally:
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+            for spy in spies:
+                spy.wait()
 
     # --- one size, one mode -----------------------------------------------------------
 
@@ -358,7 +397,8 @@ class Bench:
         if mine:
             s = Summary.of(mine)
             self.say(f"    {scenario:<9} p50 {s.p50_ms:8.1f} ms  p99 {s.p99_ms:8.1f} ms  "
-                     f"{s.messages:7.0f} msgs {s.bytes / 1024:9.1f} KiB  cpu {s.cpu_ms:7.1f} ms")
+                     f"{s.messages:7.0f} msgs {s.bytes / 1024:9.1f} KiB  cpu {s.cpu_ms:7.1f} ms"
+                     f" (harness {s.harness_cpu_ms:.0f} ms)")
 
 
 def _received(cluster: SimCluster) -> tuple[int, int]:
@@ -414,11 +454,11 @@ def slope(summaries: Sequence[Summary], scenario: str, mode: str) -> float | Non
 def table(summaries: Sequence[Summary], peak_rss: dict[str, int],
           rotations: dict[str, int] | None = None) -> str:
     lines = [f"{'scenario':<10}{'N':>6} {'mode':<6}{'runs':>5}{'p50 ms':>10}{'p95 ms':>10}"
-             f"{'p99 ms':>10}{'msgs/ev':>9}{'KiB/ev':>10}{'ctl cpu ms':>11}"]
+             f"{'p99 ms':>10}{'msgs/ev':>9}{'KiB/ev':>10}{'ctl cpu ms':>11}{'sim cpu ms':>11}"]
     for s in summaries:
         lines.append(f"{s.scenario:<10}{s.n:>6} {s.mode:<6}{s.count:>5}{s.p50_ms:>10.1f}"
                      f"{s.p95_ms:>10.1f}{s.p99_ms:>10.1f}{s.messages:>9.0f}"
-                     f"{s.bytes / 1024:>10.1f}{s.cpu_ms:>11.1f}")
+                     f"{s.bytes / 1024:>10.1f}{s.cpu_ms:>11.1f}{s.harness_cpu_ms:>11.1f}")
     for key, rss in sorted(peak_rss.items()):
         lines.append(f"controller peak RSS ({key}): {rss / 2**20:.0f} MiB")
     for s in summaries:
@@ -551,7 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              " the mesh is formed once even when formation is left out)")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample the controller with py-spy during every event and"
+                             " write its collapsed stacks into DIR (needs py-spy)")
     args = parser.parse_args(argv)
+    args.py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(
+        Path(sys.executable).parent))
+    if args.profile is not None and args.py_spy is None:
+        parser.error("--profile needs py-spy (pip install py-spy)")
     if not args.scenarios <= set(SCENARIOS):
         parser.error(f"unknown scenario(s): {', '.join(sorted(args.scenarios - set(SCENARIOS)))}")
     logging.basicConfig(level=logging.WARNING)
