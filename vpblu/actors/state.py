@@ -142,6 +142,10 @@ class StateActor:
         self._invalid: dict[tuple[str, str], InvalidSource] = {}
         self._listed: set[str] = set()
         self._sessions: dict[str, _Session] = {}
+        # The nodes whose session is owed a PushSync (`_Session.needs_sync`):
+        # looked at after every batch of messages, and a batch is often one
+        # ack, so finding them must not mean scanning all N sessions.
+        self._unsynced: set[str] = set()
         self._result: desiredstate.DesiredResult | None = None
         self._node_infos: dict[str, tuple[NodeSource, VpbluNodeSource | None, NodeInfo]] = {}
         self._sent_conditions: dict[tuple[str, str], ObjectConditions] = {}
@@ -194,7 +198,7 @@ class StateActor:
                     self._push_pending_syncs()
 
     def _overflowed(self) -> bool:
-        return any(s.needs_sync for s in self._sessions.values())
+        return bool(self._unsynced)
 
     async def _handle(self, message: StateInbox) -> None:
         match message:
@@ -240,10 +244,12 @@ class StateActor:
                 if old is not None and old.session_id > sid:
                     return  # a stale open arriving after a newer one
                 self._sessions[node] = _Session(sid, mailbox)
+                self._unsynced.add(node)
             case SessionClosed(node=node, session_id=sid):
                 current = self._sessions.get(node)
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
+                    self._unsynced.discard(node)
             case SendRotationStep(node=node, step=step):
                 session = self._sessions.get(node)
                 if session is not None:
@@ -266,6 +272,7 @@ class StateActor:
                         log.warning("node %s could not apply generation %d: %s", node, gen, error)
                         # Whatever it has now, it is not what we think: resync it.
                         current.needs_sync = True
+                        self._unsynced.add(node)
 
     def snapshot(self) -> ClusterSnapshot:
         keys: dict[str, VpbluNodeSource] = {
@@ -391,10 +398,10 @@ class StateActor:
         return tuple(p.name for p in state.peers) if state is not None else ()
 
     def _push_pending_syncs(self) -> None:
-        for node, session in self._sessions.items():
-            if session.needs_sync:
-                state = self._states().get(node) or NodeDesiredState(node)
-                self._offer(node, session, PushSync(self.generation, state))
+        for node in list(self._unsynced):
+            session = self._sessions[node]
+            state = self._states().get(node) or NodeDesiredState(node)
+            self._offer(node, session, PushSync(self.generation, state))
 
     def _offer(self, node: str, session: _Session, push: PushSync | PushDelta) -> None:
         try:
@@ -404,11 +411,13 @@ class StateActor:
                 self._overflows += 1
                 log.info("node %s is slow: dropping deltas, a full sync follows", node)
             session.needs_sync = True
+            self._unsynced.add(node)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the session is ending; its SessionClosed is on the way
         self._pushes += 1
         session.needs_sync = False
+        self._unsynced.discard(node)
         session.sent_generation = push.generation
         session.sent_state = push.state
 
