@@ -80,6 +80,51 @@ class ApiResponse:
         return ""
 
 
+class ApiConnection:
+    """One HTTPS connection to the API server, reopened when the server has
+    closed it while idle. Not thread-safe. Made by `TestEnv.connection`."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self._port = port
+        self._context = context
+        self._conn: http.client.HTTPSConnection | None = None
+
+    def request(self, method: str, path: str, body: object = None, *,
+                content_type: str = "application/json") -> ApiResponse:
+        payload = None if body is None else json.dumps(body)
+        headers = {"Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = content_type
+        reused = self._conn is not None
+        try:
+            return self._exchange(method, path, payload, headers)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            self.close()
+            if not reused:
+                raise
+        # The server dropped a kept-alive connection before reading the
+        # request (Go's idle timeout): nothing was done, so it is sent again.
+        return self._exchange(method, path, payload, headers)
+
+    def _exchange(self, method: str, path: str, payload: str | None,
+                  headers: dict[str, str]) -> ApiResponse:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection("127.0.0.1", self._port,
+                                                     timeout=REQUEST_TIMEOUT,
+                                                     context=self._context)
+        self._conn.request(method, path, body=payload, headers=headers)
+        resp = self._conn.getresponse()
+        data = resp.read()
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            return ApiResponse(resp.status, json.loads(data))
+        return ApiResponse(resp.status, data.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class TestEnvError(RuntimeError):
     """The control plane could not be started (the message carries the log tail)."""
 
@@ -410,19 +455,16 @@ class TestEnv:
                 content_type: str = "application/json") -> ApiResponse:
         """One admin HTTPS call to the API server. The body is sent as JSON; the
         answer is parsed when it is JSON, else kept as text (e.g. /readyz)."""
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT,
-                                           context=self.ssl_context())
+        with self.connection() as conn:
+            return conn.request(method, path, body, content_type=content_type)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[ApiConnection]:
+        """An admin connection kept open across calls (one thread at a time):
+        a timed call then costs the call, not a TLS handshake too."""
+        conn = ApiConnection(self.port, self.ssl_context())
         try:
-            payload = None if body is None else json.dumps(body)
-            headers = {"Accept": "application/json"}
-            if payload is not None:
-                headers["Content-Type"] = content_type
-            conn.request(method, path, body=payload, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.getheader("Content-Type", "").startswith("application/json"):
-                return ApiResponse(resp.status, json.loads(data))
-            return ApiResponse(resp.status, data.decode(errors="replace"))
+            yield conn
         finally:
             conn.close()
 
