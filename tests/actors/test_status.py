@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
+import pytest
 import trio
 import trio.testing
 
@@ -117,29 +119,23 @@ async def test_later_writes_patch_onto_the_version_written_without_reading_it_ag
         nursery.cancel_scope.cancel()
 
 
-async def test_a_write_by_someone_else_in_between_is_read_not_overwritten(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    kube = FakeKubeApi()
-    async with trio.open_nursery() as nursery:
-        send, actor = await run_status(nursery, kube)
-        await send.send(PublicKeyReported("n1", key(1)))
-        await trio.sleep(1)
-        # Someone else writes the object: its status now has a field of theirs
-        # and a transition time this actor has not seen.
-        obj = await kube.get(VPBLU_NODES, "n1")
-        obj["status"]["endpoint"] = "192.0.2.7:51820"
-        await kube.put(VPBLU_NODES, obj)
-        await send.send(PublicKeyReported("n1", key(2)))
-        await trio.sleep(1)
-        status = (await kube.get(VPBLU_NODES, "n1"))["status"]
-        assert status == {"publicKey": key(2), "endpoint": "192.0.2.7:51820"}
-        assert actor.writes == 2
-        nursery.cancel_scope.cancel()
+def _add_their_field(status: dict[str, object]) -> None:
+    status["endpoint"] = "192.0.2.7:51820"
 
 
-async def test_what_it_wrote_last_never_skips_a_write_unread(
-    autojump_clock: trio.testing.MockClock,
+def _wipe_the_key(status: dict[str, object]) -> None:
+    del status["publicKey"]
+
+
+@pytest.mark.parametrize(("edit", "second", "expected"), [
+    # Written onto their version (after a Conflict and a read), theirs kept.
+    (_add_their_field, 2, {"publicKey": key(2), "endpoint": "192.0.2.7:51820"}),
+    # What this actor wrote last says "already there"; a read says otherwise.
+    (_wipe_the_key, 1, {"publicKey": key(1)}),
+])
+async def test_a_status_edited_by_someone_else_in_between_is_read_again(
+    autojump_clock: trio.testing.MockClock, edit: Callable[[dict[str, object]], None],
+    second: int, expected: dict[str, object],
 ) -> None:
     kube = FakeKubeApi()
     async with trio.open_nursery() as nursery:
@@ -147,10 +143,10 @@ async def test_what_it_wrote_last_never_skips_a_write_unread(
         await send.send(PublicKeyReported("n1", key(1)))
         await trio.sleep(1)
         obj = await kube.get(VPBLU_NODES, "n1")
-        del obj["status"]["publicKey"]  # someone wiped it
+        edit(obj["status"])
         await kube.put(VPBLU_NODES, obj)
-        await send.send(PublicKeyReported("n1", key(1)))  # a reconnect reports it again
+        await send.send(PublicKeyReported("n1", key(second)))  # e.g. a reconnect's report
         await trio.sleep(1)
-        assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(1)
+        assert (await kube.get(VPBLU_NODES, "n1"))["status"] == expected
         assert actor.writes == 2
         nursery.cancel_scope.cancel()
