@@ -142,7 +142,17 @@ class RotationStatus:
     written: trio.Event = attrs.field(factory=trio.Event, repr=False)
 
 
-StatusInbox = PublicKeyReported | ObjectConditions | RotationStatus
+@attrs.frozen(slots=True)
+class ObjectDeleted:
+    """`kind`/`name` is gone from the API: the StatusActor forgets what it
+    wanted and last wrote there (a long-lived controller sees nodes come and
+    go for months)."""
+
+    kind: str
+    name: str
+
+
+StatusInbox = PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------

@@ -20,6 +20,7 @@ from vpblu.messages import (
     KindListed,
     NodeAcked,
     ObjectConditions,
+    ObjectDeleted,
     PeersWanted,
     PushDelta,
     PushSync,
@@ -324,4 +325,28 @@ async def test_who_peers_with_a_node_is_answered_on_request(
         assert await answer.receive() == ("n1", "n3")
         await h.send.send(PeersWanted("nobody", reply))
         assert await answer.receive() == ()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_status_writer_is_told_of_deleted_objects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4))
+        await h.send.send(KindChanged("VpbluNode", (), ("n2",), (), "2"))
+        await h.send.send(KindChanged("Node", (), ("n2",), (), "3"))  # no status of ours
+        # A relist after a broken watch: the policy vanished while unwatched.
+        await h.send.send(KindListed("TunnelPolicy", (), (), "4"))
+        await trio.sleep(1)
+        deleted = set()
+        while True:
+            try:
+                msg = h.status.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(msg, ObjectDeleted):
+                deleted.add((msg.kind, msg.name))
+        assert deleted == {("VpbluNode", "n2"), ("TunnelPolicy", "mesh")}
         nursery.cancel_scope.cancel()

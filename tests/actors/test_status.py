@@ -12,7 +12,7 @@ import trio.testing
 from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.status import StatusActor
 from vpblu.kube import TUNNEL_POLICIES, VPBLU_NODES
-from vpblu.messages import ObjectConditions, PublicKeyReported, StatusInbox
+from vpblu.messages import ObjectConditions, ObjectDeleted, PublicKeyReported, StatusInbox
 from vpblu.model import Condition
 
 KINDS = {k.kind: k for k in (VPBLU_NODES, TUNNEL_POLICIES)}
@@ -149,4 +149,34 @@ async def test_a_status_edited_by_someone_else_in_between_is_read_again(
         await trio.sleep(1)
         assert (await kube.get(VPBLU_NODES, "n1"))["status"] == expected
         assert actor.writes == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_deleted_objects_are_forgotten_but_a_reported_key(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kube = FakeKubeApi()
+    for i in range(20):
+        await kube.put(TUNNEL_POLICIES, {"metadata": {"name": f"t{i}"}, "spec": {}})
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        accepted = Condition("TunnelPolicy", "", "Accepted", "True", "Accepted", "")
+        for i in range(20):
+            await send.send(ObjectConditions("TunnelPolicy", f"t{i}", 1, (accepted,)))
+        await send.send(PublicKeyReported("n1", key(1)))
+        await trio.sleep(1)
+        assert actor.remembered == 21
+        for i in range(20):
+            await kube.remove(TUNNEL_POLICIES, f"t{i}")
+            await send.send(ObjectDeleted("TunnelPolicy", f"t{i}"))
+        await kube.remove(VPBLU_NODES, "n1")
+        await send.send(ObjectDeleted("VpbluNode", "n1"))
+        await trio.sleep(1)
+        assert actor.remembered == 1
+        # n1's daemon is still connected: the next write for n1 makes its
+        # VpbluNode again, with the key it reported.
+        scheduled = Condition("VpbluNode", "n1", "DaemonScheduled", "True", "DaemonPod", "")
+        await send.send(ObjectConditions("VpbluNode", "n1", 1, (scheduled,)))
+        await trio.sleep(1)
+        assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(1)
         nursery.cancel_scope.cancel()

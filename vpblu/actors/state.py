@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 import attrs
@@ -53,6 +53,7 @@ from vpblu.messages import (
     NodeAcked,
     NodeRotationView,
     ObjectConditions,
+    ObjectDeleted,
     PeersWanted,
     PushDelta,
     PushRotationStep,
@@ -95,6 +96,9 @@ SEQUENCE_BITS = 32
 # How often nodes whose mailbox overflowed are offered their PushSync again.
 RETRY_OVERFLOWED = 0.2
 
+# The kinds whose status the StatusActor writes.
+STATUS_KINDS = frozenset({"VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
+                          "RotationPolicy"})
 WATCHED_KINDS = ("Node", "VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
                  "RotationPolicy", "Pod")
 
@@ -197,6 +201,12 @@ class StateActor:
                 if self._synced:
                     self._push_pending_syncs()
 
+    async def _forget_status(self, kind: str, names: Iterable[str]) -> None:
+        for name in names:
+            self._sent_conditions.pop((kind, name), None)
+            if kind in STATUS_KINDS:
+                await self._status.send(ObjectDeleted(kind, name))
+
     def _overflowed(self) -> bool:
         return bool(self._unsynced)
 
@@ -211,6 +221,7 @@ class StateActor:
                     if bad.name in previous:
                         fresh[bad.name] = previous[bad.name]
                 self._objects[kind] = fresh
+                await self._forget_status(kind, previous.keys() - fresh.keys())
                 self._invalid = {k: v for k, v in self._invalid.items() if k[0] != kind}
                 self._invalid.update({(kind, b.name): b for b in invalid})
                 self._listed.add(kind)
@@ -232,7 +243,7 @@ class StateActor:
                 for name in deleted:
                     view.pop(name, None)
                     self._invalid.pop((kind, name), None)
-                    self._sent_conditions.pop((kind, name), None)
+                await self._forget_status(kind, deleted)
                 for bad in invalid:
                     self._invalid[(kind, bad.name)] = bad
                 if changed:

@@ -12,7 +12,9 @@ Writes are coalesced per object (only the newest wanted status of an object
 is written; a burst of 1000 key reports on a mass reconnect becomes at most
 one write per node), done by a few concurrent workers, skipped when the
 object already shows it, and retried with backoff when the API server is
-unavailable. A write for an object that has since been deleted is dropped.
+unavailable. A write for an object that has since been deleted is dropped,
+and all it held for a deleted object is forgotten (`ObjectDeleted`, from the
+StateActor, which watches them).
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from vpblu.kube import (
     RawObject,
     ResourceKind,
 )
-from vpblu.messages import ObjectConditions, PublicKeyReported, RotationStatus, StatusInbox
+from vpblu.messages import (
+    ObjectConditions,
+    ObjectDeleted,
+    PublicKeyReported,
+    RotationStatus,
+    StatusInbox,
+)
 from vpblu.model import Condition
 
 log = logging.getLogger(__name__)
@@ -140,12 +148,21 @@ class StatusActor:
         """How many status writes reached the API server (for tests and the bench)."""
         return self._writes
 
+    @property
+    def remembered(self) -> int:
+        """How many objects this actor holds anything for: the live ones, and
+        the reported keys of deleted VpbluNodes."""
+        return len(self._wanted.keys() | self._seen.keys() | self._version.keys())
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, trio.open_nursery() as nursery:
             for _ in range(WORKERS):
                 nursery.start_soon(self._worker)
             task_status.started()
             async for message in self._inbox:
+                if isinstance(message, ObjectDeleted):
+                    self._forget(_Key(message.kind, message.name))
+                    continue
                 match message:
                     case PublicKeyReported(node=node, public_key=key):
                         k = _Key(VPBLU_NODES.kind, node)
@@ -173,6 +190,22 @@ class StatusActor:
                     self._dirty_send.send_nowait(k)
             nursery.cancel_scope.cancel()
 
+    def _forget(self, key: _Key) -> None:
+        """Drop what is held for a deleted object, unless a write is still
+        owed to it (that write then finds it gone, and forgets it). A key a
+        connected daemon reported is kept: the next write for that node makes
+        its VpbluNode again, with the key (a daemon reports it only when its
+        stream opens)."""
+        self._seen.pop(key, None)
+        if key in self._queued or key in self._busy:
+            return
+        wanted = self._wanted.pop(key, None)
+        self._version.pop(key, None)
+        for _version, event in self._waiters.pop(key, []):
+            event.set()
+        if wanted is not None and wanted.public_key is not None:
+            self._wanted[key] = _Wanted(public_key=wanted.public_key)
+
     async def _worker(self) -> None:
         async for key in self._dirty_receive:
             self._queued.discard(key)
@@ -193,8 +226,10 @@ class StatusActor:
                     return
             except NotFound:
                 log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
-                self._seen.pop(key, None)
                 self._wake(key, version)
+                if self._version[key] == version:
+                    self._busy.discard(key)
+                    self._forget(key)
                 return
             except Conflict:
                 continue  # someone wrote in between: read again and redo
