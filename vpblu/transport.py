@@ -16,13 +16,15 @@ times a message's own cost (STACK.md), so it happens once per batch.
 On the controller a push goes to thousands of streams at once, and even one
 awaited crossing per stream cost more than the push itself: 0.14-0.2 ms
 each, 140-210 ms for 1000 sessions (bench/push_crossing.py, busy 2 cores).
-There `send_batch` does not cross at all: it appends the already-serialized
+So `send_batch` does not cross at all: it appends the already-serialized
 batch to the stream's bounded outbox and wakes the stream's asyncio writer
 task (0.7-0.8 ms for 1000 sessions, ~200x less). It waits
 (one crossing) only when the outbox holds OUTBOX_LIMIT bytes, so a daemon
 that stops reading pushes back on its session, whose mailbox coalesces. A
-failed write closes the stream; the session learns it from its next
-`send_batch` or `receive_batch`. The daemon's end still awaits each write.
+failed write closes the stream; the sender learns it from its next
+`send_batch` or `receive_batch`. The daemon's end writes the same way (an
+ack then costs no asyncio task; the benchmark runs 1000 daemons in one
+process), and what it queued before it closes still goes out first.
 
 grpclib does not see trio deadlines: every wait on the asyncio side has its
 own named timeout. A stream that fails in any way (reset, dropped
@@ -215,7 +217,8 @@ class _Inbox(Generic[R]):
 
 
 class _Call(Generic[R, S]):
-    """One RPC on the asyncio side: the reader loop, batch writes, ending.
+    """One RPC on the asyncio side: the reader loop, the outbox and its
+    writer loop, ending.
 
     `stream` is a grpclib server or client stream (same send/recv API).
     """
@@ -230,9 +233,15 @@ class _Call(Generic[R, S]):
         self.close_reason: str | None = None
         self.messages_received = 0
         self.bytes_received = 0  # protobuf bytes, without gRPC/HTTP/2/TLS framing
+        self.outbox: deque[S] = deque()
+        self.outbox_bytes = 0
+        self._outbox_ready = asyncio.Event()  # the writer has something to do
+        self._room = asyncio.Event()  # the outbox went below OUTBOX_LIMIT
 
     def _stopped(self) -> None:
         self.stop.set()
+        self._outbox_ready.set()
+        self._room.set()
 
     async def read_loop(self) -> None:
         try:
@@ -274,53 +283,7 @@ class _Call(Generic[R, S]):
             raise StreamClosed(closed.reason if closed else "stream ended",
                                status=closed.status if closed else None)
 
-    async def write(self, batch: Sequence[S]) -> None:
-        self.check_open()
-        async with self._write_lock:
-            try:
-                async with asyncio.timeout(WRITE_TIMEOUT):
-                    for message in batch:
-                        await self.stream.send_message(message)
-            except TimeoutError:
-                self.request_close("a write timed out")
-                raise StreamClosed(f"no write progress in {WRITE_TIMEOUT} s") from None
-            except GRPCError as exc:
-                raise StreamClosed(_grpc_reason(exc), status=exc.status.name) from None
-            except Exception as exc:
-                raise StreamClosed(f"stream broken: {exc!r}") from None
-
-    def request_close(self, reason: str) -> None:
-        """From either side; the task serving the RPC ends it."""
-        if self.close_reason is None and not self.finished.is_set():
-            self.close_reason = reason
-        self.inbox.close(StreamClosed(f"closed here: {reason}"))
-        self._stopped()
-
-
-def _grpc_reason(exc: GRPCError) -> str:
-    return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
-
-
-def _size(message: bytes | pb.ControllerMessage) -> int:
-    return len(message) if isinstance(message, bytes) else message.ByteSize()
-
-
-class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
-    """The controller's end: writes go through the outbox and a writer task."""
-
-    def __init__(self, stream: Any, decode: Callable[[Any], wire.NodeMessage]) -> None:
-        super().__init__(stream, decode)
-        self.outbox: deque[bytes | pb.ControllerMessage] = deque()
-        self.outbox_bytes = 0
-        self._outbox_ready = asyncio.Event()  # the writer has something to do
-        self._room = asyncio.Event()  # the outbox went below OUTBOX_LIMIT
-
-    def _stopped(self) -> None:
-        super()._stopped()
-        self._outbox_ready.set()
-        self._room.set()
-
-    def enqueue(self, batch: Sequence[bytes | pb.ControllerMessage]) -> bool:
+    def enqueue(self, batch: Sequence[S]) -> bool:
         """Called from trio (same thread): queue `batch` for the writer, in
         order. False when the outbox is full and the caller must `wait_for_room`."""
         self.check_open()
@@ -345,7 +308,7 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
     async def write_loop(self) -> None:
         """Write what is queued, until the stream stops. After a close asked
         for here, what is still queued goes out first (within CLOSE_TIMEOUT):
-        a controller's last messages must arrive."""
+        a controller's last messages must arrive, and a daemon's last acks."""
         while True:
             while not self.outbox:
                 if self.stop.is_set():
@@ -353,7 +316,7 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
             if self.stop.is_set() and self.close_reason is None:
-                return  # the stream broke or the daemon ended it: nothing more goes out
+                return  # the stream broke or the other end ended it: nothing more goes out
             if not await self._write_out():
                 return
 
@@ -376,6 +339,26 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
                 self.request_close(f"a write failed: {exc!r}")
                 return False
         return True
+
+    def request_close(self, reason: str) -> None:
+        """From either side; the task serving the RPC ends it."""
+        if self.close_reason is None and not self.finished.is_set():
+            self.close_reason = reason
+        self.inbox.close(StreamClosed(f"closed here: {reason}"))
+        self._stopped()
+
+
+def _grpc_reason(exc: GRPCError) -> str:
+    return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
+
+
+def _size(message: Any) -> int:
+    """Bytes of a queued message: serialized already, or a protobuf message."""
+    return len(message) if isinstance(message, bytes) else int(message.ByteSize())
+
+
+class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
+    """The controller's end, run by grpclib's handler task (`serve`)."""
 
     async def serve(self) -> None:
         """Run in grpclib's handler task until the stream ends; then end the RPC."""
@@ -425,7 +408,9 @@ class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
         # a nursery around the daemon's `async with` block would wrap every
         # error raised in the block into an ExceptionGroup. `shutdown`
         # cancels and awaits it, so it never outlives the stream.
-        self._reader = asyncio.get_running_loop().create_task(self.read_loop())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self.read_loop())
+        self._writer = loop.create_task(self.write_loop())
 
     @classmethod
     async def open(cls, host: str, port: int, tls: ClientTLS, token: str,
@@ -480,6 +465,10 @@ class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+            # What was queued before the close goes out first (the writer
+            # ends once it is out, within CLOSE_TIMEOUT), then the reset.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._writer, CLOSE_TIMEOUT)
             with contextlib.suppress(Exception):
                 await self.stream.cancel()
             with contextlib.suppress(Exception):
@@ -509,11 +498,13 @@ class BatchStream(Generic[R, S]):
         return await self._call.inbox.take(BATCH_LIMIT)
 
     async def send_batch(self, messages: Sequence[S]) -> None:
-        """Written in order; `StreamClosed` if the stream is over."""
+        """Queued in order for the stream's writer; returns without crossing
+        into asyncio unless the outbox is full. `StreamClosed` if the stream
+        is over (a failed earlier write included)."""
         if not messages:
             return
-        encoded = [self._encode(m) for m in messages]
-        await trio_asyncio.aio_as_trio(self._call.write)(encoded)
+        if not self._call.enqueue([self._encode(m) for m in messages]):
+            await trio_asyncio.aio_as_trio(self._call.wait_for_room)()
 
     @property
     def received(self) -> tuple[int, int]:
@@ -553,19 +544,9 @@ class NodeStream(BatchStream[wire.NodeMessage, wire.ControllerMessage]):
     def __init__(self, call: _ServerCall, hello: wire.Hello, identity: Identity,
                  peer: PeerInfo, encoder: PushEncoder) -> None:
         super().__init__(call, encoder.encode)
-        self._server_call = call
         self.hello = hello
         self.identity = identity
         self.peer = peer
-
-    async def send_batch(self, messages: Sequence[wire.ControllerMessage]) -> None:
-        """Queued in order for the writer; returns without crossing into
-        asyncio unless the outbox is full. `StreamClosed` if the stream is
-        over (a failed earlier write included)."""
-        if not messages:
-            return
-        if not self._server_call.enqueue([self._encode(m) for m in messages]):
-            await trio_asyncio.aio_as_trio(self._server_call.wait_for_room)()
 
     @property
     def node_name(self) -> str:
