@@ -26,6 +26,7 @@ private key is not this actor's business: the Hello carries the public key.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +43,7 @@ from vpblu.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_st
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD = 30.0
+HEARTBEAT_JITTER = 0.25  # each beat comes after period x [0.75, 1.25]
 RECONNECT_INITIAL = 0.2
 RECONNECT_MAX = 30.0
 RECONNECT_JITTER = 1.0
@@ -225,9 +227,13 @@ class StreamActor:
                 return  # the receive loop sees the end too; a resent step is run again
 
     async def _heartbeat(self, stream: _Sender) -> None:
+        # Jittered: daemons that (re)connected together, after a controller
+        # failover say, would otherwise beat together, N at once every period.
+        period = self._settings.heartbeat_period
         try:
             while True:
-                await trio.sleep(self._settings.heartbeat_period)
+                await trio.sleep(period * random.uniform(1 - HEARTBEAT_JITTER,
+                                                         1 + HEARTBEAT_JITTER))
                 await stream.send_batch([wire.Heartbeat()])
         except StreamClosed:
             return  # the receive loop sees the end too, and reports it
