@@ -8,11 +8,13 @@ module that runs it.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,7 +93,7 @@ def _run_controller(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio_asyncio.open_loop():
-            await run_controller(settings)
+            await _until_stopped(functools.partial(run_controller, settings))
 
     # The controller holds ~N^2 long-lived objects (every node's peers) and
     # allocates in bursts per event; with CPython's default thresholds (700,
@@ -100,6 +102,26 @@ def _run_controller(args: argparse.Namespace) -> int:
     gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
     trio.run(main)
     return 0
+
+
+async def _until_stopped(run: Callable[[], Awaitable[None]]) -> None:
+    """Run until `run` returns or SIGTERM/SIGINT comes; a signal cancels it,
+    so everything shuts down in order. For the controller that means its
+    Lease is released and its streams end with a reason: when a Deployment
+    rolls, the next replica leads at once instead of after the lease
+    expires, and no daemon is redirected to a replica that is gone."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_then_stop() -> None:
+                await run()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_then_stop)
+            async for signo in signals:
+                log.info("%s: stopping", signal.Signals(signo).name)
+                nursery.cancel_scope.cancel()
+                break
 
 
 def _node_resource_flags(p: argparse.ArgumentParser) -> None:
