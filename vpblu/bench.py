@@ -57,7 +57,7 @@ import trio_asyncio
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
 from vpblu.resources import ROTATE_NOW_ANNOTATION
 from vpblu.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
-from vpblu.testenv import REPO, ApiConnection, TestEnv, install_base, spawn_child
+from vpblu.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
 
 log = logging.getLogger("vpblu.bench")
 
@@ -170,6 +170,21 @@ class ControllerProcess:
         self.child.stop()
 
 
+async def _wait_listening(port: int, controller: ControllerProcess) -> None:
+    with trio.fail_after(CONTROLLER_START_TIMEOUT):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                if controller.child.exited():
+                    raise RuntimeError(f"the controller exited:\n{controller.child.log_tail()}"
+                                       ) from None
+                await trio.sleep(0.1)
+                continue
+            await stream.aclose()
+            return
+
+
 async def _quiesce(controller: ControllerProcess) -> None:
     """Until the controller used at most QUIET_SHARE of a core over one
     QUIET_WINDOW (or QUIET_MAX passed: daemons' heartbeats and lease
@@ -180,14 +195,6 @@ async def _quiesce(controller: ControllerProcess) -> None:
             await trio.sleep(QUIET_WINDOW)
             if controller.cpu_seconds() - cpu <= QUIET_SHARE * QUIET_WINDOW:
                 return
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Bench:
@@ -273,11 +280,14 @@ class Bench:
             formations, events = 2, 3
         directory = self.workdir / f"{mode}-{n}"
         pki = MeshPki.create(directory / "pki")
-        port = _free_port()
+        port = free_port()
         controller = ControllerProcess(self.spawner, self.env, pki, port,
                                        full_pushes=(mode == "full"),
                                        log_path=directory / "controller.log")
         try:
+            # Daemons started before the controller listens would each log
+            # every refused attempt of their backoff (hundreds of lines at N=100).
+            await _wait_listening(port, controller)
             async with SimCluster.open(self.env, directory / "nodes", pki.client,
                                        (f"127.0.0.1:{port}",), n + SPARE_NODES,
                                        prefix=f"b{mode[0]}{n}", keep_history=False) as cluster:
