@@ -466,9 +466,11 @@ class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             # What was queued before the close goes out first (the writer
-            # ends once it is out, within CLOSE_TIMEOUT), then the reset.
+            # ends once it is out), then the reset. Half the caller's bound
+            # (open_mesh_stream gives shutdown CLOSE_TIMEOUT): the reset and
+            # the channel's close must still fit in it.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._writer, CLOSE_TIMEOUT)
+                await asyncio.wait_for(self._writer, CLOSE_TIMEOUT / 2)
             with contextlib.suppress(Exception):
                 await self.stream.cancel()
             with contextlib.suppress(Exception):
