@@ -67,8 +67,8 @@ RESULTS = REPO / "bench" / "results"
 # Per size: how many times a mesh is formed, and each other event repeated.
 # A p99 means something from 100 samples on (below that, nearest rank makes
 # it the worst one seen): 100 at N=10 and 100. At N=1000 an event costs
-# seconds of setup and wait, so there p95 and p99 are the worst of 20, and
-# mesh formation (N^2 peers of work) the worst of 3.
+# seconds of setup and wait, so there p99 is the worst of 20 (p95 the second
+# worst), and mesh formation's (N^2 peers of work) the worst of 3.
 REPEATS = {10: (10, 100), 100: (5, 100), 1000: (3, 20)}
 SPARE_NODES = 1
 EVENT_TIMEOUT = 120.0
