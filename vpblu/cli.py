@@ -109,7 +109,8 @@ async def _until_stopped(run: Callable[[], Awaitable[None]]) -> None:
     so everything shuts down in order. For the controller that means its
     Lease is released and its streams end with a reason: when a Deployment
     rolls, the next replica leads at once instead of after the lease
-    expires, and no daemon is redirected to a replica that is gone."""
+    expires, and no daemon is redirected to a replica that is gone. A
+    daemon's end of the stream closes with a reason too."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -215,7 +216,10 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     async def main() -> None:
         async with trio_asyncio.open_loop():
-            await run_daemon(settings)
+            # On SIGTERM (a DaemonSet rolling) the stream ends with a reason
+            # and the key is wiped from memory; the kernel state stays, as
+            # after any exit, for the next daemon to adopt.
+            await _until_stopped(functools.partial(run_daemon, settings))
 
     try:
         trio.run(main)

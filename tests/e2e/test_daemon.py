@@ -241,9 +241,14 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
         out = out.replace("mtu=", "mtu = ")
         assert received == 0 and f"mtu = {MESH_MTU}" in out, out
 
-        # --- cleanup gives the namespaces back as they were
+        # --- SIGTERM ends a daemon cleanly and leaves its mesh in place;
+        # cleanup then gives the namespaces back as they were
         for n in dl.nodes:
-            await dl.daemons[n.name].stop()
+            daemon = dl.daemons[n.name]
+            await daemon.stop()
+            assert daemon.process is not None
+            assert daemon.process.returncode == 0, daemon.log()[-2000:]
+            assert node_state(n) != before[n.name]
             result = await dl.cleanup(n)
             assert result.returncode == 0, result.stderr.decode()
             after = node_state(n)
