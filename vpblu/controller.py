@@ -39,6 +39,7 @@ from vpblu.actors.leader import LeaderActor, LeaseSettings
 from vpblu.actors.rotation import LeaderRotationPorts, RotationsActor, RotationSettings
 from vpblu.actors.session import SessionSettings
 from vpblu.actors.sessions import SessionsActor
+from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
 from vpblu.actors.state import StateActor
 from vpblu.actors.status import StatusActor
 from vpblu.actors.watcher import Parser, WatcherActor
@@ -76,8 +77,9 @@ WATCHED: tuple[Watched, ...] = (
     # is scheduled on its node at all (no key yet is then explained).
     Watched(k.PODS, resources.parse_daemon_pod, "vpblu-system", DAEMON_POD_SELECTOR),
 )
-STATUS_KINDS = {kind.kind: kind for kind in (
-    k.VPBLU_NODES, k.TUNNEL_POLICIES, k.ROUTE_POLICIES, k.BLOCK_POLICIES, k.ROTATION_POLICIES)}
+# The kinds whose status the StatusActor writes (named once, in the StateActor,
+# which tells the StatusActor when one of them is deleted).
+STATUS_KINDS = {w.kind.kind: w.kind for w in WATCHED if w.kind.kind in STATUS_KIND_NAMES}
 
 
 def default_identity() -> str:
