@@ -161,7 +161,11 @@ class StatusActor:
             task_status.started()
             async for message in self._inbox:
                 if isinstance(message, ObjectDeleted):
-                    self._forget(_Key(message.kind, message.name))
+                    gone = _Key(message.kind, message.name)
+                    self._seen.pop(gone, None)
+                    # A write still owed to it finds it gone, and forgets it then.
+                    if gone not in self._queued and gone not in self._busy:
+                        self._forget(gone)
                     continue
                 match message:
                     case PublicKeyReported(node=node, public_key=key):
@@ -191,14 +195,10 @@ class StatusActor:
             nursery.cancel_scope.cancel()
 
     def _forget(self, key: _Key) -> None:
-        """Drop what is held for a deleted object, unless a write is still
-        owed to it (that write then finds it gone, and forgets it). A key a
-        connected daemon reported is kept: the next write for that node makes
-        its VpbluNode again, with the key (a daemon reports it only when its
-        stream opens)."""
+        """Drop what is held for a deleted object. A key a connected daemon
+        reported is kept: the next write for that node makes its VpbluNode
+        again, with the key (a daemon reports it only when its stream opens)."""
         self._seen.pop(key, None)
-        if key in self._queued or key in self._busy:
-            return
         wanted = self._wanted.pop(key, None)
         self._version.pop(key, None)
         for _version, event in self._waiters.pop(key, []):
@@ -228,7 +228,6 @@ class StatusActor:
                 log.info("status of %s %s not written: it no longer exists", key.kind, key.name)
                 self._wake(key, version)
                 if self._version[key] == version:
-                    self._busy.discard(key)
                     self._forget(key)
                 return
             except Conflict:
