@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and etcd from the Go module proxy, cached outside the
+# Build kube-apiserver, kube-proxy and etcd from the Go module proxy, cached outside the
 # repository under ${VPBLU_CACHE:-~/.cache/vpblu}/bin, keyed by version.
 # A second run with the same versions does nothing.
 set -euo pipefail
@@ -9,13 +9,18 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${VPBLU_CACHE:-$HOME/.cache/vpblu}
 bin="$cache/bin"
 mkdir -p "$bin"
-apiserver="$bin/kube-apiserver-$KUBE_VERSION"
 etcd="$bin/etcd-$ETCD_VERSION"
+# kube-apiserver for every cluster the tests run; kube-proxy in each test node,
+# so Service traffic takes the path it takes on a user's cluster.
+components=(kube-apiserver kube-proxy)
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 export GONOSUMDB=k8s.io,go.etcd.io GOSUMDB=off
 
-if [ ! -x "$apiserver" ]; then
+missing=()
+for c in "${components[@]}"; do [ -x "$bin/$c-$KUBE_VERSION" ] || missing+=("$c"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "building ${missing[*]} $KUBE_VERSION from the Go module proxy (cold: about 5-8 min on 2 cores)..."
   work=$(mktemp -d "$cache/build-kube.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   staging_minor="v0.${KUBE_VERSION#v1.}"
@@ -31,18 +36,21 @@ if [ ! -x "$apiserver" ]; then
     grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="$staging_minor" '{print "\t" $1 " => " $1 " " v}'
     echo ")"
   } > "$work/go.mod"
-  cat > "$work/tools.go" <<'GO'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GO
-  (cd "$work" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" >/dev/null \
+  {
+    echo "//go:build tools"
+    echo
+    echo "package tools"
+    echo
+    for c in "${components[@]}"; do echo "import _ \"k8s.io/kubernetes/cmd/$c\""; done
+  } > "$work/tools.go"
+  pkgs=()
+  for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+  mkdir -p "$work/out"
+  (cd "$work" && go get "k8s.io/kubernetes@$KUBE_VERSION" >/dev/null \
      && go build -trimpath -tags selinux,notest,grpcnotrace \
           -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION" \
-          -o "$apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
-  mv "$apiserver.tmp" "$apiserver"
+          -o "$work/out/" "${pkgs[@]}")
+  for c in "${missing[@]}"; do mv "$work/out/$c" "$bin/$c-$KUBE_VERSION"; echo "built $c"; done
   rm -rf "$work"; trap - EXIT
 fi
 
@@ -55,6 +63,6 @@ if [ ! -x "$etcd" ]; then
   mv "$etcd.tmp" "$etcd"
   rm -rf "$work"; trap - EXIT
 fi
-ln -sf "$apiserver" "$bin/kube-apiserver"
+for c in "${components[@]}"; do ln -sf "$bin/$c-$KUBE_VERSION" "$bin/$c"; done
 ln -sf "$etcd" "$bin/etcd"
-echo "kube-apiserver $KUBE_VERSION, etcd $ETCD_VERSION in $bin"
+echo "${components[*]} $KUBE_VERSION, etcd $ETCD_VERSION in $bin"

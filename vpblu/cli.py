@@ -22,7 +22,7 @@ import trio
 
 from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.session import SessionSettings
-from vpblu.transport import ServerTLS
+from vpblu.stream.transport import ServerTLS
 
 CONTROLLER_GC_THRESHOLDS = (50_000, 20, 100)
 
@@ -66,7 +66,7 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from vpblu.demo import DemoSettings, run_demo
+    from vpblu.lab.demo import DemoSettings, run_demo
 
     return run_demo(DemoSettings(nodes=args.nodes, duration=args.duration))
 
@@ -74,7 +74,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_controller(args: argparse.Namespace) -> int:
     import trio_asyncio
 
-    from vpblu.controller import ControllerSettings, default_identity, run_controller
+    from vpblu.actors.controller import ControllerSettings, default_identity, run_controller
 
     users = (frozenset(args.daemon_user) if args.daemon_user
              else frozenset({"system:serviceaccount:vpblu-system:vpblu-daemon"}))
@@ -189,7 +189,7 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from vpblu.node.keys import KeyFileError
     from vpblu.node.stream import StreamSettings
     from vpblu.supervisor import SupervisorEscalation
-    from vpblu.transport import ClientTLS
+    from vpblu.stream.transport import ClientTLS
 
     config = _daemon_config(args, parser)
     if args.daemon_command == "cleanup":

@@ -15,7 +15,7 @@ The rules, for everyone adding a section:
 - Dispatch with ``match``, one ``case`` per class in the union, and end with
   ``case _: typing.assert_never(message)`` so that a message added to the
   union but not handled is a type error, not a silent drop.
-- Fields use the domain's own types from ``vpblu.model`` (``Peer``,
+- Fields use the domain's own types from ``vpblu.core.model`` (``Peer``,
   ``NodeDesiredState``, ``generation``), never a dict, never ``Any``: raw API
   dicts stop at the watcher boundary. Collections are tuples or frozensets.
 - Put a validator (``attrs.field(validator=...)``) on any field where a wrong
@@ -37,9 +37,17 @@ from __future__ import annotations
 import attrs
 import trio
 
-from vpblu import wire
-from vpblu.model import Change, CidrPair, Condition, IPNetwork, NodeDesiredState, Route, network
-from vpblu.resources import LastRotation, RotationRecord, Typed
+from vpblu.core import wire
+from vpblu.core.model import (
+    Change,
+    CidrPair,
+    Condition,
+    IPNetwork,
+    NodeDesiredState,
+    Route,
+    network,
+)
+from vpblu.core.sources import LastRotation, RotationRecord, Typed
 
 # --- WatcherActor -> StateActor -----------------------------------------------------
 

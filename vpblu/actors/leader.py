@@ -25,7 +25,15 @@ import math
 import attrs
 import trio
 
-from vpblu.kube import LEASES, ApiError, ApiUnavailable, Conflict, KubeApi, NotFound, RawObject
+from vpblu.kube.client import (
+    LEASES,
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    KubeApi,
+    NotFound,
+    RawObject,
+)
 from vpblu.messages import LeaderObserved
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from vpblu import wire
+from vpblu.core import wire
 from vpblu.messages import (
     NodeAcked,
     PublicKeyReported,
@@ -44,8 +44,8 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.model import NodeDesiredState
-from vpblu.transport import StreamClosed
+from vpblu.core.model import NodeDesiredState
+from vpblu.stream.transport import StreamClosed
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ ACK_TIMEOUT = 15.0
 
 
 class SessionStream(Protocol):
-    """What a session needs of a stream (vpblu.transport.NodeStream is one)."""
+    """What a session needs of a stream (vpblu.stream.transport.NodeStream is one)."""
 
     @property
     def node_name(self) -> str: ...

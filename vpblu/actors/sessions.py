@@ -19,7 +19,7 @@ import trio
 from vpblu.actors.session import NodeSessionActor, SessionSettings
 from vpblu.messages import StateInbox, StatusInbox
 from vpblu.supervisor import ChildSpec, Restart, Supervisor
-from vpblu.transport import NodeStream
+from vpblu.stream.transport import NodeStream
 
 log = logging.getLogger(__name__)
 

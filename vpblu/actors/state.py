@@ -45,7 +45,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from vpblu import desiredstate
+from vpblu.core import desiredstate
 from vpblu.messages import (
     InvalidSource,
     KindChanged,
@@ -68,7 +68,7 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.model import (
+from vpblu.core.model import (
     BlockPolicy,
     Change,
     ClusterSnapshot,
@@ -79,7 +79,7 @@ from vpblu.model import (
     RoutePolicy,
     TunnelPolicy,
 )
-from vpblu.resources import (
+from vpblu.core.sources import (
     ROTATE_NOW_ANNOTATION,
     DaemonPodSource,
     NodeSource,
@@ -139,7 +139,7 @@ class StateActor:
         self._rotations = rotations
         self._term = term
         # Send every change as a whole PushSync instead of a PushDelta: only
-        # for `python -m vpblu.bench --compare`, which measures what deltas save.
+        # for `python -m vpblu.lab.bench --compare`, which measures what deltas save.
         self._full_pushes = full_pushes
         self._sequence = 0
         self._objects: dict[str, dict[str, Typed]] = {k: {} for k in WATCHED_KINDS}

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
-from vpblu.kube import (
+from vpblu.kube.client import (
     GROUP,
     VERSION,
     VPBLU_NODES,
@@ -46,7 +46,7 @@ from vpblu.messages import (
     RotationStatus,
     StatusInbox,
 )
-from vpblu.model import Condition
+from vpblu.core.model import Condition
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,18 @@ from collections.abc import Awaitable, Callable, Sequence
 import tenacity
 import trio
 
-from vpblu.kube import ApiError, ApiUnavailable, Gone, KubeApi, RawObject, ResourceKind, WatchEvent
+from vpblu.kube.client import (
+    ApiError,
+    ApiUnavailable,
+    Gone,
+    KubeApi,
+    RawObject,
+    ResourceKind,
+    WatchEvent,
+)
 from vpblu.messages import InvalidSource, KindChanged, KindListed, WatchMessage
-from vpblu.resources import InvalidObject, Typed, meta_of
+from vpblu.core.sources import InvalidObject, Typed
+from vpblu.kube.resources import meta_of
 
 log = logging.getLogger(__name__)
 

@@ -46,10 +46,10 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from vpblu.model import WG_KEY_LEN
+from vpblu.core.model import WG_KEY_LEN
 
 if TYPE_CHECKING:
-    from vpblu.node.wireguard import WireGuardBackend
+    from vpblu.node.kernel.wireguard import WireGuardBackend
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,6 @@ class _Secret:
 
     def __repr__(self) -> str:
         return "<_Secret redacted>"
-
-
-def public_key_of(private: bytes) -> str:
-    """The base64 public key that belongs to a raw private key."""
-    return _Secret(private).public_key()
 
 
 class KeyStore:
@@ -259,7 +254,7 @@ class KeyStore:
 
     async def install(self, backend: WireGuardBackend, interface: str) -> None:
         """Write the private key into `interface`: the only way it leaves here."""
-        from vpblu.node.wireguard import DeviceUpdate
+        from vpblu.node.kernel.wireguard import DeviceUpdate
 
         await backend.write(interface, DeviceUpdate(private_key=self._active.bytes()))
 

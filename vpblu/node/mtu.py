@@ -31,7 +31,7 @@ import trio
 
 from vpblu.messages import CheckMtu, MtuInbox, MtuStatus
 from vpblu.node.config import DaemonConfig
-from vpblu.node.nsexec import command_prefix, run_in_netns
+from vpblu.node.kernel.nsexec import command_prefix, run_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -172,85 +172,3 @@ class MtuActor:
                 await self._kernel.delete_clamp(line)
 
 
-class IptablesMtuKernel:
-    """`MtuKernel` over pyroute2 (links) and the iptables command (mangle), in `netns`."""
-
-    def __init__(self, *, netns: str | None = None) -> None:
-        self._netns = netns
-        self.writes = 0
-
-    async def _ipr(self, fn: Any) -> Any:
-        def run() -> Any:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                return fn(ipr)
-
-        return await run_in_netns(self._netns, run)
-
-    async def underlay(self, configured: str | None) -> tuple[str, int]:
-        def find(ipr: Any) -> tuple[str, int]:
-            if configured is not None:
-                index = ipr.link_lookup(ifname=configured)
-                if not index:
-                    raise OSError(f"underlay interface {configured} does not exist")
-            else:
-                defaults = [
-                    r
-                    for r in ipr.get_routes(family=socket.AF_INET, table=254)
-                    if r["dst_len"] == 0 and r.get_attr("RTA_OIF")
-                ]
-                if not defaults:
-                    raise OSError("no default route: set underlay_interface")
-                index = [defaults[0].get_attr("RTA_OIF")]
-            link = ipr.get_links(index[0])[0]
-            return str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU"))
-
-        result: tuple[str, int] = await self._ipr(find)
-        return result
-
-    async def link_mtu(self, interface: str) -> int | None:
-        def mtu(ipr: Any) -> int | None:
-            index = ipr.link_lookup(ifname=interface)
-            if not index:
-                return None
-            return int(ipr.get_links(index[0])[0].get_attr("IFLA_MTU"))
-
-        result: int | None = await self._ipr(mtu)
-        return result
-
-    async def set_link_mtu(self, interface: str, mtu: int) -> None:
-        self.writes += 1
-        await self._ipr(
-            lambda ipr: ipr.link("set", index=ipr.link_lookup(ifname=interface)[0], mtu=mtu)
-        )
-
-    async def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        cmd = [
-            *command_prefix(self._netns),
-            "iptables",
-            "-w",
-            IPTABLES_LOCK_WAIT,
-            "-t",
-            "mangle",
-            *args,
-        ]
-        result = await trio.run_process(cmd, check=False, capture_stdout=True, capture_stderr=True)
-        if check and result.returncode != 0:
-            raise OSError(f"{shlex.join(cmd)}: {result.stderr.decode(errors='replace').strip()}")
-        return result
-
-    async def clamp_rules(self) -> tuple[tuple[ClampRule, str], ...]:
-        result = await self._iptables("-S", MANGLE_CHAIN)
-        return parse_clamp_rules(result.stdout.decode())
-
-    async def ensure_clamp(self, rule: ClampRule) -> None:
-        if (await self._iptables("-C", *rule.spec(), check=False)).returncode == 0:
-            return
-        self.writes += 1
-        await self._iptables("-A", *rule.spec())
-
-    async def delete_clamp(self, line: str) -> None:
-        self.writes += 1
-        tokens = shlex.split(line)
-        await self._iptables("-D", *tokens[1:])

@@ -7,7 +7,7 @@ WireGuard interface, the moves of mesh-table routes between the primary interfac
 rotating node's peer entry on each peer, and the rollbacks. It reaches WireGuard and the
 routing table only through the `WireGuardBackend` and `MeshRoutes` seams, so it runs
 unchanged on kernel WireGuard (netlink) and on wireguard-go (UAPI): the daemon's own
-`vpblu.node.wireguard` backends, whose `PeerConfig.latest_handshake` tells a fresh
+`vpblu.node.kernel.wireguard` backends, whose `PeerConfig.latest_handshake` tells a fresh
 handshake from an old one. It never decides
 *when* a phase runs (the controller's RotationActor does), never generates, stores or logs
 a private key (the KeyStore hands it the bytes and zeroizes them), and never writes
@@ -125,14 +125,9 @@ from typing import Protocol
 import attrs
 import trio
 
-from vpblu.model import Endpoint, IPNetwork
-from vpblu.node.keys import public_key_of
-from vpblu.node.wireguard import (
-    DeviceUpdate,
-    PeerConfig,
-    PeerUpdate,
-    WireGuardBackend,
-)
+from vpblu.core.model import Endpoint, IPNetwork
+from vpblu.node.kernel.wireguard import public_key_of
+from vpblu.node.kernel.wireguard import DeviceUpdate, PeerConfig, PeerUpdate, WireGuardBackend
 
 DEFAULT_BRIDGE_SUFFIX = "-rot"
 # A handshake takes one round trip; 12 s also covers one REKEY_TIMEOUT (5 s) retry when the

@@ -34,11 +34,11 @@ from typing import Protocol
 import attrs
 import trio
 
-from vpblu import desiredstate, wire
+from vpblu.core import desiredstate, wire
 from vpblu.messages import RotationStepDone
-from vpblu.model import NodeDesiredState
+from vpblu.core.model import NodeDesiredState
 from vpblu.supervisor import Backoff
-from vpblu.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
+from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ class Authenticator(Protocol):
 
 
 class TokenReviewer(Protocol):
-    """The one call this needs from `vpblu.kube.KubeApi`."""
+    """The one call this needs from `vpblu.kube.client.KubeApi`."""
 
     async def token_review(self, token: str, audiences: Sequence[str]) -> dict[str, Any]: ...
 

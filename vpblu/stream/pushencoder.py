@@ -2,7 +2,7 @@
 
 Owns `PushEncoder`: it turns the controller's `wire.ControllerMessage`s into
 the bytes of a serialized `pb.ControllerMessage`, equal byte for byte to
-what `vpblu.codec.encode_controller_message(m).SerializeToString()` gives,
+what `vpblu.stream.codec.encode_controller_message(m).SerializeToString()` gives,
 without building the message tree. The point is the Peer: one immutable
 `Peer` object (desiredstate keeps unchanged peers as the very same object)
 sits in up to N-1 nodes' states, so it is serialized once, cached by
@@ -21,7 +21,7 @@ Peer new) it takes 0.6-2x the plain codec's time, paid once per Peer
 object. One PeerAdded(+RouteAdded) Delta encoded for each of 1000
 sessions: 2-4x faster (4 ms instead of 16 ms in a quieter run).
 
-Decoding is untouched (the daemon uses `vpblu.codec`). It must never be used
+Decoding is untouched (the daemon uses `vpblu.stream.codec`). It must never be used
 for anything a daemon sends, and never hold a Peer alive: the cache keeps
 weak references only and forgets a Peer when it is collected.
 """
@@ -32,8 +32,9 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from vpblu import codec, wire
-from vpblu.model import (
+from vpblu.stream import codec
+from vpblu.core import wire
+from vpblu.core.model import (
     BlockAdded,
     BlockRemoved,
     CidrPair,

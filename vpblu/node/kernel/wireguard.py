@@ -25,10 +25,10 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from vpblu.model import Endpoint, IPNetwork, Peer, network
+from vpblu.core.model import Endpoint, IPNetwork, Peer, network
 from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import public_key_of
-from vpblu.node.nsexec import command_prefix, run_in_netns
+from vpblu.node.kernel.wireguard import public_key_of
+from vpblu.node.kernel.nsexec import command_prefix, run_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -648,3 +648,8 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
     if choice == "userspace":
         return UserspaceBackend(netns=netns)
     raise ValueError(f"wireguard_backend must be auto, kernel or userspace, not {choice!r}")
+
+
+def public_key_of(private: bytes) -> str:
+    """The base64 public key that belongs to a raw private key."""
+    return _Secret(private).public_key()

@@ -71,8 +71,8 @@ from typing import Any
 import attrs
 import yaml
 
-from vpblu.pki import CertAuthority, write_private
-from vpblu.testenv import ChildProcess, TestEnv, install_base, spawn_child
+from vpblu.lab.pki import CertAuthority, write_private
+from vpblu.lab.testenv import ChildProcess, TestEnv, install_base, spawn_child
 
 log = logging.getLogger(__name__)
 

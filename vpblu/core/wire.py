@@ -3,7 +3,7 @@
 Owns the typed values of DESIGN §5: the daemon's `NodeMessage`s (Hello, Ack,
 Heartbeat, RotationResult) and the controller's `ControllerMessage`s (SyncState,
 Delta, Redirect, Refused, RotationStep). They are what the session and stream actors exchange with
-`vpblu.transport`; `vpblu.codec` turns them into protobuf and back. Nothing
+`vpblu.stream.transport`; `vpblu.stream.codec` turns them into protobuf and back. Nothing
 here does I/O or knows about gRPC.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from vpblu.model import Change, NodeDesiredState, check_public_key
+from vpblu.core.model import Change, NodeDesiredState, check_public_key
 
 MAX_GENERATION = 2**64 - 1  # the proto field is uint64
 

@@ -4,7 +4,7 @@ Owns, for the lifetime of one `TestEnv`: a temporary directory (certificates,
 keys, the kubeconfig, etcd's data, the logs), the etcd and kube-apiserver child
 processes on free 127.0.0.1 ports, and their shutdown. Used by the integration
 and e2e tests (a session-scoped pytest fixture) and by a human
-(`python -m vpblu.testenv up`).
+(`python -m vpblu.lab.testenv up`).
 
 It must never leave anything behind: every exit path (a normal exit, an
 exception in the with-block, Ctrl-C) stops the API server, then etcd (SIGTERM,
@@ -46,7 +46,7 @@ import attrs
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from vpblu.pki import CertAuthority, write_private
+from vpblu.lab.pki import CertAuthority, write_private
 
 DIR_PREFIX = "vpblu-testenv-"
 OWNER_FILE = "owner.pid"
@@ -182,7 +182,7 @@ def spawn_child(spawner: ThreadPoolExecutor, name: str, argv: list[str], log_pat
     """Start `argv` from `spawner` (a one-thread pool that lives as long as its
     owner: see _die_with_parent), logging to `log_path`, in a session of its
     own so a terminal's Ctrl-C reaches only the owner, which stops its
-    children in order. Used by TestEnv and vpblu.localcluster."""
+    children in order. Used by TestEnv and vpblu.lab.localcluster."""
     log = log_path.open("ab")
     preexec = _die_with_parent()
 
@@ -240,7 +240,7 @@ class ChildProcess:
     """One child process with its log file; stopped with TERM, then KILL.
 
     Shared by the test API server's etcd and kube-apiserver and by
-    vpblu.localcluster's controllers and daemons."""
+    vpblu.lab.localcluster's controllers and daemons."""
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path,
                  log: IO[bytes]) -> None:
@@ -634,7 +634,7 @@ def _up() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args != ["up"]:
-        print("usage: python -m vpblu.testenv up", file=sys.stderr)
+        print("usage: python -m vpblu.lab.testenv up", file=sys.stderr)
         return 2
     return _up()
 

@@ -2,8 +2,8 @@
 
 Owns the Mesh gRPC service on the controller (`MeshServer`) and the daemon's
 end of it (`open_mesh_stream`), TLS on both, and the check that a stream
-speaks for the node its token proves (`vpblu.identity`). Above this module
-everything is plain trio and typed `vpblu.wire` values; below it, grpclib
+speaks for the node its token proves (`vpblu.stream.identity`). Above this module
+everything is plain trio and typed `vpblu.core.wire` values; below it, grpclib
 runs on asyncio under trio-asyncio.
 
 Shape of one stream: grpclib's per-message loops stay on the asyncio side.
@@ -59,12 +59,13 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from vpblu import codec, wire
-from vpblu.codec import ProtocolViolation
-from vpblu.identity import AuthenticationFailed, Authenticator, Identity
-from vpblu.proto import mesh_grpc
-from vpblu.proto import mesh_pb2 as pb
-from vpblu.pushencoder import PushEncoder
+from vpblu.stream import codec
+from vpblu.core import wire
+from vpblu.stream.codec import ProtocolViolation
+from vpblu.stream.identity import AuthenticationFailed, Authenticator, Identity
+from vpblu.stream.proto import mesh_grpc
+from vpblu.stream.proto import mesh_pb2 as pb
+from vpblu.stream.pushencoder import PushEncoder
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`vpblu demo`: a 3-node encrypted mesh on this machine, shown converging and carrying traffic.
 
 Owns the story told on the terminal, nothing else: the cluster itself is
-`vpblu.localcluster`, which also removes everything when the demo ends
+`vpblu.lab.localcluster`, which also removes everything when the demo ends
 (Ctrl-C, an error, or `--duration` elapsed). It must never leave a process,
 namespace or interface behind, and never print a private key (only public keys,
 shortened).
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import attrs
 
-from vpblu.localcluster import (
+from vpblu.lab.localcluster import (
     KUSTOMIZE_SAMPLES,
     WG_PORT,
     ClusterSettings,

@@ -1,8 +1,8 @@
-"""`python -m vpblu.bench`: how fast the mesh converges, measured on the real thing.
+"""`python -m vpblu.lab.bench`: how fast the mesh converges, measured on the real thing.
 
-Owns the benchmark: a real kube-apiserver (vpblu.testenv), the real
+Owns the benchmark: a real kube-apiserver (vpblu.lab.testenv), the real
 controller as its own process (so its CPU time and peak RSS are its own), and
-N simulated daemons (vpblu.sim: the real daemon stream over real TLS gRPC,
+N simulated daemons (vpblu.lab.sim: the real daemon stream over real TLS gRPC,
 with a recording kernel) in this process. Each scenario is timed from the
 API write that triggers it to the moment the last affected daemon has applied
 (and so acknowledged) the resulting state:
@@ -55,11 +55,11 @@ import trio
 import trio_asyncio
 
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
-from vpblu.resources import ROTATE_NOW_ANNOTATION
-from vpblu.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
-from vpblu.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
+from vpblu.core.sources import ROTATE_NOW_ANNOTATION
+from vpblu.lab.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
+from vpblu.lab.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
 
-log = logging.getLogger("vpblu.bench")
+log = logging.getLogger("vpblu.lab.bench")
 
 SCENARIOS = ("formation", "join", "leave", "block", "route", "rotation")
 DEFAULT_SIZES = (10, 100, 1000)
@@ -136,7 +136,7 @@ def _percentile(sorted_values: Sequence[float], p: float) -> float:
 class ControllerProcess:
     """`python -m vpblu controller` as a child process, measured through /proc.
 
-    Started like the test API server (vpblu.testenv.spawn_child): it dies with
+    Started like the test API server (vpblu.lab.testenv.spawn_child): it dies with
     the benchmark even when the benchmark is SIGKILLed."""
 
     def __init__(self, spawner: ThreadPoolExecutor, env: TestEnv, pki: MeshPki, port: int, *,
@@ -622,7 +622,7 @@ def _dump_tasks(_signo: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpblu.bench", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m vpblu.lab.bench", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                         type=lambda s: tuple(int(x) for x in s.split(",")),

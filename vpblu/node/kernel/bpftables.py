@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from vpblu.model import CidrPair, IPNetwork, Route
+from vpblu.core.model import CidrPair, IPNetwork, Route
 
 BLOCK_WORDS = 2
 BLOCK_RULE_LIMIT = 64 * BLOCK_WORDS

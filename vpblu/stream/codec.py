@@ -1,6 +1,6 @@
 """Conversion between the warm stream's typed values and their protobuf form.
 
-Owns the mapping of `vpblu.wire` and `vpblu.model` values onto
+Owns the mapping of `vpblu.core.wire` and `vpblu.core.model` values onto
 `vpblu/proto/mesh.proto`, both ways. Decoding validates everything the model
 validates (keys, CIDRs with host bits zero, ports, generations, names), so a
 malformed message from the wire stops here as one `ProtocolViolation` naming
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from vpblu import wire
-from vpblu.model import (
+from vpblu.core import wire
+from vpblu.core.model import (
     BlockAdded,
     BlockRemoved,
     Change,
@@ -31,7 +31,7 @@ from vpblu.model import (
     RouteAdded,
     RouteRemoved,
 )
-from vpblu.proto import mesh_pb2 as pb
+from vpblu.stream.proto import mesh_pb2 as pb
 
 MAX_NAME_LEN = 253
 # Decoded values are frozen, so equal wire values can share one object. A

@@ -32,13 +32,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from vpblu import desiredstate, wire
+from vpblu.core import desiredstate, wire
 from vpblu.messages import RotationStepDone
-from vpblu.model import NodeDesiredState, Peer, PeerRemoved
+from vpblu.core.model import NodeDesiredState, Peer, PeerRemoved
 from vpblu.node.stream import StreamActor, StreamSettings
-from vpblu.pki import CertAuthority, write_private
-from vpblu.testenv import TestEnv
-from vpblu.transport import ClientTLS, ServerTLS
+from vpblu.lab.pki import CertAuthority, write_private
+from vpblu.lab.testenv import TestEnv
+from vpblu.stream.transport import ClientTLS, ServerTLS
 
 log = logging.getLogger(__name__)
 

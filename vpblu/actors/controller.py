@@ -1,0 +1,118 @@
+"""The controller process: its actor tree, assembled.
+
+Owns the wiring, nothing else: which actors run, under which supervisor,
+connected by which channels. The tree:
+
+    controller (one_for_one)
+      mesh-server       gRPC Mesh service (TLS); follower mode redirects
+      leader            LeaderActor on the Lease
+      leadership        starts/stops the leader subtree on LeaderObserved
+        leader-work (one_for_all, only while this replica leads)
+          status        StatusActor
+          state         StateActor (its term stamps every generation)
+          watch-<Kind>  one WatcherActor per kind
+          sessions      SessionsActor -> one NodeSessionActor per daemon
+          rotations     RotationsActor -> one RotationActor per node (key rotation)
+
+The leader subtree is one_for_all because its actors share one view: if the
+StateActor restarts, its view is empty and every watcher must list again to
+refill it, exactly as a new leader does. Losing the Lease cancels the whole
+subtree at once; streams are closed, and daemons reconnect to whoever leads,
+keeping their mesh meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import attrs
+import trio
+import trio_asyncio
+
+from vpblu.kube import client as k
+from vpblu.kube import resources
+from vpblu.actors.leader import LeaderActor, LeaseSettings
+from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
+from vpblu.actors.rotation import RotationSettings
+from vpblu.actors.session import SessionSettings
+from vpblu.actors.sessions import SessionsActor
+from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
+from vpblu.actors.state import StateActor
+from vpblu.actors.status import StatusActor
+from vpblu.actors.watcher import Parser, WatcherActor
+from vpblu.stream.identity import TokenReviewAuthenticator
+from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
+from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
+from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
+
+log = logging.getLogger(__name__)
+
+NEW_STREAMS = 64
+
+
+def default_identity() -> str:
+    """Unique per process start, so every new leader is a Lease transition."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+@attrs.frozen(slots=True)
+class ControllerSettings:
+    kubeconfig: Path | None
+    listen: str
+    advertise: str  # the address daemons reach this replica at (redirects point here)
+    tls: ServerTLS
+    identity: str = attrs.field(factory=default_identity)
+    lease: LeaseSettings = attrs.field(factory=LeaseSettings)
+    session: SessionSettings = attrs.field(factory=SessionSettings)
+    # Who may speak for a node: the daemon's ServiceAccount. None accepts any
+    # authenticated token carrying a node name (tests only).
+    daemon_users: frozenset[str] | None = frozenset(
+        {"system:serviceaccount:vpblu-system:vpblu-daemon"})
+    # Push whole states instead of deltas (the benchmark's --compare baseline).
+    full_pushes: bool = False
+
+
+async def run_controller(
+    settings: ControllerSettings,
+    *,
+    task_status: trio.TaskStatus[Leadership] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one controller replica until cancelled. Needs a trio-asyncio loop.
+
+    `task_status.started` hands back this replica's `Leadership` view (for
+    tests, the demo and the bench)."""
+    host, port = split_address(settings.listen)
+    # The Lease gets a client (a connection pool) of its own, as client-go
+    # advises: a burst of TokenReviews from a thousand reconnecting daemons
+    # must never queue the renewal behind it and cost the lead.
+    async with (k.open_kube_client(settings.kubeconfig) as kube,
+                k.open_kube_client(settings.kubeconfig) as lease_kube):
+        observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
+        streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
+        authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
+        server = MeshServer(host=host, port=port, tls=settings.tls,
+                            authenticator=authenticator, new_streams=streams_send)
+        view = Leadership()
+        root = Supervisor("controller", [
+            ChildSpec("mesh-server", lambda: server.run),
+            ChildSpec("leadership", with_inbox_clone(
+                lambda observed: LeadershipActor(
+                    kube, server, observed, streams_receive.clone(), settings, view),
+                observed_receive)),
+            ChildSpec("leader", lambda: LeaderActor(
+                lease_kube, settings.identity, settings.advertise, observed_send.clone(),
+                settings.lease).run),
+        ])
+        async with (streams_send, streams_receive, observed_send, observed_receive,
+                    trio.open_nursery() as nursery):
+            await nursery.start(root.run)
+            task_status.started(view)
+
+
+async def main_async(settings: ControllerSettings) -> None:
+    async with trio_asyncio.open_loop():
+        await run_controller(settings)

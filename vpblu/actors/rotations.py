@@ -1,0 +1,122 @@
+"""RotationsActor: one RotationActor per node, started and stopped as nodes
+come and go, and the leader's `RotationPorts` that connect them to the
+StatusActor and the StateActor.
+"""
+
+from __future__ import annotations
+import contextlib
+import datetime
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Protocol
+import attrs
+import trio
+from croniter import croniter
+from vpblu.core import wire
+from vpblu.messages import (
+    NodeRotationView,
+    PeersWanted,
+    RotationInbox,
+    RotationResultReceived,
+    RotationsInbox,
+    RotationStatus,
+    RotationViews,
+    SendRotationStep,
+    StateInbox,
+    StatusInbox,
+)
+from vpblu.core.sources import LastRotation, RotationPhase, RotationRecord
+
+
+class LeaderRotationPorts:
+    """`RotationPorts` on the leader: status through the StatusActor, steps through
+    the StateActor (which holds the sessions)."""
+
+    def __init__(self, status: trio.MemorySendChannel[StatusInbox],
+                 state: trio.MemorySendChannel[StateInbox]) -> None:
+        self._status = status
+        self._state = state
+
+    async def persist(self, node: str, record: RotationRecord | None, *,
+                      public_key: str | None = None, last: LastRotation | None = None) -> None:
+        message = RotationStatus(node, record, public_key, last)
+        await self._status.send(message)
+        await message.written.wait()
+
+    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+        await self._state.send(SendRotationStep(node, step))
+
+    async def peers_of(self, node: str) -> tuple[str, ...]:
+        reply, answer = trio.open_memory_channel[tuple[str, ...]](1)
+        await self._state.send(PeersWanted(node, reply))
+        # A StateActor that restarts drops the question: do not wait forever.
+        with trio.move_on_after(PEERS_TIMEOUT):
+            async with answer:
+                return await answer.receive()
+        raise PeersUnknown(f"no answer in {PEERS_TIMEOUT:.0f}s to who peers with {node}")
+
+    def wall_clock(self) -> float:
+        return time.time()
+
+
+class RotationsActor:
+    """Starts one RotationActor per node and stops it when the node goes; routes
+    daemons' RotationResults to the rotating node's actor. Holds the RotationToken."""
+
+    def __init__(self, ports: RotationPorts, inbox: trio.MemoryReceiveChannel[RotationsInbox],
+                 settings: RotationSettings = RotationSettings()) -> None:
+        self._ports = ports
+        self._inbox = inbox
+        self._settings = settings
+        self._token = RotationToken()
+        self._actors: dict[str, tuple[trio.CancelScope,
+                                      trio.MemorySendChannel[RotationInbox]]] = {}
+        self._forwarded: dict[str, NodeRotationView] = {}
+
+    @property
+    def nodes(self) -> frozenset[str]:
+        return frozenset(self._actors)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._inbox, trio.open_nursery() as nursery:
+            task_status.started()
+            async for message in self._inbox:
+                match message:
+                    case RotationViews(nodes=views):
+                        await self._update(nursery, views)
+                    case RotationResultReceived(result=result):
+                        actor = self._actors.get(result.rotating_node)
+                        if actor is not None:
+                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                                actor[1].send_nowait(message)
+            nursery.cancel_scope.cancel()
+
+    async def _update(self, nursery: trio.Nursery, views: tuple[NodeRotationView, ...]) -> None:
+        wanted = {v.node: v for v in views}
+        for gone in set(self._actors) - set(wanted):
+            scope, mailbox = self._actors.pop(gone)
+            self._forwarded.pop(gone, None)
+            scope.cancel()
+            await mailbox.aclose()
+        for node, view in wanted.items():
+            if node not in self._actors:
+                self._actors[node] = await nursery.start(self._run_actor, node)
+            elif self._forwarded.get(node) == view:
+                continue  # only a changed view wakes the node's actor
+            try:
+                self._actors[node][1].send_nowait(view)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self._forwarded.pop(node, None)  # offered again with the next views
+            else:
+                self._forwarded[node] = view
+
+    async def _run_actor(self, node: str, *, task_status: trio.TaskStatus[
+            tuple[trio.CancelScope, trio.MemorySendChannel[RotationInbox]]]
+            = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[RotationInbox](ROTATION_MAILBOX)
+        with trio.CancelScope() as scope:
+            actor = RotationActor(node, self._ports, self._token, receive, self._settings)
+            task_status.started((scope, send))
+            await actor.run()

@@ -1,0 +1,161 @@
+"""(split from vpblu.node.daemon)"""
+
+from __future__ import annotations
+import logging
+from typing import Protocol
+import attrs
+import trio
+from vpblu.core import wire
+from vpblu.messages import (
+    Applied,
+    ApplyDataPath,
+    ApplyDesiredState,
+    ApplyOutcome,
+    BpfMapInbox,
+    DataPathApplied,
+    MtuInbox,
+    NetlinkInbox,
+    RotationStepDone,
+    RunRotationStep,
+)
+from vpblu.core.model import NodeDesiredState, Route
+from vpblu.node.bpfmaps import BpfMapActor
+from vpblu.node.config import DaemonConfig
+from vpblu.node.keys import KEY_FILE_NAME, KeyStore
+from vpblu.node.kernel.iptables import IptablesMtuKernel
+from vpblu.node.mtu import MtuActor
+from vpblu.node.kernel.iproute import IPRouteKernel
+from vpblu.node.netlink import NetlinkActor, remove_mesh
+from vpblu.node.stream import StreamActor, StreamSettings
+from vpblu.node.kernel.wireguard import (
+    KernelBackend,
+    UserspaceBackend,
+    WireGuardBackend,
+    select_backend,
+)
+from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
+
+
+class _Writes(Protocol):
+    @property
+    def writes(self) -> int: ...
+
+
+class WriteCounted(Protocol):
+    """A kernel adapter that counts its writes (IPRouteKernel, a WireGuardBackend)."""
+
+    def statistics(self) -> _Writes: ...
+
+
+@attrs.frozen(slots=True)
+class ApplierStatistics:
+    applies: int
+    netlink_writes: int  # routes, rules, links, sysctls
+    wireguard_writes: int  # UAPI / generic netlink writes
+    map_writes: int  # eBPF map entries set or deleted
+    last_apply_seconds: float | None
+
+
+class ApplyError(Exception):
+    """A kernel actor refused or failed its part of an apply."""
+
+
+class KernelApplier:
+    """`vpblu.node.stream.Applier` over the NetlinkActor and the BpfMapActor, and
+    `vpblu.node.stream.Rotator` over the NetlinkActor."""
+
+    def __init__(
+        self,
+        netlink: trio.MemorySendChannel[NetlinkInbox],
+        datapath: trio.MemorySendChannel[BpfMapInbox],
+        *,
+        routes_counter: WriteCounted,
+        wireguard_counter: WriteCounted,
+        step_timeout: float = APPLY_STEP_TIMEOUT,
+    ) -> None:
+        self._netlink = netlink
+        self._datapath = datapath
+        self._routes_counter = routes_counter
+        self._wireguard_counter = wireguard_counter
+        self._step_timeout = step_timeout
+        # The routes the classifier was last told to mark.
+        self._marked_routes: tuple[Route, ...] = ()
+        self._applies = 0
+        self._map_writes = 0
+        self._last_apply: float | None = None
+
+    def statistics(self) -> ApplierStatistics:
+        return ApplierStatistics(
+            self._applies,
+            self._routes_counter.statistics().writes,
+            self._wireguard_counter.statistics().writes,
+            self._map_writes,
+            self._last_apply,
+        )
+
+    async def apply(self, state: NodeDesiredState) -> None:
+        started = trio.current_time()
+        before = self.statistics()
+        wanted = {r.cidr for r in state.routes}
+        still_marked = tuple(r for r in self._marked_routes if r.cidr not in wanted)
+        widened = attrs.evolve(state, routes=state.routes + still_marked)
+        first = await self._apply_netlink(widened)
+        datapath = await self._apply_datapath(state)
+        self._marked_routes = state.routes
+        last = await self._apply_netlink(state) if still_marked else Applied()
+        elapsed = trio.current_time() - started
+        self._applies += 1
+        self._map_writes += datapath.written + datapath.deleted
+        self._last_apply = elapsed
+        after = self.statistics()
+        log.info(
+            "apply done in %.1f ms: %d peers, %d routes, %d blocks; writes netlink=%d "
+            "wireguard=%d maps=%d; since start netlink=%d wireguard=%d; "
+            "peers +%d ~%d -%d, routes +%d -%d",
+            elapsed * 1000,
+            len(state.peers),
+            len(state.routes),
+            len(state.blocks),
+            after.netlink_writes - before.netlink_writes,
+            after.wireguard_writes - before.wireguard_writes,
+            after.map_writes - before.map_writes,
+            after.netlink_writes,
+            after.wireguard_writes,
+            len(first.peers_added),
+            len(first.peers_changed),
+            len(first.peers_removed),
+            len(first.routes_added),
+            len(last.routes_removed),
+        )
+
+    async def rotate(self, step: wire.RotationStep) -> RotationStepDone:
+        send, receive = trio.open_memory_channel[RotationStepDone](1)
+        async with send, receive:
+            with trio.move_on_after(ROTATION_STEP_WAIT) as scope:
+                await self._netlink.send(RunRotationStep(step, send))
+                done = await receive.receive()
+        if scope.cancelled_caught:
+            return RotationStepDone(f"no answer from the netlink actor in {ROTATION_STEP_WAIT}s")
+        return done
+
+    async def _apply_netlink(self, state: NodeDesiredState) -> Applied:
+        send, receive = trio.open_memory_channel[ApplyOutcome](1)
+        async with send, receive:
+            with trio.fail_after(self._step_timeout):
+                await self._netlink.send(ApplyDesiredState(state, send))
+                outcome = await receive.receive()
+        match outcome:
+            case Applied():
+                return outcome
+            case _:
+                raise ApplyError(f"netlink: {outcome.error}")
+
+    async def _apply_datapath(self, state: NodeDesiredState) -> DataPathApplied:
+        send, receive = trio.open_memory_channel[DataPathApplied](1)
+        async with send, receive:
+            with trio.fail_after(self._step_timeout):
+                await self._datapath.send(ApplyDataPath(state.routes, state.blocks, reply=send))
+                result = await receive.receive()
+        if result.refused is not None:
+            raise ApplyError(f"eBPF maps: {result.refused}")
+        return result

@@ -1,0 +1,286 @@
+"""The kernel side of the classifier: the bcc-compiled program and its pinned
+maps (`ClassifierMaps`), and the pod veths it is attached to through tc
+(`PodLinkControl`), watched over rtnetlink.
+
+Only the BpfMapActor calls these adapters; they keep no policy.
+"""
+
+from __future__ import annotations
+import ctypes
+import errno
+import fnmatch
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+import attrs
+import trio
+from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
+from vpblu.core.model import CidrPair, IPNetwork
+from vpblu.node import bpftables
+from vpblu.node.bpftables import (
+    BLOCK_WORDS,
+    ClassifierConfig,
+    ClassifierTables,
+    DestKind,
+    TableDiff,
+    TooManyBlockRules,
+)
+from vpblu.node.config import DaemonConfig
+
+
+class NetlinkPodLinks:
+    """PodLinkControl over pyroute2 in one network namespace (None: the current one).
+
+    pyroute2's sync IPRoute cannot be created on the trio thread once
+    trio_asyncio is imported (STACK.md), so every call runs in a worker thread,
+    one at a time. Link changes come from a plain rtnetlink socket subscribed to
+    RTMGRP_LINK and read by trio; its messages are only a trigger to relist
+    (level-triggered), so they are never parsed.
+    """
+
+    def __init__(self, netns: str | None, glob: str) -> None:
+        self._netns = netns
+        self._glob = glob
+        self._ipr: Any = None
+        self._events: trio.socket.SocketType | None = None
+        self._raw_events: socket.socket | None = None
+        self._lock = trio.Lock()
+
+    async def open(self) -> None:
+        from pyroute2 import IPRoute, netns
+
+        def make() -> tuple[Any, socket.socket]:
+            if self._netns is None:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+                ipr = IPRoute()
+            else:
+                sock = netns.create_socket(
+                    self._netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE
+                )
+                ipr = IPRoute(netns=self._netns)
+            sock.bind((0, RTMGRP_LINK))
+            return ipr, sock
+
+        self._ipr, sock = await trio.to_thread.run_sync(make)
+        self._raw_events = sock
+        self._events = trio.socket.from_stdlib_socket(sock)
+
+    async def aclose(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = self._raw_events = None
+        if self._ipr is not None:
+            ipr, self._ipr = self._ipr, None
+            async with self._lock:
+                await trio.to_thread.run_sync(ipr.close)
+
+    async def _call(self, fn: Any) -> Any:
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn)
+
+    async def pod_links(self) -> list[PodLink]:
+        def list_links() -> list[PodLink]:
+            return [
+                PodLink(msg["index"], msg.get("ifname"))
+                for msg in self._ipr.get_links()
+                if fnmatch.fnmatchcase(msg.get("ifname") or "", self._glob)
+            ]
+
+        result: list[PodLink] = await self._call(list_links)
+        return result
+
+    async def attach(self, link: PodLink, prog_fd: int) -> bool:
+        from pyroute2 import NetlinkError
+
+        def attach() -> bool:
+            try:
+                self._ipr.tc("add", "clsact", link.index)
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return False  # a pod deleted between the listing and now
+                if exc.code != errno.EEXIST:
+                    raise
+            try:
+                self._tc_replace(link, prog_fd)
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    return False
+                raise
+            return True
+
+        result: bool = await self._call(attach)
+        return result
+
+    def _tc_replace(self, link: PodLink, prog_fd: int) -> None:
+        self._ipr.tc(
+            "replace-filter",
+            "bpf",
+            link.index,
+            handle=FILTER_HANDLE,
+            parent=TC_INGRESS_PARENT,
+            prio=FILTER_PRIO,
+            protocol=ETH_P_ALL,
+            fd=prog_fd,
+            name=FILTER_NAME,
+            direct_action=True,
+        )
+
+    async def detach(self, link: PodLink) -> None:
+        """Remove our filter, and the clsact qdisc once no filter at all is left on it:
+        a clsact that still carries someone else's filter is not ours to remove."""
+        from pyroute2 import NetlinkError
+
+        def detach() -> None:
+            try:
+                self._ipr.tc(
+                    "del-filter",
+                    "bpf",
+                    link.index,
+                    handle=FILTER_HANDLE,
+                    parent=TC_INGRESS_PARENT,
+                    prio=FILTER_PRIO,
+                    protocol=ETH_P_ALL,
+                )
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                    raise
+            try:
+                left = [
+                    f
+                    for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)
+                    for f in self._ipr.get_filters(index=link.index, parent=parent)
+                    if f.get("kind")
+                ]
+                if not left:
+                    self._ipr.tc("del", "clsact", link.index)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                    raise
+
+        await self._call(detach)
+
+    async def wait_link_change(self) -> None:
+        assert self._events is not None, "open() first"
+        try:
+            await self._events.recv(NETLINK_RECV_SIZE)
+        except OSError as exc:
+            # ENOBUFS: the kernel dropped events for us. Nothing is lost that
+            # matters, since the caller relists everything on return.
+            if exc.errno != errno.ENOBUFS:
+                raise
+        # Drain what else queued up (one relist answers them all), bounded so a
+        # flood of link events cannot keep this from yielding.
+        assert self._raw_events is not None
+        for _ in range(MAX_DRAINED_EVENTS):
+            try:
+                self._raw_events.recv(NETLINK_RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+
+
+def _prefix_key(table: Any, net: IPNetwork) -> Any:
+    key = table.Key()
+    key.prefixlen = 8 + net.prefixlen
+    key.family = _FAMILY_BYTE[net.version]
+    key.addr = (ctypes.c_ubyte * 16)(*net.network_address.packed.ljust(16, b"\0"))
+    return key
+
+
+def _key_prefix(key: Any) -> IPNetwork:
+    version = 4 if key.family == _FAMILY_BYTE[4] else 6
+    raw = bytes(key.addr)[: _ADDR_BITS[version] // 8]
+    return ipaddress.ip_network((raw, key.prefixlen - 8))
+
+
+def _map_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            if line.startswith("map_id:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"fd {fd} is not a BPF map")
+
+
+class BccClassifier:
+    """ClassifierMaps through bcc: compiles and loads bpf/classifier.c with its maps
+    pinned under `pin_dir` (created when absent, reused when present)."""
+
+    def __init__(self, source: Path, pin_dir: Path) -> None:
+        from bcc import BPF
+
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        self._bpf = BPF(
+            src_file=os.fsencode(source),
+            cflags=[f'-DVPBLU_PIN_DIR="{pin_dir}"', f"-DVPBLU_BLOCK_WORDS={BLOCK_WORDS}"],
+        )
+        self._fn = self._bpf.load_func(CLASSIFIER_FUNCTION, BPF.SCHED_CLS)
+        self.prog_fd: int = self._fn.fd
+        self._maps = {name: self._bpf[name.encode()] for name in MAP_NAMES}
+
+    def map_ids(self) -> dict[str, int]:
+        return {name: _map_id(table.get_fd()) for name, table in self._maps.items()}
+
+    def read_tables(self) -> ClassifierTables:
+        def bits(table: Any) -> dict[IPNetwork, int]:
+            return {
+                _key_prefix(k): sum(int(w) << (64 * i) for i, w in enumerate(v.w))
+                for k, v in table.items()
+            }
+
+        dest = self._maps["dest"]
+        return ClassifierTables(
+            block_src=bits(self._maps["block_src"]),
+            block_dst=bits(self._maps["block_dst"]),
+            dest={_key_prefix(k): DestKind(v.value) for k, v in dest.items()},
+        )
+
+    def read_config(self) -> ClassifierConfig:
+        table = self._maps["config"]
+        value = table[table.Key(0)]
+        return ClassifierConfig(
+            mark=value.mark, mask=value.mask, strict=bool(value.flags & bpftables.FLAG_STRICT)
+        )
+
+    def write_config(self, value: ClassifierConfig) -> None:
+        table = self._maps["config"]
+        leaf = table.Leaf()
+        leaf.mark, leaf.mask, leaf.flags = value.mark, value.mask, value.flags
+        table[table.Key(0)] = leaf
+
+    def _write_bits(self, table: Any, change: TableDiff[IPNetwork, int]) -> None:
+        for net, bits in change.upserts.items():
+            leaf = table.Leaf()
+            for i in range(BLOCK_WORDS):
+                leaf.w[i] = (bits >> (64 * i)) & 0xFFFFFFFFFFFFFFFF
+            table[_prefix_key(table, net)] = leaf
+        for net in change.deletes:
+            del table[_prefix_key(table, net)]
+
+    def write_block_src(self, change: TableDiff[IPNetwork, int]) -> None:
+        self._write_bits(self._maps["block_src"], change)
+
+    def write_block_dst(self, change: TableDiff[IPNetwork, int]) -> None:
+        self._write_bits(self._maps["block_dst"], change)
+
+    def write_dest(self, change: TableDiff[IPNetwork, DestKind]) -> None:
+        table = self._maps["dest"]
+        for net, kind in change.upserts.items():
+            table[_prefix_key(table, net)] = table.Leaf(int(kind))
+        for net in change.deletes:
+            del table[_prefix_key(table, net)]
+
+    def counter(self, index: int) -> int:
+        table = self._maps["counters"]
+        return sum(int(v) for v in table[table.Key(index)])
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+
+def remove_pins(pin_dir: Path) -> None:
+    for name in MAP_NAMES:
+        (pin_dir / name).unlink(missing_ok=True)
+    if pin_dir.exists():
+        pin_dir.rmdir()
