@@ -18,7 +18,7 @@ setup-kube:
 	bash scripts/build-kube.sh
 
 lint: setup-python
-	$(VENV)/bin/ruff check vpblu tests bench
+	$(VENV)/bin/ruff check vpblu tests bench scripts
 	$(VENV)/bin/mypy
 
 test: setup
@@ -28,7 +28,8 @@ test: setup
 # A 3-node encrypted mesh in network namespaces, live until Ctrl-C (root).
 # DEMO_ARGS="--duration 30" stops it on its own.
 demo: setup
-	$(PY) -m vpblu --log-level WARNING demo $(DEMO_ARGS)
+	$(PY) -m vpblu.lab.demo $(DEMO_ARGS)
 
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors
+

@@ -1,4 +1,4 @@
-"""Benchmark of the pure core (vpblu.desiredstate): not a test, a measurement.
+"""Benchmark of the pure core (vpblu.core.desiredstate): not a test, a measurement.
 
 Run: `python bench/desiredstate.py`. Prints, as medians of several runs:
 compute() for a FullMesh of N nodes (every state built), and the join path
@@ -15,8 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from vpblu.desiredstate import DesiredResult, compute, recompute
-from vpblu.model import ClusterSnapshot, NodeInfo, TunnelPolicy
+from vpblu.core.desiredstate import DesiredResult, compute, recompute
+from vpblu.core.model import ClusterSnapshot, NodeInfo, TunnelPolicy
 
 RUNS = 7
 SIZES = (100, 300, 1000)

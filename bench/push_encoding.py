@@ -16,9 +16,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from vpblu import codec, wire
-from vpblu.model import Endpoint, NodeDesiredState, Peer, PeerAdded, Route, RouteAdded
-from vpblu.pushencoder import PushEncoder
+from vpblu.core import wire
+from vpblu.core.model import Endpoint, NodeDesiredState, Peer, PeerAdded, Route, RouteAdded
+from vpblu.stream import codec
+from vpblu.stream.pushencoder import PushEncoder
 
 
 def peer(i: int) -> Peer:

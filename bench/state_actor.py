@@ -21,8 +21,9 @@ import time
 
 import trio
 
-from vpblu import model
 from vpblu.actors.state import WATCHED_KINDS, StateActor
+from vpblu.core import model
+from vpblu.core.sources import NodeSource, ObjectMeta, PolicySource, VpbluNodeSource
 from vpblu.messages import (
     KindChanged,
     KindListed,
@@ -32,7 +33,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.resources import NodeSource, ObjectMeta, PolicySource, VpbluNodeSource
 
 
 def _meta(name: str) -> ObjectMeta:

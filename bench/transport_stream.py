@@ -18,11 +18,12 @@ from pathlib import Path
 import trio
 import trio_asyncio
 
-from vpblu import codec, wire
-from vpblu.identity import Identity
-from vpblu.model import PeerRemoved
-from vpblu.pki import CertAuthority
-from vpblu.transport import ClientTLS, MeshServer, NodeStream, ServerTLS, open_mesh_stream
+from vpblu.core import wire
+from vpblu.core.model import PeerRemoved
+from vpblu.lab.pki import CertAuthority
+from vpblu.stream import codec
+from vpblu.stream.identity import Identity
+from vpblu.stream.transport import ClientTLS, MeshServer, NodeStream, ServerTLS, open_mesh_stream
 
 BATCH = 100
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate vpblu/proto/mesh_pb2.py, mesh_pb2.pyi and mesh_grpc.py from mesh.proto.
+# Regenerate vpblu/stream/proto/mesh_pb2.py, mesh_pb2.pyi and mesh_grpc.py from mesh.proto.
 # Needs the test extras (grpcio-tools, grpclib's protoc plugin) in .venv.
 # OUT=<dir> writes the generated tree there instead (the unit test compares).
 set -euo pipefail
@@ -11,4 +11,4 @@ export PATH="$root/.venv/bin:$PATH"
 mkdir -p "$out"
 .venv/bin/python -m grpc_tools.protoc -I . \
   --python_out="$out" --pyi_out="$out" --grpclib_python_out="$out" \
-  vpblu/proto/mesh.proto
+  vpblu/stream/proto/mesh.proto

@@ -8,8 +8,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from tests.cluster import install_base
-from vpblu.testenv import TestEnv
+from vpblu.lab.testenv import TestEnv, install_base
 
 
 @pytest.fixture(scope="session")

@@ -58,19 +58,6 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="send whole states instead of deltas (a benchmark baseline only)")
 
 
-def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="a local encrypted cluster in network namespaces (root)")
-    p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds of live status before cleaning up (default: until Ctrl-C)")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from vpblu.lab.demo import DemoSettings, run_demo
-
-    return run_demo(DemoSettings(nodes=args.nodes, duration=args.duration))
-
-
 def _run_controller(args: argparse.Namespace) -> int:
     import trio_asyncio
 
@@ -188,8 +175,8 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from vpblu.node.daemon import DaemonSettings, cleanup_node, run_daemon
     from vpblu.node.keys import KeyFileError
     from vpblu.node.stream import StreamSettings
-    from vpblu.supervisor import SupervisorEscalation
     from vpblu.stream.transport import ClientTLS
+    from vpblu.supervisor import SupervisorEscalation
 
     config = _daemon_config(args, parser)
     if args.daemon_command == "cleanup":
@@ -240,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     _controller_parser(sub)
-    _demo_parser(sub)
     _daemon_parser(sub)
     return parser
 
@@ -253,8 +239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "controller":
             return _run_controller(args)
-        if args.command == "demo":
-            return _run_demo(args)
         if args.command == "daemon":
             return _run_daemon(args, parser)
     except KeyboardInterrupt:

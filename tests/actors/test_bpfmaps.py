@@ -11,12 +11,13 @@ import pytest
 import trio
 
 from tests.fakes.datapath import FakeClassifierMaps, FakePodLinks
+from vpblu.core.model import CidrPair, Route
 from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
-from vpblu.model import CidrPair, Route
-from vpblu.node import bpftables
-from vpblu.node.bpfmaps import BpfMapActor, PodLink
-from vpblu.node.bpftables import BLOCK_RULE_LIMIT, ClassifierConfig, DestKind
+from vpblu.node.bpfmaps import BpfMapActor
 from vpblu.node.config import MESH_FWMARK, MESH_FWMARK_MASK, DaemonConfig
+from vpblu.node.kernel import bpftables
+from vpblu.node.kernel.bcc import PodLink
+from vpblu.node.kernel.bpftables import BLOCK_RULE_LIMIT, ClassifierConfig, DestKind
 
 REPLY_TIMEOUT = 5
 CONFIG = DaemonConfig(node_name="n1", bpf_pin_dir=Path("/nonexistent/vb-fake"))

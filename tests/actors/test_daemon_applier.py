@@ -6,6 +6,7 @@ import attrs
 import pytest
 import trio
 
+from vpblu.core.model import CidrPair, NodeDesiredState, Route
 from vpblu.messages import (
     Applied,
     ApplyDataPath,
@@ -15,8 +16,7 @@ from vpblu.messages import (
     DataPathApplied,
     NetlinkInbox,
 )
-from vpblu.model import CidrPair, NodeDesiredState, Route
-from vpblu.node.daemon import ApplyError, KernelApplier
+from vpblu.node.applier import ApplyError, KernelApplier
 
 
 @attrs.frozen

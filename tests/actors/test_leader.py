@@ -7,7 +7,7 @@ import trio.testing
 
 from tests.fakes.kube import FakeKubeApi, SeverableClient
 from vpblu.actors.leader import LeaderActor, LeaseSettings
-from vpblu.kube import LEASES
+from vpblu.kube.client import LEASES
 from vpblu.messages import LeaderObserved
 
 SETTINGS = LeaseSettings(lease_duration=6, renew_deadline=4, retry_period=1)

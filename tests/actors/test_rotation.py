@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from vpblu import wire
 from vpblu.actors.rotation import RotationActor, RotationSettings, RotationToken, next_fire
+from vpblu.core import wire
+from vpblu.core.sources import LastRotation, RotationPhase, RotationRecord
 from vpblu.messages import NodeRotationView, RotationInbox, RotationResultReceived
-from vpblu.resources import LastRotation, RotationPhase, RotationRecord
 
 Step = wire.RotationStepKind
 OLD = base64.b64encode(bytes([1]) * 32).decode()

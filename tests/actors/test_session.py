@@ -10,8 +10,9 @@ import trio
 import trio.testing
 
 from tests.fakes.streams import FakeNodeStream, public_key
-from vpblu import wire
 from vpblu.actors.session import NodeSessionActor, SessionSettings
+from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState, Peer, PeerAdded
 from vpblu.messages import (
     NodeAcked,
     PublicKeyReported,
@@ -22,7 +23,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.model import NodeDesiredState, Peer, PeerAdded
 
 SETTINGS = SessionSettings(resync_period=300, ack_timeout=15, mailbox_size=4)
 

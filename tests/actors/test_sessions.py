@@ -12,7 +12,7 @@ from tests.fakes.streams import FakeNodeStream
 from vpblu.actors.session import SessionSettings
 from vpblu.actors.sessions import SessionsActor
 from vpblu.messages import SessionClosed, SessionOpened, StateInbox, StatusInbox
-from vpblu.transport import NodeStream
+from vpblu.stream.transport import NodeStream
 
 
 async def test_reconnecting_twice_at_once_leaves_only_the_newest_session(

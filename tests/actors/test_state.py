@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from collections.abc import AsyncIterator
 
+import pytest
 import trio
 import trio.testing
 
-from vpblu import model
 from vpblu.actors.state import WATCHED_KINDS, StateActor
+from vpblu.core import model
+from vpblu.core.sources import NodeSource, ObjectMeta, PolicySource, Typed, VpbluNodeSource
 from vpblu.messages import (
     InvalidSource,
     KindChanged,
@@ -30,7 +33,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.resources import NodeSource, ObjectMeta, PolicySource, Typed, VpbluNodeSource
 
 
 def key(i: int) -> str:
@@ -77,154 +79,140 @@ class Harness:
         return mailbox
 
 
+@pytest.fixture(name="h")
+async def running_state_actor() -> AsyncIterator[Harness]:
+    """A StateActor running for the test (term 3), cancelled after it."""
+    h = Harness()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        yield h
+        nursery.cancel_scope.cancel()
+
+
 def peers(state: model.NodeDesiredState) -> list[str]:
     return [p.name for p in state.peers]
 
 
-async def test_full_sync_then_deltas(autojump_clock: trio.testing.MockClock) -> None:
-    h = Harness(term=3)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 4))
-        box = await h.connect(1)
-        sync = await box.receive()
-        assert isinstance(sync, PushSync)
-        assert peers(sync.state) == ["n2", "n3"]
-        assert sync.generation >> 32 == 3  # stamped with the leader's term
-        await h.send.send(KindChanged("Node", (node(4),), (), (), "2"))
-        await h.send.send(KindChanged("VpbluNode", (vnode(4),), (), (), "3"))
-        delta = await box.receive()
-        assert isinstance(delta, PushDelta)
-        assert delta.base_generation == sync.generation
-        assert delta.generation > sync.generation
-        assert [type(c).__name__ for c in delta.changes] == ["PeerAdded", "RouteAdded"]
-        assert peers(delta.state) == ["n2", "n3", "n4"]
-        await h.send.send(KindChanged("Node", (), ("n2",), (), "4"))
-        delta2 = await box.receive()
-        assert isinstance(delta2, PushDelta)
-        assert peers(delta2.state) == ["n3", "n4"]
-        nursery.cancel_scope.cancel()
+async def test_full_sync_then_deltas(autojump_clock: trio.testing.MockClock, h: Harness) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    sync = await box.receive()
+    assert isinstance(sync, PushSync)
+    assert peers(sync.state) == ["n2", "n3"]
+    assert sync.generation >> 32 == 3  # stamped with the leader's term
+    await h.send.send(KindChanged("Node", (node(4),), (), (), "2"))
+    await h.send.send(KindChanged("VpbluNode", (vnode(4),), (), (), "3"))
+    delta = await box.receive()
+    assert isinstance(delta, PushDelta)
+    assert delta.base_generation == sync.generation
+    assert delta.generation > sync.generation
+    assert [type(c).__name__ for c in delta.changes] == ["PeerAdded", "RouteAdded"]
+    assert peers(delta.state) == ["n2", "n3", "n4"]
+    await h.send.send(KindChanged("Node", (), ("n2",), (), "4"))
+    delta2 = await box.receive()
+    assert isinstance(delta2, PushDelta)
+    assert peers(delta2.state) == ["n3", "n4"]
 
 
 async def test_nothing_is_pushed_before_every_kind_is_listed(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        box = await h.connect(1)
-        # A new leader whose watchers have listed all but one kind must not
-        # tell the daemon anything (it would be "no peers": a torn-down mesh).
-        await h.send.send(KindListed("Node", (node(1), node(2)), (), "1"))
-        await h.send.send(KindListed("VpbluNode", (vnode(1), vnode(2)), (), "1"))
-        await h.send.send(KindListed("RoutePolicy", (), (), "1"))
-        await h.send.send(KindListed("BlockPolicy", (), (), "1"))
-        await h.send.send(KindListed("RotationPolicy", (), (), "1"))
-        await h.send.send(KindListed("Pod", (), (), "1"))
-        with trio.move_on_after(60):
-            msg = await box.receive()
-            raise AssertionError(f"pushed {msg} before TunnelPolicy was listed")
-        await h.send.send(KindListed("TunnelPolicy", (mesh(),), (), "1"))
-        sync = await box.receive()
-        assert isinstance(sync, PushSync)
-        assert peers(sync.state) == ["n2"]
-        nursery.cancel_scope.cancel()
+    box = await h.connect(1)
+    # A new leader whose watchers have listed all but one kind must not
+    # tell the daemon anything (it would be "no peers": a torn-down mesh).
+    await h.send.send(KindListed("Node", (node(1), node(2)), (), "1"))
+    await h.send.send(KindListed("VpbluNode", (vnode(1), vnode(2)), (), "1"))
+    await h.send.send(KindListed("RoutePolicy", (), (), "1"))
+    await h.send.send(KindListed("BlockPolicy", (), (), "1"))
+    await h.send.send(KindListed("RotationPolicy", (), (), "1"))
+    await h.send.send(KindListed("Pod", (), (), "1"))
+    with trio.move_on_after(60):
+        msg = await box.receive()
+        raise AssertionError(f"pushed {msg} before TunnelPolicy was listed")
+    await h.send.send(KindListed("TunnelPolicy", (mesh(),), (), "1"))
+    sync = await box.receive()
+    assert isinstance(sync, PushSync)
+    assert peers(sync.state) == ["n2"]
 
 
 async def test_invalid_update_keeps_the_last_valid_version(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 3))
-        box = await h.connect(1)
-        await box.receive()
-        bad = InvalidSource("TunnelPolicy", "mesh", 2, "spec.mode: 'Fullmesh' is not valid")
-        await h.send.send(KindChanged("TunnelPolicy", (), (), (bad,), "5"))
-        with trio.move_on_after(30):
-            msg = await box.receive()
-            raise AssertionError(f"an invalid edit changed the mesh: {msg}")
-        # The operator learns why, on the object itself.
-        while True:
-            cond = await h.status.receive()
-            if isinstance(cond, ObjectConditions) and cond.name == "mesh" and cond.generation == 2:
-                break
-        [accepted] = cond.conditions
-        assert accepted.status == "False"
-        assert accepted.reason == "InvalidSpec"
-        assert "spec.mode" in accepted.message and "stays in effect" in accepted.message
-        nursery.cancel_scope.cancel()
+    await h.list_all(range(1, 3))
+    box = await h.connect(1)
+    await box.receive()
+    bad = InvalidSource("TunnelPolicy", "mesh", 2, "spec.mode: 'Fullmesh' is not valid")
+    await h.send.send(KindChanged("TunnelPolicy", (), (), (bad,), "5"))
+    with trio.move_on_after(30):
+        msg = await box.receive()
+        raise AssertionError(f"an invalid edit changed the mesh: {msg}")
+    # The operator learns why, on the object itself.
+    while True:
+        cond = await h.status.receive()
+        if isinstance(cond, ObjectConditions) and cond.name == "mesh" and cond.generation == 2:
+            break
+    [accepted] = cond.conditions
+    assert accepted.status == "False"
+    assert accepted.reason == "InvalidSpec"
+    assert "spec.mode" in accepted.message and "stays in effect" in accepted.message
 
 
 async def test_slow_session_gets_one_sync_instead_of_a_backlog(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 3))
-        slow = await h.connect(1, size=2)
-        fast = await h.connect(2, size=100)
-        await trio.sleep(1)  # both have their PushSync queued
-        for i in range(10, 20):  # ten joins; the slow daemon reads nothing
-            await h.send.send(KindChanged("Node", (node(i),), (), (), str(i)))
-            await h.send.send(KindChanged("VpbluNode", (vnode(i),), (), (), str(i)))
-            await trio.sleep(1)
-        assert h.actor.statistics().overflows == 1
-        # The fast one got everything, undisturbed.
-        received = [fast.receive_nowait() for _ in range(11)]
-        assert isinstance(received[0], PushSync)
-        assert all(isinstance(m, PushDelta) for m in received[1:])
-        # The slow one: what fitted, then (once it reads) one full sync of the latest state.
-        first = [slow.receive_nowait(), slow.receive_nowait()]
+    await h.list_all(range(1, 3))
+    slow = await h.connect(1, size=2)
+    fast = await h.connect(2, size=100)
+    await trio.sleep(1)  # both have their PushSync queued
+    for i in range(10, 20):  # ten joins; the slow daemon reads nothing
+        await h.send.send(KindChanged("Node", (node(i),), (), (), str(i)))
+        await h.send.send(KindChanged("VpbluNode", (vnode(i),), (), (), str(i)))
         await trio.sleep(1)
-        final = slow.receive_nowait()
-        assert isinstance(final, PushSync)
-        assert peers(final.state) == sorted(["n2", *[f"n{i}" for i in range(10, 20)]])
-        assert final.generation > first[-1].generation
-        nursery.cancel_scope.cancel()
+    assert h.actor.statistics().overflows == 1
+    # The fast one got everything, undisturbed.
+    received = [fast.receive_nowait() for _ in range(11)]
+    assert isinstance(received[0], PushSync)
+    assert all(isinstance(m, PushDelta) for m in received[1:])
+    # The slow one: what fitted, then (once it reads) one full sync of the latest state.
+    first = [slow.receive_nowait(), slow.receive_nowait()]
+    await trio.sleep(1)
+    final = slow.receive_nowait()
+    assert isinstance(final, PushSync)
+    assert peers(final.state) == sorted(["n2", *[f"n{i}" for i in range(10, 20)]])
+    assert final.generation > first[-1].generation
 
 
 async def test_reconnecting_twice_keeps_only_the_newest_session(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 3))
-        await h.connect(1)  # session 1
-        second = await h.connect(1)  # session 2: the same daemon, reconnected
-        assert isinstance(await second.receive(), PushSync)
-        # The old session's close arrives late: it must not drop the new one.
-        await h.send.send(SessionClosed("n1", 1))
-        await h.send.send(NodeAcked("n1", 1, 999))  # a stale ack from the old stream
-        await h.send.send(KindChanged("Node", (node(5),), (), (), "9"))
-        await h.send.send(KindChanged("VpbluNode", (vnode(5),), (), (), "9"))
-        delta = await second.receive()
-        assert isinstance(delta, PushDelta)
-        assert h.actor.acked() == {"n1": 0}
-        nursery.cancel_scope.cancel()
+    await h.list_all(range(1, 3))
+    await h.connect(1)  # session 1
+    second = await h.connect(1)  # session 2: the same daemon, reconnected
+    assert isinstance(await second.receive(), PushSync)
+    # The old session's close arrives late: it must not drop the new one.
+    await h.send.send(SessionClosed("n1", 1))
+    await h.send.send(NodeAcked("n1", 1, 999))  # a stale ack from the old stream
+    await h.send.send(KindChanged("Node", (node(5),), (), (), "9"))
+    await h.send.send(KindChanged("VpbluNode", (vnode(5),), (), (), "9"))
+    delta = await second.receive()
+    assert isinstance(delta, PushDelta)
+    assert h.actor.acked() == {"n1": 0}
 
 
 async def test_no_tunnel_policy_means_no_peers_and_says_so(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 3), policy=False)
-        box = await h.connect(1)
-        sync = await box.receive()
-        assert isinstance(sync, PushSync)
-        assert sync.state.peers == ()
-        reasons = set()
-        while len(reasons) < 1:
-            msg = await h.status.receive()
-            if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
-                reasons |= {c.reason for c in msg.conditions if c.type == "Accepted"}
-        assert reasons == {"NoTunnelPolicy"}
-        nursery.cancel_scope.cancel()
+    await h.list_all(range(1, 3), policy=False)
+    box = await h.connect(1)
+    sync = await box.receive()
+    assert isinstance(sync, PushSync)
+    assert sync.state.peers == ()
+    reasons = set()
+    while len(reasons) < 1:
+        msg = await h.status.receive()
+        if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
+            reasons |= {c.reason for c in msg.conditions if c.type == "Accepted"}
+    assert reasons == {"NoTunnelPolicy"}
 
 
 async def test_full_push_mode_sends_whole_states(autojump_clock: trio.testing.MockClock) -> None:
@@ -246,107 +234,87 @@ async def test_full_push_mode_sends_whole_states(autojump_clock: trio.testing.Mo
 
 
 async def test_each_node_says_whether_a_daemon_pod_is_bound_to_it(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    from vpblu.resources import DaemonPodSource
+    from vpblu.core.sources import DaemonPodSource
 
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 3))
-        pod = DaemonPodSource(meta("vpblu-daemon-abc"), "n1", "Running")
-        await h.send.send(KindChanged("Pod", (pod,), (), (), "9"))
-        seen: dict[str, tuple[str, str]] = {}
-        while len(seen) < 2 or seen.get("n1", ("", ""))[0] != "True":
-            msg = await h.status.receive()
-            if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
-                for c in msg.conditions:
-                    if c.type == "DaemonScheduled":
-                        seen[msg.name] = (c.status, c.message)
-        assert seen["n1"] == ("True", "pod vpblu-daemon-abc is Running")
-        assert seen["n2"][0] == "False"
-        nursery.cancel_scope.cancel()
+    await h.list_all(range(1, 3))
+    pod = DaemonPodSource(meta("vpblu-daemon-abc"), "n1", "Running")
+    await h.send.send(KindChanged("Pod", (pod,), (), (), "9"))
+    seen: dict[str, tuple[str, str]] = {}
+    while len(seen) < 2 or seen.get("n1", ("", ""))[0] != "True":
+        msg = await h.status.receive()
+        if isinstance(msg, ObjectConditions) and msg.kind == "VpbluNode":
+            for c in msg.conditions:
+                if c.type == "DaemonScheduled":
+                    seen[msg.name] = (c.status, c.message)
+    assert seen["n1"] == ("True", "pod vpblu-daemon-abc is Running")
+    assert seen["n2"][0] == "False"
 
 
 async def test_a_status_write_coming_back_does_not_recompute(
-        autojump_clock: trio.testing.MockClock) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 4))
-        box = await h.connect(1)
-        await box.receive()
-        await trio.sleep(1)
-        before = h.actor.statistics().recomputes
-        # Our own status write, echoed by the watch: a new resourceVersion only.
-        echo = VpbluNodeSource(ObjectMeta("n2", 1, "9", "uid-n2"), None, key(2))
-        await h.send.send(KindChanged("VpbluNode", (echo,), (), (), "9"))
-        await trio.sleep(1)
-        assert h.actor.statistics().recomputes == before
-        # A new key is a change: recomputed and pushed.
-        rekeyed = VpbluNodeSource(ObjectMeta("n2", 1, "10", "uid-n2"), None, key(42))
-        await h.send.send(KindChanged("VpbluNode", (rekeyed,), (), (), "10"))
-        delta = await box.receive()
-        assert isinstance(delta, PushDelta)
-        assert [type(c).__name__ for c in delta.changes] == ["PeerChanged"]
-        assert h.actor.statistics().recomputes == before + 1
-        nursery.cancel_scope.cancel()
+        autojump_clock: trio.testing.MockClock, h: Harness) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    await box.receive()
+    await trio.sleep(1)
+    before = h.actor.statistics().recomputes
+    # Our own status write, echoed by the watch: a new resourceVersion only.
+    echo = VpbluNodeSource(ObjectMeta("n2", 1, "9", "uid-n2"), None, key(2))
+    await h.send.send(KindChanged("VpbluNode", (echo,), (), (), "9"))
+    await trio.sleep(1)
+    assert h.actor.statistics().recomputes == before
+    # A new key is a change: recomputed and pushed.
+    rekeyed = VpbluNodeSource(ObjectMeta("n2", 1, "10", "uid-n2"), None, key(42))
+    await h.send.send(KindChanged("VpbluNode", (rekeyed,), (), (), "10"))
+    delta = await box.receive()
+    assert isinstance(delta, PushDelta)
+    assert [type(c).__name__ for c in delta.changes] == ["PeerChanged"]
+    assert h.actor.statistics().recomputes == before + 1
 
 
 async def test_a_forming_mesh_is_pushed_as_whole_states(
-        autojump_clock: trio.testing.MockClock) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 4), policy=False)
-        box = await h.connect(1)
-        first = await box.receive()
-        assert isinstance(first, PushSync) and not first.state.peers
-        # Every change is an addition: the state is sent, not 4 changes.
-        await h.send.send(KindChanged("TunnelPolicy", (mesh(),), (), (), "2"))
-        formed = await box.receive()
-        assert isinstance(formed, PushSync)
-        assert peers(formed.state) == ["n2", "n3"]
-        await h.send.send(KindChanged("TunnelPolicy", (), ("mesh",), (), "3"))
-        gone = await box.receive()
-        assert isinstance(gone, PushSync) and not gone.state.peers
-        nursery.cancel_scope.cancel()
+        autojump_clock: trio.testing.MockClock, h: Harness) -> None:
+    await h.list_all(range(1, 4), policy=False)
+    box = await h.connect(1)
+    first = await box.receive()
+    assert isinstance(first, PushSync) and not first.state.peers
+    # Every change is an addition: the state is sent, not 4 changes.
+    await h.send.send(KindChanged("TunnelPolicy", (mesh(),), (), (), "2"))
+    formed = await box.receive()
+    assert isinstance(formed, PushSync)
+    assert peers(formed.state) == ["n2", "n3"]
+    await h.send.send(KindChanged("TunnelPolicy", (), ("mesh",), (), "3"))
+    gone = await box.receive()
+    assert isinstance(gone, PushSync) and not gone.state.peers
 
 
 async def test_who_peers_with_a_node_is_answered_on_request(
-        autojump_clock: trio.testing.MockClock) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 4))
-        await trio.sleep(1)
-        reply, answer = trio.open_memory_channel[tuple[str, ...]](1)
-        await h.send.send(PeersWanted("n2", reply))
-        assert await answer.receive() == ("n1", "n3")
-        await h.send.send(PeersWanted("nobody", reply))
-        assert await answer.receive() == ()
-        nursery.cancel_scope.cancel()
+        autojump_clock: trio.testing.MockClock, h: Harness) -> None:
+    await h.list_all(range(1, 4))
+    await trio.sleep(1)
+    reply, answer = trio.open_memory_channel[tuple[str, ...]](1)
+    await h.send.send(PeersWanted("n2", reply))
+    assert await answer.receive() == ("n1", "n3")
+    await h.send.send(PeersWanted("nobody", reply))
+    assert await answer.receive() == ()
 
 
 async def test_the_status_writer_is_told_of_deleted_objects(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, h: Harness,
 ) -> None:
-    h = Harness()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(h.actor.run)
-        await h.list_all(range(1, 4))
-        await h.send.send(KindChanged("VpbluNode", (), ("n2",), (), "2"))
-        await h.send.send(KindChanged("Node", (), ("n2",), (), "3"))  # no status of ours
-        # A relist after a broken watch: the policy vanished while unwatched.
-        await h.send.send(KindListed("TunnelPolicy", (), (), "4"))
-        await trio.sleep(1)
-        deleted = set()
-        while True:
-            try:
-                msg = h.status.receive_nowait()
-            except trio.WouldBlock:
-                break
-            if isinstance(msg, ObjectDeleted):
-                deleted.add((msg.kind, msg.name))
-        assert deleted == {("VpbluNode", "n2"), ("TunnelPolicy", "mesh")}
-        nursery.cancel_scope.cancel()
+    await h.list_all(range(1, 4))
+    await h.send.send(KindChanged("VpbluNode", (), ("n2",), (), "2"))
+    await h.send.send(KindChanged("Node", (), ("n2",), (), "3"))  # no status of ours
+    # A relist after a broken watch: the policy vanished while unwatched.
+    await h.send.send(KindListed("TunnelPolicy", (), (), "4"))
+    await trio.sleep(1)
+    deleted = set()
+    while True:
+        try:
+            msg = h.status.receive_nowait()
+        except trio.WouldBlock:
+            break
+        if isinstance(msg, ObjectDeleted):
+            deleted.add((msg.kind, msg.name))
+    assert deleted == {("VpbluNode", "n2"), ("TunnelPolicy", "mesh")}

@@ -11,9 +11,9 @@ import trio.testing
 
 from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.status import StatusActor
-from vpblu.kube import TUNNEL_POLICIES, VPBLU_NODES
+from vpblu.core.model import Condition
+from vpblu.kube.client import TUNNEL_POLICIES, VPBLU_NODES
 from vpblu.messages import ObjectConditions, ObjectDeleted, PublicKeyReported, StatusInbox
-from vpblu.model import Condition
 
 KINDS = {k.kind: k for k in (VPBLU_NODES, TUNNEL_POLICIES)}
 

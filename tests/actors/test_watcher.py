@@ -10,9 +10,10 @@ import trio.testing
 
 from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.watcher import RETRY_MAX, WatcherActor
-from vpblu.kube import NODES, ApiUnavailable
+from vpblu.core.sources import NodeSource
+from vpblu.kube.client import NODES, ApiUnavailable
+from vpblu.kube.resources import parse_node
 from vpblu.messages import KindChanged, KindListed, WatchMessage
-from vpblu.resources import NodeSource, parse_node
 
 
 def node(name: str, ip: str = "192.0.2.1", cidr: str = "10.244.0.0/24") -> dict[str, Any]:

@@ -13,14 +13,16 @@ import pytest
 import trio
 
 from tests.e2e.netns import Lab, Node
-from vpblu.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster
+from vpblu.core.model import Endpoint, NodeDesiredState, Peer, Route
+from vpblu.lab.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster
 from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
-from vpblu.model import Endpoint, NodeDesiredState, Peer, Route
 from vpblu.node.config import DaemonConfig
+from vpblu.node.kernel.iproute import IPRouteKernel
+from vpblu.node.kernel.iptables import IptablesMtuKernel
+from vpblu.node.kernel.wireguard import UserspaceBackend
 from vpblu.node.keys import KeyStore
-from vpblu.node.mtu import IptablesMtuKernel, MtuActor
-from vpblu.node.netlink import IPRouteKernel, NetlinkActor
-from vpblu.node.wireguard import UserspaceBackend
+from vpblu.node.mtu import MtuActor
+from vpblu.node.netlink import NetlinkActor
 
 LISTEN_PORT = 51820
 APPLY_TIMEOUT = 10.0

@@ -31,11 +31,11 @@ import trio_asyncio
 
 from tests.e2e.netns import UNDERLAY_GATEWAY, Lab, Node, in_ns, run
 from tests.fakes.controller import TOKEN_PREFIX, FakeController
-from vpblu.model import Endpoint, NodeDesiredState, Peer, Route
-from vpblu.node.bpfmaps import MAP_NAMES, remove_pins
-from vpblu.node.nsexec import call_in_netns
-from vpblu.pki import CertAuthority
-from vpblu.transport import ServerTLS
+from vpblu.core.model import Endpoint, NodeDesiredState, Peer, Route
+from vpblu.lab.pki import CertAuthority
+from vpblu.node.kernel.bcc import MAP_NAMES, remove_pins
+from vpblu.node.kernel.nsexec import call_in_netns
+from vpblu.stream.transport import ServerTLS
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "vd"

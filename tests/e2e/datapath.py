@@ -23,8 +23,8 @@ import attrs
 import trio
 from pyroute2 import netns as pr_netns
 
-from vpblu.node.bpfmaps import remove_pins
 from vpblu.node.config import MESH_FWMARK, MESH_FWMARK_MASK, MESH_TABLE, DaemonConfig
+from vpblu.node.kernel.bcc import remove_pins
 
 UDP_PORT = 40000
 REMOTE_ADDR = "10.99.0.1"  # in a remote pod CIDR once routed

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from vpblu.model import Endpoint, IPNetwork, network
-from vpblu.node.wireguard import DeviceUpdate, PeerUpdate, UserspaceBackend
+from vpblu.core.model import Endpoint, IPNetwork, network
+from vpblu.node.kernel.wireguard import DeviceUpdate, PeerUpdate, UserspaceBackend
 
 UAPI_DIR = Path("/var/run/wireguard")
 SOCKET_WAIT = 5.0

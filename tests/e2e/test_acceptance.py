@@ -29,13 +29,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
-from vpblu.localcluster import (
-    SYSTEM_NAMESPACE,
-    WG_PORT,
-    LocalCluster,
-    Pod,
-    underlay_packets,
-)
+from vpblu.lab.localcluster import SYSTEM_NAMESPACE, WG_PORT, LocalCluster, Pod, underlay_packets
 
 FLOWPROBE = Path(__file__).with_name("flowprobe.py")
 CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT

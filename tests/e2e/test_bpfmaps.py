@@ -14,8 +14,8 @@ import trio
 import trio_asyncio  # noqa: F401  the daemon imports it; pyroute2 must still work
 
 from tests.e2e.datapath import OTHER_ADDR, REMOTE_ADDR, Receiver, Sender, Topology, topology
+from vpblu.core.model import CidrPair, Route, network
 from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
-from vpblu.model import CidrPair, Route, network
 from vpblu.node.bpfmaps import BpfMapActor
 
 pytestmark = pytest.mark.e2e
@@ -247,8 +247,8 @@ async def test_cleanup_removes_filters_qdiscs_and_pins(topo: Topology) -> None:
 def test_both_families_round_trip_through_the_pinned_kernel_maps(topo: Topology) -> None:
     """IPv6 shares the tries with IPv4 (family byte + 16 address bytes): what is written
     reads back equal, and a second load over the same pins sees it."""
-    from vpblu.node import bpftables
-    from vpblu.node.bpfmaps import CLASSIFIER_SOURCE, BccClassifier
+    from vpblu.node.kernel import bpftables
+    from vpblu.node.kernel.bcc import CLASSIFIER_SOURCE, BccClassifier
 
     rules = bpftables.assign_rule_ids(
         [CidrPair("10.1.0.0/16", "10.2.0.0/16"), CidrPair("fd00:1::/64", "fd00:2::/48"),

@@ -25,7 +25,7 @@ from tests.e2e.daemonlab import (
 )
 from tests.e2e.datapath import Receiver, Sender
 from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
-from vpblu.model import CidrPair
+from vpblu.core.model import CidrPair
 from vpblu.node.config import MESH_TABLE
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vpblu.localcluster import (
+from vpblu.lab.localcluster import (
     BPF_ROOT,
     DIR_PREFIX,
     PREFIX,
@@ -52,7 +52,7 @@ def test_an_error_in_the_block_still_removes_everything() -> None:
 def test_a_killed_owner_is_swept_by_the_next_start() -> None:
     script = textwrap.dedent("""
         import sys, time
-        from vpblu.localcluster import ClusterSettings, LocalCluster
+        from vpblu.lab.localcluster import ClusterSettings, LocalCluster
         with LocalCluster.start(ClusterSettings(nodes=1, daemons=False)) as c:
             print(c.tag, flush=True)
             time.sleep(600)

@@ -25,8 +25,8 @@ import pytest
 
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
 from tests.e2e.test_acceptance import FLOW_STOP_TIMEOUT, FLOWPROBE, UdpFlow
-from vpblu.localcluster import LocalCluster, Node, Pod
-from vpblu.resources import ROTATE_NOW_ANNOTATION
+from vpblu.core.sources import ROTATE_NOW_ANNOTATION
+from vpblu.lab.localcluster import LocalCluster, Node, Pod
 
 CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
 # A rotation's steps each wait for prewarm handshakes and drains; on 2 shared

@@ -29,6 +29,7 @@ from tests.e2e.rotationlab import (
     new_private_key,
     public_key_of,
 )
+from vpblu.node.kernel.wireguard import DeviceUpdate, PeerUpdate
 from vpblu.node.rotation import (
     BridgeLayout,
     activate_rotating_node,
@@ -41,7 +42,6 @@ from vpblu.node.rotation import (
     roll_back_rotating_node,
     switch_peer_primary,
 )
-from vpblu.node.wireguard import DeviceUpdate, PeerUpdate
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """FakeController: the controller's end of the warm stream, scripted by a test.
 
-A real `vpblu.transport.MeshServer` (TLS, gRPC) with a fake authenticator
+A real `vpblu.stream.transport.MeshServer` (TLS, gRPC) with a fake authenticator
 (token "token-<node>" speaks for <node>), serving on a listening socket the test
 hands it (e.g. one made in the e2e lab's underlay namespace, so daemons in node
 namespaces reach it). The test decides what each node should have: `sync`
@@ -16,10 +16,10 @@ from collections import defaultdict
 import attrs
 import trio
 
-from vpblu import wire
-from vpblu.identity import AuthenticationFailed, Identity
-from vpblu.model import Change, NodeDesiredState
-from vpblu.transport import MeshServer, NodeStream, ServerTLS, StreamClosed
+from vpblu.core import wire
+from vpblu.core.model import Change, NodeDesiredState
+from vpblu.stream.identity import AuthenticationFailed, Identity
+from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, StreamClosed
 
 TOKEN_PREFIX = "token-"
 

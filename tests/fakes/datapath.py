@@ -14,9 +14,9 @@ from typing import TypeVar
 import attrs
 import trio
 
-from vpblu.model import IPNetwork
-from vpblu.node.bpfmaps import PodLink
-from vpblu.node.bpftables import ClassifierConfig, ClassifierTables, DestKind, TableDiff
+from vpblu.core.model import IPNetwork
+from vpblu.node.kernel.bcc import PodLink
+from vpblu.node.kernel.bpftables import ClassifierConfig, ClassifierTables, DestKind, TableDiff
 
 T = TypeVar("T")
 

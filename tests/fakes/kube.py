@@ -1,4 +1,4 @@
-"""FakeKubeApi: an in-memory stand-in for `vpblu.kube.KubeApi` in actor tests.
+"""FakeKubeApi: an in-memory stand-in for `vpblu.kube.client.KubeApi` in actor tests.
 
 A fake, named as one: it keeps objects per kind with a global
 resourceVersion counter and an event history, serves list and watch from it,
@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from vpblu.kube import (
+from vpblu.kube.client import (
     ApiError,
     ApiUnavailable,
     Conflict,

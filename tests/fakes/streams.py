@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import trio
 
-from vpblu import wire
-from vpblu.transport import StreamClosed
+from vpblu.core import wire
+from vpblu.stream.transport import StreamClosed
 
 
 def public_key(n: int) -> str:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import attrs
 import trio
 
-from vpblu.model import IPNetwork
-from vpblu.node.keys import public_key_of
-from vpblu.node.wireguard import BackendStatistics, DeviceState, DeviceUpdate, PeerConfig
+from vpblu.core.model import IPNetwork
+from vpblu.node.kernel.wireguard import (
+    BackendStatistics,
+    DeviceState,
+    DeviceUpdate,
+    PeerConfig,
+    public_key_of,
+)
 
 
 @attrs.define

@@ -10,15 +10,16 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
+from vpblu.actors.controller import ControllerSettings, run_controller
 from vpblu.actors.leader import LeaseSettings
+from vpblu.actors.leadership import Leadership
 from vpblu.actors.session import SessionSettings
-from vpblu.controller import ControllerSettings, Leadership, run_controller
-from vpblu.sim import MeshPki
-from vpblu.testenv import TestEnv, free_port
+from vpblu.lab.sim import MeshPki
+from vpblu.lab.testenv import TestEnv, free_port
 
 GROUP_PATH = "/apis/vpblu.io/v1alpha1"
 # Short leases: a failover takes seconds, not the production 15 s.
@@ -102,3 +103,12 @@ def condition(body: dict[str, Any], ctype: str = "Accepted") -> dict[str, Any] |
 
 def mesh_pki(tmp_path: Path) -> MeshPki:
     return MeshPki.create(tmp_path / "mesh-pki")
+
+
+class ControllerSetup(NamedTuple):
+    """What a controller test starts from: the session API server with vpblu
+    installed, a PKI of its own and controller settings on a lease of its own."""
+
+    env: TestEnv
+    pki: MeshPki
+    settings: ControllerSettings

@@ -1,4 +1,4 @@
-"""`python -m vpblu.bench` end to end, small: its own API server, the real
+"""`python -m vpblu.lab.bench` end to end, small: its own API server, the real
 controller process and simulated daemons; every scenario measured, the table,
 the JSON and the plot written, and nothing left running."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vpblu.bench import SCENARIOS
-from vpblu.testenv import REPO
+from vpblu.lab.bench import SCENARIOS
+from vpblu.lab.testenv import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ BENCH_TIMEOUT = 300
 
 def test_a_quick_run_measures_every_scenario_and_writes_its_results(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "vpblu.bench", "--sizes", "3", "--quick", "--compare",
+        [sys.executable, "-m", "vpblu.lab.bench", "--sizes", "3", "--quick", "--compare",
          "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=BENCH_TIMEOUT, check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

@@ -12,18 +12,16 @@ import trio_asyncio
 from tests.integration.meshlab import (
     CONVERGE_TIMEOUT,
     GROUP_PATH,
+    ControllerSetup,
     aapi,
     condition,
-    controller_settings,
-    mesh_pki,
     policy,
     running_controller,
     unique,
     wait_api,
     wait_leading,
 )
-from vpblu.sim import SimCluster, SimDaemon, has_rotated, is_full_mesh
-from vpblu.testenv import TestEnv
+from vpblu.lab.sim import SimCluster, SimDaemon, has_rotated, is_full_mesh
 
 NODES = 10
 
@@ -33,10 +31,8 @@ def no_peers(daemon: SimDaemon) -> bool:
 
 
 async def test_ten_nodes_converge_to_a_full_mesh(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env, pki, settings = mesh
     tunnel = unique("mesh")
     async with running_controller(settings) as view:
         await wait_leading(view)
@@ -80,10 +76,8 @@ async def test_ten_nodes_converge_to_a_full_mesh(
 
 
 async def test_node_deletion_blocks_and_a_stale_reconnect(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env, pki, settings = mesh
     tunnel, block = unique("mesh"), unique("block")
     async with running_controller(settings) as view:
         await wait_leading(view)
@@ -144,10 +138,8 @@ async def test_node_deletion_blocks_and_a_stale_reconnect(
 
 
 async def test_rotating_every_node_gives_every_daemon_the_new_keys(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env, pki, settings = mesh
     tunnel = unique("mesh")
     async with running_controller(settings) as view:
         await wait_leading(view)

@@ -26,8 +26,8 @@ from tests.integration.meshlab import (
     wait_leading,
 )
 from vpblu.actors.state import SEQUENCE_BITS
-from vpblu.sim import SimCluster, SimDaemon, is_full_mesh
-from vpblu.testenv import TestEnv, free_port
+from vpblu.lab.sim import SimCluster, SimDaemon, is_full_mesh
+from vpblu.lab.testenv import TestEnv, free_port
 
 NODES = 10
 

@@ -13,27 +13,23 @@ import trio_asyncio
 from tests.integration.meshlab import (
     CONVERGE_TIMEOUT,
     GROUP_PATH,
+    ControllerSetup,
     aapi,
     condition,
-    controller_settings,
-    mesh_pki,
     policy,
     running_controller,
     unique,
     wait_api,
     wait_leading,
 )
-from vpblu.sim import SimCluster, SimDaemon, is_full_mesh
-from vpblu.testenv import TestEnv
+from vpblu.lab.sim import SimCluster, SimDaemon, is_full_mesh
 
 REFUSED_WITHIN = 10.0
 
 
 async def test_api_server_restart_then_a_change_still_converges(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env, pki, settings = mesh
     tunnel, block = unique("mesh"), unique("block")
     await aapi(env, "POST", f"{GROUP_PATH}/tunnelpolicies",
                policy("TunnelPolicy", tunnel, {"mode": "FullMesh"}))
@@ -67,11 +63,9 @@ async def test_api_server_restart_then_a_change_still_converges(
 
 
 async def test_a_daemon_speaking_for_another_node_is_refused_and_logged(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path,
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+    env, pki, settings = mesh
     caplog.set_level(logging.WARNING)
     async with running_controller(settings) as view, \
             SimCluster.open(env, tmp_path / "sim", pki.client, (settings.advertise,), 2,
@@ -90,17 +84,15 @@ async def test_a_daemon_speaking_for_another_node_is_refused_and_logged(
         assert cluster.daemons[liar].stream.statistics().applied_generation == 0
         why = f"the token speaks for node {honest!r}, the Hello for {liar!r}"
         assert any("refused a mesh stream" in r.getMessage() and why in r.getMessage()
-                   for r in caplog.records if r.name == "vpblu.transport")
+                   for r in caplog.records if r.name == "vpblu.stream.transport")
         # The daemon is told why (a gRPC PERMISSION_DENIED carrying the reason).
         assert any(why in r.getMessage()
                    for r in caplog.records if r.name == "vpblu.node.stream")
 
 
 async def test_nonsense_the_schema_lets_through_ends_as_a_condition(
-        vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
-    env = vpblu_installed
-    pki = mesh_pki(tmp_path)
-    settings = controller_settings(env, pki, unique("lease"))
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    env, pki, settings = mesh
     tunnel, first, second, ghost = unique("mesh"), unique("a-route"), unique("b-route"), \
         unique("ghost")
     await aapi(env, "POST", f"{GROUP_PATH}/tunnelpolicies",

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from vpblu.sim import MeshPki
-from vpblu.testenv import REPO, TestEnv, free_port
+from vpblu.lab.sim import MeshPki
+from vpblu.lab.testenv import REPO, TestEnv, free_port
 
 pytestmark = pytest.mark.integration
 

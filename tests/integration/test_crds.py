@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import BASE, CRD_NAMES, SAMPLES, established_crds
-from vpblu.testenv import TestEnv
+from vpblu.lab.testenv import BASE, CRD_NAMES, SAMPLES, TestEnv, established_crds
 
 pytestmark = pytest.mark.integration
 

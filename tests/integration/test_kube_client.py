@@ -1,4 +1,4 @@
-"""vpblu.kube's KubeClient on the real API server: status patches onto a given
+"""vpblu.kube.client's KubeClient on the real API server: status patches onto a given
 resourceVersion, and the proxy environment read once, as client-go reads it."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import trio_asyncio
 
-from vpblu.kube import VPBLU_NODES, ApiUnavailable, Conflict, open_kube_client
-from vpblu.testenv import TestEnv
+from vpblu.kube.client import VPBLU_NODES, ApiUnavailable, Conflict, open_kube_client
+from vpblu.lab.testenv import TestEnv
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import trio_asyncio
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from vpblu.testenv import TestEnv
+from vpblu.lab.testenv import TestEnv
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import trio
 import trio_asyncio
 
-from vpblu import wire
-from vpblu.identity import AuthenticationFailed, Identity
-from vpblu.model import NodeDesiredState, Peer, PeerAdded
+from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState, Peer, PeerAdded
+from vpblu.lab.sim import MeshPki, RecordingApplier
 from vpblu.node.stream import StreamActor, StreamSettings
-from vpblu.sim import MeshPki, RecordingApplier
-from vpblu.transport import MeshServer, NodeStream
+from vpblu.stream.identity import AuthenticationFailed, Identity
+from vpblu.stream.transport import MeshServer, NodeStream
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 PEER_KEY = base64.b64encode(bytes(range(1, 33))).decode()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vpblu.testenv import OWNER_FILE, TestEnv, sweep_stale_dirs
+from vpblu.lab.testenv import OWNER_FILE, TestEnv, sweep_stale_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -130,9 +130,9 @@ def test_with_block_raising_still_cleans_up() -> None:
 
 @contextlib.contextmanager
 def up_command() -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """`python -m vpblu.testenv up` as a user runs it; killed if still running at the end."""
+    """`python -m vpblu.lab.testenv up` as a user runs it; killed if still running at the end."""
     with subprocess.Popen(
-        [sys.executable, "-m", "vpblu.testenv", "up"],
+        [sys.executable, "-m", "vpblu.lab.testenv", "up"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as proc:
         try:

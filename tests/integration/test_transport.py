@@ -13,12 +13,12 @@ import pytest
 import trio
 import trio_asyncio
 
-from vpblu import wire
-from vpblu.identity import AuthenticationFailed, Identity
-from vpblu.model import NodeDesiredState, Peer, PeerRemoved
+from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState, Peer, PeerRemoved
+from vpblu.lab.pki import CertAuthority
 from vpblu.node.stream import StreamActor, StreamSettings
-from vpblu.pki import CertAuthority
-from vpblu.transport import (
+from vpblu.stream.identity import AuthenticationFailed, Identity
+from vpblu.stream.transport import (
     ClientTLS,
     ConnectFailed,
     ControllerStream,

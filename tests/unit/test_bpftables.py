@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vpblu.model import CidrPair, IPAddress, IPNetwork, Route
-from vpblu.node import bpftables
-from vpblu.node.bpftables import BLOCK_RULE_LIMIT, DestKind, TooManyBlockRules
+from vpblu.core.model import CidrPair, IPAddress, IPNetwork, Route
+from vpblu.node.kernel import bpftables
+from vpblu.node.kernel.bpftables import BLOCK_RULE_LIMIT, DestKind, TooManyBlockRules
 
 
 def net(text: str) -> IPNetwork:

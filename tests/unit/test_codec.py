@@ -11,9 +11,8 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vpblu import codec, wire
-from vpblu.codec import ProtocolViolation
-from vpblu.model import (
+from vpblu.core import wire
+from vpblu.core.model import (
     BlockAdded,
     BlockRemoved,
     Change,
@@ -29,7 +28,9 @@ from vpblu.model import (
     RouteAdded,
     RouteRemoved,
 )
-from vpblu.proto import mesh_pb2 as pb
+from vpblu.stream import codec
+from vpblu.stream.codec import ProtocolViolation
+from vpblu.stream.proto import mesh_pb2 as pb
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

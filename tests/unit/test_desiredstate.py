@@ -12,14 +12,9 @@ from collections.abc import Sequence
 import attrs
 import pytest
 
-from vpblu.desiredstate import (
-    apply,
-    compute,
-    diff,
-    diff_all,
-    recompute,
-)
-from vpblu.model import (
+from vpblu.core.changes import apply, diff
+from vpblu.core.desiredstate import compute, diff_all, recompute
+from vpblu.core.model import (
     BlockAdded,
     BlockPolicy,
     BlockRemoved,

@@ -16,8 +16,9 @@ import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vpblu.desiredstate import DesiredResult, apply, compute, diff, diff_all, recompute
-from vpblu.model import (
+from vpblu.core.changes import apply, diff
+from vpblu.core.desiredstate import DesiredResult, compute, diff_all, recompute
+from vpblu.core.model import (
     BlockPolicy,
     CidrPair,
     ClusterSnapshot,

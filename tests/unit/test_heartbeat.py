@@ -10,10 +10,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from vpblu import wire
+from vpblu.core import wire
+from vpblu.lab.sim import RecordingApplier
 from vpblu.node.stream import HEARTBEAT_JITTER, StreamActor, StreamSettings
-from vpblu.sim import RecordingApplier
-from vpblu.transport import ClientTLS
+from vpblu.stream.transport import ClientTLS
 
 PERIOD = 10.0
 KEY = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from vpblu.identity import (
+from vpblu.stream.identity import (
     NODE_NAME_EXTRA,
     AuthenticationFailed,
     Identity,

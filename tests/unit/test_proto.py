@@ -18,13 +18,13 @@ def test_regenerating_yields_the_committed_files(tmp_path: Path) -> None:
         timeout=60,
     )
     for name in GENERATED:
-        fresh = (tmp_path / "vpblu" / "proto" / name).read_bytes()
-        committed = (ROOT / "vpblu" / "proto" / name).read_bytes()
-        assert fresh == committed, f"vpblu/proto/{name} is stale: run scripts/gen-proto.sh"
+        fresh = (tmp_path / "vpblu" / "stream" / "proto" / name).read_bytes()
+        committed = (ROOT / "vpblu" / "stream" / "proto" / name).read_bytes()
+        assert fresh == committed, f"vpblu/stream/proto/{name} is stale: run scripts/gen-proto.sh"
 
 
 def test_the_service_has_one_bidirectional_method() -> None:
-    from vpblu.proto import mesh_pb2
+    from vpblu.stream.proto import mesh_pb2
 
     service = mesh_pb2.DESCRIPTOR.services_by_name["Mesh"]
     (method,) = service.methods

@@ -8,10 +8,11 @@ import gc
 from hypothesis import given, settings
 
 from tests.unit.test_codec import KEY, controller_messages, peers, states
-from vpblu import codec, wire
-from vpblu.model import Endpoint, NodeDesiredState, Peer, PeerAdded, PeerChanged, PeerRemoved
-from vpblu.proto import mesh_pb2 as pb
-from vpblu.pushencoder import PushEncoder
+from vpblu.core import wire
+from vpblu.core.model import Endpoint, NodeDesiredState, Peer, PeerAdded, PeerChanged, PeerRemoved
+from vpblu.stream import codec
+from vpblu.stream.proto import mesh_pb2 as pb
+from vpblu.stream.pushencoder import PushEncoder
 
 
 def plain(message: wire.ControllerMessage) -> bytes:

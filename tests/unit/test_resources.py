@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from vpblu import model
-from vpblu.resources import (
-    InvalidObject,
+from vpblu.core import model
+from vpblu.core.sources import InvalidObject
+from vpblu.kube.resources import (
     parse_block_policy,
     parse_node,
     parse_rotation_policy,
@@ -84,8 +84,9 @@ def test_invalid_objects_name_the_field(parse: Any, raw: dict[str, Any], field: 
 
 
 def test_a_rotation_record_round_trips_through_status_and_decides_the_published_key() -> None:
-    from vpblu import wire
-    from vpblu.resources import RotationPhase, RotationRecord, parse_vpblu_node
+    from vpblu.core import wire
+    from vpblu.core.sources import RotationPhase, RotationRecord
+    from vpblu.kube.resources import parse_vpblu_node
 
     old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
     for phase, published in ((RotationPhase.ACTIVATE, old), (RotationPhase.RETIRE, new),

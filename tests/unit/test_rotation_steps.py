@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from tests.fakes.wireguard import FakeMeshRoutes, FakeWireGuardDevices
-from vpblu.model import Endpoint
-from vpblu.node.keys import public_key_of as pub
+from vpblu.core.model import Endpoint
+from vpblu.node.kernel.wireguard import DeviceUpdate, PeerUpdate
+from vpblu.node.kernel.wireguard import public_key_of as pub
 from vpblu.node.rotation import (
     PREWARM_TIMEOUT,
     BridgeLayout,
@@ -24,7 +25,6 @@ from vpblu.node.rotation import (
     roll_back_rotating_node,
     switch_peer_primary,
 )
-from vpblu.node.wireguard import DeviceUpdate, PeerUpdate
 
 TABLE = 5182
 LAYOUT = BridgeLayout.for_primary("wg-mesh", 51820, TABLE, 0xB20000)

@@ -5,10 +5,9 @@ from typing import Any
 
 import pytest
 
-from vpblu.model import Endpoint, network
-from vpblu.node.keys import public_key_of
-from vpblu.node.mtu import ClampRule, parse_clamp_rules
-from vpblu.node.wireguard import (
+from vpblu.core.model import Endpoint, network
+from vpblu.node.kernel.iptables import ClampRule, parse_clamp_rules
+from vpblu.node.kernel.wireguard import (
     DeviceState,
     DeviceUpdate,
     PeerConfig,
@@ -19,6 +18,7 @@ from vpblu.node.wireguard import (
     parse_get,
     parse_kernel_info,
     plan_update,
+    public_key_of,
     serialize_set,
 )
 

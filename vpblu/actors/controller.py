@@ -33,21 +33,14 @@ import attrs
 import trio
 import trio_asyncio
 
-from vpblu.kube import client as k
-from vpblu.kube import resources
 from vpblu.actors.leader import LeaderActor, LeaseSettings
-from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
-from vpblu.actors.rotation import RotationSettings
+from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
-from vpblu.actors.sessions import SessionsActor
-from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
-from vpblu.actors.state import StateActor
-from vpblu.actors.status import StatusActor
-from vpblu.actors.watcher import Parser, WatcherActor
+from vpblu.kube import client as k
+from vpblu.messages import LeaderObserved
 from vpblu.stream.identity import TokenReviewAuthenticator
-from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
-from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
+from vpblu.supervisor import ChildSpec, Supervisor, with_inbox_clone
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +94,8 @@ async def run_controller(
             ChildSpec("mesh-server", lambda: server.run),
             ChildSpec("leadership", with_inbox_clone(
                 lambda observed: LeadershipActor(
-                    kube, server, observed, streams_receive.clone(), settings, view),
+                    kube, server, observed, streams_receive.clone(), settings.session, view,
+                    full_pushes=settings.full_pushes),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(
                 lease_kube, settings.identity, settings.advertise, observed_send.clone(),

@@ -8,39 +8,31 @@ tells it who leads.
 """
 
 from __future__ import annotations
+
 import logging
-import os
-import secrets
-import socket
-from pathlib import Path
+
 import attrs
 import trio
-import trio_asyncio
-from vpblu.kube import client as k
-from vpblu.kube import resources
-from vpblu.actors.leader import LeaderActor, LeaseSettings
-from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
+
 from vpblu.actors.rotation import RotationSettings
+from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
 from vpblu.actors.session import SessionSettings
 from vpblu.actors.sessions import SessionsActor
 from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
 from vpblu.actors.state import StateActor
 from vpblu.actors.status import StatusActor
 from vpblu.actors.watcher import Parser, WatcherActor
-from vpblu.stream.identity import TokenReviewAuthenticator
+from vpblu.kube import client as k
+from vpblu.kube import resources
 from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
+from vpblu.stream.transport import MeshServer, NodeStream
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
-from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
 
+log = logging.getLogger(__name__)
 
 STATE_INBOX = 256
-
-
 STATUS_INBOX = 256
-
-
 ROTATIONS_INBOX = 256
-
 
 DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
 
@@ -87,12 +79,14 @@ class LeadershipActor:
     def __init__(self, kube: k.KubeApi, server: MeshServer,
                  observed: trio.MemoryReceiveChannel[LeaderObserved],
                  streams: trio.MemoryReceiveChannel[NodeStream],
-                 settings: ControllerSettings, view: Leadership) -> None:
+                 session: SessionSettings, view: Leadership, *,
+                 full_pushes: bool = False) -> None:
         self._kube = kube
         self._server = server
         self._observed = observed
         self._streams = streams
-        self._settings = settings
+        self._session = session
+        self._full_pushes = full_pushes
         self._view = view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -137,7 +131,7 @@ class LeadershipActor:
             status_send, status_receive = trio.open_memory_channel[StatusInbox](STATUS_INBOX)
             rotations_send, rotations_receive = trio.open_memory_channel[RotationsInbox](
                 ROTATIONS_INBOX)
-            kube, settings = self._kube, self._settings
+            kube = self._kube
 
             def watcher(w: Watched) -> ChildSpec:
                 return ChildSpec(f"watch-{w.kind.kind}",
@@ -150,7 +144,7 @@ class LeadershipActor:
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS), status_receive)),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
-                                             full_pushes=settings.full_pushes,
+                                             full_pushes=self._full_pushes,
                                              rotations=rotations_send.clone()),
                     state_receive)),
                 ChildSpec("rotations", with_inbox_clone(
@@ -161,7 +155,7 @@ class LeadershipActor:
                 *(watcher(w) for w in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(
                     self._streams.clone(), state_send.clone(), status_send.clone(),
-                    settings.session).run),
+                    self._session).run),
             ]
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
             async with (state_send, state_receive, status_send, status_receive,

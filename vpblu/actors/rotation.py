@@ -34,11 +34,9 @@ itself: its `RotationPorts` do (the StatusActor and the StateActor).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import secrets
-import time
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -47,19 +45,12 @@ import trio
 from croniter import croniter
 
 from vpblu.core import wire
+from vpblu.core.sources import LastRotation, RotationPhase, RotationRecord
 from vpblu.messages import (
     NodeRotationView,
-    PeersWanted,
     RotationInbox,
     RotationResultReceived,
-    RotationsInbox,
-    RotationStatus,
-    RotationViews,
-    SendRotationStep,
-    StateInbox,
-    StatusInbox,
 )
-from vpblu.core.sources import LastRotation, RotationPhase, RotationRecord
 
 log = logging.getLogger(__name__)
 

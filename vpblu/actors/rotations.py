@@ -4,17 +4,23 @@ StatusActor and the StateActor.
 """
 
 from __future__ import annotations
+
 import contextlib
-import datetime
-import logging
-import secrets
 import time
-from collections.abc import Iterable
-from typing import Protocol
-import attrs
+
 import trio
-from croniter import croniter
+
+from vpblu.actors.rotation import (
+    PEERS_TIMEOUT,
+    ROTATION_MAILBOX,
+    PeersUnknown,
+    RotationActor,
+    RotationPorts,
+    RotationSettings,
+    RotationToken,
+)
 from vpblu.core import wire
+from vpblu.core.sources import LastRotation, RotationRecord
 from vpblu.messages import (
     NodeRotationView,
     PeersWanted,
@@ -27,7 +33,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.core.sources import LastRotation, RotationPhase, RotationRecord
 
 
 class LeaderRotationPorts:
@@ -66,10 +71,10 @@ class RotationsActor:
     daemons' RotationResults to the rotating node's actor. Holds the RotationToken."""
 
     def __init__(self, ports: RotationPorts, inbox: trio.MemoryReceiveChannel[RotationsInbox],
-                 settings: RotationSettings = RotationSettings()) -> None:
+                 settings: RotationSettings | None = None) -> None:
         self._ports = ports
         self._inbox = inbox
-        self._settings = settings
+        self._settings = settings if settings is not None else RotationSettings()
         self._token = RotationToken()
         self._actors: dict[str, tuple[trio.CancelScope,
                                       trio.MemorySendChannel[RotationInbox]]] = {}

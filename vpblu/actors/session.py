@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState
 from vpblu.messages import (
     NodeAcked,
     PublicKeyReported,
@@ -44,7 +45,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-from vpblu.core.model import NodeDesiredState
 from vpblu.stream.transport import StreamClosed
 
 log = logging.getLogger(__name__)

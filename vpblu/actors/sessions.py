@@ -18,8 +18,8 @@ import trio
 
 from vpblu.actors.session import NodeSessionActor, SessionSettings
 from vpblu.messages import StateInbox, StatusInbox
-from vpblu.supervisor import ChildSpec, Restart, Supervisor
 from vpblu.stream.transport import NodeStream
+from vpblu.supervisor import ChildSpec, Restart, Supervisor
 
 log = logging.getLogger(__name__)
 

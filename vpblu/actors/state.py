@@ -46,6 +46,26 @@ import attrs
 import trio
 
 from vpblu.core import desiredstate
+from vpblu.core.changes import diff
+from vpblu.core.model import (
+    BlockPolicy,
+    Change,
+    ClusterSnapshot,
+    Condition,
+    NodeDesiredState,
+    NodeInfo,
+    RotationPolicy,
+    RoutePolicy,
+    TunnelPolicy,
+)
+from vpblu.core.sources import (
+    ROTATE_NOW_ANNOTATION,
+    DaemonPodSource,
+    NodeSource,
+    PolicySource,
+    Typed,
+    VpbluNodeSource,
+)
 from vpblu.messages import (
     InvalidSource,
     KindChanged,
@@ -67,25 +87,6 @@ from vpblu.messages import (
     SessionOpened,
     StateInbox,
     StatusInbox,
-)
-from vpblu.core.model import (
-    BlockPolicy,
-    Change,
-    ClusterSnapshot,
-    Condition,
-    NodeDesiredState,
-    NodeInfo,
-    RotationPolicy,
-    RoutePolicy,
-    TunnelPolicy,
-)
-from vpblu.core.sources import (
-    ROTATE_NOW_ANNOTATION,
-    DaemonPodSource,
-    NodeSource,
-    PolicySource,
-    Typed,
-    VpbluNodeSource,
 )
 
 log = logging.getLogger(__name__)
@@ -349,10 +350,7 @@ class StateActor:
                     self._offer(node, session, PushSync(generation, new))
                 continue
             old_state = previous.states.get(node) if previous is not None else None
-            if sent is old_state:
-                node_changes = changes.get(node, ())
-            else:
-                node_changes = desiredstate.diff(sent, new)
+            node_changes = changes.get(node, ()) if sent is old_state else diff(sent, new)
             if not node_changes:
                 continue
             if self._full_pushes or len(node_changes) >= _size(new):

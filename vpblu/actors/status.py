@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
+from vpblu.core.model import Condition
 from vpblu.kube.client import (
     GROUP,
     VERSION,
@@ -46,7 +47,6 @@ from vpblu.messages import (
     RotationStatus,
     StatusInbox,
 )
-from vpblu.core.model import Condition
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import tenacity
 import trio
 
+from vpblu.core.sources import InvalidObject, Typed
 from vpblu.kube.client import (
     ApiError,
     ApiUnavailable,
@@ -32,9 +33,8 @@ from vpblu.kube.client import (
     ResourceKind,
     WatchEvent,
 )
-from vpblu.messages import InvalidSource, KindChanged, KindListed, WatchMessage
-from vpblu.core.sources import InvalidObject, Typed
 from vpblu.kube.resources import meta_of
+from vpblu.messages import InvalidSource, KindChanged, KindListed, WatchMessage
 
 log = logging.getLogger(__name__)
 

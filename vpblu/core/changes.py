@@ -6,42 +6,28 @@ folds them); it knows no policy and does no I/O.
 """
 
 from __future__ import annotations
+
 import bisect
-import ipaddress
-import itertools
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
-import attrs
+
 from vpblu.core.model import (
-    DEFAULT_KEEPALIVE,
-    DEFAULT_LISTEN_PORT,
     BlockAdded,
-    BlockPolicy,
     BlockRemoved,
     Change,
     CidrPair,
-    ClusterSnapshot,
-    Condition,
-    ConditionStatus,
-    Endpoint,
     IPNetwork,
     ListenPortChanged,
     NodeDesiredState,
-    NodeInfo,
     Peer,
     PeerAdded,
     PeerChanged,
     PeerRemoved,
     Route,
     RouteAdded,
-    RoutePolicy,
     RouteRemoved,
-    TunnelMode,
-    TunnelPolicy,
 )
-
 
 CidrKey = tuple[int, int, int]
 
@@ -52,18 +38,18 @@ RouteKey = tuple[int, int, int, str]
 BlockKey = tuple[CidrKey, CidrKey]
 
 
-def _cidr_key(net: IPNetwork) -> CidrKey:
+def cidr_key(net: IPNetwork) -> CidrKey:
     # The same order model.py sorts allowed IPs, routes and blocks by.
     return (net.version, int(net.network_address), net.prefixlen)
 
 
-def _route_key(route: Route) -> RouteKey:
+def route_key(route: Route) -> RouteKey:
     net = route.cidr
     return (net.version, int(net.network_address), net.prefixlen, route.via)
 
 
-def _block_key(block: CidrPair) -> BlockKey:
-    return (_cidr_key(block.src), _cidr_key(block.dst))
+def block_key(block: CidrPair) -> BlockKey:
+    return (cidr_key(block.src), cidr_key(block.dst))
 
 
 _peer_name = operator.attrgetter("name")
@@ -72,7 +58,7 @@ _peer_name = operator.attrgetter("name")
 _T = TypeVar("_T")
 
 
-def _canonical_state(
+def canonical_state(
     node: str,
     listen_port: int,
     peers: tuple[Peer, ...],
@@ -107,9 +93,9 @@ def diff(old: NodeDesiredState, new: NodeDesiredState) -> tuple[Change, ...]:
     if old.peers != new.peers:
         _diff_peers(old.peers, new.peers, changes)
     if old.routes != new.routes:
-        _diff_sorted(old.routes, new.routes, _route_key, RouteRemoved, RouteAdded, changes)
+        _diff_sorted(old.routes, new.routes, route_key, RouteRemoved, RouteAdded, changes)
     if old.blocks != new.blocks:
-        _diff_sorted(old.blocks, new.blocks, _block_key, BlockRemoved, BlockAdded, changes)
+        _diff_sorted(old.blocks, new.blocks, block_key, BlockRemoved, BlockAdded, changes)
     return tuple(changes)
 
 
@@ -190,12 +176,12 @@ def apply(state: NodeDesiredState, changes: Iterable[Change]) -> NodeDesiredStat
             case RouteAdded(route=route) | RouteRemoved(route=route):
                 if routes is None:
                     routes = list(state.routes)
-                _apply_sorted(routes, route, _route_key, isinstance(change, RouteAdded))
+                _apply_sorted(routes, route, route_key, isinstance(change, RouteAdded))
             case BlockAdded(block=block) | BlockRemoved(block=block):
                 if blocks is None:
                     blocks = list(state.blocks)
-                _apply_sorted(blocks, block, _block_key, isinstance(change, BlockAdded))
-    return _canonical_state(
+                _apply_sorted(blocks, block, block_key, isinstance(change, BlockAdded))
+    return canonical_state(
         state.node,
         port,
         state.peers if peers is None else tuple(peers),

@@ -78,18 +78,24 @@ import bisect
 import ipaddress
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, TypeVar
 
 import attrs
 
+from vpblu.core.changes import (
+    RouteKey,
+    apply,
+    block_key,
+    canonical_state,
+    cidr_key,
+    diff,
+    route_key,
+)
 from vpblu.core.model import (
     DEFAULT_KEEPALIVE,
     DEFAULT_LISTEN_PORT,
-    BlockAdded,
     BlockPolicy,
-    BlockRemoved,
     Change,
     CidrPair,
     ClusterSnapshot,
@@ -97,7 +103,6 @@ from vpblu.core.model import (
     ConditionStatus,
     Endpoint,
     IPNetwork,
-    ListenPortChanged,
     NodeDesiredState,
     NodeInfo,
     Peer,
@@ -335,7 +340,7 @@ def _block(
         isolated.update(policy.isolate)
         drained.update(policy.drain)
         pairs.update(policy.cidr_pairs)
-    blocks = tuple(sorted(pairs, key=_block_key))
+    blocks = tuple(sorted(pairs, key=block_key))
     return (
         {k: frozenset(v) for k, v in blocked.items()},
         frozenset(isolated),
@@ -417,7 +422,7 @@ def _collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
     v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
     merged: list[IPNetwork] = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
-    return tuple(sorted(merged, key=_cidr_key))
+    return tuple(sorted(merged, key=cidr_key))
 
 
 def _cut(pieces: list[IPNetwork], cidr: IPNetwork) -> list[IPNetwork]:
@@ -556,7 +561,7 @@ def plan(
             routes[name] = tuple(Route(cidr, name) for cidr in peer.allowed_ips)
 
     mesh_peers = tuple(peers.values())  # already in name order
-    mesh_routes = tuple(sorted(itertools.chain.from_iterable(routes.values()), key=_route_key))
+    mesh_routes = tuple(sorted(itertools.chain.from_iterable(routes.values()), key=route_key))
     positions: dict[str, list[int]] = {}
     for i, route in enumerate(mesh_routes):
         positions.setdefault(route.via, []).append(i)
@@ -586,7 +591,7 @@ def state_for(topology: Topology, node: str) -> NodeDesiredState:
     Otherwise O(N) (FullMesh with blocks) or O(P log P) (Explicit)."""
     t = topology
     if node not in t.peers:
-        return _canonical_state(node, t.listen_port, (), (), t.blocks)
+        return canonical_state(node, t.listen_port, (), (), t.blocks)
     blocked = [x for x in t.blocked.get(node, ()) if x in t.peers]
     if t.mode is TunnelMode.FULL_MESH and not blocked:
         i = t.peer_index[node]
@@ -598,18 +603,18 @@ def state_for(topology: Topology, node: str) -> NodeDesiredState:
             start = pos + 1
         parts.append(t.mesh_routes[start:])
         routes = parts[0] if len(parts) == 1 else tuple(itertools.chain.from_iterable(parts))
-        return _canonical_state(node, t.listen_port, peers, routes, t.blocks)
+        return canonical_state(node, t.listen_port, peers, routes, t.blocks)
     if t.mode is TunnelMode.FULL_MESH:
         excluded = {node, *blocked}
         peers = tuple(p for p in t.mesh_peers if p.name not in excluded)
         routes = tuple(r for r in t.mesh_routes if r.via not in excluded)
-        return _canonical_state(node, t.listen_port, peers, routes, t.blocks)
+        return canonical_state(node, t.listen_port, peers, routes, t.blocks)
     partners = sorted(x for x in t.explicit.get(node, ()) if t.is_neighbour(node, x))
     peers = tuple(t.peers[x] for x in partners)
     routes = tuple(
-        sorted(itertools.chain.from_iterable(t.routes[x] for x in partners), key=_route_key)
+        sorted(itertools.chain.from_iterable(t.routes[x] for x in partners), key=route_key)
     )
-    return _canonical_state(node, t.listen_port, peers, routes, t.blocks)
+    return canonical_state(node, t.listen_port, peers, routes, t.blocks)
 
 
 def compute(snapshot: ClusterSnapshot, previous: Topology | None = None) -> DesiredResult:
@@ -755,13 +760,13 @@ def _view_changes(
                 peer_changes.append(PeerChanged(new.peers[other]))
             gone = set(old.routes[other])
             came = set(new.routes[other])
-            route_changes.extend((_route_key(r), RouteRemoved(r)) for r in gone - came)
-            route_changes.extend((_route_key(r), RouteAdded(r)) for r in came - gone)
+            route_changes.extend((route_key(r), RouteRemoved(r)) for r in gone - came)
+            route_changes.extend((route_key(r), RouteAdded(r)) for r in came - gone)
         elif was:
             peer_changes.append(PeerRemoved(other))
-            route_changes.extend((_route_key(r), RouteRemoved(r)) for r in old.routes[other])
+            route_changes.extend((route_key(r), RouteRemoved(r)) for r in old.routes[other])
         elif now:
             peer_changes.append(PeerAdded(new.peers[other]))
-            route_changes.extend((_route_key(r), RouteAdded(r)) for r in new.routes[other])
+            route_changes.extend((route_key(r), RouteAdded(r)) for r in new.routes[other])
     route_changes.sort(key=operator.itemgetter(0))
     return (*peer_changes, *(change for _, change in route_changes))

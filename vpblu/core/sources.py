@@ -6,15 +6,13 @@ Pure data: no I/O, no parsing, no clock.
 """
 
 from __future__ import annotations
-import enum
-import ipaddress
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-import attrs
-from croniter import croniter
-from vpblu.core import model, wire
 
+import enum
+from typing import Any
+
+import attrs
+
+from vpblu.core import model, wire
 
 RawObject = dict[str, Any]
 

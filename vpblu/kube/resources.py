@@ -1,7 +1,7 @@
 """Raw Kubernetes objects become typed values here, and nowhere else.
 
 Owns the translation of API dicts (Node, VpbluNode and the four policy kinds)
-into vpblu/model.py values. A dict that cannot be typed raises `InvalidObject`
+into vpblu/core/sources.py values. A dict that cannot be typed raises `InvalidObject`
 naming the field, so the watcher can report it as a status condition instead
 of crashing; nothing past this module ever sees a dict.
 
@@ -12,7 +12,6 @@ before a schema tightened.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,18 @@ import attrs
 from croniter import croniter
 
 from vpblu.core import model, wire
+from vpblu.core.sources import (
+    DaemonPodSource,
+    InvalidObject,
+    LastRotation,
+    NodeSource,
+    ObjectMeta,
+    PolicySource,
+    RawObject,
+    RotationPhase,
+    RotationRecord,
+    VpbluNodeSource,
+)
 
 
 def meta_of(raw: RawObject) -> ObjectMeta:

@@ -1,4 +1,5 @@
-"""`vpblu demo`: a 3-node encrypted mesh on this machine, shown converging and carrying traffic.
+"""`python -m vpblu.lab.demo` (`make demo`): a 3-node encrypted mesh on this machine,
+shown converging and carrying traffic.
 
 Owns the story told on the terminal, nothing else: the cluster itself is
 `vpblu.lab.localcluster`, which also removes everything when the demo ends
@@ -9,11 +10,13 @@ shortened).
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -205,3 +208,22 @@ def _status_view(cluster: LocalCluster) -> str:
                 f"{names.get(p.public_key, short(p.public_key)):8} {p.endpoint or '-':18} "
                 f"{age:>10} {p.rx_bytes:>9} {p.tx_bytes:>9}")
     return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpblu.lab.demo",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of live status before cleaning up (default: until Ctrl-C)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_demo(DemoSettings(nodes=args.nodes, duration=args.duration))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

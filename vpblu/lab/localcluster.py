@@ -5,7 +5,7 @@ kube-apiserver on loopback) with `kustomize/base` applied by
 `kubectl apply -k`, a throwaway CA and the controllers' serving certificate,
 two controller replica processes, one underlay network, N node network
 namespaces each running the real `vpblu daemon run`, and pods behind veths on
-every node. Used by `vpblu demo`, the end-to-end acceptance suite and the
+every node. Used by the demo (`make demo`), the end-to-end acceptance suite and the
 benchmark. It must never leave anything behind: every exit path (normal exit,
 exception, Ctrl-C) stops the daemons, runs `vpblu daemon cleanup` on every
 node, stops the controllers, ends the wireguard-go processes of its
@@ -72,11 +72,11 @@ import attrs
 import yaml
 
 from vpblu.lab.pki import CertAuthority, write_private
-from vpblu.lab.testenv import ChildProcess, TestEnv, install_base, spawn_child
+from vpblu.lab.testenv import ChildProcess, TestEnv, install_base, pid_alive, spawn_child
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZE_BASE = REPO / "kustomize" / "base"
 KUSTOMIZE_SAMPLES = REPO / "kustomize" / "samples"
 
@@ -220,16 +220,6 @@ def nsenter(netns: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wireguard_go_pids(prefix: str) -> list[int]:
     """Processes running `wireguard-go <interface>` for an interface named prefix*."""
     pids = []
@@ -279,7 +269,7 @@ def sweep_stale(root: Path | None = None) -> list[str]:
             tag = (d / TAG_FILE).read_text().strip()
         except (OSError, ValueError):
             continue
-        if owner != os.getpid() and not _pid_alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             _remove_tag(tag)
             shutil.rmtree(d, ignore_errors=True)
             swept.append(tag)

@@ -32,12 +32,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from vpblu.core import desiredstate, wire
-from vpblu.messages import RotationStepDone
+from vpblu.core import wire
+from vpblu.core.changes import diff
 from vpblu.core.model import NodeDesiredState, Peer, PeerRemoved
-from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.lab.pki import CertAuthority, write_private
 from vpblu.lab.testenv import TestEnv
+from vpblu.messages import RotationStepDone
+from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.stream.transport import ClientTLS, ServerTLS
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class RecordingApplier:
             if self._on_applied is not None:
                 self._on_applied(self.node)
             return
-        changes = desiredstate.diff(self.current or NodeDesiredState(state.node), state)
+        changes = diff(self.current or NodeDesiredState(state.node), state)
         removed = sum(isinstance(c, PeerRemoved) for c in changes)
         self.writes += len(changes)
         self.peers_removed += removed

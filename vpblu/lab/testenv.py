@@ -207,7 +207,7 @@ def free_port() -> int:
         return port
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -230,7 +230,7 @@ def sweep_stale_dirs(root: Path | None = None) -> list[Path]:
             owner = int((d / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if owner != os.getpid() and not _pid_alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -646,7 +646,7 @@ if __name__ == "__main__":
 # --- vpblu's kustomize base on a TestEnv ----------------------------------------------
 
 # The repository checkout (vpblu is installed editable from it).
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "kustomize" / "base"
 SAMPLES = REPO / "kustomize" / "samples"
 CRD_NAMES = frozenset({

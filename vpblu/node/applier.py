@@ -1,11 +1,29 @@
-"""(split from vpblu.node.daemon)"""
+"""KernelApplier: the StreamActor's `Applier` (and `Rotator`). It asks
+the NetlinkActor and the BpfMapActor by message and raises when either fails,
+so the StreamActor acknowledges the generation with an error.
+
+Order of one apply (no packet is ever marked for a CIDR that has no mesh
+route): (1) the NetlinkActor gets the new peers and the union of the new
+routes and those the classifier still marks; (2) the BpfMapActor gets the new
+routes and blocks; (3) only if a route went away, the NetlinkActor gets the
+exact state, removing routes nothing marks any more. Behind all of it the mesh
+table ends in ``unreachable default`` (NetlinkActor), so even a marked packet
+without a route is dropped, never sent in the clear through the main table.
+After a restart the applier does not know what the pinned maps mark; its first
+apply may then remove a route a moment before its mark, and those packets hit
+the unreachable default: dropped, not leaked.
+"""
 
 from __future__ import annotations
+
 import logging
 from typing import Protocol
+
 import attrs
 import trio
+
 from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState, Route
 from vpblu.messages import (
     Applied,
     ApplyDataPath,
@@ -13,27 +31,21 @@ from vpblu.messages import (
     ApplyOutcome,
     BpfMapInbox,
     DataPathApplied,
-    MtuInbox,
     NetlinkInbox,
     RotationStepDone,
     RunRotationStep,
 )
-from vpblu.core.model import NodeDesiredState, Route
-from vpblu.node.bpfmaps import BpfMapActor
-from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import KEY_FILE_NAME, KeyStore
-from vpblu.node.kernel.iptables import IptablesMtuKernel
-from vpblu.node.mtu import MtuActor
-from vpblu.node.kernel.iproute import IPRouteKernel
-from vpblu.node.netlink import NetlinkActor, remove_mesh
-from vpblu.node.stream import StreamActor, StreamSettings
-from vpblu.node.kernel.wireguard import (
-    KernelBackend,
-    UserspaceBackend,
-    WireGuardBackend,
-    select_backend,
-)
-from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
+
+log = logging.getLogger(__name__)
+
+# One apply step waits this long for its actor's reply; an actor that crashed
+# holding the request never answers, and the StreamActor must get an error Ack
+# rather than hang (its next SyncState retries, level-triggered).
+APPLY_STEP_TIMEOUT = 30.0
+
+# A rotation step may wait behind an apply, and runs under the NetlinkActor's own
+# ROTATION_STEP_TIMEOUT (45 s).
+ROTATION_STEP_WAIT = 90.0
 
 
 class _Writes(Protocol):

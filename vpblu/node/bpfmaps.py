@@ -20,64 +20,37 @@ message; and it never touches routes or ip rules (NetlinkActor owns those).
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fnmatch
-import ipaddress
-import os
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
-from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
 from vpblu.core.model import CidrPair, IPNetwork
-from vpblu.node import bpftables
-from vpblu.node.bpftables import (
-    BLOCK_WORDS,
+from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
+from vpblu.node.config import DaemonConfig
+from vpblu.node.kernel import bpftables
+from vpblu.node.kernel.bcc import (
+    CLASSIFIER_SOURCE,
+    BccClassifier,
+    NetlinkPodLinks,
+    PodLink,
+    remove_pins,
+)
+from vpblu.node.kernel.bpftables import (
     ClassifierConfig,
     ClassifierTables,
     DestKind,
     TableDiff,
     TooManyBlockRules,
 )
-from vpblu.node.config import DaemonConfig
-
-CLASSIFIER_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "classifier.c"
-CLASSIFIER_FUNCTION = b"classify"
-MAP_NAMES = ("block_src", "block_dst", "dest", "config", "counters")
 
 # Indexes of the per-CPU counters (classifier.c COUNTER_*).
 COUNTER_MARKED = 0
 COUNTER_DROPPED_BLOCKED = 1
 COUNTER_PASSED = 2
 COUNTER_DROPPED_STRICT = 3
-
-# Our filter's identity on a link: `tc filter replace` swaps a program only at
-# the same parent, prio, protocol and handle. 0xB1 keeps clear of prio 1, which
-# other tools commonly take.
-TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress, "ffff:fff2"
-TC_EGRESS_PARENT = 0xFFFFFFF3
-FILTER_PRIO = 0xB1
-FILTER_HANDLE = 0xB1
-FILTER_NAME = "vpblu-classify"
-ETH_P_ALL = 0x0003
-
-RTMGRP_LINK = 1
-NETLINK_RECV_SIZE = 1 << 16
-MAX_DRAINED_EVENTS = 256
-
-_FAMILY_BYTE = {4: 4, 6: 6}
-_ADDR_BITS = {4: 32, 6: 128}
-
-
-@attrs.frozen(slots=True)
-class PodLink:
-    index: int
-    name: str
 
 
 @attrs.frozen(slots=True)

@@ -6,20 +6,8 @@ the daemon before anything on the node is touched), picks the WireGuard
 backend (and logs which), and runs one supervisor over NetlinkActor, MtuActor,
 BpfMapActor and StreamActor, in that order: the interface exists before its
 MTU is set, and the kernel actors hold their resources before the stream can
-ask them for anything. `KernelApplier` is the StreamActor's `Applier`: it asks
-the NetlinkActor and the BpfMapActor by message and raises when either fails,
-so the StreamActor acknowledges the generation with an error.
-
-Order of one apply (no packet is ever marked for a CIDR that has no mesh
-route): (1) the NetlinkActor gets the new peers and the union of the new
-routes and those the classifier still marks; (2) the BpfMapActor gets the new
-routes and blocks; (3) only if a route went away, the NetlinkActor gets the
-exact state, removing routes nothing marks any more. Behind all of it the mesh
-table ends in ``unreachable default`` (NetlinkActor), so even a marked packet
-without a route is dropped, never sent in the clear through the main table.
-After a restart the applier does not know what the pinned maps mark; its first
-apply may then remove a route a moment before its mark, and those packets hit
-the unreachable default: dropped, not leaked.
+ask them for anything. The StreamActor applies through
+`vpblu.node.applier.KernelApplier`.
 
 `cleanup_node` is the uninstall: it removes everything the daemon created and
 keeps the key unless asked. It must never run while a daemon runs on the node,
@@ -30,50 +18,33 @@ API server went away (DESIGN §7).
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 import attrs
 import trio
 
-from vpblu.core import wire
 from vpblu.messages import (
-    Applied,
-    ApplyDataPath,
-    ApplyDesiredState,
-    ApplyOutcome,
     BpfMapInbox,
-    DataPathApplied,
     MtuInbox,
     NetlinkInbox,
-    RotationStepDone,
-    RunRotationStep,
 )
-from vpblu.core.model import NodeDesiredState, Route
+from vpblu.node.applier import KernelApplier
 from vpblu.node.bpfmaps import BpfMapActor
 from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import KEY_FILE_NAME, KeyStore
-from vpblu.node.kernel.iptables import IptablesMtuKernel
-from vpblu.node.mtu import MtuActor
 from vpblu.node.kernel.iproute import IPRouteKernel
-from vpblu.node.netlink import NetlinkActor, remove_mesh
-from vpblu.node.stream import StreamActor, StreamSettings
+from vpblu.node.kernel.iptables import IptablesMtuKernel
 from vpblu.node.kernel.wireguard import (
     KernelBackend,
     UserspaceBackend,
     WireGuardBackend,
     select_backend,
 )
+from vpblu.node.keys import KEY_FILE_NAME, KeyStore
+from vpblu.node.mtu import MtuActor
+from vpblu.node.netlink import NetlinkActor, remove_mesh
+from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
 log = logging.getLogger(__name__)
-
-# One apply step waits this long for its actor's reply; an actor that crashed
-# holding the request never answers, and the StreamActor must get an error Ack
-# rather than hang (its next SyncState retries, level-triggered).
-APPLY_STEP_TIMEOUT = 30.0
-# A rotation step may wait behind an apply, and runs under the NetlinkActor's own
-# ROTATION_STEP_TIMEOUT (45 s).
-ROTATION_STEP_WAIT = 90.0
 
 
 @attrs.frozen(slots=True)

@@ -36,20 +36,16 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
-    PublicFormat,
 )
 
 from vpblu.core.model import WG_KEY_LEN
-
-if TYPE_CHECKING:
-    from vpblu.node.kernel.wireguard import WireGuardBackend
+from vpblu.node.kernel.wireguard import DeviceUpdate, WireGuardBackend, public_key_of
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +81,7 @@ class _Secret:
         return bytes(self._buf)
 
     def public_key(self) -> str:
-        public = X25519PrivateKey.from_private_bytes(bytes(self._buf)).public_key()
-        return base64.b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+        return public_key_of(bytes(self._buf))
 
     def zeroize(self) -> None:
         for i in range(len(self._buf)):
@@ -254,8 +249,6 @@ class KeyStore:
 
     async def install(self, backend: WireGuardBackend, interface: str) -> None:
         """Write the private key into `interface`: the only way it leaves here."""
-        from vpblu.node.kernel.wireguard import DeviceUpdate
-
         await backend.write(interface, DeviceUpdate(private_key=self._active.bytes()))
 
     def close(self) -> None:

@@ -20,71 +20,19 @@ that is already there (``iptables -C`` first), or create the mesh interface
 from __future__ import annotations
 
 import logging
-import re
-import shlex
-import socket
-import subprocess
-from typing import Any, Protocol
+from typing import Protocol
 
-import attrs
 import trio
 
 from vpblu.messages import CheckMtu, MtuInbox, MtuStatus
 from vpblu.node.config import DaemonConfig
-from vpblu.node.kernel.nsexec import command_prefix, run_in_netns
+from vpblu.node.kernel.iptables import ClampRule
 
 log = logging.getLogger(__name__)
 
 MTU_RECHECK_INTERVAL = 30.0
-IPTABLES_LOCK_WAIT = "5"
 # IPv4 20 + TCP 20 bytes of headers between the MTU and the MSS.
 TCP_IPV4_HEADERS = 40
-RULE_COMMENT = "vpblu"
-MANGLE_CHAIN = "FORWARD"
-
-
-@attrs.frozen(slots=True, order=True)
-class ClampRule:
-    """SYNs going out of (``-o``) or coming in from (``-i``) `interface` get MSS `mss`."""
-
-    direction: str  # "-o" | "-i"
-    interface: str
-    mss: int
-
-    def spec(self) -> list[str]:
-        return [
-            MANGLE_CHAIN,
-            self.direction,
-            self.interface,
-            "-p",
-            "tcp",
-            "--tcp-flags",
-            "SYN,RST",
-            "SYN",
-            "-m",
-            "comment",
-            "--comment",
-            RULE_COMMENT,
-            "-j",
-            "TCPMSS",
-            "--set-mss",
-            str(self.mss),
-        ]
-
-
-_SAVED_RULE = re.compile(r"^-A FORWARD (?P<dir>-[io]) (?P<iface>\S+) .*--set-mss (?P<mss>\d+)")
-
-
-def parse_clamp_rules(saved: str) -> tuple[tuple[ClampRule, str], ...]:
-    """Our rules in ``iptables -t mangle -S FORWARD`` output, with their lines."""
-    found = []
-    for line in saved.splitlines():
-        if f"--comment {RULE_COMMENT} " not in line and f'--comment "{RULE_COMMENT}" ' not in line:
-            continue
-        m = _SAVED_RULE.match(line)
-        if m:
-            found.append((ClampRule(m["dir"], m["iface"], int(m["mss"])), line))
-    return tuple(found)
 
 
 class MtuKernel(Protocol):

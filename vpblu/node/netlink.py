@@ -31,12 +31,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
-import attrs
 import trio
 
 from vpblu.core import wire
+from vpblu.core.model import IPNetwork, NodeDesiredState
 from vpblu.messages import (
     Applied,
     ApplyDesiredState,
@@ -46,23 +46,16 @@ from vpblu.messages import (
     RotationStepDone,
     RunRotationStep,
 )
-from vpblu.core.model import IPNetwork, NodeDesiredState, network
 from vpblu.node import rotation
 from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import KeyFileError, KeyStore
-from vpblu.node.kernel.nsexec import run_in_netns
+from vpblu.node.kernel.iproute import KernelStatistics, MeshRule
 from vpblu.node.kernel.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
+from vpblu.node.keys import KeyFileError, KeyStore
 
 log = logging.getLogger(__name__)
 
-IFF_UP = 0x1
-ENOENT = 2
 EEXIST = 17
 ESRCH = 3
-# rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
-RP_FILTER_OFF = 0
-RP_FILTER_LOOSE = 2
-RTN_UNREACHABLE = 7
 # One step waits at most for a prewarm handshake per peer it touches (12 s each,
 # concurrently on rollback) and a drain; a stuck device must not hold the
 # actor's inbox (and every apply behind it) forever.
@@ -74,23 +67,6 @@ ROTATING_NODE_STEPS = frozenset({
     wire.RotationStepKind.ROLL_BACK_ROTATING,
     wire.RotationStepKind.ABANDON_ROTATING,
 })
-_DEFAULT_DST: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
-
-
-@attrs.frozen(slots=True)
-class MeshRule:
-    """``ip rule fwmark <fwmark>/<mask> lookup <table> priority <priority>``."""
-
-    family: int
-    fwmark: int
-    mask: int
-    table: int
-    priority: int
-
-
-@attrs.frozen(slots=True)
-class KernelStatistics:
-    writes: int
 
 
 class MeshKernel(Protocol):

@@ -126,8 +126,13 @@ import attrs
 import trio
 
 from vpblu.core.model import Endpoint, IPNetwork
-from vpblu.node.kernel.wireguard import public_key_of
-from vpblu.node.kernel.wireguard import DeviceUpdate, PeerConfig, PeerUpdate, WireGuardBackend
+from vpblu.node.kernel.wireguard import (
+    DeviceUpdate,
+    PeerConfig,
+    PeerUpdate,
+    WireGuardBackend,
+    public_key_of,
+)
 
 DEFAULT_BRIDGE_SUFFIX = "-rot"
 # A handshake takes one round trip; 12 s also covers one REKEY_TIMEOUT (5 s) retry when the

@@ -34,11 +34,12 @@ from typing import Protocol
 import attrs
 import trio
 
-from vpblu.core import desiredstate, wire
-from vpblu.messages import RotationStepDone
+from vpblu.core import wire
+from vpblu.core.changes import apply
 from vpblu.core.model import NodeDesiredState
-from vpblu.supervisor import Backoff
+from vpblu.messages import RotationStepDone
 from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
+from vpblu.supervisor import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ class StreamActor:
                         acks.append(wire.Ack(gen, f"delta base {base} is not the applied "
                                                   f"generation {current_gen}"))
                         continue
-                    target = AppliedRecord(gen, desiredstate.apply(target.state, changes))
+                    target = AppliedRecord(gen, apply(target.state, changes))
                 case wire.Redirect(leader=leader):
                     raise _Redirected(leader)
                 case wire.Refused(reason=reason):

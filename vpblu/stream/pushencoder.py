@@ -32,7 +32,6 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from vpblu.stream import codec
 from vpblu.core import wire
 from vpblu.core.model import (
     BlockAdded,
@@ -48,6 +47,7 @@ from vpblu.core.model import (
     RouteAdded,
     RouteRemoved,
 )
+from vpblu.stream import codec
 
 V = TypeVar("V", Peer, Route, CidrPair)
 

@@ -59,8 +59,8 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from vpblu.stream import codec
 from vpblu.core import wire
+from vpblu.stream import codec
 from vpblu.stream.codec import ProtocolViolation
 from vpblu.stream.identity import AuthenticationFailed, Authenticator, Identity
 from vpblu.stream.proto import mesh_grpc

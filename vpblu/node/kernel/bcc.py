@@ -6,29 +6,67 @@ Only the BpfMapActor calls these adapters; they keep no policy.
 """
 
 from __future__ import annotations
+
 import ctypes
 import errno
 import fnmatch
+import importlib.resources
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
 import attrs
 import trio
-from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
-from vpblu.core.model import CidrPair, IPNetwork
-from vpblu.node import bpftables
-from vpblu.node.bpftables import (
+
+from vpblu.core.model import IPNetwork
+from vpblu.node.kernel import bpftables
+from vpblu.node.kernel.bpftables import (
     BLOCK_WORDS,
     ClassifierConfig,
     ClassifierTables,
     DestKind,
     TableDiff,
-    TooManyBlockRules,
 )
-from vpblu.node.config import DaemonConfig
+
+# bpf/ ships as the package vpblu.bpf (pyproject.toml), in a wheel as in a checkout.
+CLASSIFIER_SOURCE = Path(str(importlib.resources.files("vpblu.bpf").joinpath("classifier.c")))
+
+CLASSIFIER_FUNCTION = b"classify"
+
+MAP_NAMES = ("block_src", "block_dst", "dest", "config", "counters")
+
+# Our filter's identity on a link: `tc filter replace` swaps a program only at
+# the same parent, prio, protocol and handle. 0xB1 keeps clear of prio 1, which
+# other tools commonly take.
+TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress, "ffff:fff2"
+
+TC_EGRESS_PARENT = 0xFFFFFFF3
+
+FILTER_PRIO = 0xB1
+
+FILTER_HANDLE = 0xB1
+
+FILTER_NAME = "vpblu-classify"
+
+ETH_P_ALL = 0x0003
+
+RTMGRP_LINK = 1
+
+NETLINK_RECV_SIZE = 1 << 16
+
+MAX_DRAINED_EVENTS = 256
+
+_FAMILY_BYTE = {4: 4, 6: 6}
+
+_ADDR_BITS = {4: 32, 6: 128}
+
+@attrs.frozen(slots=True)
+class PodLink:
+    index: int
+    name: str
+
 
 
 class NetlinkPodLinks:

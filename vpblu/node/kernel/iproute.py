@@ -7,29 +7,39 @@ run on the trio thread under trio-asyncio).
 """
 
 from __future__ import annotations
-import contextlib
-import logging
+
 import socket
-from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
+
 import attrs
-import trio
-from vpblu.core import wire
-from vpblu.messages import (
-    Applied,
-    ApplyDesiredState,
-    ApplyFailed,
-    ApplyOutcome,
-    NetlinkInbox,
-    RotationStepDone,
-    RunRotationStep,
-)
-from vpblu.core.model import IPNetwork, NodeDesiredState, network
-from vpblu.node import rotation
-from vpblu.node.config import DaemonConfig
-from vpblu.node.keys import KeyFileError, KeyStore
+
+from vpblu.core.model import IPNetwork, network
 from vpblu.node.kernel.nsexec import run_in_netns
-from vpblu.node.kernel.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
+
+IFF_UP = 0x1
+ENOENT = 2
+
+# rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
+RP_FILTER_OFF = 0
+RP_FILTER_LOOSE = 2
+RTN_UNREACHABLE = 7
+_DEFAULT_DST: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+@attrs.frozen(slots=True)
+class MeshRule:
+    """``ip rule fwmark <fwmark>/<mask> lookup <table> priority <priority>``."""
+
+    family: int
+    fwmark: int
+    mask: int
+    table: int
+    priority: int
+
+@attrs.frozen(slots=True)
+class KernelStatistics:
+    writes: int
+
 
 
 class IPRouteKernel:
@@ -70,33 +80,26 @@ class IPRouteKernel:
             found = ipr.link_lookup(ifname=interface)
             if not found:
                 return frozenset()
-            nets: set[IPNetwork] = set()
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for msg in ipr.get_routes(family=family, table=table):
-                    if msg.get_attr("RTA_TABLE") != table or msg.get_attr("RTA_OIF") != found[0]:
-                        continue
-                    dst = msg.get_attr("RTA_DST")
-                    if dst is None:
-                        dst = "0.0.0.0" if family == socket.AF_INET else "::"
-                    nets.add(network(f"{dst}/{msg['dst_len']}"))
-            return frozenset(nets)
+            return frozenset(net for net, oif in _table_routes(ipr, table) if oif == found[0])
 
         result: frozenset[IPNetwork] = await self._call(dump)
         return result
 
     async def add_route(self, table: int, interface: str, cidr: IPNetwork) -> None:
-        self._writes += 1
-        await self._call(
-            lambda ipr: ipr.route(
-                "add", dst=str(cidr), oif=_index(ipr, interface), table=table, family=_family(cidr)
-            )
-        )
+        await self._route("add", table, interface, cidr)
 
     async def delete_route(self, table: int, interface: str, cidr: IPNetwork) -> None:
+        await self._route("del", table, interface, cidr)
+
+    async def replace_route(self, table: int, cidr: IPNetwork, interface: str) -> None:
+        await self._route("replace", table, interface, cidr)
+
+    async def _route(self, command: str, table: int, interface: str, cidr: IPNetwork) -> None:
         self._writes += 1
         await self._call(
             lambda ipr: ipr.route(
-                "del", dst=str(cidr), oif=_index(ipr, interface), table=table, family=_family(cidr)
+                command, dst=str(cidr), oif=_index(ipr, interface), table=table,
+                family=_family(cidr)
             )
         )
 
@@ -144,23 +147,16 @@ class IPRouteKernel:
         return result
 
     async def add_rule(self, rule: MeshRule) -> None:
-        self._writes += 1
-        await self._call(
-            lambda ipr: ipr.rule(
-                "add",
-                family=rule.family,
-                fwmark=rule.fwmark,
-                fwmask=rule.mask,
-                table=rule.table,
-                priority=rule.priority,
-            )
-        )
+        await self._rule("add", rule)
 
     async def delete_rule(self, rule: MeshRule) -> None:
+        await self._rule("del", rule)
+
+    async def _rule(self, command: str, rule: MeshRule) -> None:
         self._writes += 1
         await self._call(
             lambda ipr: ipr.rule(
-                "del",
+                command,
                 family=rule.family,
                 fwmark=rule.fwmark,
                 fwmask=rule.mask,
@@ -197,29 +193,10 @@ class IPRouteKernel:
     async def table_routes(self, table: int) -> dict[IPNetwork, str]:
         def dump(ipr: Any) -> dict[IPNetwork, str]:
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            found: dict[IPNetwork, str] = {}
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for msg in ipr.get_routes(family=family, table=table):
-                    oif = msg.get_attr("RTA_OIF")
-                    if msg.get_attr("RTA_TABLE") != table or oif not in names:
-                        continue
-                    dst = msg.get_attr("RTA_DST")
-                    if dst is None:
-                        dst = "0.0.0.0" if family == socket.AF_INET else "::"
-                    found[network(f"{dst}/{msg['dst_len']}")] = names[oif]
-            return found
+            return {net: names[oif] for net, oif in _table_routes(ipr, table) if oif in names}
 
         result: dict[IPNetwork, str] = await self._call(dump)
         return result
-
-    async def replace_route(self, table: int, cidr: IPNetwork, interface: str) -> None:
-        self._writes += 1
-        await self._call(
-            lambda ipr: ipr.route(
-                "replace", dst=str(cidr), oif=_index(ipr, interface), table=table,
-                family=_family(cidr)
-            )
-        )
 
     async def link_mtu(self, interface: str) -> int:
         def mtu(ipr: Any) -> int:
@@ -243,3 +220,17 @@ def _index(ipr: Any, interface: str) -> int:
 
 def _family(cidr: IPNetwork) -> int:
     return socket.AF_INET if cidr.version == 4 else socket.AF_INET6
+
+
+def _table_routes(ipr: Any, table: int) -> list[tuple[IPNetwork, int | None]]:
+    """Every route of `table` (both families) with its output interface index."""
+    found = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=table):
+            if msg.get_attr("RTA_TABLE") != table:
+                continue
+            dst = msg.get_attr("RTA_DST")
+            if dst is None:
+                dst = "0.0.0.0" if family == socket.AF_INET else "::"
+            found.append((network(f"{dst}/{msg['dst_len']}"), msg.get_attr("RTA_OIF")))
+    return found

@@ -24,10 +24,11 @@ from typing import Any, Protocol
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from vpblu.core.model import Endpoint, IPNetwork, Peer, network
 from vpblu.node.config import DaemonConfig
-from vpblu.node.kernel.wireguard import public_key_of
 from vpblu.node.kernel.nsexec import command_prefix, run_in_netns
 
 log = logging.getLogger(__name__)
@@ -651,5 +652,6 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
 
 
 def public_key_of(private: bytes) -> str:
-    """The base64 public key that belongs to a raw private key."""
-    return _Secret(private).public_key()
+    """The base64 public key that belongs to a raw 32-byte private key (X25519)."""
+    public = X25519PrivateKey.from_private_bytes(private).public_key()
+    return base64.b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()

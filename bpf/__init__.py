@@ -1,0 +1,1 @@
+"""The eBPF C sources the daemon compiles with bcc at start (package data)."""
