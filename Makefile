@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-system setup-python setup-kube test lint unit demo bench clean-host
+.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host
 
 setup: setup-system setup-python setup-kube
 
@@ -33,3 +33,9 @@ demo: setup
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors
 
+# The slow suites (integration, e2e) RUNS times in a row, each a fresh pytest
+# process; per-test failures and anything left behind are reported and written
+# to bench/results/repeat-<stamp>.txt.
+RUNS ?= 5
+test-repeat: setup
+	$(PY) scripts/test_repeat.py --runs $(RUNS)
