@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 from typing import Any
 
@@ -15,6 +14,7 @@ import attrs
 import trio
 
 from vpblu.node.kernel.nsexec import command_prefix, run_in_netns
+from vpblu.node.kernel.underlay import find_underlay
 
 IPTABLES_LOCK_WAIT = "5"
 
@@ -83,21 +83,8 @@ class IptablesMtuKernel:
 
     async def underlay(self, configured: str | None) -> tuple[str, int]:
         def find(ipr: Any) -> tuple[str, int]:
-            if configured is not None:
-                index = ipr.link_lookup(ifname=configured)
-                if not index:
-                    raise OSError(f"underlay interface {configured} does not exist")
-            else:
-                defaults = [
-                    r
-                    for r in ipr.get_routes(family=socket.AF_INET, table=254)
-                    if r["dst_len"] == 0 and r.get_attr("RTA_OIF")
-                ]
-                if not defaults:
-                    raise OSError("no default route: set underlay_interface")
-                index = [defaults[0].get_attr("RTA_OIF")]
-            link = ipr.get_links(index[0])[0]
-            return str(link.get_attr("IFLA_IFNAME")), int(link.get_attr("IFLA_MTU"))
+            link = find_underlay(ipr, configured)
+            return link.name, link.mtu
 
         result: tuple[str, int] = await self._ipr(find)
         return result
