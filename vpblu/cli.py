@@ -128,6 +128,12 @@ def _node_resource_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtu-overhead", type=int, default=c.DEFAULT_MTU_OVERHEAD)
     p.add_argument("--wireguard-backend", choices=["auto", "kernel", "userspace"],
                    default="auto")
+    p.add_argument("--table", type=int, default=c.MESH_TABLE,
+                   help="the routing table pod ranges are steered into")
+    p.add_argument("--rule-priority", type=int, default=c.MESH_RULE_PRIORITY,
+                   help="priority of the steering rules (the next lower one exempts WireGuard)")
+    p.add_argument("--wg-fwmark", type=lambda v: int(v, 0), default=c.WG_SOCKET_FWMARK,
+                   help="mark on WireGuard's own UDP; pick a bit no other component uses")
 
 
 def _daemon_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -166,6 +172,10 @@ def _daemon_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         underlay_interface=args.underlay_interface,
         mtu_overhead=args.mtu_overhead,
         wireguard_backend=args.wireguard_backend,
+        table=args.table,
+        rule_priority=args.rule_priority,
+        wg_socket_fwmark=args.wg_fwmark,
+        wg_socket_fwmark_mask=args.wg_fwmark,
     )
 
 

@@ -53,7 +53,10 @@ def vnode(i: int) -> VpbluNodeSource:
 
 
 def mesh(generation: int = 1) -> PolicySource:
-    return PolicySource(meta("mesh", generation), model.TunnelPolicy("mesh", generation))
+    # A cluster range covering every node's pod CIDR, as operators are told to
+    # set: a node joining then changes no one's data path, only their peers.
+    return PolicySource(meta("mesh", generation), model.TunnelPolicy(
+        "mesh", generation, cluster_cidrs=(model.network("10.244.0.0/16"),)))
 
 
 class Harness:

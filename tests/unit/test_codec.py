@@ -17,6 +17,8 @@ from vpblu.core.model import (
     BlockRemoved,
     Change,
     CidrPair,
+    DataPath,
+    DataPathChanged,
     Endpoint,
     ListenPortChanged,
     NodeDesiredState,
@@ -53,6 +55,8 @@ endpoints = st.none() | st.builds(Endpoint, hosts, ports)
 peers = st.builds(Peer, names, keys, endpoints, st.lists(nets, max_size=4), st.integers(0, 65535))
 routes = st.builds(Route, nets, names)
 blocks = st.builds(CidrPair, nets, nets)
+datapaths = st.builds(DataPath, st.lists(nets, max_size=3), st.lists(nets, max_size=5),
+                      st.booleans())
 states = st.builds(
     NodeDesiredState,
     names,
@@ -60,6 +64,7 @@ states = st.builds(
     st.lists(peers, max_size=5, unique_by=lambda p: p.name),
     st.lists(routes, max_size=5),
     st.lists(blocks, max_size=5),
+    datapaths,
 )
 changes: st.SearchStrategy[Change] = st.one_of(
     st.builds(PeerAdded, peers),
@@ -70,6 +75,7 @@ changes: st.SearchStrategy[Change] = st.one_of(
     st.builds(BlockAdded, blocks),
     st.builds(BlockRemoved, blocks),
     st.builds(ListenPortChanged, ports),
+    st.builds(DataPathChanged, datapaths),
 )
 deltas = st.builds(
     lambda base, step, cs: wire.Delta(base + step, base, cs),

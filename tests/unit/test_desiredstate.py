@@ -7,6 +7,7 @@ Kilo's topology_test does, so a rule cannot pass by accident elsewhere.
 from __future__ import annotations
 
 import base64
+import ipaddress
 from collections.abc import Sequence
 
 import attrs
@@ -15,12 +16,15 @@ import pytest
 from vpblu.core.changes import apply, diff
 from vpblu.core.desiredstate import compute, diff_all, recompute
 from vpblu.core.model import (
+    NO_DATAPATH,
     BlockAdded,
     BlockPolicy,
     BlockRemoved,
     CidrPair,
     ClusterSnapshot,
     Condition,
+    DataPath,
+    DataPathChanged,
     Endpoint,
     ListenPortChanged,
     NodeDesiredState,
@@ -47,6 +51,14 @@ A = NodeInfo("a", "192.168.0.1", ("10.0.1.0/24",), key(1))
 B = NodeInfo("b", "192.168.0.2", ("10.0.2.0/24",), key(2))
 C = NodeInfo("c", "192.168.0.3", ("10.0.3.0/24",), key(3))
 MESH = TunnelPolicy("mesh")
+# The pod ranges of A, B, C collapsed (10.0.2.0/24 and 10.0.3.0/24 merge).
+AB = ("10.0.1.0/24", "10.0.2.0/24")
+AC = ("10.0.1.0/24", "10.0.3.0/24")
+ABC = ("10.0.1.0/24", "10.0.2.0/23")
+
+
+def dp(node: NodeInfo, cluster: Sequence[str], *, fail_open: bool = False) -> DataPath:
+    return DataPath(node.pod_cidrs, cluster, fail_open)
 
 
 def peer(
@@ -75,11 +87,12 @@ def state(
     port: int = 51820,
     blocks: Sequence[CidrPair] = (),
     routes: Sequence[Route] | None = None,
+    datapath: DataPath = NO_DATAPATH,
 ) -> NodeDesiredState:
     """Routes default to the rule itself: each allowed IP of each peer, via it."""
     if routes is None:
         routes = [Route(cidr, p.name) for p in peers for cidr in p.allowed_ips]
-    return NodeDesiredState(name, port, peers, routes, blocks)
+    return NodeDesiredState(name, port, peers, routes, blocks, datapath)
 
 
 def ok(kind: str, name: str) -> Condition:
@@ -538,10 +551,30 @@ CASES = [
 ]
 
 
+def cluster_datapath(snapshot: ClusterSnapshot, name: str) -> DataPath:
+    """The DataPath rule, stated on its own for the cases above that are about
+    something else: the node's own pod CIDRs; every node's pod CIDRs and the
+    TunnelPolicy's clusterCIDRs, collapsed; fail-closed unless the policy in
+    force (the first by name) says failOpen. DATAPATH_CASES spell it out."""
+    mine = next(n.pod_cidrs for n in snapshot.nodes if n.name == name)
+    tunnel = min(snapshot.tunnel_policies, key=lambda t: t.name, default=None)
+    every = [c for n in snapshot.nodes for c in n.pod_cidrs]
+    every += tunnel.cluster_cidrs if tunnel is not None else ()
+    collapsed = [*ipaddress.collapse_addresses(c for c in every if c.version == 4),
+                 *ipaddress.collapse_addresses(c for c in every if c.version == 6)]
+    return DataPath(mine, collapsed, tunnel.fail_open if tunnel is not None else False)
+
+
+def expected_states(case: Case) -> dict[str, NodeDesiredState]:
+    return {s.node: s if s.datapath != NO_DATAPATH
+            else attrs.evolve(s, datapath=cluster_datapath(case.snapshot, s.node))
+            for s in case.states}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_compute(case: Case) -> None:
     result = compute(case.snapshot)
-    assert dict(result.states) == {s.node: s for s in case.states}
+    assert dict(result.states) == expected_states(case)
     assert list(result.states) == sorted(s.node for s in case.states)
     assert result.conditions == tuple(case.conditions)
 
@@ -640,30 +673,43 @@ def test_apply_is_idempotent_like_kernel_writes() -> None:
 def test_join_sends_each_node_one_peer_and_its_routes_and_the_newcomer_everything() -> None:
     before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH]))
     after = recompute(before, ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
+    # Its pod range joins everyone's cluster ranges too (fail-closed covers it).
     assert dict(after.changes) == {
-        "a": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c"))),
-        "b": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c"))),
+        "a": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c")), DataPathChanged(dp(A, ABC))),
+        "b": (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c")), DataPathChanged(dp(B, ABC))),
         "c": (
             PeerAdded(PA),
             PeerAdded(PB),
             RouteAdded(Route("10.0.1.0/24", "a")),
             RouteAdded(Route("10.0.2.0/24", "b")),
+            DataPathChanged(dp(C, ABC)),
         ),
     }
     assert after.removed == frozenset()
     assert dict(after.result.states) == {
-        "a": state("a", PB, PC),
-        "b": state("b", PA, PC),
-        "c": state("c", PA, PB),
+        "a": state("a", PB, PC, datapath=dp(A, ABC)),
+        "b": state("b", PA, PC, datapath=dp(B, ABC)),
+        "c": state("c", PA, PB, datapath=dp(C, ABC)),
     }
+
+
+def test_with_cluster_cidrs_covering_the_nodes_a_join_changes_no_one_s_data_path() -> None:
+    wide = TunnelPolicy("mesh", cluster_cidrs=("10.0.0.0/16",))
+    before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[wide]))
+    after = recompute(before, ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[wide]))
+    assert after.changes["a"] == (PeerAdded(PC), RouteAdded(Route("10.0.3.0/24", "c")))
+    assert after.result.states["a"].datapath is before.states["a"].datapath
+    assert after.result.states["c"].datapath == dp(C, ("10.0.0.0/16",))
 
 
 def test_leave_removes_the_peer_everywhere_and_names_the_node_gone() -> None:
     before = compute(ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH]))
     after = recompute(before, ClusterSnapshot(nodes=[A, C], tunnel_policies=[MESH]))
     assert dict(after.changes) == {
-        "a": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b"))),
-        "c": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b"))),
+        "a": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b")),
+              DataPathChanged(dp(A, AC))),
+        "c": (PeerRemoved("b"), RouteRemoved(Route("10.0.2.0/24", "b")),
+              DataPathChanged(dp(C, AC))),
     }
     assert after.removed == frozenset({"b"})
 
@@ -705,9 +751,46 @@ def test_a_policy_change_recomputes_everything_and_equals_compute() -> None:
 
 
 def test_diff_all_leaves_out_unchanged_and_diffs_new_nodes_from_empty() -> None:
-    before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH]))
-    after = compute(
-        ClusterSnapshot(nodes=[A, B, attrs.evolve(C, public_key=None)], tunnel_policies=[MESH])
+    wide = TunnelPolicy("mesh", cluster_cidrs=("10.0.0.0/16",))
+    before = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[wide]))
+    keyless = attrs.evolve(C, public_key=None)
+    after = compute(ClusterSnapshot(nodes=[A, B, keyless], tunnel_policies=[wide]))
+    # c has no key: nobody's state changes, and c's own state is the empty one
+    # but for its data path.
+    assert diff_all(before, after) == {"c": (DataPathChanged(dp(keyless, ("10.0.0.0/16",))),)}
+
+
+# --- the data path: what is steered into the mesh, and fail-closed ----------------
+
+
+def test_without_a_tunnel_policy_every_pod_range_is_fail_closed() -> None:
+    result = compute(ClusterSnapshot(nodes=[A, B]))
+    assert result.states["a"].datapath == dp(A, AB)
+    assert result.states["b"].datapath == dp(B, AB)
+    assert not result.states["a"].datapath.fail_open
+
+
+def test_keyless_and_isolated_nodes_pod_ranges_are_still_cluster_ranges() -> None:
+    snapshot = ClusterSnapshot(
+        nodes=[A, B, attrs.evolve(C, public_key=None)],
+        tunnel_policies=[MESH],
+        block_policies=[BlockPolicy("quarantine", isolate=["b"])],
     )
-    # c has no key: nobody's state changes, and c's own state is the empty one.
-    assert diff_all(before, after) == {}
+    result = compute(snapshot)
+    # a peers with nobody (b isolated, c without a key), yet traffic to either
+    # is steered by the mesh table and dropped there, never sent in the clear.
+    assert result.states["a"].peers == ()
+    assert result.states["a"].datapath == dp(A, ABC)
+    assert result.states["b"].datapath == dp(B, ABC)
+
+
+def test_fail_open_and_cluster_cidrs_come_from_the_policy_in_force_and_show() -> None:
+    open_policy = TunnelPolicy("a-migrating", fail_open=True,
+                               cluster_cidrs=("10.0.0.0/16", "fd00::/48"))
+    superseded = TunnelPolicy("b-strict", cluster_cidrs=("10.9.0.0/16",))
+    result = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[open_policy, superseded]))
+    assert result.states["a"].datapath == dp(A, ("10.0.0.0/16", "fd00::/48"), fail_open=True)
+    accepted = next(c for c in result.conditions if c.name == "a-migrating")
+    assert accepted.status == "True"
+    assert accepted.message == ("in force; failOpen: traffic to a pod range without a tunnel"
+                                " leaves UNENCRYPTED")

@@ -22,6 +22,7 @@ from vpblu.core.model import (
     BlockPolicy,
     CidrPair,
     ClusterSnapshot,
+    DataPath,
     Endpoint,
     NodeDesiredState,
     NodeInfo,
@@ -83,6 +84,8 @@ tunnel_policies = st.builds(
     listen_port=st.sampled_from([51820, 51000]),
     persistent_keepalive=st.sampled_from([25, 0]),
     peerings=st.lists(pairs, max_size=5),
+    cluster_cidrs=st.lists(st.sampled_from(["10.0.0.0/8", "fd00::/8", *ROUTE_POOL]), max_size=2),
+    fail_open=st.booleans(),
 )
 route_policies = st.builds(
     RoutePolicy,
@@ -233,9 +236,12 @@ def test_states_are_canonical(snapshot: ClusterSnapshot) -> None:
     # The core builds states without re-sorting; a normally built copy must
     # be equal and in the same order.
     for s in compute(snapshot).states.values():
-        rebuilt = NodeDesiredState(s.node, s.listen_port, s.peers, s.routes, s.blocks)
+        rebuilt = NodeDesiredState(s.node, s.listen_port, s.peers, s.routes, s.blocks,
+                                   DataPath(s.datapath.local_cidrs, s.datapath.cluster_cidrs,
+                                            s.datapath.fail_open))
         assert rebuilt == s
         assert (rebuilt.peers, rebuilt.routes, rebuilt.blocks) == (s.peers, s.routes, s.blocks)
+        assert rebuilt.datapath.cluster_cidrs == s.datapath.cluster_cidrs
 
 
 def _states(result: DesiredResult, name: str) -> NodeDesiredState:
@@ -259,6 +265,7 @@ def test_apply_of_diff_is_the_new_state_and_diff_is_minimal(data: st.DataObject)
             + sum(peers_a.get(n) != peers_b.get(n) for n in peers_a.keys() | peers_b.keys())
             + len(set(a.routes) ^ set(b.routes))
             + len(set(a.blocks) ^ set(b.blocks))
+            + (a.datapath != b.datapath)
         )
         assert len(changes) == smallest
 
@@ -279,3 +286,19 @@ def test_incremental_equals_full_recompute(data: st.DataObject) -> None:
         for name, state in fresh.states.items():
             assert apply(_states(result, name), step.changes.get(name, ())) == state
         snapshot, result = following, step.result
+
+
+@SETTINGS
+@given(snapshots())
+def test_every_pod_range_is_a_cluster_range_of_every_node(snapshot: ClusterSnapshot) -> None:
+    # Fail-closed holds only for what is in cluster_cidrs: every node's pod
+    # CIDRs (keyless, isolated or overlapping alike) must be covered, on every node.
+    result = compute(snapshot)
+    every = [c for n in snapshot.nodes for c in n.pod_cidrs]
+    for state in result.states.values():
+        cluster = state.datapath.cluster_cidrs
+        for cidr in every:
+            assert any(c.version == cidr.version and cidr.subnet_of(c)  # type: ignore[arg-type]
+                       for c in cluster), (cidr, cluster)
+        mine = next(n.pod_cidrs for n in snapshot.nodes if n.name == state.node)
+        assert state.datapath.local_cidrs == mine

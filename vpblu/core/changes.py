@@ -17,6 +17,8 @@ from vpblu.core.model import (
     BlockRemoved,
     Change,
     CidrPair,
+    DataPath,
+    DataPathChanged,
     IPNetwork,
     ListenPortChanged,
     NodeDesiredState,
@@ -30,11 +32,7 @@ from vpblu.core.model import (
 )
 
 CidrKey = tuple[int, int, int]
-
-
 RouteKey = tuple[int, int, int, str]
-
-
 BlockKey = tuple[CidrKey, CidrKey]
 
 
@@ -53,8 +51,6 @@ def block_key(block: CidrPair) -> BlockKey:
 
 
 _peer_name = operator.attrgetter("name")
-
-
 _T = TypeVar("_T")
 
 
@@ -64,6 +60,7 @@ def canonical_state(
     peers: tuple[Peer, ...],
     routes: tuple[Route, ...],
     blocks: tuple[CidrPair, ...],
+    datapath: DataPath,
 ) -> NodeDesiredState:
     # NodeDesiredState's converters re-sort on construction: measured 4.4 ms
     # for 1000 peers and routes, i.e. 4.4 s to rebuild a 1000-node mesh. Every
@@ -77,14 +74,16 @@ def canonical_state(
     object.__setattr__(state, "peers", peers)
     object.__setattr__(state, "routes", routes)
     object.__setattr__(state, "blocks", blocks)
+    object.__setattr__(state, "datapath", datapath)
     return state
 
 
 def diff(old: NodeDesiredState, new: NodeDesiredState) -> tuple[Change, ...]:
     """The smallest list of changes taking `old` to `new`, in a canonical
     order: the listen port, then peers by name, then routes, then blocks, each
-    in their sort order. One merge walk: O(len(old) + len(new)); identical
-    tuples (shared by the core) are skipped in C."""
+    in their sort order, then the data path settings (replaced whole). One
+    merge walk: O(len(old) + len(new)); identical tuples (shared by the core)
+    are skipped in C."""
     if old.node != new.node:
         raise ValueError(f"diff of two different nodes: {old.node} and {new.node}")
     changes: list[Change] = []
@@ -96,6 +95,8 @@ def diff(old: NodeDesiredState, new: NodeDesiredState) -> tuple[Change, ...]:
         _diff_sorted(old.routes, new.routes, route_key, RouteRemoved, RouteAdded, changes)
     if old.blocks != new.blocks:
         _diff_sorted(old.blocks, new.blocks, block_key, BlockRemoved, BlockAdded, changes)
+    if old.datapath != new.datapath:
+        changes.append(DataPathChanged(new.datapath))
     return tuple(changes)
 
 
@@ -152,6 +153,7 @@ def apply(state: NodeDesiredState, changes: Iterable[Change]) -> NodeDesiredStat
     replaces it, removing what is not there does nothing. Each change is a
     bisect into the sorted tuples: O(log n) Python work plus an O(n) copy."""
     port = state.listen_port
+    datapath = state.datapath
     peers: list[Peer] | None = None
     routes: list[Route] | None = None
     blocks: list[CidrPair] | None = None
@@ -181,12 +183,15 @@ def apply(state: NodeDesiredState, changes: Iterable[Change]) -> NodeDesiredStat
                 if blocks is None:
                     blocks = list(state.blocks)
                 _apply_sorted(blocks, block, block_key, isinstance(change, BlockAdded))
+            case DataPathChanged(datapath=new_datapath):
+                datapath = new_datapath
     return canonical_state(
         state.node,
         port,
         state.peers if peers is None else tuple(peers),
         state.routes if routes is None else tuple(routes),
         state.blocks if blocks is None else tuple(blocks),
+        datapath,
     )
 
 

@@ -101,6 +101,8 @@ from vpblu.core.model import (
     ClusterSnapshot,
     Condition,
     ConditionStatus,
+    DataPath,
+    DataPathChanged,
     Endpoint,
     IPNetwork,
     NodeDesiredState,
@@ -150,6 +152,7 @@ class Topology:
     mesh_routes: tuple[Route, ...]
     peer_index: Mapping[str, int]
     route_index: Mapping[str, tuple[int, ...]]
+    datapaths: Mapping[str, DataPath]
 
     def is_neighbour(self, node: str, other: str) -> bool:
         """True when `node` and `other` peer with each other (symmetric)."""
@@ -195,12 +198,17 @@ class _Findings:
 
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str], list[_Problem]] = {}
+        self._notes: dict[tuple[str, str], list[str]] = {}
 
     def read(self, kind: str, name: str) -> None:
         self._objects.setdefault((kind, name), [])
 
     def problem(self, kind: str, name: str, reason: str, message: str) -> None:
         self._objects.setdefault((kind, name), []).append(_Problem(reason, message))
+
+    def note(self, kind: str, name: str, message: str) -> None:
+        """Something an operator must see on an object that is in force."""
+        self._notes.setdefault((kind, name), []).append(message)
 
     def conditions(self) -> tuple[Condition, ...]:
         out = []
@@ -224,7 +232,7 @@ class _Findings:
                         type=ACCEPTED,
                         status=ConditionStatus.TRUE.value,
                         reason=ACCEPTED,
-                        message="in force",
+                        message="; ".join(["in force", *self._notes.get((kind, name), ())]),
                     )
                 )
         # One condition per (kind, name, type), so this key orders them
@@ -307,6 +315,9 @@ def _tunnel(
             f"TunnelPolicy {winner.name!r} is in force; only one TunnelPolicy applies",
         )
     findings.read(_KIND_TUNNEL, winner.name)
+    if winner.fail_open:
+        findings.note(_KIND_TUNNEL, winner.name,
+                      "failOpen: traffic to a pod range without a tunnel leaves UNENCRYPTED")
     explicit: dict[str, set[str]] = {}
     if winner.mode is TunnelMode.EXPLICIT:
         for pair in sorted(sorted(p) for p in winner.peerings):
@@ -560,6 +571,7 @@ def plan(
         else:
             routes[name] = tuple(Route(cidr, name) for cidr in peer.allowed_ips)
 
+    datapaths = _datapaths(ordered, tunnel, previous)
     mesh_peers = tuple(peers.values())  # already in name order
     mesh_routes = tuple(sorted(itertools.chain.from_iterable(routes.values()), key=route_key))
     positions: dict[str, list[int]] = {}
@@ -578,8 +590,48 @@ def plan(
         mesh_routes=mesh_routes,
         peer_index={name: i for i, name in enumerate(peers)},
         route_index={name: tuple(p) for name, p in positions.items()},
+        datapaths=datapaths,
     )
     return topology, findings.conditions()
+
+
+def _datapaths(
+    ordered: Sequence[NodeInfo], tunnel: TunnelPolicy | None, previous: Topology | None
+) -> dict[str, DataPath]:
+    """Each node's DataPath: its own pod CIDRs, and every pod range of the
+    cluster - all nodes' pod CIDRs (overlapping ones and those of nodes without
+    a key or isolated included: they are pod ranges all the same, and traffic
+    to them must never leave in the clear) and the TunnelPolicy's
+    clusterCIDRs, collapsed. No TunnelPolicy at all is fail-closed too: the
+    mesh is off, so cross-node pod traffic is dropped, not sent in the clear.
+    Unchanged values are the previous objects, so states compare by identity."""
+    fail_open = tunnel.fail_open if tunnel is not None else False
+    extra = tunnel.cluster_cidrs if tunnel is not None else ()
+    cluster = _collapse([*extra, *itertools.chain.from_iterable(n.pod_cidrs for n in ordered)])
+    old = previous.datapaths if previous is not None else {}
+    old_cluster = next(iter(old.values())).cluster_cidrs if old else None
+    if cluster == old_cluster:
+        cluster = old_cluster
+    out: dict[str, DataPath] = {}
+    for node in ordered:
+        was = old.get(node.name)
+        if (was is not None and was.cluster_cidrs is cluster and was.fail_open == fail_open
+                and was.local_cidrs == node.pod_cidrs):
+            out[node.name] = was
+        else:
+            out[node.name] = _datapath(node.pod_cidrs, cluster, fail_open)
+    return out
+
+
+def _datapath(local: tuple[IPNetwork, ...], cluster: tuple[IPNetwork, ...],
+              fail_open: bool) -> DataPath:
+    # Both tuples are canonical already (NodeInfo sorts, _collapse sorts): skip
+    # the converters, which would sort the cluster's ranges once per node.
+    datapath = object.__new__(DataPath)
+    object.__setattr__(datapath, "local_cidrs", local)
+    object.__setattr__(datapath, "cluster_cidrs", cluster)
+    object.__setattr__(datapath, "fail_open", fail_open)
+    return datapath
 
 
 # --- states ----------------------------------------------------------------------
@@ -591,7 +643,7 @@ def state_for(topology: Topology, node: str) -> NodeDesiredState:
     Otherwise O(N) (FullMesh with blocks) or O(P log P) (Explicit)."""
     t = topology
     if node not in t.peers:
-        return canonical_state(node, t.listen_port, (), (), t.blocks)
+        return canonical_state(node, t.listen_port, (), (), t.blocks, t.datapaths[node])
     blocked = [x for x in t.blocked.get(node, ()) if x in t.peers]
     if t.mode is TunnelMode.FULL_MESH and not blocked:
         i = t.peer_index[node]
@@ -603,18 +655,18 @@ def state_for(topology: Topology, node: str) -> NodeDesiredState:
             start = pos + 1
         parts.append(t.mesh_routes[start:])
         routes = parts[0] if len(parts) == 1 else tuple(itertools.chain.from_iterable(parts))
-        return canonical_state(node, t.listen_port, peers, routes, t.blocks)
+        return canonical_state(node, t.listen_port, peers, routes, t.blocks, t.datapaths[node])
     if t.mode is TunnelMode.FULL_MESH:
         excluded = {node, *blocked}
         peers = tuple(p for p in t.mesh_peers if p.name not in excluded)
         routes = tuple(r for r in t.mesh_routes if r.via not in excluded)
-        return canonical_state(node, t.listen_port, peers, routes, t.blocks)
+        return canonical_state(node, t.listen_port, peers, routes, t.blocks, t.datapaths[node])
     partners = sorted(x for x in t.explicit.get(node, ()) if t.is_neighbour(node, x))
     peers = tuple(t.peers[x] for x in partners)
     routes = tuple(
         sorted(itertools.chain.from_iterable(t.routes[x] for x in partners), key=route_key)
     )
-    return canonical_state(node, t.listen_port, peers, routes, t.blocks)
+    return canonical_state(node, t.listen_port, peers, routes, t.blocks, t.datapaths[node])
 
 
 def compute(snapshot: ClusterSnapshot, previous: Topology | None = None) -> DesiredResult:
@@ -736,6 +788,10 @@ def recompute(previous: DesiredResult, snapshot: ClusterSnapshot) -> Recomputed:
             new_state = apply(state, delta) if delta else state
         else:
             new_state, delta = state, ()
+        datapath = topology.datapaths[name]
+        if new_state.datapath is not datapath and new_state.datapath != datapath:
+            new_state = apply(new_state, (DataPathChanged(datapath),))
+            delta = (*delta, DataPathChanged(datapath))
         states[name] = new_state
         if delta:
             changes[name] = delta

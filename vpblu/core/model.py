@@ -19,6 +19,11 @@ TunnelPolicy
     spec.listenPort       1..65535, default 51820
     spec.persistentKeepalive  0..65535 seconds, default 25 (0 = off)
     spec.peerings         Explicit only: [{nodes: [a, b]}], each an undirected pair
+    spec.clusterCIDRs     optional extra pod ranges of the cluster (e.g. the whole
+                          /16 the pod CIDRs are cut from): traffic to them that has
+                          no tunnel is dropped, never sent in the clear
+    spec.failOpen         default false; true lets traffic to a pod range without a
+                          tunnel leave unencrypted (an explicit, visible migration aid)
 
 RoutePolicy
     spec.routes           [{cidr: CIDR, via: nodeName}] — traffic to `cidr` goes
@@ -187,6 +192,8 @@ class TunnelPolicy:
     listen_port: int = attrs.field(default=DEFAULT_LISTEN_PORT, validator=_check_port)
     persistent_keepalive: int = attrs.field(default=DEFAULT_KEEPALIVE, validator=_check_keepalive)
     peerings: frozenset[frozenset[str]] = attrs.field(default=frozenset(), converter=_pairs)
+    cluster_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    fail_open: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -294,6 +301,25 @@ def _sorted_blocks(values: Any) -> tuple[CidrPair, ...]:
 
 
 @attrs.frozen(slots=True)
+class DataPath:
+    """Which destinations a node steers into the mesh, and what happens to those
+    that have no tunnel.
+
+    Every packet whose (translated) destination is in `cluster_cidrs` is routed
+    by the mesh table: to a peer's tunnel when a route says so, back to the
+    main table for `local_cidrs` (this node's own pods), and otherwise dropped
+    and counted (fail-closed) - unless `fail_open`, when it leaves by the main
+    table, unencrypted, and the underlay guard counts it."""
+
+    local_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    cluster_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    fail_open: bool = False
+
+
+NO_DATAPATH = DataPath()
+
+
+@attrs.frozen(slots=True)
 class NodeDesiredState:
     """What one node's daemon should have in its kernel, in a canonical order
     (peers by name, routes and blocks by address) so equal states compare equal."""
@@ -303,6 +329,7 @@ class NodeDesiredState:
     peers: tuple[Peer, ...] = attrs.field(default=(), converter=_sorted_peers)
     routes: tuple[Route, ...] = attrs.field(default=(), converter=_sorted_routes)
     blocks: tuple[CidrPair, ...] = attrs.field(default=(), converter=_sorted_blocks)
+    datapath: DataPath = NO_DATAPATH
 
 
 class ConditionStatus(Enum):
@@ -367,6 +394,13 @@ class ListenPortChanged:
     port: int = attrs.field(validator=_check_port)
 
 
+@attrs.frozen(slots=True)
+class DataPathChanged:
+    """The node's whole DataPath, replaced."""
+
+    datapath: DataPath
+
+
 Change = (
     PeerAdded
     | PeerChanged
@@ -376,4 +410,5 @@ Change = (
     | BlockAdded
     | BlockRemoved
     | ListenPortChanged
+    | DataPathChanged
 )

@@ -166,7 +166,11 @@ class KernelApplier:
         send, receive = trio.open_memory_channel[DataPathApplied](1)
         async with send, receive:
             with trio.fail_after(self._step_timeout):
-                await self._datapath.send(ApplyDataPath(state.routes, state.blocks, reply=send))
+                datapath = state.datapath
+                await self._datapath.send(ApplyDataPath(
+                    state.routes, state.blocks, local_cidrs=datapath.local_cidrs,
+                    cluster_cidrs=datapath.cluster_cidrs, strict=not datapath.fail_open,
+                    reply=send))
                 result = await receive.receive()
         if result.refused is not None:
             raise ApplyError(f"eBPF maps: {result.refused}")

@@ -1,8 +1,8 @@
 """The daemon's configuration: one immutable value passed to every node actor.
 
 Owns the defaults of the data path that the kernel pieces must agree on (the
-fwmark the classifier sets, the routing table and rule that send marked packets
-into the mesh interface, the pin path of the eBPF maps). Nothing here touches
+routing table and rule priority that steer pod ranges into the mesh interface,
+WireGuard's socket mark, the pin path of the eBPF maps). Nothing here touches
 the kernel.
 """
 
@@ -16,14 +16,18 @@ DEFAULT_INTERFACE = "wg-mesh"
 DEFAULT_STATE_DIR = Path("/var/lib/vpblu")
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/vpblu")
 
-# The classifier sets MESH_FWMARK (under MESH_FWMARK_MASK, so other users of
-# skb->mark keep their bits); `ip rule fwmark MESH_FWMARK/MASK lookup
-# MESH_TABLE` sends those packets to a table whose routes all point into the
-# mesh interface. WireGuard's own UDP socket carries WG_SOCKET_FWMARK so its
-# encrypted packets never match that rule and loop back into the tunnel.
+# Pod ranges are steered into MESH_TABLE by destination (`ip rule to <range>
+# lookup MESH_TABLE priority MESH_RULE_PRIORITY`, see vpblu.node.netlink), not
+# by a mark: no mark is set on pod traffic. WireGuard's own UDP socket carries
+# WG_SOCKET_FWMARK, which a rule just before sends to the main table. The bit
+# is chosen to stay clear of the marks others use: kube-proxy 0x4000 and
+# 0x8000, Calico's mask 0xffff0000, Cilium 0x0f00 and the upper half.
+# MESH_FWMARK is what the classifier's config map holds for versions that
+# marked; today it is written as 0.
 MESH_FWMARK = 0x00B10000
 MESH_FWMARK_MASK = 0x00FF0000
-WG_SOCKET_FWMARK = 0x00B20000
+WG_SOCKET_FWMARK = 0x80
+WG_SOCKET_FWMARK_MASK = 0x80
 MESH_TABLE = 5182
 MESH_RULE_PRIORITY = 5182
 
@@ -43,6 +47,7 @@ class DaemonConfig:
     fwmark: int = MESH_FWMARK
     fwmark_mask: int = MESH_FWMARK_MASK
     wg_socket_fwmark: int = WG_SOCKET_FWMARK
+    wg_socket_fwmark_mask: int = WG_SOCKET_FWMARK_MASK
     table: int = MESH_TABLE
     rule_priority: int = MESH_RULE_PRIORITY
     mtu_overhead: int = DEFAULT_MTU_OVERHEAD

@@ -1,12 +1,30 @@
-"""The NetlinkActor: the daemon's mesh interface, its routing table and its rule.
+"""The NetlinkActor: the daemon's mesh interface, its routing table and its rules.
 
 Owns, on this node: the WireGuard interface ``config.interface`` (created or
 adopted through a `WireGuardBackend`, its private key from the `KeyStore`, its
-listen port, its socket fwmark ``config.wg_socket_fwmark``, its peers, link
-up), every route in table ``config.table`` that points into that interface,
-the ``unreachable default`` routes (IPv4 and IPv6) that make that table fail
-closed, the rule ``fwmark config.fwmark/config.fwmark_mask lookup config.table``, and
-the interface's rp_filter. Its inbox takes `ApplyDesiredState` and replies
+listen port, its socket fwmark ``config.wg_socket_fwmark``, its peers, its
+addresses, link up), every route in table ``config.table``, every ip rule at
+priority ``config.rule_priority`` and the one just before it, the fail-closed
+sink ``<interface>-fc0`` (a veth whose peer stays down), and the interface's
+rp_filter.
+
+Steering is by destination, decided after kube-proxy's DNAT: routing happens
+after PREROUTING (and OUTPUT) NAT, so a packet to a ClusterIP, a NodePort or an
+externalIP is steered by the pod address it was translated to. The layout, per
+address family::
+
+    priority P-1  fwmark <wg socket mark> lookup main   WireGuard's own UDP stays out
+    priority P    to <C> lookup T                       C in collapse(cluster ranges, routes)
+    table T       <remote pod CIDR> dev <interface>     a tunnel route (rotation moves these)
+                  throw <own pod CIDR> metric 4095      this node's pods: on to the main table
+                  <cluster range> dev <sink> metric 4096  fail-closed: dropped and counted
+                  (throw <cluster range> metric 4096 instead, when the TunnelPolicy says failOpen)
+                  unreachable default                   the backstop, should the sink be gone
+
+The interface carries the first address of each of this node's pod CIDRs, so
+traffic the node itself sends into the mesh (host-network pods, kube-proxy's
+masquerade of NodePort traffic) has a source the remote peer's allowed IPs
+accept. Its inbox takes `ApplyDesiredState` and replies
 with what it changed (`Applied`) or the error (`ApplyFailed`), and
 `RunRotationStep`: during a key rotation it also owns the bridge interface
 ``<interface>-rot`` and runs the steps of `vpblu.node.rotation` (one at a time,
@@ -28,6 +46,7 @@ elsewhere (a dead controller or API server leaves the mesh as it is; only
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
@@ -36,7 +55,7 @@ from typing import Protocol
 import trio
 
 from vpblu.core import wire
-from vpblu.core.model import IPNetwork, NodeDesiredState
+from vpblu.core.model import IPNetwork, NodeDesiredState, network
 from vpblu.messages import (
     Applied,
     ApplyDesiredState,
@@ -48,7 +67,13 @@ from vpblu.messages import (
 )
 from vpblu.node import rotation
 from vpblu.node.config import DaemonConfig
-from vpblu.node.kernel.iproute import KernelStatistics, MeshRule
+from vpblu.node.kernel.iproute import (
+    CLUSTER_METRIC,
+    LOCAL_METRIC,
+    FallbackRoute,
+    KernelStatistics,
+    MeshRule,
+)
 from vpblu.node.kernel.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
 from vpblu.node.keys import KeyFileError, KeyStore
 
@@ -56,6 +81,9 @@ log = logging.getLogger(__name__)
 
 EEXIST = 17
 ESRCH = 3
+RT_TABLE_MAIN = 254
+SINK_SUFFIX = "-fc0"
+SINK_PEER_SUFFIX = "-fc1"
 # One step waits at most for a prewarm handshake per peer it touches (12 s each,
 # concurrently on rollback) and a drain; a stuck device must not hold the
 # actor's inbox (and every apply behind it) forever.
@@ -94,9 +122,33 @@ class MeshKernel(Protocol):
 
     async def has_rule(self, rule: MeshRule) -> bool: ...
 
+    async def rules(self, priority: int) -> frozenset[MeshRule]:
+        """Every rule at `priority` (both families)."""
+        ...
+
     async def add_rule(self, rule: MeshRule) -> None: ...
 
     async def delete_rule(self, rule: MeshRule) -> None: ...
+
+    async def fallback_routes(self, table: int) -> frozenset[FallbackRoute]: ...
+
+    async def add_fallback_route(self, table: int, route: FallbackRoute) -> None:
+        """Add or replace (one atomic write) the route for that prefix and metric."""
+        ...
+
+    async def delete_fallback_route(self, table: int, route: FallbackRoute) -> None: ...
+
+    async def addresses(self, interface: str) -> frozenset[IPNetwork]: ...
+
+    async def add_address(self, interface: str, address: IPNetwork) -> None: ...
+
+    async def delete_address(self, interface: str, address: IPNetwork) -> None: ...
+
+    async def ensure_sink(self, interface: str, peer: str) -> None: ...
+
+    async def delete_link(self, interface: str) -> None: ...
+
+    async def tx_dropped(self, interface: str) -> int: ...
 
     async def relax_rp_filter(self, interface: str) -> None: ...
 
@@ -136,10 +188,45 @@ class KernelMeshRoutes:
         await self._kernel.set_link_mtu_up(interface, mtu)
 
 
-def mesh_rules(config: DaemonConfig) -> tuple[MeshRule, ...]:
+def exemption_rules(config: DaemonConfig) -> tuple[MeshRule, ...]:
+    """WireGuard's own encrypted UDP carries the socket mark and is routed by
+    the main table, even if a steering rule (a RoutePolicy gone wrong) would
+    cover a peer's endpoint: the tunnel never loops into itself."""
     return tuple(
-        MeshRule(family, config.fwmark, config.fwmark_mask, config.table, config.rule_priority)
+        MeshRule(family, RT_TABLE_MAIN, config.rule_priority - 1,
+                 fwmark=config.wg_socket_fwmark, mask=config.wg_socket_fwmark_mask)
         for family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+def steering_rules(config: DaemonConfig, state: NodeDesiredState) -> frozenset[MeshRule]:
+    """One ``to C lookup T`` per range steered into the mesh table: the
+    cluster's pod ranges and every tunnel route (an older controller sends
+    routes only), collapsed. A prefix of length 0 is never steered: a rule
+    ``to 0.0.0.0/0`` would send the node's every packet into the mesh."""
+    nets = [*state.datapath.cluster_cidrs, *(r.cidr for r in state.routes)]
+    return frozenset(
+        MeshRule(_family(c), config.table, config.rule_priority, dst=c)
+        for c in _collapse(nets) if c.prefixlen > 0
+    )
+
+
+def fallback_routes(sink: str, state: NodeDesiredState) -> frozenset[FallbackRoute]:
+    datapath = state.datapath
+    cluster_device = None if datapath.fail_open else sink
+    return frozenset([
+        *(FallbackRoute(c, None, LOCAL_METRIC) for c in datapath.local_cidrs),
+        *(FallbackRoute(c, cluster_device, CLUSTER_METRIC) for c in datapath.cluster_cidrs
+          if c.prefixlen > 0),
+    ])
+
+
+def mesh_addresses(state: NodeDesiredState) -> frozenset[IPNetwork]:
+    """The first address of each of this node's pod CIDRs, as a host prefix."""
+    return frozenset(
+        network(f"{next(c.hosts()) if c.num_addresses > 2 else c.network_address}"
+                f"/{c.max_prefixlen}")
+        for c in state.datapath.local_cidrs
     )
 
 
@@ -183,6 +270,14 @@ class NetlinkActor:
     def bridge(self) -> str:
         return self._config.interface + rotation.DEFAULT_BRIDGE_SUFFIX
 
+    @property
+    def sink(self) -> str:
+        return self._config.interface + SINK_SUFFIX
+
+    async def fail_closed_drops(self) -> int:
+        """Packets to a pod range without a tunnel, dropped since the sink was made."""
+        return await self._kernel.tx_dropped(self.sink)
+
     async def prepare(self) -> None:
         """Create or adopt the interface and bring key, fwmark, link, rules and
         rp_filter to what they should be, writing only what differs."""
@@ -209,14 +304,14 @@ class NetlinkActor:
         if not await self._kernel.link_state(iface):
             await self._kernel.set_link_up(iface)
         await self._kernel.relax_rp_filter(iface)
-        # Fail closed: a packet the classifier marked for a CIDR whose route
-        # is gone (or not there yet) must hit this, not fall through the rule
-        # to the main table and leave in the clear. Before the rule, so the
-        # table never routes marked packets without it.
+        await self._kernel.ensure_sink(self.sink, self._config.interface + SINK_PEER_SUFFIX)
+        # The backstop: a packet steered into the table with no route there
+        # (the sink gone, a route between two writes) is dropped, never sent
+        # on through the main table in the clear. Before any rule steers.
         for family in (socket.AF_INET, socket.AF_INET6):
             if not await self._kernel.has_unreachable_default(self._config.table, family):
                 await self._kernel.add_unreachable_default(self._config.table, family)
-        for rule in mesh_rules(self._config):
+        for rule in exemption_rules(self._config):
             if not await self._kernel.has_rule(rule):
                 await self._kernel.add_rule(rule)
 
@@ -255,6 +350,7 @@ class NetlinkActor:
         routes_removed = _ordered(have_routes - want_routes)
         for cidr in routes_added:
             await self._kernel.add_route(table, iface, cidr)
+        await self._apply_steering(state)
         for cidr in routes_removed:
             await self._kernel.delete_route(table, iface, cidr)
         return Applied(
@@ -265,6 +361,35 @@ class NetlinkActor:
             routes_removed,
             listen_port_changed=update.listen_port is not None,
         )
+
+    async def _apply_steering(self, state: NodeDesiredState) -> None:
+        """Fallback routes before the rules that send traffic to them, rules
+        added before the ones they replace are removed: no prefix is ever
+        steered into the table without a route there, and no pod range is
+        left unsteered between two writes."""
+        table, kernel = self._config.table, self._kernel
+        want_fallback = fallback_routes(self.sink, state)
+        have_fallback = await kernel.fallback_routes(table)
+        by_prefix = {(r.cidr, r.metric) for r in want_fallback}
+        for route in sorted(want_fallback - have_fallback, key=_fallback_key):
+            await kernel.add_fallback_route(table, route)  # a replace: throw <-> sink atomically
+        want_rules = steering_rules(self._config, state)
+        have_rules = await kernel.rules(self._config.rule_priority)
+        for rule in sorted(want_rules - have_rules, key=_rule_key):
+            await kernel.add_rule(rule)
+        # Anything else at our priority is ours and stale, such as the fwmark
+        # rule of versions that steered by a mark set before DNAT.
+        for rule in sorted(have_rules - want_rules, key=_rule_key):
+            await kernel.delete_rule(rule)
+        for route in sorted(have_fallback - want_fallback, key=_fallback_key):
+            if (route.cidr, route.metric) not in by_prefix:  # else replaced above
+                await kernel.delete_fallback_route(table, route)
+        want_addresses = mesh_addresses(state)
+        have_addresses = await kernel.addresses(self.interface)
+        for address in sorted(want_addresses - have_addresses, key=_net_key):
+            await kernel.add_address(self.interface, address)
+        for address in sorted(have_addresses - want_addresses, key=_net_key):
+            await kernel.delete_address(self.interface, address)
 
     async def _rotate_or_fail(self, step: wire.RotationStep) -> RotationStepDone:
         try:
@@ -340,25 +465,54 @@ class NetlinkActor:
 
 
 async def remove_mesh(config: DaemonConfig, backend: WireGuardBackend, kernel: MeshKernel) -> None:
-    """Uninstall: the rules first (marked packets then take the main table's
-    path, which is what they did before the mesh existed), then the routes,
-    the fail-closed defaults and the interface. Needs no key, so an operator
-    can clean up a node whose key file is gone or damaged."""
+    """Uninstall: the steering rules first (pod traffic then takes the main
+    table's path, which is what it did before the mesh existed), then the
+    routes, the fail-closed sink and defaults, the exemption rules and the
+    interface. Needs no key, so an operator can clean up a node whose key file
+    is gone or damaged."""
     iface = config.interface
-    for rule in mesh_rules(config):
-        if await kernel.has_rule(rule):
+    for rule in sorted(await kernel.rules(config.rule_priority), key=_rule_key):
+        if rule.table == config.table:
             await kernel.delete_rule(rule)
     if await kernel.link_state(iface) is not None:
         for cidr in await kernel.routes(config.table, iface):
             await kernel.delete_route(config.table, iface, cidr)
+    for route in await kernel.fallback_routes(config.table):
+        await kernel.delete_fallback_route(config.table, route)
+    await kernel.delete_link(iface + SINK_SUFFIX)
     for family in (socket.AF_INET, socket.AF_INET6):
         if await kernel.has_unreachable_default(config.table, family):
             await kernel.delete_unreachable_default(config.table, family)
+    for rule in exemption_rules(config):
+        if await kernel.has_rule(rule):
+            await kernel.delete_rule(rule)
     if await kernel.link_state(iface) is not None:
         await backend.delete_interface(iface)
 
 
+def _net_key(n: IPNetwork) -> tuple[int, int, int]:
+    return (n.version, int(n.network_address), n.prefixlen)
+
+
 def _ordered(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    return tuple(sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+    return tuple(sorted(nets, key=_net_key))
+
+
+def _collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return _ordered([*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)])
+
+
+def _family(net: IPNetwork) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6
+
+
+def _rule_key(rule: MeshRule) -> tuple[int, tuple[int, int, int], int]:
+    return (rule.family, _net_key(rule.dst) if rule.dst is not None else (0, 0, 0), rule.fwmark)
+
+
+def _fallback_key(route: FallbackRoute) -> tuple[int, tuple[int, int, int]]:
+    return (route.metric, _net_key(route.cidr))
 
 

@@ -1,7 +1,7 @@
 """Conversion between the warm stream's typed values and their protobuf form.
 
 Owns the mapping of `vpblu.core.wire` and `vpblu.core.model` values onto
-`vpblu/proto/mesh.proto`, both ways. Decoding validates everything the model
+`vpblu/stream/proto/mesh.proto`, both ways. Decoding validates everything the model
 validates (keys, CIDRs with host bits zero, ports, generations, names), so a
 malformed message from the wire stops here as one `ProtocolViolation` naming
 what was wrong, never as a crash somewhere past the transport.
@@ -20,6 +20,8 @@ from vpblu.core.model import (
     BlockRemoved,
     Change,
     CidrPair,
+    DataPath,
+    DataPathChanged,
     Endpoint,
     ListenPortChanged,
     NodeDesiredState,
@@ -80,6 +82,7 @@ def encode_peer(peer: Peer) -> pb.Peer:
 _peers: dict[bytes, Peer] = {}
 _routes: dict[tuple[str, str], Route] = {}
 _blocks: dict[tuple[str, str], CidrPair] = {}
+_datapaths: dict[bytes, DataPath] = {}
 
 
 def _remember(cache: dict[_K, _V], key: _K, value: _V) -> _V:
@@ -128,6 +131,23 @@ def decode_block(msg: pb.CidrPair) -> CidrPair:
     return _remember(_blocks, key, CidrPair(src=msg.src, dst=msg.dst))
 
 
+def encode_datapath(datapath: DataPath) -> pb.DataPath:
+    return pb.DataPath(local_cidrs=[str(n) for n in datapath.local_cidrs],
+                       cluster_cidrs=[str(n) for n in datapath.cluster_cidrs],
+                       fail_open=datapath.fail_open)
+
+
+def decode_datapath(msg: pb.DataPath) -> DataPath:
+    # Every node gets the same cluster ranges, again at every resync: interned.
+    key = msg.SerializeToString()
+    datapath = _datapaths.get(key)
+    if datapath is not None:
+        return datapath
+    return _remember(_datapaths, key, DataPath(local_cidrs=tuple(msg.local_cidrs),
+                                               cluster_cidrs=tuple(msg.cluster_cidrs),
+                                               fail_open=msg.fail_open))
+
+
 def encode_state(state: NodeDesiredState) -> pb.NodeDesiredState:
     return pb.NodeDesiredState(
         node=state.node,
@@ -135,6 +155,7 @@ def encode_state(state: NodeDesiredState) -> pb.NodeDesiredState:
         peers=[encode_peer(p) for p in state.peers],
         routes=[encode_route(r) for r in state.routes],
         blocks=[encode_block(b) for b in state.blocks],
+        datapath=encode_datapath(state.datapath),
     )
 
 
@@ -151,6 +172,7 @@ def decode_state(msg: pb.NodeDesiredState) -> NodeDesiredState:
         peers=peers,
         routes=[decode_route(r) for r in msg.routes],
         blocks=[decode_block(b) for b in msg.blocks],
+        datapath=decode_datapath(msg.datapath),
     )
 
 
@@ -172,6 +194,8 @@ def encode_change(change: Change) -> pb.Change:
             return pb.Change(block_removed=encode_block(block))
         case ListenPortChanged(port):
             return pb.Change(listen_port_changed=port)
+        case DataPathChanged(datapath):
+            return pb.Change(datapath_changed=encode_datapath(datapath))
 
 
 def decode_change(msg: pb.Change) -> Change:
@@ -192,6 +216,8 @@ def decode_change(msg: pb.Change) -> Change:
             return BlockRemoved(decode_block(msg.block_removed))
         case "listen_port_changed":
             return ListenPortChanged(msg.listen_port_changed)
+        case "datapath_changed":
+            return DataPathChanged(decode_datapath(msg.datapath_changed))
         case _:
             raise ProtocolViolation("a Change carries no change")
 

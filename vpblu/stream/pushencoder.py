@@ -37,6 +37,8 @@ from vpblu.core.model import (
     BlockAdded,
     BlockRemoved,
     CidrPair,
+    DataPath,
+    DataPathChanged,
     ListenPortChanged,
     NodeDesiredState,
     Peer,
@@ -49,7 +51,7 @@ from vpblu.core.model import (
 )
 from vpblu.stream import codec
 
-V = TypeVar("V", Peer, Route, CidrPair)
+V = TypeVar("V", Peer, Route, CidrPair, DataPath)
 
 # Wire types (protobuf encoding spec): 0 varint, 2 length-delimited.
 _VARINT = 0
@@ -98,12 +100,18 @@ _CM_DELTA = _tag(2, _LEN)
 # SyncState.generation = 1, .state = 2
 _SYNC_GENERATION = _tag(1, _VARINT)
 _SYNC_STATE = _tag(2, _LEN)
-# NodeDesiredState.node = 1, .listen_port = 2, .peers = 3, .routes = 4, .blocks = 5
+# NodeDesiredState.node = 1, .listen_port = 2, .peers = 3, .routes = 4, .blocks = 5,
+# .datapath = 6
 _STATE_NODE = _tag(1, _LEN)
 _STATE_PORT = _tag(2, _VARINT)
 _STATE_PEER = _tag(3, _LEN)
 _STATE_ROUTE = _tag(4, _LEN)
 _STATE_BLOCK = _tag(5, _LEN)
+_STATE_DATAPATH = _tag(6, _LEN)
+# DataPath.local_cidrs = 1, .cluster_cidrs = 2, .fail_open = 3
+_DATAPATH_LOCAL = _tag(1, _LEN)
+_DATAPATH_CLUSTER = _tag(2, _LEN)
+_DATAPATH_FAIL_OPEN = _tag(3, _VARINT)
 # Delta.generation = 1, .base_generation = 2, .changes = 3
 _DELTA_GENERATION = _tag(1, _VARINT)
 _DELTA_BASE = _tag(2, _VARINT)
@@ -117,6 +125,7 @@ _CHANGE_ROUTE_REMOVED = _tag(5, _LEN)
 _CHANGE_BLOCK_ADDED = _tag(6, _LEN)
 _CHANGE_BLOCK_REMOVED = _tag(7, _LEN)
 _CHANGE_LISTEN_PORT = _tag(8, _VARINT)
+_CHANGE_DATAPATH = _tag(9, _LEN)
 # Route.cidr = 1, .via = 2; CidrPair.src = 1, .dst = 2
 _ROUTE_CIDR = _tag(1, _LEN)
 _ROUTE_VIA = _tag(2, _LEN)
@@ -145,6 +154,14 @@ def _block(block: CidrPair) -> bytes:
     return _string(_BLOCK_SRC, str(block.src)) + _string(_BLOCK_DST, str(block.dst))
 
 
+def _datapath(datapath: DataPath) -> bytes:
+    parts = [_string(_DATAPATH_LOCAL, str(n)) for n in datapath.local_cidrs]
+    parts += [_string(_DATAPATH_CLUSTER, str(n)) for n in datapath.cluster_cidrs]
+    if datapath.fail_open:  # proto3 leaves a false bool out
+        parts.append(_uint(_DATAPATH_FAIL_OPEN, 1))
+    return b"".join(parts)
+
+
 class PushEncoder:
     """Serializes controller messages, each distinct Peer object once.
 
@@ -158,7 +175,7 @@ class PushEncoder:
         # behind their varint length). The weak reference both drops the
         # entry when the value dies and proves on lookup that the id still
         # names the same object.
-        self._cache: dict[int, tuple[weakref.ref[Peer | Route | CidrPair], bytes]] = {}
+        self._cache: dict[int, tuple[weakref.ref[Peer | Route | CidrPair | DataPath], bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -173,10 +190,12 @@ class PushEncoder:
         self._cache[key] = (weakref.ref(value, self._forget(key)), data)
         return data
 
-    def _forget(self, key: int) -> Callable[[weakref.ref[Peer | Route | CidrPair]], None]:
+    def _forget(
+        self, key: int
+    ) -> Callable[[weakref.ref[Peer | Route | CidrPair | DataPath]], None]:
         cache = self._cache
 
-        def forget(ref: weakref.ref[Peer | Route | CidrPair]) -> None:
+        def forget(ref: weakref.ref[Peer | Route | CidrPair | DataPath]) -> None:
             entry = cache.get(key)
             if entry is not None and entry[0] is ref:
                 del cache[key]
@@ -200,6 +219,7 @@ class PushEncoder:
         if state.blocks:
             parts += (_STATE_BLOCK,
                       _STATE_BLOCK.join([self._cached(b, _block) for b in state.blocks]))
+        parts += (_STATE_DATAPATH, self._cached(state.datapath, _datapath))
         return b"".join(parts)
 
     def change_bytes(self, change: object) -> bytes:
@@ -221,6 +241,8 @@ class PushEncoder:
                 return _CHANGE_BLOCK_REMOVED + self._cached(block, _block)
             case ListenPortChanged(port):
                 return _CHANGE_LISTEN_PORT + _varint(port)
+            case DataPathChanged(datapath):
+                return _CHANGE_DATAPATH + self._cached(datapath, _datapath)
         raise TypeError(f"not a Change: {type(change).__name__}")
 
     def encode(self, message: wire.ControllerMessage) -> bytes:

@@ -22,19 +22,40 @@ ENOENT = 2
 # rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
 RP_FILTER_OFF = 0
 RP_FILTER_LOOSE = 2
+RTN_UNICAST = 1
 RTN_UNREACHABLE = 7
+RTN_THROW = 9
 _DEFAULT_DST: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+# Fallback routes of the mesh table sit at these metrics, behind every tunnel
+# route (IPv4 metric 0, IPv6 1024) for the same prefix: this node's own pod
+# CIDRs (thrown back to the main table) first, then the cluster's pod ranges.
+LOCAL_METRIC = 4095
+CLUSTER_METRIC = 4096
+FALLBACK_METRICS = (LOCAL_METRIC, CLUSTER_METRIC)
 
 
 @attrs.frozen(slots=True)
 class MeshRule:
-    """``ip rule fwmark <fwmark>/<mask> lookup <table> priority <priority>``."""
+    """``ip rule [to <dst>] [fwmark <fwmark>/<mask>] lookup <table> priority <priority>``."""
 
     family: int
-    fwmark: int
-    mask: int
     table: int
     priority: int
+    dst: IPNetwork | None = None
+    fwmark: int = 0
+    mask: int = 0
+
+
+@attrs.frozen(slots=True)
+class FallbackRoute:
+    """A route of the mesh table that is not a tunnel: ``throw <cidr>`` (back to
+    the main table) when `device` is None, else ``<cidr> dev <device>``; always
+    at `metric`, so a tunnel route or a throw for the same prefix wins."""
+
+    cidr: IPNetwork
+    device: str | None
+    metric: int
+
 
 @attrs.frozen(slots=True)
 class KernelStatistics:
@@ -132,18 +153,27 @@ class IPRouteKernel:
         )
 
     async def has_rule(self, rule: MeshRule) -> bool:
-        def find(ipr: Any) -> bool:
-            for msg in ipr.get_rules(family=rule.family):
-                if (
-                    msg.get_attr("FRA_PRIORITY") == rule.priority
-                    and msg.get_attr("FRA_FWMARK") == rule.fwmark
-                    and msg.get_attr("FRA_FWMASK") == rule.mask
-                    and msg.get_attr("FRA_TABLE") == rule.table
-                ):
-                    return True
-            return False
+        return rule in await self.rules(rule.priority)
 
-        result: bool = await self._call(find)
+    async def rules(self, priority: int) -> frozenset[MeshRule]:
+        def dump(ipr: Any) -> frozenset[MeshRule]:
+            found = set()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_rules(family=family):
+                    if msg.get_attr("FRA_PRIORITY") != priority:
+                        continue
+                    dst = msg.get_attr("FRA_DST")
+                    found.add(MeshRule(
+                        family=family,
+                        table=msg.get_attr("FRA_TABLE") or msg["table"],
+                        priority=priority,
+                        dst=network(f"{dst}/{msg['dst_len']}") if dst is not None else None,
+                        fwmark=msg.get_attr("FRA_FWMARK") or 0,
+                        mask=msg.get_attr("FRA_FWMASK") or 0,
+                    ))
+            return frozenset(found)
+
+        result: frozenset[MeshRule] = await self._call(dump)
         return result
 
     async def add_rule(self, rule: MeshRule) -> None:
@@ -154,16 +184,111 @@ class IPRouteKernel:
 
     async def _rule(self, command: str, rule: MeshRule) -> None:
         self._writes += 1
+        selector: dict[str, Any] = {}
+        if rule.dst is not None:
+            selector.update(dst=str(rule.dst.network_address), dst_len=rule.dst.prefixlen)
+        if rule.fwmark:
+            selector.update(fwmark=rule.fwmark, fwmask=rule.mask)
         await self._call(
             lambda ipr: ipr.rule(
-                command,
-                family=rule.family,
-                fwmark=rule.fwmark,
-                fwmask=rule.mask,
-                table=rule.table,
-                priority=rule.priority,
+                command, family=rule.family, table=rule.table, priority=rule.priority, **selector
             )
         )
+
+    async def fallback_routes(self, table: int) -> frozenset[FallbackRoute]:
+        def dump(ipr: Any) -> frozenset[FallbackRoute]:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            found = set()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in ipr.get_routes(family=family, table=table):
+                    metric = msg.get_attr("RTA_PRIORITY") or 0
+                    if (msg.get_attr("RTA_TABLE") != table or metric not in FALLBACK_METRICS
+                            or msg["type"] not in (RTN_THROW, RTN_UNICAST)):
+                        continue
+                    dst = msg.get_attr("RTA_DST") or _DEFAULT_DST[family].split("/")[0]
+                    device = (names.get(msg.get_attr("RTA_OIF"))
+                              if msg["type"] == RTN_UNICAST else None)
+                    found.add(FallbackRoute(network(f"{dst}/{msg['dst_len']}"), device, metric))
+            return frozenset(found)
+
+        result: frozenset[FallbackRoute] = await self._call(dump)
+        return result
+
+    async def add_fallback_route(self, table: int, route: FallbackRoute) -> None:
+        await self._fallback("replace", table, route)
+
+    async def delete_fallback_route(self, table: int, route: FallbackRoute) -> None:
+        await self._fallback("del", table, route)
+
+    async def _fallback(self, command: str, table: int, route: FallbackRoute) -> None:
+        self._writes += 1
+
+        def write(ipr: Any) -> None:
+            where: dict[str, Any] = (
+                {"type": "throw"} if route.device is None
+                else {"oif": _index(ipr, route.device)})
+            ipr.route(command, dst=str(route.cidr), table=table, family=_family(route.cidr),
+                      priority=route.metric, **where)
+
+        await self._call(write)
+
+    async def addresses(self, interface: str) -> frozenset[IPNetwork]:
+        """The addresses on `interface`, each as a host prefix (/32, /128)."""
+        def dump(ipr: Any) -> frozenset[IPNetwork]:
+            index = _index(ipr, interface)
+            return frozenset(
+                network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+                for msg in ipr.get_addr(index=index)
+                if msg.get_attr("IFA_ADDRESS") is not None and msg["scope"] == 0)
+
+        result: frozenset[IPNetwork] = await self._call(dump)
+        return result
+
+    async def add_address(self, interface: str, address: IPNetwork) -> None:
+        self._writes += 1
+        await self._call(lambda ipr: ipr.addr(
+            "add", index=_index(ipr, interface), address=str(address.network_address),
+            prefixlen=address.prefixlen, family=_family(address)))
+
+    async def delete_address(self, interface: str, address: IPNetwork) -> None:
+        self._writes += 1
+        await self._call(lambda ipr: ipr.addr(
+            "del", index=_index(ipr, interface), address=str(address.network_address),
+            prefixlen=address.prefixlen, family=_family(address)))
+
+    async def ensure_sink(self, interface: str, peer: str) -> None:
+        """A veth pair whose peer stays down: what is routed into `interface` is
+        dropped by the kernel and counted in its tx_dropped (the fail-closed
+        drop counter), never delivered anywhere."""
+        def ensure(ipr: Any) -> None:
+            if not ipr.link_lookup(ifname=interface):
+                self._writes += 1
+                ipr.link("add", ifname=interface, kind="veth", peer=peer)
+            index = _index(ipr, interface)
+            if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+                self._writes += 1
+                ipr.link("set", index=index, state="up", arp="off")
+
+        await self._call(ensure)
+
+    async def delete_link(self, interface: str) -> None:
+        def delete(ipr: Any) -> None:
+            if ipr.link_lookup(ifname=interface):
+                self._writes += 1
+                ipr.link("del", index=_index(ipr, interface))
+
+        await self._call(delete)
+
+    async def tx_dropped(self, interface: str) -> int:
+        def read(ipr: Any) -> int:
+            found = ipr.link_lookup(ifname=interface)
+            if not found:
+                return 0
+            stats = ipr.get_links(found[0])[0].get_attr("IFLA_STATS64")
+            return int(stats["tx_dropped"]) if stats is not None else 0
+
+        result: int = await self._call(read)
+        return result
 
     async def relax_rp_filter(self, interface: str) -> None:
         # Decrypted packets come out of the mesh interface with a remote pod's
@@ -223,11 +348,14 @@ def _family(cidr: IPNetwork) -> int:
 
 
 def _table_routes(ipr: Any, table: int) -> list[tuple[IPNetwork, int | None]]:
-    """Every route of `table` (both families) with its output interface index."""
+    """Every route of `table` (both families) with its output interface index,
+    but the fallback routes (FALLBACK_METRICS): a rotation moves tunnel routes,
+    and a fallback for the same prefix must not hide one."""
     found = []
     for family in (socket.AF_INET, socket.AF_INET6):
         for msg in ipr.get_routes(family=family, table=table):
-            if msg.get_attr("RTA_TABLE") != table:
+            if (msg.get_attr("RTA_TABLE") != table
+                    or msg.get_attr("RTA_PRIORITY") in FALLBACK_METRICS):
                 continue
             dst = msg.get_attr("RTA_DST")
             if dst is None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dvpblu/stream/proto/mesh.proto\x12\rvpblu.mesh.v1\"&\n\x08\x45ndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\x86\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12)\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32\x17.vpblu.mesh.v1.Endpoint\x12\x13\n\x0b\x61llowed_ips\x18\x04 \x03(\t\x12\x1c\n\x14persistent_keepalive\x18\x05 \x01(\r\"\"\n\x05Route\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\x0b\n\x03via\x18\x02 \x01(\t\"$\n\x08\x43idrPair\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\"\xa8\x01\n\x10NodeDesiredState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0blisten_port\x18\x02 \x01(\r\x12\"\n\x05peers\x18\x03 \x03(\x0b\x32\x13.vpblu.mesh.v1.Peer\x12$\n\x06routes\x18\x04 \x03(\x0b\x32\x14.vpblu.mesh.v1.Route\x12\'\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x17.vpblu.mesh.v1.CidrPair\"\xdf\x02\n\x06\x43hange\x12)\n\npeer_added\x18\x01 \x01(\x0b\x32\x13.vpblu.mesh.v1.PeerH\x00\x12+\n\x0cpeer_changed\x18\x02 \x01(\x0b\x32\x13.vpblu.mesh.v1.PeerH\x00\x12\x16\n\x0cpeer_removed\x18\x03 \x01(\tH\x00\x12+\n\x0broute_added\x18\x04 \x01(\x0b\x32\x14.vpblu.mesh.v1.RouteH\x00\x12-\n\rroute_removed\x18\x05 \x01(\x0b\x32\x14.vpblu.mesh.v1.RouteH\x00\x12.\n\x0b\x62lock_added\x18\x06 \x01(\x0b\x32\x17.vpblu.mesh.v1.CidrPairH\x00\x12\x30\n\rblock_removed\x18\x07 \x01(\x0b\x32\x17.vpblu.mesh.v1.CidrPairH\x00\x12\x1d\n\x13listen_port_changed\x18\x08 \x01(\rH\x00\x42\x08\n\x06\x63hange\"g\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x1f\n\x17last_applied_generation\x18\x03 \x01(\x04\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x04 \x01(\t\"7\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"\x0b\n\tHeartbeat\"\xb0\x01\n\x0eRotationResult\x12\x13\n\x0brotation_id\x18\x01 \x01(\t\x12-\n\x04step\x18\x02 \x01(\x0e\x32\x1f.vpblu.mesh.v1.RotationStepKind\x12\x12\n\x05\x65rror\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0enew_public_key\x18\x04 \x01(\t\x12\r\n\x05stamp\x18\x05 \x01(\x04\x12\x15\n\rrotating_node\x18\x06 \x01(\tB\x08\n\x06_error\"\xc8\x01\n\x0bNodeMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.vpblu.mesh.v1.HelloH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.vpblu.mesh.v1.AckH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.vpblu.mesh.v1.HeartbeatH\x00\x12\x38\n\x0frotation_result\x18\x04 \x01(\x0b\x32\x1d.vpblu.mesh.v1.RotationResultH\x00\x42\x06\n\x04kind\"O\n\tSyncState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12.\n\x05state\x18\x02 \x01(\x0b\x32\x1f.vpblu.mesh.v1.NodeDesiredState\"\\\n\x05\x44\x65lta\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0f\x62\x61se_generation\x18\x02 \x01(\x04\x12&\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x15.vpblu.mesh.v1.Change\"\x1a\n\x08Redirect\x12\x0e\n\x06leader\x18\x01 \x01(\t\"\x19\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa8\x01\n\x0cRotationStep\x12\x13\n\x0brotation_id\x18\x01 \x01(\t\x12-\n\x04step\x18\x02 \x01(\x0e\x32\x1f.vpblu.mesh.v1.RotationStepKind\x12\x15\n\rrotating_node\x18\x03 \x01(\t\x12\x16\n\x0eold_public_key\x18\x04 \x01(\t\x12\x16\n\x0enew_public_key\x18\x05 \x01(\t\x12\r\n\x05stamp\x18\x06 \x01(\x04\"\x80\x02\n\x11\x43ontrollerMessage\x12.\n\nsync_state\x18\x01 \x01(\x0b\x32\x18.vpblu.mesh.v1.SyncStateH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.vpblu.mesh.v1.DeltaH\x00\x12+\n\x08redirect\x18\x03 \x01(\x0b\x32\x17.vpblu.mesh.v1.RedirectH\x00\x12)\n\x07refused\x18\x04 \x01(\x0b\x32\x16.vpblu.mesh.v1.RefusedH\x00\x12\x34\n\rrotation_step\x18\x05 \x01(\x0b\x32\x1b.vpblu.mesh.v1.RotationStepH\x00\x42\x06\n\x04kind*\xd5\x01\n\x10RotationStepKind\x12\x1d\n\x19ROTATION_STEP_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREPARE\x10\x01\x12\x0e\n\nDISTRIBUTE\x10\x02\x12\x0c\n\x08\x41\x43TIVATE\x10\x03\x12\x0f\n\x0bSWITCH_PEER\x10\x04\x12\x13\n\x0fRETIRE_ROTATING\x10\x05\x12\x0f\n\x0bRETIRE_PEER\x10\x06\x12\x16\n\x12ROLL_BACK_ROTATING\x10\x07\x12\x12\n\x0eROLL_BACK_PEER\x10\x08\x12\x14\n\x10\x41\x42\x41NDON_ROTATING\x10\t2S\n\x04Mesh\x12K\n\x07\x43onnect\x12\x1a.vpblu.mesh.v1.NodeMessage\x1a .vpblu.mesh.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dvpblu/stream/proto/mesh.proto\x12\rvpblu.mesh.v1\"&\n\x08\x45ndpoint\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\x86\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12)\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32\x17.vpblu.mesh.v1.Endpoint\x12\x13\n\x0b\x61llowed_ips\x18\x04 \x03(\t\x12\x1c\n\x14persistent_keepalive\x18\x05 \x01(\r\"\"\n\x05Route\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\x0b\n\x03via\x18\x02 \x01(\t\"$\n\x08\x43idrPair\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\"I\n\x08\x44\x61taPath\x12\x13\n\x0blocal_cidrs\x18\x01 \x03(\t\x12\x15\n\rcluster_cidrs\x18\x02 \x03(\t\x12\x11\n\tfail_open\x18\x03 \x01(\x08\"\xd3\x01\n\x10NodeDesiredState\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0blisten_port\x18\x02 \x01(\r\x12\"\n\x05peers\x18\x03 \x03(\x0b\x32\x13.vpblu.mesh.v1.Peer\x12$\n\x06routes\x18\x04 \x03(\x0b\x32\x14.vpblu.mesh.v1.Route\x12\'\n\x06\x62locks\x18\x05 \x03(\x0b\x32\x17.vpblu.mesh.v1.CidrPair\x12)\n\x08\x64\x61tapath\x18\x06 \x01(\x0b\x32\x17.vpblu.mesh.v1.DataPath\"\x94\x03\n\x06\x43hange\x12)\n\npeer_added\x18\x01 \x01(\x0b\x32\x13.vpblu.mesh.v1.PeerH\x00\x12+\n\x0cpeer_changed\x18\x02 \x01(\x0b\x32\x13.vpblu.mesh.v1.PeerH\x00\x12\x16\n\x0cpeer_removed\x18\x03 \x01(\tH\x00\x12+\n\x0broute_added\x18\x04 \x01(\x0b\x32\x14.vpblu.mesh.v1.RouteH\x00\x12-\n\rroute_removed\x18\x05 \x01(\x0b\x32\x14.vpblu.mesh.v1.RouteH\x00\x12.\n\x0b\x62lock_added\x18\x06 \x01(\x0b\x32\x17.vpblu.mesh.v1.CidrPairH\x00\x12\x30\n\rblock_removed\x18\x07 \x01(\x0b\x32\x17.vpblu.mesh.v1.CidrPairH\x00\x12\x1d\n\x13listen_port_changed\x18\x08 \x01(\rH\x00\x12\x33\n\x10\x64\x61tapath_changed\x18\t \x01(\x0b\x32\x17.vpblu.mesh.v1.DataPathH\x00\x42\x08\n\x06\x63hange\"g\n\x05Hello\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x1f\n\x17last_applied_generation\x18\x03 \x01(\x04\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x04 \x01(\t\"7\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"\x0b\n\tHeartbeat\"\xb0\x01\n\x0eRotationResult\x12\x13\n\x0brotation_id\x18\x01 \x01(\t\x12-\n\x04step\x18\x02 \x01(\x0e\x32\x1f.vpblu.mesh.v1.RotationStepKind\x12\x12\n\x05\x65rror\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x16\n\x0enew_public_key\x18\x04 \x01(\t\x12\r\n\x05stamp\x18\x05 \x01(\x04\x12\x15\n\rrotating_node\x18\x06 \x01(\tB\x08\n\x06_error\"\xc8\x01\n\x0bNodeMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.vpblu.mesh.v1.HelloH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.vpblu.mesh.v1.AckH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.vpblu.mesh.v1.HeartbeatH\x00\x12\x38\n\x0frotation_result\x18\x04 \x01(\x0b\x32\x1d.vpblu.mesh.v1.RotationResultH\x00\x42\x06\n\x04kind\"O\n\tSyncState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12.\n\x05state\x18\x02 \x01(\x0b\x32\x1f.vpblu.mesh.v1.NodeDesiredState\"\\\n\x05\x44\x65lta\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0f\x62\x61se_generation\x18\x02 \x01(\x04\x12&\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x15.vpblu.mesh.v1.Change\"\x1a\n\x08Redirect\x12\x0e\n\x06leader\x18\x01 \x01(\t\"\x19\n\x07Refused\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xa8\x01\n\x0cRotationStep\x12\x13\n\x0brotation_id\x18\x01 \x01(\t\x12-\n\x04step\x18\x02 \x01(\x0e\x32\x1f.vpblu.mesh.v1.RotationStepKind\x12\x15\n\rrotating_node\x18\x03 \x01(\t\x12\x16\n\x0eold_public_key\x18\x04 \x01(\t\x12\x16\n\x0enew_public_key\x18\x05 \x01(\t\x12\r\n\x05stamp\x18\x06 \x01(\x04\"\x80\x02\n\x11\x43ontrollerMessage\x12.\n\nsync_state\x18\x01 \x01(\x0b\x32\x18.vpblu.mesh.v1.SyncStateH\x00\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.vpblu.mesh.v1.DeltaH\x00\x12+\n\x08redirect\x18\x03 \x01(\x0b\x32\x17.vpblu.mesh.v1.RedirectH\x00\x12)\n\x07refused\x18\x04 \x01(\x0b\x32\x16.vpblu.mesh.v1.RefusedH\x00\x12\x34\n\rrotation_step\x18\x05 \x01(\x0b\x32\x1b.vpblu.mesh.v1.RotationStepH\x00\x42\x06\n\x04kind*\xd5\x01\n\x10RotationStepKind\x12\x1d\n\x19ROTATION_STEP_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREPARE\x10\x01\x12\x0e\n\nDISTRIBUTE\x10\x02\x12\x0c\n\x08\x41\x43TIVATE\x10\x03\x12\x0f\n\x0bSWITCH_PEER\x10\x04\x12\x13\n\x0fRETIRE_ROTATING\x10\x05\x12\x0f\n\x0bRETIRE_PEER\x10\x06\x12\x16\n\x12ROLL_BACK_ROTATING\x10\x07\x12\x12\n\x0eROLL_BACK_PEER\x10\x08\x12\x14\n\x10\x41\x42\x41NDON_ROTATING\x10\t2S\n\x04Mesh\x12K\n\x07\x43onnect\x12\x1a.vpblu.mesh.v1.NodeMessage\x1a .vpblu.mesh.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vpblu.stream.proto.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROTATIONSTEPKIND']._serialized_start=2042
-  _globals['_ROTATIONSTEPKIND']._serialized_end=2255
+  _globals['_ROTATIONSTEPKIND']._serialized_start=2213
+  _globals['_ROTATIONSTEPKIND']._serialized_end=2426
   _globals['_ENDPOINT']._serialized_start=48
   _globals['_ENDPOINT']._serialized_end=86
   _globals['_PEER']._serialized_start=89
@@ -41,32 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE']._serialized_end=259
   _globals['_CIDRPAIR']._serialized_start=261
   _globals['_CIDRPAIR']._serialized_end=297
-  _globals['_NODEDESIREDSTATE']._serialized_start=300
-  _globals['_NODEDESIREDSTATE']._serialized_end=468
-  _globals['_CHANGE']._serialized_start=471
-  _globals['_CHANGE']._serialized_end=822
-  _globals['_HELLO']._serialized_start=824
-  _globals['_HELLO']._serialized_end=927
-  _globals['_ACK']._serialized_start=929
-  _globals['_ACK']._serialized_end=984
-  _globals['_HEARTBEAT']._serialized_start=986
-  _globals['_HEARTBEAT']._serialized_end=997
-  _globals['_ROTATIONRESULT']._serialized_start=1000
-  _globals['_ROTATIONRESULT']._serialized_end=1176
-  _globals['_NODEMESSAGE']._serialized_start=1179
-  _globals['_NODEMESSAGE']._serialized_end=1379
-  _globals['_SYNCSTATE']._serialized_start=1381
-  _globals['_SYNCSTATE']._serialized_end=1460
-  _globals['_DELTA']._serialized_start=1462
-  _globals['_DELTA']._serialized_end=1554
-  _globals['_REDIRECT']._serialized_start=1556
-  _globals['_REDIRECT']._serialized_end=1582
-  _globals['_REFUSED']._serialized_start=1584
-  _globals['_REFUSED']._serialized_end=1609
-  _globals['_ROTATIONSTEP']._serialized_start=1612
-  _globals['_ROTATIONSTEP']._serialized_end=1780
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1783
-  _globals['_CONTROLLERMESSAGE']._serialized_end=2039
-  _globals['_MESH']._serialized_start=2257
-  _globals['_MESH']._serialized_end=2340
+  _globals['_DATAPATH']._serialized_start=299
+  _globals['_DATAPATH']._serialized_end=372
+  _globals['_NODEDESIREDSTATE']._serialized_start=375
+  _globals['_NODEDESIREDSTATE']._serialized_end=586
+  _globals['_CHANGE']._serialized_start=589
+  _globals['_CHANGE']._serialized_end=993
+  _globals['_HELLO']._serialized_start=995
+  _globals['_HELLO']._serialized_end=1098
+  _globals['_ACK']._serialized_start=1100
+  _globals['_ACK']._serialized_end=1155
+  _globals['_HEARTBEAT']._serialized_start=1157
+  _globals['_HEARTBEAT']._serialized_end=1168
+  _globals['_ROTATIONRESULT']._serialized_start=1171
+  _globals['_ROTATIONRESULT']._serialized_end=1347
+  _globals['_NODEMESSAGE']._serialized_start=1350
+  _globals['_NODEMESSAGE']._serialized_end=1550
+  _globals['_SYNCSTATE']._serialized_start=1552
+  _globals['_SYNCSTATE']._serialized_end=1631
+  _globals['_DELTA']._serialized_start=1633
+  _globals['_DELTA']._serialized_end=1725
+  _globals['_REDIRECT']._serialized_start=1727
+  _globals['_REDIRECT']._serialized_end=1753
+  _globals['_REFUSED']._serialized_start=1755
+  _globals['_REFUSED']._serialized_end=1780
+  _globals['_ROTATIONSTEP']._serialized_start=1783
+  _globals['_ROTATIONSTEP']._serialized_end=1951
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1954
+  _globals['_CONTROLLERMESSAGE']._serialized_end=2210
+  _globals['_MESH']._serialized_start=2428
+  _globals['_MESH']._serialized_end=2511
 # @@protoc_insertion_point(module_scope)

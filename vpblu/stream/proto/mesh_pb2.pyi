@@ -68,22 +68,34 @@ class CidrPair(_message.Message):
     dst: str
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ...) -> None: ...
 
+class DataPath(_message.Message):
+    __slots__ = ("local_cidrs", "cluster_cidrs", "fail_open")
+    LOCAL_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_CIDRS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_OPEN_FIELD_NUMBER: _ClassVar[int]
+    local_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    cluster_cidrs: _containers.RepeatedScalarFieldContainer[str]
+    fail_open: bool
+    def __init__(self, local_cidrs: _Optional[_Iterable[str]] = ..., cluster_cidrs: _Optional[_Iterable[str]] = ..., fail_open: _Optional[bool] = ...) -> None: ...
+
 class NodeDesiredState(_message.Message):
-    __slots__ = ("node", "listen_port", "peers", "routes", "blocks")
+    __slots__ = ("node", "listen_port", "peers", "routes", "blocks", "datapath")
     NODE_FIELD_NUMBER: _ClassVar[int]
     LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATAPATH_FIELD_NUMBER: _ClassVar[int]
     node: str
     listen_port: int
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     blocks: _containers.RepeatedCompositeFieldContainer[CidrPair]
-    def __init__(self, node: _Optional[str] = ..., listen_port: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[CidrPair, _Mapping]]] = ...) -> None: ...
+    datapath: DataPath
+    def __init__(self, node: _Optional[str] = ..., listen_port: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[CidrPair, _Mapping]]] = ..., datapath: _Optional[_Union[DataPath, _Mapping]] = ...) -> None: ...
 
 class Change(_message.Message):
-    __slots__ = ("peer_added", "peer_changed", "peer_removed", "route_added", "route_removed", "block_added", "block_removed", "listen_port_changed")
+    __slots__ = ("peer_added", "peer_changed", "peer_removed", "route_added", "route_removed", "block_added", "block_removed", "listen_port_changed", "datapath_changed")
     PEER_ADDED_FIELD_NUMBER: _ClassVar[int]
     PEER_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PEER_REMOVED_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +104,7 @@ class Change(_message.Message):
     BLOCK_ADDED_FIELD_NUMBER: _ClassVar[int]
     BLOCK_REMOVED_FIELD_NUMBER: _ClassVar[int]
     LISTEN_PORT_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    DATAPATH_CHANGED_FIELD_NUMBER: _ClassVar[int]
     peer_added: Peer
     peer_changed: Peer
     peer_removed: str
@@ -100,7 +113,8 @@ class Change(_message.Message):
     block_added: CidrPair
     block_removed: CidrPair
     listen_port_changed: int
-    def __init__(self, peer_added: _Optional[_Union[Peer, _Mapping]] = ..., peer_changed: _Optional[_Union[Peer, _Mapping]] = ..., peer_removed: _Optional[str] = ..., route_added: _Optional[_Union[Route, _Mapping]] = ..., route_removed: _Optional[_Union[Route, _Mapping]] = ..., block_added: _Optional[_Union[CidrPair, _Mapping]] = ..., block_removed: _Optional[_Union[CidrPair, _Mapping]] = ..., listen_port_changed: _Optional[int] = ...) -> None: ...
+    datapath_changed: DataPath
+    def __init__(self, peer_added: _Optional[_Union[Peer, _Mapping]] = ..., peer_changed: _Optional[_Union[Peer, _Mapping]] = ..., peer_removed: _Optional[str] = ..., route_added: _Optional[_Union[Route, _Mapping]] = ..., route_removed: _Optional[_Union[Route, _Mapping]] = ..., block_added: _Optional[_Union[CidrPair, _Mapping]] = ..., block_removed: _Optional[_Union[CidrPair, _Mapping]] = ..., listen_port_changed: _Optional[int] = ..., datapath_changed: _Optional[_Union[DataPath, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_name", "public_key", "last_applied_generation", "daemon_version")
