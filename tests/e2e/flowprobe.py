@@ -4,14 +4,26 @@ Run inside a network namespace (``ip netns exec NS python flowprobe.py ...``). I
 nothing but its sockets. Every socket carries SO_MARK so the kernel steers it by fwmark
 into the mesh table, as the eBPF classifier would mark a pod's packets.
 
-Modes (each runs until SIGTERM, then drains for ``--grace`` seconds and prints one JSON
-line on stdout):
+Modes (each runs until stopped, then drains for ``--grace`` seconds and prints its result
+as the last line on stdout, one JSON object):
 
 ``udp``        send ``--rate`` datagrams/s to ``--peer``:``--port`` from ``--bind``:``--port``
                and count what arrives from the peer. Datagram = seq (u64) + send time (f64).
 ``tcp-server`` accept one connection on ``--bind``:``--port`` and check that the bytes are
                the expected counter pattern; report bytes, the longest stall, any error.
-``tcp-client`` connect to ``--peer``:``--port`` and stream the pattern at ``--rate`` KiB/s.
+``tcp-client`` connect to ``--peer``:``--port`` and stream the pattern at ``--rate`` KiB/s
+               (``--bytes`` N: stop by itself once N bytes are sent).
+
+Before the result a probe says where it is, one word a line, so a test waits on a
+condition rather than a guess: ``ready`` once its socket is bound (udp), listening
+(tcp-server) or connected (tcp-client); ``receiving`` when the first datagram or byte
+arrives (udp, tcp-server).
+
+A stop is SIGTERM or SIGINT, EOF on stdin with ``--control-stdin`` (the test closed the
+pipe, or died), or ``--max-seconds`` (a probe nobody stops still ends). With
+``--control-stdin`` a udp probe also sends nothing before the line ``start`` arrives on
+stdin: the test says it once both ends are ready, so the first datagrams never meet a
+closed port (without it the probe waits ``--start-delay`` and hopes).
 
 ping is not precise enough for this (the kernel ticks at 250 Hz and ping slows during an
 outage), which is why loss is counted by sequence numbers at a fixed send schedule.
@@ -31,6 +43,13 @@ import time
 SO_MARK = 36
 DATAGRAM = struct.Struct("!Qd")
 PATTERN_BLOCK = 1024
+# The longest the probe goes without looking at its stop flag.
+SLICE = 0.05
+# A send blocked this long is an error (the sendall timeout the client had before).
+SEND_STALL = 10.0
+READY = "ready"
+RECEIVING = "receiving"
+START = "start"
 
 
 def pattern(offset: int, length: int) -> bytes:
@@ -38,11 +57,60 @@ def pattern(offset: int, length: int) -> bytes:
     return bytes((offset + i) % 251 for i in range(length))
 
 
+def say(word: str) -> None:
+    print(word, flush=True)
+
+
 class Stop:
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: self.event.set())
-        signal.signal(signal.SIGINT, lambda *_: self.event.set())
+    """Stop and start requests, as flags the main thread polls every SLICE at most.
+
+    The signal handler only stores a bool. It used to set a threading.Event: the handler
+    runs in the main thread between two bytecodes, possibly while that thread is inside
+    Event.wait() holding the Event's non-reentrant lock, and set() then blocks on that
+    lock forever; the probe ignored every later SIGTERM and the test waited for it.
+    """
+
+    def __init__(self, control_stdin: bool, max_seconds: float) -> None:
+        self.requested = False
+        self.controlled = control_stdin
+        self.start_requested = False
+        self.deadline = time.monotonic() + max_seconds
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if control_stdin:
+            threading.Thread(target=self._read_stdin, daemon=True).start()
+
+    def _on_signal(self, *_: object) -> None:
+        self.requested = True  # a plain store: no lock, nothing that can block
+
+    def _read_stdin(self) -> None:
+        for line in sys.stdin:
+            if line.strip() == START:
+                self.start_requested = True
+        self.requested = True  # EOF: the test closed the pipe, or is gone
+
+    def is_set(self) -> bool:
+        if time.monotonic() >= self.deadline:
+            self.requested = True
+        return self.requested
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True as soon as a stop was requested."""
+        end = time.monotonic() + seconds
+        while not self.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, SLICE))
+        return True
+
+    def wait_start(self, fallback_delay: float) -> None:
+        """Until `start` arrives (--control-stdin) or `fallback_delay` passed, or a stop."""
+        if not self.controlled:
+            self.wait(fallback_delay)
+            return
+        while not self.start_requested and not self.wait(SLICE):
+            pass
 
 
 def run_udp(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
@@ -64,25 +132,28 @@ def run_udp(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
             except TimeoutError:
                 continue
             seq, _sent_at = DATAGRAM.unpack_from(data)
+            if not seen:
+                say(RECEIVING)
             if seq in seen:
                 duplicates += 1
             seen.add(seq)
             arrivals.append((seq, time.monotonic()))
 
+    say(READY)  # before the receiver runs: it is the only other thread that prints
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     # Both ends bind before either sends, or the first datagrams meet a closed port.
-    stop.event.wait(args.start_delay)
+    stop.wait_start(args.start_delay)
     interval = 1.0 / args.rate
     start = time.monotonic()
     sent = 0
     send_errors = 0
     first_send_wall = 0.0
-    while not stop.event.is_set():
+    while not stop.is_set():
         due = start + sent * interval
         delay = due - time.monotonic()
         if delay > 0:
-            stop.event.wait(delay)
+            stop.wait(delay)
             continue
         if sent == 0:
             first_send_wall = time.time()
@@ -122,9 +193,10 @@ def run_tcp_server(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
     listener.setsockopt(socket.SOL_SOCKET, SO_MARK, args.mark)
     listener.bind((args.bind, args.port))
     listener.listen(1)
+    say(READY)
     listener.settimeout(0.2)
     conn = None
-    while conn is None and not stop.event.is_set():
+    while conn is None and not stop.is_set():
         try:
             conn, _ = listener.accept()
         except TimeoutError:
@@ -138,7 +210,7 @@ def run_tcp_server(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
     last = time.monotonic()
     stopping_at = None
     while True:
-        if stop.event.is_set() and stopping_at is None:
+        if stop.is_set() and stopping_at is None:
             stopping_at = time.monotonic()
         if stopping_at is not None and time.monotonic() - stopping_at > args.grace:
             break
@@ -156,6 +228,8 @@ def run_tcp_server(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
         now = time.monotonic()
         if stopping_at is None:
             longest_stall = max(longest_stall, now - last)
+        if received == 0:
+            say(RECEIVING)
         last = now
         if chunk != pattern(received, len(chunk)):
             error = f"corrupt stream at byte {received}"
@@ -171,22 +245,35 @@ def run_tcp_client(args: argparse.Namespace, stop: Stop) -> dict[str, object]:
     sock.bind((args.bind, 0))
     sock.settimeout(10)
     sock.connect((args.peer, args.port))
+    say(READY)
+    # Short sends counted to the byte, so a stop is seen within SLICE even while the
+    # tunnel is down and the send buffer full (sendall with a 10 s timeout ignored it).
+    sock.settimeout(SLICE)
     sent = 0
     error = ""
+    stalled_since: float | None = None
     interval = PATTERN_BLOCK / (args.rate * 1024)
     start = time.monotonic()
-    while not stop.event.is_set():
+    while not stop.is_set() and not (args.bytes and sent >= args.bytes):
         due = start + (sent // PATTERN_BLOCK) * interval
         delay = due - time.monotonic()
         if delay > 0:
-            stop.event.wait(delay)
+            stop.wait(delay)
             continue
+        length = PATTERN_BLOCK - sent % PATTERN_BLOCK
+        if args.bytes:
+            length = min(length, args.bytes - sent)
         try:
-            sock.sendall(pattern(sent, PATTERN_BLOCK))
+            sent += sock.send(pattern(sent, length))
+            stalled_since = None
+        except TimeoutError:
+            stalled_since = stalled_since or time.monotonic()
+            if time.monotonic() - stalled_since > SEND_STALL:
+                error = f"a send stalled for {SEND_STALL} s"
+                break
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
             break
-        sent += PATTERN_BLOCK
     if not error:
         sock.shutdown(socket.SHUT_WR)
     sock.close()
@@ -203,8 +290,12 @@ def main() -> None:
     parser.add_argument("--mark", type=lambda v: int(v, 0), default=0)
     parser.add_argument("--grace", type=float, default=1.5)
     parser.add_argument("--start-delay", type=float, default=0.5)
+    parser.add_argument("--control-stdin", action="store_true")
+    parser.add_argument("--bytes", type=int, default=0)
+    # No test runs a probe longer than this; one nobody stopped ends by itself.
+    parser.add_argument("--max-seconds", type=float, default=1800.0)
     args = parser.parse_args()
-    stop = Stop()
+    stop = Stop(args.control_stdin, args.max_seconds)
     runner = {"udp": run_udp, "tcp-server": run_tcp_server, "tcp-client": run_tcp_client}
     result = runner[args.mode](args, stop)
     print(json.dumps(result), flush=True)
