@@ -110,6 +110,11 @@ INVALID = [
     ("TunnelPolicy", {"mode": "FullMesh", "peerings": [{"nodes": ["a", "b"]}]},
      ["spec.peerings", "only allowed in Explicit mode"]),
     ("TunnelPolicy", {"listenport": 51821}, ["spec.listenport", "unknown field"]),
+    ("TunnelPolicy", {"clusterCIDRs": ["10.244.0.0/33"]},
+     ["spec.clusterCIDRs[0]", "must be a CIDR"]),
+    ("TunnelPolicy", {"clusterCIDRs": ["10.244.1.7/16"]}, ["spec.clusterCIDRs[0]", "host bits"]),
+    ("TunnelPolicy", {"clusterCIDRs": ["0.0.0.0/0"]}, ["spec.clusterCIDRs[0]", "default route"]),
+    ("TunnelPolicy", {"failOpen": "yes"}, ["spec.failOpen"]),
     ("RoutePolicy", None, ["spec", "Required value"]),
     ("RoutePolicy", {"routes": []}, ["spec.routes"]),
     ("RoutePolicy", {"routes": [{"cidr": "10.0.0.0/33", "via": "n1"}]},
@@ -170,6 +175,7 @@ VALID = [
     ("TunnelPolicy", None),
     ("TunnelPolicy", {"mode": "Explicit", "listenPort": 51821, "persistentKeepalive": 0,
                       "peerings": [{"nodes": ["n1", "n2"]}, {"nodes": ["n2", "n3.example"]}]}),
+    ("TunnelPolicy", {"clusterCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"], "failOpen": True}),
     ("RoutePolicy", {"routes": [{"cidr": "10.244.1.0/24", "via": "n1"},
                                 {"cidr": "fd00:10:244:1::/64", "via": "n2"}]}),
     ("BlockPolicy", {"cidrPairs": [{"from": "10.244.1.0/24", "to": "10.244.2.0/24"},
@@ -207,7 +213,7 @@ def test_defaults_are_filled_in(vpblu_installed: TestEnv) -> None:
         tunnel = create(env, "TunnelPolicy", "defaults", None)
         rotation = create(env, "RotationPolicy", "defaults", {"schedule": "0 3 * * 0"})
         assert tunnel.body["spec"] == {"mode": "FullMesh", "listenPort": 51820,
-                                       "persistentKeepalive": 25}
+                                       "persistentKeepalive": 25, "failOpen": False}
         assert rotation.body["spec"]["overlapSeconds"] == 30
     finally:
         env.request("DELETE", path("TunnelPolicy", "defaults"))
@@ -273,7 +279,8 @@ def test_printer_columns(vpblu_installed: TestEnv) -> None:
         out = json.loads(env.kubectl("get", "tunnelpolicy", "columns", "-o", "json").stdout)
         assert out["spec"]["listenPort"] == 51999
         header, row = env.kubectl("get", "tunnelpolicy", "columns").stdout.splitlines()[:2]
-        assert header.split() == ["NAME", "MODE", "PORT", "KEEPALIVE", "ACCEPTED", "AGE"]
-        assert row.split()[:4] == ["columns", "FullMesh", "51999", "25"]
+        assert header.split() == ["NAME", "MODE", "PORT", "KEEPALIVE", "FAILOPEN", "ACCEPTED",
+                                  "AGE"]
+        assert row.split()[:5] == ["columns", "FullMesh", "51999", "25", "false"]
     finally:
         env.request("DELETE", path("TunnelPolicy", "columns"))

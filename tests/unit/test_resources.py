@@ -47,6 +47,12 @@ def test_policies_become_model_values() -> None:
                                            "peerings": [{"nodes": ["a", "b"]}]}))
     assert tunnel.policy == model.TunnelPolicy(
         "t", 3, model.TunnelMode.EXPLICIT, 51000, model.DEFAULT_KEEPALIVE, [("a", "b")])
+    migrating = parse_tunnel_policy(obj("m", {"clusterCIDRs": ["10.244.0.0/16", "fd00::/56"],
+                                              "failOpen": True}))
+    assert isinstance(migrating.policy, model.TunnelPolicy)
+    assert migrating.policy.cluster_cidrs == (model.network("10.244.0.0/16"),
+                                              model.network("fd00::/56"))
+    assert migrating.policy.fail_open
     route = parse_route_policy(obj("r", {"routes": [{"cidr": "10.9.0.0/16", "via": "a"}]}))
     assert route.policy == model.RoutePolicy("r", 3, (model.RouteOverride("10.9.0.0/16", "a"),))
     pair = {"from": "10.1.0.0/16", "to": "10.2.0.0/16"}
@@ -69,6 +75,9 @@ def test_policies_become_model_values() -> None:
     (parse_tunnel_policy, obj("t", {"listenPort": 70000}), "spec"),
     (parse_tunnel_policy, obj("t", {"mode": "Explicit", "peerings": [{"nodes": ["a", "a"]}]}),
      "spec.peerings[0].nodes"),
+    (parse_tunnel_policy, obj("t", {"clusterCIDRs": ["10.244.1.7/16"]}), "spec.clusterCIDRs[0]"),
+    (parse_tunnel_policy, obj("t", {"clusterCIDRs": ["0.0.0.0/0"]}), "spec.clusterCIDRs[0]"),
+    (parse_tunnel_policy, obj("t", {"failOpen": "yes"}), "spec.failOpen"),
     (parse_route_policy, obj("r", {"routes": [{"cidr": "10.0.0.0/33", "via": "a"}]}),
      "spec.routes[0]"),
     (parse_block_policy, obj("b", {"cidrPairs": [{"from": "10.0.0.0/8"}]}), "spec.cidrPairs[0]"),

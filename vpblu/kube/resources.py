@@ -134,6 +134,8 @@ def parse_tunnel_policy(raw: RawObject) -> PolicySource:
     peerings = _node_pairs(spec.get("peerings"), "spec.peerings")
     if mode is model.TunnelMode.EXPLICIT and not peerings:
         raise InvalidObject("spec.peerings: Explicit mode needs at least one peering")
+    cluster_cidrs = _cidrs(spec.get("clusterCIDRs"), "spec.clusterCIDRs")
+    fail_open = _flag(spec.get("failOpen", False), "spec.failOpen")
     with _at("spec"):
         policy = model.TunnelPolicy(
             name=meta.name,
@@ -142,8 +144,31 @@ def parse_tunnel_policy(raw: RawObject) -> PolicySource:
             listen_port=int(spec.get("listenPort", model.DEFAULT_LISTEN_PORT)),
             persistent_keepalive=int(spec.get("persistentKeepalive", model.DEFAULT_KEEPALIVE)),
             peerings=peerings,
+            cluster_cidrs=cluster_cidrs,
+            fail_open=fail_open,
         )
     return PolicySource(meta, policy)
+
+
+def _cidrs(items: Any, path: str) -> tuple[model.IPNetwork, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise InvalidObject(f"{path}: must be a list of CIDRs")
+    nets = []
+    for i, item in enumerate(items):
+        with _at(f"{path}[{i}]"):
+            net = model.network(item)
+        if net.prefixlen == 0:
+            raise InvalidObject(f"{path}[{i}]: {net} is every address, not a pod range")
+        nets.append(net)
+    return tuple(nets)
+
+
+def _flag(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidObject(f"{path}: must be true or false, got {value!r}")
+    return value
 
 
 def parse_route_policy(raw: RawObject) -> PolicySource:
