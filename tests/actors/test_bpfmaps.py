@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.fakes.datapath import FakeClassifierMaps, FakePodLinks
 from vpblu.core.model import CidrPair, Route
@@ -21,6 +22,7 @@ from vpblu.node.kernel.bpftables import BLOCK_RULE_LIMIT, ClassifierConfig, Dest
 
 REPLY_TIMEOUT = 5
 CONFIG = DaemonConfig(node_name="n1", bpf_pin_dir=Path("/nonexistent/vb-fake"))
+UNDERLAY = PodLink(1, "eth0")
 
 
 @asynccontextmanager
@@ -45,13 +47,69 @@ def pair(i: int, dst: str = "10.200.0.0/16") -> CidrPair:
     return CidrPair(f"10.{i // 256}.{i % 256}.0/24", dst)
 
 
-async def test_start_writes_the_mark_and_attaches_every_pod_link() -> None:
-    maps, links = FakeClassifierMaps(), FakePodLinks([PodLink(3, "veth1"), PodLink(4, "veth2")])
+async def test_start_clears_the_retired_mark_attaches_every_pod_link_and_guards_the_underlay(
+) -> None:
+    # The maps as a daemon that still steered by fwmark left them.
+    maps = FakeClassifierMaps(config=ClassifierConfig(MESH_FWMARK, MESH_FWMARK_MASK, strict=True))
+    links = FakePodLinks([PodLink(3, "veth1"), PodLink(4, "veth2")], underlay=UNDERLAY)
     async with running(maps, links) as (actor, _send):
-        assert maps.config == ClassifierConfig(MESH_FWMARK, MESH_FWMARK_MASK, strict=False)
-        assert links.attached == {3: maps.prog_fd, 4: maps.prog_fd}
-        assert actor.statistics().attached == ("veth1", "veth2")
+        assert maps.config == ClassifierConfig(0, 0, strict=True)
+        both = (maps.classify_fd, maps.deliver_fd)
+        assert links.attached == {3: both, 4: both}
+        assert links.guards == {UNDERLAY.index: maps.guard_fd}
+        stats = actor.statistics()
+        assert stats.attached == ("veth1", "veth2")
+        assert stats.guard_link == "eth0"
     assert maps.closed and links.opened == 0
+    # Stopping leaves the data plane in place (DESIGN §7).
+    assert links.attached and links.guards
+
+
+async def test_statistics_read_each_programs_counters() -> None:
+    maps, links = FakeClassifierMaps(), FakePodLinks([], underlay=UNDERLAY)
+    maps.counter_values = {
+        "counters": [7, 1, 2, 8],  # slots 0 and 3 retired: a previous daemon's counts
+        "delivery_counters": [3, 4],
+        "guard_counters": [5, 6, 9, 10],  # pod dst, pod src only, inner, dropped
+    }
+    async with running(maps, links) as (actor, _send):
+        stats = actor.statistics()
+    assert (stats.dropped_blocked, stats.passed) == (1, 2)
+    assert (stats.delivered, stats.delivery_dropped_blocked) == (3, 4)
+    assert stats.guard_cleartext == 5 + 9
+    assert stats.guard_cleartext_encapsulated == 9
+    assert stats.guard_pod_src_only == 6
+    assert stats.guard_dropped == 10
+
+
+async def test_the_guard_follows_the_underlay_and_leaves_no_other_link() -> None:
+    maps, links = FakeClassifierMaps(), FakePodLinks([], underlay=None)
+    links.guards[7] = maps.guard_fd  # a previous daemon's guard, on a former underlay
+    async with running(maps, links) as (actor, send):
+        # No underlay (no default route yet): no guard, and the actor still serves.
+        assert actor.statistics().guard_link is None
+        assert (await apply(send, routes=[Route("10.1.0.0/16", "b")])).written == 1
+        links.move_underlay(UNDERLAY)
+        with trio.fail_after(REPLY_TIMEOUT):
+            await actor.wait_guard("eth0")
+        assert links.guards == {UNDERLAY.index: maps.guard_fd}
+        links.move_underlay(PodLink(2, "eth1"))
+        with trio.fail_after(REPLY_TIMEOUT):
+            await actor.wait_guard("eth1")
+        assert links.guards == {2: maps.guard_fd}
+        links.move_underlay(None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.statistics().guard_link is None
+
+
+async def test_cleanup_removes_every_filter_and_guard() -> None:
+    maps = FakeClassifierMaps()
+    links = FakePodLinks([PodLink(3, "veth1")], underlay=UNDERLAY)
+    async with running(maps, links) as (actor, _send):
+        pass
+    links.guards[7] = maps.guard_fd  # on a link that is no longer the underlay
+    await actor.cleanup()
+    assert links.attached == {} and links.guards == {}
 
 
 async def test_reapplying_the_same_policy_writes_nothing() -> None:
@@ -127,4 +185,5 @@ async def test_links_that_appear_later_are_attached_unless_already_gone(vanished
         else:
             with trio.fail_after(REPLY_TIMEOUT):
                 await actor.wait_attached("veth9")
-            assert links.attached == {3: maps.prog_fd, 9: maps.prog_fd}
+            both = (maps.classify_fd, maps.deliver_fd)
+            assert links.attached == {3: both, 9: both}

@@ -1,10 +1,14 @@
-"""A node network namespace with pods behind host veths, a main path and a mesh path.
+"""A node network namespace with pods behind host veths, an underlay and a mesh path.
 
-    pod A (10.240.1.2) --vbpa..-- NODE --vbg..-- gw   (main table: 10.96.0.0/12)
-    pod B (10.240.2.2) --vbpb..--      --vbm..-- mesh (table MESH_TABLE, by fwmark)
+    pod A (10.240.1.2) --vbpa..-- NODE --vbg..-- gw   (the underlay: main table)
+    pod B (10.240.2.2) --vbpb..--      --vbm..-- mesh (stands in for wg-mesh: MESH_TABLE)
 
-Both gw and mesh answer on 10.99.0.1 and 10.98.0.1, so where a packet arrives
-shows which routing table the node used: mesh only when the classifier marked it.
+The node steers by destination, as the NetlinkActor does: `ip rule to
+10.99.0.0/16 lookup MESH_TABLE` (a remote node's pod CIDR); the rest of
+10.96.0.0/12 goes by the main table to gw, the underlay, in the clear. Both gw
+and mesh answer on 10.99.0.1 and 10.98.0.1, so where a packet arrives shows
+which way the node sent it. `vbg..` is the underlay the daemon's config names,
+where the cleartext guard goes.
 Everything lives in namespaces named vb-<tag>-*, deleted (with their veths) on close.
 """
 
@@ -23,12 +27,15 @@ import attrs
 import trio
 from pyroute2 import netns as pr_netns
 
-from vpblu.node.config import MESH_FWMARK, MESH_FWMARK_MASK, MESH_TABLE, DaemonConfig
+from vpblu.node.config import MESH_TABLE, DaemonConfig
 from vpblu.node.kernel.bcc import remove_pins
 
 UDP_PORT = 40000
-REMOTE_ADDR = "10.99.0.1"  # in a remote pod CIDR once routed
-OTHER_ADDR = "10.98.0.1"  # never routed to the mesh
+REMOTE_ADDR = "10.99.0.1"  # in a remote pod CIDR, routed into the mesh
+REMOTE_CIDR = "10.99.0.0/16"
+OTHER_ADDR = "10.98.0.1"  # never routed to the mesh: leaves by the underlay
+GW_ADDR = "10.250.0.2"  # the underlay's far end
+NODE_ADDR = "10.250.0.1"  # the node's underlay address
 SEND_INTERVAL = 0.002
 _PACKET = struct.Struct("!IQd")  # stream, sequence number, send time
 
@@ -44,6 +51,7 @@ class Topology:
     pin_dir: Path
     namespaces: list[str] = attrs.field(factory=list)
     pods: dict[str, str] = attrs.field(factory=dict)  # pod name -> pod namespace
+    subnets: dict[str, int] = attrs.field(factory=dict)  # pod name -> its 10.240.<n>.0/24
 
     @property
     def config(self) -> DaemonConfig:
@@ -51,6 +59,7 @@ class Topology:
             node_name=f"vb-{self.tag}",
             bpf_pin_dir=self.pin_dir,
             pod_veth_glob=f"vbp*{self.tag}",
+            underlay_interface=self.uplink_veth("gw"),
         )
 
     def netns(self, name: str) -> str:
@@ -63,6 +72,22 @@ class Topology:
     def host_veth(self, pod: str) -> str:
         return f"vbp{pod}{self.tag}"
 
+    def uplink_veth(self, name: str) -> str:
+        return f"vb{name[0]}{self.tag}"
+
+    def pod_ip(self, pod: str) -> str:
+        return f"10.240.{self.subnets[pod]}.2"
+
+    def in_node(self, *args: str) -> str:
+        return sh("ip", "netns", "exec", self.node, *args)
+
+    def add_service(self, cluster_ip: str, pod: str) -> None:
+        """A ClusterIP the way kube-proxy's iptables mode makes one: DNAT in the
+        node's nat PREROUTING (pods' traffic) and OUTPUT (the host's) to the pod."""
+        for chain in ("PREROUTING", "OUTPUT"):
+            self.in_node("iptables", "-w", "5", "-t", "nat", "-A", chain, "-d", cluster_ip,
+                         "-j", "DNAT", "--to-destination", self.pod_ip(pod))
+
     def add_pod(self, pod: str, subnet: int) -> str:
         ns = self.netns(pod)
         host = self.host_veth(pod)
@@ -74,11 +99,12 @@ class Topology:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", f"10.240.{subnet}.1")
         self.pods[pod] = ns
+        self.subnets[pod] = subnet
         return ns
 
     def add_uplink(self, name: str, subnet: int) -> str:
         ns = self.netns(name)
-        host = f"vb{name[0]}{self.tag}"
+        host = self.uplink_veth(name)
         sh("ip", "-n", self.node, "link", "add", host, "type", "veth", "peer", "name", "eth0",
            "netns", ns)
         sh("ip", "-n", self.node, "addr", "add", f"10.250.{subnet}.1/30", "dev", host)
@@ -91,13 +117,19 @@ class Topology:
         return ns
 
     def tc_state(self) -> str:
-        """Every qdisc and ingress/egress filter on the node's links, as text."""
+        """Every qdisc and ingress/egress filter on the node's pod and uplink links, as text."""
         out = [sh("ip", "netns", "exec", self.node, "tc", "qdisc", "show")]
-        for pod in self.pods:
+        links = [self.host_veth(pod) for pod in self.pods]
+        links += [self.uplink_veth("gw"), self.uplink_veth("mesh")]
+        for link in links:
             for where in ("ingress", "egress"):
                 out.append(sh("ip", "netns", "exec", self.node, "tc", "filter", "show", "dev",
-                              self.host_veth(pod), where))
+                              link, where))
         return "".join(out)
+
+    def filters(self, link: str, where: str) -> int:
+        """How many direct-action (ours) filters `link` carries at `where`."""
+        return self.in_node("tc", "filter", "show", "dev", link, where).count("direct-action")
 
 
 @contextmanager
@@ -116,8 +148,7 @@ def topology() -> Iterator[Topology]:
         sh("ip", "-n", topo.node, "route", "add", "10.96.0.0/12", "via", "10.250.0.2")
         sh("ip", "-n", topo.node, "route", "add", "default", "via", "10.250.1.2", "table",
            str(MESH_TABLE))
-        mark = f"{MESH_FWMARK:#x}/{MESH_FWMARK_MASK:#x}"
-        sh("ip", "-n", topo.node, "rule", "add", "fwmark", mark, "lookup", str(MESH_TABLE),
+        sh("ip", "-n", topo.node, "rule", "add", "to", REMOTE_CIDR, "lookup", str(MESH_TABLE),
            "priority", "5182")
         yield topo
     finally:
@@ -126,8 +157,12 @@ def topology() -> Iterator[Topology]:
         remove_pins(topo.pin_dir)
 
 
-def udp_socket(ns: str) -> trio.socket.SocketType:
-    sock = pr_netns.create_socket(ns, socket.AF_INET, socket.SOCK_DGRAM)
+def udp_socket(ns: str, family: int = socket.AF_INET) -> trio.socket.SocketType:
+    return ns_socket(ns, family, socket.SOCK_DGRAM)
+
+
+def ns_socket(ns: str, family: int, kind: int, proto: int = 0) -> trio.socket.SocketType:
+    sock = pr_netns.create_socket(ns, family, kind, proto)
     return trio.socket.from_stdlib_socket(sock)
 
 
@@ -140,9 +175,18 @@ class Receiver:
     def stream(self, stream: int) -> dict[int, float]:
         return self.got.get(stream, {})
 
-    async def serve(self, ns: str, *, task_status: trio.TaskStatus[None]) -> None:
-        with udp_socket(ns) as sock:
-            await sock.bind(("0.0.0.0", UDP_PORT))
+    async def serve(
+        self,
+        ns: str,
+        port: int = UDP_PORT,
+        family: int = socket.AF_INET,
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        with udp_socket(ns, family) as sock:
+            if family == socket.AF_INET6:  # next to an IPv4 socket on the same port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
             task_status.started()
             while True:
                 data = await sock.recv(64)
@@ -157,10 +201,16 @@ class Sender:
     ns: str
     dst: str
     stream: int
+    port: int = UDP_PORT
+    src: tuple[str, int] | None = None  # bound to this (address, port) when given
+    interval: float = SEND_INTERVAL
     sent: dict[int, float] = attrs.field(factory=dict)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with udp_socket(self.ns) as sock:
+        family = socket.AF_INET6 if ":" in self.dst else socket.AF_INET
+        with udp_socket(self.ns, family) as sock:
+            if self.src is not None:
+                await sock.bind(self.src)
             task_status.started()
             seq = 0
             next_at = trio.current_time()
@@ -168,10 +218,10 @@ class Sender:
                 now = trio.current_time()
                 # A drop may surface as an error here; the receiver counts it lost.
                 with contextlib.suppress(OSError):
-                    await sock.sendto(_PACKET.pack(self.stream, seq, now), (self.dst, UDP_PORT))
+                    await sock.sendto(_PACKET.pack(self.stream, seq, now), (self.dst, self.port))
                 self.sent[seq] = now  # after the send: a cancelled send never left
                 seq += 1
-                next_at += SEND_INTERVAL
+                next_at += self.interval
                 await trio.sleep(max(0.0, next_at - trio.current_time()))
 
     def lost(self, receiver: Receiver) -> list[int]:

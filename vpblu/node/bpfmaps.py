@@ -1,25 +1,37 @@
-"""BpfMapActor: owns the pod classifier (bpf/classifier.c), its pinned maps and its tc filters.
+"""BpfMapActor: owns the data-path programs (bpf/classifier.c), their pinned maps
+and their tc filters.
 
-It compiles the classifier with bcc at start, keeps its maps pinned under
-`config.bpf_pin_dir`, attaches it (tc clsact ingress, direct-action) to every
-host-side pod veth matching `config.pod_veth_glob` — also those that appear
-later — and makes the maps equal to the ApplyDataPath it receives, writing only
-entries that differ.
+It compiles bpf/classifier.c with bcc at start, keeps its maps pinned under
+`config.bpf_pin_dir`, and attaches (tc clsact, direct-action):
+- to every host-side pod veth matching `config.pod_veth_glob`, also those that
+  appear later: `classify` at ingress (a blocked pair dropped as the pod sends
+  it) and `deliver` at egress (a blocked pair dropped as it reaches the pod,
+  after kube-proxy's DNAT: the block holds when the pod is called by Service);
+- to the node's underlay (`config.underlay_interface`, else the default
+  route's device, looked up again on every link event): `underlay_guard` at
+  egress, which counts every pod-addressed packet leaving in the clear (also
+  inside VXLAN, Geneve, IPIP) and, when the message says `strict`, drops it.
+  Its counter (`DataPathStatistics.guard_cleartext`) is the proof that no pod
+  traffic leaves the node unencrypted.
+It makes the maps equal to the ApplyDataPath it receives, writing only entries
+that differ: `dest` holds every pod range (routes, local_cidrs, cluster_cidrs).
 
 Restart without a gap: bcc's BPF_TABLE_PINNED opens a map that is already
 pinned instead of creating one, so a new daemon gets the same maps (same ids,
-same entries) and the classifier the previous daemon attached keeps reading them
-until `tc filter replace` swaps in the new program atomically, at the same
-prio and handle. Traffic never sees an empty map. Stopping the actor leaves the
+same entries) and the programs the previous daemon attached keep reading them
+until `tc filter replace` swaps in the new ones atomically, at the same prio
+and handle. Traffic never sees an empty map. Stopping the actor leaves the
 filters and pins in place on purpose (the data plane outlives the daemon,
 DESIGN §7); only `cleanup()` (uninstall) removes them.
 
 It never decides policy: what is routed, blocked or strict comes in the
-message; and it never touches routes or ip rules (NetlinkActor owns those).
+message; and it never touches routes or ip rules (NetlinkActor owns those, and
+steers into the mesh by destination).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -46,27 +58,44 @@ from vpblu.node.kernel.bpftables import (
     TooManyBlockRules,
 )
 
-# Indexes of the per-CPU counters (classifier.c COUNTER_*).
-COUNTER_MARKED = 0
+log = logging.getLogger(__name__)
+
+# Indexes of the per-CPU counters (classifier.c). `counters` (classify) keeps
+# slots 0 and 3, retired (the fwmark, the strict drop): a pinned map keeps its layout.
 COUNTER_DROPPED_BLOCKED = 1
 COUNTER_PASSED = 2
-COUNTER_DROPPED_STRICT = 3
+DELIVERY_PASSED = 0  # delivery_counters (deliver)
+DELIVERY_DROPPED_BLOCKED = 1
+GUARD_POD_DST = 0  # guard_counters (underlay_guard)
+GUARD_POD_SRC_ONLY = 1
+GUARD_INNER = 2
+GUARD_DROPPED = 3
 
 
 @attrs.frozen(slots=True)
 class DataPathStatistics:
-    marked: int
-    dropped_blocked: int
-    passed: int
-    dropped_strict: int
-    attached: tuple[str, ...]
+    """The programs' counters (since the pins were created: they survive restarts)
+    and what this actor attached and wrote."""
+
+    passed: int  # classify: sent by a pod, not blocked
+    dropped_blocked: int  # classify: a blocked pair, dropped as the pod sent it
+    delivered: int  # deliver: reached a pod, not blocked
+    delivery_dropped_blocked: int  # deliver: a blocked pair (e.g. called by Service)
+    # underlay_guard: pod-addressed packets that left the underlay outside WireGuard,
+    # outer destination or inside a tunnel (VXLAN, Geneve, IPIP). 0 is the promise.
+    guard_cleartext: int
+    guard_cleartext_encapsulated: int  # of guard_cleartext, inside a tunnel
+    guard_dropped: int  # of guard_cleartext, dropped (strict)
+    guard_pod_src_only: int  # from a pod address to a non-pod one (egress): counted only
+    attached: tuple[str, ...]  # pod veths carrying classify and deliver
+    guard_link: str | None  # the underlay carrying the guard, None while there is none
     map_ids: Mapping[str, int]
     entries_written: int
     entries_deleted: int
 
 
 class PodLinkControl(Protocol):
-    """The kernel's links and tc, as far as the classifier needs them."""
+    """The kernel's links and tc, as far as the programs need them."""
 
     async def open(self) -> None: ...
 
@@ -74,19 +103,35 @@ class PodLinkControl(Protocol):
 
     async def pod_links(self) -> list[PodLink]: ...
 
-    async def attach(self, link: PodLink, prog_fd: int) -> bool:
-        """Attach (or swap in) the classifier; False when the link is already gone."""
+    async def underlay(self) -> PodLink:
+        """The underlay link; OSError when there is none (no such link, no default route)."""
+        ...
+
+    async def attach(self, link: PodLink, classify_fd: int, deliver_fd: int) -> bool:
+        """Attach (or swap in) classify and deliver; False when the link is already gone."""
         ...
 
     async def detach(self, link: PodLink) -> None: ...
+
+    async def attach_guard(self, link: PodLink, guard_fd: int) -> bool:
+        """Attach (or swap in) the guard at egress; False when the link is already gone."""
+        ...
+
+    async def detach_guard(self, link: PodLink) -> None: ...
+
+    async def guarded_links(self) -> list[PodLink]:
+        """Every link carrying the guard, wherever a daemon put it."""
+        ...
 
     async def wait_link_change(self) -> None: ...
 
 
 class ClassifierMaps(Protocol):
-    """The loaded classifier and its maps."""
+    """The loaded programs and their maps."""
 
-    prog_fd: int
+    classify_fd: int
+    deliver_fd: int
+    guard_fd: int
 
     def map_ids(self) -> dict[str, int]: ...
 
@@ -102,7 +147,9 @@ class ClassifierMaps(Protocol):
 
     def write_dest(self, change: TableDiff[IPNetwork, DestKind]) -> None: ...
 
-    def counter(self, index: int) -> int: ...
+    def counters(self, name: str) -> tuple[int, ...]:
+        """One per-CPU counter map by name, each entry summed over the CPUs."""
+        ...
 
     def close(self) -> None: ...
 
@@ -120,7 +167,9 @@ class BpfMapActor:
     ) -> None:
         self._config = config
         self._inbox = inbox
-        self._links: PodLinkControl = links or NetlinkPodLinks(netns, config.pod_veth_glob)
+        self._links: PodLinkControl = links or NetlinkPodLinks(
+            netns, config.pod_veth_glob, config.underlay_interface
+        )
         self._source = source
         self._load_classifier = load_classifier
         self._maps: ClassifierMaps | None = None
@@ -128,6 +177,8 @@ class BpfMapActor:
         self._rules: dict[int, CidrPair] = {}
         self._classifier_config: ClassifierConfig | None = None
         self._attached: dict[int, PodLink] = {}
+        self._guarded: PodLink | None = None
+        self._underlay_problem: str | None = None
         self._attachments_changed = trio.Event()
         self._written = 0
         self._deleted = 0
@@ -163,7 +214,7 @@ class BpfMapActor:
         self._tables = maps.read_tables()
         self._rules = bpftables.decode_rules(self._tables.block_src, self._tables.block_dst)
         current = maps.read_config()
-        wanted = ClassifierConfig(self._config.fwmark, self._config.fwmark_mask, current.strict)
+        wanted = ClassifierConfig(strict=current.strict)  # a retired mark is cleared
         if current != wanted:
             maps.write_config(wanted)
             self._written += 1
@@ -176,15 +227,44 @@ class BpfMapActor:
             del self._attached[index]
         for index, link in present.items():
             if self._attached.get(index) != link and await self._links.attach(
-                link, self._maps.prog_fd
+                link, self._maps.classify_fd, self._maps.deliver_fd
             ):
                 self._attached[index] = link
+        await self._guard_underlay()
         self._attachments_changed.set()
         self._attachments_changed = trio.Event()
 
+    async def _guard_underlay(self) -> None:
+        """The guard on the underlay as it is now, and on no other link."""
+        assert self._maps is not None
+        try:
+            underlay = await self._links.underlay()
+        except OSError as exc:
+            if str(exc) != self._underlay_problem:
+                log.warning("no cleartext guard (no underlay): %s", exc)
+                self._underlay_problem = str(exc)
+            self._guarded = None
+            return
+        self._underlay_problem = None
+        if underlay == self._guarded:
+            return
+        if not await self._links.attach_guard(underlay, self._maps.guard_fd):
+            self._guarded = None  # gone already; its deletion is a link event
+            return
+        self._guarded = underlay
+        log.info("cleartext guard on %s", underlay.name)
+        for link in await self._links.guarded_links():
+            if link.index != underlay.index:
+                await self._links.detach_guard(link)
+
     async def wait_attached(self, name: str) -> None:
-        """Return once the classifier is attached to the link called `name`."""
+        """Return once classify and deliver are attached to the link called `name`."""
         while name not in {link.name for link in self._attached.values()}:
+            await self._attachments_changed.wait()
+
+    async def wait_guard(self, name: str) -> None:
+        """Return once the guard is attached to the link called `name`."""
+        while self._guarded is None or self._guarded.name != name:
             await self._attachments_changed.wait()
 
     async def _follow_links(self) -> None:
@@ -246,28 +326,40 @@ class BpfMapActor:
         maps = self._maps
         if maps is None:
             raise RuntimeError("the classifier is not loaded (run() is not running)")
+        classify = maps.counters("counters")
+        delivery = maps.counters("delivery_counters")
+        guard = maps.counters("guard_counters")
         return DataPathStatistics(
-            marked=maps.counter(COUNTER_MARKED),
-            dropped_blocked=maps.counter(COUNTER_DROPPED_BLOCKED),
-            passed=maps.counter(COUNTER_PASSED),
-            dropped_strict=maps.counter(COUNTER_DROPPED_STRICT),
+            passed=classify[COUNTER_PASSED],
+            dropped_blocked=classify[COUNTER_DROPPED_BLOCKED],
+            delivered=delivery[DELIVERY_PASSED],
+            delivery_dropped_blocked=delivery[DELIVERY_DROPPED_BLOCKED],
+            guard_cleartext=guard[GUARD_POD_DST] + guard[GUARD_INNER],
+            guard_cleartext_encapsulated=guard[GUARD_INNER],
+            guard_dropped=guard[GUARD_DROPPED],
+            guard_pod_src_only=guard[GUARD_POD_SRC_ONLY],
             attached=tuple(sorted(link.name for link in self._attached.values())),
+            guard_link=self._guarded.name if self._guarded is not None else None,
             map_ids=maps.map_ids(),
             entries_written=self._written,
             entries_deleted=self._deleted,
         )
 
     async def cleanup(self) -> None:
-        """Uninstall: remove our filter from every pod veth (and the clsact qdisc when
-        nothing else is left on it) and the pinned maps. Call after run() returned."""
+        """Uninstall: remove our filters from every pod veth and the guard from every
+        link that carries it (and each clsact qdisc when nothing else is left on it),
+        and the pinned maps. Call after run() returned."""
         await self._links.open()
         try:
             for link in await self._links.pod_links():
                 await self._links.detach(link)
+            for link in await self._links.guarded_links():
+                await self._links.detach_guard(link)
         finally:
             with trio.CancelScope(shield=True):
                 await self._links.aclose()
         self._attached.clear()
+        self._guarded = None
         remove_pins(self._config.bpf_pin_dir)
 
 

@@ -109,15 +109,16 @@ async def run_daemon(settings: DaemonSettings) -> None:
 
 
 async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> None:
-    """Remove what the daemon created on this node: the classifier's tc filters
-    (and clsact qdiscs left empty) and pinned maps, the MSS clamp rules, the
+    """Remove what the daemon created on this node: the data-path programs' tc
+    filters on the pod veths and the underlay (and clsact qdiscs left empty) and
+    pinned maps, the MSS clamp rules, the
     mesh rules, routes and unreachable defaults, and the interface. Idempotent.
     The key stays unless `remove_key`."""
     _unused_bpf_send, unused_bpf = trio.open_memory_channel[BpfMapInbox](0)
     _unused_mtu_send, unused_mtu = trio.open_memory_channel[MtuInbox](0)
     async with _unused_bpf_send, unused_bpf, _unused_mtu_send, unused_mtu:
-        # The classifier first: once it stops marking, removing the rule and
-        # routes changes nothing for any packet.
+        # The programs first: blocks and the underlay guard stop dropping before
+        # the mesh's rules and routes go.
         await BpfMapActor(config, unused_bpf).cleanup()
         await MtuActor(config, IptablesMtuKernel(), unused_mtu).cleanup()
     userspace = UserspaceBackend()

@@ -1,6 +1,8 @@
-"""The kernel side of the classifier: the bcc-compiled program and its pinned
-maps (`ClassifierMaps`), and the pod veths it is attached to through tc
-(`PodLinkControl`), watched over rtnetlink.
+"""The kernel side of the data-path programs: the bcc-compiled bpf/classifier.c
+(`classify`, `deliver`, `underlay_guard`) and its pinned maps (`ClassifierMaps`),
+and the links they are attached to through tc (`PodLinkControl`): every pod's
+host veth (classify at ingress, deliver at egress) and the node's underlay
+(underlay_guard at egress), watched over rtnetlink.
 
 Only the BpfMapActor calls these adapters; they keep no policy.
 """
@@ -29,26 +31,50 @@ from vpblu.node.kernel.bpftables import (
     DestKind,
     TableDiff,
 )
+from vpblu.node.kernel.underlay import find_underlay
 
 # bpf/ ships as the package vpblu.bpf (pyproject.toml), in a wheel as in a checkout.
 CLASSIFIER_SOURCE = Path(str(importlib.resources.files("vpblu.bpf").joinpath("classifier.c")))
 
-CLASSIFIER_FUNCTION = b"classify"
+CLASSIFY_FUNCTION = b"classify"
 
-MAP_NAMES = ("block_src", "block_dst", "dest", "config", "counters")
+DELIVER_FUNCTION = b"deliver"
 
-# Our filter's identity on a link: `tc filter replace` swaps a program only at
+GUARD_FUNCTION = b"underlay_guard"
+
+# Every pinned map, for the uninstall. Their layouts are an ABI across daemon
+# restarts (a new daemon opens what the old one pinned): add maps, never change one.
+MAP_NAMES = (
+    "block_src",
+    "block_dst",
+    "dest",
+    "config",
+    "counters",
+    "delivery_counters",
+    "guard_counters",
+)
+
+COUNTER_MAPS = ("counters", "delivery_counters", "guard_counters")
+
+# Our filters' identity on a link: `tc filter replace` swaps a program only at
 # the same parent, prio, protocol and handle. 0xB1 keeps clear of prio 1, which
-# other tools commonly take.
+# other tools commonly take. The name tells the three programs apart in `tc
+# filter show` (and finds the guard on a link that is no longer the underlay).
 TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress, "ffff:fff2"
 
-TC_EGRESS_PARENT = 0xFFFFFFF3
+TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress, "ffff:fff3"
 
 FILTER_PRIO = 0xB1
 
 FILTER_HANDLE = 0xB1
 
 FILTER_NAME = "vpblu-classify"
+
+DELIVER_FILTER_NAME = "vpblu-deliver"
+
+GUARD_FILTER_NAME = "vpblu-guard"
+
+_GONE = (errno.ENOENT, errno.EINVAL, errno.ENODEV)
 
 ETH_P_ALL = 0x0003
 
@@ -79,9 +105,10 @@ class NetlinkPodLinks:
     (level-triggered), so they are never parsed.
     """
 
-    def __init__(self, netns: str | None, glob: str) -> None:
+    def __init__(self, netns: str | None, glob: str, underlay: str | None = None) -> None:
         self._netns = netns
         self._glob = glob
+        self._underlay = underlay
         self._ipr: Any = None
         self._events: trio.socket.SocketType | None = None
         self._raw_events: socket.socket | None = None
@@ -130,75 +157,128 @@ class NetlinkPodLinks:
         result: list[PodLink] = await self._call(list_links)
         return result
 
-    async def attach(self, link: PodLink, prog_fd: int) -> bool:
-        from pyroute2 import NetlinkError
+    async def underlay(self) -> PodLink:
+        """The underlay link (the configured one, or the default route's); OSError if none."""
 
-        def attach() -> bool:
-            try:
-                self._ipr.tc("add", "clsact", link.index)
-            except NetlinkError as exc:
-                if exc.code == errno.ENODEV:
-                    return False  # a pod deleted between the listing and now
-                if exc.code != errno.EEXIST:
-                    raise
-            try:
-                self._tc_replace(link, prog_fd)
-            except NetlinkError as exc:
-                if exc.code == errno.ENODEV:
-                    return False
-                raise
-            return True
+        def find() -> PodLink:
+            link = find_underlay(self._ipr, self._underlay)
+            return PodLink(link.index, link.name)
 
-        result: bool = await self._call(attach)
+        result: PodLink = await self._call(find)
         return result
 
-    def _tc_replace(self, link: PodLink, prog_fd: int) -> None:
-        self._ipr.tc(
-            "replace-filter",
-            "bpf",
-            link.index,
-            handle=FILTER_HANDLE,
-            parent=TC_INGRESS_PARENT,
-            prio=FILTER_PRIO,
-            protocol=ETH_P_ALL,
-            fd=prog_fd,
-            name=FILTER_NAME,
-            direct_action=True,
+    async def attach(self, link: PodLink, classify_fd: int, deliver_fd: int) -> bool:
+        """classify at the veth's ingress, deliver at its egress (each swapped in
+        atomically where a previous daemon left one)."""
+        result: bool = await self._call(
+            lambda: self._attach(
+                link,
+                (TC_INGRESS_PARENT, classify_fd, FILTER_NAME),
+                (TC_EGRESS_PARENT, deliver_fd, DELIVER_FILTER_NAME),
+            )
         )
+        return result
 
-    async def detach(self, link: PodLink) -> None:
-        """Remove our filter, and the clsact qdisc once no filter at all is left on it:
-        a clsact that still carries someone else's filter is not ours to remove."""
+    async def attach_guard(self, link: PodLink, guard_fd: int) -> bool:
+        result: bool = await self._call(
+            lambda: self._attach(link, (TC_EGRESS_PARENT, guard_fd, GUARD_FILTER_NAME))
+        )
+        return result
+
+    def _attach(self, link: PodLink, *filters: tuple[int, int, str]) -> bool:
         from pyroute2 import NetlinkError
 
-        def detach() -> None:
+        try:
+            self._ipr.tc("add", "clsact", link.index)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False  # deleted between the listing and now
+            if exc.code != errno.EEXIST:
+                raise
+        try:
+            for parent, fd, name in filters:
+                self._ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    link.index,
+                    handle=FILTER_HANDLE,
+                    parent=parent,
+                    prio=FILTER_PRIO,
+                    protocol=ETH_P_ALL,
+                    fd=fd,
+                    name=name,
+                    direct_action=True,
+                )
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    async def detach(self, link: PodLink) -> None:
+        """Remove our filters, and the clsact qdisc once no filter at all is left on it:
+        a clsact that still carries someone else's filter is not ours to remove."""
+        await self._call(lambda: self._detach(link, TC_INGRESS_PARENT, TC_EGRESS_PARENT))
+
+    async def detach_guard(self, link: PodLink) -> None:
+        await self._call(lambda: self._detach(link, TC_EGRESS_PARENT))
+
+    def _detach(self, link: PodLink, *parents: int) -> None:
+        from pyroute2 import NetlinkError
+
+        for parent in parents:
             try:
                 self._ipr.tc(
                     "del-filter",
                     "bpf",
                     link.index,
                     handle=FILTER_HANDLE,
-                    parent=TC_INGRESS_PARENT,
+                    parent=parent,
                     prio=FILTER_PRIO,
                     protocol=ETH_P_ALL,
                 )
             except NetlinkError as exc:
-                if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                if exc.code not in _GONE:
                     raise
-            try:
-                left = [
-                    f
-                    for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)
-                    for f in self._ipr.get_filters(index=link.index, parent=parent)
-                    if f.get("kind")
-                ]
-                if not left:
-                    self._ipr.tc("del", "clsact", link.index)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                    raise
+        try:
+            left = [
+                f
+                for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)
+                for f in self._ipr.get_filters(index=link.index, parent=parent)
+                if f.get("kind")
+            ]
+            if not left:
+                self._ipr.tc("del", "clsact", link.index)
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise
 
-        await self._call(detach)
+    async def guarded_links(self) -> list[PodLink]:
+        """Every link whose egress carries our guard (wherever a daemon put it)."""
+        from pyroute2 import NetlinkError
+
+        def ours(index: int) -> bool:
+            try:
+                filters = self._ipr.get_filters(index=index, parent=TC_EGRESS_PARENT)
+            except NetlinkError as exc:
+                if exc.code in _GONE:
+                    return False
+                raise
+            for f in filters:
+                options = f.get_attr("TCA_OPTIONS")
+                if options is not None and options.get_attr("TCA_BPF_NAME") == GUARD_FILTER_NAME:
+                    return True
+            return False
+
+        def find() -> list[PodLink]:
+            return [
+                PodLink(msg["index"], msg.get("ifname"))
+                for msg in self._ipr.get_links()
+                if ours(msg["index"])
+            ]
+
+        result: list[PodLink] = await self._call(find)
+        return result
 
     async def wait_link_change(self) -> None:
         assert self._events is not None, "open() first"
@@ -242,8 +322,9 @@ def _map_id(fd: int) -> int:
 
 
 class BccClassifier:
-    """ClassifierMaps through bcc: compiles and loads bpf/classifier.c with its maps
-    pinned under `pin_dir` (created when absent, reused when present)."""
+    """ClassifierMaps through bcc: compiles bpf/classifier.c once, loads its three
+    programs, with their maps pinned under `pin_dir` (created when absent, reused
+    when present)."""
 
     def __init__(self, source: Path, pin_dir: Path) -> None:
         from bcc import BPF
@@ -253,8 +334,13 @@ class BccClassifier:
             src_file=os.fsencode(source),
             cflags=[f'-DVPBLU_PIN_DIR="{pin_dir}"', f"-DVPBLU_BLOCK_WORDS={BLOCK_WORDS}"],
         )
-        self._fn = self._bpf.load_func(CLASSIFIER_FUNCTION, BPF.SCHED_CLS)
-        self.prog_fd: int = self._fn.fd
+        self._functions = {
+            name: self._bpf.load_func(name, BPF.SCHED_CLS)
+            for name in (CLASSIFY_FUNCTION, DELIVER_FUNCTION, GUARD_FUNCTION)
+        }
+        self.classify_fd: int = self._functions[CLASSIFY_FUNCTION].fd
+        self.deliver_fd: int = self._functions[DELIVER_FUNCTION].fd
+        self.guard_fd: int = self._functions[GUARD_FUNCTION].fd
         self._maps = {name: self._bpf[name.encode()] for name in MAP_NAMES}
 
     def map_ids(self) -> dict[str, int]:
@@ -309,9 +395,10 @@ class BccClassifier:
         for net in change.deletes:
             del table[_prefix_key(table, net)]
 
-    def counter(self, index: int) -> int:
-        table = self._maps["counters"]
-        return sum(int(v) for v in table[table.Key(index)])
+    def counters(self, name: str) -> tuple[int, ...]:
+        """A per-CPU counter map (one of COUNTER_MAPS), each entry summed over the CPUs."""
+        table = self._maps[name]
+        return tuple(sum(int(v) for v in table[table.Key(i)]) for i in range(table.max_entries))
 
     def close(self) -> None:
         self._bpf.cleanup()

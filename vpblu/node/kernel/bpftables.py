@@ -1,4 +1,4 @@
-"""The tables the pod classifier (bpf/classifier.c) reads, computed from desired state.
+"""The tables the data-path programs (bpf/classifier.c) read, computed from desired state.
 
 Owns the pure translation from routes, blocks and the cluster's pod ranges to
 map contents, and the difference between two such contents. It never touches
@@ -6,8 +6,9 @@ the kernel, never reads a clock and holds no state; BpfMapActor writes what it
 computes.
 
 Blocked CIDR pairs. One LPM lookup cannot match a (src CIDR, dst CIDR) pair, so
-each block rule gets an id (a bit, 0..BLOCK_RULE_LIMIT-1) and the classifier does
-two lookups: the src trie gives the bitmap of rules whose src CIDR contains the
+each block rule gets an id (a bit, 0..BLOCK_RULE_LIMIT-1) and the programs that
+enforce blocks (`classify` at the source, `deliver` at the destination) do two
+lookups: the src trie gives the bitmap of rules whose src CIDR contains the
 packet's source, the dst trie the same for the destination; a non-zero AND means
 one rule contains both. An LPM trie returns only the longest matching prefix, so
 the bitmap stored at a prefix is the OR of the bits of every rule whose CIDR
@@ -41,11 +42,18 @@ class TooManyBlockRules(ValueError):
 
 
 class DestKind(enum.IntEnum):
-    """What the classifier does with a destination (values shared with classifier.c)."""
+    """The kinds of entry in `dest`, the cluster's pod (and mesh-routed) ranges.
 
-    REMOTE = 1  # set the mesh fwmark
-    LOCAL = 2  # a pod on this node: untouched
-    CLUSTER = 3  # a pod range with no remote route: dropped when strict
+    No program acts on the kind any more: steering into the mesh is policy
+    routing by destination (NetlinkActor), and for the underlay guard every
+    entry is a pod address that must never leave in the clear. The kinds stay
+    in the pinned trie for who reads it (`bpftool map dump`) and for the
+    restart, which reads the trie back.
+    """
+
+    REMOTE = 1  # routed into the mesh (a remote node's pod CIDR, or a RoutePolicy CIDR)
+    LOCAL = 2  # a pod CIDR of this node
+    CLUSTER = 3  # a cluster pod range with no route of its own
 
 
 FLAG_STRICT = 1
@@ -53,10 +61,14 @@ FLAG_STRICT = 1
 
 @attrs.frozen(slots=True)
 class ClassifierConfig:
-    """The classifier's single config entry: the mark it sets, under which mask, and flags."""
+    """The programs' single config entry. Only `strict` is used (the underlay guard
+    drops what it counts). `mark` and `mask` are the retired fwmark the classifier
+    once set: the pinned entry keeps its layout across daemon versions, and they
+    are written 0, which also makes a previous daemon's classifier, still attached
+    until the new one replaces it, stop marking."""
 
-    mark: int
-    mask: int
+    mark: int = 0
+    mask: int = 0
     strict: bool = False
 
     @property
