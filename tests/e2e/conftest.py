@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.e2e.netns import Lab, Node
+from tests.e2e.procs import REAP_TIMEOUT, Reaper
 from vpblu.core.model import Endpoint, NodeDesiredState, Peer, Route
 from vpblu.lab.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster
 from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
@@ -27,6 +28,35 @@ from vpblu.node.netlink import NetlinkActor
 LISTEN_PORT = 51820
 APPLY_TIMEOUT = 10.0
 CLUSTER_CONVERGE_TIMEOUT = 90.0
+# The call phase's report, for fixtures whose teardown says more when the test failed.
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+        item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def reaper(request: pytest.FixtureRequest) -> Iterator[Reaper]:
+    """Starts a test's helper processes and reaps, after the test, every one still
+    running, whichever way the test ended. A helper that had to be SIGKILLed fails the
+    test; if it failed already, that is added to its report instead."""
+    reaper = Reaper()
+    yield reaper
+    killed = reaper.close()
+    if not killed:
+        return
+    why = f"helpers still running {REAP_TIMEOUT} s after SIGTERM were killed: {killed}"
+    call: pytest.TestReport | None = request.node.stash.get(CALL_REPORT, None)
+    if call is not None and call.failed:
+        call.sections.append(("helper processes", why))
+    else:
+        pytest.fail(why)
 
 
 @pytest.fixture(scope="module")

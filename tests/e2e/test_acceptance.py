@@ -10,16 +10,18 @@ order of the tests does not matter for their verdicts; the disruptive ones
 come last only to keep the cheap ones cheap.
 
 Traffic loss is counted with sequence-numbered UDP (tests/e2e/flowprobe.py),
-not ping: ping slows during an outage and the kernel ticks at 250 Hz.
+not ping: ping slows during an outage and the kernel ticks at 250 Hz. The probes
+are started through the `reaper` fixture, so none outlives its test.
+
+Tests wait on conditions (a probe says it is ready, datagrams arrive, the mesh is
+whole), never on a guess of how long something takes; the sleeps left are dwells,
+stretches of time the test's claim is about (traffic flows for 3 s while blocked).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +31,16 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
-from vpblu.lab.localcluster import SYSTEM_NAMESPACE, WG_PORT, LocalCluster, Pod, underlay_packets
+from tests.e2e.flowprobe import READY
+from tests.e2e.procs import Helper, Reaper, raise_if_killed, reap, start_udp_probes, stop
+from vpblu.lab.localcluster import (
+    SYSTEM_NAMESPACE,
+    WG_PORT,
+    LocalCluster,
+    Pod,
+    nsenter,
+    underlay_packets,
+)
 
 FLOWPROBE = Path(__file__).with_name("flowprobe.py")
 CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
@@ -37,9 +48,19 @@ CHANGE_TIMEOUT = 30.0
 # The acceptance bound on a BlockPolicy: traffic stops within 1 s of the apply.
 BLOCK_BOUND = 1.0
 UDP_RATE = 200.0
-FLOW_START_DELAY = 2.0
 FLOW_GRACE = 2.0
 FLOW_STOP_TIMEOUT = 15.0
+# A probe is a python start in a namespace: well under a second on an idle machine.
+FLOW_READY_TIMEOUT = 30.0
+TRANSFER_BYTES = 10 * 1024 * 1024
+TRANSFER_RATE_KIB = 4096
+# Dwells: how long a state lasts under traffic is what these tests claim something about
+# (nothing is lost while it lasts); they are not guesses of how long a change takes.
+UNBLOCKED_DWELL = 1.0  # traffic before the BlockPolicy: none of it may be lost
+BLOCKED_DWELL = 3.0  # the policy in force: everything sent 1 s after the apply is lost
+RESTORED_DWELL = 2.0  # traffic after the delete: it comes back
+CONTROLLERS_DOWN_DWELL = 3.0
+DAEMON_DOWN_DWELL = 1.0
 EXTERNAL_CIDR = ipaddress.IPv4Network("10.250.0.0/24")
 EXTERNAL_IP = EXTERNAL_CIDR[10]
 # WireGuard's own messages on the wire: keepalive, handshake response, initiation.
@@ -58,33 +79,45 @@ def pods(cluster: LocalCluster) -> list[Pod]:
     return [node.pods[0] for node in cluster.nodes]
 
 
-class UdpFlow:
-    """Sequence-numbered UDP both ways between two pods, for the with-block."""
+def probe_argv(pod: Pod, mode: str, *args: str) -> list[str]:
+    return [*nsenter(pod.netns), sys.executable, str(FLOWPROBE), mode, "--bind", str(pod.ip),
+            *args]
 
-    def __init__(self, cluster: LocalCluster, a: Pod, b: Pod, port: int) -> None:
-        self.cluster, self.a, self.b, self.port = cluster, a, b, port
-        self.procs: list[subprocess.Popen[str]] = []
+
+class UdpFlow:
+    """Sequence-numbered UDP both ways between two pods, for the with-block: flowing
+    both ways when the block starts, both probes reaped when it ends."""
+
+    def __init__(self, reaper: Reaper, a: Pod, b: Pod, port: int) -> None:
+        self.reaper, self.a, self.b, self.port = reaper, a, b, port
+        self.probes: list[Helper] = []
         self.results: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> UdpFlow:
         for me, peer in ((self.a, self.b), (self.b, self.a)):
-            self.procs.append(self.cluster.popen_in(me.netns, [
-                sys.executable, str(FLOWPROBE), "udp", "--bind", str(me.ip),
-                "--peer", str(peer.ip), "--port", str(self.port), "--rate", str(UDP_RATE),
-                "--start-delay", str(FLOW_START_DELAY), "--grace", str(FLOW_GRACE),
-            ], stdout=subprocess.PIPE))
-        time.sleep(FLOW_START_DELAY + 0.5)
+            self.probes.append(self.reaper.start(f"udp probe {me.name}->{peer.name}", probe_argv(
+                me, "udp", "--peer", str(peer.ip), "--port", str(self.port),
+                "--rate", str(UDP_RATE), "--grace", str(FLOW_GRACE), "--control-stdin")))
+        try:
+            start_udp_probes(self.probes, FLOW_READY_TIMEOUT,
+                             f"UDP {self.a.name}<->{self.b.name}")
+        except BaseException as exc:
+            stop(self.probes, FLOW_STOP_TIMEOUT, failing=exc)
+            raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            proc.send_signal(signal.SIGTERM)
-        for pod, proc in zip((self.a, self.b), self.procs, strict=True):
-            out, _ = proc.communicate(timeout=FLOW_STOP_TIMEOUT)
-            if out.strip():
-                self.results[pod.name] = json.loads(out.strip().splitlines()[-1])
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # Both stop together: a receiver stopped first would miss the other's last sends.
+        killed = reap(self.probes, FLOW_STOP_TIMEOUT)
+        for pod, probe in zip((self.a, self.b), self.probes, strict=True):
+            if probe.last_line().startswith("{"):
+                self.results[pod.name] = probe.last_json()
+        raise_if_killed(killed, FLOW_STOP_TIMEOUT, exc)
 
     def received_by(self, pod: Pod) -> dict[str, Any]:
+        if pod.name not in self.results:
+            probe = self.probes[(self.a, self.b).index(pod)]
+            raise AssertionError(f"no count from {pod.name}'s probe: {probe.describe()}")
         return self.results[pod.name]
 
     def assert_lossless(self) -> None:
@@ -179,21 +212,19 @@ def test_the_underlay_carries_only_wireguard_between_node_addresses(
 # --- 7 ---------------------------------------------------------------------------------
 
 
-def test_a_multi_megabyte_tcp_transfer_crosses_the_mesh(healthy: LocalCluster) -> None:
+def test_a_multi_megabyte_tcp_transfer_crosses_the_mesh(healthy: LocalCluster,
+                                                       reaper: Reaper) -> None:
     cluster = healthy
     a, b = pods(cluster)[0], pods(cluster)[2]
-    server = cluster.popen_in(b.netns, [
-        sys.executable, str(FLOWPROBE), "tcp-server", "--bind", str(b.ip), "--port", "5201",
-        "--grace", "3"], stdout=subprocess.PIPE)
-    time.sleep(1.0)
-    client = cluster.popen_in(a.netns, [
-        sys.executable, str(FLOWPROBE), "tcp-client", "--bind", str(a.ip),
-        "--peer", str(b.ip), "--port", "5201", "--rate", "4096"], stdout=subprocess.PIPE)
-    time.sleep(2.5)
-    client.send_signal(signal.SIGTERM)
-    sent = json.loads(client.communicate(timeout=FLOW_STOP_TIMEOUT)[0])
-    server.send_signal(signal.SIGTERM)
-    got = json.loads(server.communicate(timeout=FLOW_STOP_TIMEOUT)[0])
+    server = reaper.start("tcp server", probe_argv(b, "tcp-server", "--port", "5201",
+                                                   "--grace", "3"))
+    server.wait_for_line(READY, FLOW_READY_TIMEOUT, f"the TCP server in {b.name} listening")
+    client = reaper.start("tcp client", probe_argv(
+        a, "tcp-client", "--peer", str(b.ip), "--port", "5201",
+        "--rate", str(TRANSFER_RATE_KIB), "--bytes", str(TRANSFER_BYTES)))
+    client.wait_exit(CHANGE_TIMEOUT, f"the client to send {TRANSFER_BYTES} bytes")
+    server.wait_exit(FLOW_STOP_TIMEOUT, "the server to read the stream to its end")
+    sent, got = client.last_json(), server.last_json()
     assert sent["error"] == "" and got["error"] == "", (sent, got)
     assert got["bytes"] == sent["bytes"] >= 4 * 1024 * 1024, (sent, got)
 
@@ -248,7 +279,7 @@ def test_route_policy_moves_where_a_cidr_is_reached(healthy: LocalCluster) -> No
 
 
 def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
-        healthy: LocalCluster) -> None:
+        healthy: LocalCluster, reaper: Reaper) -> None:
     cluster = healthy
     a, b, c = pods(cluster)
     na, nb = cluster.nodes[0], cluster.nodes[1]
@@ -256,12 +287,12 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
               "metadata": {"name": "block-n1-n2"},
               "spec": {"cidrPairs": [{"from": str(na.pod_cidr), "to": str(nb.pod_cidr)},
                                      {"from": str(nb.pod_cidr), "to": str(na.pod_cidr)}]}}
-    with UdpFlow(cluster, a, b, 6001) as blocked, UdpFlow(cluster, a, c, 6002) as other:
-        time.sleep(1.0)
+    with UdpFlow(reaper, a, b, 6001) as blocked, UdpFlow(reaper, a, c, 6002) as other:
+        time.sleep(UNBLOCKED_DWELL)
         apply_started = time.time()
         cluster.apply(policy)
         applied_at = time.time()
-        time.sleep(3.0)
+        time.sleep(BLOCKED_DWELL)
         try:
             assert not cluster.ping(a, b.ip, count=1)
         finally:
@@ -270,7 +301,7 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
             cluster.delete("blockpolicy", "block-n1-n2")
         cluster.wait_for(lambda: cluster.ping(a, b.ip, count=1), CHANGE_TIMEOUT,
                          "a-b traffic restored")
-        time.sleep(2.0)
+        time.sleep(RESTORED_DWELL)
     other.assert_lossless()
     for pod in (a, b):
         r = blocked.received_by(pod)
@@ -297,13 +328,13 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
 
 
 def test_both_controllers_down_traffic_continues_and_daemons_reconverge(
-        healthy: LocalCluster) -> None:
+        healthy: LocalCluster, reaper: Reaper) -> None:
     cluster = healthy
     a, b, _ = pods(cluster)
-    with UdpFlow(cluster, a, b, 6003) as flow:
+    with UdpFlow(reaper, a, b, 6003) as flow:
         for controller in cluster.controllers:
             cluster.stop_controller(controller.index)
-        time.sleep(3.0)
+        time.sleep(CONTROLLERS_DOWN_DWELL)
         assert all_pairs_ping(cluster) == []
         for controller in cluster.controllers:
             cluster.start_controller(controller.index)
@@ -316,14 +347,15 @@ def test_both_controllers_down_traffic_continues_and_daemons_reconverge(
 # --- 8 ---------------------------------------------------------------------------------
 
 
-def test_leader_failover_under_traffic_loses_no_packet(healthy: LocalCluster) -> None:
+def test_leader_failover_under_traffic_loses_no_packet(healthy: LocalCluster,
+                                                       reaper: Reaper) -> None:
     cluster = healthy
     cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,
                      "every daemon on the leader")
     old = cluster.leading_controller()
     assert old is not None
     a, _, c = pods(cluster)
-    with UdpFlow(cluster, a, c, 6004) as flow:
+    with UdpFlow(reaper, a, c, 6004) as flow:
         cluster.kill_controller(old.index)
         new = next(x for x in cluster.controllers if x is not old)
         cluster.wait_for(lambda: cluster.leader() == new.identity, CONVERGE_TIMEOUT,
@@ -338,14 +370,15 @@ def test_leader_failover_under_traffic_loses_no_packet(healthy: LocalCluster) ->
 # --- beyond the nine: a node's daemon killed ------------------------------------------
 
 
-def test_a_daemon_killed_and_restarted_loses_no_packet(healthy: LocalCluster) -> None:
+def test_a_daemon_killed_and_restarted_loses_no_packet(healthy: LocalCluster,
+                                                       reaper: Reaper) -> None:
     cluster = healthy
     a, b, _ = pods(cluster)
     node = cluster.nodes[0]
     key = cluster.public_keys()[node.name]
-    with UdpFlow(cluster, a, b, 6005) as flow:
+    with UdpFlow(reaper, a, b, 6005) as flow:
         cluster.kill_daemon(node)
-        time.sleep(1.0)
+        time.sleep(DAEMON_DOWN_DWELL)
         assert cluster.ping(a, b.ip, count=1)
         cluster.start_daemon(node)
         cluster.wait_for(lambda: leader_serves_every_node(cluster), CONVERGE_TIMEOUT,

@@ -6,25 +6,33 @@ operator does it: a new value of the VpbluNode annotation `vpblu.io/rotate-now`;
 the test then watches the node's status (status.rotation while it runs,
 status.lastRotation once it ended). All the while every pod pair exchanges
 sequence-numbered UDP both ways at 200 pkt/s and one TCP stream runs, so a
-single lost packet fails the test (tests/e2e/flowprobe.py).
+single lost packet fails the test (tests/e2e/flowprobe.py). The probes are
+started through the `reaper` fixture, so none outlives its test; the traffic is
+flowing before the test acts, and the sleeps left are dwells (traffic keeps
+flowing for a while after a step), not guesses of how long something takes.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from types import TracebackType
 from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
-from tests.e2e.test_acceptance import FLOW_STOP_TIMEOUT, FLOWPROBE, UdpFlow
+from tests.e2e.flowprobe import READY, RECEIVING
+from tests.e2e.procs import Helper, Reaper, raise_if_killed, reap, stop
+from tests.e2e.test_acceptance import (
+    FLOW_READY_TIMEOUT,
+    FLOW_STOP_TIMEOUT,
+    UdpFlow,
+    probe_argv,
+)
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
 from vpblu.lab.localcluster import LocalCluster, Node, Pod
 
@@ -37,6 +45,11 @@ TCP_RATE_KIB = 256
 TCP_PORT = 5301
 UDP_BASE_PORT = 6101
 KEY_FILE_NAME = "wireguard.key"
+# Dwells: traffic keeps flowing this long after the last step, so a loss the step
+# caused late still shows; and a dead daemon stays dead this long (the rotation must
+# not move on without it).
+SETTLE_DWELL = 1.0
+DAEMON_DOWN_DWELL = 1.0
 
 
 @pytest.fixture
@@ -54,31 +67,41 @@ def _restore(cluster: LocalCluster) -> None:
 
 
 class TcpStream:
-    """One checked TCP byte stream from pod `a` to pod `b` for the with-block."""
+    """One checked TCP byte stream from pod `a` to pod `b` for the with-block: bytes
+    arriving when the block starts, both probes reaped when it ends."""
 
-    def __init__(self, cluster: LocalCluster, a: Pod, b: Pod) -> None:
-        self.cluster, self.a, self.b = cluster, a, b
+    def __init__(self, reaper: Reaper, a: Pod, b: Pod) -> None:
+        self.reaper, self.a, self.b = reaper, a, b
+        self.probes: list[Helper] = []
         self.sent: dict[str, Any] = {}
         self.got: dict[str, Any] = {}
 
     def __enter__(self) -> TcpStream:
-        self.server = self.cluster.popen_in(self.b.netns, [
-            sys.executable, str(FLOWPROBE), "tcp-server", "--bind", str(self.b.ip),
-            "--port", str(TCP_PORT), "--grace", "3"], stdout=subprocess.PIPE)
-        time.sleep(1.0)
-        self.client = self.cluster.popen_in(self.a.netns, [
-            sys.executable, str(FLOWPROBE), "tcp-client", "--bind", str(self.a.ip),
-            "--peer", str(self.b.ip), "--port", str(TCP_PORT), "--rate", str(TCP_RATE_KIB)],
-            stdout=subprocess.PIPE)
+        server = self.reaper.start("tcp server", probe_argv(
+            self.b, "tcp-server", "--port", str(TCP_PORT), "--grace", "3"))
+        self.probes.append(server)
+        try:
+            server.wait_for_line(READY, FLOW_READY_TIMEOUT,
+                                 f"the TCP server in {self.b.name} listening")
+            client = self.reaper.start("tcp client", probe_argv(
+                self.a, "tcp-client", "--peer", str(self.b.ip), "--port", str(TCP_PORT),
+                "--rate", str(TCP_RATE_KIB)))
+            self.probes.insert(0, client)
+            server.wait_for_line(RECEIVING, FLOW_READY_TIMEOUT,
+                                 f"the TCP stream {self.a.name}->{self.b.name} flowing")
+        except BaseException as exc:
+            stop(self.probes, FLOW_STOP_TIMEOUT, failing=exc)
+            raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.client.send_signal(signal.SIGTERM)
-        out, _ = self.client.communicate(timeout=FLOW_STOP_TIMEOUT)
-        self.sent = json.loads(out) if out.strip() else {}
-        self.server.send_signal(signal.SIGTERM)
-        out, _ = self.server.communicate(timeout=FLOW_STOP_TIMEOUT)
-        self.got = json.loads(out) if out.strip() else {}
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        # The client first: the server then reads the stream to its end before it stops.
+        client, server = self.probes
+        killed = reap([client], FLOW_STOP_TIMEOUT)
+        killed += reap([server], FLOW_STOP_TIMEOUT)
+        self.sent = client.last_json() if client.last_line().startswith("{") else {}
+        self.got = server.last_json() if server.last_line().startswith("{") else {}
+        raise_if_killed(killed, FLOW_STOP_TIMEOUT, exc)
 
     def assert_unbroken(self) -> None:
         sent, got = self.sent, self.got
@@ -89,11 +112,11 @@ class TcpStream:
 class AllTraffic:
     """UDP both ways on every pod pair plus one TCP stream, for the with-block."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, reaper: Reaper, cluster: LocalCluster) -> None:
         pods = [node.pods[0] for node in cluster.nodes]
-        self.udp = [UdpFlow(cluster, a, b, UDP_BASE_PORT + i)
+        self.udp = [UdpFlow(reaper, a, b, UDP_BASE_PORT + i)
                     for i, (a, b) in enumerate(itertools.combinations(pods, 2))]
-        self.tcp = TcpStream(cluster, pods[0], pods[-1])
+        self.tcp = TcpStream(reaper, pods[0], pods[-1])
         self._stack = ExitStack()
 
     def __enter__(self) -> AllTraffic:
@@ -104,8 +127,10 @@ class AllTraffic:
             self._stack = stack.pop_all()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # The exception on its way out reaches each flow, which then only notes a kill.
+        self._stack.__exit__(exc_type, exc, tb)
 
     def losses(self) -> dict[str, object]:
         lost: dict[str, object] = {
@@ -183,11 +208,11 @@ def assert_keys_everywhere(cluster: LocalCluster, old: dict[str, str]) -> None:
 
 
 def test_every_node_rotates_on_demand_under_traffic_without_losing_a_packet(
-        healthy: LocalCluster) -> None:
+        healthy: LocalCluster, reaper: Reaper) -> None:
     cluster = healthy
     before = cluster.public_keys()
     durations: dict[str, float] = {}
-    with AllTraffic(cluster) as traffic:
+    with AllTraffic(reaper, cluster) as traffic:
         for node in cluster.nodes:
             trigger = f"e2e-all-{node.name}-{time.time_ns()}"
             began = time.monotonic()
@@ -195,7 +220,7 @@ def test_every_node_rotates_on_demand_under_traffic_without_losing_a_packet(
             last = wait_for_outcome(cluster, node, trigger)
             durations[node.name] = round(time.monotonic() - began, 2)
             assert last["outcome"] == "Completed", last
-        time.sleep(1.0)
+        time.sleep(SETTLE_DWELL)
     print("rotation seconds:", durations, "losses:", traffic.losses())
     traffic.assert_lossless()
     after = cluster.public_keys()
@@ -210,23 +235,23 @@ def test_every_node_rotates_on_demand_under_traffic_without_losing_a_packet(
 
 
 def test_daemon_killed_during_distribute_rolls_back_or_completes_without_loss(
-        healthy: LocalCluster) -> None:
+        healthy: LocalCluster, reaper: Reaper) -> None:
     cluster = healthy
     node = cluster.nodes[1]
     before = cluster.public_keys()
     trigger = f"e2e-kill-daemon-{time.time_ns()}"
-    with AllTraffic(cluster) as traffic:
+    with AllTraffic(reaper, cluster) as traffic:
         request_rotation(cluster, node, trigger)
         wait_for_phase(cluster, node, "Distribute")
         cluster.kill_daemon(node)
-        time.sleep(1.0)
+        time.sleep(DAEMON_DOWN_DWELL)
         # Activate needs the dead daemon: the rotation is still half-way.
         at_restart = _status(cluster, node).get("rotation") or {}
         assert at_restart.get("phase") in ("Distribute", "Activate"), at_restart
         cluster.start_daemon(node)
         last = wait_for_outcome(cluster, node, trigger)
         cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "the mesh whole")
-        time.sleep(1.0)
+        time.sleep(SETTLE_DWELL)
     print("phase at restart:", at_restart.get("phase"), "outcome:", last,
           "losses:", traffic.losses())
     traffic.assert_lossless()
@@ -249,12 +274,12 @@ NEXT_PHASE = {"Distribute": "Activate", "Activate": "Retire"}
 
 @pytest.mark.parametrize("kill_at", ["Activate", "Distribute"])
 def test_leader_killed_mid_rotation_new_leader_resumes_or_rolls_back_without_loss(
-        healthy: LocalCluster, kill_at: str) -> None:
+        healthy: LocalCluster, reaper: Reaper, kill_at: str) -> None:
     cluster = healthy
     node = cluster.nodes[2] if kill_at == "Activate" else cluster.nodes[0]
     before = cluster.public_keys()
     trigger = f"e2e-kill-leader-{kill_at}-{time.time_ns()}"
-    with AllTraffic(cluster) as traffic:
+    with AllTraffic(reaper, cluster) as traffic:
         leader = cluster.leading_controller()
         assert leader is not None
         request_rotation(cluster, node, trigger)
@@ -271,7 +296,7 @@ def test_leader_killed_mid_rotation_new_leader_resumes_or_rolls_back_without_los
         assert f"resuming rotation {record['rotationId']}" in successor.log_path.read_text()
         cluster.start_controller(leader.index)
         cluster.wait_for(cluster.mesh_complete, CONVERGE_TIMEOUT, "the mesh whole")
-        time.sleep(1.0)
+        time.sleep(SETTLE_DWELL)
     print("left at:", left.get("phase"), "outcome:", last, "losses:", traffic.losses())
     traffic.assert_lossless()
     assert last["outcome"] == OUTCOME_AFTER_FAILOVER[left["phase"]], (left, last)
