@@ -1,14 +1,20 @@
 """`vpblu daemon run` end to end: real daemon processes in node namespaces, fed by a
 FakeController over real TLS gRPC; wireguard-go, the bcc classifier on real veths doing
-the marking (no iptables stand-in), real packets between pod namespaces."""
+the marking (no iptables stand-in), real packets between pod namespaces.
+
+Helper processes (flow probes, tcpdump, iperf3) start through the `reaper` fixture
+and are stopped when their block ends, whichever way. Waits are on conditions (a
+probe bound, packets arriving, a server listening); the sleeps left are dwells, time
+the claim is about (traffic crosses a change for 1 s)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from types import TracebackType
 
 import attrs
 import pytest
@@ -25,6 +31,14 @@ from tests.e2e.daemonlab import (
 )
 from tests.e2e.datapath import Receiver, Sender
 from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
+from tests.e2e.procs import (
+    STDERR,
+    Helper,
+    Reaper,
+    reaped_from_trio,
+    start_udp_probes,
+    stop_from_trio,
+)
 from vpblu.core.model import CidrPair
 from vpblu.node.config import MESH_TABLE
 
@@ -37,6 +51,19 @@ FLOW_PORT = 40100
 FLOW_RATE = 200.0  # datagrams/s each way
 BLOCK_DEADLINE = 1.0
 START_TIMEOUT_BAD_KEY = 20.0
+# Helper processes: a python or tcpdump start in a namespace, on 2 possibly busy cores.
+READY_TIMEOUT = 30.0
+FLOW_STOP_TIMEOUT = 15.0
+IPERF_TIMEOUT = 60.0  # 8 MiB through the mesh
+POLL = 0.05
+FLOW_BEFORE_BLOCK = 50  # datagrams the receiver has before the block goes in
+# Dwells, time the claims are about: a capture's last packets reach tcpdump's buffer;
+# the flow crosses a change; the node has no daemon for a while; nothing gets through a
+# block after its deadline.
+CAPTURE_DRAIN = 0.3
+FLOW_DWELL = 1.0
+DAEMON_DOWN_DWELL = 0.5
+BLOCK_DWELL = BLOCK_DEADLINE + 0.5
 
 
 def ping(src: Pod, dst: Pod, *extra: str, count: int = 3) -> tuple[int, int, str]:
@@ -60,42 +87,48 @@ async def converge(dl: DaemonLab, members: list[Node], keys: dict[str, str]) -> 
     return gens
 
 
-class Flow:
-    """Sequence-numbered UDP both ways between two pods (tests/e2e/flowprobe.py)."""
+async def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    with trio.move_on_after(within):
+        # Polled: the record the condition reads (datapath.Receiver's) has no event.
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(POLL)
+        return
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
 
-    def __init__(self, a: Pod, b: Pod, port: int = FLOW_PORT) -> None:
+
+class Flow:
+    """Sequence-numbered UDP both ways between two pods (tests/e2e/flowprobe.py), for the
+    async with-block: flowing both ways when it starts, the probes reaped when it ends."""
+
+    def __init__(self, reaper: Reaper, a: Pod, b: Pod, port: int = FLOW_PORT) -> None:
+        self.reaper = reaper
         self.ends = [(a, b), (b, a)]
         self.port = port
-        self.procs: list[trio.Process] = []
+        self.probes: list[Helper] = []
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> Flow:
         for src, dst in self.ends:
-            self.procs.append(await trio.lowlevel.open_process(
-                ["ip", "netns", "exec", src.netns, sys.executable, FLOWPROBE, "udp",
-                 "--bind", str(src.ip), "--peer", str(dst.ip), "--port", str(self.port),
-                 "--rate", str(FLOW_RATE)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
-        await trio.sleep(1.0)  # both bound and sending (flowprobe's start delay is 0.5 s)
+            self.probes.append(self.reaper.start(f"udp probe {src.netns}->{dst.netns}", [
+                "ip", "netns", "exec", src.netns, sys.executable, FLOWPROBE, "udp",
+                "--bind", str(src.ip), "--peer", str(dst.ip), "--port", str(self.port),
+                "--rate", str(FLOW_RATE), "--control-stdin"]))
+        a, b = self.ends[0]
+        try:
+            await trio.to_thread.run_sync(start_udp_probes, self.probes, READY_TIMEOUT,
+                                          f"UDP {a.netns}<->{b.netns}")
+        except BaseException as exc:
+            await stop_from_trio(self.probes, FLOW_STOP_TIMEOUT, failing=exc)
+            raise
+        return self
 
     async def stop(self) -> list[dict[str, object]]:
-        results = []
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            assert p.stdout is not None
-            out = b""
-            with trio.fail_after(10):
-                while chunk := await p.stdout.receive_some():
-                    out += chunk
-                await p.wait()
-            results.append(json.loads(out))
-        self.procs.clear()
-        return results
+        """Both probes stopped together; what each counted."""
+        await stop_from_trio(self.probes, FLOW_STOP_TIMEOUT)
+        return [probe.last_json() for probe in self.probes]
 
-    def kill(self) -> None:
-        for p in self.procs:
-            if p.returncode is None:
-                p.kill()
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await stop_from_trio(self.probes, FLOW_STOP_TIMEOUT, failing=exc)
 
 
 def assert_no_loss(results: list[dict[str, object]]) -> None:
@@ -106,7 +139,8 @@ def assert_no_loss(results: list[dict[str, object]]) -> None:
         assert receiver["received"] == sender["sent"], results
 
 
-async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() -> None:
+async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup(
+        reaper: Reaper) -> None:
     async with daemon_lab(2) as dl:
         n1, n2 = dl.nodes
         p1, p2 = n1.pods[0], n2.pods[0]
@@ -116,24 +150,16 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
 
         # --- pod to pod through wg-mesh, marked by the classifier; only WireGuard on the wire
         capture = dl.tmp / "capture.txt"
-        tcpdump = await trio.lowlevel.open_process(
-            ["ip", "netns", "exec", dl.lab.underlay, "tcpdump", "-i", "br0", "-n", "-l", "-U",
-             "ip and not igmp"],
-            stdout=os.open(capture, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-            stderr=subprocess.PIPE,
-        )
-        try:
-            assert tcpdump.stderr is not None
-            seen = b""
-            with trio.fail_after(5):
-                while b"listening on" not in seen:
-                    seen += await tcpdump.stderr.receive_some()
+        with capture.open("wb") as sink:
+            tcpdump = reaper.start("tcpdump", [
+                "ip", "netns", "exec", dl.lab.underlay, "tcpdump", "-i", "br0", "-n", "-l",
+                "-U", "ip and not igmp"], stdout=sink, stderr=subprocess.PIPE)
+        async with reaped_from_trio(tcpdump):
+            await trio.to_thread.run_sync(tcpdump.wait_for_line, "listening on", READY_TIMEOUT,
+                                          "tcpdump capturing on the underlay", STDERR)
             sent, received, out = ping(p1, p2, count=5)
             assert (sent, received) == (5, 5), out
-            await trio.sleep(0.3)
-        finally:
-            tcpdump.terminate()
-            await tcpdump.wait()
+            await trio.sleep(CAPTURE_DRAIN)
         lines = [ln for ln in capture.read_text().splitlines() if " IP " in ln]
         node_ips = {str(n.underlay_ip) for n in dl.nodes}
         wg = re.compile(r" IP (?P<src>[\d.]+)\.(?P<sport>\d+) > (?P<dst>[\d.]+)\.(?P<dport>\d+): "
@@ -188,7 +214,8 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
         async with trio.open_nursery() as nursery:
             await nursery.start(receiver.serve, p2.netns)
             await nursery.start(sender.run)
-            await trio.sleep(0.5)
+            await wait_until(lambda: len(receiver.stream(1)) > FLOW_BEFORE_BLOCK,
+                             READY_TIMEOUT, f"{FLOW_BEFORE_BLOCK} datagrams p1->p2 arrived")
             blocked = attrs.evolve(full_mesh(n1, keys, dl.nodes),
                                    blocks=(CidrPair(n1.pod_cidr, n2.pod_cidr),))
             asked = trio.current_time()
@@ -196,10 +223,10 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
             with trio.fail_after(ACK_TIMEOUT):
                 await dl.controller.wait_ack(n1.name, gen)
             acked = trio.current_time()
-            await trio.sleep(BLOCK_DEADLINE + 0.5)
+            await trio.sleep(BLOCK_DWELL)
             nursery.cancel_scope.cancel()
         got = receiver.stream(1)
-        assert len(got) > 50, "the flow never ran before the block"
+        assert len(got) > FLOW_BEFORE_BLOCK, "the flow never ran before the block"
         late = [seq for seq, at in got.items() if at > acked + BLOCK_DEADLINE]
         assert not late, f"{len(late)} packets sent > 1 s after the map write got through"
         last_through = max(got.values())
@@ -213,26 +240,22 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
         # --- MSS clamp: several MB of TCP pod to pod; DF above the mesh MTU fails loudly
         mtu = in_ns(n1.netns, "cat", f"/sys/class/net/{n1.wg_interface}/mtu")
         assert int(mtu) == MESH_MTU
-        server = await trio.lowlevel.open_process(
-            ["ip", "netns", "exec", p2.netns, "iperf3", "-s", "-1", "-B", str(p2.ip)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await trio.sleep(0.5)
-            client = await trio.run_process(
-                ["ip", "netns", "exec", p1.netns, "iperf3", "-c", str(p2.ip), "-n", "8M", "-J"],
-                capture_stdout=True, check=False)
+        server = reaper.start("iperf3 server", [
+            "ip", "netns", "exec", p2.netns, "iperf3", "-s", "-1", "-B", str(p2.ip),
+            "--forceflush"])
+        async with reaped_from_trio(server):
+            await trio.to_thread.run_sync(server.wait_for_line, "Server listening",
+                                          READY_TIMEOUT, "the iperf3 server listening")
+            with trio.fail_after(IPERF_TIMEOUT):
+                client = await trio.run_process(
+                    ["ip", "netns", "exec", p1.netns, "iperf3", "-c", str(p2.ip), "-n", "8M",
+                     "-J"], capture_stdout=True, check=False)
             assert client.returncode == 0, client.stdout[-2000:]
             result = json.loads(client.stdout)
             # iperf3 -n stops counting when the client has written 8 MiB; the
             # server's figure is taken at that moment, a little behind.
             assert result["end"]["sum_sent"]["bytes"] >= 8 * 1024 * 1024, result["end"]
             assert result["end"]["sum_received"]["bytes"] >= 4 * 1024 * 1024, result["end"]
-        finally:
-            with trio.move_on_after(5):
-                await server.wait()
-            if server.returncode is None:
-                server.kill()
-                await server.wait()
         counters = in_ns(n1.netns, "iptables", "-t", "mangle", "-L", "FORWARD", "-v", "-x", "-n")
         clamped = [ln for ln in counters.splitlines() if "TCPMSS" in ln]
         assert len(clamped) == 2 and all(f"set {MESH_MTU - 40}" in c for c in clamped), counters
@@ -257,7 +280,7 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup() 
             assert (dl.state_dir(n) / "wireguard.key").exists()  # kept without --remove-key
 
 
-async def test_adding_a_peer_and_kill_9_restart_lose_no_packet() -> None:
+async def test_adding_a_peer_and_kill_9_restart_lose_no_packet(reaper: Reaper) -> None:
     async with daemon_lab(3) as dl:
         n1, n2, n3 = dl.nodes
         p1, p2, p3 = (n.pods[0] for n in dl.nodes)
@@ -275,14 +298,10 @@ async def test_adding_a_peer_and_kill_9_restart_lose_no_packet() -> None:
         assert (sent, received) == (3, 3), out
 
         # --- a third node joins while p1 and p2 exchange sequence-numbered UDP
-        flow = Flow(p1, p2)
-        try:
-            await flow.start()
+        async with Flow(reaper, p1, p2) as flow:
             await converge(dl, dl.nodes, keys)
-            await trio.sleep(1.0)
+            await trio.sleep(FLOW_DWELL)
             results = await flow.stop()
-        finally:
-            flow.kill()
         assert_no_loss(results)
         print(f"add peer under flow: {results[0]['sent']}+{results[1]['sent']} datagrams, "
               f"0 lost; apply n1 {dl.daemons[n1.name].applies()[-1].ms:.1f} ms")
@@ -294,21 +313,17 @@ async def test_adding_a_peer_and_kill_9_restart_lose_no_packet() -> None:
         ids_before = pinned_map_ids(n1)
         acks_before = len(dl.controller.acks(n1.name))
         log_before = len(d1.log())
-        flow = Flow(p1, p2, port=FLOW_PORT + 1)
-        try:
-            await flow.start()
+        async with Flow(reaper, p1, p2, port=FLOW_PORT + 1) as flow:
             killed = trio.current_time()
             d1.kill9()
             await d1.wait()
-            await trio.sleep(0.5)
+            await trio.sleep(DAEMON_DOWN_DWELL)
             key_again = await dl.start(n1)
             with trio.fail_after(ACK_TIMEOUT):
                 ack = await dl.controller.wait_ack(n1.name, 1, after=acks_before)
             back = trio.current_time()
-            await trio.sleep(1.0)
+            await trio.sleep(FLOW_DWELL)
             results = await flow.stop()
-        finally:
-            flow.kill()
         assert_no_loss(results)
         assert key_again == keys[n1.name]
         assert ack.generation == max(a.generation for a in dl.controller.acks(n1.name))
