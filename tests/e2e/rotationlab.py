@@ -1,8 +1,9 @@
 """A mesh of network namespaces running real wireguard-go, for the rotation tests.
 
 Owns the namespaces `vr-*`, the veths between them, the wireguard-go processes it starts
-(by pid) and the flow probes. Everything is torn down in `RotationLab.close`, which the
-fixture calls even when a test fails. Interface names are machine-unique (`vr-` prefix)
+(by pid) and the flow probes (through its `Reaper`). Everything is torn down in
+`RotationLab.close`, which the fixture calls even when a test fails; a step of it that
+fails does not skip the others. Interface names are machine-unique (`vr-` prefix)
 because wireguard-go's UAPI sockets share /var/run/wireguard across namespaces.
 
 `UapiDevices` (the daemon's `UserspaceBackend`, with lab-owned wireguard-go processes) and
@@ -16,7 +17,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,12 +32,18 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
+from tests.e2e.flowprobe import READY, RECEIVING
+from tests.e2e.procs import Helper, Reaper, start_udp_probes, stop, wait_all
 from vpblu.core.model import Endpoint, IPNetwork, network
 from vpblu.node.kernel.wireguard import DeviceUpdate, PeerUpdate, UserspaceBackend
 
 UAPI_DIR = Path("/var/run/wireguard")
 SOCKET_WAIT = 5.0
 POLL = 0.02
+STOP_TIMEOUT = 3.0  # a wireguard-go process, after SIGTERM and again after SIGKILL
+PROBE_READY_TIMEOUT = 30.0  # python starts in a namespace, six at once, on 2 cores
+PROBE_STOP_TIMEOUT = 15.0
+NETNS_GONE_TIMEOUT = 5.0
 PROBE = Path(__file__).with_name("flowprobe.py")
 HUB = "vr-hub"
 POD_MARK = 0x00B10000
@@ -152,13 +158,14 @@ def spawn_wireguard_go(netns: str, interface: str) -> subprocess.Popen[bytes]:
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL; TimeoutExpired if even that did not end it."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(3)
+            proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(3)
+            proc.wait(STOP_TIMEOUT)
 
 
 @attrs.define
@@ -204,7 +211,7 @@ class RotationLab:
 
     def __init__(self, count: int) -> None:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.probes: list[subprocess.Popen[str]] = []
+        self.probes = Reaper()
         self.namespaces: list[str] = []
         self.nodes: list[LabNode] = []
         self.count = count
@@ -303,40 +310,28 @@ class RotationLab:
                 if other is not node:
                     await node.routes.replace(MESH_TABLE, other.pod_cidr, node.primary)
 
-    def probe(self, node: LabNode, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                node.netns,
-                sys.executable,
-                str(PROBE),
-                *args,
-                "--mark",
-                hex(POD_MARK),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.probes.append(proc)
-        return proc
+    def probe(self, node: LabNode, name: str, *args: str) -> Helper:
+        return self.probes.start(name, [
+            "ip", "netns", "exec", node.netns, sys.executable, str(PROBE), *args,
+            "--mark", hex(POD_MARK)])
 
     @staticmethod
-    def finish(*procs: subprocess.Popen[str], timeout: float = 15.0) -> list[dict[str, object]]:
+    def finish(*probes: Helper, timeout: float = PROBE_STOP_TIMEOUT) -> list[dict[str, object]]:
         """Stop all senders at once (a receiver that stopped first would miss the other
         side's last datagrams), then collect what each probe counted."""
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        return [dict(json.loads(proc.communicate(timeout=timeout)[0])) for proc in procs]
+        stop(probes, timeout)
+        return [probe.last_json() for probe in probes]
 
     def close(self) -> None:
-        for proc in self.probes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(3)
+        """Everything the lab made, gone; then an AssertionError naming what did not go
+        quietly (a probe that needed SIGKILL, a process that outlived it, a namespace
+        still there)."""
+        problems = [f"killed: {k}" for k in self.probes.close(PROBE_STOP_TIMEOUT)]
         for name, proc in list(self.processes.items()):
-            stop_process(proc)
+            try:
+                stop_process(proc)
+            except subprocess.TimeoutExpired:
+                problems.append(f"wireguard-go {name} (pid {proc.pid}) survived SIGKILL")
             self.processes.pop(name, None)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
@@ -345,7 +340,19 @@ class RotationLab:
             for name in (node.primary, node.primary + "-rot"):
                 with contextlib.suppress(FileNotFoundError):
                     (UAPI_DIR / f"{name}.sock").unlink()
-        time.sleep(0.1)
+        deadline = time.monotonic() + NETNS_GONE_TIMEOUT
+        while (left := set(self.namespaces) & set(netns_names())) and \
+                time.monotonic() < deadline:
+            time.sleep(POLL)
+        if left:
+            problems.append(f"namespaces still there {NETNS_GONE_TIMEOUT} s after "
+                            f"ip netns del: {sorted(left)}")
+        if problems:
+            raise AssertionError("the rotation lab's teardown: " + "; ".join(problems))
+
+
+def netns_names() -> list[str]:
+    return [line.split()[0] for line in run("ip", "netns", "list").splitlines() if line]
 
 
 @attrs.frozen
@@ -379,49 +386,39 @@ class MeshTraffic:
         self.others = others
         self.rate = rate
         self.tcp_kib = tcp_kib
-        self._udp: list[tuple[LabNode, LabNode, subprocess.Popen[str], subprocess.Popen[str]]] = []
-        self._tcp: list[tuple[str, subprocess.Popen[str], subprocess.Popen[str]]] = []
+        self._udp: list[tuple[LabNode, LabNode, Helper, Helper]] = []
+        self._tcp: list[tuple[str, Helper, Helper]] = []
 
     async def start(self) -> None:
+        """Every flow and stream carrying data when this returns."""
+        await trio.to_thread.run_sync(self._start)
+
+    def _start(self) -> None:
         lab, hub = self.lab, self.hub
         for port, other in enumerate(self.others, start=7000):
-            pair = []
-            for a, b in ((hub, other), (other, hub)):
-                pair.append(
-                    lab.probe(
-                        a,
-                        "udp",
-                        "--bind",
-                        a.pod_ip,
-                        "--peer",
-                        b.pod_ip,
-                        "--port",
-                        str(port),
-                        "--rate",
-                        str(self.rate),
-                    )
-                )
+            pair = [
+                lab.probe(a, f"udp probe {a.netns}->{b.netns}", "udp", "--bind", a.pod_ip,
+                          "--peer", b.pod_ip, "--port", str(port), "--rate", str(self.rate),
+                          "--control-stdin")
+                for a, b in ((hub, other), (other, hub))
+            ]
             self._udp.append((hub, other, pair[0], pair[1]))
         streams = [(self.others[0], hub, 7100), (hub, self.others[-1], 7101)]
         servers = [
-            lab.probe(dst, "tcp-server", "--bind", dst.pod_ip, "--port", str(port))
+            lab.probe(dst, f"tcp server {dst.netns}", "tcp-server", "--bind", dst.pod_ip,
+                      "--port", str(port))
             for _, dst, port in streams
         ]
-        await trio.sleep(0.3)
+        udp = [p for _, _, a, b in self._udp for p in (a, b)]
+        start_udp_probes(udp, PROBE_READY_TIMEOUT, "the lab's UDP flows")
+        wait_all(servers, READY, PROBE_READY_TIMEOUT, "the lab's TCP servers listening")
         for (src, dst, port), server in zip(streams, servers, strict=True):
             client = lab.probe(
-                src,
-                "tcp-client",
-                "--bind",
-                src.pod_ip,
-                "--peer",
-                dst.pod_ip,
-                "--port",
-                str(port),
-                "--rate",
-                str(self.tcp_kib),
-            )
+                src, f"tcp client {src.netns}->{dst.netns}", "tcp-client", "--bind",
+                src.pod_ip, "--peer", dst.pod_ip, "--port", str(port),
+                "--rate", str(self.tcp_kib))
             self._tcp.append((f"{src.netns}->{dst.netns}", client, server))
+        wait_all(servers, RECEIVING, PROBE_READY_TIMEOUT, "the lab's TCP streams flowing")
 
     def stop(self) -> tuple[list[DirectionCount], list[StreamCount]]:
         procs = [p for _, _, a, b in self._udp for p in (a, b)] + [
