@@ -25,6 +25,8 @@ from tests.integration.meshlab import (
 from vpblu.lab.sim import SimCluster, SimDaemon, is_full_mesh
 
 REFUSED_WITHIN = 10.0
+REFUSALS = 2  # the first attempt and a retry (the daemon's backoff starts at 0.2 s)
+LOG_POLL = 0.05
 
 
 async def test_api_server_restart_then_a_change_still_converges(
@@ -79,15 +81,27 @@ async def test_a_daemon_speaking_for_another_node_is_refused_and_logged(
         await cluster.start_daemon(honest)
         with trio.fail_after(CONVERGE_TIMEOUT):
             await cluster.wait_all(lambda d: d.applier.current is not None, [honest])
-        await trio.sleep(REFUSED_WITHIN / 2)
+        why = f"the token speaks for node {honest!r}, the Hello for {liar!r}"
+
+        def refusals() -> int:
+            return sum("refused a mesh stream" in r.getMessage() and why in r.getMessage()
+                       for r in caplog.records if r.name == "vpblu.stream.transport")
+
+        def told() -> bool:
+            # The daemon is told why (a gRPC PERMISSION_DENIED carrying the reason).
+            return any(why in r.getMessage()
+                       for r in caplog.records if r.name == "vpblu.node.stream")
+
+        # The liar retries with backoff: a retry refused too shows that the refusal is
+        # not a first-attempt accident, and the liar applied nothing meanwhile.
+        with trio.move_on_after(REFUSED_WITHIN):
+            while not (refusals() >= REFUSALS and told()):  # noqa: ASYNC110 (log records)
+                await trio.sleep(LOG_POLL)
+        assert refusals() >= REFUSALS and told(), (
+            f"waited {REFUSED_WITHIN} s for the liar to be refused {REFUSALS} times and "
+            f"told why: {refusals()} refusals, told: {told()}")
         assert cluster.daemons[liar].applier.applies == 0
         assert cluster.daemons[liar].stream.statistics().applied_generation == 0
-        why = f"the token speaks for node {honest!r}, the Hello for {liar!r}"
-        assert any("refused a mesh stream" in r.getMessage() and why in r.getMessage()
-                   for r in caplog.records if r.name == "vpblu.stream.transport")
-        # The daemon is told why (a gRPC PERMISSION_DENIED carrying the reason).
-        assert any(why in r.getMessage()
-                   for r in caplog.records if r.name == "vpblu.node.stream")
 
 
 async def test_nonsense_the_schema_lets_through_ends_as_a_condition(
