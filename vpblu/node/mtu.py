@@ -1,9 +1,13 @@
-"""The MtuActor: the mesh interface's MTU and the TCP MSS clamp on the mesh path.
+"""The MtuActor: the mesh interface's MTU, the TCP MSS clamp on the mesh path,
+and the source NAT of the node's own packets into the mesh.
 
 Owns the MTU of ``config.interface`` (underlay MTU - ``config.mtu_overhead``;
 the underlay is ``config.underlay_interface`` or the device of the default
-route) and the iptables mangle rules, tagged with the comment ``vpblu``, that
-clamp the MSS of TCP SYNs through the mesh interface to MTU - 40. Re-checks
+route), the iptables mangle rules, tagged with the comment ``vpblu``, that
+clamp the MSS of TCP SYNs through the mesh interface to MTU - 40, and the nat
+rule (same tag) that masquerades locally sourced packets leaving by the mesh
+interface (see `vpblu.node.kernel.iptables.masquerade_spec`): every iptables
+rule vpblu has. Re-checks
 every `MTU_RECHECK_INTERVAL` and on `CheckMtu`.
 
 Why: a pod's veth says 1500, WireGuard adds 60 to 80 bytes, and a full-size
@@ -49,6 +53,10 @@ class MtuKernel(Protocol):
     async def ensure_clamp(self, rule: ClampRule) -> None: ...
 
     async def delete_clamp(self, line: str) -> None: ...
+
+    async def ensure_masquerade(self, interface: str) -> None: ...
+
+    async def delete_masquerade(self, interface: str) -> None: ...
 
 
 class MtuActor:
@@ -111,12 +119,15 @@ class MtuActor:
                 changed = True
         for rule in sorted(wanted):
             await self._kernel.ensure_clamp(rule)
+        await self._kernel.ensure_masquerade(iface)
         return MtuStatus(underlay, underlay_mtu, want_mtu, mss, changed)
 
     async def cleanup(self) -> None:
-        """Remove this interface's clamp rules. The MTU goes with the interface."""
+        """Remove this interface's clamp and source NAT rules. The MTU goes with
+        the interface."""
         for rule, line in await self._kernel.clamp_rules():
             if rule.interface == self._config.interface:
                 await self._kernel.delete_clamp(line)
+        await self._kernel.delete_masquerade(self._config.interface)
 
 

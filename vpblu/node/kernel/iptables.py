@@ -105,14 +105,15 @@ class IptablesMtuKernel:
             lambda ipr: ipr.link("set", index=ipr.link_lookup(ifname=interface)[0], mtu=mtu)
         )
 
-    async def _iptables(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    async def _iptables(self, *args: str, check: bool = True,
+                        table: str = "mangle") -> subprocess.CompletedProcess[bytes]:
         cmd = [
             *command_prefix(self._netns),
             "iptables",
             "-w",
             IPTABLES_LOCK_WAIT,
             "-t",
-            "mangle",
+            table,
             *args,
         ]
         result = await trio.run_process(cmd, check=False, capture_stdout=True, capture_stderr=True)
@@ -134,3 +135,27 @@ class IptablesMtuKernel:
         self.writes += 1
         tokens = shlex.split(line)
         await self._iptables("-D", *tokens[1:])
+
+    async def ensure_masquerade(self, interface: str) -> None:
+        spec = masquerade_spec(interface)
+        if (await self._iptables("-C", *spec, check=False, table="nat")).returncode == 0:
+            return
+        self.writes += 1
+        await self._iptables("-A", *spec, table="nat")
+
+    async def delete_masquerade(self, interface: str) -> None:
+        spec = masquerade_spec(interface)
+        if (await self._iptables("-C", *spec, check=False, table="nat")).returncode != 0:
+            return
+        self.writes += 1
+        await self._iptables("-D", *spec, table="nat")
+
+
+def masquerade_spec(interface: str) -> list[str]:
+    """The node's own packets into the mesh leave with the mesh interface's
+    address (the first of this node's pod CIDR, which the peers' allowed IPs
+    accept). Needed for host-network traffic to a ClusterIP: its source was
+    chosen by the route to the Service address, before the DNAT to a remote
+    pod moved it into the mesh, and the peer would drop the underlay address."""
+    return ["POSTROUTING", "-o", interface, "-m", "addrtype", "--src-type", "LOCAL",
+            "-m", "comment", "--comment", RULE_COMMENT, "-j", "MASQUERADE"]
