@@ -109,6 +109,10 @@ WG_EXIT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
 LOG_TAIL_BYTES = 4000
+# Headers are all a capture's reader looks at; the kernel's buffer for tcpdump
+# is sized for a few seconds of a pod's full-speed TCP.
+CAPTURE_SNAPLEN = 160
+CAPTURE_BUFFER_KIB = 16384
 
 
 class ClusterError(RuntimeError):
@@ -311,6 +315,7 @@ class LocalCluster:
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=DIR_PREFIX)
         self._ca = CertAuthority.create(f"vpblu local cluster {tag} CA")
         self.ca_path = directory / "ca.crt"
+        self._captures = 0
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -655,17 +660,30 @@ class LocalCluster:
     @contextlib.contextmanager
     def capture(self, bpf_filter: str = "") -> Iterator[list[str]]:
         """tcpdump on the underlay bridge for the with-block; the list fills with
-        one line per packet (`-n -tt -q`) when the block ends."""
+        one line per packet (`tcpdump -n -tt`) when the block ends.
+
+        Packets are written to a file while they flow (immediate mode, so
+        none waits in a half-filled kernel block when tcpdump is stopped) and
+        printed afterwards: text read from a pipe only at the end stalls
+        tcpdump once the pipe is full (64 KiB, a few hundred packets) and the
+        kernel drops the rest, so a busy capture would silently see only its
+        first packets. An incomplete capture proves nothing: if tcpdump did
+        not write every packet its filter took, the block ends with
+        ClusterError (unless it raised already)."""
         lines: list[str] = []
-        argv = [*nsenter(self.underlay_netns), "tcpdump", "-i", "br0", "-n", "-tt", "-l",
-                "-U", "--immediate-mode"]
+        self._captures += 1
+        pcap = self.dir / f"capture-{self._captures}.pcap"
+        argv = [*nsenter(self.underlay_netns), "tcpdump", "-i", "br0", "-n", "-U",
+                "--immediate-mode", "-s", str(CAPTURE_SNAPLEN), "-B", str(CAPTURE_BUFFER_KIB),
+                "-w", str(pcap)]
         if bpf_filter:
             argv.append(bpf_filter)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        said = ""
         try:
             # tcpdump says "listening on" on stderr once it captures.
             assert proc.stderr is not None
-            said = ""
             while "listening" not in said:
                 line = proc.stderr.readline()
                 if not line:
@@ -677,11 +695,19 @@ class LocalCluster:
             time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
             try:
-                out, _ = proc.communicate(timeout=PROCESS_STOP_TIMEOUT)
+                _, said = proc.communicate(timeout=PROCESS_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                out, _ = proc.communicate()
-            lines.extend(line for line in out.splitlines() if line.strip())
+                _, said = proc.communicate()
+            if pcap.exists():
+                out = run("tcpdump", "-r", str(pcap), "-n", "-tt", check=False).stdout
+                pcap.unlink()
+                lines.extend(line for line in out.splitlines() if line.strip())
+        stats = {what: int(n) for n, what in re.findall(
+            r"(\d+) packets? (captured|received by filter|dropped by kernel)", said)}
+        if (len(stats) != 3 or stats["dropped by kernel"] > 0
+                or stats["captured"] != stats["received by filter"]):
+            raise ClusterError(f"the capture is incomplete: tcpdump said {said.strip()!r}")
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
