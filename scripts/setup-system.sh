@@ -3,7 +3,7 @@
 # Idempotent: when everything is there it only checks, in well under a second.
 set -euo pipefail
 pkgs=(wireguard-go wireguard-tools python3-bpfcc bpfcc-tools linux-headers-amd64
-      iproute2 iptables tcpdump iperf3 iputils-ping openssl procps)
+      iproute2 iptables nftables tcpdump iperf3 iputils-ping openssl procps curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -32,9 +32,27 @@ def leftovers(tag: str) -> list[str]:
     procs = subprocess.run(["pgrep", "-af", f"wireguard-go {PREFIX}{tag}"],
                            capture_output=True, text=True).stdout
     found += [f"process {p}" for p in procs.splitlines()]
+    found += [f"process {p}" for p in cluster_processes(tag)]
     if (BPF_ROOT / f"{PREFIX}{tag}").exists():
         found.append(f"pins {BPF_ROOT / f'{PREFIX}{tag}'}")
     found += [f"dir {d}" for d in Path("/tmp").glob(f"{DIR_PREFIX}{tag}-*")]
+    return found
+
+
+def cluster_processes(tag: str) -> list[str]:
+    """Live processes the cluster spawned (controllers, daemons, kube-proxy, the
+    API forwarder): every one runs in the cluster's directory."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue  # gone, or a zombie
+        if cwd.startswith(f"/tmp/{DIR_PREFIX}{tag}-"):
+            found.append(f"{entry} {argv.decode(errors='replace').strip()}")
     return found
 
 
@@ -45,6 +63,8 @@ def test_an_error_in_the_block_still_removes_everything() -> None:
         cluster.wait_for(lambda: all(cluster.wg_device(n) for n in cluster.nodes), 60,
                          "both WireGuard devices up")
         assert leftovers(tag)
+        assert [p for p in cluster_processes(tag) if "kube-proxy" in p], \
+            cluster_processes(tag)
         raise RuntimeError("boom")
     assert leftovers(tag) == []
 

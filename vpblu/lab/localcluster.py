@@ -4,11 +4,12 @@ Owns, for the lifetime of one `LocalCluster`: a `TestEnv` (etcd and
 kube-apiserver on loopback) with `kustomize/base` applied by
 `kubectl apply -k`, a throwaway CA and the controllers' serving certificate,
 two controller replica processes, one underlay network, N node network
-namespaces each running the real `vpblu daemon run`, and pods behind veths on
-every node. Used by the demo (`make demo`), the end-to-end acceptance suite and the
-benchmark. It must never leave anything behind: every exit path (normal exit,
-exception, Ctrl-C) stops the daemons, runs `vpblu daemon cleanup` on every
-node, stops the controllers, ends the wireguard-go processes of its
+namespaces each running the real `vpblu daemon run` and the real kube-proxy,
+and pods behind veths on every node. Used by the demo (`make demo`), the
+end-to-end acceptance suite and the benchmark. It must never leave anything
+behind: every exit path (normal exit, exception, Ctrl-C) stops kube-proxy and
+the daemons, runs `vpblu daemon cleanup` on every node, stops the controllers
+and the API forwarder, ends the wireguard-go processes of its
 interfaces, deletes its namespaces, links, pin directories and temporary
 directory. If the harness itself is SIGKILLed, its children die with it
 (PR_SET_PDEATHSIG) and the next `LocalCluster.start` sweeps what is left
@@ -42,6 +43,19 @@ namespace of their own. Each daemon gets its own state dir, pin dir
 `nsenter --net=/run/netns/<ns>` (never `ip netns exec`, which remounts /sys
 and hides the pinned maps).
 
+kube-proxy (the binary `scripts/build-kube.sh` builds, mode iptables or
+nftables) runs in each node's namespace the way the daemon does, from a
+KubeProxyConfiguration file: hostnameOverride = the node's name, clusterCIDR
+= the pod supernet, healthz and metrics on the namespace's own loopback,
+`conntrack.maxPerCore: 0` (nf_conntrack_max is not per namespace; kube-proxy
+exits when it cannot write it). It reaches the API server, which listens on
+127.0.0.1 of the root namespace only, through `vpblu.lab.tcpforward` on the
+controllers' address (TLS end to end, server name "localhost"), as the user
+`system:kube-proxy` (a client certificate from the API server's client CA),
+which the bootstrap RBAC binds to `system:node-proxier`. No
+kube-controller-manager runs: `create_service` writes a Service and its
+EndpointSlice as the endpointslice controller would.
+
 The controllers authenticate to the API server as the `vpblu-controller`
 ServiceAccount the kustomize base creates (a token kubeconfig), so its RBAC is
 what is tested. Everything here is synchronous: call it from a test thread or
@@ -72,7 +86,14 @@ import attrs
 import yaml
 
 from vpblu.lab.pki import CertAuthority, write_private
-from vpblu.lab.testenv import ChildProcess, TestEnv, install_base, pid_alive, spawn_child
+from vpblu.lab.testenv import (
+    ChildProcess,
+    TestEnv,
+    default_cache,
+    install_base,
+    pid_alive,
+    spawn_child,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +119,33 @@ TOKEN_AUDIENCE = "vpblu"
 # Long enough for a demo left running for a day; nothing here refreshes tokens.
 TOKEN_DURATION = "24h"
 WG_PORT = 51820
+# The API server listens on 127.0.0.1 of the root namespace; nodes reach it
+# through a forwarder (vpblu.lab.tcpforward) on the controllers' address.
+API_FORWARD_PORT = 6443
+# The serving certificate's name a client checks when it connects through the
+# forwarder (the certificate has localhost and 127.0.0.1, not the forwarder's address).
+API_SERVER_NAME = "localhost"
+# kube-proxy authenticates with a client certificate as this user: the API
+# server's bootstrap RBAC binds it to the ClusterRole system:node-proxier
+# (ClusterRoleBinding system:node-proxier), as on a user's cluster.
+KUBE_PROXY_USER = "system:kube-proxy"
+KUBE_PROXY_ROLE = "system:node-proxier"
+# In the node's namespace: each namespace has a loopback of its own.
+KUBE_PROXY_HEALTHZ = "127.0.0.1:10256"
+KUBE_PROXY_METRICS = "127.0.0.1:10249"
+# What kube-proxy's rules look like once it has synced (see kube_proxy_rules).
+KUBE_PROXY_SYNCED_MARK = {"iptables": ":KUBE-SERVICES ", "nftables": "chain services {"}
+# EndpointSlices this harness writes by hand (no kube-controller-manager runs).
+ENDPOINTSLICE_MANAGER = "localcluster.vpblu.io"
+SERVICE_NAMESPACE = "default"
 
 # A controller answers on its port within a second or two of starting (a
 # Python import of grpclib and kubernetes-asyncio); the bound is for 2 cores
 # shared with other suites.
 CONTROLLER_START_TIMEOUT = 30.0
+# kube-proxy programs its first rules about a second after it starts; the
+# bound is for 2 cores shared with other suites.
+KUBE_PROXY_READY_TIMEOUT = 60.0
 PROCESS_STOP_TIMEOUT = 10.0
 CLEANUP_TIMEOUT = 60.0
 WG_EXIT_TIMEOUT = 5.0
@@ -133,6 +176,11 @@ class ClusterSettings:
     # False: Nodes, pods and controllers, but no daemon processes (a caller
     # that runs its own, e.g. a benchmark with simulated daemons).
     daemons: bool = True
+    # The real kube-proxy in every node's namespace, so Services work as on a
+    # user's node; `proxy_mode` is its mode ("iptables" or "nftables").
+    kube_proxy: bool = True
+    proxy_mode: str = attrs.field(default="iptables", validator=attrs.validators.in_(
+        ("iptables", "nftables")))
 
 
 @attrs.frozen(slots=True)
@@ -163,6 +211,15 @@ class Node:
     pods: list[Pod] = attrs.field(factory=list)
     daemon: ChildProcess | None = None
     daemon_starts: int = 0
+    kube_proxy: ChildProcess | None = None
+
+    @property
+    def kube_proxy_log(self) -> Path:
+        return self.log_path.with_name(f"kube-proxy-{self.name}.log")
+
+    @property
+    def kube_proxy_config(self) -> Path:
+        return self.state_dir.parent / "kube-proxy.yaml"
 
     @property
     def daemon_running(self) -> bool:
@@ -315,7 +372,9 @@ class LocalCluster:
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=DIR_PREFIX)
         self._ca = CertAuthority.create(f"vpblu local cluster {tag} CA")
         self.ca_path = directory / "ca.crt"
+        self._api_forwarder: ChildProcess | None = None
         self._captures = 0
+        self.kube_proxy_ready_seconds = 0.0
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -340,6 +399,8 @@ class LocalCluster:
                     cluster._install()
                     say("kubectl apply -k kustomize/base: CRDs established and served")
                     cluster._make_underlay()
+                    if settings.kube_proxy:
+                        cluster._prepare_kube_proxy()
                     for i in range(1, settings.nodes + 1):
                         cluster._make_node(i)
                     say(f"{settings.nodes} node namespaces on underlay {underlay}, "
@@ -352,6 +413,12 @@ class LocalCluster:
                             cluster.start_daemon(node)
                     say(f"{settings.nodes} nodes registered (Node, VpbluNode, daemon Pod, "
                         f"bound token){', daemons started' if settings.daemons else ''}")
+                    if settings.kube_proxy:
+                        for node in cluster.nodes:
+                            cluster.start_kube_proxy(node)
+                        cluster.kube_proxy_ready_seconds = cluster.wait_kube_proxies_ready()
+                        say(f"kube-proxy ({settings.proxy_mode} mode) on every node: rules "
+                            f"programmed ({cluster.kube_proxy_ready_seconds:.1f} s)")
                     yield cluster
                 finally:
                     cluster.close()
@@ -365,6 +432,9 @@ class LocalCluster:
         with _signals_deferred():
             for node in self.nodes:
                 with contextlib.suppress(Exception):
+                    self.stop_kube_proxy(node)
+            for node in self.nodes:
+                with contextlib.suppress(Exception):
                     self.stop_daemon(node)
             for node in self.nodes:
                 try:
@@ -374,6 +444,10 @@ class LocalCluster:
             for controller in self.controllers:
                 with contextlib.suppress(Exception):
                     self.stop_controller(controller.index)
+            forwarder, self._api_forwarder = self._api_forwarder, None
+            if forwarder is not None:
+                with contextlib.suppress(Exception):
+                    forwarder.stop()
             self._spawner.shutdown(wait=True)
             _remove_tag(self.tag)
 
@@ -578,6 +652,139 @@ class LocalCluster:
         except OSError:
             return ""
 
+    # --- kube-proxy -----------------------------------------------------------------------
+
+    def start_kube_proxy(self, node: Node) -> None:
+        """The real kube-proxy in the node's namespace (its Node must be registered:
+        kube-proxy reads its addresses from it)."""
+        if node.kube_proxy is not None and not node.kube_proxy.exited():
+            raise ClusterError(f"kube-proxy on {node.name} is already running")
+        binary = default_cache() / "bin" / "kube-proxy"
+        if not os.access(binary, os.X_OK):
+            raise ClusterError(f"{binary} is missing: run `bash scripts/build-kube.sh`")
+        node.kube_proxy_config.write_text(yaml.safe_dump(self._kube_proxy_configuration(node)))
+        node.kube_proxy = self._spawn(
+            f"kube-proxy-{node.name}",
+            [*nsenter(node.netns), str(binary), f"--config={node.kube_proxy_config}"],
+            node.kube_proxy_log)
+
+    def _kube_proxy_configuration(self, node: Node) -> dict[str, Any]:
+        mode = self.settings.proxy_mode
+        return {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(self.dir / "kube-proxy.kubeconfig")},
+            "hostnameOverride": node.name,
+            "clusterCIDR": f"{POD_SUPERNET}.0.0/16",
+            "mode": mode,
+            # Loopback of the node's namespace: nothing on the underlay.
+            "healthzBindAddress": KUBE_PROXY_HEALTHZ,
+            "metricsBindAddress": KUBE_PROXY_METRICS,
+            # nf_conntrack_max is not per namespace (read-only in a node's
+            # namespace): 0 leaves the limit alone. The per-namespace timeouts
+            # kube-proxy does set.
+            "conntrack": {"maxPerCore": 0},
+            # No OOM protection for a test process.
+            "oomScoreAdj": 0,
+        }
+
+    def stop_kube_proxy(self, node: Node) -> None:
+        proc, node.kube_proxy = node.kube_proxy, None
+        if proc is not None:
+            proc.stop()
+
+    def kube_proxy_rules(self, node: Node) -> str:
+        """kube-proxy's rules in the node's namespace: its nat table (iptables
+        mode) or its `ip kube-proxy` table (nftables mode); "" if none yet."""
+        if self.settings.proxy_mode == "nftables":
+            argv = ["nft", "list", "table", "ip", "kube-proxy"]
+        else:
+            argv = ["iptables-save", "-t", "nat"]
+        return self.exec_in(node.netns, *argv, check=False).stdout
+
+    def kube_proxy_ready(self, node: Node) -> bool:
+        """Its rules are programmed and its /healthz answers ok."""
+        if KUBE_PROXY_SYNCED_MARK[self.settings.proxy_mode] not in self.kube_proxy_rules(node):
+            return False
+        result = self.exec_in(node.netns, "curl", "-sf", "--max-time", "2",
+                              f"http://{KUBE_PROXY_HEALTHZ}/healthz", check=False)
+        return result.returncode == 0
+
+    def wait_kube_proxies_ready(self, timeout: float = KUBE_PROXY_READY_TIMEOUT) -> float:
+        """Wait until every node's kube-proxy is ready; the seconds it took."""
+        began = time.monotonic()
+        waiting = [n for n in self.nodes if n.kube_proxy is not None]
+        while waiting:
+            for node in waiting:
+                assert node.kube_proxy is not None
+                if node.kube_proxy.exited():
+                    raise ClusterError(
+                        f"kube-proxy on {node.name} exited with "
+                        f"{node.kube_proxy.proc.returncode}:\n{node.kube_proxy.log_tail()}")
+            waiting = [n for n in waiting if not self.kube_proxy_ready(n)]
+            if waiting and time.monotonic() - began > timeout:
+                node = waiting[0]
+                tail = node.kube_proxy.log_tail() if node.kube_proxy else ""
+                raise ClusterError(
+                    f"kube-proxy not ready after {timeout} s on "
+                    f"{', '.join(n.name for n in waiting)} (no "
+                    f"{KUBE_PROXY_SYNCED_MARK[self.settings.proxy_mode]!r} in its "
+                    f"{self.settings.proxy_mode} rules, or /healthz not ok); "
+                    f"{node.name}'s log:\n{tail}")
+            if waiting:
+                time.sleep(POLL_INTERVAL * 3)
+        return time.monotonic() - began
+
+    def kube_proxy_log(self, node: Node) -> str:
+        try:
+            return node.kube_proxy_log.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    # --- Services (what kube-controller-manager would write) ------------------------------
+
+    def create_service(self, name: str, backend: Pod, port: int, target_port: int, *,
+                       node_port: int | None = None, protocol: str = "TCP") -> str:
+        """A Service (ClusterIP, or NodePort with `node_port`) whose one endpoint
+        is `backend`, and its EndpointSlice written by hand, as the endpointslice
+        controller would (none runs here). The Service has no selector, which is
+        how Kubernetes marks a Service whose endpoints someone else manages. The
+        ClusterIP the API server allocated is returned."""
+        spec: dict[str, Any] = {
+            "type": "NodePort" if node_port is not None else "ClusterIP",
+            "ports": [{"name": "main", "protocol": protocol, "port": port,
+                       "targetPort": target_port,
+                       **({"nodePort": node_port} if node_port is not None else {})}],
+        }
+        self.apply({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": SERVICE_NAMESPACE},
+                    "spec": spec})
+        self.apply({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-manual", "namespace": SERVICE_NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": name,
+                                    "endpointslice.kubernetes.io/managed-by":
+                                        ENDPOINTSLICE_MANAGER}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [str(backend.ip)], "nodeName": backend.node,
+                           "conditions": {"ready": True, "serving": True,
+                                          "terminating": False}}],
+            "ports": [{"name": "main", "protocol": protocol, "port": target_port}],
+        })
+        service = self.get("service", name, namespace=SERVICE_NAMESPACE)
+        if service is None:
+            raise ClusterError(f"Service {name} was not created")
+        return str(service["spec"]["clusterIP"])
+
+    def delete_service(self, name: str) -> None:
+        self.delete("endpointslice", f"{name}-manual", namespace=SERVICE_NAMESPACE)
+        self.delete("service", name, namespace=SERVICE_NAMESPACE)
+
+    def service_programmed(self, node: Node, cluster_ip: str, backend: Pod) -> bool:
+        """The node's kube-proxy rules name the Service's address and its backend."""
+        rules = self.kube_proxy_rules(node)
+        return cluster_ip in rules and str(backend.ip) in rules
+
     # --- looking at the data plane --------------------------------------------------------
 
     def exec_in(self, netns: str, *argv: str, check: bool = True,
@@ -731,6 +938,36 @@ class LocalCluster:
             "current-context": "local",
         }
         write_private(self.dir / "controller.kubeconfig", yaml.safe_dump(config).encode())
+
+    def _prepare_kube_proxy(self) -> None:
+        """What every node's kube-proxy needs: the API server reachable from the
+        nodes' namespaces (a forwarder on the controllers' address), a client
+        certificate for `system:kube-proxy` in a kubeconfig of its own, and the
+        RBAC a user's cluster gives that user (checked, not made: the API
+        server's bootstrap policy binds it to `system:node-proxier`)."""
+        binding = self.get("clusterrolebinding", KUBE_PROXY_ROLE) or {}
+        if (binding.get("roleRef", {}).get("name") != KUBE_PROXY_ROLE
+                or {"kind": "User", "name": KUBE_PROXY_USER} not in [
+                    {"kind": x.get("kind"), "name": x.get("name")}
+                    for x in binding.get("subjects") or []]):
+            raise ClusterError(f"no ClusterRoleBinding {KUBE_PROXY_ROLE} of the user "
+                               f"{KUBE_PROXY_USER}: {binding}")
+        listen = f"{self.controller_ip}:{API_FORWARD_PORT}"
+        proc = self._spawn("api-forwarder", [
+            sys.executable, "-m", "vpblu.lab.tcpforward", listen, f"127.0.0.1:{self.env.port}",
+        ], self.dir / "api-forwarder.log")
+        self._api_forwarder = proc
+        deadline = time.monotonic() + CONTROLLER_START_TIMEOUT
+        while not run("ss", "-Htln", f"( src {listen} )").stdout.strip():
+            if proc.exited() or time.monotonic() > deadline:
+                raise ClusterError(f"the API forwarder is not listening on {listen}:\n"
+                                   f"{proc.log_tail()}")
+            time.sleep(POLL_INTERVAL)
+        cert = self.env.issue_client_cert(KUBE_PROXY_USER)
+        config = self.env.client_kubeconfig(KUBE_PROXY_USER, cert.cert_pem, cert.key_pem,
+                                            server=f"https://{listen}",
+                                            tls_server_name=API_SERVER_NAME)
+        write_private(self.dir / "kube-proxy.kubeconfig", yaml.safe_dump(config).encode())
 
     def _make_underlay(self) -> None:
         ns, tag = self.underlay_netns, self.tag

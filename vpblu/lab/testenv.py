@@ -46,7 +46,7 @@ import attrs
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from vpblu.lab.pki import CertAuthority, write_private
+from vpblu.lab.pki import CertAuthority, IssuedCert, write_private
 
 DIR_PREFIX = "vpblu-testenv-"
 OWNER_FILE = "owner.pid"
@@ -139,6 +139,11 @@ class TokenRequestFailed(RuntimeError):
     """The TokenRequest API refused; the message carries the API server's reason."""
 
 
+def default_cache() -> Path:
+    """Where `scripts/build-kube.sh` caches what it builds (`$VPBLU_CACHE`)."""
+    return Path(os.environ.get("VPBLU_CACHE") or Path.home() / ".cache" / "vpblu")
+
+
 @attrs.frozen(slots=True)
 class Binaries:
     kube_apiserver: Path
@@ -148,7 +153,7 @@ class Binaries:
     def from_cache(cls, cache: Path | None = None) -> Binaries:
         """The binaries `scripts/build-kube.sh` left in `$VPBLU_CACHE/bin`."""
         if cache is None:
-            cache = Path(os.environ.get("VPBLU_CACHE") or Path.home() / ".cache" / "vpblu")
+            cache = default_cache()
         found = cls(cache / "bin" / "kube-apiserver", cache / "bin" / "etcd")
         for path in (found.kube_apiserver, found.etcd):
             if not os.access(path, os.X_OK):
@@ -313,6 +318,7 @@ class TestEnv:
         self.etcd_port = 0
         self.etcd_peer_port = 0
         self.ca_pem = b""
+        self._client_ca: CertAuthority | None = None
         self.kubeconfig_path = directory / "kubeconfig"
         self.apiserver_start_seconds = 0.0
 
@@ -480,6 +486,7 @@ class TestEnv:
         d = self.dir
         serving_ca = CertAuthority.create("vpblu-testenv serving CA")
         client_ca = CertAuthority.create("vpblu-testenv client CA")
+        self._client_ca = client_ca
         sa_signer = CertAuthority.create("vpblu-testenv service-account signer")
         self.ca_pem = serving_ca.cert_pem
         serving_ca.write(d / "serving-ca.crt")
@@ -496,25 +503,45 @@ class TestEnv:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     def _write_kubeconfig(self) -> None:
+        write_private(self.kubeconfig_path, yaml.safe_dump(self.client_kubeconfig(
+            "admin", (self.dir / "admin.crt").read_bytes(),
+            (self.dir / "admin.key").read_bytes())).encode())
+
+    def client_kubeconfig(self, user: str, cert_pem: bytes, key_pem: bytes, *,
+                          server: str | None = None,
+                          tls_server_name: str | None = None) -> dict[str, Any]:
+        """A kubeconfig (as a dict) that presents a client certificate.
+
+        `server` defaults to `server_url`; a caller that reaches the API server
+        through another address (a forwarder) names it, with `tls_server_name`
+        one of the serving certificate's names ("localhost")."""
         def b64(data: bytes) -> str:
             return base64.b64encode(data).decode()
 
-        config = {
+        cluster: dict[str, Any] = {"server": server or self.server_url,
+                                   "certificate-authority-data": b64(self.ca_pem)}
+        if tls_server_name:
+            cluster["tls-server-name"] = tls_server_name
+        return {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "vpblu-testenv", "cluster": {
-                "server": self.server_url,
-                "certificate-authority-data": b64(self.ca_pem),
-            }}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate-data": b64((self.dir / "admin.crt").read_bytes()),
-                "client-key-data": b64((self.dir / "admin.key").read_bytes()),
+            "clusters": [{"name": "vpblu-testenv", "cluster": cluster}],
+            "users": [{"name": user, "user": {
+                "client-certificate-data": b64(cert_pem),
+                "client-key-data": b64(key_pem),
             }}],
             "contexts": [{"name": "vpblu-testenv",
-                          "context": {"cluster": "vpblu-testenv", "user": "admin"}}],
+                          "context": {"cluster": "vpblu-testenv", "user": user}}],
             "current-context": "vpblu-testenv",
         }
-        write_private(self.kubeconfig_path, yaml.safe_dump(config).encode())
+
+    def issue_client_cert(self, user: str, groups: Sequence[str] = ()) -> IssuedCert:
+        """A client certificate from the API server's client CA: the API server
+        authenticates it as `user` (CN) in `groups` (O), as a real cluster's
+        x509 users (kubelets, kube-proxy) are."""
+        if self._client_ca is None:
+            raise TestEnvError("the TestEnv has no client CA yet")
+        return self._client_ca.issue(user, organizations=tuple(groups), client=True)
 
     def _spawn(self, name: str, args: list[str]) -> ChildProcess:
         return spawn_child(self._spawner, name, args, self.dir / f"{name}.log", self.dir)
