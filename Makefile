@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host
+.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host lock
 
 setup: setup-system setup-python setup-kube
 
@@ -16,6 +16,11 @@ setup-python:
 
 setup-kube:
 	bash scripts/build-kube.sh
+
+# requirements.lock (the image) and requirements-dev.lock (.venv, CI) from
+# pyproject.toml; UPGRADE=1 moves the pins to the newest allowed versions.
+lock:
+	UPGRADE=$(UPGRADE) bash scripts/lock.sh
 
 lint: setup-python
 	$(VENV)/bin/ruff check vpblu tests bench scripts

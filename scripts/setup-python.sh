@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv/ at the repository root with vpblu and its test extras, able to
 # import Debian's bcc (python3-bpfcc serves only /usr/bin/python3).
-# Idempotent: reinstalls only when pyproject.toml changed since the last install.
+# The versions are requirements-dev.lock's (hash-checked; the image installs the
+# same pins from requirements.lock): `make lock` regenerates both.
+# Idempotent: reinstalls only when pyproject.toml or the lock changed since the last install.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -14,9 +16,11 @@ fi
 [ -n "$py" ] || { echo "need Python >= 3.11" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 stamp=.venv/.vpblu-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+  .venv/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
+  # vpblu itself, editable, with the locked setuptools (no unpinned build environment).
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 # A folder holding only a `bcc` link, named by a .pth file: the venv sees

@@ -9,12 +9,21 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 import pytest
+import yaml
 
 from vpblu.core.changes import apply, diff
-from vpblu.core.desiredstate import compute, diff_all, recompute
+from vpblu.core.desiredstate import (
+    BLOCK_CAPACITY,
+    MESSAGE_LIMIT,
+    _capped,
+    compute,
+    diff_all,
+    recompute,
+)
 from vpblu.core.model import (
     NO_DATAPATH,
     BlockAdded,
@@ -415,6 +424,153 @@ CASES = [
         ],
     ),
     Case(
+        "a default route is refused: it is every address (and the mesh table's own default)",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("all", routes=[RouteOverride("0.0.0.0/0", "b")])],
+        ),
+        [state("a", peer(B)), state("b", peer(A))],
+        [
+            refused(
+                "RoutePolicy",
+                "all",
+                "DefaultRoute",
+                "route 0.0.0.0/0 via b ignored: it is every address, a default route,"
+                " not a pod range",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+        ],
+    ),
+    Case(
+        "two /1 routes, 0.0.0.0/0 in two parts: one swallows the pod CIDRs, the other the"
+        " node network; both are refused and every node keeps its own CIDR",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy(
+                    "halves",
+                    routes=[RouteOverride("0.0.0.0/1", "b"), RouteOverride("128.0.0.0/1", "b")],
+                )
+            ],
+        ),
+        [state("a", peer(B), peer(C)), state("b", peer(A), peer(C)),
+         state("c", peer(A), peer(B))],
+        [
+            refused(
+                "RoutePolicy",
+                "halves",
+                "CoversPodCIDR",
+                "route 0.0.0.0/1 via b ignored: it contains 10.0.1.0/24, the whole pod CIDR of"
+                " node a; a route may move a pod CIDR or a part of one, not a range of several;"
+                " route 128.0.0.0/1 via b ignored: it covers 192.168.0.1, the InternalIP of"
+                " node a; the node network must stay outside the mesh, whose tunnels run over"
+                " it",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "two /1 routes where no node address or other pod CIDR is (IPv6 in an IPv4 cluster):"
+        " the second would route every address, and is refused",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy("first", routes=[RouteOverride("::/1", "b")]),
+                RoutePolicy("second", routes=[RouteOverride("8000::/1", "b")]),
+            ],
+        ),
+        [state("a", peer(B, ["10.0.2.0/24", "::/1"])), state("b", peer(A))],
+        [
+            ok("RoutePolicy", "first"),
+            refused(
+                "RoutePolicy",
+                "second",
+                "CoversEverything",
+                "route 8000::/1 via b ignored: with the routes accepted before it, the mesh"
+                " would route every IPv6 address",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+        ],
+    ),
+    Case(
+        "a route strictly containing another node's pod CIDR is refused; one containing only"
+        " via's own pod CIDR moves that range whole",
+        ClusterSnapshot(
+            nodes=[A, B],
+            tunnel_policies=[MESH],
+            route_policies=[
+                RoutePolicy(
+                    "wide",
+                    routes=[
+                        RouteOverride("10.0.0.0/16", "b"),
+                        RouteOverride("10.0.2.0/23", "b"),
+                    ],
+                )
+            ],
+        ),
+        [state("a", peer(B, ["10.0.2.0/23"])), state("b", peer(A))],
+        [
+            refused(
+                "RoutePolicy",
+                "wide",
+                "CoversPodCIDR",
+                "route 10.0.0.0/16 via b ignored: it contains 10.0.1.0/24, the whole pod CIDR"
+                " of node a; a route may move a pod CIDR or a part of one, not a range of"
+                " several",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b"),
+        ],
+    ),
+    Case(
+        "a route over a node's InternalIP is refused: the tunnels run over the node network",
+        ClusterSnapshot(
+            nodes=[A, B, C],
+            tunnel_policies=[MESH],
+            route_policies=[RoutePolicy("nodes", routes=[RouteOverride("192.168.0.2/32", "c")])],
+        ),
+        [state("a", peer(B), peer(C)), state("b", peer(A), peer(C)),
+         state("c", peer(A), peer(B))],
+        [
+            refused(
+                "RoutePolicy",
+                "nodes",
+                "CoversNodeAddress",
+                "route 192.168.0.2/32 via c ignored: it covers 192.168.0.2, the InternalIP of"
+                " node b; the node network must stay outside the mesh, whose tunnels run over"
+                " it",
+            ),
+            ok("TunnelPolicy", "mesh"),
+            *nodes_ok("a", "b", "c"),
+        ],
+    ),
+    Case(
+        "two nodes report one public key: the first by name keeps it, the second is not"
+        " peered and is told which node holds its key",
+        ClusterSnapshot(nodes=[A, attrs.evolve(B, public_key=key(1)), C],
+                        tunnel_policies=[MESH]),
+        [state("a", peer(C)), state("b"), state("c", peer(A))],
+        [
+            ok("TunnelPolicy", "mesh"),
+            ok("VpbluNode", "a"),
+            refused(
+                "VpbluNode",
+                "b",
+                "DuplicatePublicKey",
+                f"node a reports the same public key {key(1)}: WireGuard tells peers apart"
+                " by key, so only a (first by name) is peered; this node is not, until its"
+                " daemon reports a key of its own",
+            ),
+            ok("VpbluNode", "c"),
+        ],
+    ),
+    Case(
         "BlockPolicy isolate beats FullMesh: no peers, and nobody peers with it",
         ClusterSnapshot(
             nodes=[A, B, C],
@@ -794,3 +950,99 @@ def test_fail_open_and_cluster_cidrs_come_from_the_policy_in_force_and_show() ->
     assert accepted.status == "True"
     assert accepted.message == ("in force; failOpen: traffic to a pod range without a tunnel"
                                 " leaves UNENCRYPTED")
+
+
+# --- what a policy cannot do to the data plane ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_block_capacity_is_what_the_classifier_holds_and_what_the_crd_allows() -> None:
+    from vpblu.node.kernel.bpftables import BLOCK_RULE_LIMIT
+
+    crd = yaml.safe_load((ROOT / "kustomize/base/crds/blockpolicies.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert BLOCK_CAPACITY == BLOCK_RULE_LIMIT == spec["properties"]["cidrPairs"]["maxItems"]
+
+
+def pairs(first: int, count: int) -> list[CidrPair]:
+    return [CidrPair(f"10.{100 + i // 256}.{i % 256}.0/24", "10.0.2.0/24")
+            for i in range(first, first + count)]
+
+
+def test_block_policies_are_taken_in_name_order_while_their_pairs_fit() -> None:
+    # a fills most of the data plane; b would overflow it and is refused
+    # (its isolate still holds); c fits in what is left, b's pair shared with
+    # a stays blocked because a blocks it.
+    a = BlockPolicy("a", cidr_pairs=pairs(0, BLOCK_CAPACITY - 28))
+    b = BlockPolicy("b", cidr_pairs=[*pairs(0, 1), *pairs(1000, 50)], isolate=["c"])
+    c = BlockPolicy("c", cidr_pairs=pairs(2000, 28))
+    result = compute(ClusterSnapshot(nodes=[A, B, C], tunnel_policies=[MESH],
+                                     block_policies=[c, b, a]))
+    wanted = {*a.cidr_pairs, *c.cidr_pairs}
+    assert len(wanted) == BLOCK_CAPACITY
+    for s in result.states.values():
+        assert set(s.blocks) == wanted
+    assert [p.name for p in result.states["a"].peers] == ["b"]  # c is isolated: b's isolate holds
+    conditions = {(x.kind, x.name): x for x in result.conditions}
+    assert conditions[("BlockPolicy", "a")].status == "True"
+    assert conditions[("BlockPolicy", "c")].status == "True"
+    assert conditions[("BlockPolicy", "b")] == refused(
+        "BlockPolicy", "b", "BlockCapacityExceeded",
+        f"its 51 cidrPairs are not applied: they would make {BLOCK_CAPACITY - 28 + 50} distinct"
+        f" blocked CIDR pairs, and the data plane holds at most {BLOCK_CAPACITY}"
+        f" ({BLOCK_CAPACITY - 28} in use by the BlockPolicies that sort before it);"
+        " its isolate is in force")
+
+
+def test_ten_thousand_pairs_across_policies_block_what_fits_and_refuse_the_rest() -> None:
+    policies = [BlockPolicy(f"p{i:03d}", cidr_pairs=pairs(i * 100, 100)) for i in range(100)]
+    result = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH],
+                                     block_policies=policies))
+    assert len(result.states["a"].blocks) == 100  # p000; p001 would make 200
+    refusals = [c for c in result.conditions if c.kind == "BlockPolicy" and c.status == "False"]
+    assert [c.name for c in refusals] == [f"p{i:03d}" for i in range(1, 100)]
+    assert {c.reason for c in refusals} == {"BlockCapacityExceeded"}
+    assert [p.name for p in result.states["a"].peers] == ["b"]
+
+
+def test_a_route_over_the_service_range_is_refused() -> None:
+    snapshot = ClusterSnapshot(
+        nodes=[A, B], tunnel_policies=[MESH],
+        route_policies=[RoutePolicy("svc", routes=[RouteOverride("10.96.0.0/24", "b"),
+                                                   RouteOverride("10.0.1.0/26", "b")])])
+    services = [ipaddress.ip_network("10.96.0.0/12"), ipaddress.ip_network("fd00:96::/108")]
+    result = compute(snapshot, service_cidrs=services)
+    assert result.states["a"].peers == (peer(B, ["10.0.1.0/26", "10.0.2.0/24"]),)
+    assert refused("RoutePolicy", "svc", "CoversServiceCIDR",
+                   "route 10.96.0.0/24 via b ignored: it overlaps the Service range"
+                   " 10.96.0.0/12") in result.conditions
+    # Without the ranges the route is taken: the controller must be told them.
+    assert compute(snapshot).states["a"].peers == (
+        peer(B, ["10.0.1.0/26", "10.0.2.0/24", "10.96.0.0/24"]),)
+    # recompute applies them as compute does.
+    step = recompute(compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH])), snapshot,
+                     service_cidrs=services)
+    assert step.result == result
+
+
+def test_a_thousand_problems_make_one_capped_message() -> None:
+    routes = [RouteOverride(f"10.50.{i // 256}.{i % 256}/32", "ghost") for i in range(1000)]
+    result = compute(ClusterSnapshot(nodes=[A, B], tunnel_policies=[MESH],
+                                     route_policies=[RoutePolicy("many", routes=routes)]))
+    (cond,) = [c for c in result.conditions if c.kind == "RoutePolicy"]
+    assert cond.reason == "UnknownNode"
+    assert len(cond.message) <= MESSAGE_LIMIT
+    shown = cond.message.count("ignored: no node ghost")
+    assert cond.message.startswith("route 10.50.0.0/32 via ghost ignored: no node ghost; ")
+    assert cond.message.endswith(f"; … and {1000 - shown} more problems")
+    assert shown > 10
+
+
+def test_capped_cuts_a_first_part_too_long_to_fit() -> None:
+    assert _capped(["x" * 50, "y"], "problem", limit=30) == "x" * 7 + "…; … and 1 more problem"
+    assert len(_capped(["x" * 50, "y"], "problem", limit=30)) == 30
+    assert _capped(["x" * 50], "note", limit=30) == "x" * 29 + "…"
+    assert _capped(["a", "b"], "problem", limit=30) == "a; b"
+    assert _capped([str(i) for i in range(20)], "problem", limit=40) == (
+        "0; 1; 2; 3; 4; 5; … and 14 more problems")

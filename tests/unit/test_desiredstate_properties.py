@@ -8,22 +8,34 @@ several TunnelPolicies, keyless and endpointless nodes.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vpblu.core.changes import apply, diff
-from vpblu.core.desiredstate import DesiredResult, compute, diff_all, recompute
+from vpblu.core.desiredstate import (
+    DesiredResult,
+    _collapse,
+    _cover,
+    _Findings,
+    _overrides,
+    _subtract,
+    compute,
+    diff_all,
+    recompute,
+)
 from vpblu.core.model import (
     BlockPolicy,
     CidrPair,
     ClusterSnapshot,
     DataPath,
     Endpoint,
+    IPNetwork,
     NodeDesiredState,
     NodeInfo,
     Peer,
@@ -147,7 +159,14 @@ def next_snapshots(draw: st.DrawFn, before: ClusterSnapshot) -> ClusterSnapshot:
 
 def _peerable(snapshot: ClusterSnapshot) -> set[str]:
     isolated = {n for b in snapshot.block_policies for n in b.isolate}
-    return {n.name for n in snapshot.nodes if n.public_key is not None and n.name not in isolated}
+    # Of two nodes reporting one key, only the first by name holds it.
+    holders: dict[str, str] = {}
+    for n in sorted(snapshot.nodes, key=lambda n: n.name):
+        if n.public_key is not None:
+            holders.setdefault(n.public_key, n.name)
+    return {n.name for n in snapshot.nodes
+            if n.public_key is not None and holders[n.public_key] == n.name
+            and n.name not in isolated}
 
 
 def _blocked(snapshot: ClusterSnapshot) -> set[frozenset[str]]:
@@ -186,6 +205,8 @@ def test_invariants(snapshot: ClusterSnapshot) -> None:
             assert frozenset((name, p.name)) not in blocked
             assert p.name in peerable and name in peerable
         assert len({p.name for p in s.peers}) == len(s.peers)
+        # WireGuard knows a peer by its key: no two peers of a node share one.
+        assert len({p.public_key for p in s.peers}) == len(s.peers)
         # Every node carries every CIDR pair block.
         assert set(s.blocks) == {c for b in snapshot.block_policies for c in b.cidr_pairs}
     # FullMesh peers every allowed pair; Explicit only listed pairs.
@@ -302,3 +323,166 @@ def test_every_pod_range_is_a_cluster_range_of_every_node(snapshot: ClusterSnaps
                        for c in cluster), (cidr, cluster)
         mine = next(n.pod_cidrs for n in snapshot.nodes if n.name == state.node)
         assert state.datapath.local_cidrs == mine
+
+
+# --- routes: the O(R log R) resolution against the quadratic one it replaced -----
+
+
+def reference_verdict(
+    cidr: IPNetwork,
+    via: str,
+    accepted: Sequence[tuple[IPNetwork, str]],
+    nodes: Mapping[str, NodeInfo],
+    service_cidrs: Sequence[IPNetwork] = (),
+) -> str | None:
+    """Why a route is refused (None: it is accepted), decided the slow,
+    obvious way: against every node and every route accepted before it (the
+    conflict rule of the quadratic `_overrides` the core had, with the limits
+    issue 16 added)."""
+    same = [o for o in accepted if o[0].version == cidr.version]
+    clash = [o for o in same if o[1] != via and o[0].overlaps(cidr)]  # type: ignore[arg-type]
+    if via not in nodes:
+        return "UnknownNode"
+    if cidr.prefixlen == 0:
+        return "DefaultRoute"
+    if any(n.internal_ip is not None and n.internal_ip in cidr for n in nodes.values()):
+        return "CoversNodeAddress"
+    if any(c.version == cidr.version and c.overlaps(cidr)  # type: ignore[arg-type]
+           for c in service_cidrs):
+        return "CoversServiceCIDR"
+    if any(n.name != via and c.version == cidr.version and c != cidr
+           and c.subnet_of(cidr)  # type: ignore[arg-type]
+           for n in nodes.values() for c in n.pod_cidrs):
+        return "CoversPodCIDR"
+    if clash:
+        return "ConflictingRoute" if any(o[0] == cidr for o in clash) else "OverlappingRoute"
+    if any(n.prefixlen == 0 for n in ipaddress.collapse_addresses([*(o[0] for o in same), cidr])):
+        return "CoversEverything"
+    return None
+
+
+def reference_overrides(
+    policies: Sequence[RoutePolicy],
+    nodes: Mapping[str, NodeInfo],
+    service_cidrs: Sequence[IPNetwork] = (),
+) -> list[tuple[str, IPNetwork, str, str | None]]:
+    """Every route, in the order read, with its `reference_verdict`."""
+    verdicts: list[tuple[str, IPNetwork, str, str | None]] = []
+    accepted: list[tuple[IPNetwork, str]] = []
+    for policy in sorted(policies, key=lambda p: p.name):
+        for route in policy.routes:
+            reason = reference_verdict(route.cidr, route.via, accepted, nodes, service_cidrs)
+            if reason is None:
+                accepted.append((route.cidr, route.via))
+            verdicts.append((policy.name, route.cidr, route.via, reason))
+    return verdicts
+
+
+def fast_overrides(
+    policies: Sequence[RoutePolicy],
+    nodes: Mapping[str, NodeInfo],
+    service_cidrs: Sequence[IPNetwork] = (),
+) -> list[tuple[str, IPNetwork, str, str | None]]:
+    """The same verdicts from the core's `_overrides`, its problems read back."""
+    findings = _Findings()
+    accepted = iter(_overrides(policies, nodes, frozenset(), frozenset(), service_cidrs,
+                               findings))
+    verdicts: list[tuple[str, IPNetwork, str, str | None]] = []
+    following = next(accepted, None)
+    for policy in sorted(policies, key=lambda p: p.name):
+        problems = iter(findings._objects[("RoutePolicy", policy.name)])
+        for route in policy.routes:
+            if (following is not None and following.policy == policy.name
+                    and (following.cidr, following.via) == (route.cidr, route.via)):
+                verdicts.append((policy.name, route.cidr, route.via, None))
+                following = next(accepted, None)
+            else:
+                verdicts.append((policy.name, route.cidr, route.via, next(problems).reason))
+    return verdicts
+
+
+DENSE_ROUTES = [
+    "10.0.0.0/16", "10.0.0.0/8", "10.0.1.0/24", "10.0.1.0/25", "10.0.1.128/25", "10.0.1.64/26",
+    "10.0.2.0/24", "10.0.2.0/23", "10.0.3.0/24", "10.0.3.0/25", "172.20.0.0/16",
+    "172.20.1.0/24", "0.0.0.0/0", "0.0.0.0/1", "128.0.0.0/1", "192.168.0.0/24",
+    "192.168.0.2/32", "10.96.0.0/24", "::/1", "8000::/1", "fd00:0:0:1::/64", "fd00::/8",
+]
+dense_policies = st.builds(
+    RoutePolicy,
+    name=st.sampled_from(["r1", "r2", "r3"]),
+    routes=st.lists(st.builds(RouteOverride, cidr=st.sampled_from(DENSE_ROUTES),
+                              via=st.sampled_from([*NAMES[:4], GHOST])), max_size=12),
+)
+
+
+@SETTINGS
+@given(node_lists(), st.lists(dense_policies, max_size=3), st.booleans())
+def test_route_resolution_equals_the_quadratic_reference(
+    nodes: list[NodeInfo], policies: list[RoutePolicy], with_services: bool
+) -> None:
+    by_name = {n.name: n for n in nodes}
+    policies = _unique(policies)  # type: ignore[assignment]
+    services = [ipaddress.ip_network("10.96.0.0/12")] if with_services else []
+    assert fast_overrides(policies, by_name, services) == reference_overrides(
+        policies, by_name, services)
+
+
+def test_a_4096_route_policy_is_resolved_as_the_quadratic_reference_would() -> None:
+    # The reference costs O(R^2) (seconds at 4096): every route is checked
+    # against the routes the fast resolution accepted before it, for a
+    # random sample of 256 routes, which is the same question one route at a time.
+    rnd = random.Random(4096)
+    nodes = {f"n{i:02d}": NodeInfo(f"n{i:02d}", f"192.168.1.{i + 1}", (f"10.0.{i}.0/24",),
+                                   base64.b64encode(bytes([i + 1]) * 32).decode())
+             for i in range(64)}
+    routes = []
+    for _ in range(4096):
+        pod = rnd.choice(list(nodes.values())).pod_cidrs[0]
+        prefix = rnd.choice([22, 24, 25, 26, 27, 28, 29, 30, 31, 32])
+        net = ipaddress.ip_network(
+            f"{pod.network_address + rnd.randrange(256)}/{prefix}", strict=False)
+        routes.append(RouteOverride(net, rnd.choice([*nodes, "ghost"])))
+    policy = RoutePolicy("many", routes=routes)
+    fast = fast_overrides([policy], nodes)
+    assert len(fast) == 4096
+    reasons = {reason for *_, reason in fast}
+    assert {None, "ConflictingRoute", "OverlappingRoute", "CoversPodCIDR",
+            "UnknownNode"} <= reasons
+    accepted: list[tuple[IPNetwork, str]] = []
+    sample = set(rnd.sample(range(4096), 256))
+    for i, (_, cidr, via, reason) in enumerate(fast):
+        if i in sample:
+            assert reference_verdict(cidr, via, accepted, nodes) == reason, (i, cidr, via)
+        if reason is None:
+            accepted.append((cidr, via))
+
+
+networks = st.sampled_from([*POD_POOL, *DENSE_ROUTES, "10.0.4.0/23", "10.0.5.0/24",
+                            "10.0.6.0/25", "10.0.6.128/25"]).map(ipaddress.ip_network)
+
+
+@SETTINGS
+@given(st.lists(networks, max_size=12))
+def test_collapse_equals_ipaddress_collapse(nets: list[IPNetwork]) -> None:
+    v4 = [n for n in nets if n.version == 4]
+    v6 = [n for n in nets if n.version == 6]
+    assert _collapse(nets) == (*ipaddress.collapse_addresses(v4),  # type: ignore[arg-type]
+                               *ipaddress.collapse_addresses(v6))  # type: ignore[arg-type]
+
+
+@SETTINGS
+@given(st.lists(networks, max_size=4, unique=True), st.lists(networks, max_size=8))
+def test_subtract_equals_cutting_one_cidr_after_the_other(
+    pieces: list[IPNetwork], cuts: list[IPNetwork]
+) -> None:
+    pieces = list(_collapse(pieces))  # the core subtracts from disjoint pod CIDRs
+    slow = list(pieces)
+    for cut in cuts:
+        out: list[IPNetwork] = []
+        for piece in slow:
+            if piece.version != cut.version or not piece.overlaps(cut):  # type: ignore[arg-type]
+                out.append(piece)
+            elif piece.prefixlen < cut.prefixlen:
+                out.extend(piece.address_exclude(cut))  # type: ignore[arg-type]
+        slow = out
+    assert _cover(_subtract(pieces, cuts)) == _collapse(slow)
