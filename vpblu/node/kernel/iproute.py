@@ -8,6 +8,7 @@ run on the trio thread under trio-asyncio).
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -63,6 +64,14 @@ class KernelStatistics:
 
 
 
+def _os_error(exc: Any) -> OSError:
+    """An OSError carrying a NetlinkError's errno and message."""
+    code = exc.code if isinstance(getattr(exc, "code", None), int) else 0
+    message = exc.args[1] if len(exc.args) > 1 and exc.args[1] else (
+        os.strerror(code) if code else str(exc))
+    return OSError(code, f"netlink: {message}")
+
+
 class IPRouteKernel:
     """`MeshKernel` over pyroute2's IPRoute, on a worker thread, in `netns`."""
 
@@ -74,11 +83,21 @@ class IPRouteKernel:
         return KernelStatistics(writes=self._writes)
 
     async def _call(self, fn: Any) -> Any:
+        """Run `fn(ipr)` on a worker thread. pyroute2's NetlinkError (the
+        kernel's refusal: EEXIST, EINVAL, ENETUNREACH...) is not an OSError;
+        it becomes one here, with the kernel's errno, so the NetlinkActor
+        reports it in the apply's ack like any other kernel error instead of
+        crashing on it."""
+
         def run() -> Any:
             from pyroute2 import IPRoute
+            from pyroute2.netlink.exceptions import NetlinkError
 
-            with IPRoute() as ipr:
-                return fn(ipr)
+            try:
+                with IPRoute() as ipr:
+                    return fn(ipr)
+            except NetlinkError as exc:
+                raise _os_error(exc) from exc
 
         return await run_in_netns(self._netns, run)
 
