@@ -18,6 +18,7 @@ from vpblu.core.model import IPNetwork, network
 from vpblu.node.kernel.nsexec import run_in_netns
 
 IFF_UP = 0x1
+IFF_NOARP = 0x80
 ENOENT = 2
 
 # rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
@@ -284,9 +285,16 @@ class IPRouteKernel:
                 self._writes += 1
                 ipr.link("add", ifname=interface, kind="veth", peer=peer)
             index = _index(ipr, interface)
-            if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+            flags = ipr.get_links(index)[0]["flags"]
+            if not flags & IFF_NOARP:
+                # Without NOARP the kernel would ARP for every destination and
+                # queue (then silently drop) the packets themselves: the counter
+                # would count the probes, not what was dropped.
                 self._writes += 1
-                ipr.link("set", index=index, state="up", arp="off")
+                ipr.link("set", index=index, flags=IFF_NOARP, change=IFF_NOARP)
+            if not flags & IFF_UP:
+                self._writes += 1
+                ipr.link("set", index=index, state="up")
 
         await self._call(ensure)
 
