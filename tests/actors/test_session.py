@@ -117,6 +117,26 @@ async def test_missing_ack_resends_the_whole_state_then_closes(
         assert await h.state.receive() == SessionClosed("n0", 7)
 
 
+async def test_an_error_ack_is_an_answer_the_state_actor_acts_on_not_a_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The daemon refuses what it was sent: the StateActor hears it and resyncs
+    # with a backoff; the session must not resend on its own after
+    # ack_timeout, nor close a stream whose daemon answers.
+    h = Harness(FakeNodeStream("n0"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await h.stream.wait_sent(1)
+        await h.stream.deliver(wire.Ack(10, "netlink: File exists"))
+        assert await h.state.receive() == NodeAcked("n0", 7, 10, "netlink: File exists")
+        await trio.sleep(4 * SETTINGS.ack_timeout)
+        assert h.stream.sent == [wire.SyncState(10, state(1))]
+        assert h.stream.closed_reason is None
+        nursery.cancel_scope.cancel()
+
+
 async def test_acked_session_only_resyncs_periodically(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -14,7 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from vpblu.actors.state import WATCHED_KINDS, StateActor
+from vpblu.actors.state import (
+    RESYNC_BACKOFF_INITIAL,
+    RESYNC_BACKOFF_MAX,
+    WATCHED_KINDS,
+    StateActor,
+)
 from vpblu.core import model
 from vpblu.core.sources import NodeSource, ObjectMeta, PolicySource, Typed, VpbluNodeSource
 from vpblu.messages import (
@@ -321,3 +326,110 @@ async def test_the_status_writer_is_told_of_deleted_objects(
         if isinstance(msg, ObjectDeleted):
             deleted.add((msg.kind, msg.name))
     assert deleted == {("VpbluNode", "n2"), ("TunnelPolicy", "mesh")}
+
+
+# --- a node that cannot apply what it is sent -------------------------------------
+
+
+async def refused_resync(box: trio.MemoryReceiveChannel[SessionInbox], h: Harness,
+                         sid: int, error: str = "netlink: File exists") -> tuple[float, PushSync]:
+    """Refuse what the session was last given; the PushSync that answers it, and when."""
+    await h.send.send(NodeAcked("n1", sid, h.actor.generation, error))
+    sync = await box.receive()
+    assert isinstance(sync, PushSync)
+    return trio.current_time(), sync
+
+
+async def test_an_error_ack_resyncs_at_once_then_backs_off_doubling_to_a_minute(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    first = await box.receive()
+    assert isinstance(first, PushSync)
+    started = trio.current_time()
+    times = []
+    for _ in range(10):
+        at, sync = await refused_resync(box, h, h.sid)
+        assert sync.state == first.state
+        times.append(at)
+    gaps = [round(b - a, 3) for a, b in zip([started, *times], times, strict=False)]
+    # At once (a refused delta asks for exactly this), then 1, 2, 4 ... capped.
+    assert gaps == [0, RESYNC_BACKOFF_INITIAL, 2, 4, 8, 16, 32, RESYNC_BACKOFF_MAX,
+                    RESYNC_BACKOFF_MAX, RESYNC_BACKOFF_MAX]
+    stats = h.actor.statistics()
+    assert (stats.resyncs_after_error, stats.failing) == (10, 1)
+    # A good ack ends it: the next error is answered at once again.
+    await h.send.send(NodeAcked("n1", h.sid, h.actor.generation))
+    await trio.sleep(0.1)
+    assert h.actor.statistics().failing == 0
+    before = trio.current_time()
+    at, _ = await refused_resync(box, h, h.sid)
+    assert at == before
+
+
+async def test_no_deltas_while_backing_off_and_a_change_goes_within_a_second(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    await box.receive()
+    for _ in range(6):  # the next resync would wait 16 s
+        last, _ = await refused_resync(box, h, h.sid)
+    await h.send.send(NodeAcked("n1", h.sid, h.actor.generation, "still broken"))
+    await trio.sleep(0.5)
+    # A join while it backs off: no delta on a state it does not have, but the
+    # new state (maybe the fix) as a whole, a second after the last resync.
+    await h.send.send(KindChanged("Node", (node(7),), (), (), "7"))
+    await h.send.send(KindChanged("VpbluNode", (vnode(7),), (), (), "7"))
+    push = await box.receive()
+    assert isinstance(push, PushSync)
+    assert peers(push.state) == ["n2", "n3", "n7"]
+    assert trio.current_time() == last + RESYNC_BACKOFF_INITIAL
+
+
+async def test_error_acks_for_pushes_sent_before_a_good_resync_do_not_keep_it_failing(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    sync = await box.receive()
+    assert isinstance(sync, PushSync)
+    # Two joins go out as deltas; the daemon failed the first one, so it
+    # refuses both (the second's base is not what it applied)...
+    await h.send.send(KindChanged("Node", (node(5),), (), (), "5"))
+    await h.send.send(KindChanged("VpbluNode", (vnode(5),), (), (), "5"))
+    one = await box.receive()
+    await h.send.send(KindChanged("Node", (node(6),), (), (), "6"))
+    await h.send.send(KindChanged("VpbluNode", (vnode(6),), (), (), "6"))
+    two = await box.receive()
+    assert isinstance(one, PushDelta) and isinstance(two, PushDelta)
+    await h.send.send(NodeAcked("n1", h.sid, one.generation, "apply failed"))
+    resync = await box.receive()
+    assert isinstance(resync, PushSync) and resync.generation == two.generation
+    await h.send.send(NodeAcked("n1", h.sid, two.generation, "delta base is not applied"))
+    # ... and then applies the resync: that ends it, stale error or not.
+    await h.send.send(NodeAcked("n1", h.sid, resync.generation))
+    await trio.sleep(RESYNC_BACKOFF_MAX)
+    assert h.actor.statistics().failing == 0
+    with trio.move_on_after(RESYNC_BACKOFF_MAX):
+        extra = await box.receive()
+        raise AssertionError(f"pushed {extra} to a node that applied the resync")
+
+
+async def test_a_reconnect_keeps_the_backoff_of_a_failing_node(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1)
+    await box.receive()
+    for _ in range(4):
+        last, _ = await refused_resync(box, h, h.sid)
+    await h.send.send(SessionClosed("n1", h.sid))
+    again = await h.connect(1)
+    await again.receive()  # a new stream starts with a PushSync, always
+    opened = trio.current_time()
+    await h.send.send(NodeAcked("n1", h.sid, h.actor.generation, "still broken"))
+    await again.receive()
+    assert trio.current_time() == max(opened, last + 8)
+

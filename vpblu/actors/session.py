@@ -18,6 +18,9 @@ Acknowledgements: if the daemon has not acknowledged what was sent within
 refused delta is the likely cause); if that is not acknowledged either, the
 stream is closed, and the daemon's reconnect starts afresh. The daemon keeps
 its mesh in the meantime: closing a stream never changes a node's kernel.
+An error Ack is an answer too (the daemon is there, and said why it could not
+apply): it goes to the StateActor, which resyncs the node with a backoff, and
+the session neither resends nor closes the stream for it.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class NodeSessionActor:
         self._sent_generation = 0
         self._sent_at = 0.0
         self._acked_generation = 0
+        self._answered_generation = 0  # acknowledged, with an error or without
         self._resent_for_ack = False
         self.messages_sent = 0
         self._end_reason = "session ended"
@@ -158,6 +162,7 @@ class NodeSessionActor:
                             if best is None or message.generation > best.generation:
                                 best = message
                         case wire.Ack(generation=gen, error=error):
+                            self._answered_generation = max(self._answered_generation, gen)
                             await self._state.send(NodeAcked(self._node, self._sid, gen, error))
                         case wire.Heartbeat():
                             pass
@@ -168,6 +173,7 @@ class NodeSessionActor:
                             return
                 if best is not None and best.generation > self._acked_generation:
                     self._acked_generation = best.generation
+                    self._answered_generation = max(self._answered_generation, best.generation)
                     await self._state.send(NodeAcked(self._node, self._sid, best.generation))
         except StreamClosed as exc:
             self._end(f"stream closed: {exc}", problem=False)
@@ -176,7 +182,7 @@ class NodeSessionActor:
         deadline = math.inf
         if self._latest is not None:
             deadline = self._sent_at + self._settings.resync_period
-        if self._sent_generation > self._acked_generation:
+        if self._sent_generation > self._answered_generation:
             deadline = min(deadline, self._sent_at + self._settings.ack_timeout)
         return deadline
 
@@ -208,7 +214,7 @@ class NodeSessionActor:
                 continue
             # Woken by a deadline, not a push.
             now = trio.current_time()
-            unacked = self._sent_generation > self._acked_generation
+            unacked = self._sent_generation > self._answered_generation
             if unacked and now >= self._sent_at + self._settings.ack_timeout:
                 if self._resent_for_ack:
                     self._end(f"generation {self._sent_generation} not acknowledged within "

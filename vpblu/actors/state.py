@@ -23,6 +23,13 @@ Invariants:
 - An object that becomes invalid keeps its last valid version in effect (and
   gets a condition saying so): a typo in a policy edit must not tear down a
   working mesh.
+- A node that acknowledges with an error gets a full PushSync (it has not
+  what we think it has), and no deltas meanwhile: at once after the first
+  error (a refused delta is the protocol's way to ask for one), then after
+  1 s, 2 s, 4 s ... up to a minute while its acks keep saying error, per
+  node, across reconnects; a good ack ends it. A change of its desired state
+  goes out sooner (at most once a second), since it may be the fix. Without
+  this, a state every daemon refuses made every node resync in a tight loop.
 - Mid-rotation, a node's peers are told the key its rotation record says
   (`VpbluNodeSource.published_key`: the old key until Retire), not the key its
   daemon reports: an ordinary PeerChanged would swap the key in place and lose
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -96,6 +104,18 @@ P = TypeVar("P", TunnelPolicy, RoutePolicy, BlockPolicy, RotationPolicy)
 SEQUENCE_BITS = 32
 # How often nodes whose mailbox overflowed are offered their PushSync again.
 RETRY_OVERFLOWED = 0.2
+# The resync of a node whose acks say error: the second waits this long, each
+# next one twice as long, up to the maximum (the first goes at once).
+RESYNC_BACKOFF_INITIAL = 1.0
+RESYNC_BACKOFF_MAX = 60.0
+
+
+def resync_delay(errors: int) -> float:
+    """How long after the last resync the next may go, after `errors` error
+    acks in a row: 0, then RESYNC_BACKOFF_INITIAL doubling to RESYNC_BACKOFF_MAX."""
+    if errors <= 1:
+        return 0.0
+    return min(RESYNC_BACKOFF_INITIAL * 2.0 ** min(errors - 2, 32), RESYNC_BACKOFF_MAX)
 
 # The kinds whose status the StatusActor writes.
 STATUS_KINDS = frozenset({"VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
@@ -114,6 +134,16 @@ class _Session:
     acked_generation: int = 0
 
 
+@attrs.define
+class _Failing:
+    """A node whose acks say error, until one does not."""
+
+    errors: int = 0  # error acks since its last good one
+    worst: int = 0  # the highest generation it acked with an error
+    resynced_at: float = -math.inf  # when its last resync went out
+    due: float | None = None  # when its next resync goes (None: none is waiting)
+
+
 @attrs.frozen(slots=True)
 class StateStatistics:
     generation: int
@@ -123,6 +153,8 @@ class StateStatistics:
     pushes: int
     overflows: int
     synced: bool
+    resyncs_after_error: int = 0  # PushSyncs sent because a node acked an error
+    failing: int = 0  # nodes whose last ack was an error
 
 
 class StateActor:
@@ -136,6 +168,8 @@ class StateActor:
         rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
     ) -> None:
         self._inbox = inbox
+        self._failing: dict[str, _Failing] = {}
+        self._resyncs_after_error = 0
         self._status = status
         self._rotations = rotations
         self._term = term
@@ -172,7 +206,7 @@ class StateActor:
     def statistics(self) -> StateStatistics:
         return StateStatistics(self.generation, self._recomputes, len(self._states()),
                                len(self._sessions), self._pushes, self._overflows,
-                               self._synced)
+                               self._synced, self._resyncs_after_error, len(self._failing))
 
     def acked(self) -> Mapping[str, int]:
         """The generation each connected node last acknowledged."""
@@ -189,7 +223,9 @@ class StateActor:
         async with self._inbox, self._status:
             task_status.started()
             while True:
-                with trio.move_on_after(RETRY_OVERFLOWED if self._overflowed() else float("inf")):
+                wake = min(trio.current_time() + RETRY_OVERFLOWED if self._overflowed()
+                           else math.inf, self._next_resync())
+                with trio.move_on_at(wake):
                     await self._handle(await self._inbox.receive())
                 # Level-triggered: take everything already queued, then act once.
                 while True:
@@ -200,6 +236,7 @@ class StateActor:
                 if self._dirty and self._synced:
                     await self._recompute()
                 if self._synced:
+                    self._release_resyncs()
                     self._push_pending_syncs()
 
     async def _forget_status(self, kind: str, names: Iterable[str]) -> None:
@@ -280,11 +317,48 @@ class StateActor:
                 if current is not None and current.session_id == sid:
                     if error is None:
                         current.acked_generation = max(current.acked_generation, gen)
+                        failing = self._failing.get(node)
+                        if failing is not None and gen >= failing.worst:
+                            del self._failing[node]
                     else:
-                        log.warning("node %s could not apply generation %d: %s", node, gen, error)
-                        # Whatever it has now, it is not what we think: resync it.
-                        current.needs_sync = True
-                        self._unsynced.add(node)
+                        self._failed(node, current, gen, error)
+
+    def _failed(self, node: str, session: _Session, generation: int, error: str) -> None:
+        """The node could not apply `generation`: whatever it has now is not
+        what we think, so it gets a whole PushSync, and no deltas before it;
+        when is `resync_delay` after its last one."""
+        failing = self._failing.setdefault(node, _Failing())
+        failing.errors += 1
+        failing.worst = max(failing.worst, generation)
+        due = max(trio.current_time(), failing.resynced_at + resync_delay(failing.errors))
+        failing.due = due if failing.due is None else min(failing.due, due)
+        log.warning("node %s could not apply generation %d: %s; a full resync in %.1f s",
+                    node, generation, error, failing.due - trio.current_time())
+        session.needs_sync = True
+        self._unsynced.discard(node)
+
+    def _next_resync(self) -> float:
+        if not self._failing:
+            return math.inf
+        return min((f.due for f in self._failing.values() if f.due is not None),
+                   default=math.inf)
+
+    def _release_resyncs(self) -> None:
+        """Owe a PushSync to each failing node whose resync is due."""
+        if not self._failing:
+            return
+        now = trio.current_time()
+        for node, failing in self._failing.items():
+            if failing.due is None or failing.due > now:
+                continue
+            failing.due = None
+            session = self._sessions.get(node)
+            if session is None:
+                continue  # its next session opens with a PushSync anyway
+            failing.resynced_at = now
+            self._resyncs_after_error += 1
+            session.needs_sync = True
+            self._unsynced.add(node)
 
     def snapshot(self) -> ClusterSnapshot:
         keys: dict[str, VpbluNodeSource] = {
@@ -336,8 +410,17 @@ class StateActor:
         self._sequence += 1
         generation = self.generation
         states = self._states()
+        for gone in self._failing.keys() - states.keys():
+            del self._failing[gone]
         for node, session in self._sessions.items():
             if session.needs_sync or session.sent_state is None:
+                failing = self._failing.get(node)
+                if failing is not None and failing.due is not None and (
+                        states.get(node) or NodeDesiredState(node)) != session.sent_state:
+                    # New content may be the fix: it goes sooner than the
+                    # backoff says, but at most once per initial delay.
+                    failing.due = min(failing.due,
+                                      failing.resynced_at + RESYNC_BACKOFF_INITIAL)
                 continue  # a PushSync is owed anyway
             new = states.get(node) or NodeDesiredState(node)
             sent = session.sent_state
