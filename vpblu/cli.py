@@ -22,6 +22,7 @@ import trio
 
 from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.session import SessionSettings
+from vpblu.core.model import IPNetwork, network
 from vpblu.stream.transport import ServerTLS
 
 CONTROLLER_GC_THRESHOLDS = (50_000, 20, 100)
@@ -56,6 +57,18 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "vpblu-daemon ServiceAccount)")
     p.add_argument("--full-pushes", action="store_true",
                    help="send whole states instead of deltas (a benchmark baseline only)")
+    p.add_argument("--service-cidr", action="append", default=[], type=_cidr,
+                   help="the cluster's Service range, as kube-apiserver's "
+                        "--service-cluster-ip-range (repeatable: one per IP family); a "
+                        "RoutePolicy route over it is refused")
+
+
+def _cidr(text: str) -> IPNetwork:
+    """A CIDR with its host bits zero, for argparse (its error names the value)."""
+    try:
+        return network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_controller(args: argparse.Namespace) -> int:
@@ -76,6 +89,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         session=SessionSettings(resync_period=args.resync_period),
         daemon_users=users,
         full_pushes=args.full_pushes,
+        service_cidrs=tuple(args.service_cidr),
     )
 
     async def main() -> None:

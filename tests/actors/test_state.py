@@ -433,3 +433,31 @@ async def test_a_reconnect_keeps_the_backoff_of_a_failing_node(
     await again.receive()
     assert trio.current_time() == max(opened, last + 8)
 
+
+async def test_routes_over_the_service_range_the_controller_was_given_are_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    h = Harness()
+    status_send, h.status = trio.open_memory_channel[StatusInbox](1000)
+    receive: trio.MemoryReceiveChannel[StateInbox]
+    h.send, receive = trio.open_memory_channel[StateInbox](1000)
+    h.actor = StateActor(receive, status_send, term=3,
+                         service_cidrs=[ipaddress.ip_network("10.96.0.0/12")])
+    route = PolicySource(meta("svc"), model.RoutePolicy("svc", 1, (
+        model.RouteOverride("10.96.0.0/16", "n2"), model.RouteOverride("10.244.1.0/26", "n2"))))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.actor.run)
+        await h.list_all(range(1, 4))
+        await h.send.send(KindChanged("RoutePolicy", (route,), (), (), "2"))
+        box = await h.connect(3)
+        while True:
+            msg = await h.status.receive()
+            if isinstance(msg, ObjectConditions) and msg.name == "svc":
+                break
+        [accepted] = msg.conditions
+        assert (accepted.status, accepted.reason) == ("False", "CoversServiceCIDR")
+        sync = await box.receive()
+        assert isinstance(sync, PushSync)
+        assert {str(r.cidr) for r in sync.state.routes if r.via == "n2"} == {
+            "10.244.1.0/26", "10.244.2.0/24"}
+        nursery.cancel_scope.cancel()

@@ -36,6 +36,7 @@ import trio_asyncio
 from vpblu.actors.leader import LeaderActor, LeaseSettings
 from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
+from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
 from vpblu.messages import LeaderObserved
 from vpblu.stream.identity import TokenReviewAuthenticator
@@ -67,6 +68,9 @@ class ControllerSettings:
         {"system:serviceaccount:vpblu-system:vpblu-daemon"})
     # Push whole states instead of deltas (the benchmark's --compare baseline).
     full_pushes: bool = False
+    # The cluster's Service ranges (kube-apiserver's --service-cluster-ip-range;
+    # the API does not publish them): no RoutePolicy route may cover them.
+    service_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
 
 
 async def run_controller(
@@ -95,6 +99,7 @@ async def run_controller(
             ChildSpec("leadership", with_inbox_clone(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
+                    service_cidrs=settings.service_cidrs,
                     full_pushes=settings.full_pushes),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(

@@ -10,6 +10,7 @@ tells it who leads.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -22,6 +23,7 @@ from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
 from vpblu.actors.state import StateActor
 from vpblu.actors.status import StatusActor
 from vpblu.actors.watcher import Parser, WatcherActor
+from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
 from vpblu.kube import resources
 from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
@@ -80,6 +82,7 @@ class LeadershipActor:
                  observed: trio.MemoryReceiveChannel[LeaderObserved],
                  streams: trio.MemoryReceiveChannel[NodeStream],
                  session: SessionSettings, view: Leadership, *,
+                 service_cidrs: Sequence[IPNetwork] = (),
                  full_pushes: bool = False) -> None:
         self._kube = kube
         self._server = server
@@ -87,6 +90,7 @@ class LeadershipActor:
         self._streams = streams
         self._session = session
         self._full_pushes = full_pushes
+        self._service_cidrs = tuple(service_cidrs)
         self._view = view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -145,6 +149,7 @@ class LeadershipActor:
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
                                              full_pushes=self._full_pushes,
+                                             service_cidrs=self._service_cidrs,
                                              rotations=rotations_send.clone()),
                     state_receive)),
                 ChildSpec("rotations", with_inbox_clone(

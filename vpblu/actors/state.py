@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import attrs
@@ -60,6 +60,7 @@ from vpblu.core.model import (
     Change,
     ClusterSnapshot,
     Condition,
+    IPNetwork,
     NodeDesiredState,
     NodeInfo,
     RotationPolicy,
@@ -166,8 +167,11 @@ class StateActor:
         term: int,
         full_pushes: bool = False,
         rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
+        service_cidrs: Sequence[IPNetwork] = (),
     ) -> None:
         self._inbox = inbox
+        # The cluster's Service ranges, which no RoutePolicy route may cover.
+        self._service_cidrs = tuple(service_cidrs)
         self._failing: dict[str, _Failing] = {}
         self._resyncs_after_error = 0
         self._status = status
@@ -401,10 +405,11 @@ class StateActor:
         snapshot = self.snapshot()
         previous = self._result
         if previous is None:
-            self._result = desiredstate.compute(snapshot)
+            self._result = desiredstate.compute(snapshot, service_cidrs=self._service_cidrs)
             changes: Mapping[str, tuple[Change, ...]] = {}
         else:
-            recomputed = desiredstate.recompute(previous, snapshot)
+            recomputed = desiredstate.recompute(previous, snapshot,
+                                                service_cidrs=self._service_cidrs)
             self._result = recomputed.result
             changes = recomputed.changes
         self._sequence += 1
