@@ -62,6 +62,11 @@ TRANSFER_BYTES = 8 * 1024 * 1024
 # and the client gives up after this.
 IO_TIMEOUT = 10.0
 TRANSFER_TIMEOUT = 120.0
+BLOCKED_BACKEND_PORT = 5403
+# A blocked connect fails after PROBE_TIMEOUT; an allowed one moves a few segments.
+PROBE_BYTES = 64 * 1024
+PROBE_TIMEOUT = 3.0
+BLOCK_TIMEOUT = 15.0
 SERVER_EXIT_TIMEOUT = 5.0
 # 8 MiB is thousands of full-size segments: far more WireGuard data packets
 # than keepalives and handshakes could account for.
@@ -139,12 +144,13 @@ def _json(text: str, what: str) -> dict[str, Any]:
 
 
 def tcp_transfer(cluster: LocalCluster, server: Pod, server_port: int, client_netns: str,
-                 client_ip: ipaddress.IPv4Address, address: str, port: int) -> str:
-    """TRANSFER_BYTES over TCP from a client in `client_netns` to
+                 client_ip: ipaddress.IPv4Address, address: str, port: int, *,
+                 size: int = TRANSFER_BYTES, io_timeout: float = IO_TIMEOUT) -> str:
+    """`size` bytes over TCP from a client in `client_netns` to
     `address`:`port`, which must reach `server` on `server_port`. "" if they
     all arrived intact, else what went wrong."""
     srv = cluster.popen_in(server.netns, [
-        sys.executable, "-c", SERVER, str(server.ip), str(server_port), str(IO_TIMEOUT)],
+        sys.executable, "-c", SERVER, str(server.ip), str(server_port), str(io_timeout)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert srv.stdout is not None
@@ -152,8 +158,8 @@ def tcp_transfer(cluster: LocalCluster, server: Pod, server_port: int, client_ne
             return f"the server in {server.name} did not start"
         client = cluster.exec_in(
             client_netns, sys.executable, "-c", CLIENT, address, str(port), str(client_ip),
-            str(TRANSFER_BYTES), str(IO_TIMEOUT), check=False, timeout=TRANSFER_TIMEOUT)
-        out, _ = srv.communicate(timeout=IO_TIMEOUT + SERVER_EXIT_TIMEOUT)
+            str(size), str(io_timeout), check=False, timeout=TRANSFER_TIMEOUT)
+        out, _ = srv.communicate(timeout=io_timeout + SERVER_EXIT_TIMEOUT)
     finally:
         if srv.poll() is None:
             srv.kill()
@@ -263,3 +269,37 @@ def test_a_node_port_on_node3_reaches_a_pod_on_node1(proxied: LocalCluster) -> N
             >= MIN_WIREGUARD_PACKETS, lines[-20:]
     finally:
         cluster.delete_service("nodeport")
+
+
+def test_a_block_policy_holds_whether_the_pod_is_called_by_ip_or_by_service(
+        proxied: LocalCluster) -> None:
+    """The block is enforced as the client sends (its address and the pod's)
+    and again as the packet reaches the pod, after kube-proxy's DNAT: a
+    ClusterIP is no way around it."""
+    cluster = proxied
+    node1, node2, _ = cluster.nodes
+    client, backend = node1.pods[0], node2.pods[0]
+    cluster_ip = cluster.create_service("blocked", backend, SERVICE_PORT, BLOCKED_BACKEND_PORT)
+    policy = {"apiVersion": "vpblu.io/v1alpha1", "kind": "BlockPolicy",
+              "metadata": {"name": "client-to-backend"},
+              "spec": {"cidrPairs": [{"from": f"{client.ip}/32", "to": f"{backend.ip}/32"}]}}
+
+    def reaches(address: str, port: int) -> str:
+        return tcp_transfer(cluster, backend, BLOCKED_BACKEND_PORT, client.netns, client.ip,
+                            address, port, size=PROBE_BYTES, io_timeout=PROBE_TIMEOUT)
+
+    try:
+        wait_programmed(cluster, cluster_ip, backend)
+        assert reaches(cluster_ip, SERVICE_PORT) == "", "the Service works before the block"
+        cluster.apply(policy)
+        cluster.wait_for(lambda: not cluster.ping(client, backend.ip, count=1),
+                         BLOCK_TIMEOUT, f"{client.name} -> {backend.name} blocked by IP")
+        assert reaches(str(backend.ip), BLOCKED_BACKEND_PORT) != "", "reached by IP"
+        assert reaches(cluster_ip, SERVICE_PORT) != "", "reached through the ClusterIP"
+        cluster.delete("blockpolicy", "client-to-backend")
+        cluster.wait_for(lambda: cluster.ping(client, backend.ip, count=1),
+                         BLOCK_TIMEOUT, f"{client.name} -> {backend.name} unblocked")
+        assert reaches(cluster_ip, SERVICE_PORT) == "", "the Service works again"
+    finally:
+        cluster.delete("blockpolicy", "client-to-backend")
+        cluster.delete_service("blocked")
