@@ -4,9 +4,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host lock
+.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host lock image image-pin
 
-setup: setup-system setup-python setup-kube
+setup: setup-system setup-python setup-kube image
 
 setup-system:
 	bash scripts/setup-system.sh
@@ -21,6 +21,16 @@ setup-kube:
 # pyproject.toml; UPGRADE=1 moves the pins to the newest allowed versions.
 lock:
 	UPGRADE=$(UPGRADE) bash scripts/lock.sh
+
+# The one OCI image (controller and daemon), from Debian packages, the lock and
+# this checkout; cached under ~/.cache/vpblu/image, a no-op when nothing changed.
+# The archive: `scripts/build-image.sh --print-path`. image-pin records its
+# digest in kustomize/base/kustomization.yaml (a release step).
+image: setup-system setup-python
+	bash scripts/build-image.sh
+
+image-pin: setup-system setup-python
+	bash scripts/build-image.sh --pin
 
 lint: setup-python
 	$(VENV)/bin/ruff check vpblu tests bench scripts

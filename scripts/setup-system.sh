@@ -4,6 +4,9 @@
 set -euo pipefail
 pkgs=(wireguard-go wireguard-tools python3-bpfcc bpfcc-tools linux-headers-amd64
       iproute2 iptables nftables tcpdump iperf3 iputils-ping openssl procps curl)
+# Building the image without a Docker daemon (scripts/build-image.sh) and
+# loading it into podman and containerd (tests/integration/test_image.py).
+pkgs+=(mmdebstrap umoci skopeo podman containerd runc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

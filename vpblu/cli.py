@@ -245,8 +245,19 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (the wheel's, the image's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vpblu")
+    except PackageNotFoundError:  # a checkout on sys.path without an install
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpblu", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vpblu {_version()}")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)

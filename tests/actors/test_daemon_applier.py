@@ -10,7 +10,6 @@ from vpblu.core.model import CidrPair, NodeDesiredState, Route
 from vpblu.messages import (
     Applied,
     ApplyDataPath,
-    ApplyDesiredState,
     ApplyFailed,
     BpfMapInbox,
     DataPathApplied,
@@ -76,23 +75,21 @@ async def run_applier(fake: FakeKernelActors, *states: NodeDesiredState) -> None
         raise error
 
 
-async def test_routes_exist_before_marks_and_marks_go_before_routes() -> None:
+async def test_blocks_are_in_the_maps_before_the_tunnels_change() -> None:
     fake = FakeKernelActors()
     await run_applier(fake, state("10.1.0.0/24"), state("10.2.0.0/24"))
     assert fake.log == [
-        ("netlink", ("10.1.0.0/24",)),
         ("maps", ("10.1.0.0/24",)),
-        # The second state drops 10.1: its route stays until the classifier stops marking it.
-        ("netlink", ("10.1.0.0/24", "10.2.0.0/24")),
+        ("netlink", ("10.1.0.0/24",)),
         ("maps", ("10.2.0.0/24",)),
         ("netlink", ("10.2.0.0/24",)),
     ]
 
 
-async def test_the_same_state_again_is_one_netlink_and_one_map_apply() -> None:
+async def test_each_state_is_one_map_and_one_netlink_apply() -> None:
     fake = FakeKernelActors()
     await run_applier(fake, state("10.1.0.0/24"), state("10.1.0.0/24"))
-    assert [who for who, _ in fake.log] == ["netlink", "maps", "netlink", "maps"]
+    assert [who for who, _ in fake.log] == ["maps", "netlink", "maps", "netlink"]
 
 
 @pytest.mark.parametrize("where", ["netlink", "maps"])
@@ -103,19 +100,20 @@ async def test_a_failed_step_raises_so_the_stream_acks_an_error(where: str) -> N
     )
     with pytest.raises(ApplyError, match="EPERM" if where == "netlink" else "too many"):
         await run_applier(fake, state("10.1.0.0/24"))
-    # A failed route step never goes on to mark.
-    if where == "netlink":
-        assert fake.log == [("netlink", ("10.1.0.0/24",))]
+    # Refused blocks never go on to change the tunnels.
+    if where == "maps":
+        assert fake.log == [("maps", ("10.1.0.0/24",))]
 
 
 async def test_an_actor_that_never_answers_times_out() -> None:
     nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](1)
-    dp_send, _dp_recv = trio.open_memory_channel[BpfMapInbox](1)
+    dp_send, dp_recv = trio.open_memory_channel[BpfMapInbox](1)
     applier = KernelApplier(nl_send, dp_send, routes_counter=FakeCounter(),
                             wireguard_counter=FakeCounter(), step_timeout=0.5)
-    async with nl_recv:
+    async with nl_recv, dp_recv:
         with pytest.raises(trio.TooSlowError):
             await applier.apply(state("10.1.0.0/24"))
-        held = nl_recv.receive_nowait()
-        assert isinstance(held, ApplyDesiredState)
-    assert not isinstance(held, ApplyDataPath)
+        held = dp_recv.receive_nowait()
+        assert isinstance(held, ApplyDataPath)
+        with pytest.raises(trio.WouldBlock):
+            nl_recv.receive_nowait()  # the tunnels were never asked to change

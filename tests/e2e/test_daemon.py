@@ -1,6 +1,6 @@
 """`vpblu daemon run` end to end: real daemon processes in node namespaces, fed by a
-FakeController over real TLS gRPC; wireguard-go, the bcc classifier on real veths doing
-the marking (no iptables stand-in), real packets between pod namespaces.
+FakeController over real TLS gRPC; wireguard-go, the daemon's steering rules, the bcc
+programs on real veths (no iptables stand-in), real packets between pod namespaces.
 
 Helper processes (flow probes, tcpdump, iperf3) start through the `reaper` fixture
 and are stopped when their block ends, whichever way. Waits are on conditions (a
@@ -148,7 +148,7 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup(
         keys = {n.name: await dl.start(n) for n in dl.nodes}
         await converge(dl, dl.nodes, keys)
 
-        # --- pod to pod through wg-mesh, marked by the classifier; only WireGuard on the wire
+        # --- pod to pod through wg-mesh, steered by destination; only WireGuard on the wire
         capture = dl.tmp / "capture.txt"
         with capture.open("wb") as sink:
             tcpdump = reaper.start("tcpdump", [
@@ -178,7 +178,7 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup(
                 "Flags [" in line), line
         assert wireguard_packets >= 10, lines
 
-        # --- the classifier did the marking
+        # --- the block classifier is on the pod's veth
         marked = in_ns(n1.netns, "tc", "filter", "show", "dev", p1.host_veth, "ingress")
         assert "vpblu-classify" in marked and "direct-action" in marked, marked
 
@@ -192,7 +192,7 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup(
         assert applies[-1].writes == 0, applies[-1]
         print(f"apply times n1 (ms): {[a.ms for a in applies]}")
 
-        # --- fail closed: a marked packet whose mesh route is gone is refused, never
+        # --- fail closed: a packet to a steered range whose mesh route is gone is refused, never
         # routed in the clear through the main table; the next apply puts the route back
         table = str(MESH_TABLE)
         assert "unreachable default" in in_ns(n1.netns, "ip", "route", "show", "table", table)

@@ -2,16 +2,12 @@
 the NetlinkActor and the BpfMapActor by message and raises when either fails,
 so the StreamActor acknowledges the generation with an error.
 
-Order of one apply (no packet is ever marked for a CIDR that has no mesh
-route): (1) the NetlinkActor gets the new peers and the union of the new
-routes and those the classifier still marks; (2) the BpfMapActor gets the new
-routes and blocks; (3) only if a route went away, the NetlinkActor gets the
-exact state, removing routes nothing marks any more. Behind all of it the mesh
-table ends in ``unreachable default`` (NetlinkActor), so even a marked packet
-without a route is dropped, never sent in the clear through the main table.
-After a restart the applier does not know what the pinned maps mark; its first
-apply may then remove a route a moment before its mark, and those packets hit
-the unreachable default: dropped, not leaked.
+Order of one apply: (1) the BpfMapActor gets the blocks and the pod ranges,
+so a new block is enforced before a new tunnel can carry the traffic it
+refuses; (2) the NetlinkActor gets the peers, routes and steering. Nothing
+is marked, so no order between the two can leak: a pod range without a
+tunnel route falls to the fail-closed sink of the mesh table, whatever step
+is in flight (vpblu.node.netlink).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import attrs
 import trio
 
 from vpblu.core import wire
-from vpblu.core.model import NodeDesiredState, Route
+from vpblu.core.model import NodeDesiredState
 from vpblu.messages import (
     Applied,
     ApplyDataPath,
@@ -90,8 +86,6 @@ class KernelApplier:
         self._routes_counter = routes_counter
         self._wireguard_counter = wireguard_counter
         self._step_timeout = step_timeout
-        # The routes the classifier was last told to mark.
-        self._marked_routes: tuple[Route, ...] = ()
         self._applies = 0
         self._map_writes = 0
         self._last_apply: float | None = None
@@ -108,13 +102,8 @@ class KernelApplier:
     async def apply(self, state: NodeDesiredState) -> None:
         started = trio.current_time()
         before = self.statistics()
-        wanted = {r.cidr for r in state.routes}
-        still_marked = tuple(r for r in self._marked_routes if r.cidr not in wanted)
-        widened = attrs.evolve(state, routes=state.routes + still_marked)
-        first = await self._apply_netlink(widened)
         datapath = await self._apply_datapath(state)
-        self._marked_routes = state.routes
-        last = await self._apply_netlink(state) if still_marked else Applied()
+        applied = await self._apply_netlink(state)
         elapsed = trio.current_time() - started
         self._applies += 1
         self._map_writes += datapath.written + datapath.deleted
@@ -133,11 +122,11 @@ class KernelApplier:
             after.map_writes - before.map_writes,
             after.netlink_writes,
             after.wireguard_writes,
-            len(first.peers_added),
-            len(first.peers_changed),
-            len(first.peers_removed),
-            len(first.routes_added),
-            len(last.routes_removed),
+            len(applied.peers_added),
+            len(applied.peers_changed),
+            len(applied.peers_removed),
+            len(applied.routes_added),
+            len(applied.routes_removed),
         )
 
     async def rotate(self, step: wire.RotationStep) -> RotationStepDone:
