@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from vpblu.core import wire
+from vpblu.core.health import NodeHealth
 from vpblu.core.model import (
     Change,
     CidrPair,
@@ -160,7 +161,18 @@ class ObjectDeleted:
     name: str
 
 
-StatusInbox = PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
+@attrs.frozen(slots=True)
+class NodeHealthReported:
+    """What `node`'s VpbluNode status should say about its daemon (conditions
+    Connected, Applied, Ready; peers up/total, applied generation, key age).
+    Level-triggered, and already rate-limited by the HealthActor."""
+
+    node: str
+    health: NodeHealth
+
+
+StatusInbox = (PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
+               | NodeHealthReported)
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------
@@ -222,6 +234,31 @@ class NodeAcked:
     session_id: int
     generation: int
     error: str | None = None
+
+
+# --- NodeSessionActor -> HealthActor -------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class SessionReport:
+    """Everything one session knows about its daemon now (level-triggered: the
+    newest report of the newest session replaces the rest). Sent when the
+    session opens and closes, when it pushes or gets an ack, and with every
+    batch from the daemon. `telemetry` is the latest this session received
+    (None: none yet), `telemetry_at` when (trio's clock)."""
+
+    node: str
+    session_id: int
+    connected: bool
+    sent_generation: int = 0
+    acked_generation: int = 0
+    apply_error: str | None = None
+    hello_key: str | None = None
+    telemetry: wire.Telemetry | None = None
+    telemetry_at: float = 0.0
+
+
+HealthInbox = SessionReport
 
 
 # --- RotationActor <-> StateActor / NodeSessionActor -----------------------------------
@@ -347,7 +384,37 @@ class RunRotationStep:
     reply: trio.MemorySendChannel[RotationStepDone] = attrs.field(eq=False, repr=False)
 
 
-NetlinkInbox = ApplyDesiredState | RunRotationStep
+@attrs.frozen(slots=True)
+class DevicePeer:
+    """One peer as the mesh interface holds it now (observed, not configured)."""
+
+    public_key: str
+    latest_handshake: int  # seconds since the epoch, 0: never
+    rx_bytes: int
+    tx_bytes: int
+    endpoint: str  # "host:port", "" when WireGuard has none
+
+
+@attrs.frozen(slots=True)
+class MeshReading:
+    """What the NetlinkActor's resources show now, for the daemon's telemetry."""
+
+    public_key: str  # the key the interface uses
+    key_created: float  # when that key's file was written (seconds since the epoch), 0 unknown
+    rotation: str  # "Staged" (K' made, K active), "Activated" (K' active, K kept), "" none
+    mtu: int  # of the mesh interface
+    fail_closed_drops: int  # packets the fail-closed sink dropped
+    peers: tuple[DevicePeer, ...]
+
+
+@attrs.frozen(slots=True)
+class ReadMesh:
+    """Read the interface's peers, key and counters; never writes anything."""
+
+    reply: trio.MemorySendChannel[MeshReading] = attrs.field(eq=False, repr=False)
+
+
+NetlinkInbox = ApplyDesiredState | RunRotationStep | ReadMesh
 
 
 # --- MtuActor (vpblu/node/mtu.py) -------------------------------------------------
@@ -419,4 +486,11 @@ class ApplyDataPath:
     )
 
 
-BpfMapInbox = ApplyDataPath
+@attrs.frozen(slots=True)
+class ReadDataPathCounters:
+    """Read the programs' counters (the fail-closed sink's is the NetlinkActor's)."""
+
+    reply: trio.MemorySendChannel[wire.DataPathCounters] = attrs.field(eq=False, repr=False)
+
+
+BpfMapInbox = ApplyDataPath | ReadDataPathCounters

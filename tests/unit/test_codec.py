@@ -93,6 +93,7 @@ node_messages: st.SearchStrategy[wire.NodeMessage] = st.one_of(
     st.builds(wire.Hello, names, keys, generations, st.text()),
     st.builds(wire.Ack, generations, st.none() | st.text()),
     st.just(wire.Heartbeat()),
+    st.deferred(lambda: telemetries),
     st.builds(wire.RotationResult, rotation_ids, st.sampled_from(wire.RotationStepKind),
               names, generations, st.none() | st.text(), st.just("") | keys),
 )
@@ -247,3 +248,39 @@ def test_a_malformed_peer_is_refused_every_time_not_remembered() -> None:
     for _ in range(2):
         with pytest.raises(codec.ProtocolViolation):
             codec.decode_controller_message(bad)
+
+
+counts = st.integers(0, 2**64 - 1)
+peer_rows = st.lists(st.builds(wire.PeerStats, names, counts, counts, counts,
+                               st.just("") | st.just("192.0.2.1:51820")), max_size=6)
+telemetries = st.builds(
+    wire.Telemetry,
+    st.floats(0, 2e9, allow_nan=False),
+    generations,
+    st.just("") | keys,
+    st.floats(0, 2e9, allow_nan=False),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["", "Staged", "Activated"]),
+    peer_rows.map(wire.PeerColumns.of),
+    st.none() | st.builds(wire.DataPathCounters, counts, counts, counts, counts, counts,
+                          counts, counts, st.booleans()),
+)
+
+
+@given(telemetries)
+def test_telemetry_round_trips(message: wire.Telemetry) -> None:
+    assert over_the_wire_node(message) == message
+    assert list(message.peers.rows()) == list(over_the_wire_node(message).peers.rows())
+
+
+def test_telemetry_with_ragged_columns_is_a_protocol_violation() -> None:
+    msg = pb.NodeMessage(telemetry=pb.Telemetry(
+        sampled_at=1.0, peers=pb.PeerColumns(name=["a", "b"], latest_handshake=[1],
+                                             rx_bytes=[1, 2], tx_bytes=[1, 2],
+                                             endpoint=["", ""])))
+    with pytest.raises(ProtocolViolation, match="columns differ"):
+        codec.decode_node_message(msg)
+    empty_name = pb.NodeMessage(telemetry=pb.Telemetry(peers=pb.PeerColumns(
+        name=[""], latest_handshake=[0], rx_bytes=[0], tx_bytes=[0], endpoint=[""])))
+    with pytest.raises(ProtocolViolation, match="name"):
+        codec.decode_node_message(empty_name)

@@ -4,7 +4,9 @@ Owns one daemon's stream for as long as it lasts: it forwards the pushes the
 StateActor gives it (PushSync / PushDelta) to the daemon as SyncState /
 Delta, reports the daemon's acknowledgements back, keeps the daemon in step
 with a full SyncState every `resync_period`, and watches for acknowledgements
-that never come. It never computes desired state and never touches the API
+that never come. It tells the HealthActor (`SessionReport`) what it knows of
+its daemon: open or closed, generations sent and acknowledged, the last apply
+error, the latest telemetry. It never computes desired state and never touches the API
 server; its only kernel of truth is "what did I last send, and what did the
 daemon say it applied".
 
@@ -36,6 +38,7 @@ import trio
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState
 from vpblu.messages import (
+    HealthInbox,
     NodeAcked,
     PublicKeyReported,
     PushDelta,
@@ -45,6 +48,7 @@ from vpblu.messages import (
     SessionClosed,
     SessionInbox,
     SessionOpened,
+    SessionReport,
     StateInbox,
     StatusInbox,
 )
@@ -107,8 +111,13 @@ class NodeSessionActor:
         state: trio.MemorySendChannel[StateInbox],
         status: trio.MemorySendChannel[StatusInbox],
         settings: SessionSettings = SessionSettings(),
+        health: trio.MemorySendChannel[HealthInbox] | None = None,
     ) -> None:
         self._stream = stream
+        self._health = health
+        self._telemetry: wire.Telemetry | None = None
+        self._telemetry_at = 0.0
+        self._apply_error: str | None = None
         self._node = stream.node_name
         self._sid = session_id
         self._state = state
@@ -133,6 +142,7 @@ class NodeSessionActor:
                 await self._status.send(PublicKeyReported(self._node, hello.public_key))
                 await self._state.send(SessionOpened(self._node, self._sid, self._mailbox_send))
                 task_status.started()
+                await self._report()
                 async with trio.open_nursery() as nursery:
                     self._done = nursery.cancel_scope
                     nursery.start_soon(self._read)
@@ -141,6 +151,18 @@ class NodeSessionActor:
                 self._stream.close(self._end_reason)
                 with trio.CancelScope(shield=True):
                     await self._state.send(SessionClosed(self._node, self._sid))
+                    if self._health is not None:
+                        async with self._health:
+                            await self._report(connected=False)
+
+    async def _report(self, *, connected: bool = True) -> None:
+        """Tell the HealthActor what this session knows now (level-triggered)."""
+        if self._health is None:
+            return
+        await self._health.send(SessionReport(
+            self._node, self._sid, connected, self._sent_generation, self._acked_generation,
+            self._apply_error, self._stream.hello.public_key, self._telemetry,
+            self._telemetry_at))
 
     def _end(self, reason: str, *, problem: bool = True) -> None:
         """Stop the session (both tasks) and close the stream with `reason`."""
@@ -162,10 +184,13 @@ class NodeSessionActor:
                             if best is None or message.generation > best.generation:
                                 best = message
                         case wire.Ack(generation=gen, error=error):
+                            self._apply_error = error
                             self._answered_generation = max(self._answered_generation, gen)
                             await self._state.send(NodeAcked(self._node, self._sid, gen, error))
                         case wire.Heartbeat():
                             pass
+                        case wire.Telemetry():
+                            self._telemetry, self._telemetry_at = message, trio.current_time()
                         case wire.RotationResult():
                             await self._state.send(RotationResultReceived(self._node, message))
                         case wire.Hello():
@@ -174,7 +199,9 @@ class NodeSessionActor:
                 if best is not None and best.generation > self._acked_generation:
                     self._acked_generation = best.generation
                     self._answered_generation = max(self._answered_generation, best.generation)
+                    self._apply_error = None
                     await self._state.send(NodeAcked(self._node, self._sid, best.generation))
+                await self._report()
         except StreamClosed as exc:
             self._end(f"stream closed: {exc}", problem=False)
 
@@ -236,5 +263,8 @@ class NodeSessionActor:
     async def _send(self, messages: list[wire.SyncState | wire.Delta]) -> None:
         await self._stream.send_batch(messages)
         self.messages_sent += len(messages)
+        sent_before = self._sent_generation
         self._sent_generation = max(self._sent_generation, messages[-1].generation)
         self._sent_at = trio.current_time()
+        if self._sent_generation != sent_before:
+            await self._report()

@@ -1,7 +1,7 @@
 """What a daemon and the controller say to each other on the warm stream.
 
 Owns the typed values of DESIGN §5: the daemon's `NodeMessage`s (Hello, Ack,
-Heartbeat, RotationResult) and the controller's `ControllerMessage`s (SyncState,
+Heartbeat, Telemetry, RotationResult) and the controller's `ControllerMessage`s (SyncState,
 Delta, Redirect, Refused, RotationStep). They are what the session and stream actors exchange with
 `vpblu.stream.transport`; `vpblu.stream.codec` turns them into protobuf and back. Nothing
 here does I/O or knows about gRPC.
@@ -97,7 +97,106 @@ class RotationResult:
     new_public_key: str = attrs.field(default="", validator=_check_optional_key)
 
 
-NodeMessage = Hello | Ack | Heartbeat | RotationResult
+MAX_TELEMETRY_PEERS = 65536  # far above any mesh; a bound on what one message may carry
+
+
+def _texts(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _counts(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+@attrs.frozen(slots=True)
+class PeerStats:
+    """One peer as the daemon's WireGuard device showed it (a row of `PeerColumns`)."""
+
+    name: str
+    latest_handshake: int  # seconds since the epoch on the daemon's clock, 0: never
+    rx_bytes: int
+    tx_bytes: int
+    endpoint: str  # "host:port" WireGuard last used, "" when it has none
+
+
+@attrs.frozen(slots=True)
+class PeerColumns:
+    """Every peer's WireGuard statistics, as index-aligned columns.
+
+    Columns, not one object per peer, because the controller receives one of
+    these from every daemon on every heartbeat: at N=1000 that is ~33 messages
+    of 999 peers a second, and turning repeated scalar fields into tuples is a
+    few C-level conversions where 999 objects per message cost milliseconds.
+    `rows()` gives the per-peer view for the few readers that want one.
+    """
+
+    names: tuple[str, ...] = attrs.field(default=(), converter=_texts)
+    latest_handshakes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    rx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    tx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.names)
+        if n > MAX_TELEMETRY_PEERS:
+            raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
+        if n and (not all(self.names) or max(map(len, self.names)) > 253):
+            raise ValueError("peer telemetry names a peer with an empty or over-long name")
+        lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
+                   len(self.endpoints)}
+        if lengths != {n}:
+            raise ValueError("peer telemetry columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows(self) -> Iterable[PeerStats]:
+        return map(PeerStats, self.names, self.latest_handshakes, self.rx_bytes,
+                   self.tx_bytes, self.endpoints)
+
+    @classmethod
+    def of(cls, peers: Iterable[PeerStats]) -> PeerColumns:
+        rows = list(peers)
+        return cls(tuple(p.name for p in rows), tuple(p.latest_handshake for p in rows),
+                   tuple(p.rx_bytes for p in rows), tuple(p.tx_bytes for p in rows),
+                   tuple(p.endpoint for p in rows))
+
+
+@attrs.frozen(slots=True)
+class DataPathCounters:
+    """The node's data-path counters, packets since the pinned maps (or the
+    fail-closed sink) were made: they survive daemon restarts."""
+
+    passed: int = 0  # sent by a pod, not blocked
+    dropped_blocked: int = 0  # a blocked pair, dropped as the pod sent it
+    delivered: int = 0  # reached a pod, not blocked
+    delivery_dropped_blocked: int = 0  # a blocked pair, dropped at delivery (after DNAT)
+    guard_cleartext: int = 0  # pod-addressed packets that left the underlay in the clear
+    guard_dropped: int = 0  # of those, dropped (strict mode)
+    fail_closed_drops: int = 0  # to a pod range without a tunnel: dropped, never sent
+    guard_attached: bool = False  # whether the cleartext guard is on the underlay now
+
+
+@attrs.frozen(slots=True)
+class Telemetry:
+    """What the daemon sees on its node now: sent on the heartbeat and on a
+    change (coalesced, at a bounded rate); the controller keeps the latest per
+    node in memory only. Times are the daemon's clock: ages are differences of
+    two of them (`sampled_at` - `latest_handshake`), so clock skew between node
+    and controller never makes a handshake look old or young."""
+
+    sampled_at: float  # seconds since the epoch, daemon's clock
+    applied_generation: int = attrs.field(default=0, validator=_check_generation)
+    public_key: str = attrs.field(default="", validator=_check_optional_key)
+    key_created: float = 0.0  # when the key in use was made (its file's mtime); 0 unknown
+    mtu: int = 0  # the mesh interface's MTU, 0 unknown
+    # The node's own key-rotation state ("Staged", "Activated"), "" none.
+    rotation: str = attrs.field(default="", validator=attrs.validators.max_len(64))
+    peers: PeerColumns = attrs.field(factory=PeerColumns)
+    datapath: DataPathCounters | None = None  # None: no data-path programs (simulated node)
+
+
+NodeMessage = Hello | Ack | Heartbeat | Telemetry | RotationResult
 
 
 # --- controller -> daemon --------------------------------------------------------

@@ -6,7 +6,8 @@ VpbluNode, a Pod of the `vpblu-daemon` ServiceAccount bound to the Node, and
 a Pod-bound `vpblu` token), holds its own X25519 key pair, and runs the real
 `StreamActor` against the real controller. Only the kernel is simulated: a
 `RecordingApplier` records every NodeDesiredState the daemon applied and
-counts the writes a real daemon would have made (the differences).
+counts the writes a real daemon would have made (the differences), and a
+`SimTelemetry` reports a healthy WireGuard (every peer handshaked moments ago).
 
 Kept lean for N=1000 (issue 8): API objects are made by a few threads at
 once, a waiter re-checks only the nodes that applied something since it last
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -182,6 +184,38 @@ class SimRotator:
         return RotationStepDone()
 
 
+class SimTelemetry:
+    """The simulated node's `stream.TelemetrySource`: a healthy mesh, where every
+    applied peer handshaked `HANDSHAKE_AGO` seconds before the sample, except
+    the peers named in `down` (never handshaked). Wall-clock times, like a
+    real node's WireGuard."""
+
+    HANDSHAKE_AGO = 5
+
+    def __init__(self, daemon: SimDaemon) -> None:
+        self._daemon = daemon
+        self.down: set[str] = set()
+        self.samples = 0
+        self._key_created = time.time()
+        self._key = daemon.public_key
+
+    async def sample(self, applied: NodeDesiredState | None) -> wire.Telemetry:
+        self.samples += 1
+        now = time.time()
+        if self._daemon.public_key != self._key:
+            self._key, self._key_created = self._daemon.public_key, now
+        peers = applied.peers if applied is not None else ()
+        handshake = int(now) - self.HANDSHAKE_AGO
+        return wire.Telemetry(
+            sampled_at=now, public_key=self._key, key_created=self._key_created, mtu=1420,
+            peers=wire.PeerColumns(
+                tuple(p.name for p in peers),
+                tuple(0 if p.name in self.down else handshake for p in peers),
+                (0,) * len(peers), (0,) * len(peers),
+                tuple(str(p.endpoint) if p.endpoint is not None else "" for p in peers)),
+        )
+
+
 @attrs.frozen(slots=True)
 class SimNode:
     name: str
@@ -198,14 +232,15 @@ class SimDaemon:
 
     def __init__(self, node: SimNode, settings: StreamSettings,
                  on_applied: Callable[[str], None] | None = None,
-                 *, keep_history: bool = True) -> None:
+                 *, keep_history: bool = True, telemetry: bool = True) -> None:
         self.node = node
         self.key_pair = _new_key_pair()
         self.applier = RecordingApplier(node.name, on_applied, keep_history=keep_history)
         self.settings = settings
         self.rotator = SimRotator(self, on_applied)
+        self.telemetry = SimTelemetry(self)
         self.stream = StreamActor(node.name, lambda: self.public_key, self.applier, settings,
-                                  self.rotator)
+                                  self.rotator, self.telemetry if telemetry else None)
         self._scope: trio.CancelScope | None = None
 
     @property
@@ -283,7 +318,7 @@ class SimCluster:
 
     def __init__(self, env: TestEnv, directory: Path, tls: ClientTLS,
                  addresses: tuple[str, ...], nodes: list[SimNode], nursery: trio.Nursery,
-                 *, keep_history: bool = True) -> None:
+                 *, keep_history: bool = True, telemetry: bool = True) -> None:
         self.env = env
         self.directory = directory
         self.nodes = {n.name: n for n in nodes}
@@ -296,17 +331,18 @@ class SimCluster:
                                       token_file=directory / f"{node.name}.token",
                                       daemon_version="sim", heartbeat_period=HEARTBEAT_PERIOD)
             self.daemons[node.name] = SimDaemon(node, settings, self._applied,
-                                                keep_history=keep_history)
+                                                keep_history=keep_history, telemetry=telemetry)
 
     @classmethod
     @asynccontextmanager
     async def open(cls, env: TestEnv, directory: Path, tls: ClientTLS,
                    addresses: tuple[str, ...], count: int, *, prefix: str = "sim",
-                   start: bool = True, keep_history: bool = True) -> AsyncIterator[SimCluster]:
+                   start: bool = True, keep_history: bool = True,
+                   telemetry: bool = True) -> AsyncIterator[SimCluster]:
         await trio.Path(directory).mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
             cluster = cls(env, directory, tls, addresses, sim_nodes(prefix, count), nursery,
-                          keep_history=keep_history)
+                          keep_history=keep_history, telemetry=telemetry)
             try:
                 await cluster._each(cluster._register, list(cluster.nodes.values()))
                 if start:

@@ -31,6 +31,7 @@ steers into the mesh by destination).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,8 +40,9 @@ from typing import Protocol
 import attrs
 import trio
 
+from vpblu.core import wire
 from vpblu.core.model import CidrPair, IPNetwork
-from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied
+from vpblu.messages import ApplyDataPath, BpfMapInbox, DataPathApplied, ReadDataPathCounters
 from vpblu.node.config import DaemonConfig
 from vpblu.node.kernel import bpftables
 from vpblu.node.kernel.bcc import (
@@ -202,6 +204,10 @@ class BpfMapActor:
                         match message:
                             case ApplyDataPath():
                                 await self._apply(maps, message)
+                            case ReadDataPathCounters(reply=reply):
+                                with contextlib.suppress(trio.BrokenResourceError,
+                                                         trio.ClosedResourceError):
+                                    await reply.send(self.counters())
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
@@ -344,6 +350,16 @@ class BpfMapActor:
             entries_written=self._written,
             entries_deleted=self._deleted,
         )
+
+    def counters(self) -> wire.DataPathCounters:
+        """The programs' counters as the daemon's telemetry carries them (the
+        fail-closed sink's drops are the NetlinkActor's, filled in there)."""
+        stats = self.statistics()
+        return wire.DataPathCounters(
+            passed=stats.passed, dropped_blocked=stats.dropped_blocked,
+            delivered=stats.delivered, delivery_dropped_blocked=stats.delivery_dropped_blocked,
+            guard_cleartext=stats.guard_cleartext, guard_dropped=stats.guard_dropped,
+            guard_attached=stats.guard_link is not None)
 
     async def cleanup(self) -> None:
         """Uninstall: remove our filters from every pod veth and the guard from every

@@ -7,7 +7,8 @@ backend (and logs which), and runs one supervisor over NetlinkActor, MtuActor,
 BpfMapActor and StreamActor, in that order: the interface exists before its
 MTU is set, and the kernel actors hold their resources before the stream can
 ask them for anything. The StreamActor applies through
-`vpblu.node.applier.KernelApplier`.
+`vpblu.node.applier.KernelApplier` and samples telemetry through
+`vpblu.node.telemetry.KernelTelemetry`.
 
 `cleanup_node` is the uninstall: it removes everything the daemon created and
 keeps the key unless asked. It must never run while a daemon runs on the node,
@@ -42,6 +43,7 @@ from vpblu.node.keys import KEY_FILE_NAME, KeyStore
 from vpblu.node.mtu import MtuActor
 from vpblu.node.netlink import NetlinkActor, remove_mesh
 from vpblu.node.stream import StreamActor, StreamSettings
+from vpblu.node.telemetry import KernelTelemetry
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ async def run_daemon(settings: DaemonSettings) -> None:
             netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend
         )
         stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream,
-                             rotator=applier)
+                             rotator=applier,
+                             telemetry=KernelTelemetry(netlink_send, bpf_send))
         tree = Supervisor(
             "daemon",
             [

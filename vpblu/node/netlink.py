@@ -61,7 +61,10 @@ from vpblu.messages import (
     ApplyDesiredState,
     ApplyFailed,
     ApplyOutcome,
+    DevicePeer,
+    MeshReading,
     NetlinkInbox,
+    ReadMesh,
     RotationStepDone,
     RunRotationStep,
 )
@@ -258,6 +261,14 @@ class NetlinkActor:
                     case ApplyDesiredState(state=state, reply=reply):
                         outcome = await self._apply_or_fail(state)
                         await reply.send(outcome)
+                    case ReadMesh(reply=read_reply):
+                        reading = await self._read_or_none()
+                        if reading is not None:
+                            with contextlib.suppress(trio.BrokenResourceError,
+                                                     trio.ClosedResourceError):
+                                await read_reply.send(reading)
+                        else:
+                            await read_reply.aclose()
                     case RunRotationStep(step=step, reply=rotation_reply):
                         done = await self._rotate_or_fail(step)
                         # The asker may have gone (its stream dropped): the step is
@@ -273,6 +284,33 @@ class NetlinkActor:
     @property
     def sink(self) -> str:
         return self._config.interface + SINK_SUFFIX
+
+    async def _read_or_none(self) -> MeshReading | None:
+        try:
+            return await self.read()
+        except (WireGuardError, OSError) as exc:
+            log.warning("%s: reading the interface for telemetry failed: %s", self.interface, exc)
+            return None
+
+    async def read(self) -> MeshReading:
+        """The interface's peers (handshakes, bytes, endpoints), key, MTU and the
+        fail-closed sink's drops, for the daemon's telemetry. Reads only."""
+        device = await self._backend.read(self.interface)
+        keys = self._keys
+        stat = await trio.Path(keys.path).stat()
+        rotation = ("Staged" if keys.staged_public_key is not None
+                    else "Activated" if keys.previous_public_key is not None else "")
+        return MeshReading(
+            public_key=keys.public_key,
+            key_created=stat.st_mtime,
+            rotation=rotation,
+            mtu=await self._kernel.link_mtu(self.interface),
+            fail_closed_drops=await self.fail_closed_drops(),
+            peers=tuple(
+                DevicePeer(p.public_key, int(p.latest_handshake), p.rx_bytes, p.tx_bytes,
+                           str(p.endpoint) if p.endpoint is not None else "")
+                for p in device.peers),
+        )
 
     async def fail_closed_drops(self) -> int:
         """Packets to a pod range without a tunnel, dropped since the sink was made."""

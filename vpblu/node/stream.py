@@ -18,6 +18,13 @@ handshake; each is answered with a `wire.RotationResult`. A step stamped below
 the highest stamp seen is a deposed leader's and is refused, not run. Steps are
 idempotent, so a step resent after a reconnect is simply run again.
 
+Telemetry (`wire.Telemetry`, from the `TelemetrySource` seam) goes up the
+stream on every heartbeat, in its place, and in between when what it says
+changed (`vpblu.core.health.telemetry_digest`: applied generation, key, MTU,
+rotation, which peers are up): sampled every `sample_period` and after every
+apply, sent at most once per `telemetry_interval`, so a burst of changes is
+one message. Without a source, or when a sample fails, a plain Heartbeat goes.
+
 It must never change the kernel because the controller went away: losing the
 stream only starts the reconnect loop; the mesh stays as last applied. The
 private key is not this actor's business: the Hello carries the public key.
@@ -26,6 +33,7 @@ private key is not this actor's business: the Hello carries the public key.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +44,7 @@ import trio
 
 from vpblu.core import wire
 from vpblu.core.changes import apply
+from vpblu.core.health import telemetry_digest
 from vpblu.core.model import NodeDesiredState
 from vpblu.messages import RotationStepDone
 from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
@@ -48,6 +57,10 @@ HEARTBEAT_JITTER = 0.25  # each beat comes after period x [0.75, 1.25]
 RECONNECT_INITIAL = 0.2
 RECONNECT_MAX = 30.0
 RECONNECT_JITTER = 1.0
+# Telemetry: a sample this often (and after each apply), sent when it changed,
+# but at most once per TELEMETRY_INTERVAL; always with the heartbeat.
+SAMPLE_PERIOD = 10.0
+TELEMETRY_INTERVAL = 5.0
 # A stream that stayed up this long counts as healthy: the backoff starts over.
 STABLE_AFTER = 10.0
 # Rotation steps waiting to run; the controller sends one step per node at a time,
@@ -64,6 +77,13 @@ class Applier(Protocol):
     async def apply(self, state: NodeDesiredState) -> None: ...
 
 
+class TelemetrySource(Protocol):
+    """One fresh sample of what the node sees (peers named by `applied`); the
+    StreamActor fills in the applied generation. May raise: the sample is skipped."""
+
+    async def sample(self, applied: NodeDesiredState | None) -> wire.Telemetry: ...
+
+
 class Rotator(Protocol):
     """Runs one key-rotation step on this node; never raises for a failed step
     (the error goes back to the controller in the RotationResult)."""
@@ -78,6 +98,8 @@ class StreamSettings:
     token_file: Path
     daemon_version: str = "0.1.0"
     heartbeat_period: float = HEARTBEAT_PERIOD
+    sample_period: float = SAMPLE_PERIOD
+    telemetry_interval: float = TELEMETRY_INTERVAL
 
 
 @attrs.frozen(slots=True)
@@ -97,6 +119,9 @@ class StreamStatistics:
     syncs_applied: int  # full SyncStates taken (each (re)connect brings one)
     messages_received: int = 0  # controller messages, over every stream so far
     bytes_received: int = 0  # their protobuf bytes (what the bench reports per event)
+    highest_generation_seen: int = 0  # in any SyncState or Delta received
+    telemetry_sent: int = 0
+    apply_failures: int = 0
 
 
 class _Redirected(Exception):
@@ -113,8 +138,16 @@ class StreamActor:
         applier: Applier,
         settings: StreamSettings,
         rotator: Rotator | None = None,
+        telemetry: TelemetrySource | None = None,
     ) -> None:
         self._node = node_name
+        self._telemetry = telemetry
+        self._latest_telemetry: wire.Telemetry | None = None
+        self._telemetry_sent = 0
+        self._highest_seen = 0
+        self._apply_failures = 0
+        # (seconds, succeeded) of every apply, for whoever measures them.
+        self.apply_durations: list[tuple[float, bool]] = []
         self._public_key = public_key
         self._applier = applier
         self._rotator = rotator
@@ -142,7 +175,14 @@ class StreamActor:
         return StreamStatistics(self._connected_to, gen, self._connects, self._redirects,
                                 self._ignored_stale, self._refused_deltas, self._syncs_applied,
                                 self._received_before[0] + live[0],
-                                self._received_before[1] + live[1])
+                                self._received_before[1] + live[1],
+                                self._highest_seen, self._telemetry_sent,
+                                self._apply_failures)
+
+    @property
+    def latest_telemetry(self) -> wire.Telemetry | None:
+        """The last sample taken (sent or not), for the daemon's metrics."""
+        return self._latest_telemetry
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -228,16 +268,72 @@ class StreamActor:
                 return  # the receive loop sees the end too; a resent step is run again
 
     async def _heartbeat(self, stream: _Sender) -> None:
+        """Heartbeats (carrying telemetry when there is a source) and, between
+        them, telemetry that changed: see the module docstring."""
         # Jittered: daemons that (re)connected together, after a controller
         # failover say, would otherwise beat together, N at once every period.
-        period = self._settings.heartbeat_period
+        settings, source = self._settings, self._telemetry
+        now = trio.current_time()
+        next_beat = now + self._jittered(settings.heartbeat_period)
+        next_sample = now  # the first sample goes out soon after connecting
+        last_sent = -math.inf
+        sent_digest: tuple[object, ...] | None = None
         try:
             while True:
-                await trio.sleep(period * random.uniform(1 - HEARTBEAT_JITTER,
-                                                         1 + HEARTBEAT_JITTER))
-                await stream.send_batch([wire.Heartbeat()])
+                applied_changed = self._applied_changed
+                with trio.move_on_at(next_beat if source is None
+                                     else min(next_beat, next_sample)):
+                    if source is None:
+                        await trio.sleep_forever()
+                    else:
+                        await applied_changed.wait()
+                now = trio.current_time()
+                beat = now >= next_beat
+                if not beat and now < last_sent + settings.telemetry_interval:
+                    next_sample = last_sent + settings.telemetry_interval  # coalesce
+                    continue
+                message: wire.NodeMessage = wire.Heartbeat()
+                if source is not None:
+                    next_sample = now + settings.sample_period
+                    sample = await self._sample(source)
+                    if sample is not None:
+                        digest = telemetry_digest(sample)
+                        if not beat and digest == sent_digest:
+                            continue
+                        message, sent_digest = sample, digest
+                    elif not beat:
+                        continue
+                await stream.send_batch([message])
+                # Any message is proof of life: the next beat is a period after it.
+                next_beat = now + self._jittered(settings.heartbeat_period)
+                if isinstance(message, wire.Telemetry):
+                    last_sent = now
+                    self._telemetry_sent += 1
         except StreamClosed:
             return  # the receive loop sees the end too, and reports it
+
+    @staticmethod
+    def _jittered(period: float) -> float:
+        return period * random.uniform(1 - HEARTBEAT_JITTER, 1 + HEARTBEAT_JITTER)
+
+    async def _sample(self, source: TelemetrySource) -> wire.Telemetry | None:
+        applied = self._applied
+        try:
+            sample = await source.sample(applied.state if applied else None)
+        except Exception as exc:
+            # Telemetry is best effort: a failed sample must never end the
+            # stream (and with it the node's desired state); a beat still goes.
+            log.warning("telemetry sample failed: %s", exc)
+            return None
+        sample = attrs.evolve(sample, applied_generation=applied.generation if applied else 0)
+        self._latest_telemetry = sample
+        return sample
+
+    def _record_apply(self, seconds: float, *, ok: bool) -> None:
+        # Drained by the daemon's metrics at each scrape; bounded if nobody scrapes.
+        if len(self.apply_durations) >= APPLY_DURATIONS_KEPT:
+            del self.apply_durations[: APPLY_DURATIONS_KEPT // 2]
+        self.apply_durations.append((seconds, ok))
 
     async def _handle(
         self,
@@ -284,13 +380,20 @@ class StreamActor:
                     except trio.WouldBlock:
                         acks.append(_result(message, RotationStepDone(
                             "too many rotation steps queued")))
+        for message in batch:
+            if isinstance(message, wire.SyncState | wire.Delta):
+                self._highest_seen = max(self._highest_seen, message.generation)
         if target is not None and target is not applied:
+            started = trio.current_time()
             try:
                 await self._applier.apply(target.state)
             except Exception as exc:
                 log.exception("applying generation %d failed", target.generation)
+                self._apply_failures += 1
+                self._record_apply(trio.current_time() - started, ok=False)
                 acks.append(wire.Ack(target.generation, f"apply failed: {exc}"))
                 return acks
+            self._record_apply(trio.current_time() - started, ok=True)
             self._applied = target
             self._syncs_applied += syncs
             self._applied_changed.set()
@@ -298,6 +401,9 @@ class StreamActor:
         if self._applied is not None:
             acks.append(wire.Ack(self._applied.generation))
         return acks
+
+
+APPLY_DURATIONS_KEPT = 1024
 
 
 def _result(step: wire.RotationStep, done: RotationStepDone) -> wire.RotationResult:

@@ -238,6 +238,8 @@ def encode_node_message(message: wire.NodeMessage) -> pb.NodeMessage:
             return pb.NodeMessage(ack=pb.Ack(generation=generation, error=error))
         case wire.Heartbeat():
             return pb.NodeMessage(heartbeat=pb.Heartbeat())
+        case wire.Telemetry():
+            return pb.NodeMessage(telemetry=encode_telemetry(message))
         case wire.RotationResult():
             return pb.NodeMessage(rotation_result=pb.RotationResult(
                 rotation_id=message.rotation_id,
@@ -247,6 +249,44 @@ def encode_node_message(message: wire.NodeMessage) -> pb.NodeMessage:
                 stamp=message.stamp,
                 rotating_node=message.rotating_node,
             ))
+
+
+def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
+    peers = t.peers
+    msg = pb.Telemetry(
+        sampled_at=t.sampled_at, applied_generation=t.applied_generation,
+        public_key=t.public_key, key_created=t.key_created, mtu=t.mtu, rotation=t.rotation,
+        peers=pb.PeerColumns(name=peers.names, latest_handshake=peers.latest_handshakes,
+                             rx_bytes=peers.rx_bytes, tx_bytes=peers.tx_bytes,
+                             endpoint=peers.endpoints),
+    )
+    if t.datapath is not None:
+        d = t.datapath
+        msg.datapath.CopyFrom(pb.DataPathCounters(
+            passed=d.passed, dropped_blocked=d.dropped_blocked, delivered=d.delivered,
+            delivery_dropped_blocked=d.delivery_dropped_blocked,
+            guard_cleartext=d.guard_cleartext, guard_dropped=d.guard_dropped,
+            fail_closed_drops=d.fail_closed_drops, guard_attached=d.guard_attached))
+    return msg
+
+
+def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
+    """Columns become tuples in C (see `wire.PeerColumns`)."""
+    p = msg.peers
+    datapath = None
+    if msg.HasField("datapath"):
+        d = msg.datapath
+        datapath = wire.DataPathCounters(
+            d.passed, d.dropped_blocked, d.delivered, d.delivery_dropped_blocked,
+            d.guard_cleartext, d.guard_dropped, d.fail_closed_drops, d.guard_attached)
+    return wire.Telemetry(
+        sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
+        public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,
+        rotation=msg.rotation,
+        peers=wire.PeerColumns(tuple(p.name), tuple(p.latest_handshake), tuple(p.rx_bytes),
+                               tuple(p.tx_bytes), tuple(p.endpoint)),
+        datapath=datapath,
+    )
 
 
 def _rotation_step_kind(value: int) -> wire.RotationStepKind:
@@ -271,6 +311,8 @@ def _decode_node_message(msg: pb.NodeMessage) -> wire.NodeMessage:
             return wire.Ack(generation=msg.ack.generation, error=error)
         case "heartbeat":
             return wire.Heartbeat()
+        case "telemetry":
+            return decode_telemetry(msg.telemetry)
         case "rotation_result":
             r = msg.rotation_result
             return wire.RotationResult(

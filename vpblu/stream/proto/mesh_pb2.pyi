@@ -156,17 +156,73 @@ class RotationResult(_message.Message):
     rotating_node: str
     def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., error: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ..., rotating_node: _Optional[str] = ...) -> None: ...
 
+class PeerColumns(_message.Message):
+    __slots__ = ("name", "latest_handshake", "rx_bytes", "tx_bytes", "endpoint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LATEST_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    name: _containers.RepeatedScalarFieldContainer[str]
+    latest_handshake: _containers.RepeatedScalarFieldContainer[int]
+    rx_bytes: _containers.RepeatedScalarFieldContainer[int]
+    tx_bytes: _containers.RepeatedScalarFieldContainer[int]
+    endpoint: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[_Iterable[str]] = ..., latest_handshake: _Optional[_Iterable[int]] = ..., rx_bytes: _Optional[_Iterable[int]] = ..., tx_bytes: _Optional[_Iterable[int]] = ..., endpoint: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DataPathCounters(_message.Message):
+    __slots__ = ("passed", "dropped_blocked", "delivered", "delivery_dropped_blocked", "guard_cleartext", "guard_dropped", "fail_closed_drops", "guard_attached")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_DROPPED_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    GUARD_CLEARTEXT_FIELD_NUMBER: _ClassVar[int]
+    GUARD_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FAIL_CLOSED_DROPS_FIELD_NUMBER: _ClassVar[int]
+    GUARD_ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    passed: int
+    dropped_blocked: int
+    delivered: int
+    delivery_dropped_blocked: int
+    guard_cleartext: int
+    guard_dropped: int
+    fail_closed_drops: int
+    guard_attached: bool
+    def __init__(self, passed: _Optional[int] = ..., dropped_blocked: _Optional[int] = ..., delivered: _Optional[int] = ..., delivery_dropped_blocked: _Optional[int] = ..., guard_cleartext: _Optional[int] = ..., guard_dropped: _Optional[int] = ..., fail_closed_drops: _Optional[int] = ..., guard_attached: _Optional[bool] = ...) -> None: ...
+
+class Telemetry(_message.Message):
+    __slots__ = ("sampled_at", "applied_generation", "public_key", "key_created", "mtu", "rotation", "peers", "datapath")
+    SAMPLED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_CREATED_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    DATAPATH_FIELD_NUMBER: _ClassVar[int]
+    sampled_at: float
+    applied_generation: int
+    public_key: str
+    key_created: float
+    mtu: int
+    rotation: str
+    peers: PeerColumns
+    datapath: DataPathCounters
+    def __init__(self, sampled_at: _Optional[float] = ..., applied_generation: _Optional[int] = ..., public_key: _Optional[str] = ..., key_created: _Optional[float] = ..., mtu: _Optional[int] = ..., rotation: _Optional[str] = ..., peers: _Optional[_Union[PeerColumns, _Mapping]] = ..., datapath: _Optional[_Union[DataPathCounters, _Mapping]] = ...) -> None: ...
+
 class NodeMessage(_message.Message):
-    __slots__ = ("hello", "ack", "heartbeat", "rotation_result")
+    __slots__ = ("hello", "ack", "heartbeat", "rotation_result", "telemetry")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ROTATION_RESULT_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
     heartbeat: Heartbeat
     rotation_result: RotationResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., rotation_result: _Optional[_Union[RotationResult, _Mapping]] = ...) -> None: ...
+    telemetry: Telemetry
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., rotation_result: _Optional[_Union[RotationResult, _Mapping]] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
 
 class SyncState(_message.Message):
     __slots__ = ("generation", "state")

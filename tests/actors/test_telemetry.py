@@ -1,0 +1,213 @@
+"""Telemetry up the stream: when the daemon sends it (heartbeat, change,
+coalesced), what KernelTelemetry reads from the kernel actors, and that the
+controller's session hands the latest to the HealthActor. Virtual time."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from tests.fakes.streams import FakeNodeStream, public_key
+from vpblu.actors.session import NodeSessionActor, SessionSettings
+from vpblu.core import wire
+from vpblu.core.model import NodeDesiredState, Peer
+from vpblu.lab.sim import RecordingApplier
+from vpblu.messages import (
+    BpfMapInbox,
+    DevicePeer,
+    HealthInbox,
+    MeshReading,
+    NetlinkInbox,
+    ReadDataPathCounters,
+    ReadMesh,
+    SessionReport,
+    StateInbox,
+    StatusInbox,
+)
+from vpblu.node.stream import AppliedRecord, StreamActor, StreamSettings
+from vpblu.node.telemetry import KernelTelemetry
+from vpblu.stream.transport import ClientTLS
+
+PERIOD = 30.0
+INTERVAL = 5.0
+SAMPLE = 10.0
+SETTINGS = StreamSettings(addresses=(), tls=ClientTLS(ca=Path("/nonexistent")),
+                          token_file=Path("/nonexistent"), heartbeat_period=PERIOD,
+                          sample_period=SAMPLE, telemetry_interval=INTERVAL)
+
+
+class RecordingStream:
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, wire.NodeMessage]] = []
+
+    async def send_batch(self, messages: Sequence[wire.NodeMessage]) -> None:
+        self.sent.extend((trio.current_time(), m) for m in messages)
+
+    def telemetry(self) -> list[tuple[float, wire.Telemetry]]:
+        return [(t, m) for t, m in self.sent if isinstance(m, wire.Telemetry)]
+
+
+class FakeSource:
+    """A node whose MTU the test changes; counts samples."""
+
+    def __init__(self) -> None:
+        self.mtu = 1420
+        self.samples = 0
+        self.fail = False
+
+    async def sample(self, applied: NodeDesiredState | None) -> wire.Telemetry:
+        self.samples += 1
+        if self.fail:
+            raise RuntimeError("fake: cannot read")
+        return wire.Telemetry(sampled_at=1000.0 + trio.current_time(), mtu=self.mtu)
+
+
+async def test_telemetry_rides_every_heartbeat_and_a_change_goes_early_but_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source = FakeSource()
+    actor = StreamActor("a", lambda: public_key(1), RecordingApplier("a"), SETTINGS,
+                        telemetry=source)
+    stream = RecordingStream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor._heartbeat, stream)
+        await trio.sleep(1)
+        [(first_at, _first)] = stream.telemetry()
+        assert first_at == 0  # the first sample goes out at once
+        # Quiet: nothing until the beat, and then the beat carries telemetry.
+        await trio.sleep(PERIOD * 1.3)
+        beats = stream.telemetry()
+        assert len(beats) == 2
+        assert PERIOD * 0.75 <= beats[1][0] <= PERIOD * 1.25
+        assert not any(isinstance(m, wire.Heartbeat) for _, m in stream.sent)
+        # A change: seen at the next sample (SAMPLE), sent then.
+        changed_at = trio.current_time()
+        source.mtu = 1380
+        await trio.sleep(SAMPLE + 0.1)
+        latest_at, latest = stream.telemetry()[-1]
+        assert latest.mtu == 1380 and latest_at - changed_at <= SAMPLE
+        # A flapping value: at most one message per INTERVAL, whatever the samples.
+        before = len(stream.telemetry())
+        for i in range(40):
+            source.mtu = 1300 + i
+            actor._applied_changed.set()  # an apply: sample again now
+            actor._applied_changed = trio.Event()
+            await trio.sleep(0.5)
+        sent = stream.telemetry()[before:]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(sent)]
+        assert sent and min(gaps) >= INTERVAL - 1e-9
+        assert len(sent) <= 20 / INTERVAL + 1
+        nursery.cancel_scope.cancel()
+    assert actor.latest_telemetry is not None
+    assert actor.statistics().telemetry_sent == len(stream.telemetry())
+
+
+async def test_a_failing_sample_still_beats(autojump_clock: trio.testing.MockClock) -> None:
+    source = FakeSource()
+    source.fail = True
+    actor = StreamActor("a", lambda: public_key(1), RecordingApplier("a"), SETTINGS,
+                        telemetry=source)
+    stream = RecordingStream()
+    with trio.move_on_after(PERIOD * 3):
+        await actor._heartbeat(stream)
+    assert stream.telemetry() == []
+    assert 2 <= sum(isinstance(m, wire.Heartbeat) for _, m in stream.sent) <= 4
+
+
+async def test_the_telemetry_carries_the_applied_generation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    actor = StreamActor("a", lambda: public_key(1), RecordingApplier("a"), SETTINGS,
+                        telemetry=FakeSource())
+    actor._applied = AppliedRecord(42, NodeDesiredState("a"))
+    stream = RecordingStream()
+    with trio.move_on_after(1):
+        await actor._heartbeat(stream)
+    [(_, sample)] = stream.telemetry()
+    assert sample.applied_generation == 42
+
+
+def peer(i: int) -> Peer:
+    return Peer(f"n{i}", public_key(i), None, (f"10.244.{i}.0/24",), 25)
+
+
+async def test_kernel_telemetry_names_peers_and_joins_the_counters() -> None:
+    reading = MeshReading(public_key(1), 1234.0, "", 1420, 7, (
+        DevicePeer(public_key(2), 990, 10, 20, "192.0.2.2:51820"),
+        DevicePeer(public_key(9), 995, 1, 1, ""),  # not a desired peer: left out
+    ))
+    counters = wire.DataPathCounters(passed=5, guard_cleartext=0, guard_attached=True)
+
+    async def netlink(inbox: trio.MemoryReceiveChannel[NetlinkInbox]) -> None:
+        async for message in inbox:
+            assert isinstance(message, ReadMesh)
+            await message.reply.send(reading)
+
+    async def bpf(inbox: trio.MemoryReceiveChannel[BpfMapInbox]) -> None:
+        async for message in inbox:
+            assert isinstance(message, ReadDataPathCounters)
+            await message.reply.send(counters)
+
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](0)
+    bpf_send, bpf_recv = trio.open_memory_channel[BpfMapInbox](0)
+    async with nl_send, bpf_send, trio.open_nursery() as nursery:
+        nursery.start_soon(netlink, nl_recv)
+        nursery.start_soon(bpf, bpf_recv)
+        source = KernelTelemetry(nl_send, bpf_send, wall_clock=lambda: 1000.0)
+        sample = await source.sample(NodeDesiredState("n1", peers=(peer(2), peer(3))))
+        nursery.cancel_scope.cancel()
+    assert sample.sampled_at == 1000.0 and sample.mtu == 1420 and sample.key_created == 1234.0
+    assert list(sample.peers.rows()) == [
+        wire.PeerStats("n2", 990, 10, 20, "192.0.2.2:51820"),
+        wire.PeerStats("n3", 0, 0, 0, ""),  # desired, not on the interface (yet)
+    ]
+    assert sample.datapath == wire.DataPathCounters(passed=5, fail_closed_drops=7,
+                                                    guard_attached=True)
+
+
+async def test_kernel_telemetry_without_counters_when_the_maps_do_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    reading = MeshReading(public_key(1), 0.0, "Staged", 1420, 0, ())
+
+    async def netlink(inbox: trio.MemoryReceiveChannel[NetlinkInbox]) -> None:
+        async for message in inbox:
+            assert isinstance(message, ReadMesh)
+            await message.reply.send(reading)
+
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](0)
+    bpf_send, _bpf_recv = trio.open_memory_channel[BpfMapInbox](0)  # nobody reads it
+    async with nl_send, bpf_send, trio.open_nursery() as nursery:
+        nursery.start_soon(netlink, nl_recv)
+        sample = await KernelTelemetry(nl_send, bpf_send, read_timeout=2).sample(None)
+        nursery.cancel_scope.cancel()
+    assert sample.datapath is None and sample.rotation == "Staged"
+    assert len(sample.peers) == 0
+
+
+async def test_the_session_hands_the_latest_telemetry_to_the_health_actor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = FakeNodeStream("n0", key=4)
+    state_send, state = trio.open_memory_channel[StateInbox](100)
+    status_send, _status = trio.open_memory_channel[StatusInbox](100)
+    health_send, health = trio.open_memory_channel[HealthInbox](100)
+    actor = NodeSessionActor(stream, 3, state_send, status_send, SessionSettings(), health_send)
+    sample = wire.Telemetry(sampled_at=5.0, applied_generation=0, mtu=1420)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        opened = await health.receive()
+        assert opened == SessionReport("n0", 3, True, hello_key=public_key(4))
+        await trio.sleep(2)
+        await stream.deliver(sample)
+        report = await health.receive()
+        assert report.telemetry == sample and report.telemetry_at == trio.current_time()
+        stream.drop()
+        while (report := await health.receive()).connected:
+            pass
+        assert report.telemetry == sample  # what it knew, kept for the last word
+    del state
