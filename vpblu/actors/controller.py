@@ -11,6 +11,7 @@ connected by which channels. The tree:
           status        StatusActor
           state         StateActor (its term stamps every generation)
           watch-<Kind>  one WatcherActor per kind
+          health        HealthActor (telemetry in memory, paced VpbluNode health)
           sessions      SessionsActor -> one NodeSessionActor per daemon
           rotations     RotationsActor -> one RotationActor per node (key rotation)
 
@@ -33,6 +34,7 @@ import attrs
 import trio
 import trio_asyncio
 
+from vpblu.actors.health import HealthSettings
 from vpblu.actors.leader import LeaderActor, LeaseSettings
 from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
@@ -71,6 +73,7 @@ class ControllerSettings:
     # The cluster's Service ranges (kube-apiserver's --service-cluster-ip-range;
     # the API does not publish them): no RoutePolicy route may cover them.
     service_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
+    health: HealthSettings = attrs.field(factory=HealthSettings)
 
 
 async def run_controller(
@@ -100,7 +103,7 @@ async def run_controller(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
                     service_cidrs=settings.service_cidrs,
-                    full_pushes=settings.full_pushes),
+                    full_pushes=settings.full_pushes, health=settings.health),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(
                 lease_kube, settings.identity, settings.advertise, observed_send.clone(),

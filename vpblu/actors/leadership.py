@@ -3,7 +3,7 @@ and stopped when it does not.
 
 Owns which kinds are watched and how the leader's actors are wired (one
 WatcherActor per kind, the StateActor, the StatusActor, the RotationsActor,
-the SessionsActor, one-for-all). It never touches the Lease: the LeaderActor
+the HealthActor, the SessionsActor, one-for-all). It never touches the Lease: the LeaderActor
 tells it who leads.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from vpblu.actors.health import HealthActor, HealthSettings
 from vpblu.actors.rotation import RotationSettings
 from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
 from vpblu.actors.session import SessionSettings
@@ -26,7 +27,13 @@ from vpblu.actors.watcher import Parser, WatcherActor
 from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
 from vpblu.kube import resources
-from vpblu.messages import LeaderObserved, RotationsInbox, StateInbox, StatusInbox
+from vpblu.messages import (
+    HealthInbox,
+    LeaderObserved,
+    RotationsInbox,
+    StateInbox,
+    StatusInbox,
+)
 from vpblu.stream.transport import MeshServer, NodeStream
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
@@ -35,6 +42,7 @@ log = logging.getLogger(__name__)
 STATE_INBOX = 256
 STATUS_INBOX = 256
 ROTATIONS_INBOX = 256
+HEALTH_INBOX = 1024  # a report per session per batch: mass reconnects come in bursts
 
 DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
 
@@ -83,7 +91,9 @@ class LeadershipActor:
                  streams: trio.MemoryReceiveChannel[NodeStream],
                  session: SessionSettings, view: Leadership, *,
                  service_cidrs: Sequence[IPNetwork] = (),
-                 full_pushes: bool = False) -> None:
+                 full_pushes: bool = False,
+                 health: HealthSettings | None = None) -> None:
+        self._health = health or HealthSettings()
         self._kube = kube
         self._server = server
         self._observed = observed
@@ -135,6 +145,7 @@ class LeadershipActor:
             status_send, status_receive = trio.open_memory_channel[StatusInbox](STATUS_INBOX)
             rotations_send, rotations_receive = trio.open_memory_channel[RotationsInbox](
                 ROTATIONS_INBOX)
+            health_send, health_receive = trio.open_memory_channel[HealthInbox](HEALTH_INBOX)
             kube = self._kube
 
             def watcher(w: Watched) -> ChildSpec:
@@ -157,13 +168,16 @@ class LeadershipActor:
                         LeaderRotationPorts(status_send.clone(), state_send.clone()), inbox,
                         RotationSettings(term=term)),
                     rotations_receive)),
+                ChildSpec("health", with_inbox_clone(
+                    lambda inbox: HealthActor(inbox, status_send.clone(), kube, self._health),
+                    health_receive)),
                 *(watcher(w) for w in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(
                     self._streams.clone(), state_send.clone(), status_send.clone(),
-                    self._session).run),
+                    self._session, health_send.clone()).run),
             ]
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
             async with (state_send, state_receive, status_send, status_receive,
-                        rotations_send, rotations_receive):
+                        rotations_send, rotations_receive, health_send, health_receive):
                 task_status.started(scope)
                 await tree.run()

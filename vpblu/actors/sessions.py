@@ -17,7 +17,7 @@ import logging
 import trio
 
 from vpblu.actors.session import NodeSessionActor, SessionSettings
-from vpblu.messages import StateInbox, StatusInbox
+from vpblu.messages import HealthInbox, StateInbox, StatusInbox
 from vpblu.stream.transport import NodeStream
 from vpblu.supervisor import ChildSpec, Restart, Supervisor
 
@@ -35,10 +35,12 @@ class SessionsActor:
         state: trio.MemorySendChannel[StateInbox],
         status: trio.MemorySendChannel[StatusInbox],
         settings: SessionSettings | None = None,
+        health: trio.MemorySendChannel[HealthInbox] | None = None,
     ) -> None:
         self._streams = streams
         self._state = state
         self._status = status
+        self._health = health
         self._settings = settings or SessionSettings()
         self._next_id = 0
         self._current: dict[str, str] = {}  # node -> child name of its session
@@ -46,11 +48,15 @@ class SessionsActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         supervisor = Supervisor("sessions", max_restarts=SESSION_CRASH_LIMIT, period=60.0)
         async with self._streams, self._state, self._status, trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
-            task_status.started()
-            async for stream in self._streams:
-                await self._replace(supervisor, stream)
-            nursery.cancel_scope.cancel()
+            try:
+                await nursery.start(supervisor.run)
+                task_status.started()
+                async for stream in self._streams:
+                    await self._replace(supervisor, stream)
+                nursery.cancel_scope.cancel()
+            finally:
+                if self._health is not None:
+                    await self._health.aclose()
 
     async def _replace(self, supervisor: Supervisor, stream: NodeStream) -> None:
         node = stream.node_name
@@ -66,7 +72,8 @@ class SessionsActor:
 
         def factory() -> NodeSessionActor:
             return NodeSessionActor(stream, sid, self._state.clone(), self._status.clone(),
-                                    self._settings)
+                                    self._settings,
+                                    self._health.clone() if self._health is not None else None)
 
         try:
             await supervisor.start_child(

@@ -3,9 +3,13 @@
 Owns status writes: a key rotation's record (status.rotation, lastRotation;
 the RotationActor waits on `RotationStatus.written` before it sends the step it
 records), a daemon's reported public key into its VpbluNode
-(creating the VpbluNode when the node has none yet) and the conditions the
+(creating the VpbluNode when the node has none yet), the conditions the
 core computed for every policy and VpbluNode (Accepted / what was ignored and
-why, with observedGeneration). It never writes spec, and never decides
+why, with observedGeneration), and a VpbluNode's health from the HealthActor
+(Connected, Applied, Ready, and KeyPublished, which compares the key the
+daemon uses with the publicKey this very write leaves; peers up/total,
+applied generation, key creation time). Conditions from different senders
+are merged by type into one list. It never writes spec, and never decides
 anything: it makes status equal to what it was told, level-triggered.
 
 Writes are coalesced per object (only the newest wanted status of an object
@@ -27,6 +31,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
+from vpblu.core.health import NodeHealth
 from vpblu.core.model import Condition
 from vpblu.kube.client import (
     GROUP,
@@ -41,6 +46,7 @@ from vpblu.kube.client import (
     ResourceKind,
 )
 from vpblu.messages import (
+    NodeHealthReported,
     ObjectConditions,
     ObjectDeleted,
     PublicKeyReported,
@@ -73,6 +79,7 @@ class _Wanted:
     # status.rotation: _UNSET leaves it alone, None removes it.
     rotation: RawObject | str | None = _UNSET
     last_rotation: RawObject | None = None
+    health: NodeHealth | None = None
 
 
 def _now() -> str:
@@ -172,6 +179,10 @@ class StatusActor:
                         k = _Key(VPBLU_NODES.kind, node)
                         self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
                                                        public_key=key)
+                    case NodeHealthReported(node=node, health=health):
+                        k = _Key(VPBLU_NODES.kind, node)
+                        self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
+                                                       health=health)
                     case ObjectConditions(kind=kind, name=name):
                         k = _Key(kind, name)
                         self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
@@ -251,7 +262,7 @@ class StatusActor:
         if seen is None:
             seen = await self._read(key, kind, wanted)
         version, status = seen
-        patch = _patch(wanted, status)
+        patch = _patch(wanted, status, key.name)
         if not patch:
             if key in self._seen:
                 # What this actor last wrote says there is nothing to do; that
@@ -290,7 +301,7 @@ def _version_and_status(obj: RawObject) -> tuple[str, RawObject]:
     return str(obj.get("metadata", {}).get("resourceVersion", "")), dict(obj.get("status") or {})
 
 
-def _patch(wanted: _Wanted, status: RawObject) -> RawObject:
+def _patch(wanted: _Wanted, status: RawObject, name: str = "") -> RawObject:
     """The merge patch that makes `status` show `wanted` (empty: it does)."""
     patch: RawObject = {}
     if wanted.public_key is not None and status.get("publicKey") != wanted.public_key:
@@ -299,9 +310,44 @@ def _patch(wanted: _Wanted, status: RawObject) -> RawObject:
         patch["rotation"] = wanted.rotation
     if wanted.last_rotation is not None and status.get("lastRotation") != wanted.last_rotation:
         patch["lastRotation"] = wanted.last_rotation
-    if wanted.conditions is not None:
+    conditions = wanted.conditions
+    if wanted.health is not None:
+        published = patch.get("publicKey", status.get("publicKey"))
+        fields, health_conditions = _health_status(wanted.health, published, name)
+        patch.update({f: v for f, v in fields.items() if status.get(f) != v})
+        conditions = ObjectConditions(
+            VPBLU_NODES.kind, name, conditions.generation if conditions is not None else 0,
+            (*(conditions.conditions if conditions is not None else ()), *health_conditions))
+    if conditions is not None:
         old = list(status.get("conditions") or [])
-        new = conditions_status(wanted.conditions, old)
+        new = conditions_status(conditions, old)
         if not _same_conditions(old, new):
             patch["conditions"] = new
     return patch
+
+
+def _health_status(health: NodeHealth, published: object,
+                   name: str) -> tuple[RawObject, tuple[Condition, ...]]:
+    """The status fields a NodeHealth sets, and its conditions with KeyPublished:
+    whether status.publicKey (as this very write leaves it) is the key the daemon
+    uses. A fact about the status being written, so it is decided here."""
+    fields: RawObject = {}
+    if health.peers_total is not None and health.peers_up is not None:
+        fields["peers"] = f"{health.peers_up}/{health.peers_total}"
+        fields["peersUp"] = health.peers_up
+        fields["peersTotal"] = health.peers_total
+    if health.applied_generation is not None:
+        fields["appliedGeneration"] = health.applied_generation
+    if health.key_created is not None:
+        fields["keyCreated"] = datetime.datetime.fromtimestamp(
+            health.key_created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if health.public_key is None:
+        key = Condition(VPBLU_NODES.kind, name, "KeyPublished", "Unknown", "NoKeyReported",
+                        "the daemon has not said which key it uses")
+    elif published == health.public_key:
+        key = Condition(VPBLU_NODES.kind, name, "KeyPublished", "True", "Published",
+                        "status.publicKey is the key the daemon uses")
+    else:
+        key = Condition(VPBLU_NODES.kind, name, "KeyPublished", "False", "NotPublished",
+                        "status.publicKey is not (yet) the key the daemon uses")
+    return fields, (*health.conditions, key)
