@@ -7,7 +7,11 @@ of crashing; nothing past this module ever sees a dict.
 
 What the CRD schemas already refuse is checked again here anyway: a cluster
 may run an older CRD, and schema validation is skipped for objects written
-before a schema tightened.
+before a schema tightened. Except for limits that only some entries of an
+object break - a default route in a RoutePolicy, more cidrPairs than the data
+plane holds - which are the pure core's: it ignores just those entries and
+says so in a condition, where refusing the object here would drop the rest
+of it too (a BlockPolicy's isolate with its pairs).
 """
 
 from __future__ import annotations
