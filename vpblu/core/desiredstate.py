@@ -1117,6 +1117,7 @@ def recompute(
         if was is None or now is None:
             flipped.add(name)
     dirty.sort()
+    seen: dict[tuple[str, str], _Moves] = {}
     states: dict[str, NodeDesiredState] = {}
     changes: dict[str, tuple[Change, ...]] = {}
     for name in _node_names(snapshot):
@@ -1125,7 +1126,7 @@ def recompute(
             new_state = state_for(topology, name)
             delta = diff(state if state is not None else NodeDesiredState(node=name), new_state)
         elif dirty and (name in old.peers or name in topology.peers):
-            delta = _view_changes(old, topology, name, dirty)
+            delta = _view_changes(old, topology, name, dirty, seen)
             new_state = apply(state, delta) if delta else state
         else:
             new_state, delta = state, ()
@@ -1143,27 +1144,49 @@ def recompute(
     )
 
 
+_Moves = tuple[tuple[Change, ...], tuple[tuple[RouteKey, Change], ...]]
+
+
 def _view_changes(
-    old: Topology, new: Topology, node: str, dirty: Sequence[str]
+    old: Topology,
+    new: Topology,
+    node: str,
+    dirty: Sequence[str],
+    seen: dict[tuple[str, str], _Moves] | None = None,
 ) -> tuple[Change, ...]:
     # What `node` sees change when the peers in `dirty` (sorted) changed, in
-    # the same order `diff` would list it. O(|dirty| + changed routes).
+    # the same order `diff` would list it. O(|dirty| + changed routes). What
+    # one dirty peer's change looks like is the same for every node that sees
+    # it: `seen` keeps it across the nodes of one recompute (a peer carrying
+    # a thousand RoutePolicy routes is compared once, not once per node).
     peer_changes: list[Change] = []
     route_changes: list[tuple[RouteKey, Change]] = []
     for other in dirty:
         was, now = old.is_neighbour(node, other), new.is_neighbour(node, other)
-        if was and now:
-            if old.peers[other] != new.peers[other]:
-                peer_changes.append(PeerChanged(new.peers[other]))
-            gone = set(old.routes[other])
-            came = set(new.routes[other])
-            route_changes.extend((route_key(r), RouteRemoved(r)) for r in gone - came)
-            route_changes.extend((route_key(r), RouteAdded(r)) for r in came - gone)
-        elif was:
-            peer_changes.append(PeerRemoved(other))
-            route_changes.extend((route_key(r), RouteRemoved(r)) for r in old.routes[other])
-        elif now:
-            peer_changes.append(PeerAdded(new.peers[other]))
-            route_changes.extend((route_key(r), RouteAdded(r)) for r in new.routes[other])
+        if not (was or now):
+            continue
+        case = "changed" if was and now else "removed" if was else "added"
+        moves = seen.get((other, case)) if seen is not None else None
+        if moves is None:
+            moves = _moves(old, new, other, case)
+            if seen is not None:
+                seen[(other, case)] = moves
+        peer_changes.extend(moves[0])
+        route_changes.extend(moves[1])
     route_changes.sort(key=operator.itemgetter(0))
     return (*peer_changes, *(change for _, change in route_changes))
+
+
+def _moves(old: Topology, new: Topology, other: str, case: str) -> _Moves:
+    if case == "changed":
+        changed = old.peers[other] != new.peers[other]
+        gone = set(old.routes[other])
+        came = set(new.routes[other])
+        return ((PeerChanged(new.peers[other]),) if changed else (),
+                (*((route_key(r), RouteRemoved(r)) for r in gone - came),
+                 *((route_key(r), RouteAdded(r)) for r in came - gone)))
+    if case == "removed":
+        return ((PeerRemoved(other),),
+                tuple((route_key(r), RouteRemoved(r)) for r in old.routes[other]))
+    return ((PeerAdded(new.peers[other]),),
+            tuple((route_key(r), RouteAdded(r)) for r in new.routes[other]))
