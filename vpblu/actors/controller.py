@@ -41,6 +41,8 @@ from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
 from vpblu.messages import LeaderObserved
+from vpblu.metrics import ControllerMetrics
+from vpblu.metricsserver import metrics_child
 from vpblu.stream.identity import TokenReviewAuthenticator
 from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
 from vpblu.supervisor import ChildSpec, Supervisor, with_inbox_clone
@@ -74,6 +76,8 @@ class ControllerSettings:
     # the API does not publish them): no RoutePolicy route may cover them.
     service_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
     health: HealthSettings = attrs.field(factory=HealthSettings)
+    # "host:port" of /metrics, /healthz and /readyz (None: not served).
+    metrics_listen: str | None = None
 
 
 async def run_controller(
@@ -97,13 +101,21 @@ async def run_controller(
         server = MeshServer(host=host, port=port, tls=settings.tls,
                             authenticator=authenticator, new_streams=streams_send)
         view = Leadership()
+        metrics = ControllerMetrics()
+        metrics.leader.set_function(lambda: 1.0 if view.leading else 0.0)
+        children = [] if settings.metrics_listen is None else [
+            metrics_child(metrics.registry, settings.metrics_listen,
+                          ready=lambda: (server.serving, "the Mesh server listens"
+                                         if server.serving else "the Mesh server is not up"))]
         root = Supervisor("controller", [
+            *children,
             ChildSpec("mesh-server", lambda: server.run),
             ChildSpec("leadership", with_inbox_clone(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
                     service_cidrs=settings.service_cidrs,
-                    full_pushes=settings.full_pushes, health=settings.health),
+                    full_pushes=settings.full_pushes, health=settings.health,
+                    metrics=metrics),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(
                 lease_kube, settings.identity, settings.advertise, observed_send.clone(),

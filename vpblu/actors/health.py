@@ -43,6 +43,7 @@ from vpblu.core.health import NodeHealth, NodeObservation
 from vpblu.core.wire import Telemetry
 from vpblu.kube.client import VPBLU_NODES, ApiError, ApiUnavailable, KubeApi
 from vpblu.messages import HealthInbox, NodeHealthReported, SessionReport, StatusInbox
+from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class HealthActor:
         settings: HealthSettings = HealthSettings(),
         *,
         on_evaluated: Callable[[str, NodeHealth], None] | None = None,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._inbox = inbox
         self._status = status
         self._kube = kube
@@ -167,6 +170,10 @@ class HealthActor:
                         await self._mark_orphans()
                 self._evaluate(now)
                 await self._hand_on(now)
+                if self._metrics is not None:
+                    stats = self.statistics()
+                    self._metrics.sessions.set(stats.connected)
+                    self._metrics.nodes_ready.set(stats.ready)
 
     def _take(self, report: SessionReport) -> None:
         held = self._nodes.get(report.node)
@@ -176,6 +183,8 @@ class HealthActor:
         if report.telemetry is not None and (held is None
                                              or report.telemetry is not held.report.telemetry):
             self._telemetry_received += 1
+            if self._metrics is not None:
+                self._metrics.telemetry_received.inc()
         if held is None:
             held = self._nodes[report.node] = _Node(report, now)
         held.report = report

@@ -34,6 +34,7 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
+from vpblu.metrics import ControllerMetrics
 from vpblu.stream.transport import MeshServer, NodeStream
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
@@ -92,8 +93,10 @@ class LeadershipActor:
                  session: SessionSettings, view: Leadership, *,
                  service_cidrs: Sequence[IPNetwork] = (),
                  full_pushes: bool = False,
-                 health: HealthSettings | None = None) -> None:
+                 health: HealthSettings | None = None,
+                 metrics: ControllerMetrics | None = None) -> None:
         self._health = health or HealthSettings()
+        self._metrics = metrics
         self._kube = kube
         self._server = server
         self._observed = observed
@@ -146,30 +149,34 @@ class LeadershipActor:
             rotations_send, rotations_receive = trio.open_memory_channel[RotationsInbox](
                 ROTATIONS_INBOX)
             health_send, health_receive = trio.open_memory_channel[HealthInbox](HEALTH_INBOX)
-            kube = self._kube
+            kube, metrics = self._kube, self._metrics
 
             def watcher(w: Watched) -> ChildSpec:
                 return ChildSpec(f"watch-{w.kind.kind}",
                                  lambda: WatcherActor(kube, w.kind, w.parse, state_send.clone(),
                                                       namespace=w.namespace,
-                                                      label_selector=w.label_selector).run)
+                                                      label_selector=w.label_selector,
+                                                      metrics=metrics).run)
 
             children = [
                 ChildSpec("status", with_inbox_clone(
-                    lambda inbox: StatusActor(kube, inbox, STATUS_KINDS), status_receive)),
+                    lambda inbox: StatusActor(kube, inbox, STATUS_KINDS, metrics), status_receive)),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
                                              full_pushes=self._full_pushes,
                                              service_cidrs=self._service_cidrs,
-                                             rotations=rotations_send.clone()),
+                                             rotations=rotations_send.clone(),
+                                             metrics=metrics),
                     state_receive)),
                 ChildSpec("rotations", with_inbox_clone(
                     lambda inbox: RotationsActor(
-                        LeaderRotationPorts(status_send.clone(), state_send.clone()), inbox,
+                        LeaderRotationPorts(status_send.clone(), state_send.clone(), metrics),
+                        inbox,
                         RotationSettings(term=term)),
                     rotations_receive)),
                 ChildSpec("health", with_inbox_clone(
-                    lambda inbox: HealthActor(inbox, status_send.clone(), kube, self._health),
+                    lambda inbox: HealthActor(inbox, status_send.clone(), kube, self._health,
+                                              metrics=metrics),
                     health_receive)),
                 *(watcher(w) for w in WATCHED),
                 ChildSpec("sessions", lambda: SessionsActor(

@@ -33,6 +33,7 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
+from vpblu.metrics import ControllerMetrics
 
 
 class LeaderRotationPorts:
@@ -40,15 +41,21 @@ class LeaderRotationPorts:
     the StateActor (which holds the sessions)."""
 
     def __init__(self, status: trio.MemorySendChannel[StatusInbox],
-                 state: trio.MemorySendChannel[StateInbox]) -> None:
+                 state: trio.MemorySendChannel[StateInbox],
+                 metrics: ControllerMetrics | None = None) -> None:
         self._status = status
         self._state = state
+        self._metrics = metrics
 
     async def persist(self, node: str, record: RotationRecord | None, *,
                       public_key: str | None = None, last: LastRotation | None = None) -> None:
         message = RotationStatus(node, record, public_key, last)
         await self._status.send(message)
         await message.written.wait()
+        if self._metrics is not None:
+            phase = record.phase.value if record is not None else None
+            self._metrics.rotation_recorded(node, phase,
+                                            last.outcome if last is not None else None)
 
     async def send_step(self, node: str, step: wire.RotationStep) -> None:
         await self._state.send(SendRotationStep(node, step))

@@ -55,6 +55,7 @@ import trio
 
 from vpblu.core import desiredstate
 from vpblu.core.changes import diff
+from vpblu.core.convergence import ConvergenceTracker
 from vpblu.core.model import (
     BlockPolicy,
     Change,
@@ -97,6 +98,7 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
+from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +170,15 @@ class StateActor:
         full_pushes: bool = False,
         rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
         service_cidrs: Sequence[IPNetwork] = (),
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self._inbox = inbox
+        self._metrics = metrics
+        # Convergence (vpblu_convergence_seconds): when the first message that
+        # made the view dirty arrived, and which nodes one recompute pushed to.
+        self._convergence = ConvergenceTracker()
+        self._dirty_since: float | None = None
+        self._pushed_now: set[str] | None = None
         # The cluster's Service ranges, which no RoutePolicy route may cover.
         self._service_cidrs = tuple(service_cidrs)
         self._failing: dict[str, _Failing] = {}
@@ -231,6 +240,8 @@ class StateActor:
                            else math.inf, self._next_resync())
                 with trio.move_on_at(wake):
                     await self._handle(await self._inbox.receive())
+                if self._dirty and self._dirty_since is None:
+                    self._dirty_since = trio.current_time()
                 # Level-triggered: take everything already queued, then act once.
                 while True:
                     try:
@@ -303,6 +314,7 @@ class StateActor:
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
                     self._unsynced.discard(node)
+                    self._converged(self._convergence.forget(node, trio.current_time()))
             case SendRotationStep(node=node, step=step):
                 session = self._sessions.get(node)
                 if session is not None:
@@ -321,11 +333,19 @@ class StateActor:
                 if current is not None and current.session_id == sid:
                     if error is None:
                         current.acked_generation = max(current.acked_generation, gen)
+                        self._converged(self._convergence.acked(node, gen, trio.current_time()))
                         failing = self._failing.get(node)
                         if failing is not None and gen >= failing.worst:
                             del self._failing[node]
                     else:
+                        if self._metrics is not None:
+                            self._metrics.reconcile_errors.labels("daemon_apply").inc()
                         self._failed(node, current, gen, error)
+
+    def _converged(self, durations: list[float]) -> None:
+        if self._metrics is not None:
+            for seconds in durations:
+                self._metrics.convergence.observe(seconds)
 
     def _failed(self, node: str, session: _Session, generation: int, error: str) -> None:
         """The node could not apply `generation`: whatever it has now is not
@@ -402,6 +422,8 @@ class StateActor:
     async def _recompute(self) -> None:
         self._dirty = False
         self._recomputes += 1
+        seen, self._dirty_since = self._dirty_since or trio.current_time(), None
+        self._pushed_now = set()
         snapshot = self.snapshot()
         previous = self._result
         if previous is None:
@@ -449,6 +471,10 @@ class StateActor:
             else:
                 self._offer(node, session, PushDelta(generation, session.sent_generation,
                                                      node_changes, new))
+        self._convergence.pushed(generation, seen, self._pushed_now)
+        self._pushed_now = None
+        if self._metrics is not None:
+            self._metrics.generation.set(generation)
         await self._report_conditions(self._result.conditions)
         await self._report_rotation_views()
 
@@ -513,6 +539,10 @@ class StateActor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the session is ending; its SessionClosed is on the way
         self._pushes += 1
+        if self._pushed_now is not None:
+            self._pushed_now.add(node)
+        if self._metrics is not None:
+            self._metrics.pushes.labels("sync" if isinstance(push, PushSync) else "delta").inc()
         session.needs_sync = False
         self._unsynced.discard(node)
         session.sent_generation = push.generation

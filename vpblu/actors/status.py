@@ -53,6 +53,7 @@ from vpblu.messages import (
     RotationStatus,
     StatusInbox,
 )
+from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def _same_conditions(a: list[RawObject], b: list[RawObject]) -> bool:
 
 class StatusActor:
     def __init__(self, kube: KubeApi, inbox: trio.MemoryReceiveChannel[StatusInbox],
-                 kinds: Mapping[str, ResourceKind]) -> None:
+                 kinds: Mapping[str, ResourceKind],
+                 metrics: ControllerMetrics | None = None) -> None:
+        self._metrics = metrics
         self._kube = kube
         self._inbox = inbox
         self._kinds = dict(kinds)
@@ -244,6 +247,8 @@ class StatusActor:
             except Conflict:
                 continue  # someone wrote in between: read again and redo
             except (ApiUnavailable, ApiError) as exc:
+                if self._metrics is not None:
+                    self._metrics.reconcile_errors.labels("status_write").inc()
                 log.warning("status of %s %s: %r; retrying in %.1fs",
                             key.kind, key.name, exc, delay)
                 await trio.sleep(delay)
@@ -280,6 +285,8 @@ class StatusActor:
             self._seen.pop(key, None)
             raise
         self._writes += 1
+        if self._metrics is not None:
+            self._metrics.status_writes.inc()
         self._seen[key] = _version_and_status(result)
 
     async def _read(self, key: _Key, kind: ResourceKind,

@@ -35,6 +35,7 @@ from vpblu.kube.client import (
 )
 from vpblu.kube.resources import meta_of
 from vpblu.messages import InvalidSource, KindChanged, KindListed, WatchMessage
+from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class WatcherActor:
         *,
         namespace: str | None = None,
         label_selector: str | None = None,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._kube = kube
         self._kind = kind
         self._parse = parse
@@ -63,6 +66,7 @@ class WatcherActor:
         self._namespace = namespace
         self._label_selector = label_selector
         self._resource_version: str | None = None
+        self._watches = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._out:
@@ -105,6 +109,11 @@ class WatcherActor:
                                         result.resource_version))
 
     async def _watch_once(self) -> None:
+        # Every (re)opening but the first: a server that ended the watch, a
+        # 410 Gone, an error retried.
+        if self._metrics is not None and self._watches:
+            self._metrics.watch_restarts.labels(self._kind.kind).inc()
+        self._watches += 1
         if self._resource_version is None:
             await self._relist()
         assert self._resource_version is not None

@@ -28,6 +28,8 @@ from vpblu.messages import (
     MtuInbox,
     NetlinkInbox,
 )
+from vpblu.metrics import PER_PEER_LIMIT, DaemonMetrics
+from vpblu.metricsserver import metrics_child
 from vpblu.node.applier import KernelApplier
 from vpblu.node.bpfmaps import BpfMapActor
 from vpblu.node.config import DaemonConfig
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 class DaemonSettings:
     config: DaemonConfig
     stream: StreamSettings
+    # "host:port" of /metrics, /healthz and /readyz (None: not served).
+    metrics_listen: str | None = None
+    metrics_per_peer_limit: int = PER_PEER_LIMIT
 
 
 async def run_daemon(settings: DaemonSettings) -> None:
@@ -80,9 +85,19 @@ async def run_daemon(settings: DaemonSettings) -> None:
         stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream,
                              rotator=applier,
                              telemetry=KernelTelemetry(netlink_send, bpf_send))
+        metrics = DaemonMetrics(per_peer_limit=settings.metrics_per_peer_limit)
+        metrics.read_from(stream)
+        # Ready once a SyncState is applied: before that the node carries
+        # whatever the previous daemon left, and nothing from this one.
+        served = [] if settings.metrics_listen is None else [metrics_child(
+            metrics.registry, settings.metrics_listen,
+            ready=lambda: (stream.applied is not None,
+                           "applied" if stream.applied is not None
+                           else "no desired state applied yet"))]
         tree = Supervisor(
             "daemon",
             [
+                *served,
                 ChildSpec(
                     "netlink",
                     with_inbox_clone(

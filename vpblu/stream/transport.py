@@ -706,6 +706,8 @@ class MeshServer:
         Streams already handed over are not touched."""
         self._service.redirect_to = leader
 
+    serving = False  # it accepts streams now (the controller's readiness)
+
     @property
     def port(self) -> int:
         """The port it listens on (useful with port 0); only once started."""
@@ -727,9 +729,11 @@ class MeshServer:
             sock.close()
             raise
         try:
+            self.serving = True
             task_status.started()
             await trio.sleep_forever()
         finally:
+            self.serving = False
             with trio.CancelScope(shield=True), trio.move_on_after(SERVER_STOP_TIMEOUT):
                 await trio_asyncio.aio_as_trio(self._stop)(server)
 
