@@ -57,6 +57,8 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "vpblu-daemon ServiceAccount)")
     p.add_argument("--full-pushes", action="store_true",
                    help="send whole states instead of deltas (a benchmark baseline only)")
+    p.add_argument("--metrics-listen", default="0.0.0.0:9090",
+                   help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
     p.add_argument("--service-cidr", action="append", default=[], type=_cidr,
                    help="the cluster's Service range, as kube-apiserver's "
                         "--service-cluster-ip-range (repeatable: one per IP family); a "
@@ -90,6 +92,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         daemon_users=users,
         full_pushes=args.full_pushes,
         service_cidrs=tuple(args.service_cidr),
+        metrics_listen=args.metrics_listen or None,
     )
 
     async def main() -> None:
@@ -165,6 +168,10 @@ def _daemon_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                      help="name to check in the controller's certificate")
     run.add_argument("--token-file", type=Path, default=os.environ.get("VPBLU_TOKEN_FILE"),
                      help="the projected ServiceAccount token (env VPBLU_TOKEN_FILE)")
+    run.add_argument("--metrics-listen", default="0.0.0.0:9091",
+                     help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
+    run.add_argument("--metrics-per-peer-limit", type=int, default=100,
+                     help="export per-peer series only up to this many peers (cardinality)")
     run.set_defaults(env_controllers=[a for a in env_controllers.split(",") if a.strip()])
     clean = dsub.add_parser("cleanup", help="remove everything the daemon created on this node")
     _node_resource_flags(clean)
@@ -223,6 +230,8 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             tls=ClientTLS(args.ca, server_name=args.server_name),
             token_file=args.token_file,
         ),
+        metrics_listen=args.metrics_listen or None,
+        metrics_per_peer_limit=args.metrics_per_peer_limit,
     )
 
     async def main() -> None:
@@ -245,6 +254,82 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from vpblu import certs as c
+    from vpblu import pki
+
+    p = sub.add_parser("certs", help="make the mesh's CA and the controller's serving "
+                                     "certificate in the cluster, renew it before it expires")
+    p.add_argument("--kubeconfig", type=Path, default=None,
+                   help="kubeconfig file (default: in-cluster ServiceAccount)")
+    p.add_argument("--namespace", default=c.NAMESPACE)
+    p.add_argument("--service", default=c.SERVICE, help="the controller's Service")
+    p.add_argument("--cluster-domain", default=c.CLUSTER_DOMAIN)
+    p.add_argument("--renew-before", type=c.parse_duration, default=c.RENEW_BEFORE,
+                   help="renew the serving certificate when it expires within this "
+                        "(30d, 12h, ...; default 30d)")
+    p.add_argument("--validity", type=c.parse_duration, default=pki.LEAF_VALIDITY,
+                   help="lifetime of a new serving certificate (default 365d)")
+    p.add_argument("--ca-validity", type=c.parse_duration, default=pki.CA_VALIDITY,
+                   help="lifetime of a new CA (default 3650d)")
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    import trio_asyncio
+
+    from vpblu.certs import CertsError, CertsSettings, ensure_certs
+    from vpblu.kube.client import ApiError, ApiUnavailable, open_kube_client
+
+    settings = CertsSettings(
+        namespace=args.namespace, service=args.service, cluster_domain=args.cluster_domain,
+        renew_before=args.renew_before, validity=args.validity, ca_validity=args.ca_validity)
+    if settings.renew_before >= settings.validity:
+        print("vpblu certs: --renew-before must be shorter than --validity", file=sys.stderr)
+        return 2
+    kubeconfig: Path | None = args.kubeconfig
+
+    async def main() -> int:
+        async with trio_asyncio.open_loop(), open_kube_client(kubeconfig) as kube:
+            try:
+                outcome = await ensure_certs(kube, settings)
+            except (CertsError, ApiError, ApiUnavailable) as exc:
+                print(f"vpblu certs: {exc}", file=sys.stderr)
+                return 1
+        done = "issued" if outcome.serving_issued else "kept"
+        print(f"vpblu certs: {done} the serving certificate ({outcome.reason}), valid until "
+              f"{outcome.not_after:%Y-%m-%d %H:%M} UTC; CA "
+              f"{'created' if outcome.ca_created else 'kept'}")
+        return 0
+
+    return trio.run(main)
+
+
+def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="the mesh's health from the VpbluNodes' status "
+                                      "(exit 0 healthy, 1 not, 2 cannot ask)")
+    p.add_argument("--kubeconfig", type=Path, default=None,
+                   help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--node", default=None, help="one node's conditions in full")
+    p.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"],
+                   default="table")
+    p.add_argument("-w", "--watch", action="store_true", help="print again on every change")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import trio_asyncio
+
+    from vpblu.meshstatus import StatusOptions, default_kubeconfig, run_status
+
+    options = StatusOptions(kubeconfig=args.kubeconfig or default_kubeconfig(),
+                            output=args.output, node=args.node, watch=args.watch)
+
+    async def main() -> int:
+        async with trio_asyncio.open_loop():
+            return await run_status(options)
+
+    return trio.run(main)
+
+
 def _version() -> str:
     """The installed distribution's version (the wheel's, the image's)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -263,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _controller_parser(sub)
     _daemon_parser(sub)
+    _status_parser(sub)
+    _certs_parser(sub)
     return parser
 
 
@@ -276,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_controller(args)
         if args.command == "daemon":
             return _run_daemon(args, parser)
+        if args.command == "status":
+            return _run_status(args)
+        if args.command == "certs":
+            return _run_certs(args)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")

@@ -105,7 +105,7 @@ def test_podman_loads_the_image_and_both_commands_run_in_it(
     # The controller as its Deployment runs it: every module of the product
     # (and so every locked dependency it needs) imports, nothing is written.
     imports = podman.run(*CONTROLLER_SECURITY, "--entrypoint", "python3", IMAGE, "-c",
-                         "import os, vpblu.cli, vpblu.actors.controller, "
+                         "import os, vpblu.cli, vpblu.certs, vpblu.actors.controller, "
                          "vpblu.node.daemon; print(os.getuid())")
     assert imports.stdout.strip() == "65532"
     assert podman.run(*CONTROLLER_SECURITY, IMAGE, "controller", "--help").returncode == 0
