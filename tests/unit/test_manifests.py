@@ -38,3 +38,24 @@ def test_controller_args_are_the_cli_flags() -> None:
     for path in (parsed.tls_cert, parsed.tls_key):
         assert str(path).startswith(mounts["tls"] + "/")
     assert parsed.retry_period < parsed.renew_deadline < parsed.lease_duration
+
+
+def _pod(name: str, kind: str) -> dict[str, Any]:
+    for doc in yaml.safe_load_all((BASE / name).read_text()):
+        if doc and doc["kind"] == kind:
+            return dict(doc["spec"]["template"]["spec"])
+    raise AssertionError(f"no {kind} in {name}")
+
+
+def test_probes_ask_the_metrics_port_the_process_listens_on() -> None:
+    for name, kind, command in (("controller.yaml", "Deployment", "controller"),
+                                ("daemon.yaml", "DaemonSet", "daemon")):
+        container = _pod(name, kind)["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        args = [re.sub(r"\$\((\w+)\)", "127.0.0.1", a) for a in container["args"]]
+        if command == "daemon":
+            args += ["--node-name=x", "--token-file=/t", "--controller=c:1"]
+        parsed = build_parser().parse_args(args)
+        assert parsed.metrics_listen.endswith(f":{ports['metrics']}")
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
