@@ -15,7 +15,7 @@ Writes happen on change only, and are rate-limited so 1000 nodes never mean
 - a transition (a condition's status changed) goes first, at most
   `transition_interval` after the node's previous write;
 - any other change (peers up 37/99 -> 38/99 while a mesh forms, a new applied
-  generation) waits until `update_interval` after the node's previous write,
+  generation) waits until `update_interval` (30 s) after the node's previous write,
   coalesced with whatever comes meanwhile;
 - all of them share a token bucket of `writes_per_second` (burst `burst`).
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SILENT_LIMIT = 75.0  # 2 x the longest jittered heartbeat gap (37.5 s)
 TRANSITION_INTERVAL = 2.0
-UPDATE_INTERVAL = 60.0
+UPDATE_INTERVAL = 30.0
 WRITES_PER_SECOND = 20.0
 BURST = 20
 GRACE = 60.0
