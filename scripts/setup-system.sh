@@ -7,6 +7,8 @@ pkgs=(wireguard-go wireguard-tools python3-bpfcc bpfcc-tools linux-headers-amd64
 # Building the image without a Docker daemon (scripts/build-image.sh) and
 # loading it into podman and containerd (tests/integration/test_image.py).
 pkgs+=(mmdebstrap umoci skopeo podman containerd runc)
+# promtool checks the /metrics exposition of controller and daemon (issue 18).
+pkgs+=(prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
