@@ -76,6 +76,9 @@ ACCEPT_TIMEOUT = 10.0  # the controller must take a new stream off the channel i
 WRITE_TIMEOUT = 10.0  # one batch; a peer that stops reading for this long is gone
 CLOSE_TIMEOUT = 5.0  # ending an RPC (trailers or reset) never waits longer
 SERVER_STOP_TIMEOUT = 5.0
+# How often the server looks whether its certificate files changed (kubelet
+# updates a mounted Secret within about a minute of a renewal).
+CERT_RELOAD_INTERVAL = 30.0
 INBOX_LIMIT = 1024  # messages buffered per stream before flow control pushes back
 INBOX_BYTES = 8 << 20  # ... or this many bytes of them (~60 SyncStates of 1000 peers)
 # Serialized bytes queued per controller stream before send_batch waits: a
@@ -689,11 +692,13 @@ class MeshServer:
     def __init__(self, *, host: str, port: int, tls: ServerTLS, authenticator: Authenticator,
                  new_streams: trio.MemorySendChannel[NodeStream],
                  redirect_to: str | None = None,
-                 listen_socket: socket.socket | None = None) -> None:
+                 listen_socket: socket.socket | None = None,
+                 cert_reload_interval: float = CERT_RELOAD_INTERVAL) -> None:
         # `listen_socket`: a bound, listening TCP socket to serve on instead of
         # binding host:port here (made in another network namespace, say); the
         # server owns it from now on.
         self._listen_socket = listen_socket
+        self._cert_reload_interval = cert_reload_interval
         self._host = host
         self._port = port
         self._tls = tls
@@ -731,11 +736,45 @@ class MeshServer:
         try:
             self.serving = True
             task_status.started()
-            await trio.sleep_forever()
+            await self._reload_certificate(ctx)
         finally:
             self.serving = False
             with trio.CancelScope(shield=True), trio.move_on_after(SERVER_STOP_TIMEOUT):
                 await trio_asyncio.aio_as_trio(self._stop)(server)
+
+    async def _reload_certificate(self, ctx: ssl.SSLContext) -> None:
+        """Serve new connections with the certificate files' current content.
+
+        `vpblu certs` (or cert-manager) renews the serving certificate in its
+        Secret and kubelet swaps the mounted files; loading them into the live
+        context changes what every later handshake presents, while streams
+        already open keep theirs - no restart, no daemon reconnects. A pair
+        that does not load (a key not matching its certificate) is reported
+        and the certificate in use is kept until the files load."""
+        paths = (self._tls.cert, self._tls.key)
+
+        def read() -> tuple[bytes, ...]:
+            return tuple(p.read_bytes() for p in paths)
+
+        loaded = await trio.to_thread.run_sync(read)
+        while True:
+            await trio.sleep(self._cert_reload_interval)
+            try:
+                current = await trio.to_thread.run_sync(read)
+                if current == loaded:
+                    continue
+                # A pair that does not load can leave a context without its
+                # certificate: try it on a throwaway context first. The
+                # asyncio side runs on this thread too: no handshake reads the
+                # live context while it changes.
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*paths)
+                ctx.load_cert_chain(*paths)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("serving certificate %s not reloaded, keeping the one in use: %s",
+                            self._tls.cert, exc)
+                continue
+            loaded = current
+            log.info("serving certificate reloaded from %s", self._tls.cert)
 
     async def _start(self, sock: socket.socket, ctx: ssl.SSLContext) -> Server:
         # grpclib's Server binds the running asyncio loop when it is made.
