@@ -71,12 +71,19 @@ class Node:
                 ).splitlines()
                 if "fe80:" not in line
             ),
+            # Rules and chains of our own making; a table that only its
+            # built-in chains are left in (`*nat` once any nat rule existed)
+            # is the kernel's, not state that `cleanup` left behind.
             "iptables": "\n".join(
                 line
                 for line in in_ns(self.netns, "iptables-save").splitlines()
-                if not line.startswith("#")
+                if line.startswith("-A ")
+                or (line.startswith(":") and line.split()[0][1:] not in BUILTIN_CHAINS)
             ),
         }
+
+
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
 
 class Lab:
