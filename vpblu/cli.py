@@ -104,8 +104,24 @@ def _run_controller(args: argparse.Namespace) -> int:
     # 10, 10) the collector ran ~20 times per event at N=1000 and was half
     # of the StateActor's work per event (bench/state_actor.py: 73 -> 38 ms).
     gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
-    trio.run(main)
-    return 0
+    from vpblu.kubeversion import UnsupportedKubernetes
+
+    refused: list[BaseException] = []
+    try:
+        trio.run(main)
+    except* UnsupportedKubernetes as group:
+        # Nested as deep as the nurseries it crossed; only the leaves speak.
+        pending: list[BaseException] = [group]
+        while pending:
+            exc = pending.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                pending.extend(exc.exceptions)
+            else:
+                refused.append(exc)
+    for exc in refused:
+        log.error("cannot start: %s", exc)
+        print(f"vpblu controller: {exc}", file=sys.stderr)
+    return 2 if refused else 0
 
 
 async def _until_stopped(run: Callable[[], Awaitable[None]]) -> None:

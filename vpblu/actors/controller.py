@@ -40,6 +40,7 @@ from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
+from vpblu.kubeversion import require_supported
 from vpblu.messages import LeaderObserved
 from vpblu.metrics import ControllerMetrics
 from vpblu.metricsserver import metrics_child
@@ -95,6 +96,7 @@ async def run_controller(
     # must never queue the renewal behind it and cost the lead.
     async with (k.open_kube_client(settings.kubeconfig) as kube,
                 k.open_kube_client(settings.kubeconfig) as lease_kube):
+        await require_supported(kube)  # UnsupportedKubernetes below vpblu.kubeversion.MINIMUM
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
         streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
         authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
