@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
+BIND_RETRY_INITIAL = 1.0
+BIND_RETRY_MAX = 60.0
 # A check answers (ok, reason); the reason is the body when not ok.
 Check = Callable[[], tuple[bool, str]]
 
@@ -60,11 +62,28 @@ class MetricsServer:
         self._ready = ready
         self._live = live
         self.port = port  # the bound port once listening (port 0 picks one)
+        self.listening = trio.Event()
         self.requests = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+        # Observability must never take the mesh down: a port that cannot be
+        # bound (taken by another process, a second replica on the same host)
+        # is logged and retried with backoff here, never raised to the
+        # supervisor, whose escalation would end the whole controller or daemon.
+        delay = BIND_RETRY_INITIAL
+        while True:
+            try:
+                listeners = await trio.open_tcp_listeners(self._port, host=self._host)
+                break
+            except OSError as exc:
+                log.warning("metrics and probes cannot listen on %s:%d (%s); retrying in %.0f s",
+                            self._host, self._port, exc, delay)
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep(delay)
+                delay = min(delay * 2, BIND_RETRY_MAX)
         self.port = listeners[0].socket.getsockname()[1]
+        self.listening.set()
         log.info("metrics and probes on %s:%d", self._host, self.port)
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._serve, listeners)

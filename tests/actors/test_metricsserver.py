@@ -3,6 +3,7 @@ clock): /metrics, the probes, and what it refuses."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
@@ -41,3 +42,24 @@ async def test_metrics_and_probes() -> None:
         assert (await get(port, b"nonsense\r\n\r\n"))[0] == 400
         nursery.cancel_scope.cancel()
     assert server.requests == 7
+
+
+async def test_a_port_that_is_taken_is_retried_not_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A second replica on the same host, or any process on the port: the
+    server says so and keeps trying; it never ends the process around it."""
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    server = MetricsServer(CollectorRegistry(), host="127.0.0.1", port=port)
+    with taken:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)  # started, although it cannot listen yet
+            assert "cannot listen" in caplog.text
+            taken.close()
+            assert not server.listening.is_set()
+            with trio.fail_after(10):
+                await server.listening.wait()
+            assert await get(port, b"GET /healthz HTTP/1.1\r\n\r\n") == (200, b"ok\n")
+            nursery.cancel_scope.cancel()

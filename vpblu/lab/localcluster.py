@@ -98,6 +98,7 @@ from vpblu.lab.testenv import (
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+CONTROLLER_METRICS_PORT = 9090
 KUSTOMIZE_BASE = REPO / "kustomize" / "base"
 KUSTOMIZE_SAMPLES = REPO / "kustomize" / "samples"
 
@@ -532,6 +533,8 @@ class LocalCluster:
             "--lease-duration", str(s.lease_duration),
             "--renew-deadline", str(s.renew_deadline),
             "--retry-period", str(s.retry_period),
+            # Both replicas share this host's network namespace: a port each.
+            "--metrics-listen", f"{c.address.rpartition(':')[0]}:{CONTROLLER_METRICS_PORT + index}",
         ]
         c.process = self._spawn(f"controller-{index}", argv, c.log_path)
         self._wait_listening(c)
