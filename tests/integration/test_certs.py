@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 
 from tests.integration.meshlab import unique
@@ -27,6 +28,8 @@ from vpblu.pki import CertInfo, signed_by
 from vpblu.stream.transport import ClientTLS, client_ssl_context
 
 pytestmark = pytest.mark.integration
+
+CERTS_YAML = Path(__file__).resolve().parents[2] / "kustomize" / "base" / "certs.yaml"
 
 
 @pytest.fixture
@@ -150,3 +153,44 @@ def test_certs_repairs_a_deleted_configmap_and_refuses_a_damaged_ca(
     err = capsys.readouterr().err
     assert f"Secret {namespace}/vpblu-ca-key" in err
     assert "not a key" not in err
+
+
+def test_the_certs_jobs_rbac_is_enough_and_no_more(
+        kube: TestEnv, namespace: str, tmp_path: Path) -> None:
+    """As the Job runs it: the ServiceAccount, Role and RoleBinding of
+    kustomize/base/certs.yaml (moved to the test's namespace), the command
+    with that ServiceAccount's token; first run, a renewal, and nothing else
+    readable."""
+    docs = [d for d in yaml.safe_load_all(CERTS_YAML.read_text())
+            if d and d["kind"] in {"ServiceAccount", "Role", "RoleBinding"}]
+    assert len(docs) == 3
+    for doc in docs:
+        doc["metadata"]["namespace"] = namespace
+        for subject in doc.get("subjects", []):
+            subject["namespace"] = namespace
+    kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    token = kube.create_token("vpblu-certs", namespace)
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "job",
+        "clusters": [{"name": "c", "cluster": {
+            "server": kube.server_url,
+            "certificate-authority-data": base64.b64encode(kube.ca_pem).decode()}}],
+        "users": [{"name": "job", "user": {"token": token}}],
+        "contexts": [{"name": "job", "context": {"cluster": "c", "user": "job"}}],
+    }
+    kubeconfig = tmp_path / "job.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+
+    def as_job(*args: str) -> int:
+        return main(["certs", "--kubeconfig", str(kubeconfig), "--namespace", namespace, *args])
+
+    assert as_job() == 0
+    assert as_job("--renew-before", "400d", "--validity", "500d") == 0  # updates all it made
+    assert _secret(kube, namespace, "vpblu-controller-tls")["tls.crt"]
+    user = f"system:serviceaccount:{namespace}:vpblu-certs"
+    can_i = kube.kubectl("auth", "can-i", "get", "secret/someone-elses", "-n", namespace,
+                         "--as", user, check=False)
+    assert can_i.stdout.strip() == "no"
+    can_list = kube.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, "--as", user,
+                            check=False)
+    assert can_list.stdout.strip() == "no"
