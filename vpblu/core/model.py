@@ -78,6 +78,14 @@ def _net_key(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
 
 
+def collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The fewest CIDRs covering exactly `nets` (both families), in address order."""
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    return tuple(sorted([*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)],
+                        key=_net_key))
+
+
 def check_public_key(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     """A WireGuard key is 32 bytes in standard base64 (44 characters)."""
     if value is None:

@@ -46,7 +46,6 @@ elsewhere (a dead controller or API server leaves the mesh as it is; only
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
@@ -55,7 +54,8 @@ from typing import Protocol
 import trio
 
 from vpblu.core import wire
-from vpblu.core.model import IPNetwork, NodeDesiredState, network
+from vpblu.core.changes import cidr_key
+from vpblu.core.model import IPNetwork, NodeDesiredState, collapse, network
 from vpblu.messages import (
     Applied,
     ApplyDesiredState,
@@ -210,7 +210,7 @@ def steering_rules(config: DaemonConfig, state: NodeDesiredState) -> frozenset[M
     nets = [*state.datapath.cluster_cidrs, *(r.cidr for r in state.routes)]
     return frozenset(
         MeshRule(_family(c), config.table, config.rule_priority, dst=c)
-        for c in _collapse(nets) if c.prefixlen > 0
+        for c in collapse(nets) if c.prefixlen > 0
     )
 
 
@@ -424,9 +424,9 @@ class NetlinkActor:
                 await kernel.delete_fallback_route(table, route)
         want_addresses = mesh_addresses(state)
         have_addresses = await kernel.addresses(self.interface)
-        for address in sorted(want_addresses - have_addresses, key=_net_key):
+        for address in sorted(want_addresses - have_addresses, key=cidr_key):
             await kernel.add_address(self.interface, address)
-        for address in sorted(have_addresses - want_addresses, key=_net_key):
+        for address in sorted(have_addresses - want_addresses, key=cidr_key):
             await kernel.delete_address(self.interface, address)
 
     async def _rotate_or_fail(self, step: wire.RotationStep) -> RotationStepDone:
@@ -528,18 +528,8 @@ async def remove_mesh(config: DaemonConfig, backend: WireGuardBackend, kernel: M
         await backend.delete_interface(iface)
 
 
-def _net_key(n: IPNetwork) -> tuple[int, int, int]:
-    return (n.version, int(n.network_address), n.prefixlen)
-
-
 def _ordered(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    return tuple(sorted(nets, key=_net_key))
-
-
-def _collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
-    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
-    return _ordered([*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)])
+    return tuple(sorted(nets, key=cidr_key))
 
 
 def _family(net: IPNetwork) -> int:
@@ -547,10 +537,10 @@ def _family(net: IPNetwork) -> int:
 
 
 def _rule_key(rule: MeshRule) -> tuple[int, tuple[int, int, int], int]:
-    return (rule.family, _net_key(rule.dst) if rule.dst is not None else (0, 0, 0), rule.fwmark)
+    return (rule.family, cidr_key(rule.dst) if rule.dst is not None else (0, 0, 0), rule.fwmark)
 
 
 def _fallback_key(route: FallbackRoute) -> tuple[int, tuple[int, int, int]]:
-    return (route.metric, _net_key(route.cidr))
+    return (route.metric, cidr_key(route.cidr))
 
 
