@@ -197,18 +197,8 @@ class NetlinkPodLinks:
                 raise
         try:
             for parent, fd, name in filters:
-                self._ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    link.index,
-                    handle=FILTER_HANDLE,
-                    parent=parent,
-                    prio=FILTER_PRIO,
-                    protocol=ETH_P_ALL,
-                    fd=fd,
-                    name=name,
-                    direct_action=True,
-                )
+                self._ipr.tc("replace-filter", "bpf", link.index, **_our_slot(parent),
+                             fd=fd, name=name, direct_action=True)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return False
@@ -228,15 +218,7 @@ class NetlinkPodLinks:
 
         for parent in parents:
             try:
-                self._ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    link.index,
-                    handle=FILTER_HANDLE,
-                    parent=parent,
-                    prio=FILTER_PRIO,
-                    protocol=ETH_P_ALL,
-                )
+                self._ipr.tc("del-filter", "bpf", link.index, **_our_slot(parent))
             except NetlinkError as exc:
                 if exc.code not in _GONE:
                     raise
@@ -409,3 +391,10 @@ def remove_pins(pin_dir: Path) -> None:
         (pin_dir / name).unlink(missing_ok=True)
     if pin_dir.exists():
         pin_dir.rmdir()
+
+
+def _our_slot(parent: int) -> dict[str, int]:
+    """The one filter slot vpblu takes on a link's clsact, in direction `parent`:
+    attach replaces what is there, detach removes exactly it."""
+    return {"handle": FILTER_HANDLE, "parent": parent, "prio": FILTER_PRIO,
+            "protocol": ETH_P_ALL}
