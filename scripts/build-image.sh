@@ -3,7 +3,10 @@
 # and without pulling a base image: the root filesystem comes from Debian
 # bookworm's packages (mmdebstrap), Python's packages from requirements.lock
 # (hash-checked), vpblu from a wheel of this checkout; umoci stacks the three
-# layers, skopeo writes the OCI archive.
+# layers, skopeo writes the OCI archive. (buildah, the other Debian way,
+# needs the same mmdebstrap root filesystem and then unpacks every layer into
+# its container storage before writing it again: stacking these three layers
+# took it 70 s against umoci's 15 s, measured here on the same tars.)
 #
 # Cached outside the repository under ${VPBLU_CACHE:-~/.cache/vpblu}/image,
 # each layer keyed by its inputs, so a second run with the same inputs does
