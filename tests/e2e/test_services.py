@@ -48,6 +48,7 @@ from vpblu.lab.localcluster import (
 )
 
 PROXY_MODES = ("iptables", "nftables")
+DAEMON_METRICS_PORT = 9091  # the daemon's default --metrics-listen
 SERVICE_PORT = 80
 CLUSTER_IP_BACKEND_PORT = 5401
 NODE_PORT = 30080
@@ -210,8 +211,26 @@ def wireguard_data(cluster: LocalCluster, lines: Sequence[str], a: str, b: str) 
                and summary.split("length ")[-1] not in WG_CONTROL_LENGTHS)
 
 
+def guard_counts(cluster: LocalCluster) -> dict[str, tuple[float, float]]:
+    """Per node, the underlay guard's (attached, cleartext packets) from the
+    daemon's own /metrics (served in the node's namespace)."""
+    counts = {}
+    for node in cluster.nodes:
+        text = cluster.exec_in(node.netns, "curl", "-sf", f"http://127.0.0.1:{DAEMON_METRICS_PORT}"
+                               "/metrics").stdout
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                      if line.startswith(("vpblu_cleartext_packets_total ",
+                                          "vpblu_cleartext_guard_attached ")))
+        counts[node.name] = (float(values["vpblu_cleartext_guard_attached"]),
+                             float(values["vpblu_cleartext_packets_total"]))
+    return counts
+
+
 def assert_encrypted(cluster: LocalCluster, lines: Sequence[str],
                      allowed: Sequence[tuple[str, str]] = ()) -> None:
+    guards = guard_counts(cluster)
+    assert guards == {n.name: (1.0, 0.0) for n in cluster.nodes}, (
+        f"the underlay guard (attached, cleartext packets) per node: {guards}")
     in_clear = [line for line in lines if CLEARTEXT.search(line)]
     assert not in_clear, (f"{len(in_clear)} packet(s) with a pod or Service address in the "
                           f"clear on the underlay, e.g.:\n" + "\n".join(in_clear[:10]))
