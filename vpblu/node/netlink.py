@@ -76,6 +76,7 @@ from vpblu.node.kernel.iproute import (
     FallbackRoute,
     KernelStatistics,
     MeshRule,
+    family_of,
 )
 from vpblu.node.kernel.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
 from vpblu.node.keys import KeyFileError, KeyStore
@@ -209,7 +210,7 @@ def steering_rules(config: DaemonConfig, state: NodeDesiredState) -> frozenset[M
     ``to 0.0.0.0/0`` would send the node's every packet into the mesh."""
     nets = [*state.datapath.cluster_cidrs, *(r.cidr for r in state.routes)]
     return frozenset(
-        MeshRule(_family(c), config.table, config.rule_priority, dst=c)
+        MeshRule(family_of(c), config.table, config.rule_priority, dst=c)
         for c in collapse(nets) if c.prefixlen > 0
     )
 
@@ -530,10 +531,6 @@ async def remove_mesh(config: DaemonConfig, backend: WireGuardBackend, kernel: M
 
 def _ordered(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(sorted(nets, key=cidr_key))
-
-
-def _family(net: IPNetwork) -> int:
-    return socket.AF_INET if net.version == 4 else socket.AF_INET6
 
 
 def _rule_key(rule: MeshRule) -> tuple[int, tuple[int, int, int], int]:

@@ -140,7 +140,7 @@ class IPRouteKernel:
         await self._call(
             lambda ipr: ipr.route(
                 command, dst=str(cidr), oif=_index(ipr, interface), table=table,
-                family=_family(cidr)
+                family=family_of(cidr)
             )
         )
 
@@ -247,7 +247,7 @@ class IPRouteKernel:
             where: dict[str, Any] = (
                 {"type": "throw"} if route.device is None
                 else {"oif": _index(ipr, route.device)})
-            ipr.route(command, dst=str(route.cidr), table=table, family=_family(route.cidr),
+            ipr.route(command, dst=str(route.cidr), table=table, family=family_of(route.cidr),
                       priority=route.metric, **where)
 
         await self._call(write)
@@ -268,13 +268,13 @@ class IPRouteKernel:
         self._writes += 1
         await self._call(lambda ipr: ipr.addr(
             "add", index=_index(ipr, interface), address=str(address.network_address),
-            prefixlen=address.prefixlen, family=_family(address)))
+            prefixlen=address.prefixlen, family=family_of(address)))
 
     async def delete_address(self, interface: str, address: IPNetwork) -> None:
         self._writes += 1
         await self._call(lambda ipr: ipr.addr(
             "del", index=_index(ipr, interface), address=str(address.network_address),
-            prefixlen=address.prefixlen, family=_family(address)))
+            prefixlen=address.prefixlen, family=family_of(address)))
 
     async def ensure_sink(self, interface: str, peer: str) -> None:
         """A veth pair whose peer stays down: what is routed into `interface` is
@@ -370,7 +370,7 @@ def _index(ipr: Any, interface: str) -> int:
     return int(found[0])
 
 
-def _family(cidr: IPNetwork) -> int:
+def family_of(cidr: IPNetwork) -> int:
     return socket.AF_INET if cidr.version == 4 else socket.AF_INET6
 
 
