@@ -50,7 +50,8 @@ def test_the_runtime_lock_covers_the_products_dependencies() -> None:
 def test_the_dev_lock_covers_the_extras_too() -> None:
     project = _project()
     extras = project["optional-dependencies"]
-    wanted = [*project["dependencies"], *extras["test"], *extras["bench"]]
+    wanted = [*project["dependencies"], *extras["test"], *extras["bench"],
+              *extras["docs"]]
     _satisfied(wanted, _pins("requirements-dev.lock"), "requirements-dev.lock")
 
 
