@@ -272,3 +272,48 @@ async def test_a_node_nobody_peers_with_is_not_rotated(
         nursery.cancel_scope.cancel()
     assert ports.log == []  # nothing persisted, no step sent
     assert actor.statistics().completed == 0
+
+
+async def test_results_for_no_running_rotation_are_dropped_on_arrival_not_kept(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A flood of RotationResults while nothing rotates (a stale resend, a
+    hostile daemon) leaves nothing in the actor: counted and dropped."""
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    actor = RotationActor("a", ports, RotationToken(), receive, RotationSettings(term=3))
+    flood = 10_000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await send.send(view())
+        for i in range(flood):
+            await send.send(RotationResultReceived("b", wire.RotationResult(
+                f"r{i}", Step.DISTRIBUTE, "a", i, None, "")))
+        with trio.fail_after(60):
+            while actor.statistics().results_dropped < flood:  # noqa: ASYNC110 (virtual time)
+                await trio.sleep(0.1)
+        assert actor._results == {}
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class NoisyRotationPorts(FakeRotationPorts):
+    """Before each real answer, a failed answer to the same rotation at the
+    stamps on either side of the step's."""
+
+    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+        for stamp in (step.stamp - 1, step.stamp + 1):
+            await self.inbox.send(RotationResultReceived(node, wire.RotationResult(
+                step.rotation_id, step.step, "a", stamp, "junk", "")))
+        await super().send_step(node, step)
+
+
+async def test_results_for_another_stamp_during_a_step_are_dropped_and_the_rotation_completes(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = NoisyRotationPorts(send)
+    actor = await run_one(ports, receive, view(rotate_now="t1"),
+                          wait=lambda p: bool(p.lasts))
+    assert ports.sent() == HAPPY
+    assert actor.statistics().completed == 1
+    assert actor.statistics().results_dropped == 2 * len(HAPPY)
+    assert actor._results == {}

@@ -41,3 +41,27 @@ async def test_reconnecting_twice_at_once_leaves_only_the_newest_session(
         assert first.closed_reason is not None
         assert second.closed_reason is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_ends_leaves_no_entry_behind(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Daemons that come and go (and reconnect) leave the node -> session table
+    empty once their streams are gone."""
+    streams_send, streams = trio.open_memory_channel[NodeStream](4)
+    state_send, _state = trio.open_memory_channel[StateInbox](10_000)
+    status_send, _status = trio.open_memory_channel[StatusInbox](10_000)
+    actor = SessionsActor(streams, state_send, status_send, SessionSettings())
+    fakes = [FakeNodeStream(f"n{i % 50}") for i in range(200)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        for fake in fakes:
+            await streams_send.send(cast(NodeStream, fake))
+        await trio.sleep(1)
+        assert actor.statistics().current == 50
+        for fake in fakes:
+            fake.drop()
+        with trio.fail_after(60):
+            while actor.statistics().current:  # noqa: ASYNC110 (virtual time)
+                await trio.sleep(0.1)
+        assert actor.statistics().started == 200
+        nursery.cancel_scope.cancel()

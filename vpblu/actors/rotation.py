@@ -138,6 +138,7 @@ class RotationStatistics:
     completed: int
     rolled_back: int
     phase: RotationPhase | None
+    results_dropped: int = 0  # answers to no step this actor is waiting for
 
 
 def next_fire(schedule: str, after: float) -> float:
@@ -158,7 +159,13 @@ class RotationActor:
         self._settings = settings
         self._view: NodeRotationView | None = None
         self._view_changed = trio.Event()
-        self._results: list[RotationResultReceived] = []
+        # Answers to the step in flight, at most one per node (the latest): a
+        # result for any other rotation or stamp (a stale resend, a confused
+        # or hostile daemon) is dropped on arrival, so nothing piles up here
+        # between rotations or while a step waits.
+        self._awaiting: tuple[str, int] | None = None  # (rotation_id, stamp)
+        self._results: dict[str, RotationResultReceived] = {}
+        self._results_dropped = 0
         self._result_arrived = trio.Event()
         self._record: RotationRecord | None = None
         self._completed = 0
@@ -167,7 +174,8 @@ class RotationActor:
 
     def statistics(self) -> RotationStatistics:
         return RotationStatistics(self._completed, self._rolled_back,
-                                  self._record.phase if self._record else None)
+                                  self._record.phase if self._record else None,
+                                  self._results_dropped)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, trio.open_nursery() as nursery:
@@ -183,8 +191,11 @@ class RotationActor:
                     self._view = message
                     self._view_changed.set()
                     self._view_changed = trio.Event()
-                case RotationResultReceived():
-                    self._results.append(message)
+                case RotationResultReceived(node=node, result=result):
+                    if self._awaiting != (result.rotation_id, result.stamp):
+                        self._results_dropped += 1
+                        continue
+                    self._results[node] = message
                     self._result_arrived.set()
                     self._result_arrived = trio.Event()
 
@@ -364,25 +375,29 @@ class RotationActor:
         waiting = set(nodes)
         answers: dict[str, wire.RotationResult] = {}
         self._results.clear()
-        while waiting:
-            for node in sorted(waiting):
-                await self._ports.send_step(node, message)
-            with trio.move_on_after(self._settings.resend_interval):
-                while waiting:
-                    arrived = self._result_arrived
-                    for received in self._results:
-                        result = received.result
-                        if (received.node not in waiting or result.stamp != stamp
-                                or result.rotation_id != record.rotation_id):
-                            continue
-                        if result.error is not None and fail_fast:
-                            raise StepFailed(f"{step.name} on {received.node}: {result.error}")
-                        if result.error is None:
-                            waiting.discard(received.node)
-                            answers[received.node] = result
-                    self._results.clear()
-                    if waiting:
-                        await arrived.wait()
+        self._awaiting = (record.rotation_id, stamp)
+        try:
+            while waiting:
+                for node in sorted(waiting):
+                    await self._ports.send_step(node, message)
+                with trio.move_on_after(self._settings.resend_interval):
+                    while waiting:
+                        arrived = self._result_arrived
+                        for node, received in self._results.items():
+                            result = received.result
+                            if node not in waiting:
+                                continue
+                            if result.error is not None and fail_fast:
+                                raise StepFailed(f"{step.name} on {node}: {result.error}")
+                            if result.error is None:
+                                waiting.discard(node)
+                                answers[node] = result
+                        self._results.clear()
+                        if waiting:
+                            await arrived.wait()
+        finally:
+            self._awaiting = None
+            self._results.clear()
         return answers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import attrs
 import trio
 
 from vpblu.actors.session import NodeSessionActor, SessionSettings
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 # Sessions are temporary children: none is ever restarted, so this only
 # bounds how many crash in a burst before the leader's tree is restarted.
 SESSION_CRASH_LIMIT = 1000
+
+
+@attrs.frozen(slots=True)
+class SessionsStatistics:
+    current: int  # nodes with a live session (entries of the node -> session table)
+    started: int  # sessions started so far
 
 
 class SessionsActor:
@@ -43,7 +50,12 @@ class SessionsActor:
         self._health = health
         self._settings = settings or SessionSettings()
         self._next_id = 0
-        self._current: dict[str, str] = {}  # node -> child name of its session
+        # node -> child name of its live session; an entry goes when its
+        # session ends, so daemons that come and go leave nothing behind.
+        self._current: dict[str, str] = {}
+
+    def statistics(self) -> SessionsStatistics:
+        return SessionsStatistics(len(self._current), self._next_id)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         supervisor = Supervisor("sessions", max_restarts=SESSION_CRASH_LIMIT, period=60.0)
@@ -75,9 +87,20 @@ class SessionsActor:
                                     self._settings,
                                     self._health.clone() if self._health is not None else None)
 
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await factory().run(task_status=task_status)
+            finally:
+                self._forget(node, name)
+
         try:
-            await supervisor.start_child(
-                ChildSpec(name, lambda: factory().run, restart=Restart.TEMPORARY))
+            await supervisor.start_child(ChildSpec(name, lambda: run, restart=Restart.TEMPORARY))
         except Exception:
             log.exception("node %s: the session could not start", node)
+            self._forget(node, name)
             stream.close("the controller could not start a session")
+
+    def _forget(self, node: str, name: str) -> None:
+        # Only its own entry: a newer session of the node may have replaced it.
+        if self._current.get(node) == name:
+            del self._current[node]
