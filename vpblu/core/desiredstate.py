@@ -97,12 +97,10 @@ Cost (N nodes, P peers per node, R RoutePolicy routes)
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
 
 import attrs
 
@@ -140,6 +138,12 @@ from vpblu.core.model import (
     TunnelMode,
     TunnelPolicy,
 )
+from vpblu.core.spans import Piece as _Piece
+from vpblu.core.spans import Span
+from vpblu.core.spans import bits as _bits
+from vpblu.core.spans import collapse as _collapse
+from vpblu.core.spans import cover as _cover
+from vpblu.core.spans import span as _span
 
 ACCEPTED = "Accepted"
 
@@ -223,8 +227,6 @@ Message = str | Callable[[], str]
 thousands of problems and only the first few fit in a condition, so route
 messages are formatted when shown (an IP network's str() is slow)."""
 
-Span = tuple[int, int, int]
-"""(IP version, first address, last address) of a network, as ints."""
 
 
 @attrs.frozen(slots=True)
@@ -391,15 +393,6 @@ class _Claims:
         """Replace the claims inside `net` (`inside(span)`) by one claim on `net`."""
         self._starts[inside.start:inside.stop] = [span[:2]]
         self._claims[inside.start:inside.stop] = [_Claim(span[1], span[2], owner, net)]
-
-
-def _span(net: IPNetwork) -> Span:
-    # broadcast_address is cached on the network; num_addresses is not.
-    return net.version, int(net.network_address), int(net.broadcast_address)
-
-
-def _bits(version: int) -> int:
-    return 32 if version == 4 else 128
 
 
 _Refusal = tuple[str, Callable[[], str]]
@@ -684,44 +677,6 @@ def _overrides(
     return accepted
 
 
-def _collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    pieces: list[_Piece] = [(*_span(n), n) for n in nets]
-    return _cover(pieces)
-
-
-_Piece = tuple[int, int, int, IPNetwork | None]
-"""A span, and the network it is when it is one given as such (else None)."""
-
-
-def _cover(pieces: list[_Piece]) -> tuple[IPNetwork, ...]:
-    """The fewest CIDRs whose union is the pieces' union, in address order -
-    what ipaddress.collapse_addresses answers, in a fifth of its time: merge
-    the spans, then split each merged span into its largest aligned blocks. A
-    merged span that is one given network is that very object."""
-    pieces.sort(key=lambda p: (p[0], p[1], -p[2]))  # a container before what it holds
-    out: list[IPNetwork] = []
-    current: list[Any] | None = None  # [version, first, last, network or None]
-    for version, first, last, net in pieces:
-        if current is not None and current[0] == version and first <= current[2] + 1:
-            if last > current[2]:
-                current[2], current[3] = last, None
-            continue
-        if current is not None:
-            _emit(out, current)
-        current = [version, first, last, net]
-    if current is not None:
-        _emit(out, current)
-    return tuple(out)
-
-
-def _emit(out: list[IPNetwork], merged: list[Any]) -> None:
-    version, first, last, net = merged
-    if net is not None:
-        out.append(net)
-    else:
-        out.extend(_summarize(version, first, last))
-
-
 def _subtract(pieces: Sequence[IPNetwork], cuts: Sequence[IPNetwork]) -> list[_Piece]:
     """The addresses of `pieces` outside every CIDR of `cuts`, as spans.
 
@@ -752,11 +707,6 @@ def _subtract(pieces: Sequence[IPNetwork], cuts: Sequence[IPNetwork]) -> list[_P
         elif cursor <= last:
             out.append((version, cursor, last, None))
     return out
-
-
-def _summarize(version: int, first: int, last: int) -> Iterator[IPNetwork]:
-    address = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-    return ipaddress.summarize_address_range(address(first), address(last))
 
 
 def _allowed_ips(

@@ -55,7 +55,9 @@ from typing import Any
 
 import attrs
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from vpblu.core.spans import IPNetwork as IPNetwork
+from vpblu.core.spans import collapse as collapse
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_LISTEN_PORT = 51820
@@ -76,14 +78,6 @@ def _networks(values: Any) -> tuple[IPNetwork, ...]:
 
 def _net_key(n: IPNetwork) -> tuple[int, int, int]:
     return (n.version, int(n.network_address), n.prefixlen)
-
-
-def collapse(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
-    """The fewest CIDRs covering exactly `nets` (both families), in address order."""
-    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
-    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
-    return tuple(sorted([*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)],
-                        key=_net_key))
 
 
 def check_public_key(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
