@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -55,6 +57,7 @@ OLD_SUFFIX = ".old"
 ROTATION_ID_SUFFIX = ".rotation"
 STATE_DIR_MODE = 0o700
 KEY_FILE_MODE = 0o600
+_TMP_SUFFIX = ".tmp"
 # `wg genkey` format: 44 characters of base64 and a newline.
 _KEY_TEXT_LEN = 44
 
@@ -106,18 +109,27 @@ class KeyStore:
     @classmethod
     def load_or_create(cls, state_dir: Path) -> KeyStore:
         """Read the key file, or create it if there is none. Blocking file I/O:
-        call it through `trio.to_thread.run_sync` from async code."""
+        call it through `trio.to_thread.run_sync` from async code.
+
+        Crash-safe at every instant: a start after a SIGKILL anywhere in a
+        previous start (or in `stage`) finds either no key file (and makes one)
+        or a whole one, and removes the temporaries the killed process left.
+        Two processes starting at once on one state directory are serialised by
+        an advisory lock on the directory, held only while loading."""
         _ensure_state_dir(state_dir)
         path = state_dir / KEY_FILE_NAME
-        try:
-            secret = _read_key_file(path)
-        except FileNotFoundError:
-            secret = _create_key_file(path)
-            log.info(
-                "generated a new WireGuard key in %s (public key %s)", path, secret.public_key()
-            )
-        store = cls(path, secret)
-        store._load_rotation()
+        with _locked_dir(state_dir):
+            _remove_temporaries(state_dir)
+            try:
+                secret = _read_key_file(path)
+            except FileNotFoundError:
+                secret = _create_key_file(path)
+                log.info(
+                    "generated a new WireGuard key in %s (public key %s)",
+                    path, secret.public_key(),
+                )
+            store = cls(path, secret)
+            store._load_rotation()
         return store
 
     # --- rotation -------------------------------------------------------------------
@@ -262,12 +274,61 @@ class KeyStore:
 
 
 def _ensure_state_dir(state_dir: Path) -> None:
-    try:
-        state_dir.mkdir(mode=STATE_DIR_MODE, parents=True)
-    except FileExistsError:
-        return
-    # mkdir's mode is masked by the umask.
-    state_dir.chmod(STATE_DIR_MODE)
+    """The state directory exists, is ours, and is 0700 - also when kubelet (a
+    hostPath DirectoryOrCreate) or an operator made it 0755 beforehand: the
+    temporaries and the rotation files must not be listable or reachable by
+    anyone else. mkdir's mode is masked by the umask, so the mode is always set."""
+    state_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+    st = os.lstat(state_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"{state_dir}: the state directory is not a directory")
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(
+            f"{state_dir}: the state directory is owned by uid {st.st_uid}, not by us "
+            f"({os.geteuid()})"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != STATE_DIR_MODE:
+        log.warning("state directory %s had mode %04o; setting %04o",
+                    state_dir, mode, STATE_DIR_MODE)
+        os.chmod(state_dir, STATE_DIR_MODE)
+
+
+class _locked_dir:
+    """An exclusive flock on the directory itself (no lock file to leave behind);
+    the kernel drops it when the holder dies, SIGKILL included."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)  # closing the only descriptor releases the flock
+
+
+def _temporary_name(path: Path) -> Path:
+    """A fresh temporary next to `path`. Random, not the pid: in a container the
+    daemon is pid 1 at every start, so a pid-named temporary left by a SIGKILL
+    between create and link made every later start fail on O_EXCL."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
+
+
+def _remove_temporaries(state_dir: Path) -> None:
+    """Scrub and delete the temporaries a killed process left (under the lock:
+    nobody else is writing one). They may hold a key that was never linked."""
+    for entry in state_dir.iterdir():
+        if entry.name.startswith(f".{KEY_FILE_NAME}") and entry.name.endswith(_TMP_SUFFIX):
+            log.info("removing %s, left by a process that stopped while writing it", entry)
+            if os.lstat(entry).st_nlink > 1:
+                # Killed between link and unlink: it is a second name of a key file
+                # (found by the SIGKILL test); unlink the name, never scrub the key.
+                entry.unlink()
+            else:
+                _destroy(entry)
 
 
 def _read_key_file(path: Path) -> _Secret:
@@ -307,7 +368,7 @@ def _create_key_file(path: Path) -> _Secret:
     raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     secret = _Secret(raw)
     text = base64.b64encode(raw) + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, KEY_FILE_MODE)
     try:
         try:
@@ -337,8 +398,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, KEY_FILE_MODE)
+    tmp = _temporary_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, KEY_FILE_MODE)
     try:
         os.write(fd, content)
         os.fsync(fd)
