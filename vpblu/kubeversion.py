@@ -66,8 +66,7 @@ async def require_supported(api: Any) -> None:
     from vpblu.kube.client import ApiError, ApiUnavailable
 
     try:
-        # /version is no resource: KubeClient has no public call for it.
-        info = await api._request("GET", "/version")
+        info = await api.server_version()
         check_version(info)
     except (ApiError, ApiUnavailable, ValueError) as exc:
         log.warning("could not check the API server's version: %s", exc)

@@ -3,10 +3,14 @@ resourceVersion, and the proxy environment read once, as client-go reads it."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+import trio
 import trio_asyncio
 
 from vpblu.kube.client import VPBLU_NODES, ApiUnavailable, Conflict, open_kube_client
+from vpblu.kube.servicecidrs import service_cidrs
 from vpblu.lab.testenv import TestEnv
 
 pytestmark = pytest.mark.integration
@@ -52,3 +56,21 @@ async def test_proxy_from_the_environment_is_used_unless_no_proxy_exempts_the_se
         # Read once when the client opened: a proxy set later is not used.
         monkeypatch.delenv("NO_PROXY")
         await kube.list(VPBLU_NODES)
+
+
+async def test_the_service_ranges_are_read_from_the_servicecidrs_unless_given(
+    vpblu_installed: TestEnv, aio_loop: trio_asyncio.TrioEventLoop,
+) -> None:
+    # The test API server runs with --service-cluster-ip-range=10.0.0.0/24, and
+    # keeps the ServiceCIDR "kubernetes" for it.
+    async with open_kube_client(vpblu_installed.kubeconfig_path) as kube:
+        assert (await kube.server_version())["major"] == "1"
+        found: tuple[object, ...] = ()
+        with trio.move_on_after(30):  # the API server writes its ServiceCIDR soon after start
+            for _ in range(150):
+                if found := await service_cidrs(kube):
+                    break
+                await trio.sleep(0.2)
+        assert found == (ipaddress.ip_network("10.0.0.0/24"),)
+        given = (ipaddress.ip_network("10.96.0.0/12"),)
+        assert await service_cidrs(kube, given) == given

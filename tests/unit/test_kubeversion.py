@@ -37,8 +37,7 @@ class FakeApi:
     def __init__(self, answer: Any) -> None:
         self.answer = answer
 
-    async def _request(self, method: str, path: str) -> Any:
-        assert (method, path) == ("GET", "/version")
+    async def server_version(self) -> Any:
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer

@@ -40,6 +40,7 @@ from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
+from vpblu.kube.servicecidrs import service_cidrs
 from vpblu.kubeversion import require_supported
 from vpblu.messages import LeaderObserved
 from vpblu.metrics import ControllerMetrics
@@ -97,6 +98,7 @@ async def run_controller(
     async with (k.open_kube_client(settings.kubeconfig) as kube,
                 k.open_kube_client(settings.kubeconfig) as lease_kube):
         await require_supported(kube)  # UnsupportedKubernetes below vpblu.kubeversion.MINIMUM
+        service_ranges = await service_cidrs(kube, settings.service_cidrs)
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
         streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
         authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
@@ -115,7 +117,7 @@ async def run_controller(
             ChildSpec("leadership", with_inbox_clone(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
-                    service_cidrs=settings.service_cidrs,
+                    service_cidrs=service_ranges,
                     full_pushes=settings.full_pushes, health=settings.health,
                     metrics=metrics),
                 observed_receive)),

@@ -92,6 +92,7 @@ TUNNEL_POLICIES = ResourceKind("TunnelPolicy", GROUP, VERSION, "tunnelpolicies")
 ROUTE_POLICIES = ResourceKind("RoutePolicy", GROUP, VERSION, "routepolicies")
 BLOCK_POLICIES = ResourceKind("BlockPolicy", GROUP, VERSION, "blockpolicies")
 ROTATION_POLICIES = ResourceKind("RotationPolicy", GROUP, VERSION, "rotationpolicies")
+SERVICE_CIDRS = ResourceKind("ServiceCIDR", "networking.k8s.io", "v1", "servicecidrs")
 
 
 class ApiUnavailable(Exception):
@@ -329,6 +330,11 @@ class KubeClient:
         result: RawObject = await self._request("GET", kind.path(namespace=namespace, name=name))
         return result
 
+    async def server_version(self) -> RawObject:
+        """The API server's /version (gitVersion, major, minor, ...)."""
+        result: RawObject = await self._request("GET", "/version")
+        return result
+
     async def create(self, kind: ResourceKind, body: RawObject, *,
                      namespace: str | None = None) -> RawObject:
         result: RawObject = await self._request("POST", kind.path(namespace=namespace), body=body)
@@ -365,6 +371,15 @@ class KubeClient:
         }
         result: RawObject = await self._request(
             "POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body)
+        return result
+
+
+    async def subject_access_review(self, spec: RawObject) -> RawObject:
+        """May the user in `spec` (user, uid, groups, extra, resourceAttributes) do it?"""
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                "spec": spec}
+        result: RawObject = await self._request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=body)
         return result
 
 
