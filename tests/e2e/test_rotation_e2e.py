@@ -35,6 +35,7 @@ from tests.e2e.test_acceptance import (
 )
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
 from vpblu.lab.localcluster import LocalCluster, Node, Pod
+from vpblu.node.stepguard import STAMP_FILE_NAME
 
 CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
 # A rotation's steps each wait for prewarm handshakes and drains; on 2 shared
@@ -45,6 +46,9 @@ TCP_RATE_KIB = 256
 TCP_PORT = 5301
 UDP_BASE_PORT = 6101
 KEY_FILE_NAME = "wireguard.key"
+# What a node's state directory holds once a rotation ended: its key and the
+# highest rotation step stamp it accepted (vpblu/node/stepguard.py).
+AFTER_ROTATION = sorted([KEY_FILE_NAME, STAMP_FILE_NAME])
 # Dwells: traffic keeps flowing this long after the last step, so a loss the step
 # caused late still shows; and a dead daemon stays dead this long (the rotation must
 # not move on without it).
@@ -226,7 +230,7 @@ def test_every_node_rotates_on_demand_under_traffic_without_losing_a_packet(
     after = cluster.public_keys()
     for node in cluster.nodes:
         assert after[node.name] != before[node.name], node.name
-        assert state_files(node) == [KEY_FILE_NAME], (node.name, state_files(node))
+        assert state_files(node) == AFTER_ROTATION, (node.name, state_files(node))
     assert_keys_everywhere(cluster, before)
     assert cluster.mesh_complete()
 
@@ -261,7 +265,7 @@ def test_daemon_killed_during_distribute_rolls_back_or_completes_without_loss(
         assert after[node.name] == before[node.name]
     else:
         assert after[node.name] != before[node.name]
-    assert state_files(node) == [KEY_FILE_NAME], state_files(node)
+    assert state_files(node) == AFTER_ROTATION, state_files(node)
     assert_keys_everywhere(cluster, before)
 
 
@@ -302,7 +306,7 @@ def test_leader_killed_mid_rotation_new_leader_resumes_or_rolls_back_without_los
     assert last["outcome"] == OUTCOME_AFTER_FAILOVER[left["phase"]], (left, last)
     after = cluster.public_keys()
     assert (after[node.name] == before[node.name]) == (last["outcome"] == "RolledBack")
-    assert state_files(node) == [KEY_FILE_NAME], state_files(node)
+    assert state_files(node) == AFTER_ROTATION, state_files(node)
     assert_keys_everywhere(cluster, before)
 
 

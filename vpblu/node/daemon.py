@@ -3,12 +3,32 @@
 Owns the order in which a node comes up and the bridge from the warm stream to
 the kernel actors. `run_daemon` loads the key first (a damaged key file stops
 the daemon before anything on the node is touched), picks the WireGuard
-backend (and logs which), and runs one supervisor over NetlinkActor, MtuActor,
-BpfMapActor and StreamActor, in that order: the interface exists before its
-MTU is set, and the kernel actors hold their resources before the stream can
-ask them for anything. The StreamActor applies through
-`vpblu.node.applier.KernelApplier` and samples telemetry through
-`vpblu.node.telemetry.KernelTelemetry`.
+backend (and logs which), and runs one supervisor over StreamActor,
+BpfMapActor, NetlinkActor, MtuActor and the metrics server, in that order.
+The StreamActor applies through `vpblu.node.applier.KernelApplier` and samples
+telemetry through `vpblu.node.telemetry.KernelTelemetry`.
+
+Announce first (issue 20): a new node is only part of the mesh once its
+public key reaches the controller, so the stream opens and the Hello goes
+out before anything slow: the kernel actors' modules are imported, the eBPF
+programs compiled (bcc, about 0.5 s of CPU) and the interface set up only
+once the first stream is open, or after HELLO_FIRST_WAIT when no controller
+answers (the node still comes up as last applied). Then the BpfMapActor
+compiles on a worker thread while the NetlinkActor brings up WireGuard, and
+the first desired state is applied as soon as WireGuard is up: its peers and
+routes do not wait for the compiler unless it carries blocks (see
+`KernelApplier`); the programs attach, and the maps catch up, when ready.
+
+What holds before the programs attach (the README says it for operators):
+- encryption: steering into the mesh is the NetlinkActor's ip rules and
+  mesh table, with the fail-closed sink for every pod range without a
+  tunnel; none of it depends on the programs. The underlay guard (the
+  count of cleartext, and the strict drop behind the steering) comes with
+  them; on a restart the previous daemon's guard stays attached throughout.
+- blocks: a desired state with blocks waits for the maps before any tunnel
+  changes, as always; a state without blocks has nothing to enforce. On a
+  restart the previous daemon's programs stay attached on their pinned
+  maps, so the blocks in force before the restart hold throughout.
 
 `cleanup_node` is the uninstall: it removes everything the daemon created and
 keeps the key unless asked. It must never run while a daemon runs on the node,
@@ -19,6 +39,8 @@ API server went away (DESIGN §7).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -28,13 +50,9 @@ from vpblu.messages import (
     MtuInbox,
     NetlinkInbox,
 )
-from vpblu.metrics import PER_PEER_LIMIT, DaemonMetrics
-from vpblu.metricsserver import metrics_child
 from vpblu.node.applier import KernelApplier
-from vpblu.node.bpfmaps import BpfMapActor
 from vpblu.node.config import DaemonConfig
 from vpblu.node.kernel.iproute import IPRouteKernel
-from vpblu.node.kernel.iptables import IptablesMtuKernel
 from vpblu.node.kernel.wireguard import (
     KernelBackend,
     UserspaceBackend,
@@ -42,13 +60,23 @@ from vpblu.node.kernel.wireguard import (
     select_backend,
 )
 from vpblu.node.keys import KEY_FILE_NAME, KeyStore
-from vpblu.node.mtu import MtuActor
-from vpblu.node.netlink import NetlinkActor, remove_mesh
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.node.telemetry import KernelTelemetry
-from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
+from vpblu.supervisor import ChildSpec, Runnable, Strategy, Supervisor
+
+if TYPE_CHECKING:
+    from vpblu.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
+
+# The default of DaemonSettings.metrics_per_peer_limit (vpblu.metrics.PER_PEER_LIMIT,
+# not imported here: prometheus-client is one of the imports the Hello does not wait for).
+PER_PEER_LIMIT = 100
+
+# How long the kernel actors wait for the first stream to open before they
+# start anyway: a controller that is down or slow must not keep the node from
+# coming up as last applied (a TLS connect here takes tens of milliseconds).
+HELLO_FIRST_WAIT = 2.0
 
 
 @attrs.frozen(slots=True)
@@ -68,53 +96,116 @@ async def run_daemon(settings: DaemonSettings) -> None:
     Must run inside `trio_asyncio.open_loop()` (the stream's transport needs it).
     """
     config = settings.config
+    started = trio.current_time()
     keys = await trio.to_thread.run_sync(KeyStore.load_or_create, config.state_dir)
     try:
         log.info("node %s: key %s (public %s)", config.node_name, keys.path, keys.public_key)
         backend = await select_backend(config)
         kernel = IPRouteKernel()
-        mtu_kernel = IptablesMtuKernel()
         # Unbuffered: a request waits for its actor, and the actor's reply is the
         # only acknowledgement the applier needs.
         netlink_send, netlink_recv = trio.open_memory_channel[NetlinkInbox](0)
         bpf_send, bpf_recv = trio.open_memory_channel[BpfMapInbox](0)
         mtu_send, mtu_recv = trio.open_memory_channel[MtuInbox](0)
+        datapath_ready = trio.Event()
         applier = KernelApplier(
-            netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend
+            netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend,
+            datapath_ready=datapath_ready,
         )
         stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream,
                              rotator=applier,
                              telemetry=KernelTelemetry(netlink_send, bpf_send))
-        metrics = DaemonMetrics(per_peer_limit=settings.metrics_per_peer_limit)
-        metrics.read_from(stream)
-        # Ready once a SyncState is applied: before that the node carries
-        # whatever the previous daemon left, and nothing from this one.
-        served = [] if settings.metrics_listen is None else [metrics_child(
-            metrics.registry, settings.metrics_listen,
-            ready=lambda: (stream.applied is not None,
-                           "applied" if stream.applied is not None
-                           else "no desired state applied yet"))]
+        announced = trio.Event()
+
+        def hello_first(make: Callable[[], Awaitable[Runnable]]) -> Callable[[], Runnable]:
+            """A child that, on its first start only, waits for the first
+            stream (bounded) and only then imports and builds its actor."""
+
+            def factory() -> Runnable:
+                async def run(*, task_status: trio.TaskStatus[None]) -> None:
+                    if not announced.is_set():
+                        with trio.move_on_after(HELLO_FIRST_WAIT) as waited:
+                            await stream.wait_connected()
+                        announced.set()
+                        log.info("kernel actors start %.3f s after the daemon (%s)",
+                                 trio.current_time() - started,
+                                 "no stream yet" if waited.cancelled_caught
+                                 else "the Hello is out")
+                    actor = await make()
+                    await actor(task_status=task_status)
+
+                return run
+
+            return factory
+
+        async def bpfmaps() -> Runnable:
+            from vpblu.node.bpfmaps import BpfMapActor
+
+            async def run(*, task_status: trio.TaskStatus[None]) -> None:
+                # Started at once: compiling takes a worker thread while the
+                # NetlinkActor brings WireGuard up; the applier reads
+                # `datapath_ready` to know when the maps take messages.
+                task_status.started()
+                async with bpf_recv.clone() as inbox, trio.open_nursery() as nursery:
+                    await nursery.start(BpfMapActor(config, inbox).run)
+                    datapath_ready.set()
+                    log.info("data-path programs attached %.3f s after the daemon started",
+                             trio.current_time() - started)
+                    await applier.catch_up()
+
+            return run
+
+        async def netlink() -> Runnable:
+            from vpblu.node.netlink import NetlinkActor
+
+            async def run(*, task_status: trio.TaskStatus[None]) -> None:
+                async with netlink_recv.clone() as inbox:
+                    actor = NetlinkActor(config, keys, backend, kernel, inbox)
+                    await actor.run(task_status=task_status)
+
+            return run
+
+        async def mtu() -> Runnable:
+            from vpblu.node.kernel.iptables import IptablesMtuKernel
+            from vpblu.node.mtu import MtuActor
+
+            async def run(*, task_status: trio.TaskStatus[None]) -> None:
+                async with mtu_recv.clone() as inbox:
+                    await MtuActor(config, IptablesMtuKernel(), inbox).run(
+                        task_status=task_status)
+
+            return run
+
+        metrics: list[DaemonMetrics] = []
+
+        async def served() -> Runnable:
+            from vpblu.metrics import DaemonMetrics
+            from vpblu.metricsserver import metrics_child
+
+            assert settings.metrics_listen is not None
+            if not metrics:
+                metrics.append(DaemonMetrics(per_peer_limit=settings.metrics_per_peer_limit))
+                metrics[0].read_from(stream)
+            # Ready once a SyncState is applied: before that the node carries
+            # whatever the previous daemon left, and nothing from this one.
+            child = metrics_child(
+                metrics[0].registry, settings.metrics_listen,
+                ready=lambda: (stream.applied is not None,
+                               "applied" if stream.applied is not None
+                               else "no desired state applied yet"))
+            return child.factory()
+
         tree = Supervisor(
             "daemon",
             [
-                *served,
-                ChildSpec(
-                    "netlink",
-                    with_inbox_clone(
-                        lambda inbox: NetlinkActor(config, keys, backend, kernel, inbox),
-                        netlink_recv,
-                    ),
-                ),
-                ChildSpec(
-                    "mtu",
-                    with_inbox_clone(lambda inbox: MtuActor(config, mtu_kernel, inbox), mtu_recv),
-                ),
-                ChildSpec(
-                    "bpfmaps", with_inbox_clone(lambda inbox: BpfMapActor(config, inbox), bpf_recv)
-                ),
                 # One StreamActor object across restarts: it keeps what it applied,
                 # so a reconnect after its crash still says the right generation.
                 ChildSpec("stream", lambda: stream.run),
+                ChildSpec("bpfmaps", hello_first(bpfmaps)),
+                ChildSpec("netlink", hello_first(netlink)),
+                ChildSpec("mtu", hello_first(mtu)),
+                *([] if settings.metrics_listen is None
+                  else [ChildSpec("metrics", hello_first(served))]),
             ],
             strategy=Strategy.ONE_FOR_ONE,
         )
@@ -132,6 +223,11 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
     pinned maps, the MSS clamp rules, the
     mesh rules, routes and unreachable defaults, and the interface. Idempotent.
     The key stays unless `remove_key`."""
+    from vpblu.node.bpfmaps import BpfMapActor
+    from vpblu.node.kernel.iptables import IptablesMtuKernel
+    from vpblu.node.mtu import MtuActor
+    from vpblu.node.netlink import remove_mesh
+
     _unused_bpf_send, unused_bpf = trio.open_memory_channel[BpfMapInbox](0)
     _unused_mtu_send, unused_mtu = trio.open_memory_channel[MtuInbox](0)
     async with _unused_bpf_send, unused_bpf, _unused_mtu_send, unused_mtu:

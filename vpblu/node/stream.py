@@ -15,7 +15,8 @@ refused with an error Ack; the controller answers with a full SyncState.
 Rotation steps (`wire.RotationStep`) go to the `Rotator` seam one at a time,
 on a task of their own so the stream keeps reading while a step waits for a
 handshake; each is answered with a `wire.RotationResult`. A step stamped below
-the highest stamp seen is a deposed leader's and is refused, not run. Steps are
+the highest stamp seen is a deposed leader's and is refused, not run (the
+highest is kept on disk by the daemon's StepGuard, so a restart keeps it). Steps are
 idempotent, so a step resent after a reconnect is simply run again.
 
 Telemetry (`wire.Telemetry`, from the `TelemetrySource` seam) goes up the
@@ -47,6 +48,7 @@ from vpblu.core.changes import apply
 from vpblu.core.health import telemetry_digest
 from vpblu.core.model import NodeDesiredState
 from vpblu.messages import RotationStepDone
+from vpblu.node.stepguard import StepGuard
 from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
 from vpblu.supervisor import Backoff
 
@@ -139,6 +141,7 @@ class StreamActor:
         settings: StreamSettings,
         rotator: Rotator | None = None,
         telemetry: TelemetrySource | None = None,
+        step_guard: StepGuard | None = None,
     ) -> None:
         self._node = node_name
         self._telemetry = telemetry
@@ -151,7 +154,8 @@ class StreamActor:
         self._public_key = public_key
         self._applier = applier
         self._rotator = rotator
-        self._rotation_stamp = 0
+        # In memory only unless the daemon gives one on disk (vpblu/node/stepguard.py).
+        self._step_guard = step_guard if step_guard is not None else StepGuard()
         self._settings = settings
         self._applied: AppliedRecord | None = None
         self._connected_to: str | None = None
@@ -164,6 +168,8 @@ class StreamActor:
         self._received_before = (0, 0)
         self._live_received: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self._applied_changed = trio.Event()
+        # Set once the first stream is open (its Hello sent), never cleared.
+        self._first_connected = trio.Event()
 
     @property
     def applied(self) -> AppliedRecord | None:
@@ -183,6 +189,10 @@ class StreamActor:
     def latest_telemetry(self) -> wire.Telemetry | None:
         """The last sample taken (sent or not), for the daemon's metrics."""
         return self._latest_telemetry
+
+    async def wait_connected(self) -> None:
+        """Return once a stream has been open (its Hello sent), now or earlier."""
+        await self._first_connected.wait()
 
     async def wait_applied(self, generation: int) -> None:
         while self._applied is None or self._applied.generation < generation:
@@ -227,6 +237,7 @@ class StreamActor:
         async with open_mesh_stream(address, self._settings.tls, token, self._hello()) as stream:
             self._connects += 1
             self._connected_to = address
+            self._first_connected.set()
             log.info("mesh stream to %s open", address)
             # The stream's end (a close, a Redirect, a refusal) is caught
             # inside the nursery and raised after it: raised through it, it
@@ -370,11 +381,10 @@ class StreamActor:
                 case wire.Refused(reason=reason):
                     raise StreamClosed(f"the controller refused this daemon: {reason}")
                 case wire.RotationStep(stamp=stamp):
-                    if stamp < self._rotation_stamp:
-                        acks.append(_result(message, RotationStepDone(
-                            f"stale step: stamp {stamp} is below {self._rotation_stamp}")))
+                    refusal = await trio.to_thread.run_sync(self._step_guard.admit, stamp)
+                    if refusal is not None:
+                        acks.append(_result(message, RotationStepDone(refusal)))
                         continue
-                    self._rotation_stamp = stamp
                     try:
                         steps.send_nowait(message)
                     except trio.WouldBlock:

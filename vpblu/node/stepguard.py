@@ -1,0 +1,101 @@
+"""The daemon's guard against stale key-rotation steps, kept across restarts.
+
+Owns ``<state_dir>/rotation.stamp`` (mode 0600, in the 0700 state directory the
+KeyStore keeps): the highest rotation-step stamp this node has accepted, as one
+decimal line. A stamp is the leader's term in the high 32 bits and the leader's
+step sequence in the low ones (vpblu/actors/rotation.py), so a step stamped
+below it comes from a deposed leader (or is an old copy of a step the node has
+already passed) and is refused, not run.
+
+Why on disk: the guard in memory alone forgot everything when the daemon
+restarted, and a restarted daemon then ran whatever stale step reached it first
+(a deposed leader's Retire after the new leader had rolled back, say). The new
+highest stamp is on disk (fsynced, atomically renamed) *before* `admit` lets the
+step through, so no step is ever run that a restart could forget.
+
+Must never: lower the stamp, or refuse a step stamped exactly at the highest
+(steps are re-sent with the same stamp and are idempotent). A file that cannot
+be read as a stamp is reported and replaced on the next accepted step: the
+guard then knows what it would have known without the file (nothing), which is
+what the daemon did before the file existed; refusing to start over it would
+take the node's mesh down for a safety net.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAMP_FILE_NAME = "rotation.stamp"
+STAMP_FILE_MODE = 0o600
+_TMP_SUFFIX = ".tmp"
+_MAX_STAMP = (1 << 64) - 1
+
+
+class StepGuard:
+    """The highest accepted rotation-step stamp; persisted when `path` is given."""
+
+    def __init__(self, path: Path | None = None, highest: int = 0) -> None:
+        self._path = path
+        self._highest = highest
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StepGuard:
+        """The guard of `state_dir` (which must exist), with what its file says."""
+        path = state_dir / STAMP_FILE_NAME
+        for stale in state_dir.glob(f".{STAMP_FILE_NAME}.*{_TMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)  # a write a killed daemon left half-done
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            log.error("%s: cannot read the rotation step guard (%s); starting from 0", path, exc)
+            return cls(path)
+        try:
+            highest = int(text.strip())
+            if not 0 <= highest <= _MAX_STAMP:
+                raise ValueError(f"{highest} is not a 64-bit stamp")
+        except ValueError as exc:
+            log.error("%s: not a rotation step stamp (%s); starting from 0", path, exc)
+            return cls(path)
+        return cls(path, highest)
+
+    @property
+    def highest(self) -> int:
+        return self._highest
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def admit(self, stamp: int) -> str | None:
+        """None if a step stamped `stamp` may run (the stamp is then the highest, on
+        disk first); else why it is refused. Blocking I/O: call it in a thread."""
+        if stamp < self._highest:
+            return f"stale step: stamp {stamp} is below {self._highest}"
+        if stamp > self._highest:
+            if self._path is not None:
+                _write_atomically(self._path, f"{stamp}\n".encode())
+            self._highest = stamp
+        return None
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STAMP_FILE_MODE)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
