@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-proxy and etcd from the Go module proxy, cached outside the
+# Build kube-apiserver, kube-proxy, kubelet, kube-controller-manager, kube-scheduler and
+# etcd from the Go module proxy, cached outside the
 # repository under ${VPBLU_CACHE:-~/.cache/vpblu}/bin, keyed by version.
 # A second run with the same versions does nothing.
 set -euo pipefail
@@ -12,7 +13,9 @@ mkdir -p "$bin"
 etcd="$bin/etcd-$ETCD_VERSION"
 # kube-apiserver for every cluster the tests run; kube-proxy in each test node,
 # so Service traffic takes the path it takes on a user's cluster.
-components=(kube-apiserver kube-proxy)
+# kubelet, kube-controller-manager and kube-scheduler for the kubelet-node mode
+# of the local cluster (issue 22): real nodes that run the manifests' pods.
+components=(kube-apiserver kube-proxy kubelet kube-controller-manager kube-scheduler)
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 export GONOSUMDB=k8s.io,go.etcd.io GOSUMDB=off
@@ -20,7 +23,7 @@ export GONOSUMDB=k8s.io,go.etcd.io GOSUMDB=off
 missing=()
 for c in "${components[@]}"; do [ -x "$bin/$c-$KUBE_VERSION" ] || missing+=("$c"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "building ${missing[*]} $KUBE_VERSION from the Go module proxy (cold: about 5-8 min on 2 cores)..."
+  echo "building ${missing[*]} $KUBE_VERSION from the Go module proxy (cold: about 5-8 min a binary on 2 cores)..."
   work=$(mktemp -d "$cache/build-kube.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   staging_minor="v0.${KUBE_VERSION#v1.}"
@@ -46,8 +49,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   pkgs=()
   for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
   mkdir -p "$work/out"
+  echo "resolving k8s.io/kubernetes@$KUBE_VERSION and its modules..."
   (cd "$work" && go get "k8s.io/kubernetes@$KUBE_VERSION" >/dev/null \
-     && go build -trimpath -tags selinux,notest,grpcnotrace \
+     && echo "compiling (go build -v lists each package as it finishes)..." \
+     && go build -v -trimpath -tags selinux,notest,grpcnotrace \
           -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION" \
           -o "$work/out/" "${pkgs[@]}")
   for c in "${missing[@]}"; do mv "$work/out/$c" "$bin/$c-$KUBE_VERSION"; echo "built $c"; done

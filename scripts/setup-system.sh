@@ -7,8 +7,13 @@ pkgs=(wireguard-go wireguard-tools python3-bpfcc bpfcc-tools linux-headers-amd64
 # Building the image without a Docker daemon (scripts/build-image.sh) and
 # loading it into podman and containerd (tests/integration/test_image.py).
 pkgs+=(mmdebstrap umoci skopeo podman containerd runc)
+# Real kubelet nodes in the local cluster (issue 22): each node's containerd runs
+# pods through runc with a bridge/host-local CNI.
+pkgs+=(containernetworking-plugins)
 # promtool checks the /metrics exposition of controller and daemon (issue 18).
 pkgs+=(prometheus)
+# The dashboard's browser tests (issue 21): headless Chromium driven by Selenium.
+pkgs+=(chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
