@@ -8,6 +8,7 @@ module that runs it.
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import gc
 import logging
@@ -20,10 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vpblu.actors.leader import LeaseSettings
-from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork, network
-from vpblu.stream.transport import ServerTLS
 
 CONTROLLER_GC_THRESHOLDS = (50_000, 20, 100)
 
@@ -77,6 +75,9 @@ def _run_controller(args: argparse.Namespace) -> int:
     import trio_asyncio
 
     from vpblu.actors.controller import ControllerSettings, default_identity, run_controller
+    from vpblu.actors.leader import LeaseSettings
+    from vpblu.actors.session import SessionSettings
+    from vpblu.stream.transport import ServerTLS
 
     users = (frozenset(args.daemon_user) if args.daemon_user
              else frozenset({"system:serviceaccount:vpblu-system:vpblu-daemon"}))
@@ -271,34 +272,46 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from vpblu import certs as c
-    from vpblu import pki
-
+    # vpblu.certs imports the Kubernetes client (about a second of imports):
+    # its defaults are filled in by _run_certs, so that no other subcommand,
+    # the daemon's start above all, pays for it.
     p = sub.add_parser("certs", help="make the mesh's CA and the controller's serving "
                                      "certificate in the cluster, renew it before it expires")
     p.add_argument("--kubeconfig", type=Path, default=None,
                    help="kubeconfig file (default: in-cluster ServiceAccount)")
-    p.add_argument("--namespace", default=c.NAMESPACE)
-    p.add_argument("--service", default=c.SERVICE, help="the controller's Service")
-    p.add_argument("--cluster-domain", default=c.CLUSTER_DOMAIN)
-    p.add_argument("--renew-before", type=c.parse_duration, default=c.RENEW_BEFORE,
+    p.add_argument("--namespace", default=None, help="default vpblu-system")
+    p.add_argument("--service", default=None,
+                   help="the controller's Service (default vpblu-controller)")
+    p.add_argument("--cluster-domain", default=None, help="default cluster.local")
+    p.add_argument("--renew-before", type=_duration, default=None,
                    help="renew the serving certificate when it expires within this "
                         "(30d, 12h, ...; default 30d)")
-    p.add_argument("--validity", type=c.parse_duration, default=pki.LEAF_VALIDITY,
+    p.add_argument("--validity", type=_duration, default=None,
                    help="lifetime of a new serving certificate (default 365d)")
-    p.add_argument("--ca-validity", type=c.parse_duration, default=pki.CA_VALIDITY,
+    p.add_argument("--ca-validity", type=_duration, default=None,
                    help="lifetime of a new CA (default 3650d)")
+
+
+def _duration(text: str) -> datetime.timedelta:
+    from vpblu.certs import parse_duration
+
+    return parse_duration(text)
 
 
 def _run_certs(args: argparse.Namespace) -> int:
     import trio_asyncio
 
+    from vpblu import certs as c
+    from vpblu import pki
     from vpblu.certs import CertsError, CertsSettings, ensure_certs
     from vpblu.kube.client import ApiError, ApiUnavailable, open_kube_client
 
     settings = CertsSettings(
-        namespace=args.namespace, service=args.service, cluster_domain=args.cluster_domain,
-        renew_before=args.renew_before, validity=args.validity, ca_validity=args.ca_validity)
+        namespace=args.namespace or c.NAMESPACE, service=args.service or c.SERVICE,
+        cluster_domain=args.cluster_domain or c.CLUSTER_DOMAIN,
+        renew_before=args.renew_before or c.RENEW_BEFORE,
+        validity=args.validity or pki.LEAF_VALIDITY,
+        ca_validity=args.ca_validity or pki.CA_VALIDITY)
     if settings.renew_before >= settings.validity:
         print("vpblu certs: --renew-before must be shorter than --validity", file=sys.stderr)
         return 2

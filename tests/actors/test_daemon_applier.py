@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from vpblu.core.model import CidrPair, NodeDesiredState, Route
 from vpblu.messages import (
@@ -117,3 +118,47 @@ async def test_an_actor_that_never_answers_times_out() -> None:
         assert isinstance(held, ApplyDataPath)
         with pytest.raises(trio.WouldBlock):
             nl_recv.receive_nowait()  # the tunnels were never asked to change
+
+
+async def test_before_the_programs_load_tunnels_go_at_once_and_the_maps_catch_up() -> None:
+    """The daemon announces itself before bcc has compiled: a state without
+    blocks reaches the NetlinkActor while the BpfMapActor reads nothing yet,
+    and the maps get the latest state once `datapath_ready` is set."""
+    fake = FakeKernelActors()
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](0)
+    dp_send, dp_recv = trio.open_memory_channel[BpfMapInbox](0)
+    ready = trio.Event()
+    applier = KernelApplier(nl_send, dp_send, routes_counter=FakeCounter(),
+                            wireguard_counter=FakeCounter(), datapath_ready=ready)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake.netlink, nl_recv)
+        await applier.apply(state("10.1.0.0/24"))
+        await applier.apply(state("10.2.0.0/24"))
+        assert fake.log == [("netlink", ("10.1.0.0/24",)), ("netlink", ("10.2.0.0/24",))]
+        nursery.start_soon(fake.datapath, dp_recv)
+        ready.set()
+        await applier.catch_up()
+        await applier.catch_up()  # nothing left behind: no second map apply
+        assert fake.log[2:] == [("maps", ("10.2.0.0/24",))]
+        await applier.apply(state("10.3.0.0/24"))
+        assert fake.log[3:] == [("maps", ("10.3.0.0/24",)), ("netlink", ("10.3.0.0/24",))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_before_the_programs_load_a_state_with_blocks_waits_for_the_maps() -> None:
+    """Blocks are never silently unenforced: no tunnel changes until the maps hold them."""
+    fake = FakeKernelActors()
+    nl_send, nl_recv = trio.open_memory_channel[NetlinkInbox](0)
+    dp_send, dp_recv = trio.open_memory_channel[BpfMapInbox](0)
+    applier = KernelApplier(nl_send, dp_send, routes_counter=FakeCounter(),
+                            wireguard_counter=FakeCounter(), datapath_ready=trio.Event())
+    blocked = state("10.1.0.0/24", blocks=(CidrPair("10.1.0.0/24", "10.9.0.0/24"),))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake.netlink, nl_recv)
+        nursery.start_soon(applier.apply, blocked)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fake.log == []  # the netlink step waits behind the maps
+        nursery.start_soon(fake.datapath, dp_recv)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fake.log == [("maps", ("10.1.0.0/24",)), ("netlink", ("10.1.0.0/24",))]
+        nursery.cancel_scope.cancel()

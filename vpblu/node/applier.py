@@ -8,6 +8,16 @@ refuses; (2) the NetlinkActor gets the peers, routes and steering. Nothing
 is marked, so no order between the two can leak: a pod range without a
 tunnel route falls to the fail-closed sink of the mesh table, whatever step
 is in flight (vpblu.node.netlink).
+
+Before the data-path programs are loaded (the daemon starts the stream and
+the NetlinkActor first, and the BpfMapActor compiles meanwhile: `datapath_ready`
+is not set yet), a state without blocks goes to the NetlinkActor alone, at
+once: peers and routes do not wait for the compiler, since there is nothing
+for the programs to enforce; what encrypts is the steering, which is the
+NetlinkActor's. The maps catch up with the latest state as soon as the
+programs are there (`catch_up`). A state with blocks still waits for the maps
+first: a tunnel never carries a pair a block refuses, whether or not the
+programs were ready.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ class KernelApplier:
         routes_counter: WriteCounted,
         wireguard_counter: WriteCounted,
         step_timeout: float = APPLY_STEP_TIMEOUT,
+        datapath_ready: trio.Event | None = None,
     ) -> None:
         self._netlink = netlink
         self._datapath = datapath
@@ -89,6 +100,12 @@ class KernelApplier:
         self._applies = 0
         self._map_writes = 0
         self._last_apply: float | None = None
+        # None: the data path takes messages from the start (tests, a fake).
+        self._datapath_ready = datapath_ready
+        # The state the maps have not been given yet (set while not ready).
+        self._datapath_behind: NodeDesiredState | None = None
+        # One apply at a time: `catch_up` and `apply` both write the maps.
+        self._lock = trio.Lock()
 
     def statistics(self) -> ApplierStatistics:
         return ApplierStatistics(
@@ -100,9 +117,34 @@ class KernelApplier:
         )
 
     async def apply(self, state: NodeDesiredState) -> None:
+        async with self._lock:
+            await self._apply(state)
+
+    async def catch_up(self) -> None:
+        """Give the maps the latest state `apply` took without them (no-op when
+        none): call once the data path is ready."""
+        async with self._lock:
+            state, self._datapath_behind = self._datapath_behind, None
+            if state is not None:
+                try:
+                    result = await self._apply_datapath(state)
+                except BaseException:
+                    self._datapath_behind = state  # the next catch_up tries again
+                    raise
+                self._map_writes += result.written + result.deleted
+                log.info("data path caught up: %d map writes, %d blocks",
+                         result.written + result.deleted, len(state.blocks))
+
+    async def _apply(self, state: NodeDesiredState) -> None:
         started = trio.current_time()
         before = self.statistics()
-        datapath = await self._apply_datapath(state)
+        ready = self._datapath_ready is None or self._datapath_ready.is_set()
+        if ready or state.blocks:
+            datapath = await self._apply_datapath(state)
+            self._datapath_behind = None
+        else:
+            datapath = DataPathApplied(0, 0)
+            self._datapath_behind = state
         applied = await self._apply_netlink(state)
         elapsed = trio.current_time() - started
         self._applies += 1
@@ -112,7 +154,7 @@ class KernelApplier:
         log.info(
             "apply done in %.1f ms: %d peers, %d routes, %d blocks; writes netlink=%d "
             "wireguard=%d maps=%d; since start netlink=%d wireguard=%d; "
-            "peers +%d ~%d -%d, routes +%d -%d",
+            "peers +%d ~%d -%d, routes +%d -%d%s",
             elapsed * 1000,
             len(state.peers),
             len(state.routes),
@@ -127,6 +169,7 @@ class KernelApplier:
             len(applied.peers_removed),
             len(applied.routes_added),
             len(applied.routes_removed),
+            "" if self._datapath_behind is None else "; maps follow once the programs load",
         )
 
     async def rotate(self, step: wire.RotationStep) -> RotationStepDone:

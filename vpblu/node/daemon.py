@@ -60,6 +60,7 @@ from vpblu.node.kernel.wireguard import (
     select_backend,
 )
 from vpblu.node.keys import KEY_FILE_NAME, KeyStore
+from vpblu.node.stepguard import StepGuard
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.node.telemetry import KernelTelemetry
 from vpblu.supervisor import ChildSpec, Runnable, Strategy, Supervisor
@@ -112,9 +113,12 @@ async def run_daemon(settings: DaemonSettings) -> None:
             netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend,
             datapath_ready=datapath_ready,
         )
+        # The highest rotation-step stamp accepted, kept on disk across restarts.
+        step_guard = await trio.to_thread.run_sync(StepGuard.load, config.state_dir)
         stream = StreamActor(config.node_name, lambda: keys.public_key, applier, settings.stream,
                              rotator=applier,
-                             telemetry=KernelTelemetry(netlink_send, bpf_send))
+                             telemetry=KernelTelemetry(netlink_send, bpf_send),
+                             step_guard=step_guard)
         announced = trio.Event()
 
         def hello_first(make: Callable[[], Awaitable[Runnable]]) -> Callable[[], Runnable]:
