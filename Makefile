@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host lock image image-pin
+.PHONY: setup setup-system setup-python setup-kube test test-repeat lint unit demo bench clean-host lock image image-pin docs docs-serve
 
 setup: setup-system setup-python setup-kube image
 
@@ -44,6 +44,17 @@ test: setup
 # DEMO_ARGS="--duration 30" stops it on its own.
 demo: setup
 	$(PY) -m vpblu.lab.demo $(DEMO_ARGS)
+
+# The documentation site into $(SITE_DIR) (warnings are errors: a broken link, a
+# missing page or a CRD field without a description fails it); docs-serve serves
+# it on http://127.0.0.1:8000 and rebuilds on change. tests/integration/test_docs.py
+# runs `make docs`, so `make test` covers it.
+SITE_DIR ?= site
+docs: setup-python
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --clean --site-dir $(SITE_DIR)
+
+docs-serve: setup-python
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict
 
 unit: setup-python
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/actors
