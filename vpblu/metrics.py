@@ -79,6 +79,10 @@ class ControllerMetrics:
                                  ["outcome"], registry=r)
         self.rotation_phase = Gauge("vpblu_rotations_in_progress",
                                     "Nodes in a key rotation, by phase", ["phase"], registry=r)
+        self.stream_refusals = Counter(
+            "vpblu_stream_refusals",
+            "Mesh streams refused or cut by a limit (message_too_large, admission_queue_full)",
+            ["reason"], registry=r)
         for kind in ("sync", "delta"):
             self.pushes.labels(kind)
         for source in ("daemon_apply", "status_write"):

@@ -65,6 +65,9 @@ SAMPLE_PERIOD = 10.0
 TELEMETRY_INTERVAL = 5.0
 # A stream that stayed up this long counts as healthy: the backoff starts over.
 STABLE_AFTER = 10.0
+# Redirects in a row followed without waiting; the ones after back off
+# (RECONNECT_INITIAL doubling up to RECONNECT_MAX, with jitter).
+REDIRECTS_FREE = 1
 # Rotation steps waiting to run; the controller sends one step per node at a time,
 # so more than a few queued means a confused controller: those are refused.
 ROTATION_QUEUE = 8
@@ -202,6 +205,7 @@ class StreamActor:
         task_status.started()
         backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER)
         attempt = 0
+        redirects = 0  # redirects in a row, with no stream served in between
         target_index = 0
         override: str | None = None
         while True:
@@ -213,13 +217,24 @@ class StreamActor:
                 await self._session(address)
             except _Redirected as r:
                 self._redirects += 1
+                redirects += 1
                 log.info("controller at %s is a follower; the leader is %s", address, r.leader)
                 override = r.leader
-                continue  # no backoff: the redirect is an answer, not a failure
+                # The first redirect is an answer: followed at once. More in a
+                # row (a controller naming itself, two followers naming each
+                # other while the lead changes hands) back off like failures,
+                # or every daemon spins on TLS handshakes.
+                if redirects > REDIRECTS_FREE:
+                    delay = backoff.delay(redirects - REDIRECTS_FREE)
+                    log.info("%d redirects in a row; following in %.1fs", redirects, delay)
+                    await trio.sleep(delay)
+                continue
             except (ConnectFailed, StreamClosed) as exc:
                 log.warning("mesh stream to %s: %s", address, exc)
             finally:
                 self._connected_to = None
+            if trio.current_time() - started > STABLE_AFTER:
+                redirects = 0
             if trio.current_time() - started > STABLE_AFTER:
                 attempt = 0
             attempt += 1

@@ -32,6 +32,18 @@ connection, malformed message, closed by either end) ends as one
 `StreamClosed` on the trio side, raised by the next `receive_batch` once
 what had arrived is consumed; it never raises anywhere else.
 
+Limits against a hostile or broken peer (issue 19): every received message
+is refused by its gRPC length prefix, before a byte of it is buffered, above
+CONTROLLER_MESSAGE_LIMIT (what daemons send) or DAEMON_MESSAGE_LIMIT (what
+the controller sends): the stream ends with RESOURCE_EXHAUSTED and its
+connection is closed. The controller's HTTP/2 windows are small (a peer can
+make it hold at most that much unread) and each connection may open
+MAX_STREAMS_PER_CONNECTION streams. Both ends PING an idle connection every
+KEEPALIVE_INTERVAL and abort one that said nothing for KEEPALIVE_TIMEOUT (no
+graceful TLS shutdown toward a dead peer); TCP_USER_TIMEOUT does the same
+for data the kernel cannot deliver. Unauthenticated streams pass
+`vpblu.stream.admission` before a TokenReview.
+
 It must never log a token, never retry (the stream actors own reconnecting
 with backoff) and never decide anything about desired state.
 """
@@ -47,7 +59,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import attrs
 import trio
@@ -57,10 +69,13 @@ from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server
+from h2.settings import SettingCodes
 
 from vpblu.core import wire
 from vpblu.stream import codec
+from vpblu.stream.admission import Admission, AdmissionRefused, AdmissionStatistics
 from vpblu.stream.codec import ProtocolViolation
 from vpblu.stream.identity import AuthenticationFailed, Authenticator, Identity
 from vpblu.stream.proto import mesh_grpc
@@ -88,6 +103,25 @@ OUTBOX_LIMIT = 128 * 1024
 ROOM_TIMEOUT = WRITE_TIMEOUT + CLOSE_TIMEOUT  # the writer gives up before this
 BATCH_LIMIT = 1024  # most messages one receive_batch returns
 CLOSE_REASON_KEY = "vpblu-close-reason"  # trailing metadata of a stream the controller closed
+# Largest message accepted, by its length prefix. A daemon's biggest is a
+# Telemetry (per-peer columns, ~60 B a peer: ~0.3 MB at 5000 peers); the
+# controller's a SyncState (~150 KB at N=1000, more with many routes and
+# blocks). grpclib itself takes up to 4 GiB.
+CONTROLLER_MESSAGE_LIMIT = 4 << 20
+DAEMON_MESSAGE_LIMIT = 32 << 20
+# The controller's receive windows: what one connection (and one stream) can
+# make it buffer before a message is read. Daemons send small messages; a
+# bigger one just takes a few round trips.
+SERVER_WINDOW = 256 * 1024
+MAX_STREAMS_PER_CONNECTION = 4  # a daemon opens one; HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+# Dead-peer detection, both ends: a connection that received nothing for
+# KEEPALIVE_INTERVAL is sent an HTTP/2 PING (the other end's HTTP/2 layer
+# answers it, whatever its application does); nothing received for
+# KEEPALIVE_TIMEOUT and the connection is aborted: detected within
+# KEEPALIVE_TIMEOUT + KEEPALIVE_INTERVAL (20 s) of the last byte.
+KEEPALIVE_INTERVAL = 5.0
+KEEPALIVE_TIMEOUT = 15.0
+TCP_USER_TIMEOUT_MS = int(KEEPALIVE_TIMEOUT * 1000)
 
 R = TypeVar("R")
 S = TypeVar("S")
@@ -108,6 +142,94 @@ class StreamClosed(Exception):
 
 class ConnectFailed(StreamClosed):
     """The daemon could not open the stream at all (refused, TLS, timeout)."""
+
+
+class MessageTooLarge(Exception):
+    """The other end announced a message above the limit; nothing of it was read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a message of {size} bytes is above the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def _limit_messages(stream: Any, limit: int) -> None:
+    """Refuse any message on grpclib `stream` longer than `limit` bytes.
+
+    grpclib reads a message as `recv_data(5)` (flag and length) and then
+    `recv_data(length)`, which buffers and acknowledges all `length` bytes
+    (the sender's window refills) before anything looks at them: one
+    announced 4 GiB message is 4 GiB of memory. grpclib has no limit and no
+    hook, so the adapter wraps this stream's `recv_data`: a length above the
+    limit raises `MessageTooLarge` before the first byte of it is read."""
+    h2_stream = stream._stream
+    if getattr(h2_stream, "vpblu_message_limit", None) == limit:
+        return
+    h2_stream.vpblu_message_limit = limit
+    read = h2_stream.recv_data
+
+    async def recv_data(size: int) -> bytes:
+        if size > limit:
+            raise MessageTooLarge(size, limit)
+        return await read(size)  # type: ignore[no-any-return]
+
+    h2_stream.recv_data = recv_data
+
+
+def _close_connection(stream: Any) -> None:
+    """Close the HTTP/2 connection `stream` runs on, once what was written
+    (its trailers) is out."""
+    with contextlib.suppress(Exception):
+        stream._stream.connection.close()
+
+
+class _MeshProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol with vpblu's liveness and limits (see the
+    module docstring): keepalive PINGs and an abort of a silent connection,
+    TCP_USER_TIMEOUT, and on the server SETTINGS_MAX_CONCURRENT_STREAMS."""
+
+    max_streams: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._raw_transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                TCP_USER_TIMEOUT_MS)
+        if self.max_streams is not None:
+            # Enforced by h2 once the client acknowledges the setting: a
+            # stream over it is a protocol error that ends the connection.
+            self.connection._connection.update_settings(
+                {SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+            self.connection.flush()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._last_received = loop.time()
+        self._keepalive = loop.call_later(KEEPALIVE_INTERVAL, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
+        super().data_received(data)
+
+    def _tick(self) -> None:
+        silent = self._loop.time() - self._last_received
+        if silent >= KEEPALIVE_TIMEOUT:
+            addr = self._raw_transport.get_extra_info("peername")
+            log.warning("mesh connection to %s: nothing received for %.0f s; aborting it",
+                        addr, silent)
+            self._raw_transport.abort()
+            return
+        if silent >= KEEPALIVE_INTERVAL - 0.5 and not self.connection.is_closing():
+            with contextlib.suppress(Exception):
+                self.connection._connection.ping(b"vpbluka!")
+                self.connection.flush()
+        self._keepalive = self._loop.call_later(KEEPALIVE_INTERVAL, self._tick)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._keepalive.cancel()
+        super().connection_lost(exc)
 
 
 # --- TLS -------------------------------------------------------------------------------
@@ -227,9 +349,11 @@ class _Call(Generic[R, S]):
     `stream` is a grpclib server or client stream (same send/recv API).
     """
 
-    def __init__(self, stream: Any, decode: Callable[[Any], R]) -> None:
+    def __init__(self, stream: Any, decode: Callable[[Any], R], limit: int) -> None:
         self.stream = stream
         self._decode = decode
+        _limit_messages(stream, limit)
+        self.too_large: MessageTooLarge | None = None
         self.inbox: _Inbox[R] = _Inbox(INBOX_LIMIT)
         self._write_lock = asyncio.Lock()
         self.stop = asyncio.Event()  # the reader ended, or the trio side closed
@@ -261,6 +385,10 @@ class _Call(Generic[R, S]):
         except ProtocolViolation as exc:
             log.warning("protocol violation on the mesh stream: %s", exc)
             self.inbox.close(StreamClosed(f"protocol violation: {exc}"))
+        except MessageTooLarge as exc:
+            log.warning("refused a message on the mesh stream: %s", exc)
+            self.too_large = exc
+            self.inbox.close(StreamClosed(f"refused: {exc}", status="RESOURCE_EXHAUSTED"))
         except GRPCError as exc:
             self.inbox.close(StreamClosed(_grpc_reason(exc), status=exc.status.name))
         except Exception as exc:
@@ -387,6 +515,14 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
 
     async def _finish(self) -> None:
         stream = self.stream
+        if self.too_large is not None:
+            # Nothing more for this peer: the status, then the connection goes.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.send_trailing_metadata(
+                        status=Status.RESOURCE_EXHAUSTED, status_message=str(self.too_large))
+            _close_connection(stream)
+            return
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT), self._write_lock:
                 if self.close_reason is not None:
@@ -406,7 +542,7 @@ class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
 
 class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
     def __init__(self, channel: Channel, stream: Any) -> None:
-        super().__init__(stream, codec.decode_controller_message)
+        super().__init__(stream, codec.decode_controller_message, DAEMON_MESSAGE_LIMIT)
         self.channel = channel
         # The reader is an asyncio task owned by this call, not a trio task:
         # a nursery around the daemon's `async with` block would wrap every
@@ -420,7 +556,7 @@ class _ClientCall(_Call[wire.ControllerMessage, pb.NodeMessage]):
     async def open(cls, host: str, port: int, tls: ClientTLS, token: str,
                    hello: pb.NodeMessage) -> _ClientCall:
         # The Channel is made here, inside asyncio context (trio-asyncio trap).
-        channel = Channel(host, port, ssl=client_ssl_context(tls),
+        channel = _MeshChannel(host, port, ssl=client_ssl_context(tls),
                           config=Configuration(ssl_target_name_override=tls.server_name))
         stream = mesh_grpc.MeshStub(channel).Connect.open(
             metadata={"authorization": f"Bearer {token}"})
@@ -604,15 +740,18 @@ class _MeshService(mesh_grpc.MeshBase):
 
     def __init__(self, authenticator: Authenticator,
                  new_streams: trio.MemorySendChannel[NodeStream],
-                 redirect_to: str | None) -> None:
+                 redirect_to: str | None,
+                 refused: Callable[[str], None]) -> None:
         self._authenticator = authenticator
         self._new_streams = new_streams
         self.redirect_to = redirect_to
+        self._refused = refused
         self.live: set[_ServerCall] = set()
         self.encoder = PushEncoder()
 
     async def Connect(self, stream: Any) -> None:
         peer = _peer_info(stream)
+        _limit_messages(stream, CONTROLLER_MESSAGE_LIMIT)
         if self.redirect_to is not None:
             redirect = wire.Redirect(self.redirect_to)
             async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -628,7 +767,7 @@ class _MeshService(mesh_grpc.MeshBase):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await stream.send_message(codec.encode_controller_message(wire.Refused(reason)))
             raise GRPCError(Status.PERMISSION_DENIED, reason)
-        call = _ServerCall(stream, codec.decode_node_message)
+        call = _ServerCall(stream, codec.decode_node_message, CONTROLLER_MESSAGE_LIMIT)
         node_stream = NodeStream(call, hello, identity, peer, self.encoder)
         try:
             async with asyncio.timeout(ACCEPT_TIMEOUT):
@@ -643,6 +782,8 @@ class _MeshService(mesh_grpc.MeshBase):
             await call.serve()
         finally:
             self.live.discard(call)
+            if call.too_large is not None:
+                self._refused(REFUSED_TOO_LARGE)
 
     async def _authenticate(self, stream: Any, peer: PeerInfo) -> Identity:
         token = _bearer_token(stream.metadata)
@@ -655,6 +796,9 @@ class _MeshService(mesh_grpc.MeshBase):
         except AuthenticationFailed as exc:
             log.warning("refused a mesh stream from %s: %s", peer.address, exc)
             raise GRPCError(Status.UNAUTHENTICATED, f"token refused: {exc}") from None
+        except AdmissionRefused as exc:
+            self._refused(REFUSED_ADMISSION)
+            raise GRPCError(Status.UNAVAILABLE, str(exc)) from None
         except TimeoutError:
             raise GRPCError(Status.UNAVAILABLE, "authentication timed out") from None
         except GRPCError:
@@ -670,6 +814,15 @@ class _MeshService(mesh_grpc.MeshBase):
         except TimeoutError:
             raise GRPCError(
                 Status.DEADLINE_EXCEEDED, f"no Hello within {HELLO_TIMEOUT} s") from None
+        except MessageTooLarge as exc:
+            log.warning("refused a mesh stream: its Hello: %s", exc)
+            self._refused(REFUSED_TOO_LARGE)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.send_trailing_metadata(
+                        status=Status.RESOURCE_EXHAUSTED, status_message=str(exc))
+            _close_connection(stream)
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
         if first is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "the stream ended before a Hello")
         try:
@@ -679,6 +832,37 @@ class _MeshService(mesh_grpc.MeshBase):
         if not isinstance(hello, wire.Hello):
             raise GRPCError(Status.INVALID_ARGUMENT, "the first message must be a Hello")
         return hello
+
+
+REFUSED_TOO_LARGE = "message_too_large"
+REFUSED_ADMISSION = "admission_queue_full"
+
+
+@attrs.frozen(slots=True)
+class MeshServerStatistics:
+    refused: dict[str, int]  # streams refused or cut by a limit, by REFUSED_* reason
+    live: int  # streams being served
+    admission: AdmissionStatistics
+
+
+class _MeshServerProtocol(_MeshProtocol):
+    max_streams = MAX_STREAMS_PER_CONNECTION
+
+
+class _MeshGrpcServer(Server):
+    """grpclib's Server whose connections speak `_MeshServerProtocol`."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        plain = super()._protocol_factory()  # registers the connection's handler
+        return _MeshServerProtocol(plain.handler, plain.config, plain.h2_config)
+
+
+class _MeshChannel(Channel):
+    """grpclib's Channel whose connection speaks `_MeshProtocol`."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        plain = super()._protocol_factory()
+        return _MeshProtocol(plain.handler, plain.config, plain.h2_config)
 
 
 class MeshServer:
@@ -693,7 +877,8 @@ class MeshServer:
                  new_streams: trio.MemorySendChannel[NodeStream],
                  redirect_to: str | None = None,
                  listen_socket: socket.socket | None = None,
-                 cert_reload_interval: float = CERT_RELOAD_INTERVAL) -> None:
+                 cert_reload_interval: float = CERT_RELOAD_INTERVAL,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         # `listen_socket`: a bound, listening TCP socket to serve on instead of
         # binding host:port here (made in another network namespace, say); the
         # server owns it from now on.
@@ -702,8 +887,23 @@ class MeshServer:
         self._host = host
         self._port = port
         self._tls = tls
-        self._service = _MeshService(authenticator, new_streams, redirect_to)
+        # `on_refused(reason)`: a stream was refused or cut by a limit (a
+        # metric); `statistics()` keeps the same counts.
+        self._on_refused = on_refused
+        self._refusals: dict[str, int] = {}
+        self.admission = authenticator if isinstance(authenticator, Admission) \
+            else Admission(authenticator)
+        self._service = _MeshService(self.admission, new_streams, redirect_to, self._refused)
         self._bound_port: int | None = None
+
+    def _refused(self, reason: str) -> None:
+        self._refusals[reason] = self._refusals.get(reason, 0) + 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
+
+    def statistics(self) -> MeshServerStatistics:
+        return MeshServerStatistics(dict(self._refusals), len(self._service.live),
+                                    self.admission.statistics())
 
     def redirect_to(self, leader: str | None) -> None:
         """From now on answer new streams with a Redirect to `leader` (this
@@ -778,7 +978,8 @@ class MeshServer:
 
     async def _start(self, sock: socket.socket, ctx: ssl.SSLContext) -> Server:
         # grpclib's Server binds the running asyncio loop when it is made.
-        server = Server([self._service], codec=_PreEncodedCodec())
+        server = _MeshGrpcServer([self._service], codec=_PreEncodedCodec(), config=Configuration(
+            http2_connection_window_size=SERVER_WINDOW, http2_stream_window_size=SERVER_WINDOW))
         await server.start(sock=sock, ssl=ctx)
         return server
 

@@ -1,0 +1,109 @@
+"""Admission: a bounded review queue and a short cache of answers by token
+hash, in front of a FakeAuthenticator (virtual time)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import trio
+import trio.testing
+
+from vpblu.stream.admission import Admission, AdmissionRefused
+from vpblu.stream.identity import AuthenticationFailed, Identity
+
+
+class FakeAuthenticator:
+    """A slow review: 'good-N' tokens are node N's, others refused."""
+
+    def __init__(self) -> None:
+        self.reviews: list[str] = []
+        self.gate = trio.Event()
+        self.gate.set()
+
+    async def authenticate(self, token: str) -> Identity:
+        self.reviews.append(token)
+        await self.gate.wait()
+        await trio.sleep(0.1)
+        if not token.startswith("good-"):
+            raise AuthenticationFailed("junk")
+        return Identity(token.removeprefix("good-"))
+
+
+async def test_a_full_queue_refuses_at_once_and_a_later_retry_gets_in(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeAuthenticator()
+    fake.gate = trio.Event()
+    admission = Admission(fake, queue_limit=4)
+    outcomes: list[str] = []
+
+    async def junk(i: int) -> None:
+        with pytest.raises(AuthenticationFailed):
+            await admission.authenticate(f"junk-{i}")
+        outcomes.append("refused by review")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(junk, i)
+        await trio.sleep(0.01)
+        started = trio.current_time()
+        with pytest.raises(AdmissionRefused):
+            await admission.authenticate("good-a")
+        assert trio.current_time() == started  # refused without waiting
+        assert admission.statistics().refused_full == 1
+        fake.gate.set()
+    assert outcomes == ["refused by review"] * 4
+    assert (await admission.authenticate("good-a")).node_name == "a"
+
+
+async def test_answers_are_cached_by_token_hash_for_a_short_time(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeAuthenticator()
+    admission = Admission(fake, cache_ttl=5.0)
+    for _ in range(100):
+        with pytest.raises(AuthenticationFailed):
+            await admission.authenticate("junk")
+        assert (await admission.authenticate("good-a")).node_name == "a"
+    assert fake.reviews == ["junk", "good-a"]
+    assert admission.statistics().cache_hits == 198
+    # Kept by hash, never the token itself.
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in admission._cache)
+    assert hashlib.sha256(b"junk").digest() in admission._cache
+    await trio.sleep(5.0)
+    await admission.authenticate("good-a")
+    assert fake.reviews == ["junk", "good-a", "good-a"]
+
+
+async def test_one_token_on_many_streams_at_once_is_reviewed_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeAuthenticator()
+    admission = Admission(fake, queue_limit=2)
+    names: list[str] = []
+
+    async def one() -> None:
+        names.append((await admission.authenticate("good-b")).node_name)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(one)
+    assert names == ["b"] * 50
+    assert fake.reviews == ["good-b"]
+    assert admission.statistics().refused_full == 0
+
+
+async def test_a_review_that_could_not_be_made_is_not_cached(
+        autojump_clock: trio.testing.MockClock) -> None:
+    class Unreachable:
+        calls = 0
+
+        async def authenticate(self, token: str) -> Identity:
+            self.calls += 1
+            raise OSError("the API server is unreachable")
+
+    inner = Unreachable()
+    admission = Admission(inner)
+    for _ in range(3):
+        with pytest.raises(OSError):
+            await admission.authenticate("good-a")
+    assert inner.calls == 3
+    assert admission.statistics().waiting == 0
