@@ -135,6 +135,10 @@ from vpblu.node.kernel.wireguard import (
 )
 
 DEFAULT_BRIDGE_SUFFIX = "-rot"
+# The bridge's UDP port is the primary's + 1: the second port operators open between
+# nodes. The TunnelPolicy CRD keeps listenPort at most MAX_UDP_PORT - 1 for it.
+BRIDGE_PORT_OFFSET = 1
+MAX_UDP_PORT = 65535
 # A handshake takes one round trip; 12 s also covers one REKEY_TIMEOUT (5 s) retry when the
 # first initiation is lost, and stays far below REKEY_ATTEMPT_TIME (90 s).
 PREWARM_TIMEOUT = 12.0
@@ -178,8 +182,18 @@ class BridgeLayout:
 
     @classmethod
     def for_primary(cls, primary: str, listen_port: int, table: int, fwmark: int) -> BridgeLayout:
+        """The bridge listens on `listen_port` + 1; RotationError when there is no such
+        port (the TunnelPolicy CRD refuses listenPort 65535; an object stored before
+        that rule, or a daemon configured by hand, ends here, and the rotation rolls
+        back with this message in the node's lastRotation)."""
+        bridge_port = listen_port + BRIDGE_PORT_OFFSET
+        if not 1 <= bridge_port <= MAX_UDP_PORT:
+            raise RotationError(
+                f"listen port {listen_port} leaves no port for the rotation bridge "
+                f"(listen port + {BRIDGE_PORT_OFFSET}); use a listen port up to "
+                f"{MAX_UDP_PORT - BRIDGE_PORT_OFFSET}")
         return cls(
-            primary, primary + DEFAULT_BRIDGE_SUFFIX, listen_port, listen_port + 1, table, fwmark
+            primary, primary + DEFAULT_BRIDGE_SUFFIX, listen_port, bridge_port, table, fwmark
         )
 
 
