@@ -73,6 +73,7 @@ class ControllerMetrics:
                               registry=r)
         self.nodes_ready = Gauge("vpblu_nodes_ready", "Nodes whose Ready condition is True",
                                  registry=r)
+        self.nodes = Gauge("vpblu_nodes", "Nodes in the leader's desired state", registry=r)
         self.generation = Gauge("vpblu_generation",
                                 "The leader's current desired-state generation", registry=r)
         self.rotations = Counter("vpblu_rotations", "Key rotations that ended, by outcome",
@@ -93,6 +94,13 @@ class ControllerMetrics:
         for phase in ("Prepare", "Distribute", "Activate", "Retire", "RollingBack"):
             self.rotation_phase.labels(phase)
         self._rotating: dict[str, str] = {}
+        self._server: _ServerCollector | None = None
+
+    def read_server(self, server: MeshServerLike) -> None:
+        """Serve what the Mesh server counts (once per process: it outlives leadership)."""
+        if self._server is None:
+            self._server = _ServerCollector(server)
+            self.registry.register(self._server)
 
     def rotation_recorded(self, node: str, phase: str | None, outcome: str | None) -> None:
         """A rotation record was persisted: `phase` None means it ended (`outcome`)."""
@@ -107,6 +115,32 @@ class ControllerMetrics:
             counts[p] = counts.get(p, 0) + 1
         for p in ("Prepare", "Distribute", "Activate", "Retire", "RollingBack"):
             self.rotation_phase.labels(p).set(counts.get(p, 0))
+
+
+class MeshServerStatisticsLike(Protocol):
+    @property
+    def pushed_bytes(self) -> dict[str, int]: ...
+
+
+class MeshServerLike(Protocol):
+    """The part of `vpblu.stream.transport.MeshServer` the controller's metrics read."""
+
+    def statistics(self) -> MeshServerStatisticsLike: ...
+
+
+PUSH_KINDS = ("sync", "delta", "other")
+
+
+class _ServerCollector(Collector):
+    def __init__(self, server: MeshServerLike) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        pushed = self._server.statistics().pushed_bytes
+        yield _counter("vpblu_push_bytes",
+                       "Protobuf bytes of the messages handed to daemon streams (before gRPC, "
+                       "HTTP/2 and TLS framing), by kind: sync, delta, other", 0.0, ["kind"],
+                       [([kind], pushed.get(kind, 0)) for kind in PUSH_KINDS])
 
 
 class DaemonMetrics:

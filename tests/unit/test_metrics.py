@@ -14,8 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vpblu.core import wire
 from vpblu.core.convergence import ConvergenceTracker
+from vpblu.core.model import ListenPortChanged, NodeDesiredState
 from vpblu.metrics import ControllerMetrics, DaemonMetrics
 from vpblu.node.stream import StreamStatistics
+from vpblu.stream.pushencoder import PushEncoder
 
 NOW = 10_000.0
 
@@ -90,8 +92,26 @@ def test_a_daemon_without_telemetry_yet_still_exposes_its_stream() -> None:
     assert "vpblu_peers" not in got
 
 
+@attrs.frozen
+class FakeServerStatistics:
+    pushed_bytes: dict[str, int]
+
+
+@attrs.define
+class FakeServer:
+    """A MeshServer as the metrics see it: its statistics."""
+
+    pushed: dict[str, int] = attrs.field(factory=dict)
+
+    def statistics(self) -> FakeServerStatistics:
+        return FakeServerStatistics(dict(self.pushed))
+
+
 def controller_exposition() -> bytes:
     metrics = ControllerMetrics()
+    metrics.read_server(FakeServer({"sync": 1200, "delta": 340}))
+    metrics.nodes.set(3)
+    metrics.nodes_ready.set(2)
     metrics.convergence.observe(0.03)
     metrics.pushes.labels("delta").inc(5)
     metrics.rotation_recorded("n1", "Distribute", None)
@@ -107,6 +127,19 @@ def test_the_controller_exposes_convergence_pushes_and_rotations() -> None:
     phases = {labels["phase"]: v for labels, v in got["vpblu_rotations_in_progress"]}
     assert phases["Distribute"] == 1 and phases["Prepare"] == 0
     assert ({"outcome": "Completed"}, 1) in got["vpblu_rotations_total"]
+    pushed = {labels["kind"]: v for labels, v in got["vpblu_push_bytes_total"]}
+    assert pushed == {"sync": 1200, "delta": 340, "other": 0}
+    assert got["vpblu_nodes"] == [({}, 3)] and got["vpblu_nodes_ready"] == [({}, 2)]
+
+
+def test_push_bytes_are_what_the_encoder_handed_to_streams() -> None:
+    encoder = PushEncoder()
+    state = NodeDesiredState("n1", 51820, [], [])
+    sync = encoder.encode(wire.SyncState(7, state))
+    delta = encoder.encode(wire.Delta(8, 7, (ListenPortChanged(51821),)))
+    other = encoder.encode(wire.Refused("no"))
+    assert encoder.encoded_bytes == {"sync": len(sync), "delta": len(delta),
+                                     "other": len(other)}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None,

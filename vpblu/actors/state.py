@@ -475,6 +475,7 @@ class StateActor:
         self._pushed_now = None
         if self._metrics is not None:
             self._metrics.generation.set(generation)
+            self._metrics.nodes.set(len(self._states()))
         await self._report_conditions(self._result.conditions)
         await self._report_rotation_views()
 

@@ -176,6 +176,10 @@ class PushEncoder:
         # entry when the value dies and proves on lookup that the id still
         # names the same object.
         self._cache: dict[int, tuple[weakref.ref[Peer | Route | CidrPair | DataPath], bytes]] = {}
+        # Bytes encoded for the streams so far, by kind ("sync", "delta",
+        # "other"): every message a stream sends is encoded here once (the
+        # controller's vpblu_push_bytes_total).
+        self.encoded_bytes: dict[str, int] = {"sync": 0, "delta": 0, "other": 0}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -247,6 +251,13 @@ class PushEncoder:
 
     def encode(self, message: wire.ControllerMessage) -> bytes:
         """The serialized pb.ControllerMessage, byte for byte what the codec makes."""
+        data = self._encode(message)
+        kind = ("sync" if isinstance(message, wire.SyncState)
+                else "delta" if isinstance(message, wire.Delta) else "other")
+        self.encoded_bytes[kind] += len(data)
+        return data
+
+    def _encode(self, message: wire.ControllerMessage) -> bytes:
         match message:
             case wire.SyncState(generation, state):
                 sync = (_uint(_SYNC_GENERATION, generation)

@@ -843,6 +843,9 @@ class MeshServerStatistics:
     refused: dict[str, int]  # streams refused or cut by a limit, by REFUSED_* reason
     live: int  # streams being served
     admission: AdmissionStatistics
+    # Protobuf bytes of what the streams were handed to send, by kind (sync,
+    # delta, other), since the server was made.
+    pushed_bytes: dict[str, int] = attrs.field(factory=dict)
 
 
 class _MeshServerProtocol(_MeshProtocol):
@@ -903,7 +906,8 @@ class MeshServer:
 
     def statistics(self) -> MeshServerStatistics:
         return MeshServerStatistics(dict(self._refusals), len(self._service.live),
-                                    self.admission.statistics())
+                                    self.admission.statistics(),
+                                    dict(self._service.encoder.encoded_bytes))
 
     def redirect_to(self, leader: str | None) -> None:
         """From now on answer new streams with a Redirect to `leader` (this
