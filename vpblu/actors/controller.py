@@ -102,10 +102,11 @@ async def run_controller(
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
         streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
         authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
-        server = MeshServer(host=host, port=port, tls=settings.tls,
-                            authenticator=authenticator, new_streams=streams_send)
-        view = Leadership()
         metrics = ControllerMetrics()
+        server = MeshServer(host=host, port=port, tls=settings.tls,
+                            authenticator=authenticator, new_streams=streams_send,
+                            on_refused=lambda reason: metrics.stream_refusals.labels(reason).inc())
+        view = Leadership()
         metrics.leader.set_function(lambda: 1.0 if view.leading else 0.0)
         children = [] if settings.metrics_listen is None else [
             metrics_child(metrics.registry, settings.metrics_listen,
