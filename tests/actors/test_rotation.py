@@ -37,6 +37,9 @@ class FakeRotationPorts:
     faults: dict[tuple[str, Step], str | None] = attrs.Factory(dict)
     connected: Callable[[str], bool] = lambda _node: True
     peers: tuple[str, ...] = PEERS  # who peers with the rotating node
+    # Called with each step as it is sent (before it is answered): a test's way to
+    # change the cluster at a chosen point of the rotation.
+    on_send: Callable[[FakeRotationPorts, str, Step], None] = lambda _p, _n, _s: None
 
     async def persist(self, node: str, record: RotationRecord | None, *,
                       public_key: str | None = None, last: LastRotation | None = None) -> None:
@@ -56,6 +59,7 @@ class FakeRotationPorts:
         if not self.connected(node):
             return
         self.log.append(f"send {step.step.name} {node}")
+        self.on_send(self, node, step.step)
         key = (node, step.step)
         if key in self.faults and self.faults[key] is None:
             return
@@ -317,3 +321,92 @@ async def test_results_for_another_stamp_during_a_step_are_dropped_and_the_rotat
     assert actor.statistics().completed == 1
     assert actor.statistics().results_dropped == 2 * len(HAPPY)
     assert actor._results == {}
+
+
+# --- peers that join while a rotation runs (issue 24) ------------------------------------
+
+
+def join_at(node: str, step: Step, newcomer: str) -> Callable[[FakeRotationPorts, str, Step],
+                                                               None]:
+    def hook(ports: FakeRotationPorts, to: str, sent: Step) -> None:
+        if (to, sent) == (node, step) and newcomer not in ports.peers:
+            ports.peers = (*ports.peers, newcomer)
+    return hook
+
+
+async def test_a_peer_that_joins_before_activate_is_put_on_the_bridge_and_distributed_to(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, on_send=join_at("c", Step.DISTRIBUTE, "d"))
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    # Prepare again (the daemon puts every peer of its primary on the bridge, d too),
+    # Distribute to d alone, and d is in every later step.
+    assert ports.sent() == [
+        "send PREPARE a", "send DISTRIBUTE b", "send DISTRIBUTE c",
+        "send PREPARE a", "send DISTRIBUTE d", "send ACTIVATE a",
+        "send SWITCH_PEER b", "send SWITCH_PEER c", "send SWITCH_PEER d",
+        "send RETIRE_ROTATING a", "send RETIRE_PEER b", "send RETIRE_PEER c",
+        "send RETIRE_PEER d"]
+    assert ports.lasts[0].outcome == "Completed"
+    # A new leader would find d among the peers from the second Prepare on.
+    records = [r for r in ports.persisted if r is not None]
+    assert records[3].peers == ("b", "c", "d") and records[3].new_public_key == NEW
+
+
+async def test_a_peer_that_joins_after_activate_gets_the_switch(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, on_send=join_at("a", Step.ACTIVATE, "d"))
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    assert ports.sent() == [*HAPPY[:4], "send SWITCH_PEER b", "send SWITCH_PEER c",
+                            "send SWITCH_PEER d", "send RETIRE_ROTATING a",
+                            "send RETIRE_PEER b", "send RETIRE_PEER c", "send RETIRE_PEER d"]
+    assert ports.lasts[0].outcome == "Completed"
+
+
+async def test_a_peer_that_joins_during_the_switch_is_switched_in_the_next_round(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+    ports = FakeRotationPorts(send, on_send=join_at("c", Step.SWITCH_PEER, "d"))
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    assert ports.sent() == [*HAPPY[:6], "send SWITCH_PEER d", "send RETIRE_ROTATING a",
+                            "send RETIRE_PEER b", "send RETIRE_PEER c", "send RETIRE_PEER d"]
+
+
+async def test_a_newcomer_that_does_not_know_the_node_yet_is_asked_again(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The controller learns of d before d's daemon has applied a as a peer: d's
+    Distribute fails at first and is tried again, the rotation goes on."""
+    send, receive = channel()
+
+    def join_then_heal(ports: FakeRotationPorts, to: str, sent: Step) -> None:
+        if (to, sent) == ("c", Step.DISTRIBUTE) and "d" not in ports.peers:
+            ports.peers = (*ports.peers, "d")
+            ports.faults[("d", Step.DISTRIBUTE)] = "not a peer of this node"
+        elif (to, sent) == ("d", Step.DISTRIBUTE) and ports.sent().count(
+                "send DISTRIBUTE d") == 2:
+            ports.faults.clear()  # the first was refused; d has applied a by now
+
+    ports = FakeRotationPorts(send, on_send=join_then_heal)
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    assert ports.lasts[0].outcome == "Completed"
+    assert ports.sent().count("send DISTRIBUTE d") == 2
+    assert not any("ROLL_BACK" in e for e in ports.sent())
+
+
+async def test_a_newcomer_that_never_takes_the_step_rolls_the_rotation_back(
+        autojump_clock: trio.testing.MockClock) -> None:
+    send, receive = channel()
+
+    def join_broken(ports: FakeRotationPorts, to: str, sent: Step) -> None:
+        if (to, sent) == ("c", Step.DISTRIBUTE) and "d" not in ports.peers:
+            ports.peers = (*ports.peers, "d")
+            ports.faults[("d", Step.DISTRIBUTE)] = "boom"
+
+    ports = FakeRotationPorts(send, on_send=join_broken)
+    await run_one(ports, receive, view(rotate_now="t1"), wait=lambda p: bool(p.lasts))
+    assert ports.lasts[0].outcome == "RolledBack" and "boom" in ports.lasts[0].message
+    # The newcomer rolls back too (its bridge may exist).
+    assert ports.sent()[-5:] == ["send ROLL_BACK_ROTATING a", "send ROLL_BACK_PEER b",
+                                 "send ROLL_BACK_PEER c", "send ROLL_BACK_PEER d",
+                                 "send ABANDON_ROTATING a"]

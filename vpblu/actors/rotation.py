@@ -26,6 +26,15 @@ a rollback continue at the recorded step. The StateActor publishes R's key to
 its peers from the same record (`RotationRecord.published_key`: K until Retire),
 so an ordinary PeerChanged never swaps R's key in place.
 
+A peer that joins while a rotation runs (a new node, or one whose peering began)
+is brought in where it stands: before Activate, R is sent Prepare again (the
+daemon makes its bridge's entries match its primary's peers, the newcomer's
+included; K' stays) and the newcomer gets Distribute, so Activate finds every
+peer on the bridge; after Activate, the newcomer holds K while R's primary
+answers with K' only, and its Switch is all it needs. The peer set is read
+again before Activate and before each round of Switches, and the record's peers
+grow with it, so a new leader resumes with the newcomers too.
+
 One node at a time across the cluster: a rotation holds the `RotationToken`
 from its first step to its last. It never sees a private key (K' is made on R
 and only K'.pub comes back), and it never talks to the API server or a stream
@@ -66,6 +75,11 @@ SEQUENCE_BITS = 32
 ROTATION_MAILBOX = 64
 SCHEDULE_TRIGGER = "schedule"
 PEERS_TIMEOUT = 10.0
+# Peers that join mid-rotation: how often the peer set is read again at one point of
+# the rotation (each round brings in what joined during the previous one), and how
+# often bringing them in is tried before the rotation rolls back.
+LATE_PEER_ROUNDS = 5
+LATE_PEER_RETRIES = 4
 
 
 class RotationPorts(Protocol):
@@ -274,6 +288,7 @@ class RotationActor:
                 raise StepFailed(f"{self._node} staged no new key")
             record = attrs.evolve(record, new_public_key=new_key)
             await self._forward(record, RotationPhase.DISTRIBUTE, Step.DISTRIBUTE, record.peers)
+            record = await self._bring_in_late_peers(record)
             await self._forward(record, RotationPhase.ACTIVATE, Step.ACTIVATE, [self._node])
         except StepFailed as exc:
             await self._roll_back(self._record or record, str(exc))
@@ -308,8 +323,19 @@ class RotationActor:
                 await self._roll_back(record, "resumed by a new leader", start=record.step)
 
     async def _retire(self, record: RotationRecord, start: Step) -> None:
-        order = [(Step.SWITCH_PEER, record.peers), (Step.RETIRE_ROTATING, (self._node,)),
-                 (Step.RETIRE_PEER, record.peers)]
+        if _rank(start) <= _rank(Step.SWITCH_PEER):
+            # Peers that joined after Activate hold K for this node while its primary
+            # already answers with K' only: their switch is all they need (their
+            # primary takes K', and this node's primary has them since they joined).
+            switched: set[str] = set()
+            for _ in range(LATE_PEER_ROUNDS):
+                record = await self._with_current_peers(record)
+                todo = [p for p in record.peers if p not in switched]
+                if not todo:
+                    break
+                await self._until_done(record, RotationPhase.RETIRE, Step.SWITCH_PEER, todo)
+                switched.update(todo)
+        order = [(Step.RETIRE_ROTATING, (self._node,)), (Step.RETIRE_PEER, record.peers)]
         steps = [s for s in order if _rank(s[0]) >= _rank(start)]
         for step, nodes in steps:
             await self._until_done(record, RotationPhase.RETIRE, step, nodes)
@@ -333,6 +359,57 @@ class RotationActor:
                          self._ports.wall_clock(), reason[:1000])))
         self._record = None
         self._rolled_back += 1
+
+    # --- peers that join while the rotation runs -----------------------------------------
+
+    async def _with_current_peers(self, record: RotationRecord) -> RotationRecord:
+        """`record` with every node that peers with this one now added to its peers
+        (never removed: a peer that left just answers its steps with nothing to do, or
+        is not connected, and a removed entry is pruned by the ordinary apply)."""
+        try:
+            now = await self._ports.peers_of(self._node)
+        except PeersUnknown as exc:
+            log.warning("node %s: %s; the rotation's peers stay as they were", self._node, exc)
+            return record
+        late = set(now) - set(record.peers)
+        if not late:
+            return record
+        log.info("node %s: rotation %s: %s joined while it runs", self._node,
+                 record.rotation_id, ", ".join(sorted(late)))
+        return attrs.evolve(record, peers=tuple(sorted({*record.peers, *late})))
+
+    async def _bring_in_late_peers(self, record: RotationRecord) -> RotationRecord:
+        """Before Activate moves every route of this node into its bridge, every peer
+        must be on that bridge and have its own (Distribute). A peer that joined since
+        Prepare is on neither: Prepare again (idempotent on the daemon: the same K',
+        and the bridge's entries made to match the primary's peers, the new one
+        included), then Distribute to the newcomers. The daemon learns a newcomer
+        from its desired state a moment after the controller does, so a refusal is
+        retried (`LATE_PEER_RETRIES`) before it fails the rotation (and rolls back)."""
+        for _ in range(LATE_PEER_ROUNDS):
+            grown = await self._with_current_peers(record)
+            late = [p for p in grown.peers if p not in record.peers]
+            if not late:
+                return record
+            delay = RETRY_INITIAL
+            for attempt in range(LATE_PEER_RETRIES):
+                try:
+                    answers = await self._forward(grown, RotationPhase.PREPARE, Step.PREPARE,
+                                                  [self._node])
+                    if answers[self._node].new_public_key != grown.new_public_key:
+                        raise StepFailed(f"{self._node} staged another key on Prepare again")
+                    await self._forward(grown, RotationPhase.DISTRIBUTE, Step.DISTRIBUTE,
+                                        late)
+                    break
+                except StepFailed as exc:
+                    if attempt + 1 == LATE_PEER_RETRIES:
+                        raise
+                    log.warning("node %s: rotation %s: bringing in %s: %s; again in %.0fs",
+                                self._node, grown.rotation_id, ", ".join(late), exc, delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+            record = grown
+        return record
 
     # --- steps --------------------------------------------------------------------------
 
