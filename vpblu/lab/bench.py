@@ -625,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vpblu.lab.bench", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                        type=lambda s: tuple(int(x) for x in s.split(",")),
+                        type=lambda s: tuple(int(x) for x in s.split(",") if x),
                         help="comma-separated node counts (default 10,100,1000)")
     parser.add_argument("--compare", action="store_true",
                         help="also run every size with whole-state pushes instead of deltas")
@@ -634,6 +634,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default all;"
                              " the mesh is formed once even when formation is left out)")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    parser.add_argument("--real-stack", default="", metavar="SIZES",
+                        type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                        help="also run the real-stack scenario (vpblu.lab.realstack: the local"
+                             " cluster with real daemons) at these sizes, e.g. 3,10; with"
+                             " --sizes '' only it runs")
+    parser.add_argument("--real-stack-repeats", type=int, default=5,
+                        help="rounds of leave, rejoin and new-machine join per size")
+    parser.add_argument("--real-stack-logs", type=Path, default=None, metavar="DIR",
+                        help="keep the real-stack clusters' controller and daemon logs here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample the controller with py-spy during every event and"
@@ -657,6 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # peers, and the default collector thresholds would make the harness,
     # not the controller, the slow part (the controller sets the same).
     gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
+    if not args.sizes:
+        if not args.real_stack:
+            parser.error("nothing to run: --sizes is empty and --real-stack not given")
+        from vpblu.lab import realstack
+        realstack.main(args.real_stack, args.real_stack_repeats, args.out,
+                       args.real_stack_logs)
+        return 0
     print("starting the test API server...", flush=True)
     try:
         with TestEnv.start() as env, _workdir() as workdir, ThreadPoolExecutor(
@@ -688,6 +704,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     png = args.out / f"bench-{stamp}.png"
     if plot(summaries, png):
         print(f"wrote {png}")
+    if args.real_stack:
+        from vpblu.lab import realstack
+        realstack.main(args.real_stack, args.real_stack_repeats, args.out,
+                       args.real_stack_logs)
     return 0
 
 
