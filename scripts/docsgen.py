@@ -188,10 +188,12 @@ def _anchor(path: str) -> str:
 
 def _render_field(field: _Field) -> list[str]:
     schema = field.schema
-    facts = [f"**{_type_of(schema)}**"]
+    facts = [f"Type: *{_type_of(schema)}*"]
     if "default" in schema:
-        facts.append(f"default {_code(schema['default'])}")
-    facts += _limits(schema, field.required)
+        facts.append(f"Default: {_code(schema['default'])}")
+    limits = _limits(schema, field.required)
+    if limits:
+        facts.append("Limits: " + "; ".join(limits))
     lines = [f"#### `{field.path}` {{ #{_anchor(field.path)} }}", "", " · ".join(facts), "",
              field.description, ""]
     for rule in _rules(schema):
@@ -200,8 +202,8 @@ def _render_field(field: _Field) -> list[str]:
             raise DocsError(f"field {field.path}: CEL rule {rule['rule']!r} has no message")
         scope = "each item: " if rule.get("each") else ""
         extra = f" (reason `{rule['reason']}`)" if "reason" in rule else ""
-        lines.append(f"- {scope}{_code(rule['rule'])}  \n  refused with: *{_oneline(message)}*"
-                     f"{extra}")
+        lines.append(f"- Rule: {scope}{_code(rule['rule'])}  \n  refused with: "
+                     f"*{_oneline(message)}*{extra}")
     if _rules(schema):
         lines.append("")
     return lines
@@ -216,7 +218,7 @@ def crd_page(path: Path) -> tuple[str, str]:
     out = [f"# {kind}", ""]
     short = ", ".join(f"`{s}`" for s in names.get("shortNames", []))
     out += [
-        "| | |", "|---|---|",
+        "| property | value |", "|---|---|",
         f"| API group | `{spec['group']}` |",
         f"| scope | {spec['scope']} |",
         f"| plural | `{names['plural']}` |",
@@ -243,8 +245,8 @@ def crd_page(path: Path) -> tuple[str, str]:
                     "|---|---|---|---|---|"]
             for col in columns:
                 shown = "with `-o wide`" if col.get("priority", 0) > 0 else "always"
-                path = _code(col["jsonPath"], table=True)
-                out.append(f"| {col['name']} | {col['type']} | {path} | {shown} | "
+                json_path = _code(col["jsonPath"], table=True)
+                out.append(f"| {col['name']} | {col['type']} | {json_path} | {shown} | "
                            f"{_oneline(col.get('description', '')) or '-'} |")
             out.append("")
         rules = _rules(schema)
@@ -365,6 +367,11 @@ def _ms(value: float) -> str:
     return f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.0f} ms"
 
 
+def _stamp(name: str) -> str:
+    """`bench-20261124T012905Z.json` -> `20261124T012905Z` (the run's UTC start)."""
+    return f"`{name.removeprefix('bench-').removesuffix('.json')}`"
+
+
 def bench_page(results: Path) -> tuple[str, Path | None]:
     """The benchmark table (newest measurement of each row) and the newest plot."""
     files = sorted(results.glob("bench-*.json"))
@@ -380,7 +387,7 @@ def bench_page(results: Path) -> tuple[str, Path | None]:
             rss[key] = (value, path.name)
     order = list(SCENARIOS)
     table = ["| event | N | pushes | p50 | p95 | p99 | events | KiB sent / event "
-             "| controller CPU / event | from |",
+             "| controller CPU / event | run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (scenario, n, mode), (s, name) in sorted(
             rows.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 99,
@@ -388,17 +395,18 @@ def bench_page(results: Path) -> tuple[str, Path | None]:
         table.append(
             f"| {SCENARIOS.get(scenario, scenario)} | {n} | {mode} | {_ms(s['p50_ms'])} | "
             f"{_ms(s['p95_ms'])} | {_ms(s['p99_ms'])} | {s['count']} | "
-            f"{s['bytes'] / 1024:,.1f} | {_ms(s['cpu_ms'])} | `{name}` |")
-    rss_table = ["| run | controller peak RSS | from |", "|---|---|---|"]
+            f"{s['bytes'] / 1024:,.1f} | {_ms(s['cpu_ms'])} | {_stamp(name)} |")
+    rss_table = ["| pushes-N | controller peak RSS | run |", "|---|---|---|"]
     for key, (value, name) in sorted(rss.items(), key=lambda kv: (kv[0].split("-")[0],
                                                                   int(kv[0].split("-")[-1]))):
-        rss_table.append(f"| {key} | {value / 2**20:.0f} MiB | `{name}` |")
+        rss_table.append(f"| {key} | {value / 2**20:.0f} MiB | {_stamp(name)} |")
     plots = sorted(results.glob("bench-*.png"))
     text = "\n".join([
         "## Results", "",
         "Generated at build time from `bench/results/bench-*.json`: each row is the newest "
-        "file that measured that event, size and push mode. *pushes*: `delta` is what "
-        "vpblu runs; `full` is the `--compare` baseline of whole-state pushes.", "",
+        "run that measured that event, size and push mode (*run* names "
+        "`bench/results/bench-<run>.json`). *pushes*: `delta` is what vpblu runs; `full` "
+        "is the `--compare` baseline of whole-state pushes.", "",
         *table, "", *rss_table, "",
         *([f"![Latency by N, from {plots[-1].name}](bench-latest.png)", ""] if plots else []),
     ])

@@ -89,7 +89,7 @@ def test_the_crd_reference_shows_every_field_rule_and_column(site: Path) -> None
         assert rule["rule"] in page and rule["message"] in page
     for column in version["additionalPrinterColumns"]:
         assert column["jsonPath"] in page
-    assert "default 51820" in page and "maximum 65535" in page
+    assert "Default: 51820" in page and "maximum 65535" in page
 
 
 def test_the_cli_reference_is_the_parser(site: Path) -> None:
