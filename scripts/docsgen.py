@@ -149,8 +149,8 @@ def _below(schema: Mapping[str, Any], path: str, where: str, name: str) -> Itera
         yield from _walk(schema, path, False, where)
 
 
-def _limits(schema: Mapping[str, Any], required: bool) -> list[str]:
-    out = ["required"] if required else []
+def _limits(schema: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
     for key, template in LIMIT_KEYS:
         if key in schema:
             out.append(template.format(schema[key]))
@@ -189,9 +189,11 @@ def _anchor(path: str) -> str:
 def _render_field(field: _Field) -> list[str]:
     schema = field.schema
     facts = [f"Type: *{_type_of(schema)}*"]
+    if field.required:
+        facts.append("**required**")
     if "default" in schema:
         facts.append(f"Default: {_code(schema['default'])}")
-    limits = _limits(schema, field.required)
+    limits = _limits(schema)
     if limits:
         facts.append("Limits: " + "; ".join(limits))
     lines = [f"#### `{field.path}` {{ #{_anchor(field.path)} }}", "", " · ".join(facts), "",
@@ -344,7 +346,7 @@ def cli_page() -> str:
         sys.path.remove(str(ROOT))
     parser.prog = "vpblu"
     # Usage lines wrap at the terminal's width: fix it, so every build is the same.
-    with mock.patch.dict(os.environ, {"COLUMNS": "100"}):
+    with mock.patch.dict(os.environ, {"COLUMNS": "80"}):
         return _cli_text(parser)
 
 

@@ -175,6 +175,7 @@ def _serve(root: Path) -> Iterator[str]:
 def _screenshot(url: str, png: Path, netlog: Path, profile: Path) -> None:
     """Headless Chromium renders `url` into `png`; every name but 127.0.0.1
     resolves to nothing, so the page renders from the site alone."""
+    assert Path(CHROMIUM).exists(), "no chromium: `make setup-system` installs Debian's"
     argv = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
             f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
             "--no-first-run", "--disable-background-networking", "--disable-sync",
