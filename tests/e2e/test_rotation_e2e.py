@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -26,7 +27,7 @@ import pytest
 
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
 from tests.e2e.flowprobe import READY, RECEIVING
-from tests.e2e.procs import Helper, Reaper, raise_if_killed, reap, stop
+from tests.e2e.procs import STDERR, Helper, Reaper, raise_if_killed, reap, reaped, stop
 from tests.e2e.test_acceptance import (
     FLOW_READY_TIMEOUT,
     FLOW_STOP_TIMEOUT,
@@ -34,7 +35,9 @@ from tests.e2e.test_acceptance import (
     probe_argv,
 )
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
-from vpblu.lab.localcluster import LocalCluster, Node, Pod
+from vpblu.lab.localcluster import LocalCluster, Node, Pod, nsenter
+from vpblu.node.config import MESH_TABLE
+from vpblu.node.rotation import DEFAULT_BRIDGE_SUFFIX
 from vpblu.node.stepguard import STAMP_FILE_NAME
 
 CONVERGE_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
@@ -346,3 +349,175 @@ def test_an_invalid_cron_string_is_refused_or_reported(healthy: LocalCluster) ->
         assert "'61 * * * *' is not a valid cron schedule" in found["message"], found
     finally:
         cluster.delete("rotationpolicy", "bad-minute")
+
+
+# --- the rotation bridge carries full-size TCP, MSS clamped --------------------------------
+
+# Long enough to run a transfer while the rotating node sends through its bridge
+# (Activate done, Retire not begun); the rotation waits this long whatever the test does.
+BRIDGE_OVERLAP_SECONDS = 30
+NEVER_BY_SCHEDULE = "0 0 1 1 *"  # once a year: only rotate-now rotates in these tests
+IPERF_PORT = 5201
+IPERF_BYTES = "8M"
+IPERF_TIMEOUT = 60.0
+CAPTURE_READY_TIMEOUT = 15.0
+OVERLAP_ATTEMPTS = 3
+
+
+def tunnel_routes(cluster: LocalCluster, node: Node) -> dict[str, str]:
+    """The node's mesh-table routes into a tunnel (its primary or its rotation
+    bridge; not the fail-closed sink's): destination -> interface."""
+    out = cluster.exec_in(node.netns, "ip", "-j", "route", "show", "table",
+                          str(MESH_TABLE)).stdout
+    tunnels = {node.interface, node.interface + DEFAULT_BRIDGE_SUFFIX}
+    return {r["dst"]: r["dev"] for r in json.loads(out or "[]") if r.get("dev") in tunnels}
+
+
+def all_into(cluster: LocalCluster, node: Node, interface: str) -> bool:
+    routes = tunnel_routes(cluster, node)
+    return bool(routes) and set(routes.values()) == {interface}
+
+
+def rotation_policy(name: str, node: Node, overlap: int) -> dict[str, Any]:
+    return {"apiVersion": "vpblu.io/v1alpha1", "kind": "RotationPolicy",
+            "metadata": {"name": name},
+            "spec": {"schedule": NEVER_BY_SCHEDULE, "overlapSeconds": overlap,
+                     "nodes": [node.name]}}
+
+
+def rotate_with_overlap(cluster: LocalCluster, node: Node, label: str) -> tuple[str, str]:
+    """Request a rotation of `node` and return (trigger, rotation id) once it is in its
+    overlap window: the leader said so in its log. A valid RotationPolicy gets no
+    condition, so nothing says when the controller has read it: a rotation that ran
+    without the overlap (the policy not read yet) just ends, and another is asked for."""
+    for _ in range(OVERLAP_ATTEMPTS):
+        trigger = f"{label}-{time.time_ns()}"
+        request_rotation(cluster, node, trigger)
+        record = wait_for_phase(cluster, node, "Activate")
+        said = f"rotation {record['rotationId']} active; peers accept both keys for"
+        found: list[bool] = []
+
+        def overlap_or_ended(said: str = said, found: list[bool] = found,
+                             trigger: str = trigger) -> bool:
+            leader = cluster.leading_controller()
+            if leader is not None and said in leader.log_path.read_text(errors="replace"):
+                found.append(True)
+                return True
+            status = _status(cluster, node)
+            return (status.get("lastRotation") or {}).get("trigger") == trigger
+
+        cluster.wait_for(overlap_or_ended, ROTATION_TIMEOUT,
+                         f"{node.name}'s rotation in its overlap window, or ended")
+        if found:
+            return trigger, str(record["rotationId"])
+        wait_for_outcome(cluster, node, trigger)
+    raise AssertionError(f"no rotation of {node.name} waited for its policy's overlap in "
+                         f"{OVERLAP_ATTEMPTS} attempts")
+
+
+def test_full_size_tcp_through_the_rotation_bridge_is_mss_clamped(
+        healthy: LocalCluster, reaper: Reaper) -> None:
+    """While the rotating node sends everything through its bridge, an 8 MiB iperf3
+    transfer from its pod to a peer's pod completes, and both SYNs on the bridge carry
+    the mesh MSS (mesh MTU - 40), not the pods' 1460: the clamp covers the bridge."""
+    cluster = healthy
+    node, peer = cluster.nodes[0], cluster.nodes[1]
+    bridge = node.interface + DEFAULT_BRIDGE_SUFFIX
+    mesh_mtu = int(json.loads(cluster.exec_in(
+        node.netns, "ip", "-j", "link", "show", node.interface).stdout)[0]["mtu"])
+    name = "e2e-bridge-overlap"
+    cluster.apply(rotation_policy(name, node, BRIDGE_OVERLAP_SECONDS))
+    try:
+        trigger, _ = rotate_with_overlap(cluster, node, "e2e-bridge-mss")
+        cluster.wait_for(lambda: all_into(cluster, node, bridge),
+                         ROTATION_TIMEOUT, f"every tunnel route of {node.name} into {bridge}")
+        syns = reaper.start("tcpdump on the bridge", [
+            *nsenter(node.netns), "tcpdump", "-i", bridge, "-n", "-l", "-c", "2",
+            f"tcp port {IPERF_PORT} and tcp[tcpflags] & tcp-syn != 0"],
+            stderr=subprocess.PIPE)
+        server = reaper.start("iperf3 server", [
+            *nsenter(peer.pods[0].netns), "iperf3", "-s", "-1", "-B", str(peer.pods[0].ip),
+            "-p", str(IPERF_PORT), "--forceflush"])
+        with reaped(syns, server):
+            syns.wait_for_line("listening on", CAPTURE_READY_TIMEOUT,
+                               "tcpdump listening on the bridge", stream=STDERR)
+            server.wait_for_line("Server listening", CAPTURE_READY_TIMEOUT,
+                                 "the iperf3 server listening")
+            client = subprocess.run(
+                [*nsenter(node.pods[0].netns), "iperf3", "-c", str(peer.pods[0].ip),
+                 "-p", str(IPERF_PORT), "-n", IPERF_BYTES, "-J"],
+                capture_output=True, text=True, timeout=IPERF_TIMEOUT, check=False)
+            syns.wait_exit(CAPTURE_READY_TIMEOUT, "the SYN and the SYN-ACK on the bridge")
+            still_bridged = set(tunnel_routes(cluster, node).values())
+        assert client.returncode == 0, client.stdout[-2000:] + client.stderr[-2000:]
+        result = json.loads(client.stdout)
+        assert result["end"]["sum_sent"]["bytes"] >= 8 * 1024 * 1024, result["end"]
+        # The whole transfer went through the bridge: it still carried every route.
+        assert still_bridged == {bridge}, still_bridged
+        lines = syns.lines()
+        print("SYNs on the bridge:", lines)
+        assert len(lines) == 2, syns.describe()
+        assert all(f"mss {mesh_mtu - 40}," in line for line in lines), lines
+        last = wait_for_outcome(cluster, node, trigger)
+        assert last["outcome"] == "Completed", last
+    finally:
+        cluster.delete("rotationpolicy", name)
+
+
+# --- a node added mid-rotation ----------------------------------------------------------------
+
+LATE_OVERLAP_SECONDS = 45  # the newcomer joins, reaches everyone and traffic starts in it
+
+
+def reaches_every_peer(cluster: LocalCluster, node: Node) -> bool:
+    """Its pod pings every other node's pod, and each of them pings it back."""
+    mine = node.pods[0]
+    return all(cluster.ping(mine, other.pods[0].ip) and cluster.ping(other.pods[0], mine.ip)
+               for other in cluster.nodes if other is not node)
+
+
+def test_a_node_added_mid_rotation_reaches_every_peer_and_loses_nothing(
+        healthy: LocalCluster, reaper: Reaper) -> None:
+    """node3 leaves the cluster; node1 starts rotating; in node1's overlap window
+    (Activate done: node1 answers with K' only) node3 joins again with the key it
+    had. The rotation brings it in (its Switch at once), so node3 reaches every pod,
+    and UDP on every pair plus a TCP stream, started then, lose nothing through the
+    rest of the rotation; every node ends with node1's new key."""
+    cluster = healthy
+    rotating, newcomer = cluster.nodes[0], cluster.nodes[2]
+    before = cluster.public_keys()
+    cluster.deregister_node(newcomer)
+    try:
+        def left() -> bool:
+            device = cluster.wg_device(rotating)
+            return device is not None and device.peer(before[newcomer.name]) is None
+
+        cluster.wait_for(left, CONVERGE_TIMEOUT, f"{newcomer.name} gone from {rotating.name}")
+        name = "e2e-late-peer-overlap"
+        cluster.apply(rotation_policy(name, rotating, LATE_OVERLAP_SECONDS))
+        try:
+            trigger, rotation_id = rotate_with_overlap(cluster, rotating, "e2e-late-peer")
+            joined = time.monotonic()
+            cluster.register_node(newcomer)
+            cluster.wait_for(lambda: reaches_every_peer(cluster, newcomer), ROTATION_TIMEOUT,
+                             f"{newcomer.name}, added mid-rotation, reaching every pod")
+            reached = round(time.monotonic() - joined, 2)
+            at_reach = _status(cluster, rotating).get("rotation") or {}
+            with AllTraffic(reaper, cluster) as traffic:
+                # Traffic runs from inside the overlap window through Retire.
+                last = wait_for_outcome(cluster, rotating, trigger)
+                time.sleep(SETTLE_DWELL)
+        finally:
+            cluster.delete("rotationpolicy", name)
+    finally:
+        restore_cluster(cluster)
+    print(f"{newcomer.name} reached every pod {reached} s after joining, rotation "
+          f"{rotation_id} then at {at_reach.get('phase')}/{at_reach.get('step')}; "
+          f"losses: {traffic.losses()}")
+    assert at_reach.get("rotationId") == rotation_id, at_reach  # still rotating
+    assert newcomer.name in at_reach.get("peers", []), at_reach
+    traffic.assert_lossless()
+    assert last["outcome"] == "Completed", last
+    after = cluster.public_keys()
+    assert after[rotating.name] != before[rotating.name]
+    assert_keys_everywhere(cluster, before)

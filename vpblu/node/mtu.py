@@ -16,6 +16,16 @@ pings and handshakes (small) still work. A smaller mesh MTU makes oversize
 DF packets fail loudly (ICMP "fragmentation needed" / EMSGSIZE); the MSS
 clamp makes TCP never try them.
 
+The clamp matches ``<interface>+``, iptables' prefix wildcard, not the mesh
+interface's exact name: during a key rotation the node's mesh routes move into
+the transient bridge ``<interface>-rot`` (vpblu/node/rotation.py), which has
+the mesh MTU too, and full-size TCP through it needs the same clamp; a rule
+keyed on the bridge's own name would have to appear and vanish with every
+rotation, while the wildcard is there before the bridge exists and covers it
+from its first SYN. (It also covers the fail-closed sink ``<interface>-sink``,
+which sends nothing anywhere.) Rules of an older daemon on the exact name are
+replaced.
+
 Must never: touch an iptables rule without the ``vpblu`` comment, add a rule
 that is already there (``iptables -C`` first), or create the mesh interface
 (the NetlinkActor owns its existence; missing, it is checked next time).
@@ -31,12 +41,15 @@ import trio
 from vpblu.messages import CheckMtu, MtuInbox, MtuStatus
 from vpblu.node.config import DaemonConfig
 from vpblu.node.kernel.iptables import ClampRule
+from vpblu.node.rotation import DEFAULT_BRIDGE_SUFFIX
 
 log = logging.getLogger(__name__)
 
 MTU_RECHECK_INTERVAL = 30.0
 # IPv4 20 + TCP 20 bytes of headers between the MTU and the MSS.
 TCP_IPV4_HEADERS = 40
+# iptables -i/-o: a name ending in "+" matches every interface with that prefix.
+IPTABLES_PREFIX_WILDCARD = "+"
 
 
 class MtuKernel(Protocol):
@@ -112,9 +125,9 @@ class MtuActor:
             await self._kernel.set_link_mtu(iface, want_mtu)
             changed = True
         mss = want_mtu - TCP_IPV4_HEADERS
-        wanted = {ClampRule(d, iface, mss) for d in ("-o", "-i")}
+        wanted = {ClampRule(d, clamped_interfaces(iface), mss) for d in ("-o", "-i")}
         for rule, line in await self._kernel.clamp_rules():
-            if rule.interface == iface and rule not in wanted:
+            if rule.interface in _ours(iface) and rule not in wanted:
                 await self._kernel.delete_clamp(line)
                 changed = True
         for rule in sorted(wanted):
@@ -126,8 +139,18 @@ class MtuActor:
         """Remove this interface's clamp and source NAT rules. The MTU goes with
         the interface."""
         for rule, line in await self._kernel.clamp_rules():
-            if rule.interface == self._config.interface:
+            if rule.interface in _ours(self._config.interface):
                 await self._kernel.delete_clamp(line)
         await self._kernel.delete_masquerade(self._config.interface)
 
 
+def clamped_interfaces(interface: str) -> str:
+    """The iptables interface match of the MSS clamp: the mesh interface and every
+    interface named after it, the rotation bridge first of all."""
+    return interface + IPTABLES_PREFIX_WILDCARD
+
+
+def _ours(interface: str) -> frozenset[str]:
+    # The exact names are what daemons before the wildcard wrote.
+    return frozenset({clamped_interfaces(interface), interface,
+                      interface + DEFAULT_BRIDGE_SUFFIX})
