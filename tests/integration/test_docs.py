@@ -15,6 +15,7 @@ import contextlib
 import functools
 import html
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -150,6 +152,30 @@ def test_a_field_without_a_description_fails_the_build(tmp_path: Path) -> None:
     result = _build(tmp_path / "site", crds)
     assert result.returncode != 0
     assert "spec.listenPort has no description" in result.stdout + result.stderr
+
+
+def _docsgen() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docsgen", ROOT / "scripts" / "docsgen.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_table_takes_each_row_from_the_newest_run(tmp_path: Path) -> None:
+    def run(stamp: str, p50: float) -> None:
+        row = {"scenario": "join", "n": 10, "mode": "delta", "count": 5, "p50_ms": p50,
+               "p95_ms": p50, "p99_ms": p50, "messages": 10, "bytes": 2048, "cpu_ms": 7.0}
+        (tmp_path / f"bench-{stamp}.json").write_text(json.dumps(
+            {"summaries": [row], "peak_rss_bytes": {"delta-10": 2**20}}))
+
+    run("20260101T000000Z", 11.0)
+    run("20260102T000000Z", 22.0)
+    text, plot = _docsgen().bench_page(tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| join |")]
+    assert rows == ["| join | 10 | delta | 22 ms | 22 ms | 22 ms | 5 | 2.0 | 7 ms "
+                    "| `20260102T000000Z` |"]
+    assert plot is None
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
