@@ -34,6 +34,7 @@ import attrs
 import trio
 import trio_asyncio
 
+from vpblu.actors.daemonpods import DAEMON_NAMESPACE
 from vpblu.actors.health import HealthSettings
 from vpblu.actors.leader import LeaderActor, LeaseSettings
 from vpblu.actors.leadership import Leadership, LeadershipActor
@@ -46,6 +47,7 @@ from vpblu.messages import LeaderObserved
 from vpblu.metrics import ControllerMetrics
 from vpblu.metricsserver import metrics_child
 from vpblu.stream.identity import TokenReviewAuthenticator
+from vpblu.stream.podbinding import DaemonPods, PodBoundAuthenticator
 from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
 from vpblu.supervisor import ChildSpec, Supervisor, with_inbox_clone
 
@@ -101,7 +103,11 @@ async def run_controller(
         service_ranges = await service_cidrs(kube, settings.service_cidrs)
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
         streams_send, streams_receive = trio.open_memory_channel[NodeStream](NEW_STREAMS)
-        authenticator = TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users)
+        # The token's Pod must be a current daemon Pod on its node (the leader's
+        # DaemonPodsActor keeps `daemon_pods` and ends streams whose Pod went).
+        daemon_pods = DaemonPods(DAEMON_NAMESPACE)
+        authenticator = PodBoundAuthenticator(
+            TokenReviewAuthenticator(kube, allowed_users=settings.daemon_users), daemon_pods)
         metrics = ControllerMetrics()
         server = MeshServer(host=host, port=port, tls=settings.tls,
                             authenticator=authenticator, new_streams=streams_send,
@@ -120,7 +126,7 @@ async def run_controller(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
                     service_cidrs=service_ranges,
                     full_pushes=settings.full_pushes, health=settings.health,
-                    metrics=metrics),
+                    metrics=metrics, daemon_pods=daemon_pods),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(
                 lease_kube, settings.identity, settings.advertise, observed_send.clone(),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from vpblu.actors.daemonpods import DaemonPodsActor
 from vpblu.actors.health import HealthActor, HealthSettings
 from vpblu.actors.rotation import RotationSettings
 from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
@@ -35,6 +36,7 @@ from vpblu.messages import (
     StatusInbox,
 )
 from vpblu.metrics import ControllerMetrics
+from vpblu.stream.podbinding import DaemonPods
 from vpblu.stream.transport import MeshServer, NodeStream
 from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
@@ -44,6 +46,7 @@ STATE_INBOX = 256
 STATUS_INBOX = 256
 ROTATIONS_INBOX = 256
 HEALTH_INBOX = 1024  # a report per session per batch: mass reconnects come in bursts
+ADMITTED_STREAMS = 64  # streams the DaemonPodsActor admitted, on their way to the sessions
 
 DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
 
@@ -94,7 +97,11 @@ class LeadershipActor:
                  service_cidrs: Sequence[IPNetwork] = (),
                  full_pushes: bool = False,
                  health: HealthSettings | None = None,
-                 metrics: ControllerMetrics | None = None) -> None:
+                 metrics: ControllerMetrics | None = None,
+                 daemon_pods: DaemonPods | None = None) -> None:
+        # With `daemon_pods`, every stream passes the DaemonPodsActor (Pod-bound
+        # identity) on its way to the sessions; None: straight there (tests).
+        self._daemon_pods = daemon_pods
         self._health = health or HealthSettings()
         self._metrics = metrics
         self._kube = kube
@@ -149,7 +156,12 @@ class LeadershipActor:
             rotations_send, rotations_receive = trio.open_memory_channel[RotationsInbox](
                 ROTATIONS_INBOX)
             health_send, health_receive = trio.open_memory_channel[HealthInbox](HEALTH_INBOX)
-            kube, metrics = self._kube, self._metrics
+            kube, metrics, pods = self._kube, self._metrics, self._daemon_pods
+            admitted_send, admitted_receive = trio.open_memory_channel[NodeStream](
+                ADMITTED_STREAMS)
+            to_sessions = self._streams if pods is None else admitted_receive
+            gate = [] if pods is None else [ChildSpec("daemon-pods", lambda: DaemonPodsActor(
+                kube, pods, self._streams.clone(), admitted_send.clone(), metrics=metrics).run)]
 
             def watcher(w: Watched) -> ChildSpec:
                 return ChildSpec(f"watch-{w.kind.kind}",
@@ -179,12 +191,14 @@ class LeadershipActor:
                                               metrics=metrics),
                     health_receive)),
                 *(watcher(w) for w in WATCHED),
+                *gate,
                 ChildSpec("sessions", lambda: SessionsActor(
-                    self._streams.clone(), state_send.clone(), status_send.clone(),
+                    to_sessions.clone(), state_send.clone(), status_send.clone(),
                     self._session, health_send.clone()).run),
             ]
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
             async with (state_send, state_receive, status_send, status_receive,
-                        rotations_send, rotations_receive, health_send, health_receive):
+                        rotations_send, rotations_receive, health_send, health_receive,
+                        admitted_send, admitted_receive):
                 task_status.started(scope)
                 await tree.run()

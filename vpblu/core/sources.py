@@ -131,6 +131,7 @@ class DaemonPodSource:
     meta: ObjectMeta
     node_name: str | None
     phase: str
+    terminating: bool = False  # metadata.deletionTimestamp is set
 
 
 Typed = NodeSource | VpbluNodeSource | PolicySource | DaemonPodSource

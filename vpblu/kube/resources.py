@@ -226,4 +226,5 @@ def parse_daemon_pod(raw: RawObject) -> DaemonPodSource:
     meta = meta_of(raw)
     node_name = _field(raw, "spec.nodeName")
     return DaemonPodSource(meta, str(node_name) if node_name else None,
-                           str(_field(raw, "status.phase", "Pending")))
+                           str(_field(raw, "status.phase", "Pending")),
+                           terminating=_field(raw, "metadata.deletionTimestamp") is not None)

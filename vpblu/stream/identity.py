@@ -10,6 +10,9 @@ Kubernetes 1.30. This module must never log, store or echo a token.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -18,6 +21,11 @@ import trio
 
 AUDIENCE = "vpblu"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+# A Pod-bound token names its Pod too (the API server checks, at every review,
+# that a Pod of that name and uid still exists); vpblu.stream.podbinding checks
+# it is a current daemon Pod on the node.
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 TOKEN_REVIEW_TIMEOUT = 10.0
 # TokenReviews in flight at once; the rest wait their turn (see authenticate).
 TOKEN_REVIEW_CONCURRENCY = 16
@@ -29,6 +37,12 @@ class Identity:
 
     node_name: str
     username: str = ""
+    # The Pod the token is bound to ("" for a token not bound to a Pod).
+    pod_name: str = ""
+    pod_uid: str = ""
+    # The token's `exp` claim (Unix time), read once the API server vouched for
+    # the token; None when it has none. A stream ends when it passes.
+    expires_at: float | None = None
 
 
 class AuthenticationFailed(Exception):
@@ -90,4 +104,32 @@ class TokenReviewAuthenticator:
                 f"the token of {username!r} is not bound to a pod on a node "
                 f"(no {NODE_NAME_EXTRA} claim)"
             )
-        return Identity(node_name=str(node_names[0]), username=username)
+        extra = user.get("extra") or {}
+        return Identity(node_name=str(node_names[0]), username=username,
+                        pod_name=_single(extra.get(POD_NAME_EXTRA)),
+                        pod_uid=_single(extra.get(POD_UID_EXTRA)),
+                        expires_at=token_expiry(token))
+
+
+def _single(values: Any) -> str:
+    if isinstance(values, list) and len(values) == 1 and isinstance(values[0], str):
+        return values[0]
+    return ""
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, unverified: call it only on a token the API
+    server has just vouched for (it checked the signature). None when the
+    token is not a JWT or has no numeric `exp`."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp)
