@@ -410,3 +410,32 @@ async def test_a_newcomer_that_never_takes_the_step_rolls_the_rotation_back(
     assert ports.sent()[-5:] == ["send ROLL_BACK_ROTATING a", "send ROLL_BACK_PEER b",
                                  "send ROLL_BACK_PEER c", "send ROLL_BACK_PEER d",
                                  "send ABANDON_ROTATING a"]
+
+
+async def test_a_peer_that_joins_in_the_overlap_window_is_switched_at_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """It cannot reach the rotating node until it holds K', so it does not wait for
+    the window to end; Retire switches it again with the others (idempotent)."""
+    send, receive = channel()
+    ports = FakeRotationPorts(send)
+    joined_at: list[float] = []
+
+    async def join_later() -> None:
+        await trio.sleep(20)
+        ports.peers = (*ports.peers, "d")
+        joined_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(join_later)
+        await run_one(ports, receive, view(rotate_now="t1", overlap_seconds=60.0),
+                      wait=lambda p: bool(p.lasts))
+    sent = ports.sent()
+    assert sent[:5] == [*HAPPY[:4], "send SWITCH_PEER d"], sent
+    assert sent[5:] == [*HAPPY[4:6], "send SWITCH_PEER d", "send RETIRE_ROTATING a",
+                        "send RETIRE_PEER b", "send RETIRE_PEER c", "send RETIRE_PEER d"]
+    switch_d = next(t for r, t in zip(ports.persisted, ports.persist_times, strict=True)
+                    if r is not None and r.step is Step.SWITCH_PEER)
+    assert switch_d - joined_at[0] <= 1.5  # within one poll, not at the window's end
+    first = next(r for r in ports.persisted if r is not None and r.step is Step.SWITCH_PEER)
+    assert first.phase is RotationPhase.ACTIVATE and first.peers == ("b", "c", "d")
+    assert ports.lasts[0].outcome == "Completed"

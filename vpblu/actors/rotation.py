@@ -31,9 +31,10 @@ is brought in where it stands: before Activate, R is sent Prepare again (the
 daemon makes its bridge's entries match its primary's peers, the newcomer's
 included; K' stays) and the newcomer gets Distribute, so Activate finds every
 peer on the bridge; after Activate, the newcomer holds K while R's primary
-answers with K' only, and its Switch is all it needs. The peer set is read
-again before Activate and before each round of Switches, and the record's peers
-grow with it, so a new leader resumes with the newcomers too.
+answers with K' only, and its Switch is all it needs (at once, during the
+overlap window, which polls the peer set every `LATE_PEER_POLL`). The peer set
+is read again before Activate and before each round of Switches, and the
+record's peers grow with it, so a new leader resumes with the newcomers too.
 
 One node at a time across the cluster: a rotation holds the `RotationToken`
 from its first step to its last. It never sees a private key (K' is made on R
@@ -79,6 +80,7 @@ PEERS_TIMEOUT = 10.0
 # the rotation (each round brings in what joined during the previous one), and how
 # often bringing them in is tried before the rotation rolls back.
 LATE_PEER_ROUNDS = 5
+LATE_PEER_POLL = 1.0  # during the overlap window, how often the peer set is read
 LATE_PEER_RETRIES = 4
 
 
@@ -299,8 +301,22 @@ class RotationActor:
             # under K (and slow handshakes) time to finish before K is dropped.
             log.info("node %s: rotation %s active; peers accept both keys for %.0fs",
                      self._node, record.rotation_id, view.overlap_seconds)
-            await trio.sleep(view.overlap_seconds)
+            record = await self._overlap(record, view.overlap_seconds)
         await self._retire(record, Step.SWITCH_PEER)
+
+    async def _overlap(self, record: RotationRecord, seconds: float) -> RotationRecord:
+        """Wait out the overlap window; a peer that joins meanwhile gets its Switch at
+        once (R's primary answers with K' only, so until then it cannot reach R)."""
+        deadline = trio.current_time() + seconds
+        while (left := deadline - trio.current_time()) > 0:
+            await trio.sleep(min(left, LATE_PEER_POLL))
+            grown = await self._with_current_peers(record)
+            late = [p for p in grown.peers if p not in record.peers]
+            if late:
+                # Still the Activate phase: peers are published K until Retire.
+                await self._until_done(grown, RotationPhase.ACTIVATE, Step.SWITCH_PEER, late)
+                record = grown
+        return record
 
     async def _resume(self, record: RotationRecord) -> None:
         log.info("node %s: resuming rotation %s at %s/%s", self._node, record.rotation_id,
@@ -327,6 +343,9 @@ class RotationActor:
             # Peers that joined after Activate hold K for this node while its primary
             # already answers with K' only: their switch is all they need (their
             # primary takes K', and this node's primary has them since they joined).
+            # Every peer is switched here, also one switched during the overlap: the
+            # step is idempotent, and an apply of K (published until Retire) may have
+            # put the old entry back on it since.
             switched: set[str] = set()
             for _ in range(LATE_PEER_ROUNDS):
                 record = await self._with_current_peers(record)
