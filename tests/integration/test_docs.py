@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -125,15 +126,21 @@ def test_the_site_loads_nothing_from_outside(site: Path) -> None:
         assert "fonts.googleapis" not in css.read_text()
 
 
+def _listen_port(doc: dict[str, Any]) -> dict[str, Any]:
+    schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    field: dict[str, Any] = schema["properties"]["spec"]["properties"]["listenPort"]
+    return field
+
+
 def test_the_crd_reference_follows_an_edited_copy(tmp_path: Path) -> None:
     crds = tmp_path / "crds"
     shutil.copytree(CRDS, crds)
     path = crds / "tunnelpolicies.yaml"
-    old = "The UDP port WireGuard listens on, on every node."
+    doc = yaml.safe_load(path.read_text())
+    old = " ".join(_listen_port(doc)["description"].split())
     new = "Edited in a temporary copy (the port) 4f1c0de."
-    text = path.read_text()
-    assert text.count(old) == 1
-    path.write_text(text.replace(old, new))
+    _listen_port(doc)["description"] = new
+    path.write_text(yaml.safe_dump(doc))
     out = tmp_path / "site"
     result = _build(out, crds)
     assert result.returncode == 0, result.stderr
@@ -146,8 +153,7 @@ def test_a_field_without_a_description_fails_the_build(tmp_path: Path) -> None:
     shutil.copytree(CRDS, crds)
     path = crds / "tunnelpolicies.yaml"
     doc = yaml.safe_load(path.read_text())
-    spec = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    del spec["properties"]["listenPort"]["description"]
+    del _listen_port(doc)["description"]
     path.write_text(yaml.safe_dump(doc))
     result = _build(tmp_path / "site", crds)
     assert result.returncode != 0
