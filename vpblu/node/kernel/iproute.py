@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from vpblu.core.model import IPNetwork, network
+from vpblu.node.kernel.devconf import IPV4_DEVCONF_RP_FILTER, setlink_ipv4_devconf
 from vpblu.node.kernel.nsexec import run_in_netns
 
 IFF_UP = 0x1
@@ -326,6 +327,8 @@ class IPRouteKernel:
         # turn the interface off too; with `all` strict (1) the best the
         # interface can do is loose (2), which accepts any source that has some
         # route (a default route is enough) — and leaves `all` to its owner.
+        # Read from /proc/sys (readable in any container), written over
+        # rtnetlink: a container that is not privileged has /proc/sys read-only.
         def relax() -> None:
             base = "/proc/sys/net/ipv4/conf"
             with open(f"{base}/all/rp_filter") as fh:
@@ -336,8 +339,8 @@ class IPRouteKernel:
                 if int(fh.read()) == want:
                     return
             self._writes += 1
-            with open(path, "w") as fh:
-                fh.write(str(want))
+            setlink_ipv4_devconf(socket.if_nametoindex(interface),
+                                 {IPV4_DEVCONF_RP_FILTER: want})
 
         await run_in_netns(self._netns, relax)
 
