@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -403,6 +404,7 @@ def bench_page(results: Path) -> tuple[str, Path | None]:
                                                                   int(kv[0].split("-")[-1]))):
         rss_table.append(f"| {key} | {value / 2**20:.0f} MiB | {_stamp(name)} |")
     plots = sorted(results.glob("bench-*.png"))
+    real = _realstack_section(results)
     text = "\n".join([
         "## Results", "",
         "Generated at build time from `bench/results/bench-*.json`: each row is the newest "
@@ -411,8 +413,38 @@ def bench_page(results: Path) -> tuple[str, Path | None]:
         "is the `--compare` baseline of whole-state pushes.", "",
         *table, "", *rss_table, "",
         *([f"![Latency by N, from {plots[-1].name}](bench-latest.png)", ""] if plots else []),
+        *real,
     ])
     return text + "\n", (plots[-1] if plots else None)
+
+
+def _realstack_section(results: Path) -> list[str]:
+    """The newest `python -m vpblu.bench --real-stack` run, when one is recorded."""
+    files = sorted(results.glob("realstack-*.json"))
+    if not files:
+        return []
+    path = files[-1]
+    try:
+        data = json.loads(path.read_text())
+        lines = ["### Real stack", "",
+                 f"`python -m vpblu.bench --real-stack`, run `{data['when']}` "
+                 f"(`bench/results/{path.name}`): the local cluster with real daemons "
+                 "(wireguard-go, eBPF); each event is one API write, timed until every other "
+                 "node's WireGuard shows it.", "",
+                 "| N | event | runs | median | min | max |", "|---|---|---|---|---|---|"]
+        losses = []
+        for run in data["runs"]:
+            for event in ("new-machine", "rejoin", "leave"):
+                secs = sorted(x["seconds"] for x in run["samples"] if x["event"] == event)
+                if secs:
+                    lines.append(f"| {run['size']} | {event} | {len(secs)} | "
+                                 f"{_ms(statistics.median(secs) * 1000)} | "
+                                 f"{_ms(secs[0] * 1000)} | {_ms(secs[-1] * 1000)} |")
+            losses.append(f"N={run['size']}: {run['datagrams_missing']} of "
+                          f"{run['datagrams_sent']} datagrams between uninvolved nodes missing")
+    except (KeyError, TypeError, ValueError) as e:
+        raise DocsError(f"{path.name}: not the real-stack format the docs know ({e!r})") from e
+    return [*lines, "", "Loss meanwhile: " + "; ".join(losses) + ".", ""]
 
 
 # ---------------------------------------------------------------------------

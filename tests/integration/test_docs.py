@@ -181,7 +181,16 @@ def test_the_benchmark_table_takes_each_row_from_the_newest_run(tmp_path: Path) 
     rows = [line for line in text.splitlines() if line.startswith("| join |")]
     assert rows == ["| join | 10 | delta | 22 ms | 22 ms | 22 ms | 5 | 2.0 | 7 ms "
                     "| `20260102T000000Z` |"]
-    assert plot is None
+    assert plot is None and "Real stack" not in text
+
+    samples = [{"size": 3, "event": "leave", "seconds": s} for s in (0.5, 0.1, 0.3)]
+    (tmp_path / "realstack-20260103T000000Z.json").write_text(json.dumps(
+        {"when": "20260103T000000Z", "runs": [
+            {"size": 3, "samples": samples, "probes": 2, "datagrams_sent": 400,
+             "datagrams_missing": 0, "send_errors": 0}]}))
+    text, _ = _docsgen().bench_page(tmp_path)
+    assert "| 3 | leave | 3 | 300 ms | 100 ms | 500 ms |" in text
+    assert "0 of 400 datagrams" in text
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
