@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vpblu import logformat
 from vpblu.core.model import IPNetwork, network
 
 CONTROLLER_GC_THRESHOLDS = (50_000, 20, 100)
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vpblu {_version()}")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=logformat.FORMATS,
+                        default=os.environ.get("VPBLU_LOG_FORMAT", "text"),
+                        help="text, or json: one object per line with node and generation "
+                             "(default $VPBLU_LOG_FORMAT or text)")
     sub = parser.add_subparsers(dest="command", required=True)
     _controller_parser(sub)
     _daemon_parser(sub)
@@ -385,8 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logformat.configure(args.log_level, args.log_format,
+                        node=getattr(args, "node_name", None) or os.environ.get("NODE_NAME"))
     try:
         if args.command == "controller":
             return _run_controller(args)

@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vpblu import logformat
 from vpblu.core import health
 from vpblu.core.wire import Telemetry
 
@@ -95,6 +96,15 @@ class ControllerMetrics:
             self.rotation_phase.labels(phase)
         self._rotating: dict[str, str] = {}
         self._server: _ServerCollector | None = None
+        # JSON log lines carry the generation this process works on.
+        logformat.attach_generation(self.current_generation)
+
+    def current_generation(self) -> int | None:
+        """The leader's current desired-state generation (None before any)."""
+        for family in self.generation.collect():
+            for sample in family.samples:
+                return int(sample.value) or None
+        return None
 
     def read_server(self, server: MeshServerLike) -> None:
         """Serve what the Mesh server counts (once per process: it outlives leadership)."""
@@ -164,6 +174,9 @@ class DaemonMetrics:
         if self._collector is None:
             self._collector = _DaemonCollector(stream, self)
             self.registry.register(self._collector)
+            # JSON log lines carry the generation this daemon applied.
+            logformat.attach_generation(
+                lambda: stream.statistics().applied_generation or None)
 
     def sync(self, stream: StreamLike) -> None:
         """Take the apply durations the stream recorded since the last scrape."""

@@ -13,12 +13,15 @@ Every wait is bounded and says what it waited for; nothing sleeps a guess.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +29,7 @@ import pytest
 from tests.e2e.conftest import CLUSTER_CONVERGE_TIMEOUT, restore_cluster
 from tests.e2e.procs import Reaper, stop
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
-from vpblu.lab.localcluster import LocalCluster, Node
+from vpblu.lab.localcluster import KUSTOMIZE_SAMPLES, ClusterSettings, LocalCluster, Node
 
 # The issue's bound: a dead daemon's node is not Ready within 10 s.
 NOT_READY_WITHIN = 10.0
@@ -35,6 +38,7 @@ READY_TIMEOUT = CLUSTER_CONVERGE_TIMEOUT
 STATUS_COMMAND_TIMEOUT = 60.0
 ROTATION_TIMEOUT = 120.0
 POLL = 0.1
+DAEMON_METRICS_PORT = 9091  # the daemon's default --metrics-listen
 WATCH_START_TIMEOUT = 30.0
 PHASES = {"Prepare", "Distribute", "Activate", "Retire", "RollingBack"}
 IDLE = ("", "<none>")  # kubectl's empty cell (it prints either, by version)
@@ -97,6 +101,15 @@ def all_peers_shown(cluster: LocalCluster) -> bool:
     (a count is not a transition: up to 30 s later), so this is waited for."""
     full = f"{len(cluster.nodes) - 1}/{len(cluster.nodes) - 1}"
     return all(node_status(cluster, n).get("peers") == full for n in cluster.nodes)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """The conftest's 3-node FullMesh cluster, its processes logging JSON."""
+    with LocalCluster.start(ClusterSettings(nodes=3, log_format="json")) as c:
+        c.apply_kustomize(KUSTOMIZE_SAMPLES)
+        c.wait_for(c.mesh_complete, CLUSTER_CONVERGE_TIMEOUT, "a complete FullMesh")
+        yield c
 
 
 @pytest.fixture
@@ -195,3 +208,48 @@ def test_kubectl_get_vpblunodes_fills_the_columns(healthy: LocalCluster,
     assert "Prepare" in seen or "Distribute" in seen, changes
     after = printer_rows(cluster)[node.name]
     assert after["ROTATION"] in IDLE, after
+
+
+def daemon_metric(node: Node, name: str) -> float:
+    url = f"http://{node.underlay_ip}:{DAEMON_METRICS_PORT}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}")
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a process's log, each of which must be one JSON object."""
+    out = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"{path}:{number} is not JSON: {line!r}") from None
+        assert isinstance(value, dict), (path, number, line)
+        out.append(value)
+    return out
+
+
+def test_log_format_json_puts_node_and_generation_on_every_line(
+        healthy: LocalCluster) -> None:
+    cluster = healthy
+    for node in cluster.nodes:
+        lines = json_lines(node.log_path)
+        assert lines, node.log_path
+        for line in lines:
+            assert {"time", "level", "logger", "message", "node", "generation"} <= set(line)
+            assert line["node"] == node.name, line
+        generations = [line["generation"] for line in lines if line["generation"] is not None]
+        assert generations, f"no line of {node.name}'s daemon carries a generation"
+        # What the daemon applied by now (its own metric: the status's
+        # appliedGeneration follows at the HealthActor's pace).
+        applied = daemon_metric(node, "vpblu_applied_generation")
+        assert max(generations) <= applied, (generations, applied)
+    leader = cluster.leading_controller()
+    assert leader is not None
+    lines = json_lines(leader.log_path)
+    # The controllers here run on no Node (no NODE_NAME): node is null, but there.
+    assert all("node" in line and "generation" in line for line in lines)
+    assert any(line["generation"] for line in lines), "no leader line carries a generation"

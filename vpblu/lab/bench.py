@@ -643,6 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="rounds of leave, rejoin and new-machine join per size")
     parser.add_argument("--real-stack-logs", type=Path, default=None, metavar="DIR",
                         help="keep the real-stack clusters' controller and daemon logs here")
+    parser.add_argument("--telemetry", default="", metavar="SIZES",
+                        type=lambda s: tuple(int(x) for x in s.split(",") if x),
+                        help="also run the telemetry scenario (vpblu.lab.telemetrybench: status"
+                             " writes in a quiet mesh, controller CPU and RSS with telemetry"
+                             " against without) at these sizes, e.g. 1000")
+    parser.add_argument("--telemetry-window", type=float, default=120.0, metavar="SECONDS",
+                        help="the telemetry scenario's quiet window")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample the controller with py-spy during every event and"
@@ -666,7 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # peers, and the default collector thresholds would make the harness,
     # not the controller, the slow part (the controller sets the same).
     gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
+    if args.telemetry:
+        from vpblu.lab import telemetrybench
+        telemetrybench.main(args.telemetry, args.out, window=args.telemetry_window)
     if not args.sizes:
+        if args.telemetry and not args.real_stack:
+            return 0
         if not args.real_stack:
             parser.error("nothing to run: --sizes is empty and --real-stack not given")
         from vpblu.lab import realstack

@@ -173,6 +173,7 @@ class ClusterSettings:
     retry_period: float = 0.5
     wireguard_backend: str = "userspace"
     log_level: str = "INFO"
+    log_format: str = "text"  # the controllers' and daemons' --log-format
     underlay_mtu: int = 1500
     # False: Nodes, pods and controllers, but no daemon processes (a caller
     # that runs its own, e.g. a benchmark with simulated daemons).
@@ -524,7 +525,8 @@ class LocalCluster:
         c.starts += 1
         s = self.settings
         argv = [
-            sys.executable, "-m", "vpblu.cli", "--log-level", s.log_level, "controller",
+            sys.executable, "-m", "vpblu.cli", "--log-level", s.log_level,
+            "--log-format", s.log_format, "controller",
             "--kubeconfig", str(self.dir / "controller.kubeconfig"),
             "--listen", c.address, "--advertise", c.address,
             "--tls-cert", str(self.dir / "controller.crt"),
@@ -625,7 +627,8 @@ class LocalCluster:
         node.daemon_starts += 1
         argv = [
             *nsenter(node.netns), sys.executable, "-m", "vpblu.cli",
-            "--log-level", self.settings.log_level, "daemon", "run",
+            "--log-level", self.settings.log_level, "--log-format", self.settings.log_format,
+            "daemon", "run",
             *(arg for c in self.controllers for arg in ("--controller", c.address)),
             "--ca", str(self.ca_path), "--token-file", str(node.token_file),
             "--wireguard-backend", self.settings.wireguard_backend,

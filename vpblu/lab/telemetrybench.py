@@ -1,0 +1,326 @@
+"""The telemetry scenario: `python -m vpblu.bench --sizes '' --telemetry 1000`.
+
+What telemetry costs the controller, and what a quiet mesh writes to the API
+server (issue 18's goals: 0 status writes per minute once a quiet mesh has
+settled; controller CPU and RSS less than 10 % above the same run without
+telemetry).
+
+Per size it runs the same thing twice, with telemetry and without (the
+simulated daemons of vpblu.lab.sim send their Telemetry on every heartbeat
+and on change, or send none), each time with a fresh controller process on
+the test API server (vpblu.lab.testenv), its metrics on a loopback port:
+
+1. N simulated daemons connect and apply their first SyncState;
+2. formation: a FullMesh TunnelPolicy is created, timed until every daemon
+   holds every peer (controller CPU seconds for it);
+3. with telemetry, until every VpbluNode is Ready with n-1/n-1 peers;
+4. settle: until the controller made no status write for `settle_quiet`
+   seconds (longer than the HealthActor's 30 s update pace), bounded;
+5. the quiet window: `window` seconds with nothing happening but heartbeats
+   (every daemon beats every 30 s, jittered). Measured over it: status writes
+   (the controller's vpblu_status_writes_total, every write that reached the
+   API server), telemetry messages received, controller CPU seconds; RSS
+   (VmRSS) at its end and the process's peak (VmHWM).
+
+Figures from these shared 2-core machines compare only within a run and
+through the CPU calibration printed before and after (the real-stack
+scenario's fixed loop). The simulated daemons run in the benchmark's own
+process, so the controller's CPU is its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import trio_asyncio
+
+from vpblu.lab.realstack import calibration
+from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
+from vpblu.lab.testenv import REPO, TestEnv, free_port, install_base, spawn_child
+
+CONTROLLER_START_TIMEOUT = 60.0
+QUIET_WINDOW = 120.0
+SETTLE_QUIET = 40.0
+SETTLE_TIMEOUT = 900.0
+FORMATION_TIMEOUT = 900.0
+READY_TIMEOUT = 600.0
+POLL = 1.0
+SCRAPE_TIMEOUT = 10.0
+MESH_PATH = "/apis/vpblu.io/v1alpha1/tunnelpolicies"
+MESH_NAME = "telemetry-bench-mesh"
+MESH = {"apiVersion": "vpblu.io/v1alpha1", "kind": "TunnelPolicy",
+        "metadata": {"name": MESH_NAME}, "spec": {"mode": "FullMesh"}}
+
+
+@attrs.frozen(slots=True)
+class TelemetryRun:
+    n: int
+    telemetry: bool
+    formation_seconds: float
+    formation_cpu_seconds: float
+    ready_seconds: float | None  # until every node Ready n-1/n-1 (telemetry only)
+    settle_seconds: float  # until status writes stopped
+    status_writes_settling: float  # during formation, readiness and settling
+    window_seconds: float
+    status_writes_per_minute: float  # in the quiet window
+    telemetry_per_minute: float
+    quiet_cpu_seconds: float  # controller CPU over the quiet window
+    quiet_cpu_share: float  # of one core
+    rss_bytes: int  # VmRSS at the end of the window
+    peak_rss_bytes: int  # VmHWM
+
+
+class MeteredController:
+    """`python -m vpblu controller` as a child process (dies with the benchmark),
+    measured through /proc, its /metrics on a loopback port. (vpblu.lab.bench
+    imports this module, so its ControllerProcess is not reused here.)"""
+
+    def __init__(self, spawner: ThreadPoolExecutor, env: TestEnv, pki: MeshPki, port: int,
+                 metrics_port: int, log_path: Path) -> None:
+        args = [
+            sys.executable, "-m", "vpblu",
+            "--log-level", "WARNING", "controller",
+            "--kubeconfig", str(env.kubeconfig_path),
+            "--listen", f"127.0.0.1:{port}", "--advertise", f"127.0.0.1:{port}",
+            "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+            "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        ]
+        self.child = spawn_child(spawner, "controller", args, log_path, REPO)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def _status_kib(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def rss(self) -> int:
+        return self._status_kib("VmRSS:")
+
+    def peak_rss(self) -> int:
+        return self._status_kib("VmHWM:")
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    async def wait_listening(self, port: int) -> None:
+        with trio.fail_after(CONTROLLER_START_TIMEOUT):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    if self.child.exited():
+                        raise RuntimeError(
+                            f"the controller exited:\n{self.child.log_tail()}") from None
+                    await trio.sleep(0.1)
+                    continue
+                await stream.aclose()
+                return
+
+    def scrape(self) -> dict[str, float]:
+        """The unlabelled samples of the controller's /metrics, by name."""
+        with urllib.request.urlopen(self.metrics_url, timeout=SCRAPE_TIMEOUT) as answer:
+            text = answer.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, _, value = line.partition(" ")
+                values[name] = float(value)
+        return values
+
+
+async def _scrape(controller: MeteredController) -> dict[str, float]:
+    return await trio.to_thread.run_sync(controller.scrape)
+
+
+async def _writes(controller: MeteredController) -> float:
+    return (await _scrape(controller))["vpblu_status_writes_total"]
+
+
+async def _all_ready(env: TestEnv, names: Sequence[str]) -> bool:
+    answer = await trio.to_thread.run_sync(env.request, "GET",
+                                           "/apis/vpblu.io/v1alpha1/vpblunodes")
+    full = f"{len(names) - 1}/{len(names) - 1}"
+    ready = set()
+    for obj in answer.body.get("items", []):
+        status = obj.get("status") or {}
+        if status.get("peers") == full and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or ()):
+            ready.add(obj["metadata"]["name"])
+    return ready >= set(names)
+
+
+async def run_one(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: int,
+                  telemetry: bool, window: float, settle_quiet: float,
+                  say: Callable[[str], None]) -> TelemetryRun:
+    label = f"N={n} telemetry {'on' if telemetry else 'off'}"
+    directory = workdir / f"telemetry-{int(telemetry)}-{n}"
+    pki = MeshPki.create(directory / "pki")
+    port = free_port()
+    controller = MeteredController(spawner, env, pki, port, free_port(),
+                                   directory / "controller.log")
+    try:
+        await controller.wait_listening(port)
+        async with SimCluster.open(env, directory / "nodes", pki.client,
+                                   (f"127.0.0.1:{port}",), n, prefix=f"t{int(telemetry)}{n}",
+                                   keep_history=False, telemetry=telemetry) as cluster:
+            names = sorted(cluster.daemons)
+            with trio.fail_after(FORMATION_TIMEOUT):
+                await cluster.wait_all(lambda d: d.applier.current is not None, names)
+            say(f"  {label}: {n} daemons connected; forming the mesh...")
+            cpu0, began = controller.cpu_seconds(), trio.current_time()
+            await trio.to_thread.run_sync(env.request, "POST", MESH_PATH, MESH)
+            with trio.fail_after(FORMATION_TIMEOUT):
+                await cluster.wait_all(is_full_mesh(cluster, names), names)
+            formation = trio.current_time() - began
+            formation_cpu = controller.cpu_seconds() - cpu0
+            say(f"  {label}: full mesh in {formation:.1f} s ({formation_cpu:.1f} s CPU)")
+            ready_seconds = None
+            if telemetry:
+                with trio.fail_after(READY_TIMEOUT):
+                    while True:  # polled: the API server is the only place it shows
+                        if await _all_ready(env, names):
+                            break
+                        await trio.sleep(POLL * 2)
+                ready_seconds = trio.current_time() - began
+                say(f"  {label}: every VpbluNode Ready {n - 1}/{n - 1} "
+                    f"{ready_seconds:.1f} s after the TunnelPolicy")
+            with trio.fail_after(SETTLE_TIMEOUT):
+                last, since = await _writes(controller), trio.current_time()
+                while trio.current_time() - since < settle_quiet:
+                    await trio.sleep(POLL)
+                    now = await _writes(controller)
+                    if now != last:
+                        last, since = now, trio.current_time()
+            settle = trio.current_time() - began
+            say(f"  {label}: no status write for {settle_quiet:.0f} s, {settle:.0f} s after "
+                f"the TunnelPolicy ({last:.0f} writes so far); quiet window {window:.0f} s...")
+            before = await _scrape(controller)
+            cpu0, w0 = controller.cpu_seconds(), trio.current_time()
+            await trio.sleep(window)
+            after = await _scrape(controller)
+            cpu = controller.cpu_seconds() - cpu0
+            elapsed = trio.current_time() - w0
+            per_minute = 60.0 / elapsed
+
+            def delta(name: str) -> float:
+                return after.get(name, 0.0) - before.get(name, 0.0)
+
+            run = TelemetryRun(
+                n=n, telemetry=telemetry, formation_seconds=round(formation, 2),
+                formation_cpu_seconds=round(formation_cpu, 2),
+                ready_seconds=None if ready_seconds is None else round(ready_seconds, 1),
+                settle_seconds=round(settle, 1),
+                status_writes_settling=before["vpblu_status_writes_total"],
+                window_seconds=round(elapsed, 1),
+                status_writes_per_minute=round(delta("vpblu_status_writes_total") * per_minute, 2),
+                telemetry_per_minute=round(delta("vpblu_telemetry_received_total") * per_minute,
+                                           1),
+                quiet_cpu_seconds=round(cpu, 2), quiet_cpu_share=round(cpu / elapsed, 4),
+                rss_bytes=controller.rss(), peak_rss_bytes=controller.peak_rss())
+            say(f"  {label}: {run.status_writes_per_minute} status writes/min, "
+                f"{run.telemetry_per_minute} telemetry msgs/min, controller CPU "
+                f"{cpu:.2f} s ({100 * run.quiet_cpu_share:.1f} % of a core), RSS "
+                f"{run.rss_bytes / 2**20:.0f} MiB (peak {run.peak_rss_bytes / 2**20:.0f} MiB)")
+            await trio.to_thread.run_sync(env.request, "DELETE",
+                                          f"{MESH_PATH}/{MESH_NAME}")
+            return run
+    finally:
+        controller.stop()
+
+
+def _ratio(on: float, off: float) -> str:
+    if off <= 0:
+        return "n/a"
+    return f"{100 * (on / off - 1):+.1f} %"
+
+
+def table(runs: Sequence[TelemetryRun]) -> str:
+    lines = [f"{'N':>5} {'telemetry':>9} {'form s':>7} {'form CPU s':>10} {'ready s':>8} "
+             f"{'writes/min':>10} {'tlm/min':>8} {'quiet CPU s':>11} {'RSS MiB':>8} "
+             f"{'peak MiB':>8}"]
+    for r in runs:
+        lines.append(f"{r.n:>5} {'on' if r.telemetry else 'off':>9} {r.formation_seconds:>7.1f} "
+                     f"{r.formation_cpu_seconds:>10.2f} "
+                     f"{'-' if r.ready_seconds is None else f'{r.ready_seconds:.1f}':>8} "
+                     f"{r.status_writes_per_minute:>10.2f} {r.telemetry_per_minute:>8.0f} "
+                     f"{r.quiet_cpu_seconds:>11.2f} {r.rss_bytes / 2**20:>8.0f} "
+                     f"{r.peak_rss_bytes / 2**20:>8.0f}")
+    by_n: dict[int, dict[bool, TelemetryRun]] = {}
+    for r in runs:
+        by_n.setdefault(r.n, {})[r.telemetry] = r
+    for n, pair in sorted(by_n.items()):
+        if True in pair and False in pair:
+            on, off = pair[True], pair[False]
+            lines.append(
+                f"N={n} telemetry on vs off: quiet CPU "
+                f"{_ratio(on.quiet_cpu_seconds, off.quiet_cpu_seconds)}, formation CPU "
+                f"{_ratio(on.formation_cpu_seconds, off.formation_cpu_seconds)}"
+                f", RSS {_ratio(on.rss_bytes, off.rss_bytes)}"
+                f", peak RSS {_ratio(on.peak_rss_bytes, off.peak_rss_bytes)}")
+    return "\n".join(lines)
+
+
+async def _run_all(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor,
+                   sizes: Sequence[int], window: float, settle_quiet: float,
+                   say: Callable[[str], None]) -> list[TelemetryRun]:
+    runs = []
+    async with trio_asyncio.open_loop():
+        for n in sizes:
+            # Without first, so the run with telemetry cannot be helped by a
+            # warmer machine; each has a fresh controller and fresh daemons.
+            for telemetry in (False, True):
+                runs.append(await run_one(env, workdir, spawner, n, telemetry, window,
+                                          settle_quiet, say))
+    return runs
+
+
+def main(sizes: Sequence[int], out: Path, *, window: float = QUIET_WINDOW,
+         settle_quiet: float = SETTLE_QUIET) -> list[TelemetryRun]:
+    """Run the scenario at every size, print the table and write a JSON file into `out`."""
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    cal = calibration()
+    say(cal.describe())
+    with TestEnv.start() as env, tempfile.TemporaryDirectory(prefix="vpblu-bench-") as d, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpblu-bench-spawner") as sp:
+        install_base(env)
+        runs = trio.run(_run_all, env, Path(d), sp, sizes, window, settle_quiet, say)
+    after = calibration()
+    print()
+    print(table(runs))
+    print(f"before the run: {cal.describe()}")
+    print(f"after the run: {after.describe()}")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"telemetry-{stamp}.json"
+    result: dict[str, Any] = {
+        "when": stamp, "calibration": attrs.asdict(cal),
+        "calibration_after": attrs.asdict(after), "window_seconds": window,
+        "settle_quiet_seconds": settle_quiet, "runs": [attrs.asdict(r) for r in runs]}
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return runs
