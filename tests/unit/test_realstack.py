@@ -23,12 +23,12 @@ def test_the_timeline_is_read_from_the_log_after_the_offset(tmp_path: Path) -> N
 
 
 def test_the_table_carries_the_calibration_and_the_hello_share() -> None:
-    cal = Calibration(0.05, "Some CPU", 2, (1.0, 1.0, 1.0), "3.11.7")
+    cal = Calibration(0.05, 0.1, "Some CPU", 2, (1.0, 1.0, 1.0), "3.11.7")
     run = RealRun(3, (RealSample(3, "new-machine", 0.8, 0.2, 0.15),
                       RealSample(3, "rejoin", 0.05), RealSample(3, "leave", 0.04)),
                   probes=2, datagrams_sent=1000, datagrams_missing=0, send_errors=0)
     text = table([run], cal)
-    assert "calibration: 1000000 iterations of a fixed loop 50.0 ms" in text
+    assert "fixed loop 50.0 ms of CPU in 100.0 ms" in text
     assert "Some CPU x2" in text
     assert "25% (200 ms)" in text
     assert "0 of 1000 datagrams missing" in text

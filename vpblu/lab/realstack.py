@@ -52,6 +52,7 @@ from typing import Any
 import attrs
 
 from vpblu.lab.localcluster import (
+    CLEANUP_TIMEOUT,
     KUSTOMIZE_SAMPLES,
     ClusterSettings,
     LocalCluster,
@@ -95,7 +96,10 @@ class Calibration:
     """A fixed pure-Python workload timed in this run (median of rounds), with
     what the machine was: figures compare across runs only through it."""
 
-    seconds: float
+    seconds: float  # CPU seconds of the loop
+    # Wall seconds of the same loop: above `seconds` when other processes
+    # took the cores meanwhile (the share this run got is seconds / wall_seconds).
+    wall_seconds: float
     cpu_model: str
     cpus: int
     load_average: tuple[float, float, float]
@@ -104,21 +108,24 @@ class Calibration:
     def describe(self) -> str:
         load = ", ".join(f"{x:.2f}" for x in self.load_average)
         return (f"calibration: {CALIBRATION_ITERATIONS} iterations of a fixed loop "
-                f"{self.seconds * 1e3:.1f} ms (median of {CALIBRATION_ROUNDS}); CPU "
+                f"{self.seconds * 1e3:.1f} ms of CPU in {self.wall_seconds * 1e3:.1f} ms "
+                f"(medians of {CALIBRATION_ROUNDS}); CPU "
                 f"{self.cpu_model} x{self.cpus}; load average {load}; Python {self.python}")
 
 
 def calibration() -> Calibration:
-    def once() -> float:
-        began = time.process_time()
+    def once() -> tuple[float, float]:
+        began, wall = time.process_time(), time.perf_counter()
         total = 0
         for i in range(CALIBRATION_ITERATIONS):
             total += (i * 7) % 13
         assert total > 0
-        return time.process_time() - began
+        return time.process_time() - began, time.perf_counter() - wall
 
+    rounds = [once() for _ in range(CALIBRATION_ROUNDS)]
     return Calibration(
-        seconds=statistics.median(once() for _ in range(CALIBRATION_ROUNDS)),
+        seconds=statistics.median(cpu for cpu, _ in rounds),
+        wall_seconds=statistics.median(wall for _, wall in rounds),
         cpu_model=_cpu_model(), cpus=os.cpu_count() or 0,
         load_average=os.getloadavg(), python=platform.python_version())
 
@@ -301,7 +308,8 @@ class RealStack:
         """The machine reinstalled: no daemon, nothing of vpblu left, no key."""
         self.cluster.stop_daemon(self.mover)
         run(*nsenter(self.mover.netns), sys.executable, "-m", "vpblu.cli", "daemon",
-            "cleanup", "--remove-key", *self.cluster.daemon_resource_args(self.mover))
+            "cleanup", "--remove-key", *self.cluster.daemon_resource_args(self.mover),
+            timeout=CLEANUP_TIMEOUT)
 
     def new_machine(self, old_key: str) -> RealSample:
         endpoint = f"{self.mover.underlay_ip}:"
