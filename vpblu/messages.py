@@ -171,8 +171,19 @@ class NodeHealthReported:
     health: NodeHealth
 
 
+@attrs.frozen(slots=True)
+class StatusObserved:
+    """The API server shows `kind`/`name` at `resource_version` (a watch event):
+    if that is not a version the StatusActor wrote, someone else wrote the
+    object, and the status it owns is checked and, if changed, restored."""
+
+    kind: str
+    name: str
+    resource_version: str
+
+
 StatusInbox = (PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
-               | NodeHealthReported)
+               | NodeHealthReported | StatusObserved)
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------
@@ -258,7 +269,33 @@ class SessionReport:
     telemetry_at: float = 0.0
 
 
-HealthInbox = SessionReport
+@attrs.frozen(slots=True)
+class NodeTelemetryView:
+    """One node as the HealthActor holds it now: read-only, for the dashboard.
+    `telemetry_age`: seconds since the telemetry came (trio's clock)."""
+
+    node: str
+    connected: bool
+    telemetry: wire.Telemetry | None
+    telemetry_age: float
+    acked_generation: int
+    apply_error: str | None
+
+
+@attrs.frozen(slots=True)
+class HealthSnapshot:
+    nodes: tuple[NodeTelemetryView, ...]
+
+
+@attrs.frozen(slots=True, eq=False)
+class HealthSnapshotWanted:
+    """Ask the HealthActor for what it holds (the dashboard, on the leader).
+    The asker creates and closes `reply` (capacity 1)."""
+
+    reply: trio.MemorySendChannel[HealthSnapshot]
+
+
+HealthInbox = SessionReport | HealthSnapshotWanted
 
 
 # --- RotationActor <-> StateActor / NodeSessionActor -----------------------------------

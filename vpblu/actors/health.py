@@ -30,9 +30,11 @@ session (their daemon died while no one led).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
+import typing
 from collections.abc import Callable
 
 import attrs
@@ -42,7 +44,15 @@ from vpblu.core import health as rules
 from vpblu.core.health import NodeHealth, NodeObservation
 from vpblu.core.wire import Telemetry
 from vpblu.kube.client import VPBLU_NODES, ApiError, ApiUnavailable, KubeApi
-from vpblu.messages import HealthInbox, NodeHealthReported, SessionReport, StatusInbox
+from vpblu.messages import (
+    HealthInbox,
+    HealthSnapshot,
+    HealthSnapshotWanted,
+    NodeHealthReported,
+    NodeTelemetryView,
+    SessionReport,
+    StatusInbox,
+)
 from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
@@ -149,6 +159,30 @@ class HealthActor:
         held = self._nodes.get(node)
         return held.wanted if held is not None else None
 
+    def snapshot(self) -> HealthSnapshot:
+        """Every node held now, with its latest telemetry (read-only)."""
+        now = trio.current_time()
+        return HealthSnapshot(tuple(
+            NodeTelemetryView(
+                name, held.report.connected
+                and now - held.last_heard <= self._settings.silent_limit,
+                held.report.telemetry,
+                max(0.0, now - held.report.telemetry_at) if held.report.telemetry else 0.0,
+                held.report.acked_generation, held.report.apply_error)
+            for name, held in sorted(self._nodes.items())))
+
+    def _receive(self, message: HealthInbox) -> None:
+        match message:
+            case SessionReport():
+                self._take(message)
+            case HealthSnapshotWanted(reply=reply):
+                # Never blocks the actor: the asker made room for exactly one.
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                         trio.ClosedResourceError):
+                    reply.send_nowait(self.snapshot())
+            case _:
+                typing.assert_never(message)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._inbox, self._status:
             self._started = self._tokens_at = trio.current_time()
@@ -156,10 +190,10 @@ class HealthActor:
             next_sweep = self._started + self._settings.sweep_period
             while True:
                 with trio.move_on_at(min(next_sweep, self._next_due())):
-                    self._take(await self._inbox.receive())
+                    self._receive(await self._inbox.receive())
                 while True:
                     try:
-                        self._take(self._inbox.receive_nowait())
+                        self._receive(self._inbox.receive_nowait())
                     except trio.WouldBlock:
                         break
                 now = trio.current_time()

@@ -84,6 +84,9 @@ class Leadership:
 
     leading: bool = False
     term: int = 0
+    # The HealthActor's inbox while this replica leads (None otherwise): the
+    # dashboard asks it for a HealthSnapshot; it sends nothing else there.
+    health: trio.MemorySendChannel[HealthInbox] | None = None
 
 
 class LeadershipActor:
@@ -201,4 +204,8 @@ class LeadershipActor:
                         rotations_send, rotations_receive, health_send, health_receive,
                         admitted_send, admitted_receive):
                 task_status.started(scope)
-                await tree.run()
+                self._view.health = health_send
+                try:
+                    await tree.run()
+                finally:
+                    self._view.health = None
