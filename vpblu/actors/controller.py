@@ -40,6 +40,7 @@ from vpblu.actors.leader import LeaderActor, LeaseSettings
 from vpblu.actors.leadership import Leadership, LeadershipActor
 from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
+from vpblu.dashboard.server import DashboardSettings, dashboard_child
 from vpblu.kube import client as k
 from vpblu.kube.servicecidrs import service_cidrs
 from vpblu.kubeversion import require_supported
@@ -82,6 +83,8 @@ class ControllerSettings:
     health: HealthSettings = attrs.field(factory=HealthSettings)
     # "host:port" of /metrics, /healthz and /readyz (None: not served).
     metrics_listen: str | None = None
+    # The web dashboard (None: not served); any replica serves it.
+    dashboard: DashboardSettings | None = None
 
 
 async def run_controller(
@@ -118,6 +121,9 @@ async def run_controller(
             metrics_child(metrics.registry, settings.metrics_listen,
                           ready=lambda: (server.serving, "the Mesh server listens"
                                          if server.serving else "the Mesh server is not up"))]
+        if settings.dashboard is not None:
+            children.append(dashboard_child(settings.dashboard, kube, settings.kubeconfig, view,
+                                            settings.lease, settings.identity))
         root = Supervisor("controller", [
             *children,
             ChildSpec("mesh-server", lambda: server.run),
