@@ -24,6 +24,7 @@ from vpblu.actors.sessions import SessionsActor
 from vpblu.actors.state import STATUS_KINDS as STATUS_KIND_NAMES
 from vpblu.actors.state import StateActor
 from vpblu.actors.status import StatusActor
+from vpblu.actors.statusguard import StatusGuardActor
 from vpblu.actors.watcher import Parser, WatcherActor
 from vpblu.core.model import IPNetwork
 from vpblu.kube import client as k
@@ -176,6 +177,8 @@ class LeadershipActor:
             children = [
                 ChildSpec("status", with_inbox_clone(
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS, metrics), status_receive)),
+                ChildSpec("status-guard", lambda: StatusGuardActor(
+                    kube, status_send.clone(), metrics).run),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
                                              full_pushes=self._full_pushes,

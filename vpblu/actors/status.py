@@ -19,6 +19,12 @@ object already shows it, and retried with backoff when the API server is
 unavailable. A write for an object that has since been deleted is dropped,
 and all it held for a deleted object is forgotten (`ObjectDeleted`, from the
 StateActor, which watches them).
+
+The status is the controller's alone (status.publicKey is the mesh's trust
+anchor): every VpbluNode version the StatusGuardActor sees that this actor did
+not write (`StatusObserved`) is read again and what it owns is restored at once;
+when a status field had to be restored, a Warning Event on the VpbluNode names
+the writer (the latest other manager of the status subresource in managedFields).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import trio
 from vpblu.core.health import NodeHealth
 from vpblu.core.model import Condition
 from vpblu.kube.client import (
+    EVENTS,
+    FIELD_MANAGER,
     GROUP,
     VERSION,
     VPBLU_NODES,
@@ -52,6 +60,7 @@ from vpblu.messages import (
     PublicKeyReported,
     RotationStatus,
     StatusInbox,
+    StatusObserved,
 )
 from vpblu.metrics import ControllerMetrics
 
@@ -60,6 +69,12 @@ log = logging.getLogger(__name__)
 WORKERS = 4
 RETRY_DELAY = 1.0
 RETRY_DELAY_MAX = 30.0
+# The resourceVersions of an object's latest writes by this actor: their watch
+# events (which may arrive after a newer write) are not someone else's.
+OWN_VERSIONS = 8
+# Events about a cluster-scoped object (a VpbluNode) must be in "default" (the
+# API server refuses them elsewhere), as the Node controller's are.
+EVENT_NAMESPACE = "default"
 
 
 @attrs.frozen(slots=True)
@@ -129,8 +144,15 @@ def _same_conditions(a: list[RawObject], b: list[RawObject]) -> bool:
 class StatusActor:
     def __init__(self, kube: KubeApi, inbox: trio.MemoryReceiveChannel[StatusInbox],
                  kinds: Mapping[str, ResourceKind],
-                 metrics: ControllerMetrics | None = None) -> None:
+                 metrics: ControllerMetrics | None = None,
+                 event_namespace: str = EVENT_NAMESPACE) -> None:
         self._metrics = metrics
+        self._event_namespace = event_namespace
+        self._ours: dict[_Key, tuple[str, ...]] = {}
+        # Objects someone else wrote, until read again; then who, if anyone, to name.
+        self._suspect: set[_Key] = set()
+        self._foreign: dict[_Key, tuple[str, str]] = {}
+        self.reverted = 0  # foreign status writes undone (an Event each)
         self._kube = kube
         self._inbox = inbox
         self._kinds = dict(kinds)
@@ -170,6 +192,9 @@ class StatusActor:
                 nursery.start_soon(self._worker)
             task_status.started()
             async for message in self._inbox:
+                if isinstance(message, StatusObserved):
+                    self._observed(message)
+                    continue
                 if isinstance(message, ObjectDeleted):
                     gone = _Key(message.kind, message.name)
                     self._seen.pop(gone, None)
@@ -208,11 +233,26 @@ class StatusActor:
                     self._dirty_send.send_nowait(k)
             nursery.cancel_scope.cancel()
 
+    def _observed(self, message: StatusObserved) -> None:
+        k = _Key(message.kind, message.name)
+        if k not in self._wanted or message.resource_version in self._ours.get(k, ()):
+            return
+        # Someone else wrote it: what this actor last wrote may no longer hold.
+        self._seen.pop(k, None)
+        self._suspect.add(k)
+        self._version[k] = self._version.get(k, 0) + 1
+        if k not in self._queued and k not in self._busy:
+            self._queued.add(k)
+            self._dirty_send.send_nowait(k)
+
     def _forget(self, key: _Key) -> None:
         """Drop what is held for a deleted object. A key a connected daemon
         reported is kept: the next write for that node makes its VpbluNode
         again, with the key (a daemon reports it only when its stream opens)."""
         self._seen.pop(key, None)
+        self._ours.pop(key, None)
+        self._suspect.discard(key)
+        self._foreign.pop(key, None)
         wanted = self._wanted.pop(key, None)
         self._version.pop(key, None)
         for _version, event in self._waiters.pop(key, []):
@@ -263,11 +303,16 @@ class StatusActor:
 
     async def _write(self, key: _Key, wanted: _Wanted) -> None:
         kind = self._kinds[key.kind]
-        seen = self._seen.get(key)
+        seen = None if key in self._suspect else self._seen.get(key)
         if seen is None:
             seen = await self._read(key, kind, wanted)
         version, status = seen
         patch = _patch(wanted, status, key.name)
+        if key in self._suspect:
+            self._suspect.discard(key)
+            foreign = self._foreign.pop(key, None)
+            if patch and foreign is not None:
+                await self._report_foreign(key, foreign, patch)
         if not patch:
             if key in self._seen:
                 # What this actor last wrote says there is nothing to do; that
@@ -288,6 +333,34 @@ class StatusActor:
         if self._metrics is not None:
             self._metrics.status_writes.inc()
         self._seen[key] = _version_and_status(result)
+        self._remember_ours(key, self._seen[key][0])
+
+    def _remember_ours(self, key: _Key, resource_version: str) -> None:
+        self._ours[key] = (*self._ours.get(key, ())[-(OWN_VERSIONS - 1):], resource_version)
+
+    async def _report_foreign(self, key: _Key, foreign: tuple[str, str], patch: RawObject) -> None:
+        """A Warning Event on the object naming who wrote its status; never raises
+        (the status is restored whether or not the Event is made)."""
+        writer, uid = foreign
+        self.reverted += 1
+        message = (f"status of {key.kind} {key.name} was written by {writer}; the vpblu "
+                   f"controller owns it and restored {', '.join(sorted(patch))}")
+        log.warning("%s", message)
+        now = _now()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{key.name}.", "namespace": self._event_namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": key.kind,
+                               "name": key.name, "uid": uid},
+            "reason": "StatusReverted", "message": message[:1024], "type": "Warning",
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await self._kube.create(EVENTS, event, namespace=self._event_namespace)
+        except (ApiUnavailable, ApiError) as exc:
+            log.warning("cannot record an Event for %s %s: %r", key.kind, key.name, exc)
 
     async def _read(self, key: _Key, kind: ResourceKind,
                     wanted: _Wanted) -> tuple[str, RawObject]:
@@ -301,7 +374,24 @@ class StatusActor:
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "VpbluNode",
                 "metadata": {"name": key.name}, "spec": {},
             })
+            self._remember_ours(key, _version_and_status(current)[0])
+        if key in self._suspect:
+            writer = foreign_status_writer(current)
+            if writer is not None:
+                self._foreign[key] = (writer, str(current.get("metadata", {}).get("uid", "")))
         return _version_and_status(current)
+
+
+def foreign_status_writer(obj: RawObject) -> str | None:
+    """Who else last wrote `obj`'s status: the latest managedFields entry of the
+    status subresource whose manager is not the controller."""
+    entries = [m for m in (obj.get("metadata", {}).get("managedFields") or ())
+               if isinstance(m, dict) and m.get("subresource") == "status"
+               and m.get("manager") != FIELD_MANAGER]
+    if not entries:
+        return None
+    latest = max(entries, key=lambda m: str(m.get("time") or ""))
+    return f"{latest.get('manager')!r} ({latest.get('operation')} at {latest.get('time')})"
 
 
 def _version_and_status(obj: RawObject) -> tuple[str, RawObject]:

@@ -93,6 +93,11 @@ ROUTE_POLICIES = ResourceKind("RoutePolicy", GROUP, VERSION, "routepolicies")
 BLOCK_POLICIES = ResourceKind("BlockPolicy", GROUP, VERSION, "blockpolicies")
 ROTATION_POLICIES = ResourceKind("RotationPolicy", GROUP, VERSION, "rotationpolicies")
 SERVICE_CIDRS = ResourceKind("ServiceCIDR", "networking.k8s.io", "v1", "servicecidrs")
+EVENTS = ResourceKind("Event", "", "v1", "events", namespaced=True)
+
+# Every write names this manager (managedFields), so a status write by anyone
+# else is told apart - and named - by the StatusActor.
+FIELD_MANAGER = "vpblu-controller"
 
 
 class ApiUnavailable(Exception):
@@ -337,7 +342,8 @@ class KubeClient:
 
     async def create(self, kind: ResourceKind, body: RawObject, *,
                      namespace: str | None = None) -> RawObject:
-        result: RawObject = await self._request("POST", kind.path(namespace=namespace), body=body)
+        result: RawObject = await self._request("POST", kind.path(namespace=namespace), body=body,
+                                                query=[("fieldManager", FIELD_MANAGER)])
         return result
 
     async def replace(self, kind: ResourceKind, name: str, body: RawObject, *,
@@ -360,7 +366,8 @@ class KubeClient:
             body["metadata"] = {"resourceVersion": resource_version}
         result: RawObject = await self._request(
             "PATCH", kind.path(namespace=namespace, name=name, subresource="status"),
-            body=body, content_type="application/merge-patch+json")
+            body=body, content_type="application/merge-patch+json",
+            query=[("fieldManager", FIELD_MANAGER)])
         return result
 
     async def token_review(self, token: str, audiences: Sequence[str]) -> RawObject:
