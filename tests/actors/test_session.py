@@ -6,14 +6,16 @@ channels the test reads. Virtual time throughout.
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from tests.fakes.streams import FakeNodeStream, public_key
-from vpblu.actors.session import NodeSessionActor, SessionSettings
+from vpblu.actors.session import PENDING_REPORT_DELAY, NodeSessionActor, SessionSettings
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState, Peer, PeerAdded
 from vpblu.messages import (
+    HealthInbox,
     NodeAcked,
     PublicKeyReported,
     PushDelta,
@@ -182,3 +184,34 @@ async def test_second_hello_is_a_protocol_violation(autojump_clock: trio.testing
         await h.stream.deliver(wire.Hello("n0", public_key(1)))
         await h.done.wait()
         assert h.stream.closed_reason == "a second Hello on one stream"
+
+
+async def test_a_push_is_reported_pending_only_when_its_ack_is_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One report per push acked in time (the ack's, carrying both generations);
+    a push unacknowledged after PENDING_REPORT_DELAY is reported on its own."""
+    stream = FakeNodeStream("n0", key=9)
+    state_send, state_recv = trio.open_memory_channel[StateInbox](100)
+    status_send, _status = trio.open_memory_channel[StatusInbox](100)
+    health_send, health = trio.open_memory_channel[HealthInbox](100)
+    actor = NodeSessionActor(stream, 7, state_send, status_send, SETTINGS, health_send)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        opened = await state_recv.receive()
+        assert isinstance(opened, SessionOpened)
+        assert (await health.receive()).sent_generation == 0
+        await opened.mailbox.send(PushSync(10, state(1)))
+        await stream.wait_sent(1)
+        await stream.deliver(wire.Ack(10))
+        report = await health.receive()
+        assert (report.sent_generation, report.acked_generation) == (10, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.WouldBlock):
+            health.receive_nowait()  # nothing owed: the send was not reported apart
+        sent_at = trio.current_time()
+        await opened.mailbox.send(PushDelta(11, 10, (PeerAdded(peer(2)),), state(1, 2)))
+        report = await health.receive()
+        assert (report.sent_generation, report.acked_generation) == (11, 10)
+        assert trio.current_time() - sent_at == pytest.approx(PENDING_REPORT_DELAY)
+        nursery.cancel_scope.cancel()

@@ -65,6 +65,9 @@ BURST = 20
 GRACE = 60.0
 # Even a quiet actor looks again this often (silence and handshakes age).
 SWEEP_PERIOD = 5.0
+# The sessions and nodes-ready gauges are recounted at most this often (and
+# so at every sweep at the latest).
+GAUGE_PERIOD = 1.0
 # A token, give or take float rounding: a refill computed to reach exactly 1
 # may land a hair below it, and waking "when it reaches 1" would not advance.
 _ONE_TOKEN = 1 - 1e-9
@@ -188,6 +191,7 @@ class HealthActor:
             self._started = self._tokens_at = trio.current_time()
             task_status.started()
             next_sweep = self._started + self._settings.sweep_period
+            gauges_due = -math.inf
             while True:
                 with trio.move_on_at(min(next_sweep, self._next_due())):
                     self._receive(await self._inbox.receive())
@@ -204,7 +208,11 @@ class HealthActor:
                         await self._mark_orphans()
                 self._evaluate(now)
                 await self._hand_on(now)
-                if self._metrics is not None:
+                # The gauges count every node (O(N)): at most once per
+                # GAUGE_PERIOD, not on every loop turn, where at N=1000 one
+                # event's acks made it O(N^2) (a scrape comes every 15 s or more).
+                if self._metrics is not None and now >= gauges_due:
+                    gauges_due = now + GAUGE_PERIOD
                     stats = self.statistics()
                     self._metrics.sessions.set(stats.connected)
                     self._metrics.nodes_ready.set(stats.ready)

@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 MAILBOX_SIZE = 64
 RESYNC_PERIOD = 300.0
 ACK_TIMEOUT = 15.0
+# A push is reported to the HealthActor as sent-but-not-acknowledged only when
+# its ack has not come within this: the ack (a few ms later, as a rule) reports
+# both. Reporting every send at once cost each node two evaluations per event
+# and flipped its Applied condition to Pending and back, a status write each.
+PENDING_REPORT_DELAY = 1.0
 
 
 class SessionStream(Protocol):
@@ -131,6 +136,8 @@ class NodeSessionActor:
         self._acked_generation = 0
         self._answered_generation = 0  # acknowledged, with an error or without
         self._resent_for_ack = False
+        # When a push not yet acknowledged is reported (math.inf: none owed).
+        self._report_due = math.inf
         self.messages_sent = 0
         self._end_reason = "session ended"
         self._done = trio.CancelScope()
@@ -157,6 +164,7 @@ class NodeSessionActor:
 
     async def _report(self, *, connected: bool = True) -> None:
         """Tell the HealthActor what this session knows now (level-triggered)."""
+        self._report_due = math.inf  # whatever was owed goes in this report
         if self._health is None:
             return
         await self._health.send(SessionReport(
@@ -211,7 +219,7 @@ class NodeSessionActor:
             deadline = self._sent_at + self._settings.resync_period
         if self._sent_generation > self._answered_generation:
             deadline = min(deadline, self._sent_at + self._settings.ack_timeout)
-        return deadline
+        return min(deadline, self._report_due)
 
     async def _write(self) -> None:
         while True:
@@ -241,6 +249,9 @@ class NodeSessionActor:
                 continue
             # Woken by a deadline, not a push.
             now = trio.current_time()
+            if now >= self._report_due:
+                await self._report()  # a push still unacknowledged: Pending
+                continue
             unacked = self._sent_generation > self._answered_generation
             if unacked and now >= self._sent_at + self._settings.ack_timeout:
                 if self._resent_for_ack:
@@ -267,4 +278,4 @@ class NodeSessionActor:
         self._sent_generation = max(self._sent_generation, messages[-1].generation)
         self._sent_at = trio.current_time()
         if self._sent_generation != sent_before:
-            await self._report()
+            self._report_due = min(self._report_due, self._sent_at + PENDING_REPORT_DELAY)
