@@ -182,8 +182,17 @@ class StatusObserved:
     resource_version: str
 
 
+@attrs.frozen(slots=True)
+class NodeGone:
+    """The Node behind VpbluNode `node` is gone or was replaced (a new uid):
+    its VpbluNode was deleted, and the key its daemon reported must be
+    forgotten too, never written into a VpbluNode of a reused name."""
+
+    node: str
+
+
 StatusInbox = (PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
-               | NodeHealthReported | StatusObserved)
+               | NodeHealthReported | StatusObserved | NodeGone)
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------

@@ -174,6 +174,34 @@ class FakeKubeApi:
         obj["metadata"]["generation"] = current["metadata"].get("generation", 1)
         return await self.put(kind, obj)
 
+    async def patch_json(self, kind: ResourceKind, name: str, operations: Sequence[RawObject],
+                         *, namespace: str | None = None) -> RawObject:
+        """Only what the controller sends: a uid test, then adding ownerReferences."""
+        await trio.lowlevel.checkpoint()
+        self._check("patch_json", kind)
+        current = self._objects[kind.kind].get(name)
+        if current is None:
+            raise NotFound(404, "NotFound", name)
+        obj = copy.deepcopy(current)
+        for op in operations:
+            if op["op"] == "test" and op["path"] == "/metadata/uid":
+                if obj["metadata"].get("uid") != op["value"]:
+                    raise ApiError(422, "Invalid", "test operation failed")
+            elif op["op"] == "add" and op["path"] == "/metadata/ownerReferences":
+                obj["metadata"]["ownerReferences"] = list(op["value"])
+            elif op["op"] == "add" and op["path"] == "/metadata/ownerReferences/-":
+                obj["metadata"].setdefault("ownerReferences", []).append(op["value"])
+            else:
+                raise ApiError(422, "Invalid", f"the fake does not patch {op}")
+        return await self.put(kind, obj)
+
+    async def delete_uid(self, kind: ResourceKind, name: str, uid: str, *,
+                         namespace: str | None = None) -> None:
+        current = self._objects[kind.kind].get(name)
+        if current is not None and current["metadata"].get("uid") != uid:
+            raise Conflict(409, "Conflict", "precondition failed: uid")
+        await self.delete(kind, name, namespace=namespace)
+
     async def token_review(self, token: str, audiences: Sequence[str]) -> RawObject:
         raise ApiError(501, "NotImplemented", "the fake has no TokenReview")
 

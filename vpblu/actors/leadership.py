@@ -17,6 +17,7 @@ import trio
 
 from vpblu.actors.daemonpods import DaemonPodsActor
 from vpblu.actors.health import HealthActor, HealthSettings
+from vpblu.actors.ownership import NodeOwnershipActor
 from vpblu.actors.rotation import RotationSettings
 from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
 from vpblu.actors.session import SessionSettings
@@ -178,6 +179,8 @@ class LeadershipActor:
                 ChildSpec("status", with_inbox_clone(
                     lambda inbox: StatusActor(kube, inbox, STATUS_KINDS, metrics), status_receive)),
                 ChildSpec("status-guard", lambda: StatusGuardActor(
+                    kube, status_send.clone(), metrics).run),
+                ChildSpec("node-ownership", lambda: NodeOwnershipActor(
                     kube, status_send.clone(), metrics).run),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,

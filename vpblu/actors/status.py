@@ -54,6 +54,7 @@ from vpblu.kube.client import (
     ResourceKind,
 )
 from vpblu.messages import (
+    NodeGone,
     NodeHealthReported,
     ObjectConditions,
     ObjectDeleted,
@@ -194,6 +195,11 @@ class StatusActor:
             async for message in self._inbox:
                 if isinstance(message, StatusObserved):
                     self._observed(message)
+                    continue
+                if isinstance(message, NodeGone):
+                    gone = _Key(VPBLU_NODES.kind, message.node)
+                    self._forget(gone)
+                    self._wanted.pop(gone, None)  # the reported key too: a new machine
                     continue
                 if isinstance(message, ObjectDeleted):
                     gone = _Key(message.kind, message.name)

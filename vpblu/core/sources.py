@@ -28,6 +28,11 @@ class ObjectMeta:
     resource_version: str
     uid: str
     annotations: tuple[tuple[str, str], ...] = ()
+    # metadata.ownerReferences as (kind, uid) pairs.
+    owners: tuple[tuple[str, str], ...] = ()
+
+    def owner_uid(self, kind: str) -> str | None:
+        return next((uid for k, uid in self.owners if k == kind), None)
 
     def annotation(self, key: str) -> str | None:
         return dict(self.annotations).get(key)

@@ -193,6 +193,12 @@ class KubeApi(Protocol):
                            namespace: str | None = None,
                            resource_version: str | None = None) -> RawObject: ...
 
+    async def patch_json(self, kind: ResourceKind, name: str, operations: Sequence[RawObject],
+                         *, namespace: str | None = None) -> RawObject: ...
+
+    async def delete_uid(self, kind: ResourceKind, name: str, uid: str, *,
+                         namespace: str | None = None) -> None: ...
+
     async def token_review(self, token: str, audiences: Sequence[str]) -> RawObject: ...
 
 
@@ -369,6 +375,21 @@ class KubeClient:
             body=body, content_type="application/merge-patch+json",
             query=[("fieldManager", FIELD_MANAGER)])
         return result
+
+    async def patch_json(self, kind: ResourceKind, name: str, operations: Sequence[RawObject],
+                         *, namespace: str | None = None) -> RawObject:
+        """A JSON patch (RFC 6902) of the object itself (metadata, say)."""
+        result: RawObject = await self._request(
+            "PATCH", kind.path(namespace=namespace, name=name), body=[*operations],
+            content_type="application/json-patch+json", query=[("fieldManager", FIELD_MANAGER)])
+        return result
+
+    async def delete_uid(self, kind: ResourceKind, name: str, uid: str, *,
+                         namespace: str | None = None) -> None:
+        """Delete the object only if it is still the one with `uid` (else `Conflict`)."""
+        await self._request("DELETE", kind.path(namespace=namespace, name=name),
+                            body={"apiVersion": "v1", "kind": "DeleteOptions",
+                                  "preconditions": {"uid": uid}})
 
     async def token_review(self, token: str, audiences: Sequence[str]) -> RawObject:
         body = {

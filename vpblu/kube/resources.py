@@ -50,6 +50,8 @@ def meta_of(raw: RawObject) -> ObjectMeta:
         resource_version=str(md.get("resourceVersion", "")),
         uid=str(md.get("uid", "")),
         annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+        owners=tuple((str(o.get("kind", "")), str(o.get("uid", "")))
+                     for o in md.get("ownerReferences") or () if isinstance(o, dict)),
     )
 
 
