@@ -10,9 +10,9 @@ import trio
 import trio.testing
 
 from tests.fakes.kube import FakeKubeApi
-from vpblu.actors.status import StatusActor
+from vpblu.actors.status import MAX_CONDITION_MESSAGE, WORKERS, StatusActor
 from vpblu.core.model import Condition
-from vpblu.kube.client import TUNNEL_POLICIES, VPBLU_NODES
+from vpblu.kube.client import TUNNEL_POLICIES, VPBLU_NODES, ApiError
 from vpblu.messages import ObjectConditions, ObjectDeleted, PublicKeyReported, StatusInbox
 
 KINDS = {k.kind: k for k in (VPBLU_NODES, TUNNEL_POLICIES)}
@@ -179,4 +179,66 @@ async def test_deleted_objects_are_forgotten_but_a_reported_key(
         await send.send(ObjectConditions("VpbluNode", "n1", 1, (scheduled,)))
         await trio.sleep(1)
         assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(1)
+        nursery.cancel_scope.cancel()
+
+
+def conditions(name: str, ctype: str, status: str, message: str) -> ObjectConditions:
+    return ObjectConditions("TunnelPolicy", name, 1, (
+        Condition("TunnelPolicy", name, ctype, status, "Test", message),))
+
+
+class RefusingFakeKube(FakeKubeApi):
+    """A fake API server that refuses (422) every status write for `refuse`."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.refused: dict[str, int] = {}
+
+    async def patch_status(self, kind, name, status, *, namespace=None,  # type: ignore[no-untyped-def]
+                           resource_version=None):
+        if name in self.refuse:
+            await trio.lowlevel.checkpoint()
+            self.refused[name] = self.refused.get(name, 0) + 1
+            raise ApiError(422, "Unprocessable Entity", f"{name}: status is invalid")
+        return await super().patch_status(kind, name, status, namespace=namespace,
+                                          resource_version=resource_version)
+
+
+async def test_a_refused_write_is_not_retried_and_holds_no_worker(
+        autojump_clock: trio.testing.MockClock) -> None:
+    bad = {f"bad{i}" for i in range(WORKERS + 2)}  # more than there are workers
+    kube = RefusingFakeKube(bad)
+    for name in [*sorted(bad), "good"]:
+        await kube.put(TUNNEL_POLICIES, {"metadata": {"name": name}, "spec": {}})
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        for name in sorted(bad):
+            await send.send(conditions(name, "Accepted", "False", "x" * 10))
+        await trio.sleep(0.1)
+        await send.send(conditions("good", "Accepted", "True", "ok"))
+        await trio.sleep(600)  # ten minutes of virtual time: retries would show
+        assert kube.refused == dict.fromkeys(bad, 1)
+        assert actor.refused == len(bad)
+        assert (await kube.get(TUNNEL_POLICIES, "good"))["status"]["conditions"][0][
+            "message"] == "ok"
+        # Once what it should say changes, it is tried again (and, accepted, written).
+        kube.refuse.discard("bad0")
+        await send.send(conditions("bad0", "Accepted", "True", "fixed"))
+        await trio.sleep(1)
+        assert (await kube.get(TUNNEL_POLICIES, "bad0"))["status"]["conditions"][0][
+            "message"] == "fixed"
+        nursery.cancel_scope.cancel()
+
+
+async def test_condition_messages_are_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    kube = FakeKubeApi()
+    await kube.put(TUNNEL_POLICIES, {"metadata": {"name": "p"}, "spec": {}})
+    async with trio.open_nursery() as nursery:
+        send, _actor = await run_status(nursery, kube)
+        await send.send(conditions("p", "Accepted", "False", "y" * 100_000))
+        await trio.sleep(1)
+        message = (await kube.get(TUNNEL_POLICIES, "p"))["status"]["conditions"][0]["message"]
+        assert len(message) == MAX_CONDITION_MESSAGE
+        assert message.endswith(f"({100_000 - MAX_CONDITION_MESSAGE} more characters)")
         nursery.cancel_scope.cancel()

@@ -70,6 +70,13 @@ log = logging.getLogger(__name__)
 WORKERS = 4
 RETRY_DELAY = 1.0
 RETRY_DELAY_MAX = 30.0
+# Answers that say the write itself is refused (400 bad request, 413 too large,
+# 422 invalid): the same status would be refused again, so it is not retried -
+# it would hold a worker forever - until what is wanted for the object changes.
+REFUSED_FOR_GOOD = frozenset({400, 413, 422})
+# A condition's message is cut to this (the API's own limit is 32 KiB; every
+# problem of a policy joined into one message once made a status too large).
+MAX_CONDITION_MESSAGE = 1024
 # The resourceVersions of an object's latest writes by this actor: their watch
 # events (which may arrive after a newer write) are not someone else's.
 OWN_VERSIONS = 8
@@ -114,12 +121,19 @@ def conditions_status(wanted: ObjectConditions, current: list[RawObject]) -> lis
             "type": cond.type,
             "status": cond.status,
             "reason": cond.reason,
-            "message": cond.message,
+            "message": _bounded(cond.message),
             "observedGeneration": wanted.generation,
             "lastTransitionTime": _now() if changed or old is None else old.get(
                 "lastTransitionTime", _now()),
         })
     return out
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_CONDITION_MESSAGE:
+        return message
+    more = f" ... ({len(message) - MAX_CONDITION_MESSAGE} more characters)"
+    return message[:MAX_CONDITION_MESSAGE - len(more)] + more
 
 
 def _merge_by_type(conditions: tuple[Condition, ...]) -> Mapping[str, Condition]:
@@ -154,6 +168,7 @@ class StatusActor:
         self._suspect: set[_Key] = set()
         self._foreign: dict[_Key, tuple[str, str]] = {}
         self.reverted = 0  # foreign status writes undone (an Event each)
+        self.refused = 0  # writes the API server refused for good (not retried)
         self._kube = kube
         self._inbox = inbox
         self._kinds = dict(kinds)
@@ -293,6 +308,15 @@ class StatusActor:
             except Conflict:
                 continue  # someone wrote in between: read again and redo
             except (ApiUnavailable, ApiError) as exc:
+                if isinstance(exc, ApiError) and exc.status in REFUSED_FOR_GOOD:
+                    self.refused += 1
+                    if self._metrics is not None:
+                        self._metrics.reconcile_errors.labels("status_refused").inc()
+                    log.error("status of %s %s refused by the API server (%r): not retried "
+                              "until what it should say changes", key.kind, key.name, exc)
+                    if self._version[key] == version:
+                        return
+                    continue
                 if self._metrics is not None:
                     self._metrics.reconcile_errors.labels("status_write").inc()
                 log.warning("status of %s %s: %r; retrying in %.1fs",
