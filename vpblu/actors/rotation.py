@@ -37,9 +37,21 @@ is read again before Activate and before each round of Switches, and the
 record's peers grow with it, so a new leader resumes with the newcomers too.
 
 One node at a time across the cluster: a rotation holds the `RotationToken`
-from its first step to its last. It never sees a private key (K' is made on R
-and only K'.pub comes back), and it never talks to the API server or a stream
-itself: its `RotationPorts` do (the StatusActor and the StateActor).
+from its first step to its last. Why not several: each node has one bridge, and
+it is keyed for one rotation. On R it holds K'_R; on a peer P it holds P's own
+key and exactly one entry (K'_R), and Retire or a rollback on P deletes it. Two
+rotations that share a peer would rewrite that peer's bridge under each other,
+and two rotating nodes that peer with each other would each need the other's
+bridge to hold its own key (R2 is a peer of R1 while its bridge carries K'_R2).
+In a FullMesh every pair peers, so overlapping rotations need a mechanism made
+for groups: rotating nodes' bridges carrying new-to-new entries for each other,
+peers' bridges with several entries, and barriers between the entry writes and
+the route moves of Distribute and Switch. Until then a whole-cluster rotation
+costs N sequential rotations of O(N) steps each.
+
+It never sees a private key (K' is made on R and only K'.pub comes back), and
+it never talks to the API server or a stream itself: its `RotationPorts` do
+(the StatusActor and the StateActor).
 """
 
 from __future__ import annotations
