@@ -58,6 +58,11 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="send whole states instead of deltas (a benchmark baseline only)")
     p.add_argument("--metrics-listen", default="0.0.0.0:9090",
                    help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
+    p.add_argument("--dashboard-addr", default=":8082",
+                   help="host:port of the web dashboard, over TLS with --tls-cert/--tls-key "
+                        "(':8082' is every address; '' to serve none)")
+    p.add_argument("--dashboard-plain-http", action="store_true",
+                   help="serve the dashboard without TLS: only on a loopback --dashboard-addr")
     p.add_argument("--service-cidr", action="append", default=[], type=_cidr,
                    help="the cluster's Service range, as kube-apiserver's "
                         "--service-cluster-ip-range (repeatable: one per IP family); a "
@@ -82,6 +87,15 @@ def _run_controller(args: argparse.Namespace) -> int:
 
     users = (frozenset(args.daemon_user) if args.daemon_user
              else frozenset({"system:serviceaccount:vpblu-system:vpblu-daemon"}))
+    from vpblu.dashboard.server import DashboardSettings
+
+    try:
+        dashboard = None if not args.dashboard_addr else DashboardSettings(
+            args.dashboard_addr, *((None, None) if args.dashboard_plain_http
+                                   else (args.tls_cert, args.tls_key)))
+    except ValueError as bad:
+        print(f"vpblu controller: --dashboard-addr: {bad}", file=sys.stderr)
+        return 2
     settings = ControllerSettings(
         kubeconfig=args.kubeconfig,
         listen=args.listen,
@@ -95,6 +109,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         full_pushes=args.full_pushes,
         service_cidrs=tuple(args.service_cidr),
         metrics_listen=args.metrics_listen or None,
+        dashboard=dashboard,
     )
 
     async def main() -> None:
@@ -360,6 +375,44 @@ def _run_status(args: argparse.Namespace) -> int:
     return trio.run(main)
 
 
+def _meshtop_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("meshtop", help="the mesh live in the terminal: nodes, tunnels, "
+                                       "handshakes, throughput, rotation, the leader")
+    p.add_argument("--kubeconfig", type=Path, default=None,
+                   help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--dashboard", default=None, metavar="URL",
+                   help="read the controller's dashboard instead (tunnels included), e.g. "
+                        "https://localhost:8082 through kubectl port-forward")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="bearer token for --dashboard (e.g. from kubectl create token)")
+    p.add_argument("--dashboard-ca", type=Path, default=None,
+                   help="CA that signed the dashboard's certificate (the ConfigMap vpblu-ca)")
+    p.add_argument("--insecure-skip-tls-verify", action="store_true",
+                   help="do not check the dashboard's certificate")
+    p.add_argument("--refresh", type=float, default=2.0, help="seconds between reads")
+    p.add_argument("--lease-namespace", default="vpblu-system")
+    p.add_argument("--lease-name", default="vpblu-controller")
+
+
+def _run_meshtop(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from vpblu.meshstatus import default_kubeconfig
+    from vpblu.meshtop import ApiSource, DashboardSource, MeshSource, run_meshtop
+
+    if args.refresh <= 0:
+        parser.error("--refresh must be positive")
+    source: MeshSource
+    if args.dashboard:
+        if args.token_file is None:
+            parser.error("--dashboard needs --token-file")
+        token = args.token_file.read_text().strip()
+        source = DashboardSource(args.dashboard, token, args.dashboard_ca,
+                                 args.insecure_skip_tls_verify)
+    else:
+        source = ApiSource(args.kubeconfig or default_kubeconfig(), args.lease_namespace,
+                           args.lease_name)
+    return run_meshtop(source, args.refresh)
+
+
 def _version() -> str:
     """The installed distribution's version (the wheel's, the image's)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -383,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _controller_parser(sub)
     _daemon_parser(sub)
     _status_parser(sub)
+    _meshtop_parser(sub)
     _certs_parser(sub)
     return parser
 
@@ -399,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_daemon(args, parser)
         if args.command == "status":
             return _run_status(args)
+        if args.command == "meshtop":
+            return _run_meshtop(args, parser)
         if args.command == "certs":
             return _run_certs(args)
     except KeyboardInterrupt:

@@ -132,3 +132,26 @@ def test_every_package_is_listed_for_the_wheel() -> None:
                  ["tool"]["setuptools"]["packages"])
     on_disk = {_module_name(p) for p in PACKAGE.rglob("__init__.py")} | {"vpblu.bpf"}
     assert listed == on_disk
+
+
+def test_the_dashboards_assets_ship_in_the_package() -> None:
+    """Clusters are often offline: every page, script and stylesheet is package
+    data of vpblu.dashboard (no CDN), and the pages name no other origin."""
+    import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["vpblu.dashboard"]
+    folder = PACKAGE / "dashboard"
+    assets = [p.relative_to(folder).as_posix() for sub in ("templates", "static")
+              for p in (folder / sub).iterdir()]
+    assert assets and all(any(fnmatch.fnmatch(a, g) for g in globs) for a in assets), assets
+    for asset in assets:
+        text = (folder / asset).read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in text and "//cdn" not in text, asset
+
+
+def test_the_dashboards_view_is_pure() -> None:
+    module = "vpblu.dashboard.meshview"
+    for imported in _imports(PACKAGE / "dashboard" / "meshview.py", module):
+        assert imported.split(".")[0] not in IO_MODULES - {"datetime"}, imported
