@@ -454,7 +454,7 @@ async def test_routes_over_the_service_range_the_controller_was_given_are_refuse
             msg = await h.status.receive()
             if isinstance(msg, ObjectConditions) and msg.name == "svc":
                 break
-        [accepted] = msg.conditions
+        [accepted] = [c for c in msg.conditions if c.type == "Accepted"]
         assert (accepted.status, accepted.reason) == ("False", "CoversServiceCIDR")
         sync = await box.receive()
         assert isinstance(sync, PushSync)

@@ -117,6 +117,7 @@ async def run_controller(
                             on_refused=lambda reason: metrics.stream_refusals.labels(reason).inc())
         view = Leadership()
         metrics.leader.set_function(lambda: 1.0 if view.leading else 0.0)
+        metrics.read_server(server)
         children = [] if settings.metrics_listen is None else [
             metrics_child(metrics.registry, settings.metrics_listen,
                           ready=lambda: (server.serving, "the Mesh server listens"

@@ -107,6 +107,13 @@ P = TypeVar("P", TunnelPolicy, RoutePolicy, BlockPolicy, RotationPolicy)
 SEQUENCE_BITS = 32
 # How often nodes whose mailbox overflowed are offered their PushSync again.
 RETRY_OVERFLOWED = 0.2
+# A policy's Applied condition ("k/N nodes applied generation G") follows the
+# nodes' acks at most this often: a change's acks from 1000 nodes arrive over
+# a second or two and are one or two status writes, not one per ack batch. A
+# quiet mesh changes no count and writes nothing.
+APPLIED_REPORT_PERIOD = 1.0
+# The policies whose effect reaches the nodes' desired states.
+APPLIED_KINDS = ("TunnelPolicy", "RoutePolicy", "BlockPolicy")
 # The resync of a node whose acks say error: the second waits this long, each
 # next one twice as long, up to the maximum (the first goes at once).
 RESYNC_BACKOFF_INITIAL = 1.0
@@ -211,6 +218,12 @@ class StateActor:
         self._view_policies: list[RotationPolicy] = []
         self._sent_views: tuple[NodeRotationView, ...] = ()
         self._daemon_conditions_cache: list[Condition] | None = None
+        # Per policy: its metadata.generation and the desired-state generation
+        # current when the leader took it in (a node that acked that, or is
+        # caught up with all it was sent, has applied it).
+        self._policy_since: dict[tuple[str, str], tuple[int, int]] = {}
+        self._acks_moved = False
+        self._applied_reported_at = -math.inf
 
     @property
     def generation(self) -> int:
@@ -237,7 +250,7 @@ class StateActor:
             task_status.started()
             while True:
                 wake = min(trio.current_time() + RETRY_OVERFLOWED if self._overflowed()
-                           else math.inf, self._next_resync())
+                           else math.inf, self._next_resync(), self._next_applied_report())
                 with trio.move_on_at(wake):
                     await self._handle(await self._inbox.receive())
                 if self._dirty and self._dirty_since is None:
@@ -250,6 +263,9 @@ class StateActor:
                         break
                 if self._dirty and self._synced:
                     await self._recompute()
+                elif (self._acks_moved and self._result is not None
+                      and trio.current_time() >= self._next_applied_report()):
+                    await self._report_conditions(self._result.conditions)
                 if self._synced:
                     self._release_resyncs()
                     self._push_pending_syncs()
@@ -313,6 +329,7 @@ class StateActor:
                 current = self._sessions.get(node)
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
+                    self._acks_moved = True
                     self._unsynced.discard(node)
                     self._converged(self._convergence.forget(node, trio.current_time()))
             case SendRotationStep(node=node, step=step):
@@ -333,6 +350,7 @@ class StateActor:
                 if current is not None and current.session_id == sid:
                     if error is None:
                         current.acked_generation = max(current.acked_generation, gen)
+                        self._acks_moved = True
                         self._converged(self._convergence.acked(node, gen, trio.current_time()))
                         failing = self._failing.get(node)
                         if failing is not None and gen >= failing.worst:
@@ -573,9 +591,46 @@ class StateActor:
                                      "NoDaemonPod", "no vpblu daemon Pod is bound to this node"))
         return out
 
+    def _next_applied_report(self) -> float:
+        if not self._acks_moved or self._result is None:
+            return math.inf
+        return self._applied_reported_at + APPLIED_REPORT_PERIOD
+
+    def _applied_conditions(self) -> list[Condition]:
+        """Each policy's Applied condition: how many of the nodes in the desired
+        state have applied its current generation (its metadata.generation)."""
+        self._acks_moved = False
+        self._applied_reported_at = trio.current_time()
+        nodes = self._states().keys()
+        since_by_node: dict[int, int] = {}
+        out = []
+        for kind in APPLIED_KINDS:
+            for name, obj in self._objects.get(kind, {}).items():
+                if (kind, name) in self._invalid:
+                    continue  # its Accepted=False InvalidSpec says it all
+                key, meta_generation = (kind, name), obj.meta.generation
+                taken = self._policy_since.get(key)
+                if taken is None or taken[0] != meta_generation:
+                    taken = self._policy_since[key] = (meta_generation, self.generation)
+                since = taken[1]
+                applied = since_by_node.get(since)
+                if applied is None:
+                    applied = since_by_node[since] = sum(
+                        1 for n in nodes if _has_applied(self._sessions.get(n), since))
+                total = len(nodes)
+                done = applied == total
+                out.append(Condition(
+                    kind, name, "Applied", "True" if done else "False",
+                    "Applied" if done else "Pending",
+                    f"{applied}/{total} nodes have applied generation {meta_generation}"))
+        live = {(k, n) for k in APPLIED_KINDS for n in self._objects.get(k, {})}
+        for gone in self._policy_since.keys() - live:
+            del self._policy_since[gone]
+        return out
+
     async def _report_conditions(self, conditions: tuple[Condition, ...]) -> None:
         by_object: dict[tuple[str, str], list[Condition]] = {}
-        for cond in (*conditions, *self._daemon_conditions()):
+        for cond in (*conditions, *self._daemon_conditions(), *self._applied_conditions()):
             by_object.setdefault((cond.kind, cond.name), []).append(cond)
         for (kind, name), bad in self._invalid.items():
             # What the operator must see is that the current edit was refused;
@@ -601,6 +656,15 @@ class StateActor:
     def _generation_of(self, kind: str, name: str) -> int:
         obj = self._objects.get(kind, {}).get(name)
         return obj.meta.generation if obj is not None else 0
+
+
+def _has_applied(session: _Session | None, since: int) -> bool:
+    """The node acknowledged generation `since` or later, or everything it was
+    sent (a change that left its state alone was not sent to it)."""
+    if session is None or session.needs_sync or session.acked_generation == 0:
+        return False
+    return session.acked_generation >= since or (
+        session.acked_generation >= session.sent_generation)
 
 
 def _condition_order(c: Condition) -> tuple[str, str, str, str, str, str]:
