@@ -304,6 +304,9 @@ class TestEnv:
     """
 
     __test__ = False  # not a pytest test class, despite the name
+    # Opt in (a subclass sets it) to kube-apiserver's audit log: every write
+    # (metadata level, no reads), JSON lines in `audit_log_path`.
+    audit_writes = False
 
     def __init__(self, binaries: Binaries, directory: Path, *,
                  kubectl: str | None = None) -> None:
@@ -598,7 +601,24 @@ class TestEnv:
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24",
+            *self._audit_args(),
         ]
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.dir / "audit.log"
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit_writes:
+            return []
+        policy = self.dir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [{"level": "None", "verbs": ["get", "list", "watch"]},
+                      {"level": "Metadata"}]}))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json", "--audit-log-mode=blocking"]
 
     def _wait_ready(self, child: ChildProcess, probe: Callable[[], bool]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
