@@ -14,7 +14,9 @@ $VPBLU_SCREENSHOTS (default: the test's tmp dir).
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import json
 import os
 import shutil
 import ssl
@@ -43,6 +45,7 @@ from tests.integration.meshlab import (
     wait_api,
     wait_leading,
 )
+from vpblu.actors.health import HealthSettings
 from vpblu.dashboard.server import DashboardSettings
 from vpblu.lab.sim import SimCluster, has_rotated, is_full_mesh
 from vpblu.lab.testenv import TestEnv, free_port
@@ -319,3 +322,125 @@ async def _rotation_needs_patch(b: Browser, users: Users, node: str, cluster: Si
     await b.shot("08-node-rotated")
     await b.sign_out()
     assert (await b.get("/")).startswith(f"{b.base}/login")
+
+
+def get_json(port: int, ca: Path, path: str, token: str | None) -> tuple[int, Any]:
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+def meshtop_rows(source: Any, detail: str | None = None) -> tuple[list[str], str, list[str]]:
+    """Run meshtop (textual's pilot, 80x24) on `source` in this worker thread's own
+    asyncio loop: the rows, the status line and, with `detail`, that node's rows."""
+    from textual.widgets import DataTable, Static
+
+    from vpblu.meshtop import MeshTop
+
+    app = MeshTop(source, refresh=3600)
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            table = app.query_one("#table", DataTable)
+            out["rows"] = [str(k.value) for k in table.rows]
+            out["status"] = str(app.query_one("#status", Static).render())
+            out["detail"] = []
+            if detail is not None:
+                table.move_cursor(row=out["rows"].index(detail))
+                await pilot.press("enter")
+                await pilot.pause()
+                out["detail"] = [str(k.value) for k in table.rows]
+
+    asyncio.run(main())
+    return out["rows"], out["status"], out["detail"]
+
+
+async def test_any_replica_answers_and_meshtop_reads_both_sources(
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    """A follower's dashboard serves what the leader wrote to the API (its
+    telemetry stays with the leader), with the same sign-in; meshtop shows the
+    mesh from the kubeconfig and, with a token, from the dashboard's JSON API."""
+    env, pki, settings = mesh
+    ports = free_port(), free_port()
+    # Peer counts that move without a transition are written every
+    # update_interval: short here, so the follower's 2/2 comes soon.
+    leader_settings = attrs.evolve(settings, health=HealthSettings(update_interval=2.0),
+                                   dashboard=DashboardSettings(
+                                       f"127.0.0.1:{ports[0]}", pki.server.cert, pki.server.key))
+    grpc = free_port()
+    follower_settings = attrs.evolve(
+        settings, listen=f"127.0.0.1:{grpc}", advertise=f"127.0.0.1:{grpc}",
+        identity=unique("follower"), dashboard=DashboardSettings(
+            f"127.0.0.1:{ports[1]}", pki.server.cert, pki.server.key))
+    users, cleanup_rbac = await trio.to_thread.run_sync(rbac, env, unique("dash"))
+    tunnel = unique("dash")
+    ca = pki.client.ca
+    try:
+        async with running_controller(leader_settings) as leading:
+            await wait_leading(leading)
+            async with running_controller(follower_settings) as following:
+                assert not following.leading
+                await aapi(env, "POST", f"{GROUP_PATH}/tunnelpolicies",
+                           policy("TunnelPolicy", tunnel, {"mode": "FullMesh"}))
+                async with SimCluster.open(env, tmp_path / "sim", pki.client,
+                                           (settings.advertise,), NODES,
+                                           prefix=unique("db")) as cluster:
+                    with trio.fail_after(CONVERGE_TIMEOUT):
+                        await cluster.wait_all(is_full_mesh(cluster))
+                    names = sorted(cluster.daemons)
+                    for port in ports:
+                        assert (await trio.to_thread.run_sync(
+                            get_json, port, ca, "/api/mesh", None))[0] == 401
+                        assert (await trio.to_thread.run_sync(
+                            get_json, port, ca, "/api/mesh", users.stranger))[0] == 403
+
+                    async def both_show_the_mesh() -> tuple[Any, Any]:
+                        with trio.fail_after(CONVERGE_TIMEOUT):
+                            while True:
+                                docs = [await trio.to_thread.run_sync(
+                                    get_json, port, ca, "/api/mesh", users.viewer)
+                                        for port in ports]
+                                if all(status == 200 and [n["name"] for n in doc["nodes"]]
+                                       == names and all(n["ready"] == "True"
+                                                        for n in doc["nodes"])
+                                       and all(n["peers"] == f"{NODES - 1}/{NODES - 1}"
+                                               for n in doc["nodes"])
+                                       and all(n["tunnels"] for n in docs[0][1]["nodes"])
+                                       for status, doc in docs):
+                                    return docs[0][1], docs[1][1]
+                                await trio.sleep(0.2)
+
+                    on_leader, on_follower = await both_show_the_mesh()
+                    assert on_leader["telemetry"] == "live"
+                    assert all(len(n["tunnels"]) == NODES - 1 for n in on_leader["nodes"])
+                    assert on_follower["leader"] == on_leader["leader"] == settings.identity
+                    assert on_follower["servedBy"] == follower_settings.identity
+                    assert "held in memory by the leader" in on_follower["telemetry"]
+                    assert all(n["tunnels"] is None for n in on_follower["nodes"])
+                    assert [n["peers"] for n in on_follower["nodes"]] == ["2/2"] * NODES
+
+                    from vpblu.meshtop import ApiSource, DashboardSource
+
+                    rows, status, detail = await trio.to_thread.run_sync(
+                        meshtop_rows, DashboardSource(f"https://127.0.0.1:{ports[1]}",
+                                                      users.viewer, ca), None)
+                    assert rows == names and f"leader {settings.identity}" in status
+                    rows, status, detail = await trio.to_thread.run_sync(
+                        meshtop_rows, DashboardSource(f"https://127.0.0.1:{ports[0]}",
+                                                      users.viewer, ca), names[0])
+                    assert rows == names and detail == names[1:]
+                    rows, status, _ = await trio.to_thread.run_sync(
+                        meshtop_rows, ApiSource(env.kubeconfig_path, settings.lease.namespace,
+                                                settings.lease.name), None)
+                    assert rows == names and f"leader {settings.identity}" in status
+                    assert f"{NODES}/{NODES} Ready" in status
+    finally:
+        await aapi(env, "DELETE", f"{GROUP_PATH}/tunnelpolicies/{tunnel}", ok=(200, 404))
+        await trio.to_thread.run_sync(cleanup_rbac)
