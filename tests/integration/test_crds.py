@@ -69,11 +69,22 @@ def test_rbac_grants_the_controller_what_it_needs_and_the_daemon_nothing(
         return result.stdout.strip() == "yes"
 
     assert can("vpblu-controller", "watch", "nodes")
-    assert can("vpblu-controller", "list", "pods", "--all-namespaces")
+    # Least privilege (issue 19): the daemon Pods only, the users' policies
+    # read-only, their status written, the Lease by name.
+    assert can("vpblu-controller", "list", "pods", "-n", "vpblu-system")
+    assert not can("vpblu-controller", "list", "pods", "--all-namespaces")
     assert can("vpblu-controller", "patch", "vpblunodes.vpblu.io", "--subresource=status")
-    assert can("vpblu-controller", "delete", "tunnelpolicies.vpblu.io")
+    assert can("vpblu-controller", "patch", "tunnelpolicies.vpblu.io", "--subresource=status")
+    assert can("vpblu-controller", "watch", "tunnelpolicies.vpblu.io")
+    for verb in ("create", "update", "patch", "delete"):
+        assert not can("vpblu-controller", verb, "tunnelpolicies.vpblu.io")
+    assert can("vpblu-controller", "delete", "vpblunodes.vpblu.io")
+    assert not can("vpblu-controller", "deletecollection", "vpblunodes.vpblu.io")
     assert can("vpblu-controller", "create", "tokenreviews.authentication.k8s.io")
-    assert can("vpblu-controller", "update", "leases.coordination.k8s.io", "-n", "vpblu-system")
+    assert can("vpblu-controller", "update", "leases.coordination.k8s.io/vpblu-controller",
+               "-n", "vpblu-system")
+    assert not can("vpblu-controller", "update", "leases.coordination.k8s.io/another",
+                   "-n", "vpblu-system")
     assert not can("vpblu-controller", "update", "leases.coordination.k8s.io", "-n", "default")
     assert not can("vpblu-controller", "get", "secrets", "-n", "vpblu-system")
     for verb, what in [("get", "nodes"), ("list", "vpblunodes.vpblu.io"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -63,7 +64,9 @@ class DaemonPodsActor:
         *,
         label_selector: str = DAEMON_POD_SELECTOR,
         metrics: ControllerMetrics | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._wall_clock = wall_clock  # a token's exp is wall-clock time
         self._kube = kube
         self._pods = pods
         self._in = streams_in
@@ -135,7 +138,7 @@ class DaemonPodsActor:
     async def _sweep(self) -> None:
         while True:
             await trio.sleep(EXPIRY_SWEEP)
-            now = time.time()  # `exp` is wall-clock time
+            now = self._wall_clock()
             kept = []
             for stream in self._live:
                 if stream.closed:
