@@ -10,6 +10,10 @@ collector (there may be none, and the key in its status must never pass to the
 new machine), and the StatusActor is told to forget the key its daemon
 reported (`NodeGone`). A VpbluNode made before its Node (an operator's
 endpoint for a node about to join) is left alone until that Node appears.
+A Node object deleted under a daemon that keeps running (kubelet registers it
+again) leaves that node without a published key until its daemon reconnects
+and says its key again: by design, a key is only ever taken from a daemon on
+the current Node, never carried over from the VpbluNode of a previous one.
 
 Level-triggered over its own watches of Nodes and VpbluNodes: after both are
 listed, each change reconciles the names it touched; a failed API call is
@@ -19,7 +23,6 @@ owned by a Node, or one whose owner still exists.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import trio
@@ -126,9 +129,12 @@ class NodeOwnershipActor:
             why = "was deleted" if node_uid is None else f"was replaced (now uid {node_uid})"
             log.warning("VpbluNode %s: its Node (uid %s) %s; deleting the VpbluNode and "
                         "forgetting its key", name, owner, why)
-            # NotFound: gone already (the garbage collector); Conflict: a newer one.
-            with contextlib.suppress(k.NotFound, k.Conflict):
+            try:
                 await self._kube.delete_uid(k.VPBLU_NODES, name, vn.meta.uid)
+            except k.Conflict:
+                return  # a newer VpbluNode of that name: its own watch event decides
+            except k.NotFound:
+                pass  # gone already (the garbage collector)
             self.deleted += 1
             self._vpblu_nodes.pop(name, None)
             await self._status.send(NodeGone(name))
