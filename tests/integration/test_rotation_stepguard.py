@@ -24,7 +24,7 @@ from vpblu.core import wire
 from vpblu.lab.sim import MeshPki, RecordingApplier
 from vpblu.messages import RotationStepDone
 from vpblu.node.keys import KeyStore
-from vpblu.node.stepguard import STAMP_FILE_NAME, StepGuard
+from vpblu.node.stepguard import STAMP_FILE_NAME, STAMP_MEMORY_SECONDS, StepGuard
 from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.stream.transport import NodeStream
 
@@ -137,3 +137,17 @@ def test_a_damaged_stamp_file_is_reported_and_replaced(tmp_path: Path) -> None:
     assert guard.admit(5) is None
     assert StepGuard.load(tmp_path).highest == 5
     assert guard.admit(4) == "stale step: stamp 4 is below 5"
+
+
+def test_a_stamp_older_than_the_memory_is_forgotten(tmp_path: Path) -> None:
+    """A deposed leader's steps come within seconds; a stamp kept for ever would make a
+    reinstalled controller (its Lease new, the term 0 again) refused by every node."""
+    tmp_path.chmod(0o700)
+    guard = StepGuard.load(tmp_path)
+    assert guard.admit(TERM_2 | 7) is None
+    written = (tmp_path / STAMP_FILE_NAME).stat().st_mtime
+    soon = StepGuard.load(tmp_path, now=written + STAMP_MEMORY_SECONDS - 1)
+    assert soon.highest == TERM_2 | 7
+    later = StepGuard.load(tmp_path, now=written + STAMP_MEMORY_SECONDS + 1)
+    assert later.highest == 0
+    assert later.admit(TERM_1 | 1) is None  # a new Lease's first leader

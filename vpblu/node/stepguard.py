@@ -13,6 +13,15 @@ restarted, and a restarted daemon then ran whatever stale step reached it first
 highest stamp is on disk (fsynced, atomically renamed) *before* `admit` lets the
 step through, so no step is ever run that a restart could forget.
 
+How long: a stamp on disk is honoured by a restarted daemon for
+`STAMP_MEMORY_SECONDS` after it was written, then forgotten. A stale step comes
+from a leader that lost its Lease moments ago (its in-flight and re-sent steps),
+never hours later; and the term comes from the Lease's leaseTransitions, which
+start again at 0 when the Lease is deleted (the controller reinstalled): a stamp
+kept forever would make every node refuse every step of every later leader, the
+rollbacks too, which retry for ever. While the daemon runs it keeps the highest
+stamp in memory, as it always did.
+
 Must never: lower the stamp, or refuse a step stamped exactly at the highest
 (steps are re-sent with the same stamp and are idempotent). A file that cannot
 be read as a stamp is reported and replaced on the next accepted step: the
@@ -26,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,9 @@ STAMP_FILE_NAME = "rotation.stamp"
 STAMP_FILE_MODE = 0o600
 _TMP_SUFFIX = ".tmp"
 _MAX_STAMP = (1 << 64) - 1
+# Far longer than a deposed leader keeps sending (a Lease lasts seconds, a step is
+# re-sent for STEP_TIMEOUT = 60 s) and than a daemon takes to restart.
+STAMP_MEMORY_SECONDS = 3600.0
 
 
 class StepGuard:
@@ -44,17 +57,24 @@ class StepGuard:
         self._highest = highest
 
     @classmethod
-    def load(cls, state_dir: Path) -> StepGuard:
-        """The guard of `state_dir` (which must exist), with what its file says."""
+    def load(cls, state_dir: Path, *, now: float | None = None) -> StepGuard:
+        """The guard of `state_dir` (which must exist), with what its file says if it
+        was written less than `STAMP_MEMORY_SECONDS` before `now` (the wall clock)."""
         path = state_dir / STAMP_FILE_NAME
         for stale in state_dir.glob(f".{STAMP_FILE_NAME}.*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)  # a write a killed daemon left half-done
         try:
+            written = path.stat().st_mtime
             text = path.read_text()
         except FileNotFoundError:
             return cls(path)
         except OSError as exc:
             log.error("%s: cannot read the rotation step guard (%s); starting from 0", path, exc)
+            return cls(path)
+        age = (time.time() if now is None else now) - written
+        if age > STAMP_MEMORY_SECONDS:
+            log.info("%s: the last rotation step was %.0f s ago; its stamp is forgotten", path,
+                     age)
             return cls(path)
         try:
             highest = int(text.strip())
