@@ -262,22 +262,26 @@ class StreamActor:
             self._live_received = lambda: stream.received
             steps_send, steps_receive = trio.open_memory_channel[wire.RotationStep](
                 ROTATION_QUEUE)
-            async with steps_send, steps_receive, trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeat, stream)
-                nursery.start_soon(self._rotations, stream, steps_receive)
-                try:
-                    while True:
-                        batch = await stream.receive_batch()
-                        acks = await self._handle(batch, steps_send)
-                        if acks:
-                            await stream.send_batch(acks)
-                except (_Redirected, StreamClosed) as exc:
-                    ended = exc
-                nursery.cancel_scope.cancel()
-            done = stream.received
-            self._received_before = (self._received_before[0] + done[0],
-                                     self._received_before[1] + done[1])
-            self._live_received = lambda: (0, 0)
+            try:
+                async with steps_send, steps_receive, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, stream)
+                    nursery.start_soon(self._rotations, stream, steps_receive)
+                    try:
+                        while True:
+                            batch = await stream.receive_batch()
+                            acks = await self._handle(batch, steps_send)
+                            if acks:
+                                await stream.send_batch(acks)
+                    except (_Redirected, StreamClosed) as exc:
+                        ended = exc
+                    nursery.cancel_scope.cancel()
+            finally:
+                # Also when cancelled (the daemon stopping): the counts of a
+                # stream that ended must stay in the totals, once.
+                done = stream.received
+                self._received_before = (self._received_before[0] + done[0],
+                                         self._received_before[1] + done[1])
+                self._live_received = lambda: (0, 0)
             assert ended is not None
             raise ended
 

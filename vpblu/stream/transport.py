@@ -114,6 +114,10 @@ DAEMON_MESSAGE_LIMIT = 32 << 20
 # bigger one just takes a few round trips.
 SERVER_WINDOW = 256 * 1024
 MAX_STREAMS_PER_CONNECTION = 4  # a daemon opens one; HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+# Connections waiting to be accepted (grpclib's default is 100): a burst of
+# connects beyond it (daemons reconnecting after a failover, a flood) has its
+# handshakes dropped by the kernel and retried after 1, 3, 7 s.
+LISTEN_BACKLOG = 1024
 # Dead-peer detection, both ends: a connection that received nothing for
 # KEEPALIVE_INTERVAL is sent an HTTP/2 PING (the other end's HTTP/2 layer
 # answers it, whatever its application does); nothing received for
@@ -984,7 +988,7 @@ class MeshServer:
         # grpclib's Server binds the running asyncio loop when it is made.
         server = _MeshGrpcServer([self._service], codec=_PreEncodedCodec(), config=Configuration(
             http2_connection_window_size=SERVER_WINDOW, http2_stream_window_size=SERVER_WINDOW))
-        await server.start(sock=sock, ssl=ctx)
+        await server.start(sock=sock, ssl=ctx, backlog=LISTEN_BACKLOG)
         return server
 
     async def _stop(self, server: Server) -> None:
