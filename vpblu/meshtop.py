@@ -2,7 +2,7 @@
 
 Owns the terminal view of the dashboard's document (`vpblu.dashboard.meshview`):
 a table of nodes (Ready, Connected, peers up/total, applied generation, key
-age, rotation phase, the oldest handshake among its tunnels, throughput),
+age, rotation phase, the oldest handshake among its tunnels (HS), throughput),
 sorted and filtered at will; one node's tunnels (peer, handshake age, rates,
 bytes, endpoint) and conditions; a nodes x peers matrix of handshake ages;
 the leader. It redraws in place every `--refresh` seconds (no flicker: the
@@ -234,13 +234,16 @@ class ViewState:
     matrix: bool = False
 
 
-NODE_COLUMNS = ("NODE", "READY", "CONN", "PEERS", "GEN", "KEY", "ROTATION", "OLDEST HS",
+# Narrow headers: 80 columns hold a 14-character node name and every column;
+# a longer name scrolls the table sideways with the NODE column kept in place.
+NODE_COLUMNS = ("NODE", "READY", "CONN", "PEERS", "GEN", "KEY", "ROTATION", "HS",
                 "RX/s", "TX/s")
 
 
 class MeshTop(App[int]):
     """The terminal view. `source` is read every `refresh` seconds."""
 
+    TITLE = "vpblu meshtop"
     AUTO_FOCUS = "#table"  # not the (hidden) filter box: keys are commands
     CSS = """
     #status { height: 1; background: $boost; }
@@ -275,7 +278,7 @@ class MeshTop(App[int]):
         yield Input(placeholder="filter: name, rotation or problem; !ready", id="filter")
         with Vertical():
             yield Static("", id="detail-info")
-            yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
+            yield DataTable(id="table", cursor_type="row", zebra_stripes=True, fixed_columns=1)
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -308,7 +311,9 @@ class MeshTop(App[int]):
             f"Ready | {mode} | sort {sort}"
             + (f" | filter {self.state.filter!r}" if self.state.filter else "")
             + f" | {self.source.describe()}")
-        self.query_one("#error", Static).update(self.error)
+        error = self.query_one("#error", Static)
+        error.update(self.error)
+        error.display = bool(self.error)
         table = self.query_one("#table", DataTable)
         info = self.query_one("#detail-info", Static)
         if self.state.detail is not None:

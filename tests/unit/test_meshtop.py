@@ -152,3 +152,15 @@ def test_visible_keeps_the_filter_and_sort_pure() -> None:
     assert [n["name"] for n in visible(nodes, "", 0, False)] == ["a", "b", "c"]
     assert [n["name"] for n in visible(nodes, "!ready", 0, False)] == ["c"]
     assert [n["name"] for n in visible(nodes, "A", 0, False)] == ["a"]
+
+
+def test_a_row_with_a_14_character_name_fits_80_columns() -> None:
+    names = [f"ip-10-0-0-{i:04d}" for i in range(3)]
+    doc = document(names, not_ready=(names[0],), rotating=names[1], traffic=10**9)
+
+    async def scenario(app: MeshTop, pilot: Any) -> None:
+        table = app.query_one("#table", DataTable)
+        assert rows(app) == names
+        assert table.virtual_size.width <= SIZE[0]
+
+    run(FakeSource([doc]), scenario)
