@@ -418,6 +418,11 @@ async def test_any_replica_answers_and_meshtop_reads_both_sources(
                                 await trio.sleep(0.2)
 
                     on_leader, on_follower = await both_show_the_mesh()
+                    # Sign-in attempts are limited per address (10 at once, then
+                    # 10 a minute), whatever they carry.
+                    codes = [await trio.to_thread.run_sync(
+                        post_without_csrf, ports[1], ca, "/login", "x") for _ in range(11)]
+                    assert codes == [403] * 10 + [429], codes
                     assert on_leader["telemetry"] == "live"
                     assert all(len(n["tunnels"]) == NODES - 1 for n in on_leader["nodes"])
                     assert on_follower["leader"] == on_leader["leader"] == settings.identity
