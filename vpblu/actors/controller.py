@@ -49,6 +49,7 @@ from vpblu.metrics import ControllerMetrics
 from vpblu.metricsserver import metrics_child
 from vpblu.stream.identity import TokenReviewAuthenticator
 from vpblu.stream.podbinding import DaemonPods, PodBoundAuthenticator
+from vpblu.stream.tlsbuffers import shrink_tls_read_buffers
 from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
 from vpblu.supervisor import ChildSpec, Supervisor, with_inbox_clone
 
@@ -97,6 +98,8 @@ async def run_controller(
     `task_status.started` hands back this replica's `Leadership` view (for
     tests, the demo and the bench)."""
     host, port = split_address(settings.listen)
+    # One TLS connection per node: not 256 KiB of read buffer each (tlsbuffers).
+    shrink_tls_read_buffers()
     # The Lease gets a client (a connection pool) of its own, as client-go
     # advises: a burst of TokenReviews from a thousand reconnecting daemons
     # must never queue the renewal behind it and cost the lead.
