@@ -146,6 +146,9 @@ class ControllerProcess:
             "--kubeconfig", str(env.kubeconfig_path),
             "--listen", f"127.0.0.1:{port}", "--advertise", f"127.0.0.1:{port}",
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+            # No dashboard: its fixed port may be taken by another controller on
+            # this machine, and it serves nobody here.
+            "--dashboard-addr", "",
         ]  # the production lease settings: the bench measures what an operator gets
         if full_pushes:
             args.append("--full-pushes")
@@ -685,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         realstack.main(args.real_stack, args.real_stack_repeats, args.out,
                        args.real_stack_logs)
         return 0
+    from vpblu.lab.realstack import calibration
+    print(calibration().describe(), flush=True)
     print("starting the test API server...", flush=True)
     try:
         with TestEnv.start() as env, _workdir() as workdir, ThreadPoolExecutor(
@@ -699,6 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = summarize(bench.samples)
     print()
     print(table(summaries, bench.peak_rss, bench.rotations))
+    print(f"after the run: {calibration().describe()}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     result = {
