@@ -67,7 +67,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-PAGES = ["index.html", "quickstart.html", "install.html", "operations.html", "security.html",
+PAGES = ["index.html", "quickstart.html", "install.html", "operations.html", "dashboard.html",
+         "security.html",
          "architecture.html", "benchmark.html", "comparison.html", "reference/cli.html",
          "reference/crds/index.html"]
 
