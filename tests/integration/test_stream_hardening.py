@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio_asyncio
 from grpclib.client import Channel
@@ -43,7 +44,14 @@ from vpblu.node.stream import StreamActor, StreamSettings
 from vpblu.stream import codec
 from vpblu.stream.identity import Identity
 from vpblu.stream.proto import mesh_grpc
-from vpblu.stream.transport import ClientTLS, MeshServer, NodeStream, client_ssl_context
+from vpblu.stream.transport import (
+    DAEMON_MESSAGE_LIMIT,
+    ClientTLS,
+    MeshServer,
+    NodeStream,
+    StreamClosed,
+    client_ssl_context,
+)
 
 NODES = 10
 MiB = 1 << 20
@@ -470,3 +478,91 @@ async def test_a_controller_redirecting_to_itself_makes_daemons_back_off(
 def _attempts(actors: Sequence[StreamActor]) -> list[int]:
     return [a.statistics().redirects for a in actors]
 
+
+
+# --- a daemon gone silent, and the daemon's own limit ----------------------------------
+
+SESSION_GONE_WITHIN = 30.0
+
+
+class _NodeTokens:
+    """Tokens 'token-NODE' speak for NODE (this test is about the transport)."""
+
+    async def authenticate(self, token: str) -> Identity:
+        return Identity(node_name=token.removeprefix("token-"))
+
+
+@asynccontextmanager
+async def plain_server(pki: MeshPki) -> AsyncIterator[tuple[MeshServer, int,
+                                                              trio.MemoryReceiveChannel[NodeStream]]]:
+    send, receive = trio.open_memory_channel[NodeStream](4)
+    port = free_port()
+    server = MeshServer(host="127.0.0.1", port=port, tls=pki.server,
+                        authenticator=_NodeTokens(), new_streams=send)
+    async with trio.open_nursery() as nursery, send, receive:
+        await nursery.start(server.run)
+        yield server, port, receive
+        nursery.cancel_scope.cancel()
+
+
+def one_daemon(tmp_path: Path, pki: MeshPki, address: str) -> StreamActor:
+    token = tmp_path / "token"
+    token.write_text("token-a")
+    return StreamActor("a", lambda: "k" * 43 + "=", RecordingApplier("a"),
+                       StreamSettings(addresses=(address,), tls=pki.client, token_file=token))
+
+
+async def test_a_daemon_whose_packets_vanish_loses_its_session_on_the_controller(
+        aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    pki = MeshPki.create(tmp_path / "pki")
+    async with plain_server(pki) as (server, port, streams), \
+            trio.open_nursery() as nursery:
+        forwarder = BlackholeForwarder(("127.0.0.1", port))
+        await nursery.start(forwarder.run)
+        nursery.start_soon(one_daemon(tmp_path, pki, f"127.0.0.1:{forwarder.port}").run)
+        with trio.fail_after(CONVERGE_TIMEOUT):
+            stream = await streams.receive()
+        with trio.fail_after(CLOSE_WAIT):
+            while server.statistics().live != 1:  # noqa: ASYNC110 (the server's own count)
+                await trio.sleep(0.01)
+        forwarder.blackhole()
+        gone_at = trio.current_time()
+        with trio.fail_after(SESSION_GONE_WITHIN):
+            while True:
+                try:
+                    await stream.receive_batch()  # heartbeats until the end
+                except StreamClosed as closed:
+                    reason = closed.reason
+                    break
+        took = trio.current_time() - gone_at
+        print(f"the controller ended the silent daemon's stream after {took:.1f} s: {reason}")
+        with trio.fail_after(CLOSE_WAIT):
+            while server.statistics().live:  # noqa: ASYNC110 (the server's own count)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+CLOSE_WAIT = 10.0
+
+
+async def test_a_message_above_the_daemons_limit_is_refused_and_the_daemon_reconnects(
+        aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    pki = MeshPki.create(tmp_path / "pki")
+    async with plain_server(pki) as (_server, port, streams), trio.open_nursery() as nursery:
+        actor = one_daemon(tmp_path, pki, f"127.0.0.1:{port}")
+        nursery.start_soon(actor.run)
+        with trio.fail_after(CONVERGE_TIMEOUT):
+            first = await streams.receive()
+        # Bytes the daemon cannot decode, announced above its limit: it must
+        # refuse them by the length prefix, not buffer 33 MiB and fail then.
+        first._call.enqueue([b"\0" * (DAEMON_MESSAGE_LIMIT + MiB)])
+        with trio.fail_after(CONVERGE_TIMEOUT):
+            second = await streams.receive()
+        assert second.hello.node_name == "a"
+        assert actor.statistics().connects == 2
+        assert actor.statistics().messages_received == 0
+        size = DAEMON_MESSAGE_LIMIT + MiB
+        assert f"a message of {size} bytes is above the limit of {DAEMON_MESSAGE_LIMIT} bytes" \
+            in caplog.text
+        nursery.cancel_scope.cancel()
