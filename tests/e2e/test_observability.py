@@ -253,3 +253,36 @@ def test_log_format_json_puts_node_and_generation_on_every_line(
     # The controllers here run on no Node (no NODE_NAME): node is null, but there.
     assert all("node" in line and "generation" in line for line in lines)
     assert any(line["generation"] for line in lines), "no leader line carries a generation"
+
+
+def test_each_policy_says_how_many_nodes_applied_its_generation(healthy: LocalCluster) -> None:
+    cluster = healthy
+    n = len(cluster.nodes)
+    found: dict[str, Any] = {}
+
+    def applied() -> bool:
+        policy = cluster.get("tunnelpolicy", "default")
+        assert policy is not None
+        found.update(policy)
+        generation = policy["metadata"]["generation"]
+        return any(c.get("type") == "Applied" and c.get("status") == "True"
+                   and c.get("message") == f"{n}/{n} nodes have applied generation {generation}"
+                   and c.get("observedGeneration") == generation
+                   for c in (policy.get("status") or {}).get("conditions") or ())
+
+    cluster.wait_for(applied, READY_TIMEOUT, "the TunnelPolicy's Applied condition n/n")
+    # A node away: the count says so.
+    victim = cluster.nodes[2]
+    cluster.stop_daemon(victim)
+    generation = found["metadata"]["generation"]
+
+    def one_missing() -> bool:
+        policy = cluster.get("tunnelpolicy", "default")
+        assert policy is not None
+        return any(c.get("type") == "Applied" and c.get("status") == "False"
+                   and c.get("message") == f"{n - 1}/{n} nodes have applied generation "
+                                           f"{generation}"
+                   for c in (policy.get("status") or {}).get("conditions") or ())
+
+    cluster.wait_for(one_missing, NOT_READY_WITHIN, f"Applied {n - 1}/{n} once {victim.name} "
+                                                    "stopped")

@@ -90,6 +90,7 @@ from vpblu.lab.testenv import (
     ChildProcess,
     TestEnv,
     default_cache,
+    free_port,
     install_base,
     pid_alive,
     spawn_child,
@@ -537,6 +538,11 @@ class LocalCluster:
             "--retry-period", str(s.retry_period),
             # Both replicas share this host's network namespace: a port each.
             "--metrics-listen", f"{c.address.rpartition(':')[0]}:{CONTROLLER_METRICS_PORT + index}",
+            # The dashboard on a free port of its own: its default, every
+            # address on :8082, fails to bind when anything on the machine has
+            # that port (the other replica, another cluster, a benchmark), and
+            # a dashboard that cannot bind ends the controller.
+            "--dashboard-addr", f"{c.address.rpartition(':')[0]}:{free_port()}",
         ]
         c.process = self._spawn(f"controller-{index}", argv, c.log_path)
         self._wait_listening(c)

@@ -95,6 +95,7 @@ class MeteredController:
             "--listen", f"127.0.0.1:{port}", "--advertise", f"127.0.0.1:{port}",
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
             "--metrics-listen", f"127.0.0.1:{metrics_port}",
+            "--dashboard-addr", "",  # not measured here (and :8082 may be taken)
         ]
         self.child = spawn_child(spawner, "controller", args, log_path, REPO)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
