@@ -18,6 +18,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import shutil
 import ssl
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import attrs
 import trio
@@ -335,6 +337,43 @@ def get_json(port: int, ca: Path, path: str, token: str | None) -> tuple[int, An
         conn.close()
 
 
+def sign_in_over_http(port: int, ca: Path, token: str) -> str:
+    """The session cookie a form sign-in on this replica sets (login CSRF pair included)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request("GET", "/login")
+        resp = conn.getresponse()
+        page = resp.read().decode()
+        nonce = re.search(r'name="csrf" value="([^"]+)"', page)
+        pair = re.search(r"vpblu_login=([^;]+)", resp.getheader("Set-Cookie") or "")
+        assert nonce and pair, page[:300]
+        conn.request("POST", "/login", body=urlencode({"csrf": nonce[1], "token": token}),
+                     headers={"Cookie": f"vpblu_login={pair[1]}",
+                              "Origin": f"https://127.0.0.1:{port}",
+                              "Content-Type": "application/x-www-form-urlencoded"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 303, resp.status
+        session = re.search(r"vpblu_session=([^;]+)", resp.getheader("Set-Cookie") or "")
+        assert session
+        return session[1]
+    finally:
+        conn.close()
+
+
+def get_with_cookie(port: int, ca: Path, path: str, cookie: str) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Cookie": f"vpblu_session={cookie}"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
 def meshtop_rows(source: Any, detail: str | None = None) -> tuple[list[str], str, list[str]]:
     """Run meshtop (textual's pilot, 80x24) on `source` in this worker thread's own
     asyncio loop: the rows, the status line and, with `detail`, that node's rows."""
@@ -418,6 +457,13 @@ async def test_any_replica_answers_and_meshtop_reads_both_sources(
                                 await trio.sleep(0.2)
 
                     on_leader, on_follower = await both_show_the_mesh()
+                    # A session made on the leader opens on the follower: both
+                    # derive the cookie key from the controller's TLS key.
+                    cookie = await trio.to_thread.run_sync(sign_in_over_http, ports[0], ca,
+                                                           users.viewer)
+                    for port in ports:
+                        assert await trio.to_thread.run_sync(
+                            get_with_cookie, port, ca, "/api/mesh", cookie) == 200
                     # Sign-in attempts are limited per address (10 at once, then
                     # 10 a minute), whatever they carry.
                     codes = [await trio.to_thread.run_sync(
