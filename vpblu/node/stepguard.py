@@ -93,6 +93,10 @@ class StepGuard:
     def path(self) -> Path | None:
         return self._path
 
+    def writes(self, stamp: int) -> bool:
+        """Whether admitting `stamp` writes the file (else `admit` does no I/O)."""
+        return self._path is not None and stamp > self._highest
+
     def admit(self, stamp: int) -> str | None:
         """None if a step stamped `stamp` may run (the stamp is then the highest, on
         disk first); else why it is refused. Blocking I/O: call it in a thread."""

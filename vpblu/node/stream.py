@@ -400,7 +400,10 @@ class StreamActor:
                 case wire.Refused(reason=reason):
                     raise StreamClosed(f"the controller refused this daemon: {reason}")
                 case wire.RotationStep(stamp=stamp):
-                    refusal = await trio.to_thread.run_sync(self._step_guard.admit, stamp)
+                    guard = self._step_guard
+                    # A thread only for the fsynced write (a new highest stamp on disk).
+                    refusal = (await trio.to_thread.run_sync(guard.admit, stamp)
+                               if guard.writes(stamp) else guard.admit(stamp))
                     if refusal is not None:
                         acks.append(_result(message, RotationStepDone(refusal)))
                         continue
