@@ -52,7 +52,6 @@ from typing import Any
 import attrs
 
 from vpblu.lab.localcluster import (
-    CLEANUP_TIMEOUT,
     KUSTOMIZE_SAMPLES,
     ClusterSettings,
     LocalCluster,
@@ -81,6 +80,9 @@ PROBE_MAX_SECONDS = 3600.0
 PROBE_STOP_TIMEOUT = 20.0
 MESH_TIMEOUT = 120.0
 EVENT_TIMEOUT = 60.0
+# The wipe (`vpblu daemon cleanup --remove-key`) is not timed; it took over
+# 60 s on this machine at a load average of 20-30 (interpreter, iptables, tc).
+WIPE_TIMEOUT = 300.0
 # How often the devices are read while an event is timed: a UAPI get of a
 # small device takes well under a millisecond.
 POLL_INTERVAL = 0.002
@@ -309,7 +311,7 @@ class RealStack:
         self.cluster.stop_daemon(self.mover)
         run(*nsenter(self.mover.netns), sys.executable, "-m", "vpblu.cli", "daemon",
             "cleanup", "--remove-key", *self.cluster.daemon_resource_args(self.mover),
-            timeout=CLEANUP_TIMEOUT)
+            timeout=WIPE_TIMEOUT)
 
     def new_machine(self, old_key: str) -> RealSample:
         endpoint = f"{self.mover.underlay_ip}:"
