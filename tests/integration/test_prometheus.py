@@ -169,6 +169,16 @@ def test_prometheus_scrapes_the_controllers_and_every_daemon(
     leaders = prometheus.wait_query("sum(vpblu_leader)", lambda r: r and value(r[0]) == 1,
                                     "exactly one replica leading")
     assert value(leaders[0]) == 1
+    leader = "and on(job, instance) (vpblu_leader == 1)"
+    prometheus.wait_query(f"max(vpblu_nodes {leader}) == {NODES}", lambda r: len(r) == 1,
+                          f"the leader's desired state covering {NODES} nodes")
+    prometheus.wait_query(f"max(vpblu_nodes_ready {leader}) == {NODES}", lambda r: len(r) == 1,
+                          f"the leader counting {NODES} nodes Ready")
+    pushed = prometheus.wait_query(
+        f'sum by (kind) (vpblu_push_bytes_total {leader})',
+        lambda r: {s["metric"]["kind"] for s in r if value(s) > 0} >= {"sync"},
+        "the leader's pushed bytes (at least every node's SyncState)")
+    print("PromQL push bytes by kind:", {s["metric"]["kind"]: value(s) for s in pushed})
 
     # A change every node applies: its convergence is observed by the leader.
     a, b = cluster.nodes[0], cluster.nodes[1]
