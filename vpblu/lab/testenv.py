@@ -309,9 +309,18 @@ class TestEnv:
     audit_writes = False
 
     def __init__(self, binaries: Binaries, directory: Path, *,
-                 kubectl: str | None = None) -> None:
+                 kubectl: str | None = None, serving_ips: Sequence[str] = (),
+                 advertise_address: str = "127.0.0.1",
+                 service_account_admission: bool = False) -> None:
         self.binaries = binaries
         self.dir = directory
+        # For real nodes (vpblu.lab.kubeletnodes): pods reach the API server
+        # through the `kubernetes` Service (its ClusterIP, in serving_ips), whose
+        # endpoint is advertise_address (a forwarder the nodes reach), and get
+        # their kube-api-access volume from the ServiceAccount admission plugin.
+        self.serving_ips = tuple(serving_ips)
+        self.advertise_address = advertise_address
+        self.service_account_admission = service_account_admission
         self._kubectl = kubectl or shutil.which("kubectl") or "kubectl"
         # The one thread that forks every child (see _die_with_parent).
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=DIR_PREFIX)
@@ -330,12 +339,16 @@ class TestEnv:
     @classmethod
     @contextlib.contextmanager
     def start(cls, binaries: Binaries | None = None, *,
-              kubectl: str | None = None) -> Iterator[TestEnv]:
+              kubectl: str | None = None, serving_ips: Sequence[str] = (),
+              advertise_address: str = "127.0.0.1",
+              service_account_admission: bool = False) -> Iterator[TestEnv]:
         """A running control plane for the duration of the with-block; then nothing."""
         sweep_stale_dirs()
         binaries = binaries or Binaries.from_cache()
         directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
-        env = cls(binaries, directory, kubectl=kubectl)
+        env = cls(binaries, directory, kubectl=kubectl, serving_ips=serving_ips,
+                  advertise_address=advertise_address,
+                  service_account_admission=service_account_admission)
         try:
             (directory / OWNER_FILE).write_text(str(os.getpid()))
             env._write_pki()
@@ -495,8 +508,10 @@ class TestEnv:
         serving_ca.write(d / "serving-ca.crt")
         client_ca.write(d / "client-ca.crt")
         serving_ca.issue(
-            "kube-apiserver", dns_names=("localhost",), ip_addresses=("127.0.0.1",),
-            server=True,
+            "kube-apiserver",
+            dns_names=("localhost", "kubernetes", "kubernetes.default",
+                       "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
+            ip_addresses=("127.0.0.1", *self.serving_ips), server=True,
         ).write(d / "apiserver.crt", d / "apiserver.key")
         client_ca.issue(
             "vpblu-testenv-admin", organizations=("system:masters",), client=True,
@@ -588,15 +603,17 @@ class TestEnv:
             "--authorization-mode=RBAC",
             "--bind-address=127.0.0.1",
             # Otherwise it advertises the default route's address (TESTENV.md).
-            "--advertise-address=127.0.0.1",
+            f"--advertise-address={self.advertise_address}",
             f"--secure-port={self.port}",
             f"--cert-dir={d}",
             f"--tls-cert-file={d / 'apiserver.crt'}",
             f"--tls-private-key-file={d / 'apiserver.key'}",
             f"--client-ca-file={d / 'client-ca.crt'}",
             f"--etcd-servers={self.etcd_url}",
-            # No ServiceAccount controller runs, so pods must not need one.
-            "--disable-admission-plugins=ServiceAccount",
+            # No ServiceAccount controller runs, so pods must not need one
+            # (unless real nodes run kube-controller-manager).
+            *(() if self.service_account_admission
+              else ("--disable-admission-plugins=ServiceAccount",)),
             f"--service-account-issuer={self.server_url}/",
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
