@@ -16,6 +16,7 @@ from vpblu.dashboard.sessions import (
     csrf_ok,
     random_key,
     session_key,
+    token_expiry,
 )
 
 WHO = Identity("system:serviceaccount:ns:viewer", "uid-1", ("system:authenticated",),
@@ -112,3 +113,21 @@ async def test_access_reviews_the_users_own_identity_and_caches_briefly() -> Non
     clock[0] = 10.0
     fake.allowed.clear()  # the RoleBinding was removed
     assert not (await access.authorize(who, VIEW)).allowed
+
+
+def test_a_session_ends_when_its_jwt_does() -> None:
+    import base64
+    import json
+    import math
+
+    def jwt(claims: object) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"eyJhbGciOiJSUzI1NiJ9.{body}.signature"
+
+    assert token_expiry(jwt({"exp": 1234, "sub": "x"})) == 1234.0
+    assert token_expiry(jwt({"sub": "x"})) == math.inf
+    assert token_expiry("opaque-token") == math.inf
+    assert token_expiry("a.!!!.c") == math.inf
+    box = SessionBox(random_key())
+    assert box.new(WHO, "t", now=1000.0, not_after=token_expiry(jwt({"exp": 1300}))
+                   ).expires == 1300.0

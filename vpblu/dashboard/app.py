@@ -53,13 +53,21 @@ from vpblu.dashboard.access import (
     UserApi,
     UserCallFailed,
 )
-from vpblu.dashboard.feed import REFRESH, FeedUnavailable, MeshFeed
-from vpblu.dashboard.sessions import LoginLimiter, Session, SessionBox, SessionTooLarge, csrf_ok
+from vpblu.dashboard.feed import FeedUnavailable, MeshFeed
+from vpblu.dashboard.sessions import (
+    LoginLimiter,
+    Session,
+    SessionBox,
+    SessionTooLarge,
+    csrf_ok,
+    token_expiry,
+)
 
 log = logging.getLogger(__name__)
 
 COOKIE = "vpblu_session"
 LOGIN_COOKIE = "vpblu_login"
+STREAM_POLL = 0.25
 KEEPALIVE = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 MAX_TOKEN = 8192
 MAX_FORM = 16384
@@ -229,7 +237,9 @@ def build_app(d: Dashboard) -> Starlette:
         if identity is None:
             log.info("dashboard: a sign-in from %s with a token the API server refused", client)
             return await login_form(request, 401, "The API server did not accept this token.")
-        session = d.box.new(identity, token, now)
+        session = d.box.new(identity, token, now, not_after=token_expiry(token))
+        if session.expires <= now:
+            return await login_form(request, 401, "This token has expired.")
         try:
             decision = await d.access.authorize(identity, VIEW)
         except AccessUnavailable as exc:
@@ -360,10 +370,13 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 async def _events(d: Dashboard, session: Session) -> AsyncIterator[str]:
-    """The stream: the document whenever it changed (checked every REFRESH),
-    a comment every KEEPALIVE, and an end when the session expires or the
-    user may no longer view."""
+    """The stream: the document whenever it changed, a comment every
+    KEEPALIVE, and an end when the session expires or the user may no longer
+    view. It looks every STREAM_POLL (a cache lookup while the feed's document
+    is fresh), so a change is sent within the feed's REFRESH plus STREAM_POLL
+    plus one read of the API server."""
     sent = ""
+    seen: object = None
     quiet_since = trio.current_time()
     yield "retry: 2000\n\n"
     while d.wall_clock() < session.expires:
@@ -373,9 +386,12 @@ async def _events(d: Dashboard, session: Session) -> AsyncIterator[str]:
                 return
             view = await d.feed.current()
         except (AccessUnavailable, FeedUnavailable) as exc:
+            seen = None
             yield f"event: unavailable\ndata: {json.dumps(str(exc))}\n\n"
         else:
-            text = json.dumps(view, separators=(",", ":"), sort_keys=True)
+            text = sent if view is seen else json.dumps(view, separators=(",", ":"),
+                                                        sort_keys=True)
+            seen = view
             if text != sent:
                 sent = text
                 quiet_since = trio.current_time()
@@ -383,6 +399,6 @@ async def _events(d: Dashboard, session: Session) -> AsyncIterator[str]:
             elif trio.current_time() - quiet_since >= KEEPALIVE:
                 quiet_since = trio.current_time()
                 yield ": keepalive\n\n"
-        await trio.sleep(REFRESH)
+        await trio.sleep(STREAM_POLL)
     yield "event: expired\ndata: {}\n\n"
 

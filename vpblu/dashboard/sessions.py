@@ -112,6 +112,22 @@ class SessionBox:
         return session if now < session.expires else None
 
 
+def token_expiry(token: str) -> float:
+    """The `exp` claim of a JWT bearer token (ServiceAccount and OIDC tokens
+    are JWTs), or infinity when it has none. Read without verifying the
+    signature: the API server's TokenReview already said the token is good;
+    this only keeps a session from outliving it."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return math.inf
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        exp = float(claims["exp"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return exp if math.isfinite(exp) else math.inf
+
+
 def csrf_ok(session: Session, presented: str | None) -> bool:
     return bool(presented) and hmac.compare_digest(session.csrf.encode(),
                                                    str(presented).encode())
