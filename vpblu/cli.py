@@ -358,19 +358,44 @@ def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"],
                    default="table")
     p.add_argument("-w", "--watch", action="store_true", help="print again on every change")
+    p.add_argument("--dashboard", default=None, metavar="URL",
+                   help="with --node: its tunnels' handshake ages and bytes from the "
+                        "controller's dashboard (e.g. https://localhost:8082 through kubectl "
+                        "port-forward)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="bearer token for --dashboard (e.g. from kubectl create token)")
+    p.add_argument("--dashboard-ca", type=Path, default=None,
+                   help="CA that signed the dashboard's certificate (the ConfigMap vpblu-ca)")
+    p.add_argument("--insecure-skip-tls-verify", action="store_true",
+                   help="do not check the dashboard's certificate")
 
 
 def _run_status(args: argparse.Namespace) -> int:
     import trio_asyncio
 
-    from vpblu.meshstatus import StatusOptions, default_kubeconfig, run_status
+    from vpblu.meshstatus import StatusOptions, TunnelSource, default_kubeconfig, run_status
 
+    tunnels: TunnelSource | None = None
+    if args.dashboard:
+        if args.token_file is None:
+            print("vpblu status: --dashboard needs --token-file", file=sys.stderr)
+            return 2
+        from vpblu.meshtop import DashboardSource
+
+        tunnels = DashboardSource(args.dashboard, args.token_file.read_text().strip(),
+                                  args.dashboard_ca, args.insecure_skip_tls_verify)
     options = StatusOptions(kubeconfig=args.kubeconfig or default_kubeconfig(),
-                            output=args.output, node=args.node, watch=args.watch)
+                            output=args.output, node=args.node, watch=args.watch,
+                            tunnels=tunnels)
 
     async def main() -> int:
         async with trio_asyncio.open_loop():
-            return await run_status(options)
+            try:
+                return await run_status(options)
+            finally:
+                if tunnels is not None:  # its aiohttp session, or the loop complains
+                    with trio.CancelScope(shield=True):
+                        await trio_asyncio.aio_as_trio(tunnels.close)()
 
     return trio.run(main)
 

@@ -12,7 +12,15 @@ on its exit status:
     1  the mesh is not healthy (a node not Ready, or no nodes at all)
     2  the API server could not be asked
 
-`rows` and `render` are pure: the command is the only part that does I/O.
+Per-peer handshake ages live only in the leader's memory (the VpbluNode status
+carries peers up/total, never a handshake time: that would be a write per
+node every two minutes). `--node X --dashboard URL --token-file F` adds them,
+read from the controller's dashboard JSON API (vpblu.dashboard, reviewed with
+your token), as a table of X's tunnels: peer, latest handshake age, state,
+endpoint, bytes. Without it `--node` says where to find them.
+
+`rows`, `render` and `tunnels_text` are pure: the command is the only part that
+does I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -178,12 +186,54 @@ def default_kubeconfig() -> Path | None:
     return home if home.exists() else None
 
 
+class TunnelSource(Protocol):
+    """Where `--node` finds per-peer detail (vpblu.meshtop.DashboardSource):
+    asyncio coroutines returning the dashboard's mesh document."""
+
+    async def fetch(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
 @attrs.frozen(slots=True)
 class StatusOptions:
     kubeconfig: Path | None
     output: str = "table"  # table, wide, json, yaml
     node: str | None = None
     watch: bool = False
+    tunnels: TunnelSource | None = None
+
+
+def _bytes(n: object) -> str:
+    value = float(n) if isinstance(n, (int, float)) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _seconds(age: object) -> str:
+    if not isinstance(age, (int, float)):
+        return "never"
+    seconds = int(age)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def tunnels_text(document: dict[str, Any], node: str) -> str:
+    """`node`'s tunnels from the dashboard's mesh document, as a table."""
+    entry = next((n for n in document.get("nodes") or () if n.get("name") == node), None)
+    if entry is None:
+        return f"Tunnels: the controller does not know node {node}"
+    tunnels = entry.get("tunnels")
+    if tunnels is None:
+        return "Tunnels: no telemetry from this node's daemon on the leader (is it connected?)"
+    header = ["PEER", "HANDSHAKE AGE", "STATE", "ENDPOINT", "RX", "TX"]
+    body = [[str(t.get("peer", "")), _seconds(t.get("handshakeAge")), str(t.get("state", "")),
+             str(t.get("endpoint") or "-"), _bytes(t.get("rxBytes")), _bytes(t.get("txBytes"))]
+            for t in tunnels]
+    return "Tunnels:\n" + ("\n".join("  " + line for line in _table(header, body).splitlines())
+                           if body else "  (no peers)")
 
 
 async def fetch(kubeconfig: Path | None) -> list[NodeRow]:
@@ -193,6 +243,21 @@ async def fetch(kubeconfig: Path | None) -> list[NodeRow]:
         with trio.fail_after(API_TIMEOUT):
             listed = await kube.list(VPBLU_NODES)
     return rows(list(listed.items))
+
+
+async def _tunnels(options: StatusOptions) -> str:
+    assert options.node is not None
+    if options.tunnels is None:
+        return ("Tunnels: per-peer handshake ages are in the leader's memory: add "
+                "--dashboard URL --token-file FILE (or see vpblu_peer_handshake_age_seconds)")
+    import trio_asyncio
+
+    try:
+        with trio.fail_after(API_TIMEOUT):
+            document = await trio_asyncio.aio_as_trio(options.tunnels.fetch)()
+    except Exception as exc:  # the health table stands without the tunnels
+        return f"Tunnels: cannot read them from the dashboard: {exc}"
+    return tunnels_text(document, options.node)
 
 
 async def run_status(options: StatusOptions) -> int:
@@ -214,6 +279,8 @@ async def run_status(options: StatusOptions) -> int:
                 return EXIT_ERROR
             now = datetime.datetime.now(datetime.UTC)
             text = render(table, options.output, now, options.node)
+            if options.node is not None and options.output in ("table", "wide"):
+                text += "\n" + await _tunnels(options)
             if text != shown:
                 if options.watch and shown is not None:
                     print()

@@ -54,3 +54,31 @@ def test_one_node_and_machine_output() -> None:
 def test_the_command_line() -> None:
     args = build_parser().parse_args(["status", "-o", "wide", "--node", "n1", "--watch"])
     assert (args.command, args.output, args.node, args.watch) == ("status", "wide", "n1", True)
+
+
+def test_the_tunnels_of_one_node_from_the_dashboards_document() -> None:
+    from vpblu.meshstatus import tunnels_text
+
+    document = {"nodes": [
+        {"name": "n1", "tunnels": [
+            {"peer": "n2", "handshakeAge": 12.4, "state": "ok", "endpoint": "10.0.0.2:51820",
+             "rxBytes": 2048, "txBytes": 3 * 2**20},
+            {"peer": "n3", "handshakeAge": None, "state": "down", "endpoint": "",
+             "rxBytes": 0, "txBytes": 0},
+            {"peer": "n4", "handshakeAge": 200.0, "state": "down", "endpoint": "10.0.0.4:51820",
+             "rxBytes": 10, "txBytes": 10}]},
+        {"name": "n9", "tunnels": None}]}
+    text = tunnels_text(document, "n1").splitlines()
+    assert text[0] == "Tunnels:"
+    assert text[1].split() == ["PEER", "HANDSHAKE", "AGE", "STATE", "ENDPOINT", "RX", "TX"]
+    assert text[2].split() == ["n2", "12s", "ok", "10.0.0.2:51820", "2.0", "KiB", "3.0", "MiB"]
+    assert text[3].split() == ["n3", "never", "down", "-", "0", "B", "0", "B"]
+    assert text[4].split()[:3] == ["n4", "3m20s", "down"]
+    assert "no telemetry" in tunnels_text(document, "n9")
+    assert "does not know node n7" in tunnels_text(document, "n7")
+
+
+def test_status_dashboard_needs_a_token_file() -> None:
+    from vpblu.cli import main
+
+    assert main(["status", "--node", "n1", "--dashboard", "https://127.0.0.1:1"]) == 2
