@@ -92,9 +92,24 @@ async def test_vpblu_nodes_are_owned_by_and_die_with_their_node(
                 "publicKey") == new_key)
             assert owner_uid(body) in (None, new_uid)
 
-            # Deleting a Node deletes its VpbluNode.
+            # Deleting a Node deletes its VpbluNode. Its daemon keeps running here (a
+            # Node object deleted and registered again under it): its stream is ended,
+            # and it says its key again in the next Hello - taken from the daemon that
+            # is there, not carried over.
+            kept = await aapi(env, "GET", f"/api/v1/nodes/{deleted}")
             await cluster.delete_node(deleted)
-            assert await wait_gone_or(env, f"{GROUP_PATH}/vpblunodes/{deleted}",
-                                      lambda b: False) is None
+            path = f"{GROUP_PATH}/vpblunodes/{deleted}"
+            gone_or_fresh = await wait_gone_or(
+                env, path, lambda b: owner_uid(b) != node_uid[deleted])
+            assert gone_or_fresh is None or owner_uid(gone_or_fresh) is None
+            await aapi(env, "POST", "/api/v1/nodes", {
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": deleted},
+                "spec": kept["spec"], "status": kept["status"]})
+            again = (await aapi(env, "GET", f"/api/v1/nodes/{deleted}"))["metadata"]["uid"]
+            daemon_key = cluster.daemons[deleted].public_key
+            await wait_api(env, path, lambda b: owner_uid(b) == again and (
+                b.get("status") or {}).get("publicKey") == daemon_key)
+            with trio.fail_after(CONVERGE_TIMEOUT):
+                await cluster.wait_all(is_full_mesh(cluster))
     finally:
         await aapi(env, "DELETE", f"{GROUP_PATH}/tunnelpolicies/{tunnel}", ok=(200, 404))

@@ -11,7 +11,10 @@ with the reason. It then ends a stream the moment its identity stops holding:
 - its Pod is deleted, starts terminating, or is replaced by another uid of the
   same name (a watch event or a relist without it);
 - its token's `exp` passes (the daemon reads its refreshed projected token
-  when it reconnects; checked every `EXPIRY_SWEEP` seconds).
+  when it reconnects; checked every `EXPIRY_SWEEP` seconds);
+- its node's VpbluNode was deleted with its Node (`NodeGone`, from the
+  NodeOwnershipActor): the key is forgotten with it, and the daemon, if it is
+  still there, says its key again in the Hello of its next stream.
 
 A second watch of the daemon Pods (the StateActor has one for the VpbluNode
 DaemonPod condition) costs one Pod per node; in return this gate depends on
@@ -33,7 +36,7 @@ from vpblu.actors.watcher import WatcherActor
 from vpblu.core.sources import DaemonPodSource, Typed
 from vpblu.kube import client as k
 from vpblu.kube import resources
-from vpblu.messages import KindChanged, KindListed, WatchMessage
+from vpblu.messages import KindChanged, KindListed, NodeGone, WatchMessage
 from vpblu.metrics import ControllerMetrics
 from vpblu.stream.identity import AuthenticationFailed
 from vpblu.stream.podbinding import DaemonPod, DaemonPods, PodsNotKnown
@@ -65,7 +68,9 @@ class DaemonPodsActor:
         label_selector: str = DAEMON_POD_SELECTOR,
         metrics: ControllerMetrics | None = None,
         wall_clock: Callable[[], float] = time.time,
+        nodes_gone: trio.MemoryReceiveChannel[NodeGone] | None = None,
     ) -> None:
+        self._nodes_gone = nodes_gone
         self._wall_clock = wall_clock  # a token's exp is wall-clock time
         self._kube = kube
         self._pods = pods
@@ -89,6 +94,8 @@ class DaemonPodsActor:
         try:
             async with self._in, self._out, watch_receive, trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow, watch_receive)
+                if self._nodes_gone is not None:
+                    nursery.start_soon(self._follow_gone, self._nodes_gone)
                 await nursery.start(watcher.run)  # returns once listed (and applied, below)
                 nursery.start_soon(self._sweep)
                 task_status.started()
@@ -121,6 +128,14 @@ class DaemonPodsActor:
                     for name in deleted:
                         self._pods.delete(name)
             self._recheck()
+
+    async def _follow_gone(self, gone: trio.MemoryReceiveChannel[NodeGone]) -> None:
+        async with gone:
+            async for message in gone:
+                for stream in self._live:
+                    if stream.node_name == message.node and not stream.closed:
+                        self._end(stream, "its Node was deleted or replaced; say the key "
+                                          "again in a new Hello")
 
     def _recheck(self) -> None:
         kept = []

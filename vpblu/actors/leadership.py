@@ -33,6 +33,7 @@ from vpblu.kube import resources
 from vpblu.messages import (
     HealthInbox,
     LeaderObserved,
+    NodeGone,
     RotationsInbox,
     StateInbox,
     StatusInbox,
@@ -49,6 +50,7 @@ STATUS_INBOX = 256
 ROTATIONS_INBOX = 256
 HEALTH_INBOX = 1024  # a report per session per batch: mass reconnects come in bursts
 ADMITTED_STREAMS = 64  # streams the DaemonPodsActor admitted, on their way to the sessions
+NODES_GONE = 64
 
 DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
 
@@ -164,9 +166,12 @@ class LeadershipActor:
             kube, metrics, pods = self._kube, self._metrics, self._daemon_pods
             admitted_send, admitted_receive = trio.open_memory_channel[NodeStream](
                 ADMITTED_STREAMS)
+            # VpbluNodes deleted with their Node: the gate ends that node's stream.
+            gone_send, gone_receive = trio.open_memory_channel[NodeGone](NODES_GONE)
             to_sessions = self._streams if pods is None else admitted_receive
             gate = [] if pods is None else [ChildSpec("daemon-pods", lambda: DaemonPodsActor(
-                kube, pods, self._streams.clone(), admitted_send.clone(), metrics=metrics).run)]
+                kube, pods, self._streams.clone(), admitted_send.clone(), metrics=metrics,
+                nodes_gone=gone_receive.clone()).run)]
 
             def watcher(w: Watched) -> ChildSpec:
                 return ChildSpec(f"watch-{w.kind.kind}",
@@ -181,7 +186,8 @@ class LeadershipActor:
                 ChildSpec("status-guard", lambda: StatusGuardActor(
                     kube, status_send.clone(), metrics).run),
                 ChildSpec("node-ownership", lambda: NodeOwnershipActor(
-                    kube, status_send.clone(), metrics).run),
+                    kube, status_send.clone(), metrics,
+                    nodes_gone=None if pods is None else gone_send.clone()).run),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
                                              full_pushes=self._full_pushes,
@@ -208,7 +214,7 @@ class LeadershipActor:
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
             async with (state_send, state_receive, status_send, status_receive,
                         rotations_send, rotations_receive, health_send, health_receive,
-                        admitted_send, admitted_receive):
+                        admitted_send, admitted_receive, gone_send, gone_receive):
                 task_status.started(scope)
                 self._view.health = health_send
                 try:

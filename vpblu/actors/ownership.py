@@ -8,12 +8,12 @@ made again with another uid (a reinstalled machine, a reused name) - is deleted
 here as well (preconditioned on its uid), without waiting for a garbage
 collector (there may be none, and the key in its status must never pass to the
 new machine), and the StatusActor is told to forget the key its daemon
-reported (`NodeGone`). A VpbluNode made before its Node (an operator's
-endpoint for a node about to join) is left alone until that Node appears.
-A Node object deleted under a daemon that keeps running (kubelet registers it
-again) leaves that node without a published key until its daemon reconnects
-and says its key again: by design, a key is only ever taken from a daemon on
-the current Node, never carried over from the VpbluNode of a previous one.
+reported (`NodeGone`), and the DaemonPodsActor to end that node's stream: a
+daemon still running there (a Node object deleted and registered again under
+it) says its key again in its next Hello. A key is only ever taken from a
+daemon that is there, never carried over from the VpbluNode of a previous Node.
+A VpbluNode made before its Node (an operator's endpoint for a node about to
+join) is left alone until that Node appears.
 
 Level-triggered over its own watches of Nodes and VpbluNodes: after both are
 listed, each change reconciles the names it touched; a failed API call is
@@ -23,6 +23,7 @@ owned by a Node, or one whose owner still exists.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
@@ -43,7 +44,9 @@ RETRY_DELAY_MAX = 30.0
 
 class NodeOwnershipActor:
     def __init__(self, kube: k.KubeApi, status: trio.MemorySendChannel[StatusInbox],
-                 metrics: ControllerMetrics | None = None) -> None:
+                 metrics: ControllerMetrics | None = None, *,
+                 nodes_gone: trio.MemorySendChannel[NodeGone] | None = None) -> None:
+        self._nodes_gone = nodes_gone  # the gate, which ends that node's stream
         self._kube = kube
         self._status = status
         self._metrics = metrics
@@ -60,7 +63,10 @@ class NodeOwnershipActor:
         watchers = [WatcherActor(self._kube, kind, parse, send.clone(), metrics=self._metrics)
                     for kind, parse in ((k.NODES, resources.parse_node),
                                         (k.VPBLU_NODES, resources.parse_vpblu_node))]
-        async with self._status, send, receive, trio.open_nursery() as nursery:
+        async with (self._status, send, receive, contextlib.AsyncExitStack() as stack,
+                    trio.open_nursery() as nursery):
+            if self._nodes_gone is not None:
+                await stack.enter_async_context(self._nodes_gone)
             nursery.start_soon(self._follow, receive, send.clone(), nursery)
             for watcher in watchers:
                 await nursery.start(watcher.run)
@@ -129,15 +135,20 @@ class NodeOwnershipActor:
             why = "was deleted" if node_uid is None else f"was replaced (now uid {node_uid})"
             log.warning("VpbluNode %s: its Node (uid %s) %s; deleting the VpbluNode and "
                         "forgetting its key", name, owner, why)
+            # The key is forgotten before the object goes, so that no status write
+            # in between makes the VpbluNode again with it.
+            await self._status.send(NodeGone(name))
             try:
                 await self._kube.delete_uid(k.VPBLU_NODES, name, vn.meta.uid)
+                self.deleted += 1
             except k.Conflict:
-                return  # a newer VpbluNode of that name: its own watch event decides
+                pass  # a newer VpbluNode of that name: its own watch event decides
             except k.NotFound:
                 pass  # gone already (the garbage collector)
-            self.deleted += 1
             self._vpblu_nodes.pop(name, None)
-            await self._status.send(NodeGone(name))
+            # Whoever runs there now says its key again (the gate ends its stream).
+            if self._nodes_gone is not None:
+                await self._nodes_gone.send(NodeGone(name))
         elif owner is None and node_uid is not None:
             reference = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}
             path = "/metadata/ownerReferences"

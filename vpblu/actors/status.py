@@ -213,8 +213,15 @@ class StatusActor:
                     continue
                 if isinstance(message, NodeGone):
                     gone = _Key(VPBLU_NODES.kind, message.node)
-                    self._forget(gone)
-                    self._wanted.pop(gone, None)  # the reported key too: a new machine
+                    self._seen.pop(gone, None)
+                    if gone in self._queued or gone in self._busy:
+                        # A write owed or in flight wants nothing now: it finds the
+                        # object gone and forgets it then, never making it again.
+                        self._wanted[gone] = _Wanted()
+                        self._version[gone] = self._version.get(gone, 0) + 1
+                    else:
+                        self._forget(gone)
+                        self._wanted.pop(gone, None)  # the reported key too: a new machine
                     continue
                 if isinstance(message, ObjectDeleted):
                     gone = _Key(message.kind, message.name)
