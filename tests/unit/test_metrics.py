@@ -164,3 +164,25 @@ def test_convergence_waits_for_every_pushed_node() -> None:
     for gen in range(10, 15):
         tracker.pushed(gen, seen=0.0, nodes={"x"})
     assert len(tracker) == 3 and tracker.given_up == 2
+
+
+def test_decoded_telemetry_shares_peer_names_and_endpoints() -> None:
+    from vpblu.stream import codec
+    from vpblu.stream.proto import mesh_pb2 as pb
+
+    def decoded(sample: wire.Telemetry) -> wire.Telemetry:
+        data = codec.encode_node_message(sample).SerializeToString()
+        message = pb.NodeMessage()
+        message.ParseFromString(data)
+        out = codec.decode_node_message(message)
+        assert isinstance(out, wire.Telemetry)
+        return out
+
+    base = telemetry(3)
+    a = decoded(attrs.evolve(base, peers=attrs.evolve(
+        base.peers, endpoints=("10.0.0.1:51820",) * 3)))
+    b = decoded(attrs.evolve(base, peers=attrs.evolve(
+        base.peers, endpoints=("10.0.0.1:51820",) * 3)))
+    assert a == b
+    assert all(x is y for x, y in zip(a.peers.names, b.peers.names, strict=True))
+    assert all(x is y for x, y in zip(a.peers.endpoints, b.peers.endpoints, strict=True))
