@@ -495,3 +495,31 @@ async def test_any_replica_answers_and_meshtop_reads_both_sources(
     finally:
         await aapi(env, "DELETE", f"{GROUP_PATH}/tunnelpolicies/{tunnel}", ok=(200, 404))
         await trio.to_thread.run_sync(cleanup_rbac)
+
+
+async def test_a_taken_port_never_stops_the_controller(
+        mesh: ControllerSetup, aio_loop: trio_asyncio.TrioEventLoop) -> None:
+    """The dashboard's port is held by someone else: the controller starts
+    and leads anyway, and the dashboard listens once the port is free."""
+    _, pki, settings = mesh
+    port = free_port()
+    squatter = trio.socket.socket()
+    await squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    settings = attrs.evolve(settings, dashboard=DashboardSettings(
+        f"127.0.0.1:{port}", pki.server.cert, pki.server.key))
+    with squatter:
+        async with running_controller(settings) as view:
+            await wait_leading(view)
+            squatter.close()
+            with trio.fail_after(CONVERGE_TIMEOUT):
+                while True:
+                    try:
+                        status, _ = await trio.to_thread.run_sync(
+                            get_json, port, pki.client.ca, "/api/mesh", None)
+                    except OSError:
+                        await trio.sleep(0.2)
+                        continue
+                    assert status == 401
+                    break
+            assert view.leading

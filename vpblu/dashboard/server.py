@@ -44,6 +44,12 @@ from vpblu.supervisor import ChildSpec
 log = logging.getLogger(__name__)
 
 CERT_CHECK = 30.0
+# A port that is taken (another process, a replica on the same host) is tried
+# again, backing off, for as long as the controller runs: a dashboard that
+# cannot listen never ends the controller (the supervisor would, after a few
+# crashes), and never holds up its start.
+BIND_RETRY = 1.0
+BIND_RETRY_MAX = 30.0
 DEFAULT_ADDR = ":8082"
 
 
@@ -160,20 +166,49 @@ async def run_dashboard(settings: DashboardSettings, kube: KubeApi, review: Revi
             box=box, user_api=user_api,
             limiter=LoginLimiter(settings.login_per_minute, settings.login_burst),
             secure=settings.tls))
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                lambda task_status: serve(cast(Any, app), config,
-                                          shutdown_trigger=trio.sleep_forever,
-                                          task_status=task_status))
-            log.info("dashboard on %s", ", ".join(binds))
-            task_status.started(binds)
-            while reloading is not None:
-                await trio.sleep(CERT_CHECK)
-                try:
-                    reloading.reload()
-                except OSError as exc:
-                    log.error("dashboard: cannot read the certificate files: %r", exc)
-            await trio.sleep_forever()
+        started = False
+        delay = BIND_RETRY
+        while True:
+            refused: OSError | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    binds: list[str] = await nursery.start(
+                        lambda task_status: serve(cast(Any, app), config,
+                                                  shutdown_trigger=trio.sleep_forever,
+                                                  task_status=task_status))
+                    log.info("dashboard on %s", ", ".join(binds))
+                    if not started:
+                        task_status.started(binds)
+                        started = True
+                    await _watch_certificate(reloading)
+            except* OSError as group:
+                refused = _leaf(group)
+            if not started:  # the controller goes on: the dashboard is not the mesh
+                task_status.started([])
+                started = True
+            log.error("dashboard: cannot listen on %s: %s; trying again in %.0f s",
+                      settings.listen, refused, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, BIND_RETRY_MAX)
+
+
+def _leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    """The first OSError in a (nested) group: what hypercorn's bind raised."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, OSError)
+    return first
+
+
+async def _watch_certificate(reloading: _ReloadingConfig | None) -> None:
+    while reloading is not None:
+        await trio.sleep(CERT_CHECK)
+        try:
+            reloading.reload()
+        except OSError as exc:
+            log.error("dashboard: cannot read the certificate files: %r", exc)
+    await trio.sleep_forever()
 
 
 def dashboard_child(settings: DashboardSettings, kube: KubeClient, kubeconfig: Path | None,
