@@ -432,7 +432,9 @@ class KubeletCluster(LocalCluster):
                          check=False).stdout.strip(),
             "tc": run(*rt.enter(), "tc", "filter", "show", "dev", node.underlay_interface,
                       "egress", check=False).stdout.strip(),
-            "pins": run(*rt.enter(), "find", "/sys/fs/bpf", "-mindepth", "1").stdout.strip(),
+            # (progs.debug and maps.debug are the kernel's own in every bpffs.)
+            "pins": run(*rt.enter(), "find", "/sys/fs/bpf", "-mindepth", "1", "!", "-name",
+                        "*.debug").stdout.strip(),
             "state": run(*rt.enter(), "find", "/var/lib/vpblu", "-mindepth", "1").stdout.strip(),
             "nft": "\n".join(line for line in nft.splitlines() if "vpblu" in line.lower()),
         }
@@ -664,9 +666,11 @@ class KubeletCluster(LocalCluster):
             Path(path).mkdir(parents=True, exist_ok=True)
         # The namespace starts as a copy of the host's mounts: the other
         # clusters' /run/netns entries are dropped from it (a copy would keep
-        # their network namespaces alive after they delete them).
+        # their network namespaces alive after they delete them), and the
+        # node gets a /run/netns of its own (containerd's cni-* files go with it).
         mounts = ("for m in $(awk '$5 ~ \"^/run/netns/\" {print $5}' /proc/self/mountinfo); "
                   "do umount -l \"$m\"; done; "
+                  "mount -t tmpfs -o mode=0755 tmpfs /run/netns && "
                   f"mount --bind {d / 'vpblu'} /var/lib/vpblu && "
                   f"mount --bind {d / 'wireguard'} /var/run/wireguard && "
                   f"mount --bind {d / 'etc-cni'} /etc/cni && "

@@ -1,0 +1,185 @@
+"""vpblu installed as a user installs it, on real nodes (issue 22, issue 17).
+
+One `KubeletCluster` for the module: the real kube-apiserver with
+kube-controller-manager and kube-scheduler, three nodes each running
+containerd, kubelet and kube-proxy in its own network and mount namespace
+(vpblu/lab/kubeletnodes.py). vpblu arrives by `kubectl apply -k` of an
+overlay of kustomize/base that names the image `make image` built, by
+digest; the DaemonSet, the Deployment, the certs Job, their probes, mounts,
+tokens and Services are run by Kubernetes. Test pods are real pods (a
+busybox image built from Debian's package) reached through a real Service.
+
+The tests run in file order (the last removes vpblu); each says what it waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.procs import Helper, Reaper, raise_if_killed, reap, start_udp_probes, stop
+from vpblu.lab.kubeletnodes import TEST_NAMESPACE, KubeletCluster, KubeletSettings
+from vpblu.lab.localcluster import SYSTEM_NAMESPACE, WG_PORT, underlay_packets
+
+FLOWPROBE = Path(__file__).with_name("flowprobe.py")
+BUSYBOX = "/bin/busybox"  # the test pod image's one binary
+SERVER_PORT = 8080
+SERVICE_PORT = 80
+BLOB_MIB = 4
+UDP_PORT = 7300
+UDP_RATE = 200.0
+FLOW_GRACE = 2.0
+FLOW_READY_TIMEOUT = 30.0
+FLOW_STOP_TIMEOUT = 15.0
+RESTORED_DWELL = 2.0  # traffic after the restart: it flows again
+SERVICE_TIMEOUT = 60.0
+# A pod or Service address in the clear on the underlay.
+CLEARTEXT = re.compile(r"\b10\.(244|0)\.\d+\.\d+\b")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[KubeletCluster]:
+    with KubeletCluster.start_kubelet(KubeletSettings(nodes=3)) as c:
+        c.install()
+        c.apply_tunnel_policy()
+        yield c
+
+
+def _items(cluster: KubeletCluster, kinds: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", kinds, "-n", SYSTEM_NAMESPACE, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def test_apply_k_runs_the_daemonset_on_every_node_and_the_deployment(
+        cluster: KubeletCluster) -> None:
+    by_kind = {i["kind"]: i for i in _items(cluster, "ds,deploy")}
+    ds, deploy = by_kind["DaemonSet"]["status"], by_kind["Deployment"]["status"]
+    assert ds["desiredNumberScheduled"] == ds["numberReady"] == ds["numberAvailable"] == 3, ds
+    assert deploy["readyReplicas"] == deploy["replicas"] == 2, deploy
+    pods = _items(cluster, "pods")
+    daemons = {p["spec"]["nodeName"] for p in pods
+               if p["metadata"]["labels"].get("app.kubernetes.io/component") == "daemon"}
+    assert daemons == {n.name for n in cluster.nodes}
+    # The image is the one `make image` built, by digest, run by containerd.
+    images = {s["imageID"] for p in pods for s in p["status"].get("containerStatuses", [])}
+    assert all("sha256:" in i for i in images), images
+    nodes = json.loads(cluster.kubectl("get", "vpblunodes", "-o", "json").stdout)["items"]
+    ready = {n["metadata"]["name"]: c["status"] for n in nodes
+             for c in n.get("status", {}).get("conditions", []) if c["type"] == "Ready"}
+    assert ready == {n.name: "True" for n in cluster.nodes}, ready
+
+
+def test_a_real_pod_calls_a_real_service_whose_backend_is_on_another_node_encrypted(
+        cluster: KubeletCluster) -> None:
+    node1, node2, _ = cluster.nodes
+    cluster.run_pod("web", node2, [
+        "sh", "-c", f"mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/blob bs=1048576 "
+        f"count={BLOB_MIB} && exec httpd -f -p {SERVER_PORT} -h /tmp/www"],
+        labels={"app": "web"})
+    cluster.run_pod("client", node1, ["sleep", "3600"])
+    cluster.apply({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": TEST_NAMESPACE},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"port": SERVICE_PORT, "targetPort": SERVER_PORT}]},
+    })
+    try:
+        svc = cluster.get("service", "web", namespace=TEST_NAMESPACE)
+        assert svc is not None
+        url = f"http://{svc['spec']['clusterIP']}:{SERVICE_PORT}/blob"
+
+        def answers() -> bool:
+            # The EndpointSlice (kube-controller-manager) reaches node1's kube-proxy.
+            # (busybox 1.35's wget -q -T N segfaults: its timeout applet bounds it.)
+            return cluster.exec_in_pod("client", BUSYBOX, "timeout", "5", "wget", "-q", "-O",
+                                       "/dev/null", url, check=False).returncode == 0
+
+        cluster.wait_for(answers, SERVICE_TIMEOUT, f"the client pod fetching {url}")
+        with cluster.capture(f"not arp and not host {cluster.controller_ip}") as lines:
+            got = cluster.exec_in_pod("client", BUSYBOX, "sh", "-c",
+                                      f"wget -q -O - {url} | wc -c")
+        assert int(got.stdout.strip()) == BLOB_MIB * 1048576
+        ends = {str(node1.underlay_ip), str(node2.underlay_ip)}
+        in_clear = [line for line in lines if CLEARTEXT.search(line)]
+        assert not in_clear, "\n".join(in_clear[:10])
+        wireguard, other = 0, []
+        for line in lines:
+            parsed = underlay_packets([line])
+            src, dst = (parsed[0][0], parsed[0][1]) if parsed else ("", "")
+            if ({src.rpartition(".")[0], dst.rpartition(".")[0]} == ends
+                    and src.endswith(f".{WG_PORT}") and dst.endswith(f".{WG_PORT}")):
+                wireguard += 1
+            elif {src.rpartition(".")[0], dst.rpartition(".")[0]} <= ends:
+                other.append(line)
+        assert not other, "\n".join(other[:10])
+        # 4 MiB in packets of at most 1500 bytes.
+        assert wireguard > BLOB_MIB * 1048576 // 1500, lines[-10:]
+    finally:
+        cluster.kubectl("delete", "service", "web", "-n", TEST_NAMESPACE, "--wait=false")
+
+
+def _probe(cluster: KubeletCluster, reaper: Reaper, me: str, peer_ip: str, bind_ip: str,
+           ) -> Helper:
+    return reaper.start(f"udp probe {me}", [
+        "nsenter", f"--net={cluster.pod_netns(me)}", "--", sys.executable, str(FLOWPROBE),
+        "udp", "--bind", bind_ip, "--peer", peer_ip, "--port", str(UDP_PORT),
+        "--rate", str(UDP_RATE), "--grace", str(FLOW_GRACE), "--control-stdin"])
+
+
+def test_rollout_restart_replaces_every_daemon_and_traffic_flows_again(
+        cluster: KubeletCluster, reaper: Reaper) -> None:
+    """Sequence-numbered UDP both ways between pods on node1 and node2 while
+    `kubectl rollout restart ds/vpblu-daemon` replaces every daemon pod: every
+    pod is replaced, the mesh is whole again and the traffic flows again.
+
+    Not 0 lost: wireguard-go runs in the daemon's container and ends with it,
+    taking wg-mesh and its routes (no kernel WireGuard on this machine); each
+    node's restart is an outage of a few seconds (measured: README)."""
+    ips = {}
+    for name in ("web", "client"):
+        pod = cluster.get("pod", name, namespace=TEST_NAMESPACE)
+        assert pod is not None, f"pod {name} (made by the Service test)"
+        ips[name] = pod["status"]["podIP"]
+    probes = [_probe(cluster, reaper, "client", ips["web"], ips["client"]),
+              _probe(cluster, reaper, "web", ips["client"], ips["web"])]
+    try:
+        start_udp_probes(probes, FLOW_READY_TIMEOUT, "UDP client<->web")
+        before = {p["metadata"]["name"] for p in _items(cluster, "pods")
+                  if p["metadata"]["name"].startswith("vpblu-daemon-")}
+        cluster.kubectl("rollout", "restart", "daemonset/vpblu-daemon", "-n", SYSTEM_NAMESPACE)
+        cluster.wait_rollout()
+        after = {p["metadata"]["name"] for p in _items(cluster, "pods")
+                 if p["metadata"]["name"].startswith("vpblu-daemon-")}
+        cluster.wait_for(cluster.mesh_complete, 60.0, "the mesh complete after the restart")
+        time.sleep(RESTORED_DWELL)
+    except BaseException as exc:
+        stop(probes, FLOW_STOP_TIMEOUT, failing=exc)
+        raise
+    killed = reap(probes, FLOW_STOP_TIMEOUT)
+    raise_if_killed(killed, FLOW_STOP_TIMEOUT, None)
+    assert len(after) == 3 and not before & after, (before, after)
+    results = {p.name: p.last_json() for p in probes}
+    for name, r in results.items():
+        last_second = [s for s in r["missing"] if s > r["highest"] - UDP_RATE]
+        assert not last_second, f"{name}: traffic did not flow again: {r}"
+        print(f"{name}: {r['missing_count']} of {r['sent']} lost across the restart")
+
+
+def test_delete_k_and_the_cleanup_leave_no_vpblu_state_on_any_node(
+        cluster: KubeletCluster) -> None:
+    before = {n.name: cluster.vpblu_state(n) for n in cluster.nodes}
+    assert all(s["pins"] and s["rules"] for s in before.values()), before
+    cluster.uninstall()
+    after = {n.name: cluster.vpblu_state(n) for n in cluster.nodes}
+    assert after == {n.name: dict.fromkeys(before[n.name], "") for n in cluster.nodes}, after
+    left = cluster.kubectl("get", "all", "-n", SYSTEM_NAMESPACE, "--ignore-not-found",
+                           check=False).stdout
+    assert not left.strip(), left
