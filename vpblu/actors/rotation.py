@@ -49,6 +49,17 @@ peers' bridges with several entries, and barriers between the entry writes and
 the route moves of Distribute and Switch. Until then a whole-cluster rotation
 costs N sequential rotations of O(N) steps each.
 
+Overlap alone would not make it fast: a rotation is bound by the leader's CPU,
+not by waiting. The benchmark (bench/results, the rotation scenario) measured
+the controller busy for most of each rotation's time: N=100, 20.4 s of its CPU
+in 26.7 s for all 100 nodes; N=1000, 36.9 s in 42.3 s for a sample of 20 (1.85 s
+of CPU per rotated node: ~31 min of one core for the whole cluster). The leader
+is one Python process, so N rotations at once still cost N times that CPU; a
+whole cluster in 5 min at N=1000 needs the work per rotated node cut about
+sevenfold as well, by a group mechanism that shares it: one step message per
+daemon for every rotation of a batch, one peer-set read and one status write
+per batch step, one key push per peer for the batch's new keys.
+
 It never sees a private key (K' is made on R and only K'.pub comes back), and
 it never talks to the API server or a stream itself: its `RotationPorts` do
 (the StatusActor and the StateActor).
