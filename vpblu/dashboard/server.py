@@ -19,18 +19,21 @@ connections get it; a pair that does not load is reported and the old kept).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import attrs
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.leadership import Leadership
@@ -171,16 +174,19 @@ async def run_dashboard(settings: DashboardSettings, kube: KubeApi, review: Revi
         while True:
             refused: OSError | None = None
             try:
-                async with trio.open_nursery() as nursery:
-                    binds: list[str] = await nursery.start(
-                        lambda task_status: serve(cast(Any, app), config,
-                                                  shutdown_trigger=trio.sleep_forever,
-                                                  task_status=task_status))
-                    log.info("dashboard on %s", ", ".join(binds))
-                    if not started:
-                        task_status.started(binds)
-                        started = True
-                    await _watch_certificate(reloading)
+                with _listening_socket(bind_host, port, config.backlog) as sock:
+                    sockets = Sockets([sock] if settings.tls else [],
+                                      [] if settings.tls else [sock], [])
+                    async with trio.open_nursery() as nursery:
+                        binds: list[str] = await nursery.start(functools.partial(
+                            worker_serve, wrap_app(cast(Any, app), config.wsgi_max_body_size,
+                                                   None),
+                            config, sockets=sockets, shutdown_trigger=trio.sleep_forever))
+                        log.info("dashboard on %s", ", ".join(binds))
+                        if not started:
+                            task_status.started(binds)
+                            started = True
+                        await _watch_certificate(reloading)
             except* OSError as group:
                 refused = _leaf(group)
             if not started:  # the controller goes on: the dashboard is not the mesh
@@ -190,6 +196,20 @@ async def run_dashboard(settings: DashboardSettings, kube: KubeApi, review: Revi
                       settings.listen, refused, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, BIND_RETRY_MAX)
+
+
+@contextlib.contextmanager
+def _listening_socket(host: str, port: int, backlog: int) -> Iterator[socket.socket]:
+    """The dashboard's listening socket, closed on every path (hypercorn's own
+    socket making leaves a socket open when its bind fails)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        yield sock
 
 
 def _leaf(group: BaseExceptionGroup[OSError]) -> OSError:
