@@ -1,8 +1,8 @@
 """The dashboard's server: hypercorn's trio worker, inside the controller.
 
 Owns the dashboard's listening socket, its TLS and the app's dependencies.
-Why hypercorn + Starlette: hypercorn has a native trio worker (`hypercorn.trio
-.serve`, a nursery task with `task_status`), so the dashboard is one more
+Why hypercorn + Starlette: hypercorn has a native trio worker (`worker_serve`,
+a nursery task with `task_status`, fed the socket made here), so the dashboard is one more
 supervised child of the controller's trio tree and calls the API server
 through the same trio-asyncio loop as every other actor; Starlette runs on
 anyio, which runs on trio, and brings routing, forms, cookies and streaming
