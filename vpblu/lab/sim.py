@@ -242,6 +242,7 @@ class SimDaemon:
         self.stream = StreamActor(node.name, lambda: self.public_key, self.applier, settings,
                                   self.rotator, self.telemetry if telemetry else None)
         self._scope: trio.CancelScope | None = None
+        self._ended = trio.Event()
 
     @property
     def public_key(self) -> str:
@@ -265,10 +266,18 @@ class SimDaemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self._scope = scope
+            self._ended = trio.Event()
             try:
                 await self.stream.run(task_status=task_status)
             finally:
                 self._scope = None
+                self._ended.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once a `stop`ped daemon has ended (its stream closes in the
+        background, bounded by the stream's close timeout)."""
+        if self._scope is not None and self._scope.cancel_called:
+            await self._ended.wait()
 
     def stop(self) -> None:
         """End the daemon process (its stream closes); what it applied stays."""
@@ -358,6 +367,9 @@ class SimCluster:
 
     async def start_daemon(self, name: str) -> None:
         daemon = self.daemons[name]
+        # A daemon stopped a moment ago may still be closing its stream: starting
+        # it then was a no-op (test_controller's stale reconnect, found by timing).
+        await daemon.wait_stopped()
         if not daemon.running:
             await self._nursery.start(daemon.run)
 
