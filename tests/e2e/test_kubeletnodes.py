@@ -31,6 +31,7 @@ from vpblu.lab.localcluster import SYSTEM_NAMESPACE, WG_PORT, underlay_packets
 FLOWPROBE = Path(__file__).with_name("flowprobe.py")
 BUSYBOX = "/bin/busybox"  # the test pod image's one binary
 SERVER_PORT = 8080
+CONTROL_PORT = "7443"  # the controller's gRPC (TLS), on the host network
 SERVICE_PORT = 80
 BLOB_MIB = 4
 UDP_PORT = 7300
@@ -68,6 +69,12 @@ def test_apply_k_runs_the_daemonset_on_every_node_and_the_deployment(
     daemons = {p["spec"]["nodeName"] for p in pods
                if p["metadata"]["labels"].get("app.kubernetes.io/component") == "daemon"}
     assert daemons == {n.name for n in cluster.nodes}
+    # The daemon runs without privilege, with the base's capabilities (issue 17).
+    security = [c["securityContext"] for p in pods
+                if p["metadata"]["labels"].get("app.kubernetes.io/component") == "daemon"
+                for c in p["spec"]["containers"]]
+    assert all(not s.get("privileged") and s["capabilities"] == {
+        "drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]} for s in security), security
     # The image is the one `make image` built, by digest, run by containerd.
     images = {s["imageID"] for p in pods for s in p["status"].get("containerStatuses", [])}
     assert all("sha256:" in i for i in images), images
@@ -117,6 +124,9 @@ def test_a_real_pod_calls_a_real_service_whose_backend_is_on_another_node_encryp
             if ({src.rpartition(".")[0], dst.rpartition(".")[0]} == ends
                     and src.endswith(f".{WG_PORT}") and dst.endswith(f".{WG_PORT}")):
                 wireguard += 1
+            elif CONTROL_PORT in (src.rpartition(".")[2], dst.rpartition(".")[2]):
+                # The daemons' TLS stream to the controller (host network).
+                continue
             elif {src.rpartition(".")[0], dst.rpartition(".")[0]} <= ends:
                 other.append(line)
         assert not other, "\n".join(other[:10])

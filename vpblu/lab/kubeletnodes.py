@@ -188,14 +188,19 @@ def _cgroup_dirs(root: str) -> list[Path]:
             if (c / root.lstrip("/")).is_dir()]
 
 
+def _walk_dirs(top: Path) -> list[Path]:
+    """Every directory under `top` (cgroups vanish while walked: errors ignored)."""
+    return [Path(d) for d, _, _ in os.walk(top, onerror=lambda _e: None)]
+
+
 def _kill_cgroup_tree(root: str) -> None:
     """SIGKILL every process under the cgroup root, then remove its cgroups."""
     for _ in range(50):
         pids: set[int] = set()
         for top in _cgroup_dirs(root):
-            for procs in top.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs.read_text().split())
+            for d in _walk_dirs(top):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(p) for p in (d / "cgroup.procs").read_text().split())
         if not pids:
             break
         for pid in pids:
@@ -203,8 +208,7 @@ def _kill_cgroup_tree(root: str) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
     for top in _cgroup_dirs(root):
-        for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                        key=lambda p: len(p.parts), reverse=True):
+        for d in sorted(_walk_dirs(top), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 d.rmdir()
         with contextlib.suppress(OSError):
@@ -514,10 +518,12 @@ class KubeletCluster(LocalCluster):
             raise ClusterError(f"pod {namespace}/{name} has no container yet")
         for rt in self.runtimes:
             top = CGROUP_V1 / "pids" / rt.cgroup_root.lstrip("/")
-            for procs in top.glob(f"kubepods*/**/pod{uid}/{cid}/cgroup.procs"):
-                pids = procs.read_text().split()
-                if pids:
-                    return int(pids[0])
+            for d in _walk_dirs(top):
+                if d.name == cid and d.parent.name == f"pod{uid}":
+                    with contextlib.suppress(OSError):
+                        pids = (d / "cgroup.procs").read_text().split()
+                        if pids:
+                            return int(pids[0])
         raise ClusterError(f"no process of pod {namespace}/{name} (container {cid[:12]})")
 
     def exec_in_pod(self, name: str, *argv: str, check: bool = True,
