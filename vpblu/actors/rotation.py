@@ -53,12 +53,16 @@ Overlap alone would not make it fast: a rotation is bound by the leader's CPU,
 not by waiting. The benchmark (bench/results, the rotation scenario) measured
 the controller busy for most of each rotation's time: N=100, 20.4 s of its CPU
 in 26.7 s for all 100 nodes; N=1000, 36.9 s in 42.3 s for a sample of 20 (1.85 s
-of CPU per rotated node: ~31 min of one core for the whole cluster). The leader
-is one Python process, so N rotations at once still cost N times that CPU; a
-whole cluster in 5 min at N=1000 needs the work per rotated node cut about
-sevenfold as well, by a group mechanism that shares it: one step message per
-daemon for every rotation of a batch, one peer-set read and one status write
-per batch step, one key push per peer for the batch's new keys.
+of CPU per rotated node). Part of that is paid per second, not per rotation,
+and overlap would share it: sampled with py-spy during the N=1000 rotation,
+about 30% of the controller was decoding telemetry and evaluating health
+(1000 daemons reporting 1000 peers each every 10 s). The rest, about 1.3 s per
+rotated node (steps and results on the streams, status writes, pushes), is ~22
+min of one core for the whole cluster; the leader is one Python process, so a
+whole cluster in 5 min at N=1000 needs that work cut about fivefold as well, by
+a group mechanism that shares it: one step message per daemon for every
+rotation of a batch, one peer-set read and one status write per batch step,
+one key push per peer for the batch's new keys.
 
 It never sees a private key (K' is made on R and only K'.pub comes back), and
 it never talks to the API server or a stream itself: its `RotationPorts` do
