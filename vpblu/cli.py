@@ -56,6 +56,9 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "vpblu-daemon ServiceAccount)")
     p.add_argument("--full-pushes", action="store_true",
                    help="send whole states instead of deltas (a benchmark baseline only)")
+    p.add_argument("--keepalive-timeout", type=float, default=15.0,
+                   help="abort a mesh connection that received nothing for this many "
+                        "seconds (PINGs go every 5 s; raise it for very large meshes)")
     p.add_argument("--metrics-listen", default="0.0.0.0:9090",
                    help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
     p.add_argument("--dashboard-addr", default=":8082",
@@ -83,8 +86,13 @@ def _run_controller(args: argparse.Namespace) -> int:
     from vpblu.actors.controller import ControllerSettings, default_identity, run_controller
     from vpblu.actors.leader import LeaseSettings
     from vpblu.actors.session import SessionSettings
-    from vpblu.stream.transport import ServerTLS
+    from vpblu.stream.transport import ServerTLS, set_keepalive_timeout
 
+    try:
+        set_keepalive_timeout(args.keepalive_timeout)
+    except ValueError as bad:
+        print(f"vpblu controller: --keepalive-timeout: {bad}", file=sys.stderr)
+        return 2
     users = (frozenset(args.daemon_user) if args.daemon_user
              else frozenset({"system:serviceaccount:vpblu-system:vpblu-daemon"}))
     from vpblu.dashboard.server import DashboardSettings
@@ -201,6 +209,9 @@ def _daemon_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                      help="name to check in the controller's certificate")
     run.add_argument("--token-file", type=Path, default=os.environ.get("VPBLU_TOKEN_FILE"),
                      help="the projected ServiceAccount token (env VPBLU_TOKEN_FILE)")
+    run.add_argument("--keepalive-timeout", type=float, default=15.0,
+                     help="abort a mesh connection that received nothing for this many "
+                          "seconds (PINGs go every 5 s)")
     run.add_argument("--metrics-listen", default="0.0.0.0:9091",
                      help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
     run.add_argument("--metrics-per-peer-limit", type=int, default=100,
@@ -239,7 +250,7 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from vpblu.node.daemon import DaemonSettings, cleanup_node, run_daemon
     from vpblu.node.keys import KeyFileError
     from vpblu.node.stream import StreamSettings
-    from vpblu.stream.transport import ClientTLS
+    from vpblu.stream.transport import ClientTLS, set_keepalive_timeout
     from vpblu.supervisor import SupervisorEscalation
 
     config = _daemon_config(args, parser)
@@ -251,6 +262,10 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
         trio.run(cleanup)
         return 0
+    try:
+        set_keepalive_timeout(args.keepalive_timeout)
+    except ValueError as bad:
+        parser.error(f"--keepalive-timeout: {bad}")
     controllers = tuple(args.controller or args.env_controllers)
     if not controllers:
         parser.error("--controller (or env VPBLU_CONTROLLER) is required")

@@ -126,6 +126,22 @@ LISTEN_BACKLOG = 1024
 KEEPALIVE_INTERVAL = 5.0
 KEEPALIVE_TIMEOUT = 15.0
 TCP_USER_TIMEOUT_MS = int(KEEPALIVE_TIMEOUT * 1000)
+# This process's silence limit (`--keepalive-timeout`). The kernel's
+# TCP_USER_TIMEOUT catches a path that drops packets whatever this is; this
+# catches a peer whose host answers but whose process does not, and must stay
+# above the longest stretch the peer may be too busy to read: a controller
+# that forms a mesh of thousands of nodes on a starved CPU, or a benchmark
+# whose thousand simulated daemons share one process.
+_silence_limit = KEEPALIVE_TIMEOUT
+
+
+def set_keepalive_timeout(seconds: float) -> None:
+    """Abort a mesh connection of this process after `seconds` without a byte."""
+    global _silence_limit
+    if not seconds > KEEPALIVE_INTERVAL:
+        raise ValueError(f"the keepalive timeout must exceed the {KEEPALIVE_INTERVAL:.0f} s "
+                         f"between PINGs, got {seconds}")
+    _silence_limit = seconds
 
 R = TypeVar("R")
 S = TypeVar("S")
@@ -219,7 +235,7 @@ class _MeshProtocol(H2Protocol):
 
     def _tick(self) -> None:
         silent = self._loop.time() - self._last_received
-        if silent >= KEEPALIVE_TIMEOUT:
+        if silent >= _silence_limit:
             addr = self._raw_transport.get_extra_info("peername")
             log.warning("mesh connection to %s: nothing received for %.0f s; aborting it",
                         addr, silent)
