@@ -24,5 +24,5 @@ def test_both_commands_take_the_flag_with_the_production_default() -> None:
         "controller", "--listen", "127.0.0.1:7443", "--advertise", "127.0.0.1:7443",
         "--tls-cert", "c.crt", "--tls-key", "c.key"])
     assert controller.keepalive_timeout == transport.KEEPALIVE_TIMEOUT
-    daemon = parser.parse_args(["daemon", "run", "--keepalive-timeout", "30"])
+    daemon = parser.parse_args(["daemon", "run", "--ca", "ca.crt", "--keepalive-timeout", "30"])
     assert daemon.keepalive_timeout == 30.0
