@@ -86,9 +86,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_CIDR = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
-# No cluster DNS runs here: the controller's Service gets a fixed ClusterIP
-# and the daemons dial it (still checking the certificate's Service name).
-CONTROLLER_SERVICE_IP = "10.0.0.50"
 CLUSTER_DNS = "10.0.0.10"
 CNI_BIN = Path("/usr/lib/cni")
 CGROUP_V1 = Path("/sys/fs/cgroup")
@@ -342,7 +339,7 @@ class KubeletCluster(LocalCluster):
     # --- installing vpblu like a user ------------------------------------------------
 
     def write_overlay(self, *, daemon_capabilities: Sequence[str] = ()) -> Path:
-        """kustomize/base with the local image (by digest) and the no-DNS patches.
+        """kustomize/base with the local image (by digest).
 
         `daemon_capabilities`: run the daemon without privilege, with only these
         capabilities and /dev/net/tun (the capability experiment)."""
@@ -355,28 +352,9 @@ class KubeletCluster(LocalCluster):
             "kind": "Kustomization",
             "resources": [base],
             "images": [{"name": "vpblu", "newTag": "0.1.0", "digest": digest}],
-            "patches": [
-                {"target": {"kind": "Service", "name": "vpblu-controller"},
-                 "patch": yaml.safe_dump([{"op": "add", "path": "/spec/clusterIP",
-                                           "value": CONTROLLER_SERVICE_IP}])},
-                # The controller on the host network, so the daemons' stream to it
-                # is node to node and never steered: with the base's pod-network
-                # controller, a daemon that got its first state (fail-closed
-                # steering for every pod range) before its key was published
-                # sent its stream to a controller pod on another node into the
-                # fail-closed sink and never published its key (seen here on
-                # the second node of three; a bootstrap deadlock of the base).
-                {"target": {"kind": "Deployment", "name": "vpblu-controller"},
-                 "patch": yaml.safe_dump([
-                     {"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True},
-                     {"op": "add", "path": "/spec/template/spec/dnsPolicy",
-                      "value": "ClusterFirstWithHostNet"}])},
-                {"target": {"kind": "DaemonSet", "name": "vpblu-daemon"},
-                 "patch": yaml.safe_dump([
-                     {"op": "replace", "path": "/spec/template/spec/containers/0/env/2",
-                      "value": {"name": "VPBLU_CONTROLLER",
-                                "value": f"{CONTROLLER_SERVICE_IP}:7443"}}])},
-            ],
+            # Nothing else: the base needs no cluster DNS (the daemons dial
+            # the controller Service's ClusterIP from kubelet's variables).
+            "patches": [],
         }
         if daemon_capabilities:
             kustomization["patches"].append({
