@@ -81,8 +81,7 @@ def _cidr(text: str) -> IPNetwork:
 
 
 def _run_controller(args: argparse.Namespace) -> int:
-    import trio_asyncio
-
+    from vpblu import aioloop
     from vpblu.actors.controller import ControllerSettings, default_identity, run_controller
     from vpblu.actors.leader import LeaseSettings
     from vpblu.actors.session import SessionSettings
@@ -121,7 +120,7 @@ def _run_controller(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        async with trio_asyncio.open_loop():
+        async with aioloop.open_loop():
             await _until_stopped(functools.partial(run_controller, settings))
 
     # The controller holds ~N^2 long-lived objects (every node's peers) and
@@ -245,8 +244,7 @@ def _daemon_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import trio_asyncio
-
+    from vpblu import aioloop
     from vpblu.node.daemon import DaemonSettings, cleanup_node, run_daemon
     from vpblu.node.keys import KeyFileError
     from vpblu.node.stream import StreamSettings
@@ -283,7 +281,7 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
 
     async def main() -> None:
-        async with trio_asyncio.open_loop():
+        async with aioloop.open_loop():
             # On SIGTERM (a DaemonSet rolling) the stream ends with a reason
             # and the key is wiped from memory; the kernel state stays, as
             # after any exit, for the next daemon to adopt.
@@ -330,10 +328,8 @@ def _duration(text: str) -> datetime.timedelta:
 
 
 def _run_certs(args: argparse.Namespace) -> int:
-    import trio_asyncio
-
+    from vpblu import aioloop, pki
     from vpblu import certs as c
-    from vpblu import pki
     from vpblu.certs import CertsError, CertsSettings, ensure_certs
     from vpblu.kube.client import ApiError, ApiUnavailable, open_kube_client
 
@@ -349,7 +345,7 @@ def _run_certs(args: argparse.Namespace) -> int:
     kubeconfig: Path | None = args.kubeconfig
 
     async def main() -> int:
-        async with trio_asyncio.open_loop(), open_kube_client(kubeconfig) as kube:
+        async with aioloop.open_loop(), open_kube_client(kubeconfig) as kube:
             try:
                 outcome = await ensure_certs(kube, settings)
             except (CertsError, ApiError, ApiUnavailable) as exc:
@@ -403,8 +399,10 @@ def _run_status(args: argparse.Namespace) -> int:
                             output=args.output, node=args.node, watch=args.watch,
                             tunnels=tunnels)
 
+    from vpblu import aioloop
+
     async def main() -> int:
-        async with trio_asyncio.open_loop():
+        async with aioloop.open_loop():
             try:
                 return await run_status(options)
             finally:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import attrs
 import trio
-import trio_asyncio
 
+from vpblu import aioloop
 from vpblu.actors.daemonpods import DAEMON_NAMESPACE
 from vpblu.actors.health import HealthSettings
 from vpblu.actors.leader import LeaderActor, LeaseSettings
@@ -149,5 +149,5 @@ async def run_controller(
 
 
 async def main_async(settings: ControllerSettings) -> None:
-    async with trio_asyncio.open_loop():
+    async with aioloop.open_loop():
         await run_controller(settings)

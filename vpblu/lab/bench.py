@@ -52,8 +52,8 @@ from typing import Any
 
 import attrs
 import trio
-import trio_asyncio
 
+from vpblu import aioloop
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
 from vpblu.lab.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
@@ -604,7 +604,7 @@ async def _main(args: argparse.Namespace, env: TestEnv, connection: ApiConnectio
         # runs when it comes - often trio-asyncio's loop, whose death leaves
         # every asyncio call waiting forever.
         interrupted = await nursery.start(_cancel_on_signal, nursery.cancel_scope)
-        async with trio_asyncio.open_loop():
+        async with aioloop.open_loop():
             for n in args.sizes:
                 for mode in modes:
                     bench.say(f"N={n} ({mode} pushes): registering {n + SPARE_NODES} nodes...")

@@ -43,8 +43,8 @@ from typing import Any
 
 import attrs
 import trio
-import trio_asyncio
 
+from vpblu import aioloop
 from vpblu.lab.realstack import calibration
 from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
 from vpblu.lab.testenv import REPO, TestEnv, free_port, install_base, spawn_child
@@ -287,7 +287,7 @@ async def _run_all(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor,
                    sizes: Sequence[int], window: float, settle_quiet: float,
                    say: Callable[[str], None]) -> list[TelemetryRun]:
     runs = []
-    async with trio_asyncio.open_loop():
+    async with aioloop.open_loop():
         for n in sizes:
             # Without first, so the run with telemetry cannot be helped by a
             # warmer machine; each has a fresh controller and fresh daemons.
