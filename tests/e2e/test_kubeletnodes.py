@@ -41,6 +41,7 @@ FLOW_READY_TIMEOUT = 30.0
 FLOW_STOP_TIMEOUT = 15.0
 RESTORED_DWELL = 2.0  # traffic after the restart: it flows again
 SERVICE_TIMEOUT = 60.0
+NODES_READY_TIMEOUT = 60.0
 # A pod or Service address in the clear on the underlay.
 CLEARTEXT = re.compile(r"\b10\.(244|0)\.\d+\.\d+\b")
 
@@ -78,10 +79,19 @@ def test_apply_k_runs_the_daemonset_on_every_node_and_the_deployment(
     # The image is the one `make image` built, by digest, run by containerd.
     images = {s["imageID"] for p in pods for s in p["status"].get("containerStatuses", [])}
     assert all("sha256:" in i for i in images), images
-    nodes = json.loads(cluster.kubectl("get", "vpblunodes", "-o", "json").stdout)["items"]
-    ready = {n["metadata"]["name"]: c["status"] for n in nodes
-             for c in n.get("status", {}).get("conditions", []) if c["type"] == "Ready"}
-    assert ready == {n.name: "True" for n in cluster.nodes}, ready
+    # Ready needs every peer handshaked and is written after the rollouts
+    # finish: wait for it (a snapshot right after the rollout saw node1 False).
+    want = {n.name: "True" for n in cluster.nodes}
+    deadline = time.monotonic() + NODES_READY_TIMEOUT
+    while True:
+        nodes = json.loads(cluster.kubectl("get", "vpblunodes", "-o", "json").stdout)["items"]
+        ready = {n["metadata"]["name"]: c["status"] for n in nodes
+                 for c in n.get("status", {}).get("conditions", []) if c["type"] == "Ready"}
+        if ready == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ready == want, (f"every VpbluNode Ready within {NODES_READY_TIMEOUT:.0f} s "
+                           f"of the rollouts: {ready}")
 
 
 def test_a_real_pod_calls_a_real_service_whose_backend_is_on_another_node_encrypted(
