@@ -373,6 +373,11 @@ def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="with --node: its tunnels' handshake ages and bytes from the "
                         "controller's dashboard (e.g. https://localhost:8082 through kubectl "
                         "port-forward)")
+    _dashboard_client_options(p)
+
+
+def _dashboard_client_options(p: argparse.ArgumentParser) -> None:
+    """How `status` and `meshtop` sign in to the dashboard named by --dashboard."""
     p.add_argument("--token-file", type=Path, default=None,
                    help="bearer token for --dashboard (e.g. from kubectl create token)")
     p.add_argument("--dashboard-ca", type=Path, default=None,
@@ -421,12 +426,7 @@ def _meshtop_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--dashboard", default=None, metavar="URL",
                    help="read the controller's dashboard instead (tunnels included), e.g. "
                         "https://localhost:8082 through kubectl port-forward")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="bearer token for --dashboard (e.g. from kubectl create token)")
-    p.add_argument("--dashboard-ca", type=Path, default=None,
-                   help="CA that signed the dashboard's certificate (the ConfigMap vpblu-ca)")
-    p.add_argument("--insecure-skip-tls-verify", action="store_true",
-                   help="do not check the dashboard's certificate")
+    _dashboard_client_options(p)
     p.add_argument("--refresh", type=float, default=2.0, help="seconds between reads")
     p.add_argument("--lease-namespace", default="vpblu-system")
     p.add_argument("--lease-name", default="vpblu-controller")

@@ -76,6 +76,7 @@ from vpblu.lab.localcluster import (
     _remove_tag,
     _signals_deferred,
     nsenter,
+    pids_where,
     run,
     sweep_stale,
 )
@@ -164,18 +165,8 @@ def _vpblu_image(*, build: bool = False) -> tuple[Path, str]:
 
 def _shim_pids(address_prefix: str) -> list[int]:
     """containerd-shim processes serving a containerd whose socket is under the prefix."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"containerd-shim" in argv[0] and any(
-                a.startswith(address_prefix.encode()) for a in argv):
-            pids.append(int(entry))
-    return pids
+    return pids_where(lambda argv: b"containerd-shim" in argv[0] and any(
+        a.startswith(address_prefix.encode()) for a in argv))
 
 
 def _cgroup_dirs(root: str) -> list[Path]:

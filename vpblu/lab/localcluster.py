@@ -284,8 +284,8 @@ def nsenter(netns: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--"]
 
 
-def _wireguard_go_pids(prefix: str) -> list[int]:
-    """Processes running `wireguard-go <interface>` for an interface named prefix*."""
+def pids_where(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Processes whose argv (from /proc/<pid>/cmdline) `match` accepts."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -294,10 +294,15 @@ def _wireguard_go_pids(prefix: str) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (len(argv) >= 2 and argv[0].endswith(b"wireguard-go")
-                and argv[1].startswith(prefix.encode())):
+        if match(argv):
             pids.append(int(entry))
     return pids
+
+
+def _wireguard_go_pids(prefix: str) -> list[int]:
+    """Processes running `wireguard-go <interface>` for an interface named prefix*."""
+    return pids_where(lambda argv: len(argv) >= 2 and argv[0].endswith(b"wireguard-go")
+                      and argv[1].startswith(prefix.encode()))
 
 
 def _remove_tag(tag: str) -> None:
