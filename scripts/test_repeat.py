@@ -16,6 +16,7 @@ failure of that run even when every test passed.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PATHS = ("tests/integration", "tests/e2e")
 LEFTOVER_PATTERN = (r"wireguard-go|kube-apiserver|kube-proxy|etcd |flowprobe"
                     r"|vpblu (daemon|controller)")
+OWNERS = ("pytest", "vpblu.bench", "vpblu.lab")
 
 
 def _failures(junit: Path) -> tuple[int, dict[str, str]]:
@@ -50,14 +52,61 @@ def _failures(junit: Path) -> tuple[int, dict[str, str]]:
     return total, failed
 
 
-def _leftovers() -> list[str]:
-    found = []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [f"netns {line.split()[0]}" for line in netns.splitlines() if line.strip()]
-    procs = subprocess.run(["pgrep", "-a", "-f", LEFTOVER_PATTERN],
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _under_live_pytest(pid: int) -> bool:
+    """True when a running pytest or bench is an ancestor: that session still owns it."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        pid, seen = _parent(pid), seen + 1
+        argv = _cmdline(pid)
+        if any(owner in argv for owner in OWNERS) and "test_repeat.py" not in argv:
+            return True
+    return False
+
+
+def _other_pytests() -> bool:
+    me = os.getpid()
+    return any(any(owner in _cmdline(int(p.name)) for owner in OWNERS) and int(p.name) != me
+               for p in Path("/proc").iterdir() if p.name.isdigit())
+
+
+def _leftovers(netns_before: set[str]) -> list[str]:
+    """What this run left behind: processes it started that outlived it (orphans no
+    live pytest owns) and network namespaces made during it that stay. The machine
+    may be shared with other test sessions (a developer's own runs): their live
+    processes are not counted, and a new namespace counts only once no other pytest
+    runs or five minutes have passed with it still there."""
+    procs = subprocess.run(["pgrep", "-f", LEFTOVER_PATTERN],
                            capture_output=True, text=True).stdout
-    found += [f"process {line}" for line in procs.splitlines()
-              if "test_repeat.py" not in line and "pgrep" not in line]
+    found = [f"process {pid} {_cmdline(pid)[:120]}"
+             for pid in map(int, procs.split())
+             if pid != os.getpid() and _cmdline(pid) and not _under_live_pytest(pid)]
+    deadline = time.monotonic() + 300
+    new = _netns() - netns_before
+    while new and _other_pytests() and time.monotonic() < deadline:
+        time.sleep(15)
+        new &= _netns()
+    found += [f"netns {name}" for name in sorted(new)]
     return found
 
 
@@ -74,13 +123,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vpblu-repeat-") as tmp:
         for run in range(1, args.runs + 1):
             junit = Path(tmp) / f"run{run}.xml"
+            netns_before = _netns()
             began = time.monotonic()
             code = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                  f"--junitxml={junit}", *args.paths], cwd=ROOT).returncode
             seconds = time.monotonic() - began
             total, failed = _failures(junit)
-            leaks = _leftovers()
+            leaks = _leftovers(netns_before)
             for test_id, message in failed.items():
                 per_test[test_id].append((run, message))
             if leaks:
