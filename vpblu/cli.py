@@ -54,8 +54,6 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--daemon-user", action="append", default=None,
                    help="username allowed to speak for a node (repeatable; default: the "
                         "vpblu-daemon ServiceAccount)")
-    p.add_argument("--full-pushes", action="store_true",
-                   help="send whole states instead of deltas (a benchmark baseline only)")
     p.add_argument("--keepalive-timeout", type=float, default=15.0,
                    help="abort a mesh connection that received nothing for this many "
                         "seconds (PINGs go every 5 s; raise it for very large meshes)")
@@ -113,7 +111,6 @@ def _run_controller(args: argparse.Namespace) -> int:
                             args.renew_deadline, args.retry_period),
         session=SessionSettings(resync_period=args.resync_period),
         daemon_users=users,
-        full_pushes=args.full_pushes,
         service_cidrs=tuple(args.service_cidr),
         metrics_listen=args.metrics_listen or None,
         dashboard=dashboard,
@@ -215,7 +212,16 @@ def _daemon_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                      help="host:port of /metrics, /healthz and /readyz ('' to serve none)")
     run.add_argument("--metrics-per-peer-limit", type=int, default=100,
                      help="export per-peer series only up to this many peers (cardinality)")
+    run.add_argument("--wireguard-go", choices=["start", "external"], default="start",
+                     help="userspace WireGuard: start wireguard-go when none answers (it ends "
+                          "with this process's container), or external: only adopt the one "
+                          "`vpblu daemon wireguard-go` runs on the node (the DaemonSet's way)")
     run.set_defaults(env_controllers=[a for a in env_controllers.split(",") if a.strip()])
+    wgo = dsub.add_parser("wireguard-go", help="the node's wireguard-go, outliving daemon "
+                                              "restarts (idles where the kernel has WireGuard)")
+    wgo.add_argument("--interface", default=None, help="default: the daemon's (wg-mesh)")
+    wgo.add_argument("--wireguard-backend", choices=["auto", "kernel", "userspace"],
+                     default="auto")
     clean = dsub.add_parser("cleanup", help="remove everything the daemon created on this node")
     _node_resource_flags(clean)
     clean.add_argument("--remove-key", action="store_true",
@@ -236,6 +242,7 @@ def _daemon_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         underlay_interface=args.underlay_interface,
         mtu_overhead=args.mtu_overhead,
         wireguard_backend=args.wireguard_backend,
+        wireguard_go=getattr(args, "wireguard_go", "start"),
         table=args.table,
         rule_priority=args.rule_priority,
         wg_socket_fwmark=args.wg_fwmark,
@@ -251,6 +258,11 @@ def _run_daemon(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from vpblu.stream.transport import ClientTLS, set_keepalive_timeout
     from vpblu.supervisor import SupervisorEscalation
 
+    if args.daemon_command == "wireguard-go":
+        from vpblu.node.config import DEFAULT_INTERFACE
+        from vpblu.node.wireguardgo import run_wireguard_go
+
+        return run_wireguard_go(args.interface or DEFAULT_INTERFACE, args.wireguard_backend)
     config = _daemon_config(args, parser)
     if args.daemon_command == "cleanup":
         remove_key: bool = args.remove_key

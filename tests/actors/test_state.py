@@ -223,11 +223,17 @@ async def test_no_tunnel_policy_means_no_peers_and_says_so(
     assert reasons == {"NoTunnelPolicy"}
 
 
-async def test_full_push_mode_sends_whole_states(autojump_clock: trio.testing.MockClock) -> None:
+async def test_whole_state_baseline_sends_whole_states(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What vpblu.lab.wholestate does in its process (the bench's --compare baseline).
+    from vpblu.actors import state
+
+    monkeypatch.setattr(state, "whole_state_cheaper", lambda changes, size: True)
     send, receive = trio.open_memory_channel[StateInbox](1000)
     status_send, _status = trio.open_memory_channel[StatusInbox](1000)
     h = Harness()
-    h.send, h.actor = send, StateActor(receive, status_send, term=1, full_pushes=True)
+    h.send, h.actor = send, StateActor(receive, status_send, term=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(h.actor.run)
         await h.list_all(range(1, 3))

@@ -76,8 +76,6 @@ class ControllerSettings:
     # authenticated token carrying a node name (tests only).
     daemon_users: frozenset[str] | None = frozenset(
         {"system:serviceaccount:vpblu-system:vpblu-daemon"})
-    # Push whole states instead of deltas (the benchmark's --compare baseline).
-    full_pushes: bool = False
     # The cluster's Service ranges (kube-apiserver's --service-cluster-ip-range;
     # the API does not publish them): no RoutePolicy route may cover them.
     service_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
@@ -135,7 +133,7 @@ async def run_controller(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
                     service_cidrs=service_ranges,
-                    full_pushes=settings.full_pushes, health=settings.health,
+                    health=settings.health,
                     metrics=metrics, daemon_pods=daemon_pods),
                 observed_receive)),
             ChildSpec("leader", lambda: LeaderActor(

@@ -102,7 +102,6 @@ class LeadershipActor:
                  streams: trio.MemoryReceiveChannel[NodeStream],
                  session: SessionSettings, view: Leadership, *,
                  service_cidrs: Sequence[IPNetwork] = (),
-                 full_pushes: bool = False,
                  health: HealthSettings | None = None,
                  metrics: ControllerMetrics | None = None,
                  daemon_pods: DaemonPods | None = None) -> None:
@@ -116,7 +115,6 @@ class LeadershipActor:
         self._observed = observed
         self._streams = streams
         self._session = session
-        self._full_pushes = full_pushes
         self._service_cidrs = tuple(service_cidrs)
         self._view = view
 
@@ -190,7 +188,6 @@ class LeadershipActor:
                     nodes_gone=None if pods is None else gone_send.clone()).run),
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
-                                             full_pushes=self._full_pushes,
                                              service_cidrs=self._service_cidrs,
                                              rotations=rotations_send.clone(),
                                              metrics=metrics),

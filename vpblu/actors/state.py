@@ -174,7 +174,6 @@ class StateActor:
         status: trio.MemorySendChannel[StatusInbox],
         *,
         term: int,
-        full_pushes: bool = False,
         rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
         service_cidrs: Sequence[IPNetwork] = (),
         metrics: ControllerMetrics | None = None,
@@ -193,9 +192,6 @@ class StateActor:
         self._status = status
         self._rotations = rotations
         self._term = term
-        # Send every change as a whole PushSync instead of a PushDelta: only
-        # for `python -m vpblu.lab.bench --compare`, which measures what deltas save.
-        self._full_pushes = full_pushes
         self._sequence = 0
         self._objects: dict[str, dict[str, Typed]] = {k: {} for k in WATCHED_KINDS}
         self._invalid: dict[tuple[str, str], InvalidSource] = {}
@@ -481,7 +477,7 @@ class StateActor:
             node_changes = changes.get(node, ()) if sent is old_state else diff(sent, new)
             if not node_changes:
                 continue
-            if self._full_pushes or len(node_changes) >= _size(new):
+            if whole_state_cheaper(len(node_changes), _size(new)):
                 # A delta as long as the state it builds is sent as that
                 # state: no more bytes, and the daemon replaces instead of
                 # inserting one by one.
@@ -680,6 +676,16 @@ def _same(old: Typed, new: Typed) -> bool:
         return False
     moved = attrs.evolve(new.meta, resource_version=old.meta.resource_version)
     return attrs.evolve(new, meta=moved) == old
+
+
+def whole_state_cheaper(changes: int, size: int) -> bool:
+    """Whether a node's change goes as its whole state (PushSync) rather than a delta.
+
+    A delta as long as the state it builds costs no fewer bytes, and the daemon then
+    replaces instead of inserting one by one. (vpblu.lab.wholestate replaces this
+    with `True` in its own process: the benchmark's baseline for what deltas save.)
+    """
+    return changes >= size
 
 
 def _size(state: NodeDesiredState) -> int:

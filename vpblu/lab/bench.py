@@ -157,8 +157,11 @@ class ControllerProcess:
 
     def __init__(self, spawner: ThreadPoolExecutor, env: TestEnv, pki: MeshPki, port: int, *,
                  full_pushes: bool, log_path: Path) -> None:
+        # The whole-state baseline is the same controller with one decision replaced,
+        # in its own entry point: the product has no benchmark switch.
+        entry = "vpblu.lab.wholestate" if full_pushes else "vpblu"
         args = [
-            sys.executable, "-m", "vpblu", "--log-level", "WARNING", "controller",
+            sys.executable, "-m", entry, "--log-level", "WARNING", "controller",
             "--kubeconfig", str(env.kubeconfig_path),
             "--listen", f"127.0.0.1:{port}", "--advertise", f"127.0.0.1:{port}",
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
@@ -167,8 +170,6 @@ class ControllerProcess:
             "--dashboard-addr", "",
             "--keepalive-timeout", str(BENCH_KEEPALIVE_TIMEOUT),
         ]  # the production lease settings: the bench measures what an operator gets
-        if full_pushes:
-            args.append("--full-pushes")
         self.child = spawn_child(spawner, "controller", args, log_path, REPO)
 
     @property
