@@ -4,6 +4,7 @@ hash, in front of a FakeAuthenticator (virtual time)."""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import pytest
 import trio
@@ -106,4 +107,83 @@ async def test_a_review_that_could_not_be_made_is_not_cached(
         with pytest.raises(OSError):
             await admission.authenticate("good-a")
     assert inner.calls == 3
+    assert admission.statistics().waiting == 0
+
+
+async def test_reviews_go_round_robin_over_sources(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A source with many streams waiting delays another source's stream by
+    one review per round, not by all of its own."""
+    fake = FakeAuthenticator()
+    admission = Admission(fake, concurrency=1)
+    done: dict[str, float] = {}
+
+    async def one(token: str, source: str) -> None:
+        with pytest.raises(AuthenticationFailed):
+            await admission.authenticate(token, source=source)
+        done[token] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(one, f"junk-flood-{i}", "10.0.0.66")
+        await trio.sleep(0.05)
+        started = trio.current_time()
+        nursery.start_soon(one, "junk-daemon", "10.0.0.7")
+    # Within one round: after the flood's stream in review and its next one,
+    # not after all 100 (0.1 s each).
+    assert done["junk-daemon"] - started == pytest.approx(0.25)
+    assert fake.reviews.index("junk-daemon") == 2
+    assert admission.statistics().waiting == 0
+
+
+async def test_a_full_queue_gives_a_fair_share_to_a_new_source(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """One address flooding fills the queue only while nobody else needs it:
+    a stream from another address takes the place of the flood's newest."""
+    fake = FakeAuthenticator()
+    fake.gate = trio.Event()
+    admission = Admission(fake, queue_limit=8, concurrency=2)
+    outcomes: dict[str, str] = {}
+
+    async def one(token: str, source: str) -> None:
+        try:
+            identity = await admission.authenticate(token, source=source)
+        except AdmissionRefused:
+            outcomes[token] = "refused"
+        except AuthenticationFailed:
+            outcomes[token] = "reviewed"
+        else:
+            outcomes[token] = identity.node_name
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, f"junk-{i}", "10.0.0.66")
+            await trio.sleep(0.001)
+        # Full: the flooding address may not take a ninth place...
+        with pytest.raises(AdmissionRefused):
+            await admission.authenticate("junk-8", source="10.0.0.66")
+        # ...but a daemon from another address takes the flood's newest one.
+        for node in ("a", "b", "c", "d"):
+            nursery.start_soon(one, f"good-{node}", f"10.0.1.{ord(node)}")
+            await trio.sleep(0.001)
+        stats = admission.statistics()
+        assert stats.waiting == 8 and stats.displaced == 4 and stats.sources == 5
+        fake.gate.set()
+    assert [outcomes[f"good-{n}"] for n in "abcd"] == ["a", "b", "c", "d"]
+    assert [outcomes[f"junk-{i}"] for i in range(8)] == ["reviewed"] * 4 + ["refused"] * 4
+    assert admission.statistics().waiting == 0 and admission.statistics().sources == 0
+
+
+async def test_a_stream_cancelled_while_queued_frees_its_place(
+        autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeAuthenticator()
+    fake.gate = trio.Event()
+    admission = Admission(fake, queue_limit=2, concurrency=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(admission.authenticate, "good-a", source="x"))
+        with trio.move_on_after(1):
+            await admission.authenticate("good-b", source="x")
+        assert admission.statistics().waiting == 1
+        fake.gate.set()
+    assert (await admission.authenticate("good-b", source="x")).node_name == "b"
     assert admission.statistics().waiting == 0

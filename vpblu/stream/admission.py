@@ -1,18 +1,36 @@
 """Admission of unauthenticated streams: what may reach a TokenReview.
 
-Owns a bounded queue in front of an `Authenticator` and a short cache of its
-answers. Any pod can reach the controller's Service: without a bound, junk
-bearer tokens queue TokenReviews without limit, load the API server's
-priority level the Lease renewals share, and make real daemons time out
-behind them. Here:
+Owns a bounded, per-source fair queue in front of an `Authenticator` and a
+short cache of its answers. Any pod can reach the controller's Service:
+without a bound, junk bearer tokens queue TokenReviews without limit, load
+the API server's priority level the Lease renewals share, and make real
+daemons time out behind them. Here:
 
-- at most `queue_limit` streams wait for (or are in) a review; one more is
-  refused at once (`AdmissionRefused`), so a flood costs a refusal each, not
-  a review each, and a real daemon's retry (with its backoff) finds room;
+- at most `concurrency` reviews run at once (the TokenReview rate is what
+  bounds admission, not the queue: at the 16 at once measured at a few ms to
+  a few tens of ms each on a loaded API server, 1000 reviews take 0.3-3 s);
+- at most `queue_limit` streams wait for (or are in) a review. The limit is
+  sized for a formation: 1000 daemons (re)connecting together after a
+  controller failover all queue instead of most being refused into backoffs
+  of up to 30 s. A waiting stream is a suspended task (a few KiB), and every
+  wait is bounded by the server's authentication timeout;
+- per-source fairness: reviews are handed out round-robin over source
+  addresses, so a source with a thousand streams waiting delays another
+  source's stream by one review per round, not by a thousand; and when the
+  queue is full, a stream from a source holding less than its share
+  (`queue_limit` / sources waiting) takes the place of the newest waiting
+  stream of the source holding the most, which is refused
+  (`AdmissionRefused`) - a flood from one address fills the queue only while
+  nobody else needs it. One more stream from a source at its share is
+  refused at once, so a flood costs a refusal each, not a review each;
 - the same token presented by several streams at once is reviewed once;
 - an answer is kept for `cache_ttl` seconds, keyed by the SHA-256 of the
   token: a refused token is refused again without a review, a daemon that
   reconnects twice costs one review. The token itself is never stored.
+
+Fairness is by source address only: daemons behind one address (a NAT, or
+the benchmark's simulated daemons on loopback) share one share, which is the
+whole queue while nobody else waits.
 
 It decides nothing about identity (that is the wrapped Authenticator's), and
 must never log, store or echo a token.
@@ -21,17 +39,24 @@ must never log, store or echo a token.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import attrs
 import trio
 
-from vpblu.stream.identity import AuthenticationFailed, Authenticator, Identity
+from vpblu.stream.identity import (
+    TOKEN_REVIEW_CONCURRENCY,
+    AuthenticationFailed,
+    Authenticator,
+    Identity,
+)
 
-# Streams waiting for or in a review. The TokenReviewAuthenticator runs 16 at
-# once; this keeps a few rounds of them queued, no more.
-QUEUE_LIMIT = 64
+# Streams waiting for or in a review: a formation of 1000 daemons fits.
+QUEUE_LIMIT = 1024
+# Reviews handed to the wrapped Authenticator at once (it has its own limit,
+# the same by default: the order in which they go is decided here).
+CONCURRENCY = TOKEN_REVIEW_CONCURRENCY
 # How long an answer is reused. Short: a token that becomes valid (or a pod
 # that is deleted) is seen within this; long enough to absorb a flood.
 CACHE_TTL = 5.0
@@ -46,8 +71,10 @@ class AdmissionRefused(Exception):
 class AdmissionStatistics:
     reviews: int  # answers asked of the wrapped Authenticator
     cache_hits: int  # answered from the cache or a review already in flight
-    refused_full: int  # refused because the queue was full
+    refused_full: int  # refused because the queue was full (at once, or displaced)
     waiting: int  # streams waiting for or in a review now
+    displaced: int = 0  # of refused_full: waiting streams whose place went to a fairer source
+    sources: int = 0  # source addresses with streams waiting now
 
 
 @attrs.frozen(slots=True)
@@ -63,28 +90,50 @@ class _InFlight:
         self.answer: _Answer | None = None
 
 
+class _Waiter:
+    __slots__ = ("displaced", "turn")
+
+    def __init__(self) -> None:
+        self.turn = trio.Event()
+        self.displaced = False
+
+
 class Admission:
-    """An `Authenticator` that admits through a bounded queue and a cache."""
+    """An `Authenticator` that admits through a bounded, fair queue and a cache."""
 
     def __init__(self, inner: Authenticator, *, queue_limit: int = QUEUE_LIMIT,
-                 cache_ttl: float = CACHE_TTL, cache_size: int = CACHE_SIZE,
+                 concurrency: int = CONCURRENCY, cache_ttl: float = CACHE_TTL,
+                 cache_size: int = CACHE_SIZE,
                  clock: Callable[[], float] = trio.current_time) -> None:
+        if queue_limit < 1 or concurrency < 1:
+            raise ValueError("admission needs room for at least one stream and one review")
         self._inner = inner
         self._queue_limit = queue_limit
+        self._concurrency = concurrency
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
         self._clock = clock
         self._cache: OrderedDict[bytes, _Answer] = OrderedDict()
         self._in_flight: dict[bytes, _InFlight] = {}
+        # Streams not yet in review, per source; the dict's order is the
+        # round-robin order (a source served goes to the back).
+        self._queued: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        # Streams waiting or in review, per source (what a share counts).
+        self._held: dict[str, int] = {}
         self._waiting = 0
+        self._reviewing = 0
         self._reviews = 0
         self._hits = 0
         self._refused = 0
+        self._displaced = 0
 
     def statistics(self) -> AdmissionStatistics:
-        return AdmissionStatistics(self._reviews, self._hits, self._refused, self._waiting)
+        return AdmissionStatistics(self._reviews, self._hits, self._refused, self._waiting,
+                                   self._displaced, len(self._held))
 
-    async def authenticate(self, token: str) -> Identity:
+    async def authenticate(self, token: str, *, source: str = "") -> Identity:
+        """`source`: where the stream comes from (its address without the
+        port), the unit of fairness; "" for all callers that do not say."""
         key = hashlib.sha256(token.encode()).digest()
         answer = self._cached(key)
         if answer is None:
@@ -96,7 +145,7 @@ class Admission:
                 if answer is None:  # that review failed without an answer
                     raise AdmissionRefused("the token could not be checked now; retry later")
             else:
-                answer = await self._review(key, token)
+                answer = await self._review(key, token, source)
         else:
             self._hits += 1
         if answer.identity is None:
@@ -112,27 +161,97 @@ class Admission:
             return None
         return answer
 
-    async def _review(self, key: bytes, token: str) -> _Answer:
-        if self._waiting >= self._queue_limit:
-            self._refused += 1
-            raise AdmissionRefused(
-                f"{self._waiting} streams are waiting for authentication; retry later")
-        flight = self._in_flight[key] = _InFlight()
-        self._waiting += 1
-        try:
-            self._reviews += 1
-            try:
-                identity = await self._inner.authenticate(token)
-            except AuthenticationFailed as exc:
-                answer = _Answer(self._clock() + self._cache_ttl, None, str(exc))
+    def _make_room(self, source: str) -> None:
+        """The queue is full: displace the newest waiting stream of the source
+        holding the most, if `source` holds less than its share; else refuse."""
+        sources = len(self._held) + (source not in self._held)
+        share = self._queue_limit // sources
+        if self._held.get(source, 0) < share:
+            largest = max(self._queued, key=lambda s: self._held[s], default=None)
+            if largest is not None and largest != source and self._held[largest] > share:
+                victim = self._queued[largest].pop()
+                if not self._queued[largest]:
+                    del self._queued[largest]
+                self._release(largest)
+                victim.displaced = True
+                victim.turn.set()
+                self._displaced += 1
+                self._refused += 1
+                return
+        self._refused += 1
+        raise AdmissionRefused(
+            f"{self._waiting} streams are waiting for authentication; retry later")
+
+    def _release(self, source: str) -> None:
+        self._waiting -= 1
+        left = self._held[source] - 1
+        if left:
+            self._held[source] = left
+        else:
+            del self._held[source]
+
+    def _dispatch(self) -> None:
+        """Hand free review slots out, one source at a time, round-robin."""
+        while self._reviewing < self._concurrency and self._queued:
+            source, waiters = next(iter(self._queued.items()))
+            waiter = waiters.popleft()
+            if waiters:
+                self._queued.move_to_end(source)
             else:
-                answer = _Answer(self._clock() + self._cache_ttl, identity)
-            # Other errors (the API server unreachable) are not answers: not kept.
-            self._remember(key, answer)
-            flight.answer = answer
-            return answer
+                del self._queued[source]
+            self._reviewing += 1
+            waiter.turn.set()
+
+    async def _wait_turn(self, source: str) -> None:
+        if self._waiting >= self._queue_limit:
+            self._make_room(source)
+        waiter = _Waiter()
+        self._queued.setdefault(source, deque()).append(waiter)
+        self._held[source] = self._held.get(source, 0) + 1
+        self._waiting += 1
+        self._dispatch()
+        try:
+            await waiter.turn.wait()
+        except BaseException:
+            if waiter.turn.is_set():
+                if not waiter.displaced:  # given a slot as it was cancelled
+                    self._reviewing -= 1
+                    self._release(source)
+                    self._dispatch()
+            else:
+                queue = self._queued[source]
+                queue.remove(waiter)
+                if not queue:
+                    del self._queued[source]
+                self._release(source)
+            raise
+        if waiter.displaced:
+            raise AdmissionRefused(
+                "too many streams from this address wait for authentication; retry later")
+
+    async def _review(self, key: bytes, token: str, source: str) -> _Answer:
+        # In flight from the moment it queues: the same token on other streams
+        # waits for this answer instead of queuing again.
+        flight = self._in_flight[key] = _InFlight()
+        try:
+            await self._wait_turn(source)
+            try:
+                self._reviews += 1
+                try:
+                    identity = await self._inner.authenticate(token)
+                except AuthenticationFailed as exc:
+                    answer = _Answer(self._clock() + self._cache_ttl, None, str(exc))
+                else:
+                    answer = _Answer(self._clock() + self._cache_ttl, identity)
+                # Other errors (the API server unreachable) are not answers: not kept.
+                self._remember(key, answer)
+                flight.answer = answer
+                return answer
+            finally:
+                self._reviewing -= 1
+                self._release(source)
+                self._dispatch()
         finally:
-            self._waiting -= 1
             del self._in_flight[key]
             flight.done.set()
 

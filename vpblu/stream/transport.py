@@ -58,6 +58,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -758,7 +759,7 @@ class _PreEncodedCodec(ProtoCodec):
 class _MeshService(mesh_grpc.MeshBase):
     """The grpclib handler; runs on asyncio, one task per stream."""
 
-    def __init__(self, authenticator: Authenticator,
+    def __init__(self, authenticator: Admission,
                  new_streams: trio.MemorySendChannel[NodeStream],
                  redirect_to: str | None,
                  refused: Callable[[str], None]) -> None:
@@ -812,7 +813,10 @@ class _MeshService(mesh_grpc.MeshBase):
             raise GRPCError(Status.UNAUTHENTICATED, "no bearer token in the request metadata")
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
-                return await trio_asyncio.trio_as_aio(self._authenticator.authenticate)(token)  # type: ignore[no-any-return]
+                # Fair by address (vpblu.stream.admission), not by port.
+                source = peer.address.rsplit(":", 1)[0]
+                return await trio_asyncio.trio_as_aio(  # type: ignore[no-any-return]
+                    partial(self._authenticator.authenticate, token, source=source))()
         except AuthenticationFailed as exc:
             log.warning("refused a mesh stream from %s: %s", peer.address, exc)
             raise GRPCError(Status.UNAUTHENTICATED, f"token refused: {exc}") from None
