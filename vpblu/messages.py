@@ -233,11 +233,14 @@ class SessionOpened:
 
     `session_id` tells two sessions of one node apart (a daemon that
     reconnects before its old stream is noticed dead): only the newest counts.
+    `public_key` is the key the daemon said in its Hello: while this session
+    is current, the key its peers are told (vpblu.core.keyanchors).
     """
 
     node: str
     session_id: int
     mailbox: trio.MemorySendChannel[SessionInbox]
+    public_key: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -356,6 +359,18 @@ class SendRotationStep:
 
 
 @attrs.frozen(slots=True)
+class RotationRecorded:
+    """The leader's RotationActor persisted `record` for `node` (the API server
+    confirmed it); None: the rotation ended, on `public_key` when given. The
+    StateActor takes a rotating node's key from these, never from a status it
+    reads back (vpblu.core.keyanchors)."""
+
+    node: str
+    record: RotationRecord | None
+    public_key: str | None = None
+
+
+@attrs.frozen(slots=True)
 class PeersWanted:
     """A RotationActor asks the StateActor which nodes have `node` as a peer now
     (the nodes that must learn its new key); the answer goes to `reply`."""
@@ -365,7 +380,7 @@ class PeersWanted:
 
 
 StateInbox = (WatchMessage | SessionOpened | SessionClosed | NodeAcked | SendRotationStep
-              | RotationResultReceived | PeersWanted)
+              | RotationResultReceived | PeersWanted | RotationRecorded)
 
 
 # --- NetlinkActor (vpblu/node/netlink.py) ----------------------------------------

@@ -25,6 +25,7 @@ from vpblu.messages import (
     NodeRotationView,
     PeersWanted,
     RotationInbox,
+    RotationRecorded,
     RotationResultReceived,
     RotationsInbox,
     RotationStatus,
@@ -52,6 +53,10 @@ class LeaderRotationPorts:
         message = RotationStatus(node, record, public_key, last)
         await self._status.send(message)
         await message.written.wait()
+        # Before the step this record announces goes out (the same inbox):
+        # the StateActor publishes a rotating node's key from what was
+        # recorded here, not from a status anyone may patch.
+        await self._state.send(RotationRecorded(node, record, public_key))
         if self._metrics is not None:
             phase = record.phase.value if record is not None else None
             self._metrics.rotation_recorded(node, phase,

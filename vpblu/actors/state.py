@@ -30,8 +30,12 @@ Invariants:
   node, across reconnects; a good ack ends it. A change of its desired state
   goes out sooner (at most once a second), since it may be the fix. Without
   this, a state every daemon refuses made every node resync in a tight loop.
+- A connected node's peers are told the key its daemon said in its Hello
+  (vpblu.core.keyanchors), not status.publicKey: a status anyone may patch
+  never changes what peers hold while that daemon is connected.
 - Mid-rotation, a node's peers are told the key its rotation record says
-  (`VpbluNodeSource.published_key`: the old key until Retire), not the key its
+  (`RotationRecord.published_key`: the old key until Retire; the record this
+  leader's RotationActor recorded, `RotationRecorded`), not the key its
   daemon reports: an ordinary PeerChanged would swap the key in place and lose
   packets (vpblu/node/rotation.py).
 
@@ -56,6 +60,7 @@ import trio
 from vpblu.core import desiredstate
 from vpblu.core.changes import diff
 from vpblu.core.convergence import ConvergenceTracker
+from vpblu.core.keyanchors import KeyAnchors
 from vpblu.core.model import (
     BlockPolicy,
     Change,
@@ -88,6 +93,7 @@ from vpblu.messages import (
     PushDelta,
     PushRotationStep,
     PushSync,
+    RotationRecorded,
     RotationResultReceived,
     RotationsInbox,
     RotationViews,
@@ -202,7 +208,10 @@ class StateActor:
         # ack, so finding them must not mean scanning all N sessions.
         self._unsynced: set[str] = set()
         self._result: desiredstate.DesiredResult | None = None
-        self._node_infos: dict[str, tuple[NodeSource, VpbluNodeSource | None, NodeInfo]] = {}
+        self._node_infos: dict[str, tuple[NodeSource, VpbluNodeSource | None, str | None,
+                                          NodeInfo]] = {}
+        # Which key each node's peers are told (the trust anchor).
+        self._anchors = KeyAnchors()
         self._sent_conditions: dict[tuple[str, str], ObjectConditions] = {}
         self._dirty = False
         self._recomputes = 0
@@ -291,6 +300,8 @@ class StateActor:
                 self._invalid.update({(kind, b.name): b for b in invalid})
                 self._listed.add(kind)
                 self._dirty = True
+                if kind == "VpbluNode":
+                    self._anchors.listed(objects)
                 if kind in ("Node", "Pod"):
                     self._daemon_conditions_cache = None
             case KindChanged(kind=kind, upserted=upserted, deleted=deleted, invalid=invalid):
@@ -315,14 +326,18 @@ class StateActor:
                     self._dirty = True
                     if kind in ("Node", "Pod"):
                         self._daemon_conditions_cache = None
-            case SessionOpened(node=node, session_id=sid, mailbox=mailbox):
+            case SessionOpened(node=node, session_id=sid, mailbox=mailbox, public_key=key):
                 old = self._sessions.get(node)
                 if old is not None and old.session_id > sid:
                     return  # a stale open arriving after a newer one
                 self._sessions[node] = _Session(sid, mailbox)
                 self._unsynced.add(node)
+                if key is not None and self._anchors.opened(node, sid, key):
+                    self._dirty = True
             case SessionClosed(node=node, session_id=sid):
                 current = self._sessions.get(node)
+                if self._anchors.closed(node, sid):
+                    self._dirty = True
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
                     self._acks_moved = True
@@ -334,6 +349,9 @@ class StateActor:
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                              trio.ClosedResourceError):
                         session.mailbox.send_nowait(PushRotationStep(step))
+            case RotationRecorded(node=node, record=record, public_key=key):
+                self._anchors.rotation_recorded(node, record, key)
+                self._dirty = True
             case PeersWanted(node=node, reply=reply):
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                          trio.ClosedResourceError):
@@ -405,20 +423,21 @@ class StateActor:
         for name, src in sorted(self._objects["Node"].items()):
             assert isinstance(src, NodeSource)
             vn = keys.get(name)
+            key = self._anchors.published_key(name, vn)
             # NodeInfo validates keys and addresses: build it once per change
             # of its sources, not on every recompute of a 1000-node cluster.
             cached = self._node_infos.get(name)
-            if cached is None or cached[0] is not src or cached[1] is not vn:
+            if cached is None or cached[0] is not src or cached[1] is not vn or cached[2] != key:
                 info = NodeInfo(
                     name=name,
                     internal_ip=src.internal_ip,
                     pod_cidrs=src.pod_cidrs,
-                    public_key=vn.published_key if vn else None,
+                    public_key=key,
                     endpoint_override=vn.endpoint if vn else None,
                 )
-                cached = (src, vn, info)
+                cached = (src, vn, key, info)
                 self._node_infos[name] = cached
-            nodes.append(cached[2])
+            nodes.append(cached[3])
         for gone in self._node_infos.keys() - self._objects["Node"].keys():
             del self._node_infos[gone]
         return ClusterSnapshot(
@@ -507,12 +526,14 @@ class StateActor:
         for name in sorted(self._objects["Node"]):
             vn = self._objects["VpbluNode"].get(name)
             source = vn if isinstance(vn, VpbluNodeSource) else None
+            # A new rotation's K: the key the daemon said, not a patched status.
+            key = self._anchors.current_key(name, source)
             cached = self._views.get(name)
-            if cached is None or cached[0] is not source:
+            if cached is None or cached[0] is not source or cached[1].public_key != key:
                 policy = next((p for p in policies if not p.nodes or name in p.nodes), None)
                 cached = (source, NodeRotationView(
                     node=name,
-                    public_key=source.public_key if source else None,
+                    public_key=key,
                     record=source.rotation if source else None,
                     last_rotation=source.last_rotation if source else None,
                     rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
