@@ -211,3 +211,72 @@ async def test_the_session_hands_the_latest_telemetry_to_the_health_actor(
             pass
         assert report.telemetry == sample  # what it knew, kept for the last word
     del state
+
+
+async def test_the_session_merges_partial_samples_into_the_whole_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The controller holds each node's latest whole sample: peer updates
+    replace the rows they name; a partial sample before any whole one, or one
+    naming a row the whole one lacks, ends the stream (the daemon reconnects
+    and starts with a whole one)."""
+    stream = FakeNodeStream("n0", key=4)
+    state_send, state = trio.open_memory_channel[StateInbox](100)
+    status_send, _status = trio.open_memory_channel[StatusInbox](100)
+    health_send, health = trio.open_memory_channel[HealthInbox](100)
+    actor = NodeSessionActor(stream, 3, state_send, status_send, SessionSettings(), health_send)
+    whole = wire.Telemetry(sampled_at=5.0, mtu=1420, peers=wire.PeerColumns(
+        ("n1", "n2"), (1, 2), (10, 20), (30, 40), ("192.0.2.1:51820", "192.0.2.2:51820")))
+    update = wire.Telemetry(sampled_at=35.0, mtu=1420, peer_updates=wire.PeerUpdates(
+        (1,), (33,), (21,), (41,), ("198.51.100.2:51820",)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await health.receive()
+        await stream.deliver(whole)
+        assert (await health.receive()).telemetry == whole
+        await stream.deliver(update)
+        held = (await health.receive()).telemetry
+        assert held is not None and not held.partial and held.sampled_at == 35.0
+        assert held.peers == wire.PeerColumns(
+            ("n1", "n2"), (1, 33), (10, 21), (30, 41), ("192.0.2.1:51820", "198.51.100.2:51820"))
+        await stream.deliver(wire.Telemetry(sampled_at=40.0, peer_updates=wire.PeerUpdates(
+            (2,), (1,), (0,), (0,), ("",))))
+        while (await health.receive()).connected:
+            pass
+        assert stream.closed_reason is not None and "position 2" in stream.closed_reason
+    del state
+
+    stream = FakeNodeStream("n0", key=4)
+    state_send, state = trio.open_memory_channel[StateInbox](100)
+    status_send, _status = trio.open_memory_channel[StatusInbox](100)
+    actor = NodeSessionActor(stream, 4, state_send, status_send)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await stream.deliver(update)
+    assert stream.closed_reason == "peer updates before any whole telemetry sample"
+    del state
+
+
+async def test_a_quiet_mesh_sends_few_peer_rows(autojump_clock: trio.testing.MockClock) -> None:
+    """Simulated WireGuard (renewing each peer every 120 s) at 200 peers over
+    10 minutes: whole samples at the start and every 5 minutes, in between
+    only renewed handshakes - about a quarter of the rows whole samples on
+    every beat would carry."""
+    from vpblu.lab.sim import SimTelemetry
+
+    class Daemon:
+        public_key = public_key(1)
+
+    source = SimTelemetry(Daemon())  # type: ignore[arg-type]
+    actor = StreamActor("a", lambda: public_key(1), RecordingApplier("a"), SETTINGS,
+                        telemetry=source)
+    actor._applied = AppliedRecord(1, NodeDesiredState("a", peers=tuple(
+        peer(i) for i in range(2, 202))))
+    stream = RecordingStream()
+    with trio.move_on_after(600):
+        await actor._heartbeat(stream)
+    sent = [m for _, m in stream.telemetry()]
+    whole = [m for m in sent if not m.partial]
+    rows = sum(len(m.peers) if not m.partial else len(m.peer_updates or ()) for m in sent)
+    assert 2 <= len(whole) <= 3
+    assert rows < 200 * len(sent) / 3, (rows, len(sent))

@@ -199,7 +199,18 @@ class NodeSessionActor:
                         case wire.Heartbeat():
                             pass
                         case wire.Telemetry():
-                            self._telemetry, self._telemetry_at = message, trio.current_time()
+                            # A partial sample updates the stream's last whole
+                            # one: the latest per node stays whole in memory.
+                            if message.partial and self._telemetry is None:
+                                self._end("peer updates before any whole telemetry sample")
+                                return
+                            try:
+                                whole = message.merged_onto(self._telemetry) \
+                                    if self._telemetry is not None else message
+                            except ValueError as exc:
+                                self._end(f"telemetry: {exc}")
+                                return
+                            self._telemetry, self._telemetry_at = whole, trio.current_time()
                         case wire.RotationResult():
                             await self._state.send(RotationResultReceived(self._node, message))
                         case wire.Hello():

@@ -163,6 +163,49 @@ class PeerColumns:
 
 
 @attrs.frozen(slots=True)
+class PeerUpdates:
+    """The peers that changed meaningfully since the last full `PeerColumns`
+    sent on this stream, by position in it (columns, like `PeerColumns`).
+
+    The daemon sends a full list first on every stream, whenever its peer set
+    changes and every few minutes; in between only these rows, so a quiet
+    1000-node mesh does not carry 999 unchanged rows per node per heartbeat.
+    """
+
+    positions: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    latest_handshakes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    rx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    tx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.positions)
+        if n > MAX_TELEMETRY_PEERS:
+            raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
+        lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
+                   len(self.endpoints)}
+        if lengths != {n}:
+            raise ValueError("peer update columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def onto(self, base: PeerColumns) -> PeerColumns:
+        """`base` with these rows replaced (ValueError for a position outside it)."""
+        n = len(base)
+        if self.positions and (max(self.positions) >= n or min(self.positions) < 0):
+            raise ValueError(f"a peer update names position {max(self.positions)} "
+                             f"of a list of {n} peers")
+        handshakes, rx, tx = (list(base.latest_handshakes), list(base.rx_bytes),
+                              list(base.tx_bytes))
+        endpoints = list(base.endpoints)
+        for i, hs, r, t, e in zip(self.positions, self.latest_handshakes, self.rx_bytes,
+                                  self.tx_bytes, self.endpoints, strict=True):
+            handshakes[i], rx[i], tx[i], endpoints[i] = hs, r, t, e
+        return PeerColumns(base.names, handshakes, rx, tx, endpoints)
+
+
+@attrs.frozen(slots=True)
 class DataPathCounters:
     """The node's data-path counters, packets since the pinned maps (or the
     fail-closed sink) were made: they survive daemon restarts."""
@@ -194,6 +237,25 @@ class Telemetry:
     rotation: str = attrs.field(default="", validator=attrs.validators.max_len(64))
     peers: PeerColumns = attrs.field(factory=PeerColumns)
     datapath: DataPathCounters | None = None  # None: no data-path programs (simulated node)
+    # Not None: a partial sample; `peers` is empty and these rows are what
+    # changed since the stream's last full one (see `merged_onto`).
+    peer_updates: PeerUpdates | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.peer_updates is not None and len(self.peers):
+            raise ValueError("a partial telemetry sample carries peer updates, not peers")
+
+    @property
+    def partial(self) -> bool:
+        return self.peer_updates is not None
+
+    def merged_onto(self, base: Telemetry) -> Telemetry:
+        """The whole sample this partial one stands for: `base` (the stream's
+        previous whole sample) with the updated peers, and everything else
+        from this one. A whole sample is returned as it is."""
+        if self.peer_updates is None:
+            return self
+        return attrs.evolve(self, peers=self.peer_updates.onto(base.peers), peer_updates=None)
 
 
 NodeMessage = Hello | Ack | Heartbeat | Telemetry | RotationResult

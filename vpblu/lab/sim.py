@@ -186,11 +186,12 @@ class SimRotator:
 
 class SimTelemetry:
     """The simulated node's `stream.TelemetrySource`: a healthy mesh, where every
-    applied peer handshaked `HANDSHAKE_AGO` seconds before the sample, except
-    the peers named in `down` (never handshaked). Wall-clock times, like a
-    real node's WireGuard."""
+    applied peer handshakes every `REKEY` seconds like WireGuard carrying
+    keepalives (staggered over the peers, so the latest handshake is 0 to
+    REKEY - 1 s before the sample), except the peers named in `down` (never
+    handshaked). Wall-clock times, like a real node's WireGuard."""
 
-    HANDSHAKE_AGO = 5
+    REKEY = 120  # WireGuard's REKEY_AFTER_TIME
 
     def __init__(self, daemon: SimDaemon) -> None:
         self._daemon = daemon
@@ -205,12 +206,13 @@ class SimTelemetry:
         if self._daemon.public_key != self._key:
             self._key, self._key_created = self._daemon.public_key, now
         peers = applied.peers if applied is not None else ()
-        handshake = int(now) - self.HANDSHAKE_AGO
+        second, rekey, down = int(now), self.REKEY, self.down
         return wire.Telemetry(
             sampled_at=now, public_key=self._key, key_created=self._key_created, mtu=1420,
             peers=wire.PeerColumns(
                 tuple(p.name for p in peers),
-                tuple(0 if p.name in self.down else handshake for p in peers),
+                tuple(0 if p.name in down else second - (second + i * 7) % rekey
+                      for i, p in enumerate(peers)),
                 (0,) * len(peers), (0,) * len(peers),
                 tuple(str(p.endpoint) if p.endpoint is not None else "" for p in peers)),
         )

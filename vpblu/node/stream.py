@@ -20,11 +20,14 @@ highest is kept on disk by the daemon's StepGuard, so a restart keeps it). Steps
 idempotent, so a step resent after a reconnect is simply run again.
 
 Telemetry (`wire.Telemetry`, from the `TelemetrySource` seam) goes up the
-stream on every heartbeat, in its place, and in between when what it says
-changed (`vpblu.core.health.telemetry_digest`: applied generation, key, MTU,
-rotation, which peers are up): sampled every `sample_period` and after every
-apply, sent at most once per `telemetry_interval`, so a burst of changes is
-one message. Without a source, or when a sample fails, a plain Heartbeat goes.
+stream on every heartbeat, in its place, and in between when something urgent
+changed (applied generation, key, MTU, rotation, a peer up or down or moved):
+sampled every `sample_period` and after every apply, sent at most once per
+`telemetry_interval`, so a burst of changes is one message. What of a sample
+goes is the stream's `vpblu.node.telemetryreport.TelemetryReporter`'s: a
+whole sample first and every few minutes, in between only the peers that
+changed meaningfully. Without a source, or when a sample fails, a plain
+Heartbeat goes. `latest_telemetry` is always the whole latest sample.
 
 It must never change the kernel because the controller went away: losing the
 stream only starts the reconnect loop; the mesh stays as last applied. The
@@ -45,10 +48,10 @@ import trio
 
 from vpblu.core import wire
 from vpblu.core.changes import apply
-from vpblu.core.health import telemetry_digest
 from vpblu.core.model import NodeDesiredState
 from vpblu.messages import RotationStepDone
 from vpblu.node.stepguard import StepGuard
+from vpblu.node.telemetryreport import FULL_REFRESH, TelemetryReporter
 from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
 from vpblu.supervisor import Backoff
 
@@ -105,6 +108,7 @@ class StreamSettings:
     heartbeat_period: float = HEARTBEAT_PERIOD
     sample_period: float = SAMPLE_PERIOD
     telemetry_interval: float = TELEMETRY_INTERVAL
+    full_refresh: float = FULL_REFRESH  # a whole telemetry sample at least this often
 
 
 @attrs.frozen(slots=True)
@@ -307,7 +311,7 @@ class StreamActor:
         next_beat = now + self._jittered(settings.heartbeat_period)
         next_sample = now  # the first sample goes out soon after connecting
         last_sent = -math.inf
-        sent_digest: tuple[object, ...] | None = None
+        reporter = TelemetryReporter(full_refresh=settings.full_refresh)
         try:
             while True:
                 applied_changed = self._applied_changed
@@ -327,10 +331,10 @@ class StreamActor:
                     next_sample = now + settings.sample_period
                     sample = await self._sample(source)
                     if sample is not None:
-                        digest = telemetry_digest(sample)
-                        if not beat and digest == sent_digest:
+                        planned = reporter.plan(sample, now, beat=beat)
+                        if planned is None:
                             continue
-                        message, sent_digest = sample, digest
+                        message = planned
                     elif not beat:
                         continue
                 await stream.send_batch([message])

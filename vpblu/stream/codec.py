@@ -261,6 +261,11 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
                              rx_bytes=peers.rx_bytes, tx_bytes=peers.tx_bytes,
                              endpoint=peers.endpoints),
     )
+    if t.peer_updates is not None:
+        u = t.peer_updates
+        msg.peer_updates.CopyFrom(pb.PeerUpdates(
+            position=u.positions, latest_handshake=u.latest_handshakes, rx_bytes=u.rx_bytes,
+            tx_bytes=u.tx_bytes, endpoint=u.endpoints))
     if t.datapath is not None:
         d = t.datapath
         msg.datapath.CopyFrom(pb.DataPathCounters(
@@ -280,10 +285,16 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
         datapath = wire.DataPathCounters(
             d.passed, d.dropped_blocked, d.delivered, d.delivery_dropped_blocked,
             d.guard_cleartext, d.guard_dropped, d.fail_closed_drops, d.guard_attached)
+    updates = None
+    if msg.HasField("peer_updates"):
+        u = msg.peer_updates
+        updates = wire.PeerUpdates(tuple(u.position), tuple(u.latest_handshake),
+                                   tuple(u.rx_bytes), tuple(u.tx_bytes),
+                                   tuple(map(sys.intern, u.endpoint)))
     return wire.Telemetry(
         sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
         public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,
-        rotation=msg.rotation,
+        rotation=msg.rotation, peer_updates=updates,
         # Names and endpoints interned: the leader holds every node's latest
         # sample, N x (N-1) peers naming the same N nodes and endpoints;
         # shared strings halve what that costs (300 nodes' samples: 21.8 ->
