@@ -57,6 +57,7 @@ FORMATION_TIMEOUT = 900.0
 READY_TIMEOUT = 600.0
 POLL = 1.0
 SCRAPE_TIMEOUT = 10.0
+KEEPALIVE_TIMEOUT = 120.0  # vpblu.lab.bench.BENCH_KEEPALIVE_TIMEOUT
 MESH_PATH = "/apis/vpblu.io/v1alpha1/tunnelpolicies"
 MESH_NAME = "telemetry-bench-mesh"
 MESH = {"apiVersion": "vpblu.io/v1alpha1", "kind": "TunnelPolicy",
@@ -96,6 +97,10 @@ class MeteredController:
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
             "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--dashboard-addr", "",  # not measured here (and :8082 may be taken)
+            # As vpblu.lab.bench's controller: a thousand simulated daemons in
+            # one loaded process go silent past the 15 s default while they
+            # connect, and every connection would be aborted and re-made.
+            "--keepalive-timeout", str(KEEPALIVE_TIMEOUT),
         ]
         self.child = spawn_child(spawner, "controller", args, log_path, REPO)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
