@@ -14,7 +14,13 @@ import trio_asyncio
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState, Peer, PeerAdded
 from vpblu.lab.sim import MeshPki, RecordingApplier
-from vpblu.node.stream import StreamActor, StreamSettings
+from vpblu.node.stream import (
+    CLOSED_RECONNECT_JITTER,
+    RECONNECT_INITIAL,
+    RECONNECT_JITTER,
+    StreamActor,
+    StreamSettings,
+)
 from vpblu.stream.identity import AuthenticationFailed, Identity
 from vpblu.stream.transport import MeshServer, NodeStream
 
@@ -72,14 +78,30 @@ async def test_follows_a_redirect_and_survives_the_stream_ending(
         assert actor.statistics().redirects == 1
         await first.send_batch([wire.SyncState(1, NodeDesiredState("a"))])
         await acks_until(first, 1)
-        # The controller ends the stream: the daemon reconnects (via the
-        # follower's redirect again) and keeps what it applied meanwhile.
+        # The controller ends the stream cleanly: the daemon goes straight
+        # back to it (no second redirect) without a backoff, and keeps what
+        # it applied meanwhile.
         first.close("the test ends this stream")
         with trio.fail_after(PROMPTLY):
             second = await streams.receive()
         assert second.hello.last_applied_generation == 1
-        assert actor.statistics().redirects == 2
+        stats = actor.statistics()
+        assert stats.redirects == 1
+        assert stats.closed_reconnects == 1
+        assert stats.last_reconnect_delay is not None
+        assert stats.last_reconnect_delay <= CLOSED_RECONNECT_JITTER
         assert applier.current == NodeDesiredState("a")
+        # Ended cleanly again at once: that is a repeat, and it backs off
+        # (to the next address: the follower, which redirects again).
+        second.close("the test ends this stream again")
+        with trio.fail_after(PROMPTLY + RECONNECT_INITIAL * 2 + RECONNECT_JITTER):
+            third = await streams.receive()
+        assert third.hello.last_applied_generation == 1
+        stats = actor.statistics()
+        assert stats.closed_reconnects == 1
+        assert stats.redirects == 2
+        assert stats.last_reconnect_delay is not None
+        assert stats.last_reconnect_delay >= RECONNECT_INITIAL * 2
         nursery.cancel_scope.cancel()
 
 

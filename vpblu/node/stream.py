@@ -7,6 +7,18 @@ the leader, reconnects with exponential backoff and jitter, applies SyncState
 and Deltas through the kernel actors (via the `Applier` seam) and
 acknowledges what it applied.
 
+Reconnecting: a stream the controller ended cleanly (gRPC status OK, with or
+without a reason: its Node deleted and registered again, the lead moving) is
+an answer, not a failure, so the first reconnect after it goes back to the
+same controller within CLOSED_RECONNECT_JITTER (tens of milliseconds, so
+daemons closed together do not arrive in one instant); a node whose stream
+was ended to make it say its key again is back in the mesh without waiting
+out a backoff (issue 20). Everything else (no connection, TLS, a refusal, a
+reset, a second clean close within STABLE_AFTER of the last failure) backs
+off exponentially with jitter from RECONNECT_INITIAL and moves to the next
+address; so does a chain of redirects after the first (issue 19: a
+controller redirecting to itself must not make every daemon spin).
+
 genGuard: a message whose generation is not above the applied one is ignored
 (and the applied generation acknowledged again, so the controller knows where
 the node stands). A Delta whose base is not exactly the applied generation is
@@ -41,7 +53,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -49,11 +61,14 @@ import trio
 from vpblu.core import wire
 from vpblu.core.changes import apply
 from vpblu.core.model import NodeDesiredState
-from vpblu.messages import RotationStepDone
 from vpblu.node.stepguard import StepGuard
 from vpblu.node.telemetryreport import FULL_REFRESH, TelemetryReporter
 from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
 from vpblu.supervisor import Backoff
+
+if TYPE_CHECKING:
+    # Imported where used: the daemon's Hello waits for none of vpblu.messages.
+    from vpblu.messages import RotationStepDone
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +77,9 @@ HEARTBEAT_JITTER = 0.25  # each beat comes after period x [0.75, 1.25]
 RECONNECT_INITIAL = 0.2
 RECONNECT_MAX = 30.0
 RECONNECT_JITTER = 1.0
+# The first reconnect after the controller ended the stream cleanly waits
+# uniform(0, this): spread, but not a backoff.
+CLOSED_RECONNECT_JITTER = 0.05
 # Telemetry: a sample this often (and after each apply), sent when it changed,
 # but at most once per TELEMETRY_INTERVAL; always with the heartbeat.
 SAMPLE_PERIOD = 10.0
@@ -131,6 +149,10 @@ class StreamStatistics:
     highest_generation_seen: int = 0  # in any SyncState or Delta received
     telemetry_sent: int = 0
     apply_failures: int = 0
+    # The wait before the latest reconnect, and whether it went back to the
+    # same controller because that controller had ended the stream cleanly.
+    last_reconnect_delay: float | None = None
+    closed_reconnects: int = 0
 
 
 class _Redirected(Exception):
@@ -171,6 +193,8 @@ class StreamActor:
         self._ignored_stale = 0
         self._refused_deltas = 0
         self._syncs_applied = 0
+        self._last_reconnect_delay: float | None = None
+        self._closed_reconnects = 0
         # Received on streams that ended, plus a way to read the live one's.
         self._received_before = (0, 0)
         self._live_received: Callable[[], tuple[int, int]] = lambda: (0, 0)
@@ -190,7 +214,8 @@ class StreamActor:
                                 self._received_before[0] + live[0],
                                 self._received_before[1] + live[1],
                                 self._highest_seen, self._telemetry_sent,
-                                self._apply_failures)
+                                self._apply_failures, self._last_reconnect_delay,
+                                self._closed_reconnects)
 
     @property
     def latest_telemetry(self) -> wire.Telemetry | None:
@@ -208,7 +233,7 @@ class StreamActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER)
-        attempt = 0
+        attempt = 0  # ends in a row, with no stream up for STABLE_AFTER in between
         redirects = 0  # redirects in a row, with no stream served in between
         target_index = 0
         override: str | None = None
@@ -217,6 +242,7 @@ class StreamActor:
                 target_index % len(self._settings.addresses)]
             override = None
             started = trio.current_time()
+            clean = False
             try:
                 await self._session(address)
             except _Redirected as r:
@@ -235,16 +261,22 @@ class StreamActor:
                 continue
             except (ConnectFailed, StreamClosed) as exc:
                 log.warning("mesh stream to %s: %s", address, exc)
+                clean = ended_cleanly(exc)
             finally:
                 self._connected_to = None
             if trio.current_time() - started > STABLE_AFTER:
                 redirects = 0
-            if trio.current_time() - started > STABLE_AFTER:
                 attempt = 0
             attempt += 1
-            target_index += 1
-            delay = backoff.delay(attempt)
-            log.info("reconnecting in %.1fs (the mesh stays as applied meanwhile)", delay)
+            delay, same = reconnect_plan(attempt, clean=clean, backoff=backoff)
+            if same:
+                override = address
+                self._closed_reconnects += 1
+            else:
+                target_index += 1
+            self._last_reconnect_delay = delay
+            log.info("reconnecting %sin %.3fs (the mesh stays as applied meanwhile)",
+                     f"to {address} " if same else "", delay)
             await trio.sleep(delay)
 
     def _hello(self) -> wire.Hello:
@@ -291,6 +323,8 @@ class StreamActor:
 
     async def _rotations(self, stream: _Sender,
                          steps: trio.MemoryReceiveChannel[wire.RotationStep]) -> None:
+        from vpblu.messages import RotationStepDone
+
         async for step in steps:
             if self._rotator is None:
                 done = RotationStepDone("this daemon does not rotate keys")
@@ -404,6 +438,8 @@ class StreamActor:
                 case wire.Refused(reason=reason):
                     raise StreamClosed(f"the controller refused this daemon: {reason}")
                 case wire.RotationStep(stamp=stamp):
+                    from vpblu.messages import RotationStepDone
+
                     guard = self._step_guard
                     # A thread only for the fsynced write (a new highest stamp on disk).
                     refusal = (await trio.to_thread.run_sync(guard.admit, stamp)
@@ -440,6 +476,22 @@ class StreamActor:
 
 
 APPLY_DURATIONS_KEPT = 1024
+
+
+def ended_cleanly(exc: StreamClosed) -> bool:
+    """The controller ended the stream on purpose and said so (gRPC status OK
+    in its trailers); not a connect failure, a reset or a refusal."""
+    return not isinstance(exc, ConnectFailed) and exc.status == "OK"
+
+
+def reconnect_plan(attempt: int, *, clean: bool, backoff: Backoff) -> tuple[float, bool]:
+    """(seconds to wait, back to the same controller?) before reconnect number
+    `attempt` (1-based, in a row): the first after a clean end is jittered
+    within CLOSED_RECONNECT_JITTER to the same controller; any other backs
+    off (attempt 1: RECONNECT_INITIAL plus jitter, doubling) to the next."""
+    if clean and attempt == 1:
+        return random.uniform(0, CLOSED_RECONNECT_JITTER), True
+    return backoff.delay(attempt), False
 
 
 def _result(step: wire.RotationStep, done: RotationStepDone) -> wire.RotationResult:
