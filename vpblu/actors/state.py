@@ -333,11 +333,11 @@ class StateActor:
                 self._sessions[node] = _Session(sid, mailbox)
                 self._unsynced.add(node)
                 if key is not None and self._anchors.opened(node, sid, key):
-                    self._dirty = True
+                    self._dirty = self._dirty or self._key_moved(node)
             case SessionClosed(node=node, session_id=sid):
                 current = self._sessions.get(node)
                 if self._anchors.closed(node, sid):
-                    self._dirty = True
+                    self._dirty = self._dirty or self._key_moved(node)
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]
                     self._acks_moved = True
@@ -351,7 +351,7 @@ class StateActor:
                         session.mailbox.send_nowait(PushRotationStep(step))
             case RotationRecorded(node=node, record=record, public_key=key):
                 self._anchors.rotation_recorded(node, record, key)
-                self._dirty = True
+                self._dirty = self._dirty or self._key_moved(node)
             case PeersWanted(node=node, reply=reply):
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                          trio.ClosedResourceError):
@@ -373,6 +373,17 @@ class StateActor:
                         if self._metrics is not None:
                             self._metrics.reconcile_errors.labels("daemon_apply").inc()
                         self._failed(node, current, gen, error)
+
+    def _key_moved(self, node: str) -> bool:
+        """Whether `node`'s peers would now be told another key than the last
+        recompute told them (a reconnect with the same key costs no recompute:
+        at N=1000 a connect storm is 1000 of them)."""
+        cached = self._node_infos.get(node)
+        if cached is None:
+            return False  # not in the mesh yet: the recompute that adds it reads the key
+        vn = self._objects["VpbluNode"].get(node)
+        return cached[2] != self._anchors.published_key(
+            node, vn if isinstance(vn, VpbluNodeSource) else None)
 
     def _converged(self, durations: list[float]) -> None:
         if self._metrics is not None:
