@@ -101,8 +101,10 @@ async def run_controller(
     # The Lease gets a client (a connection pool) of its own, as client-go
     # advises: a burst of TokenReviews from a thousand reconnecting daemons
     # must never queue the renewal behind it and cost the lead.
-    async with (k.open_kube_client(settings.kubeconfig) as kube,
-                k.open_kube_client(settings.kubeconfig) as lease_kube):
+    async with (k.open_kube_client(settings.kubeconfig,
+                                   user_agent=k.CONTROLLER_USER_AGENT) as kube,
+                k.open_kube_client(settings.kubeconfig,
+                                   user_agent=k.CONTROLLER_USER_AGENT) as lease_kube):
         await require_supported(kube)  # UnsupportedKubernetes below vpblu.kubeversion.MINIMUM
         service_ranges = await service_cidrs(kube, settings.service_cidrs)
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)

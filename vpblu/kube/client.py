@@ -98,6 +98,9 @@ EVENTS = ResourceKind("Event", "", "v1", "events", namespaced=True)
 # Every write names this manager (managedFields), so a status write by anyone
 # else is told apart - and named - by the StatusActor.
 FIELD_MANAGER = "vpblu-controller"
+# The controller's User-Agent: audit logs (and API server metrics) tell its
+# requests apart whatever credentials it runs with.
+CONTROLLER_USER_AGENT = "vpblu-controller"
 
 
 class ApiUnavailable(Exception):
@@ -446,10 +449,12 @@ async def _settle_environment(api: k8s_client.ApiClient, cfg: k8s_client.Configu
 
 
 @asynccontextmanager
-async def open_kube_client(kubeconfig: Path | None) -> AsyncIterator[KubeClient]:
+async def open_kube_client(kubeconfig: Path | None, *,
+                           user_agent: str | None = None) -> AsyncIterator[KubeClient]:
     """A `KubeClient` for the duration of the block; needs a running trio-asyncio loop.
 
-    kubeconfig None means in-cluster configuration (the pod's ServiceAccount).
+    kubeconfig None means in-cluster configuration (the pod's ServiceAccount);
+    `user_agent` replaces kubernetes-asyncio's generic one.
     """
 
     async def make() -> k8s_client.ApiClient:
@@ -461,6 +466,8 @@ async def open_kube_client(kubeconfig: Path | None) -> AsyncIterator[KubeClient]
                 config_file=str(kubeconfig), client_configuration=cfg, persist_config=False)
         # aiohttp is created here, inside asyncio context (STYLE.md, trio-asyncio traps).
         api = k8s_client.ApiClient(configuration=cfg)
+        if user_agent is not None:
+            api.user_agent = user_agent
         await _settle_environment(api, cfg)
         return api
 

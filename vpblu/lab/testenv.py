@@ -305,7 +305,8 @@ class TestEnv:
 
     __test__ = False  # not a pytest test class, despite the name
     # Opt in (a subclass sets it) to kube-apiserver's audit log: every write
-    # (metadata level, no reads), JSON lines in `audit_log_path`.
+    # (metadata level, no reads), JSON lines in `audit_log_path`. The test
+    # session's own server has it (tests/conftest.py, vpblu.lab.controlleraudit).
     audit_writes = False
 
     def __init__(self, binaries: Binaries, directory: Path, *,
@@ -632,8 +633,9 @@ class TestEnv:
         policy.write_text(yaml.safe_dump({
             "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
             "omitStages": ["RequestReceived"],
-            "rules": [{"level": "None", "verbs": ["get", "list", "watch"]},
-                      {"level": "Metadata"}]}))
+            "rules": [{"level": "Metadata",
+                       "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+                      {"level": "None"}]}))
         return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log_path}",
                 "--audit-log-format=json", "--audit-log-mode=blocking"]
 
