@@ -187,3 +187,27 @@ async def test_a_stream_cancelled_while_queued_frees_its_place(
         fake.gate.set()
     assert (await admission.authenticate("good-b", source="x")).node_name == "b"
     assert admission.statistics().waiting == 0
+
+
+async def test_the_queue_holds_what_can_be_reviewed_in_time(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Reviews measured at 1 s with 2 at once: 8 s of waiting is 16 streams;
+    the next is refused at once instead of waiting into the server's timeout."""
+
+    class Slow(FakeAuthenticator):
+        async def authenticate(self, token: str) -> Identity:
+            await trio.sleep(0.9)
+            return await super().authenticate(token)
+
+    admission = Admission(Slow(), concurrency=2, max_wait=8.0)
+    for i in range(30):  # measure: the average moves to ~1 s
+        await admission.authenticate(f"good-warm{i}")
+    assert admission.statistics().review_seconds == pytest.approx(1.0, abs=0.05)
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(partial(admission.authenticate, f"good-{i}", source="x"))
+        await trio.sleep(0.01)
+        assert admission.statistics().waiting == 16
+        with pytest.raises(AdmissionRefused):
+            await admission.authenticate("good-late", source="x")
+    assert admission.statistics().waiting == 0

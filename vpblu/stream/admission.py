@@ -9,11 +9,17 @@ daemons time out behind them. Here:
 - at most `concurrency` reviews run at once (the TokenReview rate is what
   bounds admission, not the queue: at the 16 at once measured at a few ms to
   a few tens of ms each on a loaded API server, 1000 reviews take 0.3-3 s);
-- at most `queue_limit` streams wait for (or are in) a review. The limit is
-  sized for a formation: 1000 daemons (re)connecting together after a
-  controller failover all queue instead of most being refused into backoffs
-  of up to 30 s. A waiting stream is a suspended task (a few KiB), and every
-  wait is bounded by the server's authentication timeout;
+- a stream waits only when it can be served in time: its expected wait
+  (streams ahead / `concurrency` x the measured time of a review, a moving
+  average) must stay under `max_wait`, below the server's 15 s
+  authentication timeout; otherwise it is refused at once, which costs the
+  daemon a short backoff where a wait ending in a timeout would cost it the
+  wait, a backoff and a new TLS handshake. So the queue is sized to the
+  TokenReview rate: on a quick API server a formation of 1000 daemons
+  (re)connecting together after a controller failover all queue; on a slow
+  one as many as can be reviewed in `max_wait` do;
+- at most `queue_limit` streams wait for (or are in) a review whatever the
+  rate. A waiting stream is a suspended task (a few KiB);
 - per-source fairness: reviews are handed out round-robin over source
   addresses, so a source with a thousand streams waiting delays another
   source's stream by one review per round, not by a thousand; and when the
@@ -54,6 +60,13 @@ from vpblu.stream.identity import (
 
 # Streams waiting for or in a review: a formation of 1000 daemons fits.
 QUEUE_LIMIT = 1024
+# The longest expected wait a stream is queued for (the server gives up on
+# authentication after vpblu.stream.transport.AUTH_TIMEOUT, 15 s).
+MAX_WAIT = 8.0
+# The first guess at a review's time, before one was measured, and how much
+# each measured review moves the average.
+REVIEW_SECONDS = 0.05
+REVIEW_WEIGHT = 0.1
 # Reviews handed to the wrapped Authenticator at once (it has its own limit,
 # the same by default: the order in which they go is decided here).
 CONCURRENCY = TOKEN_REVIEW_CONCURRENCY
@@ -75,6 +88,7 @@ class AdmissionStatistics:
     waiting: int  # streams waiting for or in a review now
     displaced: int = 0  # of refused_full: waiting streams whose place went to a fairer source
     sources: int = 0  # source addresses with streams waiting now
+    review_seconds: float = 0.0  # the moving average of a review's time
 
 
 @attrs.frozen(slots=True)
@@ -102,14 +116,16 @@ class Admission:
     """An `Authenticator` that admits through a bounded, fair queue and a cache."""
 
     def __init__(self, inner: Authenticator, *, queue_limit: int = QUEUE_LIMIT,
-                 concurrency: int = CONCURRENCY, cache_ttl: float = CACHE_TTL,
-                 cache_size: int = CACHE_SIZE,
+                 concurrency: int = CONCURRENCY, max_wait: float = MAX_WAIT,
+                 cache_ttl: float = CACHE_TTL, cache_size: int = CACHE_SIZE,
                  clock: Callable[[], float] = trio.current_time) -> None:
         if queue_limit < 1 or concurrency < 1:
             raise ValueError("admission needs room for at least one stream and one review")
         self._inner = inner
         self._queue_limit = queue_limit
         self._concurrency = concurrency
+        self._max_wait = max_wait
+        self._review_seconds = REVIEW_SECONDS
         self._cache_ttl = cache_ttl
         self._cache_size = cache_size
         self._clock = clock
@@ -129,7 +145,7 @@ class Admission:
 
     def statistics(self) -> AdmissionStatistics:
         return AdmissionStatistics(self._reviews, self._hits, self._refused, self._waiting,
-                                   self._displaced, len(self._held))
+                                   self._displaced, len(self._held), self._review_seconds)
 
     async def authenticate(self, token: str, *, source: str = "") -> Identity:
         """`source`: where the stream comes from (its address without the
@@ -161,11 +177,16 @@ class Admission:
             return None
         return answer
 
+    def _capacity(self) -> int:
+        """How many streams may wait now: as many as are reviewed in max_wait."""
+        rounds = int(self._max_wait / max(self._review_seconds, 1e-6))
+        return max(1, min(self._queue_limit, rounds * self._concurrency))
+
     def _make_room(self, source: str) -> None:
         """The queue is full: displace the newest waiting stream of the source
         holding the most, if `source` holds less than its share; else refuse."""
         sources = len(self._held) + (source not in self._held)
-        share = self._queue_limit // sources
+        share = self._capacity() // sources
         if self._held.get(source, 0) < share:
             largest = max(self._queued, key=lambda s: self._held[s], default=None)
             if largest is not None and largest != source and self._held[largest] > share:
@@ -203,7 +224,7 @@ class Admission:
             waiter.turn.set()
 
     async def _wait_turn(self, source: str) -> None:
-        if self._waiting >= self._queue_limit:
+        if self._waiting >= self._capacity():
             self._make_room(source)
         waiter = _Waiter()
         self._queued.setdefault(source, deque()).append(waiter)
@@ -237,6 +258,7 @@ class Admission:
             await self._wait_turn(source)
             try:
                 self._reviews += 1
+                began = self._clock()
                 try:
                     identity = await self._inner.authenticate(token)
                 except AuthenticationFailed as exc:
@@ -244,6 +266,8 @@ class Admission:
                 else:
                     answer = _Answer(self._clock() + self._cache_ttl, identity)
                 # Other errors (the API server unreachable) are not answers: not kept.
+                self._review_seconds += REVIEW_WEIGHT * (
+                    self._clock() - began - self._review_seconds)
                 self._remember(key, answer)
                 flight.answer = answer
                 return answer
