@@ -409,6 +409,8 @@ class KubeletCluster(LocalCluster):
             "pins": run(*rt.enter(), "find", "/sys/fs/bpf", "-mindepth", "1", "!", "-name",
                         "*.debug").stdout.strip(),
             "state": run(*rt.enter(), "find", "/var/lib/vpblu", "-mindepth", "1").stdout.strip(),
+            "sockets": run(*rt.enter(), "find", "/var/run/wireguard", "-mindepth", "1",
+                           check=False).stdout.strip(),
             "nft": "\n".join(line for line in nft.splitlines() if "vpblu" in line.lower()),
         }
 
@@ -418,19 +420,11 @@ class KubeletCluster(LocalCluster):
     def exec_in(self, netns: str, *argv: str, check: bool = True,
                 timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """A node's namespace is entered with its mount namespace too (wg's UAPI
-        sockets, bpffs and the state directory are the node's own)."""
+        sockets - the vpblu-wireguard pod's wireguard-go, on the hostPath
+        /var/run/wireguard -, bpffs and the state directory are the node's own)."""
         for rt in getattr(self, "runtimes", []):
             if rt.node.netns != netns:
                 continue
-            if argv and argv[0] == "wg":
-                # wireguard-go's UAPI socket is in the daemon container's own
-                # /var/run/wireguard: wg (in the image) runs in its namespaces.
-                try:
-                    pid = self.pod_pid(self.daemon_pod(rt.node), SYSTEM_NAMESPACE)
-                except ClusterError as exc:
-                    return subprocess.CompletedProcess(list(argv), 1, "", str(exc))
-                return run("nsenter", "-t", str(pid), "-n", "-m", "--", *argv, check=check,
-                           timeout=timeout)
             return run(*rt.enter(), *argv, check=check, timeout=timeout)
         return run(*nsenter(netns), *argv, check=check, timeout=timeout)
 
@@ -532,6 +526,34 @@ class KubeletCluster(LocalCluster):
                 self.wait_for(done, timeout, f"{what} rolled out")
             except ClusterError as exc:
                 raise ClusterError(f"{what}: {said}\n{exc}") from None
+        # vpblu-wireguard rolls OnDelete (kubectl rollout status refuses it):
+        # every node's pod, of the DaemonSet's current spec, Ready.
+        self.wait_for(lambda: self.daemonset_ready("vpblu-wireguard"), timeout,
+                      "daemonset/vpblu-wireguard Ready on every node")
+
+    def daemonset_ready(self, name: str) -> bool:
+        ds = self.get("daemonset", name, namespace=SYSTEM_NAMESPACE)
+        if ds is None:
+            return False
+        status = ds.get("status") or {}
+        want = len(self.nodes)
+        return (status.get("desiredNumberScheduled") == want
+                and status.get("numberReady") == want
+                and status.get("observedGeneration") == ds["metadata"]["generation"])
+
+    def restart_kubelet(self, node: Node, timeout: float = NODE_READY_TIMEOUT) -> None:
+        """Stop `node`'s kubelet (its containers keep running) and start it again:
+        it registers its Node anew (a kubelet registers only at start: a deleted
+        Node stays deleted until then), whose podCIDR is set as at start."""
+        rt = self.runtime(node)
+        proc, rt.kubelet = rt.kubelet, None
+        if proc is not None:
+            proc.stop()
+        self._start_kubelet(rt)
+        self.wait_for(lambda: self.get("node", node.name) is not None, timeout,
+                      f"{node.name}'s kubelet registering its Node again")
+        self.kubectl("patch", "node", node.name, "--type=merge", "-p", json.dumps(
+            {"spec": {"podCIDR": str(node.pod_cidr), "podCIDRs": [str(node.pod_cidr)]}}))
 
     # --- diagnostics -----------------------------------------------------------------
 

@@ -52,3 +52,9 @@ class DaemonConfig:
     rule_priority: int = MESH_RULE_PRIORITY
     mtu_overhead: int = DEFAULT_MTU_OVERHEAD
     wireguard_backend: str = "auto"  # "auto" | "kernel" | "userspace"
+    # Userspace WireGuard only: "start" wireguard-go when none answers (it then
+    # runs in the daemon's session, and in a container ends with it), or
+    # "external": only adopt the one the node runs (the vpblu-wireguard
+    # DaemonSet), so a daemon pod's restart leaves the interface up.
+    wireguard_go: str = attrs.field(
+        default="start", validator=attrs.validators.in_(("start", "external")))

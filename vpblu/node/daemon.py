@@ -225,7 +225,8 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
     """Remove what the daemon created on this node: the data-path programs' tc
     filters on the pod veths and the underlay (and clsact qdiscs left empty) and
     pinned maps, the MSS clamp rules, the
-    mesh rules, routes and unreachable defaults, and the interface. Idempotent.
+    mesh rules, routes and unreachable defaults, the interface and a stale
+    wireguard-go UAPI socket. Idempotent.
     The key stays unless `remove_key`."""
     from vpblu.node.bpfmaps import BpfMapActor
     from vpblu.node.kernel.iptables import IptablesMtuKernel
@@ -244,6 +245,12 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
         userspace if userspace.socket_path(config.interface).exists() else KernelBackend()
     )
     await remove_mesh(config, backend, IPRouteKernel())
+    # A wireguard-go ended by SIGKILL leaves its socket on the node's
+    # /var/run/wireguard (one that exits on SIGTERM removes it).
+    socket_path = trio.Path(userspace.socket_path(config.interface))
+    if await socket_path.exists() and not await userspace.answers(config.interface):
+        await socket_path.unlink(missing_ok=True)
+        log.info("removed the stale UAPI socket %s", socket_path)
     if remove_key:
         key_file = trio.Path(config.state_dir / KEY_FILE_NAME)
         await key_file.unlink(missing_ok=True)

@@ -248,6 +248,8 @@ class NetlinkActor:
         self._backend = backend
         self._kernel = kernel
         self._inbox = inbox
+        # The last desired state applied, for a link made again under us.
+        self._last_state: NodeDesiredState | None = None
 
     @property
     def interface(self) -> str:
@@ -263,6 +265,7 @@ class NetlinkActor:
                         outcome = await self._apply_or_fail(state)
                         await reply.send(outcome)
                     case ReadMesh(reply=read_reply):
+                        await self._reconfigure_if_new()
                         reading = await self._read_or_none()
                         if reading is not None:
                             with contextlib.suppress(trio.BrokenResourceError,
@@ -354,7 +357,28 @@ class NetlinkActor:
             if not await self._kernel.has_rule(rule):
                 await self._kernel.add_rule(rule)
 
+    async def _reconfigure_if_new(self) -> None:
+        """A WireGuard device without a private key is one made after ours went:
+        the node's wireguard-go restarted (its vpblu-wireguard pod replaced),
+        whose new link has no key, peers or routes. Prepare it again and apply
+        the last desired state to it, at the next telemetry read, instead of
+        at the next full SyncState. A key rotation never leaves the device
+        without a key, and a device that cannot be read is left to the next
+        read."""
+        try:
+            device = await self._backend.read(self.interface)
+        except (WireGuardError, OSError, trio.TooSlowError):
+            return
+        if device.public_key is not None:
+            return
+        log.warning("%s: the WireGuard device has no key (its wireguard-go was replaced?): "
+                    "configuring it again", self.interface)
+        await self.prepare()
+        if self._last_state is not None:
+            await self._apply_or_fail(self._last_state)
+
     async def _apply_or_fail(self, state: NodeDesiredState) -> ApplyOutcome:
+        self._last_state = state
         try:
             return await self.apply(state)
         except (WireGuardError, OSError, trio.TooSlowError) as exc:

@@ -38,6 +38,11 @@ UAPI_TIMEOUT = 5.0
 UAPI_MAX_RESPONSE = 64 * 1024 * 1024
 INTERFACE_START_TIMEOUT = 10.0
 INTERFACE_START_POLL = 0.02
+# How long a daemon that never starts wireguard-go itself (`wireguard_go ==
+# "external"`) waits for the node's wireguard-go to answer before its NetlinkActor
+# fails (and is restarted by its supervisor, with backoff).
+EXTERNAL_WAIT_TIMEOUT = 60.0
+EXTERNAL_WAIT_POLL = 0.2
 KERNEL_PROBE_INTERFACE = "vpblu-probe0"
 
 
@@ -319,11 +324,19 @@ def parse_get(response: str) -> DeviceState:
 class UserspaceBackend:
     """wireguard-go, configured over ``/var/run/wireguard/<interface>.sock``.
 
+    With `start` (a daemon run by hand or in the namespace-node lab),
     wireguard-go is started daemonized (it forks itself and the launcher
     exits) in a session of its own, so a daemon crash or ``kill -9`` leaves it
     running and traffic flowing; the next daemon adopts the interface whose
-    socket answers. The socket directory is shared by all network namespaces:
-    interface names must be unique per machine.
+    socket answers. In a container that is not enough: the runtime ends every
+    process of the container (its cgroup, its PID namespace) with it, and the
+    socket lives in the container's own /var/run/wireguard. So the DaemonSet
+    runs without `start`: wireguard-go belongs to a pod of its own
+    (`vpblu daemon wireguard-go`, kustomize/base/wireguard.yaml) that a
+    rollout of the daemon does not touch, its socket on a hostPath, and the
+    daemon only ever adopts it, waiting up to EXTERNAL_WAIT_TIMEOUT for it.
+    The socket directory is shared by all network namespaces: interface names
+    must be unique per machine.
     """
 
     def __init__(
@@ -332,10 +345,14 @@ class UserspaceBackend:
         netns: str | None = None,
         socket_dir: Path = UAPI_SOCKET_DIR,
         executable: str = "wireguard-go",
+        start: bool = True,
+        external_wait: float = EXTERNAL_WAIT_TIMEOUT,
     ) -> None:
         self._netns = netns
         self._socket_dir = socket_dir
         self._executable = executable
+        self._start = start
+        self._external_wait = external_wait
         self._reads = 0
         self._writes = 0
 
@@ -394,6 +411,8 @@ class UserspaceBackend:
         if await self.answers(interface):
             log.info("adopting running wireguard-go interface %s", interface)
             return False
+        if not self._start:
+            return await self._wait_external(interface)
         env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
         result = await trio.run_process(
             [*command_prefix(self._netns), self._executable, interface],
@@ -414,6 +433,23 @@ class UserspaceBackend:
                 await trio.sleep(INTERFACE_START_POLL)
         log.info("started wireguard-go for %s", interface)
         return True
+
+    async def _wait_external(self, interface: str) -> bool:
+        log.info("waiting for the node's wireguard-go to answer on %s",
+                 self.socket_path(interface))
+        with trio.move_on_after(self._external_wait):
+            # Nothing signals readiness but the socket answering: poll it.
+            while not await self.answers(interface):  # noqa: ASYNC110
+                await trio.sleep(EXTERNAL_WAIT_POLL)
+            log.info("adopting wireguard-go interface %s (started by the node)", interface)
+            return False
+        raise WireGuardError(
+            f"no wireguard-go answers on {self.socket_path(interface)} after "
+            f"{self._external_wait:.0f} s: this daemon never starts one itself "
+            f"(--wireguard-go=external); is `vpblu daemon wireguard-go` (the "
+            f"vpblu-wireguard DaemonSet) running on this node, with "
+            f"{self._socket_dir} shared?"
+        )
 
     async def delete_interface(self, interface: str) -> None:
         # wireguard-go closes and exits when its TUN link is deleted.
@@ -618,16 +654,20 @@ class KernelBackend:
 # --- choosing ---------------------------------------------------------------------------
 
 
-def _kernel_has_wireguard() -> bool:
+def kernel_has_wireguard(probe: str = KERNEL_PROBE_INTERFACE) -> bool:
+    """Whether this network namespace's kernel makes WireGuard links, by making
+    one named `probe` (and deleting it). Callers that may probe at the same time
+    (the daemon and `vpblu daemon wireguard-go`) use different names: a probe
+    link someone else made would answer EEXIST, not "no WireGuard"."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     with IPRoute() as ipr:
         try:
-            ipr.link("add", ifname=KERNEL_PROBE_INTERFACE, kind="wireguard")
+            ipr.link("add", ifname=probe, kind="wireguard")
         except NetlinkError:
             return False
-        ipr.link("del", ifname=KERNEL_PROBE_INTERFACE)
+        ipr.link("del", ifname=probe)
         return True
 
 
@@ -635,7 +675,7 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
     """The backend `config.wireguard_backend` asks for; "auto" probes the kernel."""
     choice = config.wireguard_backend
     if choice == "auto":
-        has_kernel = await run_in_netns(netns, _kernel_has_wireguard)
+        has_kernel = await run_in_netns(netns, kernel_has_wireguard)
         choice = "kernel" if has_kernel else "userspace"
         log.info(
             "WireGuard backend: %s (auto: the kernel %s WireGuard links)",
@@ -647,7 +687,7 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
     if choice == "kernel":
         return KernelBackend(netns=netns)
     if choice == "userspace":
-        return UserspaceBackend(netns=netns)
+        return UserspaceBackend(netns=netns, start=config.wireguard_go == "start")
     raise ValueError(f"wireguard_backend must be auto, kernel or userspace, not {choice!r}")
 
 
