@@ -38,6 +38,7 @@ from tests.integration.meshlab import (
     wait_api,
     wait_leading,
 )
+from vpblu.lab.controlleraudit import kustomize_rules, violations
 from vpblu.lab.pki import write_private
 from vpblu.lab.sim import SimCluster, is_full_mesh
 from vpblu.lab.testenv import TestEnv, install_base
@@ -136,6 +137,9 @@ async def test_the_controller_writes_only_what_it_owns(
              e["objectRef"].get("subresource", "")) for e in writes}
     not_owned = done - OWNED
     assert not not_owned, sorted(not_owned)
+    # The same writes judged by the session-wide check (tests/conftest.py): the
+    # rules of kustomize/base, names and namespaces included.
+    assert violations(ours, kustomize_rules()) == []
     # The run did what the claims are about (the audit saw it).
     for needed in [("patch", "vpblunodes", "status"), ("patch", "routepolicies", "status"),
                    ("create", "events", ""), ("update", "leases", ""),
