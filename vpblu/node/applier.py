@@ -18,29 +18,31 @@ NetlinkActor's. The maps catch up with the latest state as soon as the
 programs are there (`catch_up`). A state with blocks still waits for the maps
 first: a tunnel never carries a pair a block refuses, whether or not the
 programs were ready.
+
+The StreamActor holds one from before the daemon's Hello, so this module
+imports the actors' messages only where it sends them (`vpblu.messages` is
+a good part of the daemon's imports, and the Hello waits for none of it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState
-from vpblu.messages import (
-    Applied,
-    ApplyDataPath,
-    ApplyDesiredState,
-    ApplyOutcome,
-    BpfMapInbox,
-    DataPathApplied,
-    NetlinkInbox,
-    RotationStepDone,
-    RunRotationStep,
-)
+
+if TYPE_CHECKING:
+    from vpblu.messages import (
+        Applied,
+        BpfMapInbox,
+        DataPathApplied,
+        NetlinkInbox,
+        RotationStepDone,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ APPLY_STEP_TIMEOUT = 30.0
 ROTATION_STEP_WAIT = 90.0
 
 
-class _Writes(Protocol):
+class WriteCount(Protocol):
     @property
     def writes(self) -> int: ...
 
@@ -62,7 +64,7 @@ class _Writes(Protocol):
 class WriteCounted(Protocol):
     """A kernel adapter that counts its writes (IPRouteKernel, a WireGuardBackend)."""
 
-    def statistics(self) -> _Writes: ...
+    def statistics(self) -> WriteCount: ...
 
 
 @attrs.frozen(slots=True)
@@ -143,6 +145,8 @@ class KernelApplier:
             datapath = await self._apply_datapath(state)
             self._datapath_behind = None
         else:
+            from vpblu.messages import DataPathApplied
+
             datapath = DataPathApplied(0, 0)
             self._datapath_behind = state
         applied = await self._apply_netlink(state)
@@ -173,6 +177,8 @@ class KernelApplier:
         )
 
     async def rotate(self, step: wire.RotationStep) -> RotationStepDone:
+        from vpblu.messages import RotationStepDone, RunRotationStep
+
         send, receive = trio.open_memory_channel[RotationStepDone](1)
         async with send, receive:
             with trio.move_on_after(ROTATION_STEP_WAIT) as scope:
@@ -183,6 +189,8 @@ class KernelApplier:
         return done
 
     async def _apply_netlink(self, state: NodeDesiredState) -> Applied:
+        from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
+
         send, receive = trio.open_memory_channel[ApplyOutcome](1)
         async with send, receive:
             with trio.fail_after(self._step_timeout):
@@ -195,6 +203,8 @@ class KernelApplier:
                 raise ApplyError(f"netlink: {outcome.error}")
 
     async def _apply_datapath(self, state: NodeDesiredState) -> DataPathApplied:
+        from vpblu.messages import ApplyDataPath, DataPathApplied
+
         send, receive = trio.open_memory_channel[DataPathApplied](1)
         async with send, receive:
             with trio.fail_after(self._step_timeout):

@@ -10,10 +10,15 @@ telemetry through `vpblu.node.telemetry.KernelTelemetry`.
 
 Announce first (issue 20): a new node is only part of the mesh once its
 public key reaches the controller, so the stream opens and the Hello goes
-out before anything slow: the kernel actors' modules are imported, the eBPF
-programs compiled (bcc, about 0.5 s of CPU) and the interface set up only
-once the first stream is open, or after HELLO_FIRST_WAIT when no controller
-answers (the node still comes up as last applied). Then the BpfMapActor
+out before anything slow: the kernel actors' modules are imported, the
+WireGuard backend chosen (in "auto" a probe through pyroute2, whose import
+alone is about 0.1 s of CPU), the eBPF programs compiled (bcc, about 0.5 s
+of CPU) and the interface set up only once the first stream is open, or
+after HELLO_FIRST_WAIT when no controller answers (the node still comes up
+as last applied). Before the Hello this module imports only what the key,
+the stream and the supervisor need: the actors' messages
+(`vpblu.messages`), the kernel adapters and the WireGuard backends are
+imported where they are used (`python bench/daemon_start.py` measures it). Then the BpfMapActor
 compiles on a worker thread while the NetlinkActor brings up WireGuard, and
 the first desired state is applied as soon as WireGuard is up: its peers and
 routes do not wait for the compiler unless it carries blocks (see
@@ -45,20 +50,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from vpblu.messages import (
-    BpfMapInbox,
-    MtuInbox,
-    NetlinkInbox,
-)
-from vpblu.node.applier import KernelApplier
+from vpblu.node.applier import KernelApplier, WriteCount, WriteCounted
 from vpblu.node.config import DaemonConfig
-from vpblu.node.kernel.iproute import IPRouteKernel
-from vpblu.node.kernel.wireguard import (
-    KernelBackend,
-    UserspaceBackend,
-    WireGuardBackend,
-    select_backend,
-)
 from vpblu.node.keys import KEY_FILE_NAME, KeyStore
 from vpblu.node.stepguard import StepGuard
 from vpblu.node.stream import StreamActor, StreamSettings
@@ -66,7 +59,10 @@ from vpblu.node.telemetry import KernelTelemetry
 from vpblu.supervisor import ChildSpec, Runnable, Strategy, Supervisor
 
 if TYPE_CHECKING:
+    from vpblu.messages import BpfMapInbox, MtuInbox, NetlinkInbox
     from vpblu.metrics import DaemonMetrics
+    from vpblu.node.kernel.iproute import IPRouteKernel
+    from vpblu.node.kernel.wireguard import WireGuardBackend
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +74,46 @@ PER_PEER_LIMIT = 100
 # start anyway: a controller that is down or slow must not keep the node from
 # coming up as last applied (a TLS connect here takes tens of milliseconds).
 HELLO_FIRST_WAIT = 2.0
+
+
+@attrs.frozen(slots=True)
+class _NoWrites:
+    writes: int = 0
+
+
+class _LaterCounter:
+    """The applier's view of a kernel adapter's write count before the adapter
+    exists (it is made after the Hello): nothing written yet."""
+
+    def __init__(self) -> None:
+        self.counted: WriteCounted | None = None
+
+    def statistics(self) -> WriteCount:
+        return _NoWrites() if self.counted is None else self.counted.statistics()
+
+
+class _KernelAdapters:
+    """The WireGuard backend and the rtnetlink adapter, made once, on the
+    NetlinkActor's first start (after the Hello), and kept across its
+    restarts."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self._config = config
+        self._made: tuple[WireGuardBackend, IPRouteKernel] | None = None
+        self.routes_counter = _LaterCounter()
+        self.wireguard_counter = _LaterCounter()
+
+    async def get(self) -> tuple[WireGuardBackend, IPRouteKernel]:
+        if self._made is None:
+            from vpblu.node.kernel.iproute import IPRouteKernel
+            from vpblu.node.kernel.wireguard import select_backend
+
+            backend = await select_backend(self._config)
+            kernel = IPRouteKernel()
+            self._made = backend, kernel
+            self.wireguard_counter.counted = backend
+            self.routes_counter.counted = kernel
+        return self._made
 
 
 @attrs.frozen(slots=True)
@@ -101,17 +137,23 @@ async def run_daemon(settings: DaemonSettings) -> None:
     keys = await trio.to_thread.run_sync(KeyStore.load_or_create, config.state_dir)
     try:
         log.info("node %s: key %s (public %s)", config.node_name, keys.path, keys.public_key)
-        backend = await select_backend(config)
-        kernel = IPRouteKernel()
+        adapters = _KernelAdapters(config)
         # Unbuffered: a request waits for its actor, and the actor's reply is the
-        # only acknowledgement the applier needs.
-        netlink_send, netlink_recv = trio.open_memory_channel[NetlinkInbox](0)
-        bpf_send, bpf_recv = trio.open_memory_channel[BpfMapInbox](0)
-        mtu_send, mtu_recv = trio.open_memory_channel[MtuInbox](0)
+        # only acknowledgement the applier needs. (Typed by annotation: the
+        # message module is not imported before the Hello.)
+        netlink_send: trio.MemorySendChannel[NetlinkInbox]
+        netlink_recv: trio.MemoryReceiveChannel[NetlinkInbox]
+        bpf_send: trio.MemorySendChannel[BpfMapInbox]
+        bpf_recv: trio.MemoryReceiveChannel[BpfMapInbox]
+        mtu_send: trio.MemorySendChannel[MtuInbox]
+        mtu_recv: trio.MemoryReceiveChannel[MtuInbox]
+        netlink_send, netlink_recv = trio.open_memory_channel(0)
+        bpf_send, bpf_recv = trio.open_memory_channel(0)
+        mtu_send, mtu_recv = trio.open_memory_channel(0)
         datapath_ready = trio.Event()
         applier = KernelApplier(
-            netlink_send, bpf_send, routes_counter=kernel, wireguard_counter=backend,
-            datapath_ready=datapath_ready,
+            netlink_send, bpf_send, routes_counter=adapters.routes_counter,
+            wireguard_counter=adapters.wireguard_counter, datapath_ready=datapath_ready,
         )
         # The highest rotation-step stamp accepted, kept on disk across restarts.
         step_guard = await trio.to_thread.run_sync(StepGuard.load, config.state_dir)
@@ -161,6 +203,8 @@ async def run_daemon(settings: DaemonSettings) -> None:
 
         async def netlink() -> Runnable:
             from vpblu.node.netlink import NetlinkActor
+
+            backend, kernel = await adapters.get()
 
             async def run(*, task_status: trio.TaskStatus[None]) -> None:
                 async with netlink_recv.clone() as inbox:
@@ -228,8 +272,11 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
     mesh rules, routes and unreachable defaults, the interface and a stale
     wireguard-go UAPI socket. Idempotent.
     The key stays unless `remove_key`."""
+    from vpblu.messages import BpfMapInbox, MtuInbox
     from vpblu.node.bpfmaps import BpfMapActor
+    from vpblu.node.kernel.iproute import IPRouteKernel
     from vpblu.node.kernel.iptables import IptablesMtuKernel
+    from vpblu.node.kernel.wireguard import KernelBackend, UserspaceBackend
     from vpblu.node.mtu import MtuActor
     from vpblu.node.netlink import remove_mesh
 

@@ -26,6 +26,10 @@ The mechanism needs the raw bytes to write them into a device:
 `staged_private_key` / `previous_private_key` / `active_private_key` hand them
 to `vpblu.node.rotation` step functions, which pass them straight to a backend
 write, and nowhere else.
+
+The daemon reads the key before its Hello, so this module imports only the
+X25519 primitive (not cryptography's serialization package, nor the
+WireGuard backends, which it needs only in `install`).
 """
 
 from __future__ import annotations
@@ -38,16 +42,14 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-)
 
 from vpblu.core.model import WG_KEY_LEN
-from vpblu.node.kernel.wireguard import DeviceUpdate, WireGuardBackend, public_key_of
+
+if TYPE_CHECKING:
+    from vpblu.node.kernel.wireguard import WireGuardBackend
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ KEY_FILE_MODE = 0o600
 _TMP_SUFFIX = ".tmp"
 # `wg genkey` format: 44 characters of base64 and a newline.
 _KEY_TEXT_LEN = 44
+
+
+def public_key_of(private: bytes) -> str:
+    """The base64 public key of a raw 32-byte X25519 private key (the same as
+    `vpblu.node.kernel.wireguard.public_key_of`, without its imports)."""
+    public = X25519PrivateKey.from_private_bytes(private).public_key()
+    return base64.b64encode(public.public_bytes_raw()).decode()
 
 
 class KeyFileError(Exception):
@@ -261,6 +270,8 @@ class KeyStore:
 
     async def install(self, backend: WireGuardBackend, interface: str) -> None:
         """Write the private key into `interface`: the only way it leaves here."""
+        from vpblu.node.kernel.wireguard import DeviceUpdate
+
         await backend.write(interface, DeviceUpdate(private_key=self._active.bytes()))
 
     def close(self) -> None:
@@ -365,7 +376,7 @@ def _read_key_file(path: Path) -> _Secret:
 
 def _create_key_file(path: Path) -> _Secret:
     private = X25519PrivateKey.generate()
-    raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    raw = private.private_bytes_raw()
     secret = _Secret(raw)
     text = base64.b64encode(raw) + b"\n"
     tmp = _temporary_name(path)

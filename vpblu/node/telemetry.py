@@ -13,24 +13,23 @@ It only reads. An actor that does not answer within `READ_TIMEOUT` (busy with
 a long apply or a rotation step, or restarting) costs this sample its part:
 no mesh reading means no sample at all (`TelemetryUnavailable`, and the
 StreamActor sends a plain heartbeat), no counters means a sample without them.
+The actors' messages are imported where they are sent: the daemon makes this
+source before its Hello, which waits for none of `vpblu.messages`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState
-from vpblu.messages import (
-    BpfMapInbox,
-    MeshReading,
-    NetlinkInbox,
-    ReadDataPathCounters,
-    ReadMesh,
-)
+
+if TYPE_CHECKING:
+    from vpblu.messages import BpfMapInbox, MeshReading, NetlinkInbox
 
 READ_TIMEOUT = 5.0
 
@@ -76,6 +75,8 @@ class KernelTelemetry:
         )
 
     async def _ask_mesh(self) -> MeshReading | None:
+        from vpblu.messages import MeshReading, ReadMesh
+
         send, receive = trio.open_memory_channel[MeshReading](1)
         async with send, receive:
             with trio.move_on_after(self._read_timeout):
@@ -87,6 +88,8 @@ class KernelTelemetry:
         return None
 
     async def _ask_counters(self) -> wire.DataPathCounters | None:
+        from vpblu.messages import ReadDataPathCounters
+
         send, receive = trio.open_memory_channel[wire.DataPathCounters](1)
         async with send, receive:
             with trio.move_on_after(self._read_timeout):
