@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,56 +14,87 @@ import trio
 import trio_asyncio
 
 from vpblu.lab import controlleraudit
-from vpblu.lab.testenv import TestEnv, install_base
+from vpblu.lab.testenv import AUDIT_DIR_ENV, DIR_PREFIX, OWNER_FILE, TestEnv, install_base
 
 AUDIT_SUMMARY = pytest.StashKey[str]()
+AUDIT_DIR = pytest.StashKey[Path]()
 
 
-class AuditedTestEnv(TestEnv):
-    """The session's API server: it audits every write (vpblu.lab.controlleraudit)."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Every TestEnv of this session (the shared one, each LocalCluster's and
+    KubeletCluster's, the benchmark's in its own process) audits every write and
+    leaves its log here when it closes (vpblu.lab.testenv.AUDIT_DIR_ENV)."""
+    if os.environ.get(AUDIT_DIR_ENV):
+        return  # a session inside another one's (tests of this hook): that one's
+    directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}audit-"))
+    (directory / OWNER_FILE).write_text(str(os.getpid()))  # swept if we are SIGKILLed
+    os.environ[AUDIT_DIR_ENV] = str(directory)
+    config.stash[AUDIT_DIR] = directory
 
-    __test__ = False
-    audit_writes = True
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if any API server of the session saw the controller write
+    what it does not own (README "Hardening")."""
+    directory = os.environ.get(AUDIT_DIR_ENV)
+    if not directory:
+        return
+    logs = sorted(Path(directory).glob("*.audit.log"))
+    try:
+        if not logs:
+            return  # no API server in this session (unit and actor tests)
+        summary = check_controller_audit(logs)
+    except AuditViolation as exc:
+        session.config.stash[AUDIT_SUMMARY] = str(exc)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        session.config.stash[AUDIT_SUMMARY] = summary
+    finally:
+        ours = session.config.stash.get(AUDIT_DIR, None)
+        if ours is not None:
+            shutil.rmtree(ours, ignore_errors=True)
+            os.environ.pop(AUDIT_DIR_ENV, None)
 
 
-def check_controller_audit(log: Path) -> str:
-    """Fail (the session, from the `kube` fixture's teardown) if the audit log shows a
-    controller write outside what kustomize/base's RBAC gives the controller; else
-    a one-line summary."""
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    summary = terminalreporter.config.stash.get(AUDIT_SUMMARY, None)
+    if summary is not None:
+        terminalreporter.write_line(summary, red="FAILED" in summary)
+
+
+class AuditViolation(Exception):
+    """The controller wrote what it does not own."""
+
+
+def check_controller_audit(logs: Sequence[Path]) -> str:
+    """A one-line summary of the controller's writes in these audit logs, or
+    AuditViolation naming each one outside what kustomize/base's RBAC gives it."""
     started = time.monotonic()
-    rules = controlleraudit.kustomize_rules()
-    events = list(controlleraudit.read_audit_log(log)) if log.exists() else []
-    wrong = controlleraudit.violations(events, rules)
+    events = [e for log in logs for e in controlleraudit.read_audit_log(log)]
+    wrong = controlleraudit.violations(events, controlleraudit.kustomize_rules())
     if wrong:
         shown = "\n  ".join(str(v) for v in wrong[:50])
-        pytest.fail(f"kube-apiserver's audit: the controller wrote {len(wrong)} time(s) "
-                    f"what it does not own:\n  {shown}", pytrace=False)
+        raise AuditViolation(
+            f"FAILED kube-apiserver audit: the controller wrote {len(wrong)} time(s) what "
+            f"it does not own:\n  {shown}")
     return (f"kube-apiserver audit: {controlleraudit.controller_writes(events)} controller "
-            f"writes of {len(events)} audited, all its own "
+            f"writes of {len(events)} audited on {len(logs)} API server(s), all its own "
             f"(checked in {time.monotonic() - started:.2f} s)")
 
 
 @pytest.fixture(scope="session")
-def kube(request: pytest.FixtureRequest) -> Iterator[TestEnv]:
+def kube() -> Iterator[TestEnv]:
     """One etcd + kube-apiserver for the whole session (integration and e2e).
 
     Synchronous on purpose: pytest-trio async fixtures cannot be
     session-scoped. Tests that need a pristine server start their own
     `TestEnv`; tests sharing this one use names of their own.
 
-    It keeps an audit log of every write; when the session ends, every write
-    the controller made in it must be one it owns, or the run fails
-    (`check_controller_audit`, README "Hardening").
+    Like every TestEnv of the session it audits every write; when the session
+    ends, every write the controller made must be one it owns, or the run
+    fails (`pytest_sessionfinish`).
     """
-    with AuditedTestEnv.start() as env:
+    with TestEnv.start() as env:
         yield env
-        request.config.stash[AUDIT_SUMMARY] = check_controller_audit(env.audit_log_path)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    summary = terminalreporter.config.stash.get(AUDIT_SUMMARY, None)
-    if summary is not None:
-        terminalreporter.write_line(summary)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ written here by hand in kube-apiserver's format (audit.k8s.io/v1 Event)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from vpblu.lab.controlleraudit import (
     read_audit_log,
     violations,
 )
+from vpblu.lab.testenv import AUDIT_DIR_ENV
 
 ADMIN = "admin"
 _ids = iter(range(1_000_000))
@@ -122,26 +123,27 @@ def test_the_log_is_read_line_by_line(tmp_path: Path) -> None:
 
 
 def test_a_session_whose_controller_wrote_what_it_does_not_own_fails(tmp_path: Path) -> None:
-    """The session hook fails the run: a pytest session whose audited API server
-    saw a controller write it does not own exits non-zero, naming it."""
-    log = tmp_path / "audit.log"
-    log.write_text("\n".join(json.dumps(e) for e in [*OWNED, NOT_OWNED[1]]) + "\n")
-    (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
-        import pathlib, pytest
-        from tests.conftest import check_controller_audit
-
-        @pytest.fixture(scope="session", autouse=True)
-        def audited():
-            yield
-            check_controller_audit(pathlib.Path({str(log)!r}))
-    """))
-    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    """The session hooks of tests/conftest.py fail the run: a pytest session whose
+    API server left an audit log with a controller write it does not own exits
+    non-zero, naming it."""
+    logs = tmp_path / "audit"
+    logs.mkdir()
+    (logs / "env-1.audit.log").write_text(
+        "\n".join(json.dumps(e) for e in [*OWNED, NOT_OWNED[1]]) + "\n")
+    session = tmp_path / "session"
+    session.mkdir()
+    (session / "conftest.py").write_text(
+        "from tests.conftest import pytest_configure, pytest_sessionfinish, "
+        "pytest_terminal_summary  # noqa: F401\n")
+    (session / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     repo = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--rootdir", str(tmp_path), str(tmp_path)],
+                          "--rootdir", str(session), str(session)],
                          capture_output=True, text=True, timeout=120, cwd=repo,
-                         env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
-    assert run.returncode != 0, run.stdout
+                         env={"PYTHONPATH": str(repo), "PATH": os.environ["PATH"],
+                              AUDIT_DIR_ENV: str(logs)})
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout
+    assert "1 passed" in run.stdout, run.stdout
     assert "delete core/nodes -/n1" in run.stdout, run.stdout
-    log.write_text("\n".join(json.dumps(e) for e in OWNED) + "\n")
-    assert "all its own" in check_controller_audit(log)
+    (logs / "env-1.audit.log").write_text("\n".join(json.dumps(e) for e in OWNED) + "\n")
+    assert "all its own" in check_controller_audit([logs / "env-1.audit.log"])

@@ -63,6 +63,10 @@ KUBECTL_TIMEOUT = 60.0
 # Another process may take a port between our probe and the child's bind.
 PORT_ATTEMPTS = 3
 LOG_TAIL_BYTES = 4000
+# Set (by the test session, tests/conftest.py) to a directory: every TestEnv
+# started with it audits every write, and its close moves the audit log there
+# (for vpblu.lab.controlleraudit; its children inherit it, e.g. the benchmark).
+AUDIT_DIR_ENV = "VPBLU_TEST_AUDIT_DIR"
 
 _PR_SET_PDEATHSIG = 1
 
@@ -304,9 +308,9 @@ class TestEnv:
     """
 
     __test__ = False  # not a pytest test class, despite the name
-    # Opt in (a subclass sets it) to kube-apiserver's audit log: every write
-    # (metadata level, no reads), JSON lines in `audit_log_path`. The test
-    # session's own server has it (tests/conftest.py, vpblu.lab.controlleraudit).
+    # Opt in (a subclass sets it, or AUDIT_DIR_ENV is set) to kube-apiserver's
+    # audit log: every write (metadata level, no reads), JSON lines in
+    # `audit_log_path`. In the test suite every TestEnv has it (tests/conftest.py).
     audit_writes = False
 
     def __init__(self, binaries: Binaries, directory: Path, *,
@@ -369,7 +373,15 @@ class TestEnv:
                     self._etcd.stop()
         finally:
             self._spawner.shutdown(wait=True)
+            self._keep_audit_log()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _keep_audit_log(self) -> None:
+        keep = os.environ.get(AUDIT_DIR_ENV)
+        if keep and self.audit_log_path.exists():
+            with contextlib.suppress(OSError):
+                shutil.move(self.audit_log_path,
+                            Path(keep) / f"{self.dir.name}-{self.port}.audit.log")
 
     @property
     def server_url(self) -> str:
@@ -627,7 +639,7 @@ class TestEnv:
         return self.dir / "audit.log"
 
     def _audit_args(self) -> list[str]:
-        if not self.audit_writes:
+        if not (self.audit_writes or os.environ.get(AUDIT_DIR_ENV)):
             return []
         policy = self.dir / "audit-policy.yaml"
         policy.write_text(yaml.safe_dump({
