@@ -83,3 +83,34 @@ def test_wireguard_go_mode_is_start_or_external() -> None:
     assert DaemonConfig(node_name="n", wireguard_go="external").wireguard_go == "external"
     with pytest.raises(ValueError, match="wireguard_go"):
         DaemonConfig(node_name="n", wireguard_go="kernel")
+
+
+def test_wireguard_go_command_idles_with_kernel_wireguard_until_sigterm() -> None:
+    """`vpblu daemon wireguard-go` where the kernel has WireGuard: nothing to run,
+    it waits for SIGTERM (as a container's PID 1 must) and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vpblu.cli", "daemon", "wireguard-go",
+         "--wireguard-backend", "kernel"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "NODE_NAME": "n1"})
+    try:
+        deadline = time.monotonic() + 30.0
+        said = ""
+        assert proc.stderr is not None
+        while "idling" not in said:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                f"the command idling within 30 s: {said}")
+            said += proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30.0) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -49,11 +49,13 @@ def _link_exists(interface: str) -> bool:
         return bool(ipr.link_lookup(ifname=interface))
 
 
-def _idle_until_stopped() -> int:
-    """Block until SIGTERM or SIGINT (a container's PID 1 has no default action
-    for them: they must be waited for)."""
+def _idle_until_stopped(why: str) -> int:
+    """Say `why`, then block until SIGTERM or SIGINT (a container's PID 1 has no
+    default action for them: they must be waited for). Blocked before saying
+    it: one that comes right after is waited for, not fatal."""
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    log.info("%s", why)
     signo = signal.sigwait(stop)
     log.info("%s: stopping", signal.Signals(signo).name)
     return 0
@@ -66,9 +68,10 @@ def run_wireguard_go(interface: str, backend: str, *, executable: str = "wiregua
         raise ValueError(f"backend must be auto, kernel or userspace, not {backend!r}")
     kernel = backend == "kernel" or (backend == "auto" and kernel_has_wireguard(PROBE_INTERFACE))
     if kernel:
-        log.info("%s: kernel WireGuard (%s): no wireguard-go to run; idling", interface,
-                 "configured" if backend == "kernel" else "the kernel makes WireGuard links")
-        return _idle_until_stopped()
+        return _idle_until_stopped(
+            f"{interface}: kernel WireGuard ("
+            f"{'configured' if backend == 'kernel' else 'the kernel makes WireGuard links'}): "
+            "no wireguard-go to run; idling")
     logged = float("-inf")
     while _link_exists(interface):
         now = time.monotonic()
