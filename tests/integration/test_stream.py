@@ -141,3 +141,57 @@ async def test_stale_messages_are_ignored_and_the_applied_generation_acked(
 
 def attrs_peer(name: str) -> Peer:
     return Peer(name, PEER_KEY, None, ("10.0.3.0/24",))
+
+
+class GatedFakeApplier(RecordingApplier):
+    """A fake kernel whose applies wait for `gate` (a slow first apply: a
+    node still starting wireguard-go under load)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.waiting = trio.Event()
+
+    async def apply(self, state: NodeDesiredState) -> None:
+        if not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        await super().apply(state)
+
+
+async def test_a_stream_ending_during_an_apply_is_followed_at_once_and_the_apply_finishes(
+        aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path) -> None:
+    pki = MeshPki.create(tmp_path / "pki")
+    async with mesh_server(pki) as (leader, streams), trio.open_nursery() as nursery:
+        token = tmp_path / "token"
+        token.write_text("token-a")
+        applier = GatedFakeApplier("a")
+        actor = StreamActor("a", lambda: KEY, applier,
+                            StreamSettings(addresses=(leader,), tls=pki.client, token_file=token))
+        nursery.start_soon(actor.run)
+        with trio.fail_after(PROMPTLY):
+            first = await streams.receive()
+        await first.send_batch([wire.SyncState(1, NodeDesiredState("a"))])
+        await acks_until(first, 1)
+        # An apply that does not finish, and the controller ends the stream.
+        applier.gate = trio.Event()
+        slow = NodeDesiredState("a", listen_port=51821)
+        await first.send_batch([wire.SyncState(2, slow)])
+        with trio.fail_after(PROMPTLY):
+            await applier.waiting.wait()
+        first.close("its Node was deleted or replaced; say the key again in a new Hello")
+        # The next stream's Hello comes while that apply still waits.
+        with trio.fail_after(PROMPTLY):
+            second = await streams.receive()
+        assert not applier.gate.is_set()
+        assert second.hello.last_applied_generation == 1
+        assert actor.statistics().ended_mid_apply == 1
+        assert actor.statistics().closed_reconnects == 1
+        # It finishes, and the new stream's state goes after it.
+        await second.send_batch([wire.SyncState(3, NodeDesiredState("a"))])
+        applier.gate.set()
+        await acks_until(second, 3)
+        assert [step.state for step in applier.history][-2:] == [slow, NodeDesiredState("a")]
+        assert actor.statistics().applied_generation == 3
+        nursery.cancel_scope.cancel()

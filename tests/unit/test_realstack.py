@@ -32,3 +32,19 @@ def test_the_table_carries_the_calibration_and_the_hello_share() -> None:
     assert "Some CPU x2" in text
     assert "25% (200 ms)" in text
     assert "0 of 1000 datagrams missing" in text
+
+
+def test_a_hello_a_follower_only_redirected_does_not_count(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    log.write_text(
+        "2026-11-27 09:00:10,250 INFO vpblu.node.daemon: node n3: key /s/key (public x)\n"
+        "2026-11-27 09:00:10,300 INFO vpblu.node.stream: mesh stream to 10.0.0.1:7443 open\n"
+        "2026-11-27 09:00:10,310 INFO vpblu.node.daemon: kernel actors start 0.06 s after the "
+        "daemon (the Hello is out)\n"
+        "2026-11-27 09:00:11,200 INFO vpblu.node.stream: controller at 10.0.0.1:7443 is a "
+        "follower; the leader is 10.0.0.1:7444\n"
+        "2026-11-27 09:00:11,700 INFO vpblu.node.stream: mesh stream to 10.0.0.1:7444 open\n")
+    wall = datetime.datetime(2026, 11, 27, 9, 0, 10).timestamp()
+    first, hello = _daemon_timeline(log, 0, wall)
+    assert first is not None and abs(first - 0.25) < 1e-6
+    assert hello is not None and abs(hello - 1.7) < 1e-6

@@ -15,8 +15,9 @@ node's WireGuard device, read through its UAPI socket, says it:
                 --remove-key`: a new key at the next start), then at t0 its
                 daemon is started and its Node created: until every other
                 device lists a key for its endpoint that is not the old one.
-                The daemon's log says when its stream opened (its Hello
-                sent): that share of the time is reported beside it.
+                The daemon's log says when its stream to the leader opened
+                (its Hello sent; a stream a follower only redirected does
+                not count): that share of the time is reported beside it.
 
 While every event runs, pods on the other nodes send sequence-numbered UDP
 to each other (tests/e2e/flowprobe.py, both directions of each pair, at
@@ -89,6 +90,7 @@ POLL_INTERVAL = 0.002
 UAPI_DIR = Path("/var/run/wireguard")
 UAPI_TIMEOUT = 2.0
 HELLO_MARK = "mesh stream to "
+FOLLOWER_MARK = " is a follower; the leader is "
 CALIBRATION_ROUNDS = 5
 CALIBRATION_ITERATIONS = 1_000_000
 
@@ -361,7 +363,8 @@ def _daemon_timeline(log_path: Path, offset: int, wall: float
                      ) -> tuple[float | None, float | None]:
     """Seconds from `wall` to the daemon's first log line (the interpreter
     started and the imports done) and to its first 'mesh stream ... open' (its
-    Hello sent), read after byte `offset` of its log (asctime: milliseconds)."""
+    Hello sent) that was not answered by a follower's redirect (the Hello the
+    leader took), read after byte `offset` of its log (asctime: milliseconds)."""
     try:
         with log_path.open("rb") as f:
             f.seek(offset)
@@ -369,6 +372,8 @@ def _daemon_timeline(log_path: Path, offset: int, wall: float
     except OSError:
         return None, None
     first: float | None = None
+    # Stream opens and follower redirects, in order: (address, seconds, is_open).
+    events: list[tuple[str, float, bool]] = []
     for line in text.splitlines():
         try:
             at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -377,7 +382,15 @@ def _daemon_timeline(log_path: Path, offset: int, wall: float
         if first is None:
             first = at - wall
         if HELLO_MARK in line and line.rstrip().endswith(" open"):
-            return first, at - wall
+            address = line.rstrip().removesuffix(" open").rsplit(HELLO_MARK, 1)[1]
+            events.append((address, at - wall, True))
+        elif FOLLOWER_MARK in line:
+            address = line.split("controller at ", 1)[-1].split(FOLLOWER_MARK, 1)[0]
+            events.append((address, at - wall, False))
+    for i, (address, seconds, is_open) in enumerate(events):
+        after = events[i + 1] if i + 1 < len(events) else None
+        if is_open and not (after is not None and not after[2] and after[0] == address):
+            return first, seconds
     return first, None
 
 

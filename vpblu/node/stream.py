@@ -19,6 +19,16 @@ off exponentially with jitter from RECONNECT_INITIAL and moves to the next
 address; so does a chain of redirects after the first (issue 19: a
 controller redirecting to itself must not make every daemon spin).
 
+A stream's end is seen while an apply runs: applies run on the actor's own
+lane (a task outside the stream's), and while one runs the stream is read on,
+so a stream that ends mid-apply (a node's first apply, wireguard-go starting,
+can take seconds on a loaded node) is followed by the next stream's Hello at
+once, and the apply finishes on the lane meanwhile; the new stream's first
+batch waits for it. What the ended stream had sent but was not handled is
+dropped (every stream starts with a full SyncState, and rotation steps are
+resent), except that a Redirect or a refusal among it still decides where to
+go next. An apply is never cancelled because a stream ended.
+
 genGuard: a message whose generation is not above the applied one is ignored
 (and the applied generation acknowledged again, so the controller knows where
 the node stands). A Delta whose base is not exactly the applied generation is
@@ -51,6 +61,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -63,7 +74,13 @@ from vpblu.core.changes import apply
 from vpblu.core.model import NodeDesiredState
 from vpblu.node.stepguard import StepGuard
 from vpblu.node.telemetryreport import FULL_REFRESH, TelemetryReporter
-from vpblu.stream.transport import ClientTLS, ConnectFailed, StreamClosed, open_mesh_stream
+from vpblu.stream.transport import (
+    ClientTLS,
+    ConnectFailed,
+    ControllerStream,
+    StreamClosed,
+    open_mesh_stream,
+)
 from vpblu.supervisor import Backoff
 
 if TYPE_CHECKING:
@@ -153,6 +170,7 @@ class StreamStatistics:
     # same controller because that controller had ended the stream cleanly.
     last_reconnect_delay: float | None = None
     closed_reconnects: int = 0
+    ended_mid_apply: int = 0  # streams that ended while an apply ran (it went on)
 
 
 class _Redirected(Exception):
@@ -201,6 +219,11 @@ class StreamActor:
         self._applied_changed = trio.Event()
         # Set once the first stream is open (its Hello sent), never cleared.
         self._first_connected = trio.Event()
+        # Where applies run (see the module docstring), and whether one runs.
+        self._lane: trio.Nursery | None = None
+        self._lane_idle = trio.Event()
+        self._lane_idle.set()
+        self._ended_mid_apply = 0
 
     @property
     def applied(self) -> AppliedRecord | None:
@@ -215,7 +238,7 @@ class StreamActor:
                                 self._received_before[1] + live[1],
                                 self._highest_seen, self._telemetry_sent,
                                 self._apply_failures, self._last_reconnect_delay,
-                                self._closed_reconnects)
+                                self._closed_reconnects, self._ended_mid_apply)
 
     @property
     def latest_telemetry(self) -> wire.Telemetry | None:
@@ -231,6 +254,14 @@ class StreamActor:
             await self._applied_changed.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as lane:
+            self._lane = lane
+            try:
+                await self._connect_loop(task_status)
+            finally:
+                self._lane = None
+
+    async def _connect_loop(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX, RECONNECT_JITTER)
         attempt = 0  # ends in a row, with no stream up for STABLE_AFTER in between
@@ -303,9 +334,16 @@ class StreamActor:
                     nursery.start_soon(self._heartbeat, stream)
                     nursery.start_soon(self._rotations, stream, steps_receive)
                     try:
+                        # Batches read while an apply ran, in order.
+                        pending: deque[list[wire.ControllerMessage]] = deque()
                         while True:
-                            batch = await stream.receive_batch()
-                            acks = await self._handle(batch, steps_send)
+                            batch = pending.popleft() if pending else await stream.receive_batch()
+                            if _ends_the_stream(batch):
+                                # It applies nothing: it raises before that.
+                                acks = await self._handle(batch, steps_send)
+                            else:
+                                acks = await self._handle_on_lane(stream, batch, steps_send,
+                                                                  pending)
                             if acks:
                                 await stream.send_batch(acks)
                     except (_Redirected, StreamClosed) as exc:
@@ -320,6 +358,64 @@ class StreamActor:
                 self._live_received = lambda: (0, 0)
             assert ended is not None
             raise ended
+
+    async def _handle_on_lane(
+        self,
+        stream: ControllerStream,
+        batch: list[wire.ControllerMessage],
+        steps: trio.MemorySendChannel[wire.RotationStep],
+        pending: deque[list[wire.ControllerMessage]],
+    ) -> list[wire.NodeMessage]:
+        """`_handle(batch)` on the lane, reading the stream on meanwhile (into
+        `pending`). Returns its acks; raises the stream's end as soon as it
+        comes, leaving the apply to finish on the lane."""
+        await self._lane_idle.wait()  # an apply the previous stream left running
+        lane = self._lane
+        if lane is None:  # not under `run`
+            return await self._handle(batch, steps)
+        idle = self._lane_idle = trio.Event()
+        result: list[list[wire.NodeMessage]] = []
+        failed: list[Exception] = []
+        abandoned = False
+
+        async def work() -> None:
+            try:
+                result.append(await self._handle(batch, steps))
+            except Exception as exc:
+                failed.append(exc)
+                if abandoned:
+                    log.error("an apply left running by an ended stream failed",
+                              exc_info=exc)
+            finally:
+                idle.set()
+
+        lane.start_soon(work)
+        closed: StreamClosed | None = None
+        async with trio.open_nursery() as watch:
+            async def read_on() -> None:
+                nonlocal closed
+                try:
+                    while True:
+                        pending.append(await stream.receive_batch())
+                except StreamClosed as exc:
+                    closed = exc
+                    watch.cancel_scope.cancel()
+
+            watch.start_soon(read_on)
+            await idle.wait()
+            watch.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        if result:
+            # Done first: the stream's end, if it came, is raised again by the
+            # next read once `pending` is handled.
+            return result[0]
+        assert closed is not None
+        abandoned = True
+        self._ended_mid_apply += 1
+        log.info("the stream ended during an apply: reconnecting now, the apply "
+                 "finishes meanwhile")
+        raise _end_among(pending, closed)
 
     async def _rotations(self, stream: _Sender,
                          steps: trio.MemoryReceiveChannel[wire.RotationStep]) -> None:
@@ -449,6 +545,8 @@ class StreamActor:
                         continue
                     try:
                         steps.send_nowait(message)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        continue  # its stream ended meanwhile: the step is resent
                     except trio.WouldBlock:
                         acks.append(_result(message, RotationStepDone(
                             "too many rotation steps queued")))
@@ -476,6 +574,24 @@ class StreamActor:
 
 
 APPLY_DURATIONS_KEPT = 1024
+
+
+def _ends_the_stream(batch: Sequence[wire.ControllerMessage]) -> bool:
+    return any(isinstance(m, wire.Redirect | wire.Refused) for m in batch)
+
+
+def _end_among(batches: Sequence[Sequence[wire.ControllerMessage]],
+               closed: StreamClosed) -> _Redirected | StreamClosed:
+    """How a stream that ended with `batches` unhandled ended: a Redirect or a
+    refusal among them says it, else `closed`."""
+    for batch in batches:
+        for message in batch:
+            match message:
+                case wire.Redirect(leader=leader):
+                    return _Redirected(leader)
+                case wire.Refused(reason=reason):
+                    return StreamClosed(f"the controller refused this daemon: {reason}")
+    return closed
 
 
 def ended_cleanly(exc: StreamClosed) -> bool:
