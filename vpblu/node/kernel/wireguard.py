@@ -18,7 +18,7 @@ import base64
 import ipaddress
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -337,6 +337,13 @@ class UserspaceBackend:
     daemon only ever adopts it, waiting up to EXTERNAL_WAIT_TIMEOUT for it.
     The socket directory is shared by all network namespaces: interface names
     must be unique per machine.
+
+    `start_also`: interfaces it starts itself even without `start` - the key
+    rotation's bridge, which lives for one overlap window only: nothing runs
+    it for the daemon (the node's wireguard-go is the mesh interface's), and
+    it need not outlive the daemon's pod (a daemon gone mid-rotation loses the
+    bridge, as when it ran every wireguard-go). Its container needs
+    /dev/net/tun for that.
     """
 
     def __init__(
@@ -346,12 +353,14 @@ class UserspaceBackend:
         socket_dir: Path = UAPI_SOCKET_DIR,
         executable: str = "wireguard-go",
         start: bool = True,
+        start_also: Collection[str] = (),
         external_wait: float = EXTERNAL_WAIT_TIMEOUT,
     ) -> None:
         self._netns = netns
         self._socket_dir = socket_dir
         self._executable = executable
         self._start = start
+        self._start_also = frozenset(start_also)
         self._external_wait = external_wait
         self._reads = 0
         self._writes = 0
@@ -411,7 +420,7 @@ class UserspaceBackend:
         if await self.answers(interface):
             log.info("adopting running wireguard-go interface %s", interface)
             return False
-        if not self._start:
+        if not self._start and interface not in self._start_also:
             return await self._wait_external(interface)
         env = {k: v for k, v in os.environ.items() if k != "WG_PROCESS_FOREGROUND"}
         result = await trio.run_process(
@@ -687,7 +696,11 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
     if choice == "kernel":
         return KernelBackend(netns=netns)
     if choice == "userspace":
-        return UserspaceBackend(netns=netns, start=config.wireguard_go == "start")
+        # (Imported here: vpblu.node.rotation imports this module.)
+        from vpblu.node.rotation import DEFAULT_BRIDGE_SUFFIX
+
+        return UserspaceBackend(netns=netns, start=config.wireguard_go == "start",
+                                start_also=(config.interface + DEFAULT_BRIDGE_SUFFIX,))
     raise ValueError(f"wireguard_backend must be auto, kernel or userspace, not {choice!r}")
 
 
