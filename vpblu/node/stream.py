@@ -461,7 +461,7 @@ class StreamActor:
                     next_sample = now + settings.sample_period
                     sample = await self._sample(source)
                     if sample is not None:
-                        planned = reporter.plan(sample, now, beat=beat)
+                        planned = reporter.plan(sample, now, beat=beat, next_beat=next_beat)
                         if planned is None:
                             continue
                         message = planned

@@ -13,11 +13,12 @@ all of them unchanged. A peer's row goes up only when:
   `HANDSHAKE_FRESH` either way) - urgent: sent at once, rate-bounded by the
   StreamActor;
 - its handshake advanced and the one the controller holds is older than
-  `HANDSHAKE_REPORT_AGE` - with the next heartbeat; urgent once the held one
-  is older than `HANDSHAKE_URGENT_AGE`, so the controller hears of a live
-  peer's new handshake before its own view of it ages past HANDSHAKE_FRESH
+  `HANDSHAKE_REPORT_AGE` - with the next heartbeat; at once only when the
+  held one would be older than `HANDSHAKE_URGENT_AGE` by the next heartbeat
+  (the caller says when that is), so the controller hears of a live peer's
+  new handshake before its own view of it ages past HANDSHAKE_FRESH
   (WireGuard renews every 120 s of traffic or keepalives: each renewal is
-  sent once, ~1/120 s per peer instead of 1/30 s);
+  sent once, ~1/120 s per peer instead of 1/30 s, nearly always with a beat);
 - its bytes moved by `BYTES_REPORT` or more since last sent - with the next
   heartbeat; smaller moves wait for the whole sample.
 A whole sample goes first on every stream, whenever the peer list changes
@@ -42,7 +43,12 @@ from vpblu.core.health import HANDSHAKE_FRESH
 from vpblu.core.wire import PeerColumns, PeerUpdates, Telemetry
 
 HANDSHAKE_REPORT_AGE = 60.0
-HANDSHAKE_URGENT_AGE = HANDSHAKE_FRESH - 45.0
+# A renewal goes at once when the held handshake would be older than this by
+# the next beat; the 10 s left cover the rate bound (a message waits up to 5 s)
+# and a late beat. Renewals come at a held age of 120-145 s (REKEY_AFTER_TIME
+# plus up to one keepalive) and beats 22.5-37.5 s apart, so some always go
+# between beats: a bound with less room would send more of them.
+HANDSHAKE_URGENT_AGE = HANDSHAKE_FRESH - 10.0
 BYTES_REPORT = 1 << 20
 FULL_REFRESH = 300.0
 
@@ -71,10 +77,12 @@ class TelemetryReporter:
         self.partial_sent = 0
         self.rows_sent = 0
 
-    def plan(self, sample: Telemetry, now: float, *, beat: bool) -> Telemetry | None:
+    def plan(self, sample: Telemetry, now: float, *, beat: bool,
+             next_beat: float | None = None) -> Telemetry | None:
         """What to send for the whole sample `sample` at `now` (monotonic
         seconds); None: nothing (never when `beat`: a heartbeat always carries
-        a sample). What is returned counts as sent."""
+        a sample). `next_beat`: when the next heartbeat goes (None: now). What
+        is returned counts as sent."""
         peers = sample.peers
         if self._names != peers.names or (beat and now >= self._whole_at + self._full_refresh):
             self._names = peers.names
@@ -86,7 +94,8 @@ class TelemetryReporter:
             self.rows_sent += len(peers)
             return sample
         head = _head(sample)
-        positions, urgent = self._changed(sample)
+        wait = 0.0 if next_beat is None or beat else max(0.0, next_beat - now)
+        positions, urgent = self._changed(sample, wait)
         if not beat and not urgent and head == self._head:
             return None
         handshakes, rx, tx, endpoints = (peers.latest_handshakes, peers.rx_bytes,
@@ -101,13 +110,14 @@ class TelemetryReporter:
             positions, [handshakes[i] for i in positions], [rx[i] for i in positions],
             [tx[i] for i in positions], [endpoints[i] for i in positions]))
 
-    def _changed(self, sample: Telemetry) -> tuple[list[int], bool]:
-        """Positions of the rows worth sending, and whether one is urgent."""
+    def _changed(self, sample: Telemetry, wait: float) -> tuple[list[int], bool]:
+        """Positions of the rows worth sending, and whether one is urgent
+        (`wait`: seconds until the next heartbeat)."""
         peers = sample.peers
         at = sample.sampled_at
         up_limit = at - HANDSHAKE_FRESH
         report_limit = at - HANDSHAKE_REPORT_AGE
-        urgent_limit = at - HANDSHAKE_URGENT_AGE
+        urgent_limit = at + wait - HANDSHAKE_URGENT_AGE
         threshold = self._bytes_report
         sent_hs, sent_rx, sent_tx, sent_ep = self._handshakes, self._rx, self._tx, self._endpoints
         if (peers.latest_handshakes == tuple(sent_hs) and peers.endpoints == tuple(sent_ep)
