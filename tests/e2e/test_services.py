@@ -86,6 +86,11 @@ def proxied(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     with LocalCluster.start(ClusterSettings(nodes=3, proxy_mode=request.param)) as c:
         c.apply_kustomize(KUSTOMIZE_SAMPLES)
         c.wait_for(c.mesh_complete, CLUSTER_CONVERGE_TIMEOUT, "a complete FullMesh")
+        # The classifier and the guard attach after the Hello (bcc compiles on a
+        # thread): on a loaded machine well after the mesh is complete.
+        c.wait_for(lambda: all(attached == 1.0 for attached, _ in guard_counts(c).values()),
+                   CLUSTER_CONVERGE_TIMEOUT,
+                   "every daemon's /metrics reporting its underlay guard attached")
         yield c
 
 
@@ -221,8 +226,9 @@ def guard_counts(cluster: LocalCluster) -> dict[str, tuple[float, float]]:
         values = dict(line.rsplit(" ", 1) for line in text.splitlines()
                       if line.startswith(("vpblu_cleartext_packets_total ",
                                           "vpblu_cleartext_guard_attached ")))
-        counts[node.name] = (float(values["vpblu_cleartext_guard_attached"]),
-                             float(values["vpblu_cleartext_packets_total"]))
+        # Absent until the daemon's first data-path sample: not attached, none counted.
+        counts[node.name] = (float(values.get("vpblu_cleartext_guard_attached", 0.0)),
+                             float(values.get("vpblu_cleartext_packets_total", 0.0)))
     return counts
 
 
