@@ -18,7 +18,7 @@ from vpblu.actors.controller import ControllerSettings, run_controller
 from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.leadership import Leadership
 from vpblu.actors.session import SessionSettings
-from vpblu.lab.sim import MeshPki
+from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
 from vpblu.lab.testenv import TestEnv, free_port
 
 GROUP_PATH = "/apis/vpblu.io/v1alpha1"
@@ -112,3 +112,23 @@ class ControllerSetup(NamedTuple):
     env: TestEnv
     pki: MeshPki
     settings: ControllerSettings
+
+
+@asynccontextmanager
+async def published_mesh(mesh: ControllerSetup, directory: Path, nodes: int,
+                         prefix: str) -> AsyncIterator[tuple[Leadership, SimCluster]]:
+    """The controller leading, `nodes` simulated daemons in a full mesh, and each
+    one's key published on its VpbluNode's status (the point a key-swap test
+    starts from)."""
+    env = mesh.env
+    async with running_controller(mesh.settings) as view, \
+            SimCluster.open(env, directory, mesh.pki.client, (mesh.settings.advertise,),
+                            nodes, prefix=unique(prefix)) as cluster:
+        await wait_leading(view)
+        with trio.fail_after(CONVERGE_TIMEOUT):
+            await cluster.wait_all(is_full_mesh(cluster))
+        for name, daemon in cluster.daemons.items():
+            await wait_api(env, f"{GROUP_PATH}/vpblunodes/{name}",
+                           lambda b, key=daemon.public_key:
+                           (b.get("status") or {}).get("publicKey") == key)
+        yield view, cluster

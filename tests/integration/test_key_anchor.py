@@ -25,12 +25,11 @@ from tests.integration.meshlab import (
     ControllerSetup,
     aapi,
     policy,
-    running_controller,
+    published_mesh,
     unique,
     wait_api,
-    wait_leading,
 )
-from vpblu.lab.sim import SimCluster, SimDaemon, is_full_mesh
+from vpblu.lab.sim import SimDaemon, is_full_mesh
 
 OTHER_KEYS = ("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
               "2Ka1kq3+eBvCkbFD0GTnRxj1D/7Gu4Mo8sPz8gYlT3o=")
@@ -52,16 +51,10 @@ async def test_a_swapped_status_key_never_reaches_a_peer(
 
 async def _swap_and_watch(mesh: ControllerSetup, tunnel: str, tmp_path: Path) -> None:
     env = mesh.env
-    async with running_controller(mesh.settings) as view, \
-            SimCluster.open(env, tmp_path / "sim", mesh.pki.client, (mesh.settings.advertise,),
-                            3, prefix=unique("anc")) as cluster:
-        await wait_leading(view)
-        with trio.fail_after(CONVERGE_TIMEOUT):
-            await cluster.wait_all(is_full_mesh(cluster))
+    async with published_mesh(mesh, tmp_path / "sim", 3, "anc") as (_view, cluster):
         name = sorted(cluster.daemons)[0]
         key = cluster.daemons[name].public_key
         path = f"{GROUP_PATH}/vpblunodes/{name}"
-        await wait_api(env, path, lambda b: (b.get("status") or {}).get("publicKey") == key)
 
         for other in OTHER_KEYS:
             patch = json.dumps({"status": {"publicKey": other}})

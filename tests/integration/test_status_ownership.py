@@ -18,12 +18,11 @@ from tests.integration.meshlab import (
     ControllerSetup,
     aapi,
     policy,
-    running_controller,
+    published_mesh,
     unique,
     wait_api,
-    wait_leading,
 )
-from vpblu.lab.sim import SimCluster, is_full_mesh
+from vpblu.lab.sim import is_full_mesh
 
 RESTORE_POLL = 0.02
 OTHER_KEY = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
@@ -43,16 +42,10 @@ async def test_a_foreign_status_write_is_reverted_and_named_in_an_event(
 
 async def _swap_and_restore(mesh: ControllerSetup, tmp_path: Path) -> None:
     env = mesh.env
-    async with running_controller(mesh.settings) as view, \
-            SimCluster.open(env, tmp_path / "sim", mesh.pki.client, (mesh.settings.advertise,),
-                            2, prefix=unique("own")) as cluster:
-        await wait_leading(view)
-        with trio.fail_after(CONVERGE_TIMEOUT):
-            await cluster.wait_all(is_full_mesh(cluster))
+    async with published_mesh(mesh, tmp_path / "sim", 2, "own") as (_view, cluster):
         name = sorted(cluster.daemons)[0]
         key = cluster.daemons[name].public_key
         path = f"{GROUP_PATH}/vpblunodes/{name}"
-        await wait_api(env, path, lambda b: (b.get("status") or {}).get("publicKey") == key)
 
         patch = json.dumps({"status": {"publicKey": OTHER_KEY}})
         await trio.to_thread.run_sync(lambda: env.kubectl(
