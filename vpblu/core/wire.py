@@ -72,6 +72,17 @@ class RotationStepKind(enum.IntEnum):
     ROLL_BACK_ROTATING = 7
     ROLL_BACK_PEER = 8
     ABANDON_ROTATING = 9
+    SWAP_PEER = 10
+
+
+# Rotations that run at once each hold a slot: their own bridge interface and
+# port on every node they touch (vpblu/node/rotation.py BridgeLayout).
+MAX_ROTATION_SLOTS = 16
+
+
+def _check_slot(_inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= MAX_ROTATION_SLOTS:
+        raise ValueError(f"{attribute.name}: a rotation slot is 1..{MAX_ROTATION_SLOTS}")
 
 
 def _check_rotation_id(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -313,6 +324,7 @@ class RotationStep:
     old_public_key: str = attrs.field(validator=check_public_key)
     new_public_key: str = attrs.field(default="", validator=_check_optional_key)
     stamp: int = attrs.field(default=0, validator=_check_generation)
+    slot: int = attrs.field(default=1, validator=_check_slot)
 
 
 ControllerMessage = SyncState | Delta | Redirect | Refused | RotationStep

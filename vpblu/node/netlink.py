@@ -26,12 +26,14 @@ traffic the node itself sends into the mesh (host-network pods, kube-proxy's
 masquerade of NodePort traffic) has a source the remote peer's allowed IPs
 accept. Its inbox takes `ApplyDesiredState` and replies
 with what it changed (`Applied`) or the error (`ApplyFailed`), and
-`RunRotationStep`: during a key rotation it also owns the bridge interface
-``<interface>-rot`` and runs the steps of `vpblu.node.rotation` (one at a time,
-between applies, so a step and an apply never write the same device at once).
+`RunRotationStep`: during a key rotation it also owns the bridge interfaces
+``<interface>-rot`` and ``<interface>-rot<k>`` (one per rotation slot k: rotations
+that run at once use different slots) and runs the steps of `vpblu.node.rotation`
+(one at a time, between applies, so a step and an apply never write the same device
+at once).
 
 While a rotation is in progress the NetlinkActor must not "repair" what the
-rotation did: a mesh-table route that points into the bridge counts as present
+rotation did: a mesh-table route that points into a bridge counts as present
 (it is not added again into the primary), the bridge itself is never touched by
 an apply, and `prepare` leaves the primary's private key alone when it is one of
 the rotation's two keys (the KeyStore says which; only the steps re-key).
@@ -406,8 +408,11 @@ class NetlinkActor:
 
         table = self._config.table
         have_routes = await self._kernel.routes(table, iface)
-        # A route a rotation moved into the bridge is there: it goes home by a step.
-        on_bridge = await self._kernel.routes(table, self.bridge)
+        # A route a rotation moved into a bridge (of any slot) is there: it goes home
+        # by a step.
+        bridges = frozenset(rotation.bridge_names(iface))
+        on_bridge = frozenset(c for c, i in (await self._kernel.table_routes(table)).items()
+                              if i in bridges)
         want_routes = frozenset(r.cidr for r in state.routes)
         routes_added = _ordered(want_routes - have_routes - on_bridge)
         routes_removed = _ordered(have_routes - want_routes)
@@ -479,7 +484,7 @@ class NetlinkActor:
         device = await backend.read(self.interface)
         layout = rotation.BridgeLayout.for_primary(
             self.interface, device.listen_port, self._config.table,
-            self._config.wg_socket_fwmark)
+            self._config.wg_socket_fwmark, step.slot)
         old, new = step.old_public_key, step.new_public_key
         match step.step:
             case kind.PREPARE:
@@ -515,8 +520,13 @@ class NetlinkActor:
                             else keys.active_private_key())
                 await rotation.roll_back_rotating_node(backend, routes, layout, original)
                 await trio.to_thread.run_sync(keys.roll_back)
+            case kind.SWAP_PEER:
+                await rotation.swap_peer_entry(backend, routes, layout, old, new)
             case kind.ROLL_BACK_PEER:
-                await rotation.roll_back_peer(backend, routes, layout)
+                # A node rotating in the same batch that has activated holds a new key
+                # on its primary (and its old one as the previous).
+                await rotation.roll_back_peer(backend, routes, layout, old,
+                                              rekeyed=keys.previous_public_key is not None)
             case kind.ABANDON_ROTATING:
                 await rotation.close_rotating_bridge(backend, routes, layout)
                 await trio.to_thread.run_sync(keys.roll_back)

@@ -115,6 +115,17 @@ instead of a wireguard-go process. Names do not alternate: the primary is always
 allow it), and exists only during a rotation, so nothing keyed on the primary's name
 (MTU, MSS clamp, metrics) follows a moving target; the bridge copies the primary's MTU
 and socket fwmark, and an MSS clamp keyed on the interface name must cover it too.
+
+Rotations at once (the controller's batches, vpblu/actors/rotation.py): each holds a
+slot k and its own bridges, `wg-mesh-rot` (k = 1) or `wg-mesh-rot<k>` on listen port
++ k, on every node it touches, so two rotations never write one bridge and every
+bridge still holds one rotation's keys. A node that rotates in a batch is also a peer
+in the other members' rotations: it distributes for them before its own Activate (with
+the key its primary holds), its primary's entry for another member R is swapped
+K -> K' (`swap_peer_entry`) after every Activate and before any Switch, and a rollback
+of R on it handshakes its re-keyed primary before routes go home (`roll_back_peer`).
+Proven in tests/e2e/test_rotation_concurrent_e2e.py (three nodes rotating at once, each
+in its slot, every pair under sequence-numbered UDP plus a TCP stream: 0 lost).
 """
 
 from __future__ import annotations
@@ -135,9 +146,14 @@ from vpblu.node.kernel.wireguard import (
 )
 
 DEFAULT_BRIDGE_SUFFIX = "-rot"
-# The bridge's UDP port is the primary's + 1: the second port operators open between
-# nodes. The TunnelPolicy CRD keeps listenPort at most MAX_UDP_PORT - 1 for it.
+# Rotations that run at once (the RotationPolicy's maxConcurrent) each hold a slot k:
+# their bridge is `<primary>-rot` (k = 1) or `<primary>-rot<k>`, on the primary's listen
+# port + k, on every node they touch. So the ports operators open between nodes are
+# listenPort .. listenPort + maxConcurrent. The TunnelPolicy CRD keeps listenPort at
+# most MAX_UDP_PORT - 1 for slot 1; a higher slot with no port fails that rotation.
 BRIDGE_PORT_OFFSET = 1
+MAX_SLOTS = 16
+IFNAMSIZ = 15  # the longest interface name Linux takes
 MAX_UDP_PORT = 65535
 # A handshake takes one round trip; 12 s also covers one REKEY_TIMEOUT (5 s) retry when the
 # first initiation is lost, and stays far below REKEY_ATTEMPT_TIME (90 s).
@@ -181,20 +197,36 @@ class BridgeLayout:
     fwmark: int
 
     @classmethod
-    def for_primary(cls, primary: str, listen_port: int, table: int, fwmark: int) -> BridgeLayout:
-        """The bridge listens on `listen_port` + 1; RotationError when there is no such
-        port (the TunnelPolicy CRD refuses listenPort 65535; an object stored before
-        that rule, or a daemon configured by hand, ends here, and the rotation rolls
-        back with this message in the node's lastRotation)."""
-        bridge_port = listen_port + BRIDGE_PORT_OFFSET
+    def for_primary(cls, primary: str, listen_port: int, table: int, fwmark: int,
+                    slot: int = 1) -> BridgeLayout:
+        """Slot `slot`'s bridge, on `listen_port` + `slot`; RotationError when there is
+        no such port (the TunnelPolicy CRD refuses listenPort 65535; an object stored
+        before that rule, a daemon configured by hand, or a slot above what the listen
+        port leaves, ends here, and the rotation rolls back with this message in the
+        node's lastRotation) or no such interface name."""
+        if not 1 <= slot <= MAX_SLOTS:
+            raise RotationError(f"rotation slot {slot} is outside 1..{MAX_SLOTS}")
+        bridge_port = listen_port + slot * BRIDGE_PORT_OFFSET
         if not 1 <= bridge_port <= MAX_UDP_PORT:
             raise RotationError(
-                f"listen port {listen_port} leaves no port for the rotation bridge "
-                f"(listen port + {BRIDGE_PORT_OFFSET}); use a listen port up to "
-                f"{MAX_UDP_PORT - BRIDGE_PORT_OFFSET}")
-        return cls(
-            primary, primary + DEFAULT_BRIDGE_SUFFIX, listen_port, bridge_port, table, fwmark
-        )
+                f"listen port {listen_port} leaves no port for the rotation bridge of slot "
+                f"{slot} (listen port + {slot}); use a listen port up to "
+                f"{MAX_UDP_PORT - slot}, or a smaller maxConcurrent")
+        bridge = bridge_name(primary, slot)
+        if len(bridge) > IFNAMSIZ:
+            raise RotationError(f"interface name {bridge!r} (rotation slot {slot}) is longer "
+                                f"than {IFNAMSIZ} characters")
+        return cls(primary, bridge, listen_port, bridge_port, table, fwmark)
+
+
+def bridge_name(primary: str, slot: int = 1) -> str:
+    """Slot `slot`'s bridge on a node whose primary is `primary`."""
+    return primary + DEFAULT_BRIDGE_SUFFIX + ("" if slot == 1 else str(slot))
+
+
+def bridge_names(primary: str) -> tuple[str, ...]:
+    """Every slot's bridge name (what a route may point into during a rotation)."""
+    return tuple(bridge_name(primary, k) for k in range(1, MAX_SLOTS + 1))
 
 
 # --- building blocks ---------------------------------------------------------------
@@ -432,6 +464,48 @@ async def switch_peer_primary(
     await move_routes(routes, layout.table, layout.bridge, layout.primary, new.allowed_ips)
 
 
+async def swap_peer_entry(
+    devices: WireGuardBackend,
+    routes: MeshRoutes,
+    layout: BridgeLayout,
+    old_public_key: str,
+    new_public_key: str,
+) -> None:
+    """Retire, before any Switch, on a peer P that rotates in the same batch as R: P's
+    primary entry K -> K' in one write, nothing else. Two rotating nodes that peer
+    each other each need the other's primary to hold its new key before either
+    Switch can handshake (`switch_peer_primary` prewarms), and a daemon runs one step
+    at a time, so without this round their Switches would wait on each other. Safe at
+    any time after both Activates: P's routes to R are on P's bridge for R's slot since
+    Distribute, so P's primary carries nothing to R."""
+    primary = await devices.read(layout.primary)
+    old = primary.peer(old_public_key)
+    if old is None:
+        if primary.peer(new_public_key) is None:
+            raise RotationError("neither the old nor the new key is a peer of the primary")
+        return
+    on_primary = {c for c, i in (await routes.read(layout.table)).items()
+                  if i == layout.primary}
+    busy = sorted(str(c) for c in old.allowed_ips if c in on_primary)
+    if busy:
+        raise RotationError(f"{layout.primary} still carries {', '.join(busy)} to the "
+                            f"rotating node; swap its entry only after Distribute")
+    await devices.write(
+        layout.primary,
+        DeviceUpdate(
+            peers=(
+                PeerUpdate(old_public_key, remove=True),
+                PeerUpdate(
+                    new_public_key,
+                    endpoint=old.endpoint,
+                    allowed_ips=old.allowed_ips,
+                    persistent_keepalive=old.persistent_keepalive,
+                ),
+            )
+        ),
+    )
+
+
 async def retire_peer_bridge(
     devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
 ) -> None:
@@ -440,10 +514,22 @@ async def retire_peer_bridge(
 
 
 async def roll_back_peer(
-    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout
+    devices: WireGuardBackend, routes: MeshRoutes, layout: BridgeLayout,
+    old_public_key: str = "",
+    rekeyed: bool = False,
 ) -> None:
     """Roll back, second step on P: P.primary still holds K, so its routes go back there
     and P's bridge goes. R has already given its primary K back (`roll_back_rotating_node`)
-    and still keeps its bridge for what P sent before this."""
+    and still keeps its bridge for what P sent before this.
+
+    `rekeyed`: P rotates in the same batch and has activated, so its primary holds a new
+    key and no session of the old one can send: P's entry for R (`old_public_key`) is
+    handshaken first, so the routes never wait in the staged queue. (It succeeds once
+    R's primary holds P's new key: the batch's Swap round.)"""
+    if rekeyed and old_public_key:
+        entry = (await devices.read(layout.primary)).peer(old_public_key)
+        routed = set((await routes.read(layout.table)).items())
+        if entry is not None and any((c, layout.bridge) in routed for c in entry.allowed_ips):
+            await prewarm(devices, layout.primary, entry)
     await move_routes(routes, layout.table, layout.bridge, layout.primary)
     await close_bridge(devices, routes, layout)

@@ -50,11 +50,26 @@ STAMP_MEMORY_SECONDS = 3600.0
 
 
 class StepGuard:
-    """The highest accepted rotation-step stamp; persisted when `path` is given."""
+    """The highest accepted rotation-step stamp, overall and per rotation slot;
+    persisted when `path` is given.
 
-    def __init__(self, path: Path | None = None, highest: int = 0) -> None:
+    Rotations that run at once (each in its own slot, vpblu/node/rotation.py) are
+    stamped from the leader's one sequence, so their steps reach a node interleaved:
+    a step stamped below one of another slot is not stale. A step is refused when
+    its term (the high 32 bits) is below the highest term seen (a deposed leader),
+    or when it is below the highest stamp seen in its own slot (an old copy of a
+    step this slot has passed). With one slot this is exactly "below the highest".
+    The file holds the highest stamp on its first line (what daemons before slots
+    wrote and read) and, unless slot 1 is all there is, ``slot=stamp`` pairs on the
+    second.
+    """
+
+    def __init__(self, path: Path | None = None, highest: int = 0,
+                 slots: dict[int, int] | None = None) -> None:
         self._path = path
         self._highest = highest
+        # A file from before slots knew one slot only: its stamp was slot 1's.
+        self._slots = dict(slots) if slots is not None else ({1: highest} if highest else {})
 
     @classmethod
     def load(cls, state_dir: Path, *, now: float | None = None) -> StepGuard:
@@ -77,13 +92,18 @@ class StepGuard:
                      age)
             return cls(path)
         try:
-            highest = int(text.strip())
-            if not 0 <= highest <= _MAX_STAMP:
-                raise ValueError(f"{highest} is not a 64-bit stamp")
+            lines = text.splitlines()
+            highest = _stamp(lines[0] if lines else "")
+            slots: dict[int, int] | None = None
+            if len(lines) > 1 and lines[1].strip():
+                slots = {}
+                for pair in lines[1].split():
+                    slot, _, stamp = pair.partition("=")
+                    slots[int(slot)] = min(_stamp(stamp), highest)
         except ValueError as exc:
             log.error("%s: not a rotation step stamp (%s); starting from 0", path, exc)
             return cls(path)
-        return cls(path, highest)
+        return cls(path, highest, slots)
 
     @property
     def highest(self) -> int:
@@ -93,20 +113,47 @@ class StepGuard:
     def path(self) -> Path | None:
         return self._path
 
-    def writes(self, stamp: int) -> bool:
-        """Whether admitting `stamp` writes the file (else `admit` does no I/O)."""
-        return self._path is not None and stamp > self._highest
+    def highest_in(self, slot: int) -> int:
+        return self._slots.get(slot, 0)
 
-    def admit(self, stamp: int) -> str | None:
-        """None if a step stamped `stamp` may run (the stamp is then the highest, on
-        disk first); else why it is refused. Blocking I/O: call it in a thread."""
-        if stamp < self._highest:
+    def writes(self, stamp: int, slot: int = 1) -> bool:
+        """Whether admitting `stamp` writes the file (else `admit` does no I/O)."""
+        return self._path is not None and stamp > self._slots.get(slot, 0) and \
+            _term(stamp) >= _term(self._highest)
+
+    def admit(self, stamp: int, slot: int = 1) -> str | None:
+        """None if a step stamped `stamp` in `slot` may run (the stamp is then that
+        slot's highest, on disk first); else why it is refused. Blocking I/O: call it
+        in a thread."""
+        if _term(stamp) < _term(self._highest):
             return f"stale step: stamp {stamp} is below {self._highest}"
-        if stamp > self._highest:
+        in_slot = self._slots.get(slot, 0)
+        if stamp < in_slot:
+            return f"stale step: stamp {stamp} is below {in_slot}"
+        if stamp > in_slot:
+            highest = max(self._highest, stamp)
+            # Slots of an older term are forgotten: the term check refuses them all.
+            slots = {k: v for k, v in self._slots.items() if _term(v) == _term(highest)}
+            slots[slot] = stamp
             if self._path is not None:
-                _write_atomically(self._path, f"{stamp}\n".encode())
-            self._highest = stamp
+                # One slot at its highest: the one line daemons before slots wrote.
+                pairs = ("" if slots == {1: highest} else
+                         " ".join(f"{k}={v}" for k, v in sorted(slots.items())) + "\n")
+                _write_atomically(self._path, f"{highest}\n{pairs}".encode())
+            self._highest = highest
+            self._slots = slots
         return None
+
+
+def _term(stamp: int) -> int:
+    return stamp >> 32
+
+
+def _stamp(text: str) -> int:
+    value = int(text.strip())
+    if not 0 <= value <= _MAX_STAMP:
+        raise ValueError(f"{value} is not a 64-bit stamp")
+    return value
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

@@ -106,9 +106,10 @@ STABLE_AFTER = 10.0
 # Redirects in a row followed without waiting; the ones after back off
 # (RECONNECT_INITIAL doubling up to RECONNECT_MAX, with jitter).
 REDIRECTS_FREE = 1
-# Rotation steps waiting to run; the controller sends one step per node at a time,
-# so more than a few queued means a confused controller: those are refused.
-ROTATION_QUEUE = 8
+# Rotation steps waiting to run; the controller sends one step per rotation in flight
+# (at most 16 slots) and re-sends unanswered ones, so more than this queued means a
+# confused controller: those are refused.
+ROTATION_QUEUE = 64
 
 
 class Applier(Protocol):
@@ -533,13 +534,13 @@ class StreamActor:
                     raise _Redirected(leader)
                 case wire.Refused(reason=reason):
                     raise StreamClosed(f"the controller refused this daemon: {reason}")
-                case wire.RotationStep(stamp=stamp):
+                case wire.RotationStep(stamp=stamp, slot=slot):
                     from vpblu.messages import RotationStepDone
 
                     guard = self._step_guard
                     # A thread only for the fsynced write (a new highest stamp on disk).
-                    refusal = (await trio.to_thread.run_sync(guard.admit, stamp)
-                               if guard.writes(stamp) else guard.admit(stamp))
+                    refusal = (await trio.to_thread.run_sync(guard.admit, stamp, slot)
+                               if guard.writes(stamp, slot) else guard.admit(stamp, slot))
                     if refusal is not None:
                         acks.append(_result(message, RotationStepDone(refusal)))
                         continue

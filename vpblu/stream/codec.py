@@ -380,6 +380,7 @@ def encode_controller_message(message: wire.ControllerMessage) -> pb.ControllerM
                 old_public_key=message.old_public_key,
                 new_public_key=message.new_public_key,
                 stamp=message.stamp,
+                slot=message.slot,
             ))
 
 
@@ -411,6 +412,7 @@ def _decode_controller_message(msg: pb.ControllerMessage) -> wire.ControllerMess
                 old_public_key=r.old_public_key,
                 new_public_key=r.new_public_key,
                 stamp=r.stamp,
+                slot=r.slot or 1,
             )
         case _:
             raise ProtocolViolation("an empty ControllerMessage")

@@ -19,6 +19,7 @@ class RotationStepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLL_BACK_ROTATING: _ClassVar[RotationStepKind]
     ROLL_BACK_PEER: _ClassVar[RotationStepKind]
     ABANDON_ROTATING: _ClassVar[RotationStepKind]
+    SWAP_PEER: _ClassVar[RotationStepKind]
 ROTATION_STEP_UNSPECIFIED: RotationStepKind
 PREPARE: RotationStepKind
 DISTRIBUTE: RotationStepKind
@@ -29,6 +30,7 @@ RETIRE_PEER: RotationStepKind
 ROLL_BACK_ROTATING: RotationStepKind
 ROLL_BACK_PEER: RotationStepKind
 ABANDON_ROTATING: RotationStepKind
+SWAP_PEER: RotationStepKind
 
 class Endpoint(_message.Message):
     __slots__ = ("host", "port")
@@ -271,20 +273,22 @@ class Refused(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RotationStep(_message.Message):
-    __slots__ = ("rotation_id", "step", "rotating_node", "old_public_key", "new_public_key", "stamp")
+    __slots__ = ("rotation_id", "step", "rotating_node", "old_public_key", "new_public_key", "stamp", "slot")
     ROTATION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ROTATING_NODE_FIELD_NUMBER: _ClassVar[int]
     OLD_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     STAMP_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     rotation_id: str
     step: RotationStepKind
     rotating_node: str
     old_public_key: str
     new_public_key: str
     stamp: int
-    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., rotating_node: _Optional[str] = ..., old_public_key: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ...) -> None: ...
+    slot: int
+    def __init__(self, rotation_id: _Optional[str] = ..., step: _Optional[_Union[RotationStepKind, str]] = ..., rotating_node: _Optional[str] = ..., old_public_key: _Optional[str] = ..., new_public_key: _Optional[str] = ..., stamp: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("sync_state", "delta", "redirect", "refused", "rotation_step")
