@@ -40,6 +40,7 @@ import trio
 from vpblu.core import wire
 from vpblu.core.health import NodeHealth
 from vpblu.core.model import (
+    DEFAULT_MAX_CONCURRENT,
     Change,
     CidrPair,
     Condition,
@@ -326,6 +327,8 @@ class NodeRotationView:
     # That policy's overlapSeconds: how long, once the node has switched, its
     # peers keep accepting both keys before Retire (0: no policy, on demand).
     overlap_seconds: float = 0.0
+    # That policy's maxConcurrent: how many rotations may run in one batch with it.
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
 
 @attrs.frozen(slots=True)

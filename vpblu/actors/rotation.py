@@ -36,33 +36,45 @@ overlap window, which polls the peer set every `LATE_PEER_POLL`). The peer set
 is read again before Activate and before each round of Switches, and the
 record's peers grow with it, so a new leader resumes with the newcomers too.
 
-One node at a time across the cluster: a rotation holds the `RotationToken`
-from its first step to its last. Why not several: each node has one bridge, and
-it is keyed for one rotation. On R it holds K'_R; on a peer P it holds P's own
-key and exactly one entry (K'_R), and Retire or a rollback on P deletes it. Two
-rotations that share a peer would rewrite that peer's bridge under each other,
-and two rotating nodes that peer with each other would each need the other's
-bridge to hold its own key (R2 is a peer of R1 while its bridge carries K'_R2).
-In a FullMesh every pair peers, so overlapping rotations need a mechanism made
-for groups: rotating nodes' bridges carrying new-to-new entries for each other,
-peers' bridges with several entries, and barriers between the entry writes and
-the route moves of Distribute and Switch. Until then a whole-cluster rotation
-costs N sequential rotations of O(N) steps each.
+Several nodes at a time, in batches (issue 24): the `RotationToken` forms a batch of
+up to the RotationPolicy's maxConcurrent nodes from the triggers that arrive within
+`BATCH_GATHER` of its first, gives each member a slot k (1..16), and the next batch
+starts when the last member has finished. Why slots: a node's bridge is keyed for
+one rotation (on R it holds K'_R; on a peer P, P's own key and one entry K'_R), so
+each rotation of a batch has its own bridge on every node it touches,
+``<interface>-rot`` (k = 1) or ``<interface>-rot<k>``, on listenPort + k; the slot
+travels in every step (RotationStep.slot) and in the record. Why barriers: two
+members that peer each other (every pair does in a FullMesh) are each other's peers,
+and their steps are only safe in phase order across the batch -
+  - every member's Distribute before any member's Activate: a member distributes
+    for the others with the key its primary holds, and Activate re-keys it (a
+    bridge made after it would carry K' where the other's bridge expects K);
+  - every Activate before any Swap, every Swap before any Switch: Switch on P
+    handshakes P's primary (K'_P) with R's (K'_R), which answers only once R's
+    primary holds K'_P, and a daemon runs one step at a time, so two members'
+    Switches would wait on each other; Swap (SWAP_PEER, sent to the members among
+    R's peers) only replaces R's entry K -> K' on their primaries, safe because
+    their routes to R are on R's slot's bridge since Distribute.
+A member whose step fails leaves the barriers (nobody waits for it) and rolls back
+in its own slot while the others go on; its rollback's handshakes with activated
+members succeed once their Swap has given its primary their new keys, and roll back
+steps retry until they do. Each member's steps are stamped from the leader's one
+sequence, so a daemon's StepGuard orders stamps per slot (vpblu/node/stepguard.py).
+With maxConcurrent 1 a batch is one node and every step is what it was before
+batches: Swap is sent to nobody.
 
-Overlap alone would not make it fast: a rotation is bound by the leader's CPU,
-not by waiting. The benchmark (bench/results, the rotation scenario) measured
-the controller busy for most of each rotation's time: N=100, 20.4 s of its CPU
-in 26.7 s for all 100 nodes; N=1000, 36.9 s in 42.3 s for a sample of 20 (1.85 s
-of CPU per rotated node). Part of that is paid per second, not per rotation,
-and overlap would share it: sampled with py-spy during the N=1000 rotation,
-about 30% of the controller was decoding telemetry and evaluating health
-(1000 daemons reporting 1000 peers each every 10 s). The rest, about 1.3 s per
-rotated node (steps and results on the streams, status writes, pushes), is ~22
-min of one core for the whole cluster; the leader is one Python process, so a
-whole cluster in 5 min at N=1000 needs that work cut about fivefold as well, by
-a group mechanism that shares it: one step message per daemon for every
-rotation of a batch, one peer-set read and one status write per batch step,
-one key push per peer for the batch's new keys.
+The cost: a rotation is bound by the leader's CPU, not by waiting. The benchmark
+(bench/results, the rotation scenario) measured, one node at a time, the
+controller busy for most of each rotation's time: N=100, 20.4 s of its CPU in
+26.7 s for all 100 nodes; N=1000, 36.9 s in 42.3 s for a sample of 20 (1.85 s of
+CPU per rotated node). Part of that is paid per second, not per rotation, and a
+batch shares it: sampled with py-spy during the N=1000 rotation, about 30% of the
+controller was decoding telemetry and evaluating health (1000 daemons reporting
+1000 peers each every 10 s). The rest, about 1.3 s per rotated node (steps and
+results on the streams, status writes, pushes), a batch does not share: each
+member still sends its own O(N) steps and writes its own records. Cutting that
+(one step message per daemon for every rotation of a batch, one key push per peer
+for the batch's new keys) is what is left for a whole cluster of 1000 in 5 min.
 
 It never sees a private key (K' is made on R and only K'.pub comes back), and
 it never talks to the API server or a stream itself: its `RotationPorts` do
@@ -134,31 +146,139 @@ class RotationPorts(Protocol):
         ...
 
 
-class RotationToken:
-    """One rotation at a time across the cluster (shared by the leader's RotationActors),
-    and the leader's one sequence of step stamps.
+# The batch's barriers (RotationToken.barrier): a member says it has reached one, and
+# goes on once every other member has too (or has left the batch).
+GATE_ACTIVATE = 1  # every member's Distribute is done: Activate
+GATE_SWAP = 2  # every member has activated (and waited out its overlap): Swap
+GATE_SWITCH = 3  # every member's Swap is done: the Switches, then Retire
+# How long a batch takes members after its first one (the others' triggers arrive
+# within moments of each other: a schedule, or rotate-now set on many nodes).
+BATCH_GATHER = 2.0
 
-    A daemon refuses a step stamped below the highest it has seen from any
-    rotation (it is a peer in its neighbours' rotations too), so the sequence
-    must rise across all the leader's rotations, not per node.
+
+class RotationToken:
+    """Which nodes rotate now (one batch at a time across the cluster), their slots,
+    the barriers between the batch's phases, and the leader's one sequence of step
+    stamps (shared by the leader's RotationActors).
+
+    A batch takes members for `BATCH_GATHER` seconds after its first one, up to the
+    smallest maxConcurrent among them (and `limit`); the next batch starts when every
+    member has finished (completed or rolled back). Each member holds a slot, 1..16:
+    its bridges on every node it touches (vpblu/node/rotation.py BridgeLayout), so
+    two members never share a bridge. What makes members safe together although they
+    peer each other (every pair does in a FullMesh) is the order of their phases:
+    every member's Distribute is done before any member activates (a rotating node
+    distributes with the key its primary holds, which must still be the old one),
+    every member has activated before any Swap (a member's entry for another member
+    on its primary goes K -> K' while its routes to that member are on a bridge), and
+    every Swap is done before any Switch (whose handshake needs both primaries to
+    hold each other's new key). A member that fails leaves the batch's barriers and
+    rolls back on its own slot, while the others go on.
+
+    A daemon refuses a step stamped below the highest it has seen in the step's slot
+    (or of an older term), so the sequence rises across all the leader's rotations.
     """
 
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-        self.holder: str | None = None
+    def __init__(self, limit: int = 1, gather: float = BATCH_GATHER) -> None:
+        if not 1 <= limit <= wire.MAX_ROTATION_SLOTS:
+            raise ValueError(f"a batch holds 1..{wire.MAX_ROTATION_SLOTS} rotations")
+        self._limit = limit
+        self._gather = gather
         self._sequence = 0
+        self._members: dict[str, int] = {}  # node -> slot
+        self._limits: dict[str, int] = {}
+        self._gates: dict[str, int] = {}
+        self._left: set[str] = set()
+        self._admit_until = 0.0
+        self._closed = True
+        self._changed = trio.Event()
+        self.batches = 0
+        self.largest_batch = 0
+
+    @property
+    def holder(self) -> str | None:
+        """The batch's first member (with a limit of 1, the one rotating node)."""
+        return next(iter(self._members), None)
+
+    @property
+    def members(self) -> dict[str, int]:
+        """The current batch: node -> slot."""
+        return dict(self._members)
 
     def next_sequence(self) -> int:
         self._sequence += 1
         return self._sequence
 
-    async def acquire(self, node: str) -> None:
-        await self._lock.acquire()
-        self.holder = node
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
-    def release(self) -> None:
-        self.holder = None
-        self._lock.release()
+    def _capacity(self) -> int:
+        return min([self._limit, *self._limits.values()])
+
+    def _admitting(self) -> bool:
+        return not self._closed and trio.current_time() < self._admit_until
+
+    def _may_join(self, limit: int, slot: int | None) -> bool:
+        if not self._members:
+            return True
+        if slot is not None:
+            # A rotation a previous leader left: it has its slot, and must finish.
+            return self._admitting() and slot not in self._members.values()
+        return self._admitting() and len(self._members) < min(self._capacity(), limit)
+
+    async def acquire(self, node: str, limit: int = 1, *, slot: int | None = None,
+                      gate: int = 0) -> int:
+        """Join a batch (waiting for the next one if need be) and return the slot.
+        `slot`: the one a resumed rotation holds; `gate`: the barrier it has passed."""
+        while not self._may_join(limit, slot):
+            await self._changed.wait()
+        if not self._members:
+            self._closed = False
+            self._admit_until = trio.current_time() + self._gather
+            self.batches += 1
+        if slot is None:
+            slot = min(set(range(1, wire.MAX_ROTATION_SLOTS + 1)) - set(self._members.values()))
+            self._limits[node] = limit
+        self._members[node] = slot
+        self._gates[node] = gate
+        self.largest_batch = max(self.largest_batch, len(self._members))
+        if len(self._members) >= self._capacity():
+            self._closed = True
+        self._notify()
+        return slot
+
+    async def barrier(self, node: str, gate: int) -> None:
+        """Until every other member of the batch has reached `gate` or left it; no
+        member passes a barrier while the batch still takes members."""
+        self._gates[node] = max(self._gates.get(node, 0), gate)
+        self._notify()
+        while True:
+            if self._admitting():
+                with trio.move_on_at(self._admit_until):
+                    await self._changed.wait()
+                continue
+            self._closed = True
+            if all(self._gates.get(m, 0) >= gate or m in self._left
+                   for m in self._members if m != node):
+                return
+            await self._changed.wait()
+
+    def leave(self, node: str) -> None:
+        """`node`'s rotation failed: nobody waits for it at a barrier any more (it rolls
+        back in its own slot, which it holds until `release`)."""
+        self._left.add(node)
+        self._notify()
+
+    def release(self, node: str) -> None:
+        """`node` has finished; its slot is free, and the batch ends with its last."""
+        self._members.pop(node, None)
+        self._limits.pop(node, None)
+        self._gates.pop(node, None)
+        self._left.discard(node)
+        if not self._members:
+            self._closed = True
+        self._notify()
 
 
 @attrs.frozen(slots=True)
@@ -214,6 +334,7 @@ class RotationActor:
         self._completed = 0
         self._rolled_back = 0
         self._handled_triggers: set[str] = set()
+        self._slot = 1  # the batch slot of the rotation in progress
 
     def statistics(self) -> RotationStatistics:
         return RotationStatistics(self._completed, self._rolled_back,
@@ -252,27 +373,34 @@ class RotationActor:
         if view.last_rotation is not None:
             self._handled_triggers.add(view.last_rotation.trigger)
         if view.record is not None:
-            # A rotation a previous leader left: finish it before anything else.
+            # A rotation a previous leader left: finish it before anything else, in
+            # the slot it holds (its bridges have that slot's names and ports).
             self._handled_triggers.add(view.record.trigger)
-            await self._token.acquire(self._node)
+            record = view.record
+            passed = (GATE_SWITCH if record.phase is RotationPhase.RETIRE
+                      else GATE_ACTIVATE if record.phase is RotationPhase.ACTIVATE else 0)
+            self._slot = await self._token.acquire(
+                self._node, wire.MAX_ROTATION_SLOTS, slot=record.slot, gate=passed)
             try:
-                await self._resume(view.record)
+                await self._resume(record)
             finally:
-                self._token.release()
+                self._token.release(self._node)
         since = self._ports.wall_clock()
         while True:
             trigger = await self._wait_for_trigger(since)
             self._handled_triggers.add(trigger)
-            await self._token.acquire(self._node)
+            limit = (await self._current_view()).max_concurrent
+            self._slot = await self._token.acquire(self._node, limit)
             try:
                 view = await self._current_view()
                 peers = await self._peers() if view.public_key is not None else ()
                 if not peers:
                     log.info("node %s: no key or no peers yet; rotation skipped", self._node)
+                    self._token.leave(self._node)
                 else:
                     await self._rotate(view, trigger, peers)
             finally:
-                self._token.release()
+                self._token.release(self._node)
             since = self._ports.wall_clock()
 
     async def _wait_for_trigger(self, since: float) -> str:
@@ -306,9 +434,9 @@ class RotationActor:
         record = RotationRecord(
             rotation_id=f"{secrets.token_hex(6)}", phase=RotationPhase.PREPARE,
             step=Step.PREPARE, old_public_key=view.public_key, peers=tuple(sorted(peers)),
-            trigger=trigger)
-        log.info("node %s: rotation %s starts (%s), %d peers", self._node,
-                 record.rotation_id, trigger, len(record.peers))
+            trigger=trigger, slot=self._slot)
+        log.info("node %s: rotation %s starts (%s), %d peers, slot %d", self._node,
+                 record.rotation_id, trigger, len(record.peers), self._slot)
         try:
             answers = await self._forward(record, RotationPhase.PREPARE, Step.PREPARE,
                                           [self._node])
@@ -318,8 +446,10 @@ class RotationActor:
             record = attrs.evolve(record, new_public_key=new_key)
             await self._forward(record, RotationPhase.DISTRIBUTE, Step.DISTRIBUTE, record.peers)
             record = await self._bring_in_late_peers(record)
+            await self._token.barrier(self._node, GATE_ACTIVATE)
             await self._forward(record, RotationPhase.ACTIVATE, Step.ACTIVATE, [self._node])
         except StepFailed as exc:
+            self._token.leave(self._node)
             await self._roll_back(self._record or record, str(exc))
             return
         if view.overlap_seconds > 0:
@@ -329,7 +459,8 @@ class RotationActor:
             log.info("node %s: rotation %s active; peers accept both keys for %.0fs",
                      self._node, record.rotation_id, view.overlap_seconds)
             record = await self._overlap(record, view.overlap_seconds)
-        await self._retire(record, Step.SWITCH_PEER)
+        await self._token.barrier(self._node, GATE_SWAP)
+        await self._retire(record, Step.SWAP_PEER)
 
     async def _overlap(self, record: RotationRecord, seconds: float) -> RotationRecord:
         """Wait out the overlap window; a peer that joins meanwhile gets its Switch at
@@ -351,21 +482,34 @@ class RotationActor:
         self._record = record
         match record.phase:
             case RotationPhase.PREPARE | RotationPhase.DISTRIBUTE:
+                self._token.leave(self._node)
                 await self._roll_back(record, f"leader changed during {record.phase.value}")
             case RotationPhase.ACTIVATE:
                 try:
                     await self._forward(record, RotationPhase.ACTIVATE, Step.ACTIVATE,
                                         [self._node])
                 except StepFailed as exc:
+                    self._token.leave(self._node)
                     await self._roll_back(self._record or record, str(exc))
                     return
-                await self._retire(record, Step.SWITCH_PEER)
+                await self._token.barrier(self._node, GATE_SWAP)
+                await self._retire(record, Step.SWAP_PEER)
             case RotationPhase.RETIRE:
                 await self._retire(record, record.step)
             case RotationPhase.ROLLING_BACK:
+                self._token.leave(self._node)
                 await self._roll_back(record, "resumed by a new leader", start=record.step)
 
     async def _retire(self, record: RotationRecord, start: Step) -> None:
+        if _rank(start) <= _rank(Step.SWAP_PEER):
+            # Peers rotating in the same batch hold this node's old key on a primary
+            # that already has their own new one: each swaps the entry (its routes to
+            # this node are on this slot's bridge) before any Switch handshakes.
+            batch = self._token.members
+            swapping = [p for p in record.peers if p in batch and p != self._node]
+            if swapping:
+                await self._until_done(record, RotationPhase.RETIRE, Step.SWAP_PEER, swapping)
+            await self._token.barrier(self._node, GATE_SWITCH)
         if _rank(start) <= _rank(Step.SWITCH_PEER):
             # Peers that joined after Activate hold K for this node while its primary
             # already answers with K' only: their switch is all they need (their
@@ -494,7 +638,7 @@ class RotationActor:
         await self._ports.persist(self._node, record)
         self._record = record
         message = wire.RotationStep(record.rotation_id, step, self._node, record.old_public_key,
-                                    record.new_public_key, stamp)
+                                    record.new_public_key, stamp, record.slot)
         waiting = set(nodes)
         answers: dict[str, wire.RotationResult] = {}
         self._results.clear()
@@ -525,7 +669,7 @@ class RotationActor:
 
 
 def _rank(step: Step) -> int:
-    order = [Step.PREPARE, Step.DISTRIBUTE, Step.ACTIVATE, Step.SWITCH_PEER,
+    order = [Step.PREPARE, Step.DISTRIBUTE, Step.ACTIVATE, Step.SWAP_PEER, Step.SWITCH_PEER,
              Step.RETIRE_ROTATING, Step.RETIRE_PEER, Step.ROLL_BACK_ROTATING,
              Step.ROLL_BACK_PEER, Step.ABANDON_ROTATING]
     return order.index(step)

@@ -87,7 +87,9 @@ class RotationsActor:
         self._ports = ports
         self._inbox = inbox
         self._settings = settings if settings is not None else RotationSettings()
-        self._token = RotationToken()
+        # Batches as large as the RotationPolicies allow (each node's view says its
+        # policy's maxConcurrent).
+        self._token = RotationToken(limit=wire.MAX_ROTATION_SLOTS)
         self._actors: dict[str, tuple[trio.CancelScope,
                                       trio.MemorySendChannel[RotationInbox]]] = {}
         self._forwarded: dict[str, NodeRotationView] = {}

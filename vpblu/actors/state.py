@@ -62,6 +62,7 @@ from vpblu.core.changes import diff
 from vpblu.core.convergence import ConvergenceTracker
 from vpblu.core.keyanchors import KeyAnchors
 from vpblu.core.model import (
+    DEFAULT_MAX_CONCURRENT,
     BlockPolicy,
     Change,
     ClusterSnapshot,
@@ -550,6 +551,8 @@ class StateActor:
                     rotate_now=source.meta.annotation(ROTATE_NOW_ANNOTATION) if source else None,
                     schedule=policy.schedule if policy else None,
                     overlap_seconds=float(policy.overlap_seconds) if policy else 0.0,
+                    max_concurrent=(policy.max_concurrent if policy
+                                    else DEFAULT_MAX_CONCURRENT),
                 ))
                 self._views[name] = cached
             views.append(cached[1])

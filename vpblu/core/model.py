@@ -40,6 +40,8 @@ BlockPolicy
 RotationPolicy
     spec.schedule         5-field cron
     spec.overlapSeconds   how long peers accept both keys, 1..3600
+    spec.maxConcurrent    how many nodes rotate at once, 1..16 (default 8); rotation
+                          slot k listens on listenPort + k
     spec.nodes            optional [nodeName] it applies to (empty = all)
 """
 
@@ -233,6 +235,12 @@ class BlockPolicy:
     drain: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
 
 
+# Rotations at once when a RotationPolicy does not say (vpblu/actors/rotation.py), and
+# the most it may say: one bridge per slot, `<interface>-rot<k>` on listenPort + k.
+DEFAULT_MAX_CONCURRENT = 8
+MAX_CONCURRENT = 16
+
+
 @attrs.frozen(slots=True)
 class RotationPolicy:
     name: str
@@ -240,6 +248,7 @@ class RotationPolicy:
     generation: int = 1
     overlap_seconds: int = 30
     nodes: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
 
 @attrs.frozen(slots=True)

@@ -72,6 +72,7 @@ class RotationRecord:
     peers: tuple[str, ...] = ()
     trigger: str = ""  # the rotate-now annotation value (or "schedule") that started it
     stamp: int = 0
+    slot: int = 1  # its bridges: vpblu/node/rotation.py BridgeLayout
 
     @property
     def published_key(self) -> str:
@@ -86,6 +87,7 @@ class RotationRecord:
             "rotationId": self.rotation_id, "phase": self.phase.value, "step": self.step.name,
             "oldPublicKey": self.old_public_key, "newPublicKey": self.new_public_key,
             "peers": list(self.peers), "trigger": self.trigger, "stamp": self.stamp,
+            "slot": self.slot,
         }
 
 

@@ -108,7 +108,8 @@ def parse_vpblu_node(raw: RawObject) -> VpbluNodeSource:
                 step=wire.RotationStepKind[r["step"]], old_public_key=str(r["oldPublicKey"]),
                 new_public_key=str(r.get("newPublicKey") or ""),
                 peers=tuple(str(p) for p in r.get("peers") or ()),
-                trigger=str(r.get("trigger") or ""), stamp=int(r.get("stamp") or 0))
+                trigger=str(r.get("trigger") or ""), stamp=int(r.get("stamp") or 0),
+                slot=int(r.get("slot") or 1))
     last = None
     if isinstance(r := _field(raw, "status.lastRotation"), dict):
         with _at("status.lastRotation"):
@@ -217,9 +218,15 @@ def parse_rotation_policy(raw: RawObject) -> PolicySource:
         overlap = int(spec.get("overlapSeconds", 30))
     if not 1 <= overlap <= 3600:
         raise InvalidObject(f"spec.overlapSeconds: {overlap} is outside 1..3600")
+    with _at("spec.maxConcurrent"):
+        concurrent = int(spec.get("maxConcurrent", model.DEFAULT_MAX_CONCURRENT))
+    if not 1 <= concurrent <= model.MAX_CONCURRENT:
+        raise InvalidObject(
+            f"spec.maxConcurrent: {concurrent} is outside 1..{model.MAX_CONCURRENT}")
     policy = model.RotationPolicy(
         name=meta.name, schedule=schedule, generation=meta.generation,
         overlap_seconds=overlap, nodes=frozenset(str(n) for n in spec.get("nodes") or ()),
+        max_concurrent=concurrent,
     )
     return PolicySource(meta, policy)
 
