@@ -13,8 +13,9 @@ API write that triggers it to the moment the last affected daemon has applied
     block       a BlockPolicy with one CIDR pair is created
     route       a RoutePolicy moving part of one node's pod CIDR is created
     rotation    every node is annotated vpblu.io/rotate-now: the whole cluster's
-                keys are rotated, one node at a time, until every daemon holds
-                every peer's new key and every node retired its old one
+                keys are rotated, in batches of the default maxConcurrent (or of
+                --rotation-max-concurrent K, set by a RotationPolicy), until every
+                daemon holds every peer's new key and every node retired its old one
 
 For every event it also counts what the daemons received (messages, protobuf
 bytes) and the controller's CPU seconds. `--compare` runs every size twice,
@@ -55,6 +56,7 @@ import trio
 
 from vpblu import aioloop
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
+from vpblu.core.model import DEFAULT_MAX_CONCURRENT, MAX_CONCURRENT
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
 from vpblu.lab.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.lab.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
@@ -78,9 +80,13 @@ CONTROLLER_START_TIMEOUT = 60.0
 # Nodes rotated in the rotation scenario: all of them up to N=100, a sample above.
 ROTATION_ALL_UP_TO = 100
 ROTATION_SAMPLE = 20
-# How the leader's RotationActors take them: one rotation holds the cluster-wide
-# RotationToken from its first step to its last (vpblu/actors/rotation.py).
-ROTATION_CONCURRENCY = "one node at a time"
+# How the leader's RotationActors take them: in batches of maxConcurrent, each batch
+# holding the cluster-wide RotationToken (vpblu/actors/rotation.py). Without
+# --rotation-max-concurrent there is no RotationPolicy: the default applies, and
+# rotate-now has no overlap window; with it, a RotationPolicy says K, with the
+# shortest overlap window it allows (1 s per batch).
+ROTATION_POLICY = "bench-rotation"
+ROTATION_POLICY_OVERLAP = 1
 # A whole-cluster rotation is one event of many rotations in a row: its bound
 # grows with them (0.3-2 s each on a quiet machine, several times that at a
 # load average of 15 on two cores).
@@ -429,20 +435,32 @@ class Bench:
         self._progress("route", n, mode)
 
         if "rotation" in wanted:
-            # One node at a time, each rotation O(N) steps: the whole cluster
-            # is O(N^2), so a large cluster rotates a sample of its nodes.
-            rotating = members[:n if n <= ROTATION_ALL_UP_TO else ROTATION_SAMPLE]
+            # Each rotation is O(N) steps: the whole cluster is O(N^2), so a large
+            # cluster rotates a sample of its nodes (whole batches of them).
+            concurrent = self.args.rotation_max_concurrent or DEFAULT_MAX_CONCURRENT
+            sample = -(-ROTATION_SAMPLE // concurrent) * concurrent
+            rotating = members[:n if n <= ROTATION_ALL_UP_TO else sample]
             self.rotations[f"{mode}-{n}"] = len(rotating)
-            self.say(f"  N={n} {mode}: rotation of {len(rotating)} of {n} nodes' keys x1")
+            policy_path = "/apis/vpblu.io/v1alpha1/rotationpolicies"
+            if self.args.rotation_max_concurrent:
+                await self.api("POST", policy_path, {
+                    "apiVersion": "vpblu.io/v1alpha1", "kind": "RotationPolicy",
+                    "metadata": {"name": ROTATION_POLICY},
+                    "spec": {"schedule": "0 3 1 1 *", "overlapSeconds": ROTATION_POLICY_OVERLAP,
+                             "maxConcurrent": self.args.rotation_max_concurrent}})
+            self.say(f"  N={n} {mode}: rotation of {len(rotating)} of {n} nodes' keys x1, "
+                     f"{rotation_concurrency(self.args.rotation_max_concurrent)}")
             await self.measure("rotation", n, mode, cluster, controller,
                                lambda: self.rotate_all(rotating, f"bench-{mode}-{n}"),
                                has_rotated(cluster, rotating), members,
                                bound=max(EVENT_TIMEOUT, ROTATION_NODE_TIMEOUT * len(rotating)))
+            if self.args.rotation_max_concurrent:
+                await self.api("DELETE", f"{policy_path}/{ROTATION_POLICY}")
             self._progress("rotation", n, mode)
         await self.api("DELETE", f"{mesh_path}/bench-mesh")
 
     async def rotate_all(self, members: Sequence[str], trigger: str) -> None:
-        """Annotate every VpbluNode: the leader's RotationActors take them one at a time."""
+        """Annotate every VpbluNode: the leader's RotationActors take them in batches."""
         patch = {"metadata": {"annotations": {ROTATE_NOW_ANNOTATION: trigger}}}
 
         def annotate(name: str) -> None:
@@ -518,8 +536,17 @@ def slope(summaries: Sequence[Summary], scenario: str, mode: str) -> float | Non
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
 
 
+def rotation_concurrency(max_concurrent: int = 0) -> str:
+    """How the rotation scenario's nodes were taken (0: no RotationPolicy)."""
+    if not max_concurrent:
+        return f"maxConcurrent {DEFAULT_MAX_CONCURRENT} (the default, no policy)"
+    alone = ": one node at a time" if max_concurrent == 1 else ""
+    return (f"maxConcurrent {max_concurrent}{alone} (RotationPolicy, overlap "
+            f"{ROTATION_POLICY_OVERLAP} s)")
+
+
 def table(summaries: Sequence[Summary], peak_rss: dict[str, int],
-          rotations: dict[str, int] | None = None) -> str:
+          rotations: dict[str, int] | None = None, max_concurrent: int = 0) -> str:
     lines = [f"{'scenario':<10}{'N':>6} {'mode':<6}{'runs':>5}{'p50 ms':>10}{'p95 ms':>10}"
              f"{'p99 ms':>10}{'msgs/ev':>9}{'KiB/ev':>10}{'ctl cpu ms':>11}{'sim cpu ms':>11}"]
     for s in summaries:
@@ -535,7 +562,8 @@ def table(summaries: Sequence[Summary], peak_rss: dict[str, int],
             cpu_per_node = s.cpu_ms / rotated
             how = ("measured: every node rotated" if rotated >= s.n else
                    f"SAMPLED: {rotated} of {s.n} nodes rotated, extrapolated x{s.n / rotated:.0f}")
-            lines.append(f"rotation N={s.n} ({s.mode}, {ROTATION_CONCURRENCY}): {how}; "
+            lines.append(f"rotation N={s.n} ({s.mode}, {rotation_concurrency(max_concurrent)}): "
+                         f"{how}; "
                          f"{per_node:.0f} ms and {cpu_per_node:.0f} ms of controller CPU per "
                          f"rotated node; the whole cluster ~{per_node * s.n / 1000:.0f} s "
                          f"({per_node * s.n / 60000:.1f} min), controller CPU "
@@ -679,6 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              " against without) at these sizes, e.g. 1000")
     parser.add_argument("--telemetry-window", type=float, default=120.0, metavar="SECONDS",
                         help="the telemetry scenario's quiet window")
+    parser.add_argument("--rotation-max-concurrent", type=int, default=0, metavar="K",
+                        choices=range(0, MAX_CONCURRENT + 1),
+                        help="the rotation scenario's batches: a RotationPolicy with"
+                             f" maxConcurrent K (1..{MAX_CONCURRENT}); default: no policy,"
+                             f" maxConcurrent {DEFAULT_MAX_CONCURRENT}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample the controller with py-spy during every event and"
@@ -729,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     summaries = summarize(bench.samples)
     print()
-    print(table(summaries, bench.peak_rss, bench.rotations))
+    print(table(summaries, bench.peak_rss, bench.rotations, args.rotation_max_concurrent))
     print(f"after the run: {calibration().describe()}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -740,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summaries": [attrs.asdict(s) for s in summaries],
         "peak_rss_bytes": bench.peak_rss,
         "nodes_rotated": bench.rotations,
+        "rotation_max_concurrent": args.rotation_max_concurrent or DEFAULT_MAX_CONCURRENT,
         "samples": [attrs.asdict(s) for s in bench.samples],
     }
     json_path = args.out / f"bench-{stamp}.json"
