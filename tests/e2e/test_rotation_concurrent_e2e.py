@@ -42,6 +42,8 @@ def test_every_node_rotates_at_once_under_traffic_on_every_pair_without_loss(
     trigger = f"e2e-together-{time.time_ns()}"
     # Which nodes had a rotation in flight at each poll, and in which slot.
     seen: list[dict[str, int]] = []
+    # Each node's (wall time, phase/step) whenever it changed: what a loss is read against.
+    timeline: dict[str, list[tuple[float, str]]] = {n.name: [] for n in cluster.nodes}
     outcomes: dict[str, dict[str, object]] = {}
     with AllTraffic(reaper, cluster) as traffic:
         began = time.monotonic()
@@ -57,6 +59,9 @@ def test_every_node_rotates_at_once_under_traffic_on_every_pair_without_loss(
                 status = _status(cluster, node)
                 if record := status.get("rotation"):
                     running[node.name] = int(record.get("slot") or 1)
+                said = f"{record['phase']}/{record['step']}" if record else "-"
+                if not timeline[node.name] or timeline[node.name][-1][1] != said:
+                    timeline[node.name].append((round(time.time(), 2), said))
                 last = status.get("lastRotation") or {}
                 if last.get("trigger") == trigger and not record:
                     outcomes[node.name] = dict(last)
@@ -67,7 +72,7 @@ def test_every_node_rotates_at_once_under_traffic_on_every_pair_without_loss(
         time.sleep(SETTLE_DWELL)
     most = max(seen, key=len)
     print(f"all {len(cluster.nodes)} rotated in {took}s; most at once: {most}; "
-          f"losses: {traffic.losses()}")
+          f"losses: {traffic.losses()}; timeline: {timeline}")
     assert {n: o["outcome"] for n, o in outcomes.items()} == {
         n.name: "Completed" for n in cluster.nodes}, outcomes
     # They ran together, each in a slot of its own.
