@@ -366,6 +366,11 @@ class UserspaceBackend:
         self._writes = 0
 
     @property
+    def start_also(self) -> frozenset[str]:
+        """The interfaces it starts itself even without `start`."""
+        return self._start_also
+
+    @property
     def name(self) -> str:
         return "userspace"
 
@@ -697,10 +702,11 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
         return KernelBackend(netns=netns)
     if choice == "userspace":
         # (Imported here: vpblu.node.rotation imports this module.)
-        from vpblu.node.rotation import DEFAULT_BRIDGE_SUFFIX
+        from vpblu.node.rotation import bridge_names
 
+        # Every rotation slot's bridge (rotations at once each have their own).
         return UserspaceBackend(netns=netns, start=config.wireguard_go == "start",
-                                start_also=(config.interface + DEFAULT_BRIDGE_SUFFIX,))
+                                start_also=bridge_names(config.interface))
     raise ValueError(f"wireguard_backend must be auto, kernel or userspace, not {choice!r}")
 
 
