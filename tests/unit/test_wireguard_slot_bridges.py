@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from vpblu.node.config import DaemonConfig
-from vpblu.node.kernel.wireguard import UserspaceBackend, WireGuardError, select_backend
+from vpblu.node.daemon import wireguard_backend
+from vpblu.node.kernel.wireguard import UserspaceBackend, WireGuardError
 from vpblu.node.rotation import MAX_SLOTS, bridge_names
 
 
@@ -31,7 +32,7 @@ def workdir() -> Iterator[Path]:
 async def test_external_mode_starts_every_slots_bridge(workdir: Path) -> None:
     config = DaemonConfig(node_name="n", wireguard_backend="userspace",
                           wireguard_go="external")
-    chosen = await select_backend(config)
+    chosen = await wireguard_backend(config)
     assert isinstance(chosen, UserspaceBackend)
     names = bridge_names(config.interface)
     assert len(names) == MAX_SLOTS and names[:2] == ("wg-mesh-rot", "wg-mesh-rot2")

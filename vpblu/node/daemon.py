@@ -92,6 +92,16 @@ class _LaterCounter:
         return _NoWrites() if self.counted is None else self.counted.statistics()
 
 
+async def wireguard_backend(config: DaemonConfig) -> WireGuardBackend:
+    """The node's WireGuard backend; a userspace one starts every rotation slot's
+    bridge itself (rotations at once each have their own), even when the mesh
+    interface's wireguard-go runs elsewhere (`--wireguard-go=external`)."""
+    from vpblu.node.kernel.wireguard import select_backend
+    from vpblu.node.rotation import bridge_names
+
+    return await select_backend(config, start_also=bridge_names(config.interface))
+
+
 class _KernelAdapters:
     """The WireGuard backend and the rtnetlink adapter, made once, on the
     NetlinkActor's first start (after the Hello), and kept across its
@@ -106,9 +116,8 @@ class _KernelAdapters:
     async def get(self) -> tuple[WireGuardBackend, IPRouteKernel]:
         if self._made is None:
             from vpblu.node.kernel.iproute import IPRouteKernel
-            from vpblu.node.kernel.wireguard import select_backend
 
-            backend = await select_backend(self._config)
+            backend = await wireguard_backend(self._config)
             kernel = IPRouteKernel()
             self._made = backend, kernel
             self.wireguard_counter.counted = backend

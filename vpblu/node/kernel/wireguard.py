@@ -685,8 +685,11 @@ def kernel_has_wireguard(probe: str = KERNEL_PROBE_INTERFACE) -> bool:
         return True
 
 
-async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> WireGuardBackend:
-    """The backend `config.wireguard_backend` asks for; "auto" probes the kernel."""
+async def select_backend(config: DaemonConfig, *, netns: str | None = None,
+                         start_also: Collection[str] = ()) -> WireGuardBackend:
+    """The backend `config.wireguard_backend` asks for; "auto" probes the kernel.
+    `start_also`: the userspace backend's interfaces it starts even when the mesh
+    interface's wireguard-go runs elsewhere (the rotation slots' bridges)."""
     choice = config.wireguard_backend
     if choice == "auto":
         has_kernel = await run_in_netns(netns, kernel_has_wireguard)
@@ -701,12 +704,8 @@ async def select_backend(config: DaemonConfig, *, netns: str | None = None) -> W
     if choice == "kernel":
         return KernelBackend(netns=netns)
     if choice == "userspace":
-        # (Imported here: vpblu.node.rotation imports this module.)
-        from vpblu.node.rotation import bridge_names
-
-        # Every rotation slot's bridge (rotations at once each have their own).
         return UserspaceBackend(netns=netns, start=config.wireguard_go == "start",
-                                start_also=bridge_names(config.interface))
+                                start_also=start_also)
     raise ValueError(f"wireguard_backend must be auto, kernel or userspace, not {choice!r}")
 
 
