@@ -319,6 +319,13 @@ def test_block_policy_stops_a_pair_within_a_second_and_deleting_restores(
         delivered = [round(sent_at(s) - applied_at, 3) for s in during if s not in lost]
         assert during and not delivered, (pod.name, "delivered, s after the apply:",
                                           delivered[:20], r)
+        # The figure (the bound above is the claim): the last datagram that
+        # still got through after the apply began, in s after kubectl returned.
+        through = [sent_at(s) - applied_at for s in range(r["highest"])
+                   if s not in lost and apply_started <= sent_at(s) <= deleted_at]
+        print(f"BlockPolicy towards {pod.name}: kubectl apply took "
+              f"{applied_at - apply_started:.3f} s; last datagram through was sent "
+              f"{max(through, default=float('nan')):+.3f} s after it returned")
         # ...nothing sent before the apply is, and traffic came back after.
         assert all(sent_at(s) >= apply_started for s in missing), (pod.name, r)
         assert sent_at(r["highest"] - 1) > deleted_at, (pod.name, r)

@@ -882,9 +882,12 @@ class LocalCluster:
         return "\n".join(parts)
 
     @contextlib.contextmanager
-    def capture(self, bpf_filter: str = "") -> Iterator[list[str]]:
+    def capture(self, bpf_filter: str = "", *,
+                raw: bytearray | None = None) -> Iterator[list[str]]:
         """tcpdump on the underlay bridge for the with-block; the list fills with
-        one line per packet (`tcpdump -n -tt`) when the block ends.
+        one line per packet (`tcpdump -n -tt`) when the block ends, and `raw`,
+        if given, with the pcap file's bytes (each packet's first
+        CAPTURE_SNAPLEN bytes: to look for a payload in the clear).
 
         Packets are written to a file while they flow (immediate mode, so
         none waits in a half-filled kernel block when tcpdump is stopped) and
@@ -925,6 +928,8 @@ class LocalCluster:
                 _, said = proc.communicate()
             if pcap.exists():
                 out = run("tcpdump", "-r", str(pcap), "-n", "-tt", check=False).stdout
+                if raw is not None:
+                    raw.extend(pcap.read_bytes())
                 pcap.unlink()
                 lines.extend(line for line in out.splitlines() if line.strip())
         stats = {what: int(n) for n, what in re.findall(
