@@ -21,6 +21,7 @@ from vpblu.node.kernel.nsexec import run_in_netns
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 ENOENT = 2
+ESRCH = 3  # rtnetlink's answer to deleting a route that is not there
 
 # rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
 RP_FILTER_OFF = 0
@@ -131,7 +132,13 @@ class IPRouteKernel:
         await self._route("add", table, interface, cidr)
 
     async def delete_route(self, table: int, interface: str, cidr: IPNetwork) -> None:
-        await self._route("del", table, interface, cidr)
+        try:
+            await self._route("del", table, interface, cidr)
+        except OSError as e:
+            # Already gone: the kernel drops an interface's routes with its last
+            # address, so removing a node's addresses first leaves nothing here.
+            if e.errno != ESRCH:
+                raise
 
     async def replace_route(self, table: int, cidr: IPNetwork, interface: str) -> None:
         await self._route("replace", table, interface, cidr)
