@@ -187,20 +187,25 @@ def test_bytes_go_past_the_threshold_and_the_whole_list_every_few_minutes() -> N
     assert controller.receive(whole).peers.rx_bytes[1] == BYTES_REPORT - 1
 
 
-def test_a_changed_peer_list_or_generation_goes_at_once() -> None:
-    mesh, reporter = Mesh(5), TelemetryReporter()
-    reporter.plan(mesh.sample(T0), 0.0, beat=True)
+def test_a_changed_peer_list_goes_with_the_beat_and_a_generation_at_once() -> None:
+    mesh, reporter, controller = Mesh(5), TelemetryReporter(), Controller()
+    controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
     mesh.names.append("node-new")
     mesh.handshakes.append(0)
     mesh.rx.append(0)
     mesh.tx.append(0)
     mesh.endpoints.append("")
-    grown = reporter.plan(mesh.sample(T0 + 10), 10.0, beat=False)
-    assert grown is not None and not grown.partial and len(grown.peers) == 6
+    mesh.handshakes[0] = 0  # down, but on a list the controller does not have yet
+    assert reporter.plan(mesh.sample(T0 + 10), 10.0, beat=False) is None
     later = attrs.evolve(mesh.sample(T0 + 20), applied_generation=8)
     applied = reporter.plan(later, 20.0, beat=False)
     assert applied is not None and applied.applied_generation == 8
     assert applied.peer_updates == wire.PeerUpdates()
+    held = controller.receive(applied)
+    assert held.applied_generation == 8 and len(held.peers) == 5
+    grown = reporter.plan(mesh.sample(T0 + 30), 30.0, beat=True)
+    assert grown is not None and not grown.partial and len(grown.peers) == 6
+    assert controller.receive(grown).peers.names[-1] == "node-new"
 
 
 def test_a_partial_sample_outside_the_held_list_is_refused() -> None:
