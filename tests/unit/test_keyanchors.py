@@ -102,3 +102,23 @@ def test_sessions_open_and_close_by_id() -> None:
     assert anchors.published_key("n1", source()) == STATUS
     assert anchors.opened("n1", 6, HELLO)
     assert not anchors.opened("n1", 7, HELLO)  # the same key: nothing to recompute
+
+
+def test_a_daemon_gone_away_keeps_its_last_key_against_a_patched_status() -> None:
+    anchors = connected()
+    assert anchors.closed("n1", 1, "uid-n1")
+    # Away: a status patched meanwhile (STATUS is not what the daemon said) is ignored...
+    assert anchors.published_key("n1", source()) == HELLO
+    # ...for that VpbluNode only: a new object of the same name is read from its status,
+    other = VpbluNodeSource(ObjectMeta("n1", 1, "9", "uid-other"), None, STATUS)
+    assert anchors.published_key("n1", other) == STATUS
+    # none at all means no key, and a rotation in the status is read as before.
+    assert anchors.published_key("n1", None) is None
+    assert anchors.published_key("n1", source(rotation=record(RotationPhase.DISTRIBUTE))) \
+        == record(RotationPhase.DISTRIBUTE).published_key
+
+
+def test_a_session_closed_without_a_vpblunode_keeps_nothing() -> None:
+    anchors = connected()
+    assert anchors.closed("n1", 1, None)
+    assert anchors.published_key("n1", source()) == STATUS

@@ -337,7 +337,9 @@ class StateActor:
                     self._dirty = self._dirty or self._key_moved(node)
             case SessionClosed(node=node, session_id=sid):
                 current = self._sessions.get(node)
-                if self._anchors.closed(node, sid):
+                vn = self._objects["VpbluNode"].get(node)
+                uid = vn.meta.uid if isinstance(vn, VpbluNodeSource) else None
+                if self._anchors.closed(node, sid, uid):
                     self._dirty = self._dirty or self._key_moved(node)
                 if current is not None and current.session_id == sid:
                     del self._sessions[node]

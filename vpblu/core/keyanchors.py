@@ -11,8 +11,12 @@ peer trust a key of their choosing until the StatusGuard put it back. The
 status is what the controller wrote; it is read back only where nothing better
 is known:
 
-- a node with no connected daemon: status.publicKey (the key its daemon last
-  said, as the controller wrote it), or mid-rotation the record's key;
+- a node whose daemon was connected to this leader and is not now: the key
+  that daemon last said (a status patched while it is away changes nothing),
+  as long as the VpbluNode is the same object (uid) and no rotation is
+  recorded in its status;
+- a node with no daemon seen by this leader: status.publicKey (the key its
+  daemon last said, as the controller wrote it), or mid-rotation the record's key;
 - a rotation this leader runs: the record its own RotationActor persisted
   (`rotation_recorded`, after the API server confirmed the write), never one
   read back; when it ends, the key it ends on (K' after Retire, K after a
@@ -38,6 +42,9 @@ class KeyAnchors:
         # node -> (session id, the key its daemon uses): from the current
         # session's Hello, then from the end of a rotation on that session.
         self._connected: dict[str, tuple[int, str]] = {}
+        # node -> (VpbluNode uid, key): what its daemon said last, kept when the
+        # session ends, for as long as that VpbluNode object lives.
+        self._last_said: dict[str, tuple[str, str]] = {}
         # Rotations this leader recorded and has not finished.
         self._recorded: dict[str, RotationRecord] = {}
         # status.rotation of each VpbluNode at this leader's first listing
@@ -53,12 +60,18 @@ class KeyAnchors:
         self._connected[node] = (session_id, public_key)
         return current is None or current[1] != public_key
 
-    def closed(self, node: str, session_id: int) -> bool:
-        """That session ended; True when it was the node's current one."""
+    def closed(self, node: str, session_id: int, uid: str | None = None) -> bool:
+        """That session ended; True when it was the node's current one. `uid`:
+        the node's VpbluNode at that moment, whose key is then the one the
+        daemon said last (None: no VpbluNode, nothing kept)."""
         current = self._connected.get(node)
         if current is None or current[0] != session_id:
             return False
         del self._connected[node]
+        if uid is not None:
+            self._last_said[node] = (uid, current[1])
+        else:
+            self._last_said.pop(node, None)
         return True
 
     def listed(self, sources: Iterable[object]) -> None:
@@ -81,12 +94,20 @@ class KeyAnchors:
         current = self._connected.get(node)
         if public_key is not None and current is not None:
             self._connected[node] = (current[0], public_key)
+        last = self._last_said.get(node)
+        if public_key is not None and last is not None:
+            self._last_said[node] = (last[0], public_key)
 
     def published_key(self, node: str, source: VpbluNodeSource | None) -> str | None:
         """The key `node`'s peers are told."""
         connected = self._connected.get(node)
         if connected is None:
-            return source.published_key if source is not None else None
+            if source is None:
+                return None
+            last = self._last_said.get(node)
+            if last is not None and last[0] == source.meta.uid and source.rotation is None:
+                return last[1]
+            return source.published_key
         record = self._recorded.get(node)
         if record is not None:
             return record.published_key
