@@ -74,6 +74,13 @@ async def test_crashed_leader_is_replaced_and_no_daemon_loses_a_peer(
                         stats = daemon.stream.statistics()
                         assert stats.connected_to == address_a
                         assert stats.redirects >= 1
+                    # Every key the leader was told is persisted (its status) before
+                    # it dies: a key it never wrote is one the next leader cannot know
+                    # until that daemon says it again.
+                    for name, daemon in cluster.daemons.items():
+                        await wait_api(env, f"{GROUP_PATH}/vpblunodes/{name}",
+                                       lambda b, key=daemon.public_key:
+                                       (b.get("status") or {}).get("publicKey") == key)
                     meshed = {n: len(d.applier.history) for n, d in cluster.daemons.items()}
 
                     killed_at = trio.current_time()

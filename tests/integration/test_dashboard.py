@@ -257,8 +257,11 @@ async def _a_viewer_sees_the_mesh_live(b: Browser, users: Users, names: list[str
     await b.wait_for("every node Ready", lambda: all(
         b.driver.find_element(By.CSS_SELECTOR, f"#node-{n} td:nth-child(2)").text == "True"
         for n in names))
+    # Tunnels come from the daemons' telemetry, whose changed peer lists go with
+    # the next heartbeat (30 s x [0.75, 1.25]): the bound covers one beat.
     await b.wait_for("every tunnel of the map", lambda: len(
-        b.driver.find_elements(By.CSS_SELECTOR, "#map line.tunnel")) == 3)
+        b.driver.find_elements(By.CSS_SELECTOR, "#map line.tunnel")) == 3,
+        within=CONVERGE_TIMEOUT)
     await b.shot("04-mesh")
     for page, marker in (("/policies", "#policies tbody tr"), ("/events", "#events tbody tr"),
                          (f"/nodes/{names[0]}", "#tunnels tbody tr")):
