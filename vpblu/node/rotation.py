@@ -442,20 +442,7 @@ async def switch_peer_primary(
     old = primary.peer(old_public_key)
     new = primary.peer(new_public_key)
     if old is not None:
-        await devices.write(
-            layout.primary,
-            DeviceUpdate(
-                peers=(
-                    PeerUpdate(old_public_key, remove=True),
-                    PeerUpdate(
-                        new_public_key,
-                        endpoint=old.endpoint,
-                        allowed_ips=old.allowed_ips,
-                        persistent_keepalive=old.persistent_keepalive,
-                    ),
-                )
-            ),
-        )
+        await _replace_key(devices, layout.primary, old, old_public_key, new_public_key)
         new = (await devices.read(layout.primary)).peer(new_public_key)
     if new is None:
         raise RotationError("neither the old nor the new key is a peer of the primary")
@@ -490,8 +477,15 @@ async def swap_peer_entry(
     if busy:
         raise RotationError(f"{layout.primary} still carries {', '.join(busy)} to the "
                             f"rotating node; swap its entry only after Distribute")
+    await _replace_key(devices, layout.primary, old, old_public_key, new_public_key)
+
+
+async def _replace_key(devices: WireGuardBackend, interface: str, old: PeerConfig,
+                       old_public_key: str, new_public_key: str) -> None:
+    """One write: the peer `old` (under old_public_key) becomes new_public_key,
+    with the same endpoint, allowed IPs and keepalive."""
     await devices.write(
-        layout.primary,
+        interface,
         DeviceUpdate(
             peers=(
                 PeerUpdate(old_public_key, remove=True),
