@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,3 +181,16 @@ def state_root() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path)
+
+
+@pytest.fixture
+def veth_netns() -> Iterator[str]:
+    """A network namespace of the test's own holding a veth pair m0 <-> m1 (down)."""
+    name = f"vpvn-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "m0", "type", "veth", "peer", "name",
+                        "m1"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

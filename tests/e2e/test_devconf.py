@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +20,8 @@ CHILD_TIMEOUT = 60.0
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"vpdc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "add", "m0", "type", "veth", "peer", "name",
-                        "m1"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(veth_netns: str) -> str:
+    return veth_netns
 
 
 def _sysctl(netns: str, key: str, value: str | None = None) -> str:

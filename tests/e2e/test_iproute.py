@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -17,17 +15,12 @@ TABLE = 4242
 
 
 @pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"vpir-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for argv in (["link", "add", "m0", "type", "veth", "peer", "name", "m1"],
-                     ["link", "set", "m1", "up"], ["link", "set", "m0", "up"],
-                     ["address", "add", "10.91.0.1/32", "dev", "m0"]):
-            subprocess.run(["ip", "-n", name, *argv], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(veth_netns: str) -> str:
+    """The veth pair up, m0 with an address: its routes live as long as it is up."""
+    for argv in (["link", "set", "m1", "up"], ["link", "set", "m0", "up"],
+                 ["address", "add", "10.91.0.1/32", "dev", "m0"]):
+        subprocess.run(["ip", "-n", veth_netns, *argv], check=True)
+    return veth_netns
 
 
 def _table(netns: str) -> str:
