@@ -41,6 +41,7 @@ from vpblu.lab.localcluster import (
     KUSTOMIZE_SAMPLES,
     POD_SUPERNET,
     WG_PORT,
+    ClusterError,
     ClusterSettings,
     LocalCluster,
     Pod,
@@ -88,10 +89,20 @@ def proxied(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
         c.wait_for(c.mesh_complete, CLUSTER_CONVERGE_TIMEOUT, "a complete FullMesh")
         # The classifier and the guard attach after the Hello (bcc compiles on a
         # thread): on a loaded machine well after the mesh is complete.
-        c.wait_for(lambda: all(attached == 1.0 for attached, _ in guard_counts(c).values()),
-                   CLUSTER_CONVERGE_TIMEOUT,
+        c.wait_for(lambda: guards_attached(c), CLUSTER_CONVERGE_TIMEOUT,
                    "every daemon's /metrics reporting its underlay guard attached")
         yield c
+
+
+def guards_attached(cluster: LocalCluster) -> bool:
+    """Every daemon's /metrics says its underlay guard is attached. A daemon
+    serves /metrics only after its Hello (vpblu.node.daemon): a refused
+    connection until then is "not yet", not an error."""
+    try:
+        counts = guard_counts(cluster)
+    except ClusterError:
+        return False
+    return all(attached == 1.0 for attached, _ in counts.values())
 
 
 # The two ends of a checked TCP transfer, run with `python -c` in a namespace:
