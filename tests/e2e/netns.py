@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vpblu.node.rotation import bridge_names
+
 UNDERLAY_NET = ipaddress.ip_network("10.77.0.0/24")
 UNDERLAY_GATEWAY = "10.77.0.254"
 WG_EXIT_TIMEOUT = 5.0
@@ -212,7 +214,9 @@ class Lab:
 
     def close(self) -> None:
         for node in self.nodes:
-            stop_wireguard_go(node.netns, node.wg_interface)
+            # The rotation slots' bridges too: a test that fails mid-rotation leaves them.
+            for interface in (node.wg_interface, *bridge_names(node.wg_interface)):
+                stop_wireguard_go(node.netns, interface)
         for ns in reversed(self._namespaces):
             run("ip", "netns", "del", ns, check=False)
         self._namespaces.clear()
@@ -242,3 +246,7 @@ def stop_wireguard_go(netns: str, interface: str) -> None:
     for pid in wireguard_go_pids(interface):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # One ended by SIGKILL (here or by a test) leaves its socket; the names are the lab's own.
+    with contextlib.suppress(FileNotFoundError):
+        if not wireguard_go_pids(interface):
+            os.unlink(f"/var/run/wireguard/{interface}.sock")

@@ -10,10 +10,13 @@ the claim is about (traffic crosses a change for 1 s)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 
 import attrs
@@ -30,7 +33,7 @@ from tests.e2e.daemonlab import (
     pinned_map_ids,
 )
 from tests.e2e.datapath import Receiver, Sender
-from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns
+from tests.e2e.netns import UNDERLAY_GATEWAY, Node, Pod, in_ns, wireguard_go_pids
 from tests.e2e.procs import (
     STDERR,
     Helper,
@@ -39,12 +42,17 @@ from tests.e2e.procs import (
     start_udp_probes,
     stop_from_trio,
 )
+from vpblu.core import wire
 from vpblu.core.model import CidrPair
 from vpblu.node.config import MESH_TABLE
+from vpblu.node.kernel.wireguard import UAPI_SOCKET_DIR
+from vpblu.node.rotation import bridge_name, bridge_names
 
 pytestmark = pytest.mark.e2e
 
 ACK_TIMEOUT = 20.0
+# A Prepare starts a bridge's wireguard-go; a Distribute waits for its first handshake.
+ROTATION_STEP_TIMEOUT = 60.0
 PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
 FLOWPROBE = str(REPO / "tests" / "e2e" / "flowprobe.py")
 FLOW_PORT = 40100
@@ -278,6 +286,78 @@ async def test_daemons_mesh_pods_encrypted_idempotent_blocked_mtu_and_cleanup(
             for what in before[n.name]:
                 assert after[what] == before[n.name][what], (n.name, what, after[what])
             assert (dl.state_dir(n) / "wireguard.key").exists()  # kept without --remove-key
+
+
+async def test_cleanup_after_daemons_killed_mid_rotation_removes_every_slots_bridge() -> None:
+    """A batch of two rotations stopped half way - n1 rotating in slot 1, n2 in slot 3,
+    n2 distributed for n1 (its route to n1 on its slot-1 bridge) - and both daemons
+    killed -9: the bridges' wireguard-go outlive them. One of them is then killed -9 too
+    (its link goes with it, its UAPI socket stays). `vpblu daemon cleanup` gives each
+    namespace back as it was and leaves no bridge's socket or wireguard-go; run again,
+    it changes nothing."""
+    kind = wire.RotationStepKind
+    async with daemon_lab(2) as dl:
+        n1, n2 = dl.nodes
+        before = {n.name: node_state(n) for n in dl.nodes}
+        keys = {n.name: await dl.start(n) for n in dl.nodes}
+        await converge(dl, dl.nodes, keys)
+
+        async def run_step(node: Node, step: wire.RotationStep) -> wire.RotationResult:
+            with trio.fail_after(ROTATION_STEP_TIMEOUT):
+                result = await dl.controller.rotation_step(node.name, step)
+            assert result.error is None, result
+            return result
+
+        prepared = await run_step(n1, wire.RotationStep(
+            rotation_id="n1-rotation", step=kind.PREPARE, rotating_node=n1.name,
+            old_public_key=keys[n1.name], stamp=1, slot=1))
+        await run_step(n2, wire.RotationStep(
+            rotation_id="n2-rotation", step=kind.PREPARE, rotating_node=n2.name,
+            old_public_key=keys[n2.name], stamp=2, slot=3))
+        await run_step(n2, wire.RotationStep(
+            rotation_id="n1-rotation", step=kind.DISTRIBUTE, rotating_node=n1.name,
+            old_public_key=keys[n1.name], new_public_key=prepared.new_public_key, stamp=3,
+            slot=1))
+        expected = {n1.name: [bridge_name(n1.wg_interface, 1)],
+                    n2.name: [bridge_name(n2.wg_interface, 1), bridge_name(n2.wg_interface, 3)]}
+        assert {n.name: links_of(n, bridge_names(n.wg_interface)) for n in dl.nodes} == expected
+        mesh_routes = in_ns(n2.netns, "ip", "route", "show", "table", str(MESH_TABLE))
+        assert f"{n1.pod_cidr} dev {expected[n2.name][0]}" in mesh_routes, mesh_routes
+
+        for d in dl.daemons.values():
+            d.kill9()
+            await d.wait()
+        for name in (*expected[n1.name], *expected[n2.name]):
+            assert wireguard_go_pids(name), f"{name}'s wireguard-go did not outlive the daemon"
+        stale = bridge_name(n2.wg_interface, 3)
+        for pid in wireguard_go_pids(stale):
+            os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: not wireguard_go_pids(stale) and not links_of(n2, [stale]),
+                         READY_TIMEOUT, f"{stale}'s wireguard-go and link gone after kill -9")
+        assert uapi_socket(stale).exists()
+
+        for n in dl.nodes:
+            for run in ("first", "second"):
+                result = await dl.cleanup(n)
+                assert result.returncode == 0, result.stderr.decode()
+                after = node_state(n)
+                for what in before[n.name]:
+                    assert after[what] == before[n.name][what], (n.name, run, what, after[what])
+            for name in (n.wg_interface, *bridge_names(n.wg_interface)):
+                assert not uapi_socket(name).exists(), f"{name}'s UAPI socket left"
+                assert not wireguard_go_pids(name), f"{name}'s wireguard-go left"
+        print(f"cleanup after a kill mid-rotation: bridges {expected} removed, and the stale "
+              f"socket of {stale}")
+
+
+def links_of(node: Node, names: Iterable[str]) -> list[str]:
+    """Those of `names` that are links in the node's namespace now."""
+    present = set(in_ns(node.netns, "ls", "/sys/class/net").split())
+    return [name for name in names if name in present]
+
+
+def uapi_socket(interface: str) -> Path:
+    return UAPI_SOCKET_DIR / f"{interface}.sock"
 
 
 async def test_adding_a_peer_and_kill_9_restart_lose_no_packet(reaper: Reaper) -> None:

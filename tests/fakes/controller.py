@@ -5,7 +5,8 @@ A real `vpblu.stream.transport.MeshServer` (TLS, gRPC) with a fake authenticator
 hands it (e.g. one made in the e2e lab's underlay namespace, so daemons in node
 namespaces reach it). The test decides what each node should have: `sync`
 sends a SyncState now and again on every reconnect (as the real controller
-does), `delta` sends a Delta; every Hello and Ack is recorded.
+does), `delta` sends a Delta, `rotation_step` one step of a key rotation; every
+Hello, Ack and RotationResult is recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class _Node:
     state: NodeDesiredState | None = None
     hellos: list[wire.Hello] = attrs.field(factory=list)
     acks: list[wire.Ack] = attrs.field(factory=list)
+    rotation_results: list[wire.RotationResult] = attrs.field(factory=list)
 
 
 class FakeController:
@@ -86,6 +88,9 @@ class FakeController:
                     if isinstance(message, wire.Ack):
                         node.acks.append(message)
                         self._signal()
+                    elif isinstance(message, wire.RotationResult):
+                        node.rotation_results.append(message)
+                        self._signal()
         except StreamClosed:
             pass
         finally:
@@ -114,6 +119,18 @@ class FakeController:
         assert node.stream is not None, f"{node_name} is not connected"
         await node.stream.send_batch([wire.Delta(generation, base, changes)])
         return generation
+
+    async def rotation_step(self, node_name: str, step: wire.RotationStep) -> wire.RotationResult:
+        """Send `step` to the node and wait for its result (of that stamp)."""
+        node = self._nodes[node_name]
+        assert node.stream is not None, f"{node_name} is not connected"
+        seen = len(node.rotation_results)
+        await node.stream.send_batch([step])
+        while True:
+            for result in node.rotation_results[seen:]:
+                if result.stamp == step.stamp and result.step == step.step:
+                    return result
+            await self._changed.wait()
 
     async def wait_hello(self, node: str, count: int = 1) -> wire.Hello:
         while len(self._nodes[node].hellos) < count:

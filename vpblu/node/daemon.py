@@ -278,8 +278,10 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
     """Remove what the daemon created on this node: the data-path programs' tc
     filters on the pod veths and the underlay (and clsact qdiscs left empty) and
     pinned maps, the MSS clamp rules, the
-    mesh rules, routes and unreachable defaults, the interface and a stale
-    wireguard-go UAPI socket. Idempotent.
+    mesh rules, routes and unreachable defaults, every rotation slot's bridge
+    (`<interface>-rot`, `<interface>-rot<k>`: a daemon stopped mid-rotation
+    leaves them, and a wireguard-go serving one), the interface and stale
+    wireguard-go UAPI sockets of any of them. Idempotent.
     The key stays unless `remove_key`."""
     from vpblu.messages import BpfMapInbox, MtuInbox
     from vpblu.node.bpfmaps import BpfMapActor
@@ -288,6 +290,7 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
     from vpblu.node.kernel.wireguard import KernelBackend, UserspaceBackend
     from vpblu.node.mtu import MtuActor
     from vpblu.node.netlink import remove_mesh
+    from vpblu.node.rotation import bridge_names
 
     _unused_bpf_send, unused_bpf = trio.open_memory_channel[BpfMapInbox](0)
     _unused_mtu_send, unused_mtu = trio.open_memory_channel[MtuInbox](0)
@@ -297,16 +300,23 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
         await BpfMapActor(config, unused_bpf).cleanup()
         await MtuActor(config, IptablesMtuKernel(), unused_mtu).cleanup()
     userspace = UserspaceBackend()
+    interfaces = (config.interface, *bridge_names(config.interface))
+    # wireguard-go serves the mesh interface or a rotation's bridge when its socket is
+    # there (the primary's may be gone while a bridge's process still runs).
     backend: WireGuardBackend = (
-        userspace if userspace.socket_path(config.interface).exists() else KernelBackend()
+        userspace if any(userspace.socket_path(i).exists() for i in interfaces)
+        else KernelBackend()
     )
     await remove_mesh(config, backend, IPRouteKernel())
     # A wireguard-go ended by SIGKILL leaves its socket on the node's
-    # /var/run/wireguard (one that exits on SIGTERM removes it).
-    socket_path = trio.Path(userspace.socket_path(config.interface))
-    if await socket_path.exists() and not await userspace.answers(config.interface):
-        await socket_path.unlink(missing_ok=True)
-        log.info("removed the stale UAPI socket %s", socket_path)
+    # /var/run/wireguard (one that exits on SIGTERM removes it). A socket that
+    # answers belongs to a running wireguard-go whose link is in another network
+    # namespace (the directory is shared): not this node's.
+    for interface in interfaces:
+        socket_path = trio.Path(userspace.socket_path(interface))
+        if await socket_path.exists() and not await userspace.answers(interface):
+            await socket_path.unlink(missing_ok=True)
+            log.info("removed the stale UAPI socket %s", socket_path)
     if remove_key:
         key_file = trio.Path(config.state_dir / KEY_FILE_NAME)
         await key_file.unlink(missing_ok=True)

@@ -539,14 +539,21 @@ class NetlinkActor:
 
 async def remove_mesh(config: DaemonConfig, backend: WireGuardBackend, kernel: MeshKernel) -> None:
     """Uninstall: the steering rules first (pod traffic then takes the main
-    table's path, which is what it did before the mesh existed), then the
-    routes, the fail-closed sink and defaults, the exemption rules and the
-    interface. Needs no key, so an operator can clean up a node whose key file
-    is gone or damaged."""
+    table's path, which is what it did before the mesh existed), then every
+    rotation slot's bridge, the routes, the fail-closed sink and defaults, the
+    exemption rules and the interface. Needs no key, so an operator can clean up
+    a node whose key file is gone or damaged."""
     iface = config.interface
     for rule in sorted(await kernel.rules(config.rule_priority), key=_rule_key):
         if rule.table == config.table:
             await kernel.delete_rule(rule)
+    # A daemon stopped or killed mid-rotation leaves its bridges (any slot's, routes
+    # moved into them included; a wireguard-go bridge exits with its link). Deleting
+    # the link takes its routes with it, and pod traffic no longer reaches the mesh
+    # table once the rules above are gone.
+    for bridge in rotation.bridge_names(iface):
+        if await kernel.link_state(bridge) is not None:
+            await backend.delete_interface(bridge)
     if await kernel.link_state(iface) is not None:
         for cidr in await kernel.routes(config.table, iface):
             await kernel.delete_route(config.table, iface, cidr)
