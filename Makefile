@@ -40,8 +40,10 @@ test: setup
 	$(MAKE) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# A 3-node encrypted mesh in network namespaces, live until Ctrl-C (root).
-# DEMO_ARGS="--duration 30" stops it on its own.
+# A 3-node encrypted mesh, live until Ctrl-C (root): kubelet nodes (containerd,
+# kubelet, kube-proxy) with vpblu installed from the image by kubectl apply -k.
+# DEMO_ARGS="--duration 30" stops it on its own; DEMO_ARGS="--nodes-mode
+# namespaces" runs network-namespace nodes with the daemons from this checkout.
 demo: setup
 	$(PY) -m vpblu.lab.demo $(DEMO_ARGS)
 
