@@ -187,13 +187,26 @@ class StatusObserved:
 class NodeGone:
     """The Node behind VpbluNode `node` is gone or was replaced (a new uid):
     its VpbluNode was deleted, and the key its daemon reported must be
-    forgotten too, never written into a VpbluNode of a reused name."""
+    forgotten too, never written into a VpbluNode of a reused name.
+    `deleted`: no Node of that name exists now. Until a `NodeRegistered`, no
+    stream speaks for it and no VpbluNode is made for it (a daemon still
+    running on a deleted Node would otherwise make it again with its key)."""
+
+    node: str
+    deleted: bool = False
+
+
+@attrs.frozen(slots=True)
+class NodeRegistered:
+    """A Node of that name exists again after a `NodeGone(deleted=True)`."""
 
     node: str
 
 
+NodePresence = NodeGone | NodeRegistered
+
 StatusInbox = (PublicKeyReported | ObjectConditions | RotationStatus | ObjectDeleted
-               | NodeHealthReported | StatusObserved | NodeGone)
+               | NodeHealthReported | StatusObserved | NodeGone | NodeRegistered)
 
 
 # --- StateActor <-> NodeSessionActor ------------------------------------------------

@@ -11,6 +11,7 @@ import trio.testing
 from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.daemonpods import DAEMON_NAMESPACE, DaemonPodsActor
 from vpblu.kube.client import PODS
+from vpblu.messages import NodeGone, NodePresence, NodeRegistered
 from vpblu.stream.identity import Identity
 from vpblu.stream.podbinding import DaemonPods
 from vpblu.stream.transport import NodeStream
@@ -49,13 +50,14 @@ def identity(node: str, pod_name: str, uid: str, expires_in: float | None = None
                     expires_at=None if expires_in is None else WALL + expires_in)
 
 
-async def run_gate(nursery: trio.Nursery, kube: FakeKubeApi) -> tuple[
+async def run_gate(nursery: trio.Nursery, kube: FakeKubeApi,
+                   nodes: trio.MemoryReceiveChannel[NodePresence] | None = None) -> tuple[
         trio.MemorySendChannel[NodeStream], trio.MemoryReceiveChannel[NodeStream],
         DaemonPodsActor]:
     streams_in, gate_in = trio.open_memory_channel[NodeStream](8)
     gate_out, admitted = trio.open_memory_channel[NodeStream](8)
     actor = DaemonPodsActor(kube, DaemonPods(DAEMON_NAMESPACE), gate_in, gate_out,
-                            wall_clock=lambda: WALL + trio.current_time())
+                            wall_clock=lambda: WALL + trio.current_time(), nodes_gone=nodes)
     await nursery.start(actor.run)
     return streams_in, admitted, actor
 
@@ -86,4 +88,37 @@ async def test_streams_end_when_their_token_expires_or_their_pod_goes(
         assert expiring.close_reason == "no longer authorized: its token expired"
         assert not staying.closed
         assert (actor.refused, actor.ended) == (1, 2)
+        nursery.cancel_scope.cancel()
+
+
+
+async def test_a_node_gone_ends_its_stream_and_its_daemon_is_let_in_again(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """NodeGone (deleted or replaced) ends that node's stream: its daemon says its
+    key again in a new Hello, which is admitted (the StatusActor decides whether
+    to write it). NodeRegistered changes nothing here."""
+    kube = FakeKubeApi()
+    for name, uid, node in (("d-a", "ua", "a"), ("d-b", "ub", "b")):
+        await kube.put(PODS, pod(name, uid, node))
+    tell, told = trio.open_memory_channel[NodePresence](8)
+    async with trio.open_nursery() as nursery:
+        streams, admitted, actor = await run_gate(nursery, kube, told)
+
+        async def offer(node: str, pod_name: str, uid: str) -> FakeNodeStream:
+            stream = FakeNodeStream(identity(node, pod_name, uid))
+            await streams.send(stream)  # type: ignore[arg-type]
+            assert await admitted.receive() is stream  # type: ignore[comparison-overlap]
+            return stream
+
+        first_a, first_b = await offer("a", "d-a", "ua"), await offer("b", "d-b", "ub")
+        await tell.send(NodeGone("a", deleted=True))
+        await trio.sleep(1)
+        assert first_a.closed and not first_b.closed
+        again_a = await offer("a", "d-a", "ua")
+        await tell.send(NodeRegistered("a"))
+        await tell.send(NodeGone("b"))  # replaced: a Node of that name exists
+        await trio.sleep(1)
+        assert not again_a.closed and first_b.closed
+        await offer("b", "d-b", "ub")
+        assert (actor.refused, actor.ended) == (0, 2)
         nursery.cancel_scope.cancel()

@@ -13,7 +13,14 @@ from tests.fakes.kube import FakeKubeApi
 from vpblu.actors.status import MAX_CONDITION_MESSAGE, WORKERS, StatusActor
 from vpblu.core.model import Condition
 from vpblu.kube.client import TUNNEL_POLICIES, VPBLU_NODES, ApiError
-from vpblu.messages import ObjectConditions, ObjectDeleted, PublicKeyReported, StatusInbox
+from vpblu.messages import (
+    NodeGone,
+    NodeRegistered,
+    ObjectConditions,
+    ObjectDeleted,
+    PublicKeyReported,
+    StatusInbox,
+)
 
 KINDS = {k.kind: k for k in (VPBLU_NODES, TUNNEL_POLICIES)}
 
@@ -179,6 +186,39 @@ async def test_deleted_objects_are_forgotten_but_a_reported_key(
         await send.send(ObjectConditions("VpbluNode", "n1", 1, (scheduled,)))
         await trio.sleep(1)
         assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(1)
+        nursery.cancel_scope.cancel()
+
+
+
+async def test_no_vpblu_node_for_a_deleted_node_the_key_said_meanwhile_is_written_once_it_is_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A daemon still running on a deleted Node says its key in a new Hello: no
+    VpbluNode is made for a Node that is not there; registered again, the VpbluNode
+    is made with the key said last. A Node replaced (deleted=False) forgets the key."""
+    kube = FakeKubeApi()
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        await send.send(PublicKeyReported("n1", key(1)))
+        await send.send(PublicKeyReported("n2", key(2)))
+        await trio.sleep(1)
+        for name in ("n1", "n2"):
+            await kube.remove(VPBLU_NODES, name)
+        await send.send(NodeGone("n1", deleted=True))
+        await send.send(NodeGone("n2"))
+        await send.send(ObjectDeleted("VpbluNode", "n1"))
+        await send.send(PublicKeyReported("n1", key(3)))  # its daemon's next Hello
+        scheduled = Condition("VpbluNode", "n1", "DaemonScheduled", "True", "DaemonPod", "")
+        await send.send(ObjectConditions("VpbluNode", "n1", 1, (scheduled,)))
+        await send.send(ObjectConditions("VpbluNode", "n2", 1, (scheduled,)))
+        await trio.sleep(5)
+        assert (await kube.list(VPBLU_NODES)).items == ()
+        await send.send(NodeRegistered("n1"))
+        await send.send(NodeRegistered("n2"))  # nothing held: still nothing to write
+        await trio.sleep(1)
+        assert [o["metadata"]["name"] for o in (await kube.list(VPBLU_NODES)).items] == ["n1"]
+        assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(3)
+        assert actor.remembered == 1
         nursery.cancel_scope.cancel()
 
 

@@ -14,7 +14,8 @@ with the reason. It then ends a stream the moment its identity stops holding:
   when it reconnects; checked every `EXPIRY_SWEEP` seconds);
 - its node's VpbluNode was deleted with its Node (`NodeGone`, from the
   NodeOwnershipActor): the key is forgotten with it, and the daemon, if it is
-  still there, says its key again in the Hello of its next stream.
+  still there, says its key again in the Hello of its next stream (the
+  StatusActor holds it while no Node of that name exists).
 
 A second watch of the daemon Pods (the StateActor has one for the VpbluNode
 DaemonPod condition) costs one Pod per node; in return this gate depends on
@@ -36,7 +37,7 @@ from vpblu.actors.watcher import WatcherActor
 from vpblu.core.sources import DaemonPodSource, Typed
 from vpblu.kube import client as k
 from vpblu.kube import resources
-from vpblu.messages import KindChanged, KindListed, NodeGone, WatchMessage
+from vpblu.messages import KindChanged, KindListed, NodeGone, NodePresence, WatchMessage
 from vpblu.metrics import ControllerMetrics
 from vpblu.stream.identity import AuthenticationFailed
 from vpblu.stream.podbinding import DaemonPod, DaemonPods, PodsNotKnown
@@ -68,7 +69,7 @@ class DaemonPodsActor:
         label_selector: str = DAEMON_POD_SELECTOR,
         metrics: ControllerMetrics | None = None,
         wall_clock: Callable[[], float] = time.time,
-        nodes_gone: trio.MemoryReceiveChannel[NodeGone] | None = None,
+        nodes_gone: trio.MemoryReceiveChannel[NodePresence] | None = None,
     ) -> None:
         self._nodes_gone = nodes_gone
         self._wall_clock = wall_clock  # a token's exp is wall-clock time
@@ -129,9 +130,11 @@ class DaemonPodsActor:
                         self._pods.delete(name)
             self._recheck()
 
-    async def _follow_gone(self, gone: trio.MemoryReceiveChannel[NodeGone]) -> None:
+    async def _follow_gone(self, gone: trio.MemoryReceiveChannel[NodePresence]) -> None:
         async with gone:
             async for message in gone:
+                if not isinstance(message, NodeGone):
+                    continue  # registered again: its daemon's stream is right as it is
                 for stream in self._live:
                     if stream.node_name == message.node and not stream.closed:
                         self._end(stream, "its Node was deleted or replaced; say the key "

@@ -33,7 +33,7 @@ from vpblu.kube import resources
 from vpblu.messages import (
     HealthInbox,
     LeaderObserved,
-    NodeGone,
+    NodePresence,
     RotationsInbox,
     StateInbox,
     StatusInbox,
@@ -165,7 +165,7 @@ class LeadershipActor:
             admitted_send, admitted_receive = trio.open_memory_channel[NodeStream](
                 ADMITTED_STREAMS)
             # VpbluNodes deleted with their Node: the gate ends that node's stream.
-            gone_send, gone_receive = trio.open_memory_channel[NodeGone](NODES_GONE)
+            gone_send, gone_receive = trio.open_memory_channel[NodePresence](NODES_GONE)
             to_sessions = self._streams if pods is None else admitted_receive
             gate = [] if pods is None else [ChildSpec("daemon-pods", lambda: DaemonPodsActor(
                 kube, pods, self._streams.clone(), admitted_send.clone(), metrics=metrics,

@@ -15,6 +15,13 @@ daemon that is there, never carried over from the VpbluNode of a previous Node.
 A VpbluNode made before its Node (an operator's endpoint for a node about to
 join) is left alone until that Node appears.
 
+A Node deleted (a watch event, or a relist without it) is told at once, with
+or without a VpbluNode (`NodeGone(deleted=True)`, to the StatusActor and the
+gate): its daemon may still run there, and the key it says in its next Hello
+would otherwise make the VpbluNode again for a Node that is not there; the
+StatusActor holds that key until a Node of that name is seen again (told as
+`NodeRegistered`), and writes it then.
+
 Level-triggered over its own watches of Nodes and VpbluNodes: after both are
 listed, each change reconciles the names it touched; a failed API call is
 retried with backoff for that name. Must never delete a VpbluNode that was not
@@ -32,7 +39,15 @@ from vpblu.actors.watcher import WatcherActor
 from vpblu.core.sources import NodeSource, Typed, VpbluNodeSource
 from vpblu.kube import client as k
 from vpblu.kube import resources
-from vpblu.messages import KindChanged, KindListed, NodeGone, StatusInbox, WatchMessage
+from vpblu.messages import (
+    KindChanged,
+    KindListed,
+    NodeGone,
+    NodePresence,
+    NodeRegistered,
+    StatusInbox,
+    WatchMessage,
+)
 from vpblu.metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
@@ -45,7 +60,7 @@ RETRY_DELAY_MAX = 30.0
 class NodeOwnershipActor:
     def __init__(self, kube: k.KubeApi, status: trio.MemorySendChannel[StatusInbox],
                  metrics: ControllerMetrics | None = None, *,
-                 nodes_gone: trio.MemorySendChannel[NodeGone] | None = None) -> None:
+                 nodes_gone: trio.MemorySendChannel[NodePresence] | None = None) -> None:
         self._nodes_gone = nodes_gone  # the gate, which ends that node's stream
         self._kube = kube
         self._status = status
@@ -53,6 +68,9 @@ class NodeOwnershipActor:
         self._nodes: dict[str, str] = {}  # Node name -> uid
         self._vpblu_nodes: dict[str, VpbluNodeSource] = {}
         self._listed: set[str] = set()
+        # Node names whose deletion or (re)registration is still to be told.
+        self._node_deleted: set[str] = set()
+        self._node_added: set[str] = set()
         self._dirty: set[str] = set()
         self._delay: dict[str, float] = {}
         self.deleted = 0
@@ -79,21 +97,32 @@ class NodeOwnershipActor:
             async for message in inbox:
                 match message:
                     case KindListed(kind=kind, objects=objects):
+                        relisted = kind in self._listed
                         self._listed.add(kind)
+                        before = set(self._nodes)
                         if kind == k.NODES.kind:
                             self._nodes = {}
                         else:
                             self._vpblu_nodes = {}
-                        self._dirty.update(self._nodes, self._vpblu_nodes)
+                        self._dirty.update(before, self._vpblu_nodes)
                         for obj in objects:
                             self._upsert(obj)
+                        if kind == k.NODES.kind and relisted:
+                            # Changes a broken watch missed (the first list tells none:
+                            # this leader's gate and StatusActor start knowing none).
+                            self._node_deleted |= before - self._nodes.keys()
+                            self._node_added |= self._nodes.keys() - before
                     case KindChanged(kind=kind, upserted=upserted, deleted=deleted):
                         for obj in upserted:
+                            if isinstance(obj, NodeSource) and obj.meta.name not in self._nodes:
+                                self._node_added.add(obj.meta.name)
                             self._upsert(obj)
                         view = self._nodes if kind == k.NODES.kind else self._vpblu_nodes
                         for name in deleted:
                             view.pop(name, None)
                             self._dirty.add(name)
+                            if kind == k.NODES.kind:
+                                self._node_deleted.add(name)
                 if len(self._listed) == 2:
                     await self._reconcile(poke, nursery)
 
@@ -125,11 +154,24 @@ class NodeOwnershipActor:
             self._dirty.add(name)
             await poke.send(None)
 
+    async def _tell(self, message: NodePresence) -> None:
+        await self._status.send(message)
+        if self._nodes_gone is not None:
+            await self._nodes_gone.send(message)
+
     async def _one(self, name: str) -> None:
+        node_uid = self._nodes.get(name)
+        if node_uid is None and name in self._node_deleted:
+            log.info("Node %s deleted: no daemon stream speaks for it and no VpbluNode is "
+                     "made for it until a Node of that name is registered", name)
+            await self._tell(NodeGone(name, deleted=True))
+        elif node_uid is not None and name in self._node_added:
+            await self._tell(NodeRegistered(name))
+        self._node_deleted.discard(name)
+        self._node_added.discard(name)
         vn = self._vpblu_nodes.get(name)
         if vn is None:
             return
-        node_uid = self._nodes.get(name)
         owner = vn.meta.owner_uid(k.NODES.kind)
         if owner is not None and owner != node_uid:
             why = "was deleted" if node_uid is None else f"was replaced (now uid {node_uid})"
@@ -137,7 +179,7 @@ class NodeOwnershipActor:
                         "forgetting its key", name, owner, why)
             # The key is forgotten before the object goes, so that no status write
             # in between makes the VpbluNode again with it.
-            await self._status.send(NodeGone(name))
+            await self._status.send(NodeGone(name, deleted=node_uid is None))
             try:
                 await self._kube.delete_uid(k.VPBLU_NODES, name, vn.meta.uid)
                 self.deleted += 1
@@ -148,7 +190,7 @@ class NodeOwnershipActor:
             self._vpblu_nodes.pop(name, None)
             # Whoever runs there now says its key again (the gate ends its stream).
             if self._nodes_gone is not None:
-                await self._nodes_gone.send(NodeGone(name))
+                await self._nodes_gone.send(NodeGone(name, deleted=node_uid is None))
         elif owner is None and node_uid is not None:
             reference = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}
             path = "/metadata/ownerReferences"

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 import attrs
 import trio
 
+from vpblu.core.deletednodes import DeletedNodes
 from vpblu.core.health import NodeHealth
 from vpblu.core.model import Condition
 from vpblu.kube.client import (
@@ -56,6 +57,7 @@ from vpblu.kube.client import (
 from vpblu.messages import (
     NodeGone,
     NodeHealthReported,
+    NodeRegistered,
     ObjectConditions,
     ObjectDeleted,
     PublicKeyReported,
@@ -173,6 +175,9 @@ class StatusActor:
         self._inbox = inbox
         self._kinds = dict(kinds)
         self._wanted: dict[_Key, _Wanted] = {}
+        # Nodes deleted and not registered again: no VpbluNode is made for them;
+        # the key a daemon says there meanwhile is held until they are.
+        self._deleted_nodes = DeletedNodes()
         # Unbounded, with a reason: a key is queued at most once (`_queued`), so
         # the queue never holds more entries than there are objects.
         self._dirty_send, self._dirty_receive = trio.open_memory_channel[_Key](math.inf)
@@ -211,7 +216,16 @@ class StatusActor:
                 if isinstance(message, StatusObserved):
                     self._observed(message)
                     continue
+                if isinstance(message, NodeRegistered):
+                    held = self._deleted_nodes.registered(message.node)
+                    if held is None:
+                        continue
+                    # Its daemon stayed connected and said its key while the Node
+                    # was away: written now, as if it had just said it.
+                    message = PublicKeyReported(message.node, held)
                 if isinstance(message, NodeGone):
+                    if message.deleted:
+                        self._deleted_nodes.deleted(message.node)
                     gone = _Key(VPBLU_NODES.kind, message.node)
                     self._seen.pop(gone, None)
                     if gone in self._queued or gone in self._busy:
@@ -231,6 +245,12 @@ class StatusActor:
                         self._forget(gone)
                     continue
                 match message:
+                    case PublicKeyReported(node=node, public_key=key) if (
+                            node in self._deleted_nodes):
+                        log.info("node %s: its Node is deleted; the key its daemon said is "
+                                 "held until a Node of that name is registered", node)
+                        self._deleted_nodes.hold(node, key)
+                        continue
                     case PublicKeyReported(node=node, public_key=key):
                         k = _Key(VPBLU_NODES.kind, node)
                         self._wanted[k] = attrs.evolve(self._wanted.get(k, _Wanted()),
@@ -404,7 +424,8 @@ class StatusActor:
         try:
             current = await self._kube.get(kind, key.name)
         except NotFound:
-            if kind is not VPBLU_NODES or wanted.public_key is None:
+            if (kind is not VPBLU_NODES or wanted.public_key is None
+                    or key.name in self._deleted_nodes):
                 raise
             # A daemon connected before anyone made its VpbluNode: make it now.
             current = await self._kube.create(VPBLU_NODES, {
