@@ -12,9 +12,11 @@ schedule, read with croniter in UTC, or a new value of the VpbluNode annotation
     rollback    ROLL_BACK_ROTATING to R, ROLL_BACK_PEER to every P, ABANDON_ROTATING to R
 
 Between steps it waits for every involved daemon's RotationResult, re-sending
-the step every `RESEND_INTERVAL` (steps are idempotent: a daemon that
-reconnected, or a step lost with a stream, just runs it again) until
-`STEP_TIMEOUT`. A failure or timeout before Retire rolls back; Retire and the
+the step to the silent ones (steps are idempotent: a daemon that reconnected, or
+a step lost with a stream, just runs it again) once the leader has been quiet for
+`RESEND_INTERVAL`, doubling each round, until no daemon has answered the step for
+`STEP_TIMEOUT` (a stall; a busy leader whose answers keep coming is not one). A
+failure or stall before Retire rolls back; Retire and the
 rollback only go forward, retrying with backoff until every daemon has done its
 part, because stopping halfway would leave a node half-rotated.
 
@@ -85,6 +87,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import secrets
 from collections.abc import Iterable
 from typing import Protocol
@@ -105,8 +108,10 @@ log = logging.getLogger(__name__)
 
 Step = wire.RotationStepKind
 
-STEP_TIMEOUT = 60.0  # a forward step: every daemon answers in this time, or we roll back
-RESEND_INTERVAL = 5.0
+# A step stalls when no daemon has answered it for this long: a forward step then
+# rolls back, Retire and a rollback try again.
+STEP_TIMEOUT = 60.0
+RESEND_INTERVAL = 5.0  # unanswered steps go again once the leader is quiet this long
 RETRY_INITIAL = 1.0  # Retire and rollback steps retry forever, backing off to RETRY_MAX
 RETRY_MAX = 30.0
 SEQUENCE_BITS = 32
@@ -192,6 +197,7 @@ class RotationToken:
         self._admit_until = 0.0
         self._closed = True
         self._changed = trio.Event()
+        self._last_answer_at = -math.inf
         self.batches = 0
         self.largest_batch = 0
 
@@ -204,6 +210,14 @@ class RotationToken:
     def members(self) -> dict[str, int]:
         """The current batch: node -> slot."""
         return dict(self._members)
+
+    @property
+    def last_answer_at(self) -> float:
+        """When the last answer to any rotation step reached the leader (-inf: none)."""
+        return self._last_answer_at
+
+    def answer_seen(self) -> None:
+        self._last_answer_at = trio.current_time()
 
     def next_sequence(self) -> int:
         self._sequence += 1
@@ -356,6 +370,7 @@ class RotationActor:
                     self._view_changed.set()
                     self._view_changed = trio.Event()
                 case RotationResultReceived(node=node, result=result):
+                    self._token.answer_seen()
                     if self._awaiting != (result.rotation_id, result.stamp):
                         self._results_dropped += 1
                         continue
@@ -608,64 +623,109 @@ class RotationActor:
 
     async def _forward(self, record: RotationRecord, phase: RotationPhase, step: Step,
                        nodes: Iterable[str]) -> dict[str, wire.RotationResult]:
-        """Persist, send, wait for every answer; StepFailed on an error or timeout."""
-        with trio.move_on_after(self._settings.step_timeout) as scope:
-            return await self._step(record, phase, step, nodes, fail_fast=True)
-        assert scope.cancelled_caught
-        raise StepFailed(f"{step.name}: no answer within {self._settings.step_timeout:.0f}s")
+        """Persist, send, wait for every answer; StepFailed on an error or a stall."""
+        return await self._step(record, phase, step, nodes, {})
 
     async def _until_done(self, record: RotationRecord, phase: RotationPhase, step: Step,
                           nodes: Iterable[str]) -> None:
-        """Persist, send, and keep at it (backing off) until every node has done it."""
+        """Persist, send, and keep at it (backing off) until every node has done it.
+        A node that answered an attempt has done the step: the next attempt is only
+        for the others."""
         delay = RETRY_INITIAL
         pending = tuple(nodes)
+        answers: dict[str, wire.RotationResult] = {}
         while True:
-            with trio.move_on_after(self._settings.step_timeout):
-                try:
-                    await self._step(record, phase, step, pending, fail_fast=True)
-                    return
-                except StepFailed as exc:
-                    log.warning("node %s: rotation %s %s: %s; retrying in %.0fs", self._node,
-                                record.rotation_id, step.name, exc, delay)
+            try:
+                await self._step(record, phase, step, pending, answers)
+                return
+            except StepFailed as exc:
+                log.warning("node %s: rotation %s %s: %s; retrying in %.0fs", self._node,
+                            record.rotation_id, step.name, exc, delay)
+            pending = tuple(n for n in pending if n not in answers)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
     async def _step(self, record: RotationRecord, phase: RotationPhase, step: Step,
-                    nodes: Iterable[str], *, fail_fast: bool) -> dict[str, wire.RotationResult]:
+                    nodes: Iterable[str],
+                    answers: dict[str, wire.RotationResult]) -> dict[str, wire.RotationResult]:
+        """One step to `nodes`, answers into `answers` as they come (kept when it
+        fails). StepFailed on an error answer, or when no node has answered for
+        `step_timeout` (a stall, not a slow leader: a batch's phase of thousands of
+        steps takes longer than that while its answers keep coming).
+
+        Unanswered steps are re-sent when the leader has been quiet for a while
+        (`_resend_at`), with the interval doubling each round: while answers come the
+        steps are on their way, and a copy of one still queued at the leader (the
+        StateActor's inbox, a session's mailbox, a stream) is carried and answered
+        again for nothing. Re-sent every interval, a phase that takes longer than one (8 x 999
+        steps at N=1000) queued more copies each round than the leader could carry,
+        and the batch never finished (tests/actors/test_rotation_congestion.py)."""
         stamp = self._stamp()
         record = attrs.evolve(record, phase=phase, step=step, stamp=stamp)
         # Persisted before it is sent: a new leader must find every step it may have missed.
-        await self._ports.persist(self._node, record)
+        with trio.move_on_after(self._settings.step_timeout) as persisting:
+            await self._ports.persist(self._node, record)
+        if persisting.cancelled_caught:
+            raise StepFailed(f"{step.name}: the record was not written within "
+                             f"{self._settings.step_timeout:.0f}s")
         self._record = record
         message = wire.RotationStep(record.rotation_id, step, self._node, record.old_public_key,
                                     record.new_public_key, stamp, record.slot)
         waiting = set(nodes)
-        answers: dict[str, wire.RotationResult] = {}
         self._results.clear()
         self._awaiting = (record.rotation_id, stamp)
+        stalled_at = trio.current_time() + self._settings.step_timeout
+        interval = self._settings.resend_interval
         try:
             while waiting:
                 for node in sorted(waiting):
                     await self._ports.send_step(node, message)
-                with trio.move_on_after(self._settings.resend_interval):
-                    while waiting:
-                        arrived = self._result_arrived
-                        for node, received in self._results.items():
-                            result = received.result
-                            if node not in waiting:
-                                continue
-                            if result.error is not None and fail_fast:
-                                raise StepFailed(f"{step.name} on {node}: {result.error}")
-                            if result.error is None:
-                                waiting.discard(node)
-                                answers[node] = result
-                        self._results.clear()
-                        if waiting:
+                sent_at = trio.current_time()
+                while waiting:
+                    arrived = self._result_arrived
+                    for node, received in self._results.items():
+                        result = received.result
+                        if node not in waiting:
+                            continue
+                        if result.error is not None:
+                            raise StepFailed(f"{step.name} on {node}: {result.error}")
+                        waiting.discard(node)
+                        answers[node] = result
+                        stalled_at = trio.current_time() + self._settings.step_timeout
+                    self._results.clear()
+                    if not waiting:
+                        break
+                    deadline = self._resend_at(sent_at, interval, stalled_at)
+                    if trio.current_time() < deadline:
+                        with trio.move_on_at(deadline):
                             await arrived.wait()
+                        continue  # an answer came, or the deadline moved: look again
+                    if trio.current_time() >= stalled_at:
+                        raise StepFailed(
+                            f"{step.name}: no answer within {self._settings.step_timeout:.0f}s "
+                            f"(from {', '.join(sorted(waiting)[:5])}"
+                            f"{' ...' if len(waiting) > 5 else ''})")
+                    # Re-send to the silent ones, and wait twice as long before the next
+                    # round: copies of one step stay a handful however long a phase takes.
+                    interval = min(2 * interval, self._settings.step_timeout)
+                    break
         finally:
             self._awaiting = None
             self._results.clear()
         return answers
+
+
+    def _resend_at(self, sent_at: float, interval: float, stalled_at: float) -> float:
+        """When the unanswered steps of a round sent at `sent_at` go again: once no
+        answer to any rotation step has reached the leader for `interval` (answers to
+        other steps mean the leader is carrying a backlog, which copies would only
+        join), or none to this step for half the stall time; never sooner than
+        `resend_interval` after the round, never after the stall."""
+        settings = self._settings
+        leader_quiet = max(self._token.last_answer_at, sent_at) + interval
+        step_quiet = stalled_at - settings.step_timeout / 2
+        return min(max(min(leader_quiet, step_quiet), sent_at + settings.resend_interval),
+                   stalled_at)
 
 
 def _rank(step: Step) -> int:
