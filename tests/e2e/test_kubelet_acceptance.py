@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from tests.e2e.test_rotation_e2e import (
     request_rotation,
     wait_for_outcome,
 )
+from vpblu.lab import demo
 from vpblu.lab.kubeletnodes import TEST_NAMESPACE, KubeletCluster, KubeletSettings
 from vpblu.lab.localcluster import (
     SYSTEM_NAMESPACE,
@@ -324,6 +326,38 @@ def test_a_key_rotation_under_traffic_loses_no_packet(healthy: KubeletCluster,
     after = cluster.public_keys()
     assert after[node.name] != before[node.name]
     assert_keys_everywhere(cluster, before)
+
+
+# --- the demo ----------------------------------------------------------------------------
+
+
+def test_the_demo_tells_its_story_on_kubelet_nodes(healthy: KubeletCluster) -> None:
+    """`make demo`'s default (kubelet nodes): what it shows once the cluster is up
+    and vpblu installed - the samples' policy applied, the mesh converged, every
+    pod pair pinging, a capture of the underlay holding only WireGuard besides
+    the daemons' TLS to the controllers, and the live view of pods and tunnels.
+    Told on this module's cluster (the demo's own start is KubeletCluster's
+    start_kubelet and install, which the fixture runs; its process-level exits,
+    --duration and Ctrl-C, are the cluster's context manager's)."""
+    lines: list[str] = []
+    settings = demo.DemoSettings(nodes=len(healthy.nodes), duration=demo.STATUS_PERIOD / 2)
+    demo.tell(demo.KubeletStage.of(healthy), settings, demo.Clock(), lines.append)
+    text = "\n".join(lines)
+    print(text)
+    assert "MESH CONVERGED" in text
+    n = len(healthy.nodes)
+    pings = [x for x in lines if " -> " in x]
+    assert len(pings) == n * (n - 1) and all(x.endswith(": ok") for x in pings), pings
+    m = re.search(r"captured (\d+) packets: (\d+) are UDP \d+ between node addresses, 0 are "
+                  r"anything else, 0 carry a pod address in the clear", text)
+    assert m is not None and m.group(1) == m.group(2) != "0", text
+    view = [x for x in lines if "leader: " in x]
+    assert view, text
+    rows = view[-1].splitlines()
+    assert rows[0].count(" up") == 2, rows[0]  # both controller pods Ready
+    for node in healthy.nodes:
+        row = next(r for r in rows if r.startswith(f"{node.name} "))
+        assert row.split()[1] == "up" and "(no peers)" not in row, row
 
 
 # --- node delete (last: a kubelet pod of the deleted node may be collected) -------------

@@ -112,6 +112,13 @@ class Stage:
 
 @attrs.define
 class KubeletStage(Stage):
+    @classmethod
+    def of(cls, cluster: KubeletCluster) -> KubeletStage:
+        """A KubeletCluster with vpblu installed (`KubeletCluster.install`)."""
+        return cls(cluster, capture_exclude=f" and not tcp port {CONTROLLER_PORT}",
+                   capture_excluded_says=f", and the daemons' TLS to the controllers (TCP "
+                                         f"{CONTROLLER_PORT}, host network)")
+
     def pods(self) -> list[Pod]:
         # Pods of the demo's own, started once; the namespaces' Pod view of them.
         cluster = self.cluster
@@ -178,10 +185,7 @@ def kubelet_stage(settings: DemoSettings, say: Callable[[str], None]) -> Iterato
         took = cluster.install()
         say(f"kubectl apply -k {cluster.dir / 'overlay'} (kustomize/base, the local image by "
             f"digest): controller Deployment and daemon DaemonSets rolled out ({took:.1f} s)")
-        yield KubeletStage(
-            cluster, capture_exclude=f" and not tcp port {CONTROLLER_PORT}",
-            capture_excluded_says=f", and the daemons' TLS to the controllers (TCP "
-                                  f"{CONTROLLER_PORT}, host network)")
+        yield KubeletStage.of(cluster)
 
 
 def run_demo(settings: DemoSettings, out: Callable[[str], None] = print) -> int:
