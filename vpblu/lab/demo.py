@@ -199,14 +199,23 @@ def run_demo(settings: DemoSettings, out: Callable[[str], None] = print) -> int:
         out(f"{clock.stamp()} {msg}")
 
     stage = kubelet_stage if settings.nodes_mode == "kubelet" else namespace_stage
+    interrupted = False
     try:
         with stage(settings, say) as s:
-            tell(s, settings, clock, out)
+            try:
+                tell(s, settings, clock, out)
+            except KeyboardInterrupt:
+                # Said before the teardown, which takes a while on kubelet nodes
+                # (a second Ctrl-C does not cut it short).
+                interrupted = True
+                say("interrupted")
             say("stopping: removing daemons, controllers, namespaces and interfaces"
-                + (", kubelets, containerd and their state" if settings.nodes_mode == "kubelet"
-                   else ""))
+                + (", kubelets, containerd and their state (up to a minute)"
+                   if settings.nodes_mode == "kubelet" else ""))
     except KeyboardInterrupt:
-        out(f"{clock.stamp()} interrupted: everything the demo created is removed")
+        interrupted = True
+    if interrupted:
+        say("interrupted: everything the demo created is removed")
         return 130
     say("done: nothing left behind")
     return 0
