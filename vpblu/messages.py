@@ -189,8 +189,8 @@ class NodeGone:
     its VpbluNode was deleted, and the key its daemon reported must be
     forgotten too, never written into a VpbluNode of a reused name.
     `deleted`: no Node of that name exists now. Until a `NodeRegistered`, no
-    stream speaks for it and no VpbluNode is made for it (a daemon still
-    running on a deleted Node would otherwise make it again with its key)."""
+    VpbluNode is made for it: the key a daemon still running there says is
+    held by the StatusActor, not written (it would make the VpbluNode again)."""
 
     node: str
     deleted: bool = False

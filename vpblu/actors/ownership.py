@@ -162,7 +162,7 @@ class NodeOwnershipActor:
     async def _one(self, name: str) -> None:
         node_uid = self._nodes.get(name)
         if node_uid is None and name in self._node_deleted:
-            log.info("Node %s deleted: no daemon stream speaks for it and no VpbluNode is "
+            log.info("Node %s deleted: its daemon's stream is ended and no VpbluNode is "
                      "made for it until a Node of that name is registered", name)
             await self._tell(NodeGone(name, deleted=True))
         elif node_uid is not None and name in self._node_added:
