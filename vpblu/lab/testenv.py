@@ -29,6 +29,7 @@ import ctypes
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -209,11 +210,32 @@ def spawn_child(spawner: ThreadPoolExecutor, name: str, argv: list[str], log_pat
     return ChildProcess(name, proc, log_path, log)
 
 
+# Ports handed out by free_port come from here: below the kernel's ephemeral
+# range (32768-60999 by default) and the NodePort range (30000-32767), above the
+# 10xxx ports the control plane and kubelets listen on. A port taken from the
+# ephemeral range can be free when chosen and then become the local end of some
+# outgoing connection (a watch, a forwarder's upstream) before the server binds
+# it: a CI run once lost a controller that way, Address already in use five
+# times in 30 s.
+_LISTEN_PORTS = range(15000, 30000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A loopback TCP port no socket holds now, never one this process handed out before."""
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.choice(_LISTEN_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free loopback port in {_LISTEN_PORTS.start}-{_LISTEN_PORTS.stop - 1}")
 
 
 def pid_alive(pid: int) -> bool:
