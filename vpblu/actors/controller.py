@@ -5,7 +5,7 @@ connected by which channels. The tree:
 
     controller (one_for_one)
       mesh-server       gRPC Mesh service (TLS); follower mode redirects
-      leader            LeaderActor on the Lease
+      leader            LeaseThreadActor: the LeaderActor on the Lease, on its own thread
       leadership        starts/stops the leader subtree on LeaderObserved
         leader-work (one_for_all, only while this replica leads)
           status        StatusActor
@@ -36,8 +36,9 @@ import trio
 from vpblu import aioloop
 from vpblu.actors.daemonpods import DAEMON_NAMESPACE
 from vpblu.actors.health import HealthSettings
-from vpblu.actors.leader import LeaderActor, LeaseSettings
+from vpblu.actors.leader import LeaseSettings
 from vpblu.actors.leadership import Leadership, LeadershipActor
+from vpblu.actors.leasethread import LeaseThreadActor, kubeconfig_client
 from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
 from vpblu.dashboard.server import DashboardSettings, dashboard_child
@@ -98,13 +99,11 @@ async def run_controller(
     host, port = split_address(settings.listen)
     # One TLS connection per node: not 256 KiB of read buffer each (tlsbuffers).
     shrink_tls_read_buffers()
-    # The Lease gets a client (a connection pool) of its own, as client-go
-    # advises: a burst of TokenReviews from a thousand reconnecting daemons
-    # must never queue the renewal behind it and cost the lead.
-    async with (k.open_kube_client(settings.kubeconfig,
-                                   user_agent=k.CONTROLLER_USER_AGENT) as kube,
-                k.open_kube_client(settings.kubeconfig,
-                                   user_agent=k.CONTROLLER_USER_AGENT) as lease_kube):
+    # The Lease is kept on a thread of its own with its own loop and client
+    # (leasethread): neither a burst of TokenReviews nor a main loop held by a
+    # thousand reconnecting daemons may queue the renewal and cost the lead.
+    async with k.open_kube_client(settings.kubeconfig,
+                                  user_agent=k.CONTROLLER_USER_AGENT) as kube:
         await require_supported(kube)  # UnsupportedKubernetes below vpblu.kubeversion.MINIMUM
         service_ranges = await service_cidrs(kube, settings.service_cidrs)
         observed_send, observed_receive = trio.open_memory_channel[LeaderObserved](16)
@@ -138,8 +137,9 @@ async def run_controller(
                     health=settings.health,
                     metrics=metrics, daemon_pods=daemon_pods),
                 observed_receive)),
-            ChildSpec("leader", lambda: LeaderActor(
-                lease_kube, settings.identity, settings.advertise, observed_send.clone(),
+            ChildSpec("leader", lambda: LeaseThreadActor(
+                kubeconfig_client(settings.kubeconfig, k.CONTROLLER_USER_AGENT),
+                settings.identity, settings.advertise, observed_send.clone(),
                 settings.lease).run),
         ])
         async with (streams_send, streams_receive, observed_send, observed_receive,
