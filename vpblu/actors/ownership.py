@@ -161,7 +161,8 @@ class NodeOwnershipActor:
 
     async def _one(self, name: str) -> None:
         node_uid = self._nodes.get(name)
-        if node_uid is None and name in self._node_deleted:
+        told_deleted = node_uid is None and name in self._node_deleted
+        if told_deleted:
             log.info("Node %s deleted: its daemon's stream is ended and no VpbluNode is "
                      "made for it until a Node of that name is registered", name)
             await self._tell(NodeGone(name, deleted=True))
@@ -178,8 +179,12 @@ class NodeOwnershipActor:
             log.warning("VpbluNode %s: its Node (uid %s) %s; deleting the VpbluNode and "
                         "forgetting its key", name, owner, why)
             # The key is forgotten before the object goes, so that no status write
-            # in between makes the VpbluNode again with it.
-            await self._status.send(NodeGone(name, deleted=node_uid is None))
+            # in between makes the VpbluNode again with it. A deleted Node was told
+            # just above, before this delete; told here: a replaced Node, and one
+            # this leader found missing in its first list (that list tells none).
+            gone = None if told_deleted else NodeGone(name, deleted=node_uid is None)
+            if gone is not None:
+                await self._status.send(gone)
             try:
                 await self._kube.delete_uid(k.VPBLU_NODES, name, vn.meta.uid)
                 self.deleted += 1
@@ -189,8 +194,8 @@ class NodeOwnershipActor:
                 pass  # gone already (the garbage collector)
             self._vpblu_nodes.pop(name, None)
             # Whoever runs there now says its key again (the gate ends its stream).
-            if self._nodes_gone is not None:
-                await self._nodes_gone.send(NodeGone(name, deleted=node_uid is None))
+            if gone is not None and self._nodes_gone is not None:
+                await self._nodes_gone.send(gone)
         elif owner is None and node_uid is not None:
             reference = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}
             path = "/metadata/ownerReferences"
