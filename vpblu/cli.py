@@ -68,6 +68,11 @@ def _controller_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="the cluster's Service range, as kube-apiserver's "
                         "--service-cluster-ip-range (repeatable: one per IP family); a "
                         "RoutePolicy route over it is refused")
+    p.add_argument("--cluster-cidr", action="append", default=[], type=_pod_cidr,
+                   help="the cluster's pod range, as kube-controller-manager's --cluster-cidr "
+                        "(repeatable): traffic to it goes into the mesh or is dropped, never "
+                        "in the clear, even where no Node holds it (every Node podCIDR seen "
+                        "is covered anyway, also after its Node is deleted)")
 
 
 def _cidr(text: str) -> IPNetwork:
@@ -76,6 +81,14 @@ def _cidr(text: str) -> IPNetwork:
         return network(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _pod_cidr(text: str) -> IPNetwork:
+    """A pod range: a CIDR, and not a default route (it would steer every packet)."""
+    cidr = _cidr(text)
+    if cidr.prefixlen == 0:
+        raise argparse.ArgumentTypeError(f"{text} is a default route, not a pod range")
+    return cidr
 
 
 def _run_controller(args: argparse.Namespace) -> int:
@@ -112,6 +125,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         session=SessionSettings(resync_period=args.resync_period),
         daemon_users=users,
         service_cidrs=tuple(args.service_cidr),
+        cluster_cidrs=tuple(args.cluster_cidr),
         metrics_listen=args.metrics_listen or None,
         dashboard=dashboard,
     )

@@ -46,6 +46,7 @@ from vpblu.core.model import (
     Condition,
     IPNetwork,
     NodeDesiredState,
+    PodRange,
     Route,
     network,
 )
@@ -393,6 +394,16 @@ class PeersWanted:
 
     node: str
     reply: trio.MemorySendChannel[tuple[str, ...]] = attrs.field(eq=False, repr=False)
+
+
+# --- StateActor -> PodRangesActor (vpblu/actors/podranges.py) ------------------------
+
+
+@attrs.frozen(slots=True)
+class RememberPodRanges:
+    """Live Nodes' podCIDRs the pod-ranges ConfigMap does not hold yet: add them."""
+
+    ranges: tuple[PodRange, ...]
 
 
 StateInbox = (WatchMessage | SessionOpened | SessionClosed | NodeAcked | SendRotationStep

@@ -134,6 +134,7 @@ async def test_nothing_is_pushed_before_every_kind_is_listed(
     await h.send.send(KindListed("BlockPolicy", (), (), "1"))
     await h.send.send(KindListed("RotationPolicy", (), (), "1"))
     await h.send.send(KindListed("Pod", (), (), "1"))
+    await h.send.send(KindListed("ConfigMap", (), (), "1"))
     with trio.move_on_after(60):
         msg = await box.receive()
         raise AssertionError(f"pushed {msg} before TunnelPolicy was listed")

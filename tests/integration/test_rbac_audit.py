@@ -53,6 +53,8 @@ OWNED = {
     ("create", "tokenreviews", ""), ("create", "subjectaccessreviews", ""),
     ("create", "leases", ""), ("update", "leases", ""), ("patch", "leases", ""),
     ("create", "events", ""),
+    # The remembered pod ranges' ConfigMap (vpblu.core.podranges), by name.
+    ("create", "configmaps", ""), ("update", "configmaps", ""),
     ("create", "vpblunodes", ""), ("patch", "vpblunodes", ""), ("delete", "vpblunodes", ""),
     *((verb, kind, "status") for kind in VPBLU_KINDS for verb in ("patch", "update")),
 }
@@ -150,4 +152,6 @@ async def test_the_controller_writes_only_what_it_owns(
             if e["verb"] == "delete"} == {deleted}
     assert {e["objectRef"].get("name") for e in writes
             if e["objectRef"].get("resource") == "leases"} <= {"vpblu-controller", None}
+    assert {e["objectRef"].get("name") for e in writes
+            if e["objectRef"].get("resource") == "configmaps"} <= {"vpblu-pod-ranges", None}
     print(f"audited controller writes: {sorted(done)}")

@@ -52,6 +52,13 @@ def test_the_controller_holds_least_privilege() -> None:
         if any(r.endswith("/status") for r in resources):
             assert all(r.endswith("/status") for r in resources), rule
             assert verbs <= READ | {"patch", "update"}, rule
-        assert not resources & {"secrets", "configmaps", "nodes/status", "serviceaccounts"}, rule
+        assert not resources & {"secrets", "nodes/status", "serviceaccounts"}, rule
+        if "configmaps" in resources:
+            # Only the remembered pod ranges' ConfigMap is written (create cannot
+            # be limited by name), in vpblu-system.
+            assert (kind, ns) == ("Role", "vpblu-system") and resources == {"configmaps"}, rule
+            if verbs - READ - {"create"}:
+                assert rule.get("resourceNames") == ["vpblu-pod-ranges"], rule
+                assert verbs <= {"update", "patch"}, rule
         if "nodes" in resources:
             assert verbs <= READ, rule

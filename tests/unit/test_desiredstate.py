@@ -710,12 +710,14 @@ CASES = [
 def cluster_datapath(snapshot: ClusterSnapshot, name: str) -> DataPath:
     """The DataPath rule, stated on its own for the cases above that are about
     something else: the node's own pod CIDRs; every node's pod CIDRs and the
-    TunnelPolicy's clusterCIDRs, collapsed; fail-closed unless the policy in
-    force (the first by name) says failOpen. DATAPATH_CASES spell it out."""
+    TunnelPolicy's clusterCIDRs, the controller's cluster CIDRs and the
+    remembered pod ranges, collapsed; fail-closed unless the policy in force
+    (the first by name) says failOpen. DATAPATH_CASES spell it out."""
     mine = next(n.pod_cidrs for n in snapshot.nodes if n.name == name)
     tunnel = min(snapshot.tunnel_policies, key=lambda t: t.name, default=None)
     every = [c for n in snapshot.nodes for c in n.pod_cidrs]
     every += tunnel.cluster_cidrs if tunnel is not None else ()
+    every += [*snapshot.cluster_cidrs, *(r.cidr for r in snapshot.remembered_pod_ranges)]
     collapsed = [*ipaddress.collapse_addresses(c for c in every if c.version == 4),
                  *ipaddress.collapse_addresses(c for c in every if c.version == 6)]
     return DataPath(mine, collapsed, tunnel.fail_open if tunnel is not None else False)
@@ -732,7 +734,9 @@ def test_compute(case: Case) -> None:
     result = compute(case.snapshot)
     assert dict(result.states) == expected_states(case)
     assert list(result.states) == sorted(s.node for s in case.states)
-    assert result.conditions == tuple(case.conditions)
+    # The PodRanges condition has tests of its own (tests/unit/test_podranges.py).
+    assert tuple(c for c in result.conditions if c.type != "PodRanges") == tuple(
+        case.conditions)
 
 
 # --- diff and apply ---------------------------------------------------------------

@@ -80,6 +80,10 @@ class ControllerSettings:
     # The cluster's Service ranges (kube-apiserver's --service-cluster-ip-range;
     # the API does not publish them): no RoutePolicy route may cover them.
     service_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
+    # The cluster's pod ranges (kube-controller-manager's --cluster-cidr), if
+    # named: steered and guarded with every Node podCIDR ever seen
+    # (vpblu.core.podranges), also where no Node holds a range yet.
+    cluster_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=tuple)
     health: HealthSettings = attrs.field(factory=HealthSettings)
     # "host:port" of /metrics, /healthz and /readyz (None: not served).
     metrics_listen: str | None = None
@@ -134,6 +138,7 @@ async def run_controller(
                 lambda observed: LeadershipActor(
                     kube, server, observed, streams_receive.clone(), settings.session, view,
                     service_cidrs=service_ranges,
+                    cluster_cidrs=settings.cluster_cidrs,
                     health=settings.health,
                     metrics=metrics, daemon_pods=daemon_pods),
                 observed_receive)),

@@ -18,6 +18,9 @@ import trio
 from vpblu.actors.daemonpods import DaemonPodsActor
 from vpblu.actors.health import HealthActor, HealthSettings
 from vpblu.actors.ownership import NodeOwnershipActor
+from vpblu.actors.podranges import LABEL_SELECTOR as POD_RANGES_SELECTOR
+from vpblu.actors.podranges import NAMESPACE as POD_RANGES_NAMESPACE
+from vpblu.actors.podranges import PodRangesActor, parse_pod_ranges
 from vpblu.actors.rotation import RotationSettings
 from vpblu.actors.rotations import LeaderRotationPorts, RotationsActor
 from vpblu.actors.session import SessionSettings
@@ -34,6 +37,7 @@ from vpblu.messages import (
     HealthInbox,
     LeaderObserved,
     NodePresence,
+    RememberPodRanges,
     RotationsInbox,
     StateInbox,
     StatusInbox,
@@ -51,6 +55,7 @@ ROTATIONS_INBOX = 256
 HEALTH_INBOX = 1024  # a report per session per batch: mass reconnects come in bursts
 ADMITTED_STREAMS = 64  # streams the DaemonPodsActor admitted, on their way to the sessions
 NODES_GONE = 64
+POD_RANGES_INBOX = 64
 
 DAEMON_POD_SELECTOR = "app.kubernetes.io/name=vpblu,app.kubernetes.io/component=daemon"
 
@@ -73,6 +78,8 @@ WATCHED: tuple[Watched, ...] = (
     # Only the daemon's own Pods: they tell each VpbluNode whether a daemon
     # is scheduled on its node at all (no key yet is then explained).
     Watched(k.PODS, resources.parse_daemon_pod, "vpblu-system", DAEMON_POD_SELECTOR),
+    # The remembered pod ranges (vpblu.core.podranges).
+    Watched(k.CONFIG_MAPS, parse_pod_ranges, POD_RANGES_NAMESPACE, POD_RANGES_SELECTOR),
 )
 
 
@@ -102,6 +109,7 @@ class LeadershipActor:
                  streams: trio.MemoryReceiveChannel[NodeStream],
                  session: SessionSettings, view: Leadership, *,
                  service_cidrs: Sequence[IPNetwork] = (),
+                 cluster_cidrs: Sequence[IPNetwork] = (),
                  health: HealthSettings | None = None,
                  metrics: ControllerMetrics | None = None,
                  daemon_pods: DaemonPods | None = None) -> None:
@@ -116,6 +124,7 @@ class LeadershipActor:
         self._streams = streams
         self._session = session
         self._service_cidrs = tuple(service_cidrs)
+        self._cluster_cidrs = tuple(cluster_cidrs)
         self._view = view
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -166,6 +175,8 @@ class LeadershipActor:
                 ADMITTED_STREAMS)
             # VpbluNodes deleted with their Node: the gate ends that node's stream.
             gone_send, gone_receive = trio.open_memory_channel[NodePresence](NODES_GONE)
+            ranges_send, ranges_receive = trio.open_memory_channel[RememberPodRanges](
+                POD_RANGES_INBOX)
             to_sessions = self._streams if pods is None else admitted_receive
             gate = [] if pods is None else [ChildSpec("daemon-pods", lambda: DaemonPodsActor(
                 kube, pods, self._streams.clone(), admitted_send.clone(), metrics=metrics,
@@ -189,6 +200,8 @@ class LeadershipActor:
                 ChildSpec("state", with_inbox_clone(
                     lambda inbox: StateActor(inbox, status_send.clone(), term=term,
                                              service_cidrs=self._service_cidrs,
+                                             cluster_cidrs=self._cluster_cidrs,
+                                             pod_ranges=ranges_send.clone(),
                                              rotations=rotations_send.clone(),
                                              metrics=metrics),
                     state_receive)),
@@ -202,6 +215,8 @@ class LeadershipActor:
                     lambda inbox: HealthActor(inbox, status_send.clone(), kube, self._health,
                                               metrics=metrics),
                     health_receive)),
+                ChildSpec("pod-ranges", with_inbox_clone(
+                    lambda inbox: PodRangesActor(kube, inbox), ranges_receive)),
                 *(watcher(w) for w in WATCHED),
                 *gate,
                 ChildSpec("sessions", lambda: SessionsActor(
@@ -211,7 +226,8 @@ class LeadershipActor:
             tree = Supervisor("leader-work", children, strategy=Strategy.ONE_FOR_ALL)
             async with (state_send, state_receive, status_send, status_receive,
                         rotations_send, rotations_receive, health_send, health_receive,
-                        admitted_send, admitted_receive, gone_send, gone_receive):
+                        admitted_send, admitted_receive, gone_send, gone_receive,
+                        ranges_send, ranges_receive):
                 task_status.started(scope)
                 self._view.health = health_send
                 try:

@@ -40,6 +40,9 @@ Invariants:
 - A connected node's peers are told the key its daemon said in its Hello
   (vpblu.core.keyanchors), not status.publicKey: a status anyone may patch
   never changes what peers hold while that daemon is connected.
+- The pod ranges every node steers and guards (DataPath.cluster_cidrs) never
+  shrink by themselves: a deleted Node's podCIDR stays one, remembered in a
+  ConfigMap this leader reads before its first push (vpblu.core.podranges).
 - Mid-rotation, a node's peers are told the key its rotation record says
   (`RotationRecord.published_key`: the old key until Retire; the record this
   leader's RotationActor recorded, `RotationRecorded`), not the key its
@@ -82,10 +85,13 @@ from vpblu.core.model import (
     RoutePolicy,
     TunnelPolicy,
 )
+from vpblu.core.podranges import CONFIG_MAP as POD_RANGES_CONFIG_MAP
+from vpblu.core.podranges import PodRangeMemory
 from vpblu.core.sources import (
     ROTATE_NOW_ANNOTATION,
     DaemonPodSource,
     NodeSource,
+    PodRangesSource,
     PolicySource,
     Typed,
     VpbluNodeSource,
@@ -102,6 +108,7 @@ from vpblu.messages import (
     PushDelta,
     PushRotationStep,
     PushSync,
+    RememberPodRanges,
     RotationRecorded,
     RotationResultReceived,
     RotationsInbox,
@@ -151,8 +158,9 @@ def resync_delay(errors: int) -> float:
 # The kinds whose status the StatusActor writes.
 STATUS_KINDS = frozenset({"VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
                           "RotationPolicy"})
+# ConfigMap: the remembered pod ranges (vpblu.core.podranges), read before any push.
 WATCHED_KINDS = ("Node", "VpbluNode", "TunnelPolicy", "RoutePolicy", "BlockPolicy",
-                 "RotationPolicy", "Pod")
+                 "RotationPolicy", "Pod", "ConfigMap")
 
 
 @attrs.define
@@ -199,6 +207,8 @@ class StateActor:
         rotations: trio.MemorySendChannel[RotationsInbox] | None = None,
         service_cidrs: Sequence[IPNetwork] = (),
         metrics: ControllerMetrics | None = None,
+        cluster_cidrs: Sequence[IPNetwork] = (),
+        pod_ranges: trio.MemorySendChannel[RememberPodRanges] | None = None,
         cost_clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._inbox = inbox
@@ -216,6 +226,11 @@ class StateActor:
         self._pushed_now: set[str] | None = None
         # The cluster's Service ranges, which no RoutePolicy route may cover.
         self._service_cidrs = tuple(service_cidrs)
+        # The pod ranges named by the controller's configuration, the ones
+        # remembered (vpblu.core.podranges) and where new ones are written.
+        self._cluster_cidrs = tuple(cluster_cidrs)
+        self._pod_range_memory = PodRangeMemory()
+        self._pod_ranges = pod_ranges
         self._failing: dict[str, _Failing] = {}
         self._resyncs_after_error = 0
         self._status = status
@@ -484,7 +499,13 @@ class StateActor:
             nodes.append(cached[3])
         for gone in self._node_infos.keys() - self._objects["Node"].keys():
             del self._node_infos[gone]
+        config_map = self._objects["ConfigMap"].get(POD_RANGES_CONFIG_MAP)
+        self._pod_range_memory.follow(
+            config_map if isinstance(config_map, PodRangesSource) else None,
+            (src for src in self._objects["Node"].values() if isinstance(src, NodeSource)))
         return ClusterSnapshot(
+            cluster_cidrs=self._cluster_cidrs,
+            remembered_pod_ranges=self._pod_range_memory.ranges,
             nodes=nodes,
             tunnel_policies=self._policies("TunnelPolicy", TunnelPolicy),
             route_policies=self._policies("RoutePolicy", RoutePolicy),
@@ -503,6 +524,7 @@ class StateActor:
         seen, self._dirty_since = self._dirty_since or trio.current_time(), None
         self._pushed_now = set()
         snapshot = self.snapshot()
+        self._remember_pod_ranges()
         previous = self._result
         if previous is None:
             self._result = desiredstate.compute(snapshot, service_cidrs=self._service_cidrs)
@@ -561,6 +583,16 @@ class StateActor:
                                                           MAX_RECOMPUTE_WAIT)
         await self._report_conditions(self._result.conditions)
         await self._report_rotation_views()
+
+    def _remember_pod_ranges(self) -> None:
+        """Hand the writer the live podCIDRs its ConfigMap lacks (never waiting:
+        a full mailbox or a writer restarting is tried at the next recompute)."""
+        unsent = self._pod_range_memory.unsent()
+        if unsent and self._pod_ranges is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                self._pod_ranges.send_nowait(RememberPodRanges(unsent))
+                self._pod_range_memory.handed(unsent)
 
     async def _report_rotation_views(self) -> None:
         """Every node's rotation view, sent when one of them changed. A view is

@@ -82,6 +82,17 @@ Conditions
     rest ("… and 37 more problems"): a 4096-route policy must not write a
     status the size of its spec. Sorted, so equal inputs give equal tuples.
     RotationPolicy is not read here: the RotationActor owns key rotation.
+    The TunnelPolicy in force also gets one of type "PodRanges" (status
+    True): which pod ranges the steering and the cleartext guard cover and
+    where each comes from (see Pod ranges).
+
+Pod ranges (every node's DataPath.cluster_cidrs)
+    The union, collapsed, of the TunnelPolicy's clusterCIDRs, the controller's
+    configured cluster CIDRs (`--cluster-cidr`), every Node podCIDR the
+    controller remembers (vpblu.core.podranges: deleted Nodes' too) and every
+    Node's podCIDRs now. A deleted Node's range stays in it: its machine may
+    still run pods a stale route leads to, and that traffic must be dropped
+    or tunnelled, never sent in the clear.
 
 Cost (N nodes, P peers per node, R RoutePolicy routes)
     `compute` is O(N log N + R log R) to plan plus the size of its output,
@@ -241,6 +252,10 @@ class _Findings:
     def __init__(self) -> None:
         self._objects: dict[tuple[str, str], list[_Problem]] = {}
         self._notes: dict[tuple[str, str], list[str]] = {}
+        self._others: list[Condition] = []  # conditions of other types than Accepted
+
+    def condition(self, condition: Condition) -> None:
+        self._others.append(condition)
 
     def read(self, kind: str, name: str) -> None:
         self._objects.setdefault((kind, name), [])
@@ -278,6 +293,7 @@ class _Findings:
                                         "note"),
                     )
                 )
+        out.extend(self._others)
         # One condition per (kind, name, type), so this key orders them
         # exactly as Condition's own order would, without attrs' slow __lt__.
         return tuple(sorted(out, key=lambda c: (c.kind, c.name, c.type)))
@@ -851,7 +867,9 @@ def plan(
         else:
             routes[name] = tuple(Route(cidr, name) for cidr in peer.allowed_ips)
 
-    datapaths = _datapaths(ordered, tunnel, previous)
+    datapaths = _datapaths(ordered, tunnel, previous, snapshot)
+    if tunnel is not None:
+        findings.condition(_pod_ranges_condition(tunnel, snapshot, ordered))
     mesh_peers = tuple(peers.values())  # already in name order
     mesh_routes = tuple(sorted(itertools.chain.from_iterable(routes.values()), key=route_key))
     positions: dict[str, list[int]] = {}
@@ -876,18 +894,23 @@ def plan(
 
 
 def _datapaths(
-    ordered: Sequence[NodeInfo], tunnel: TunnelPolicy | None, previous: Topology | None
+    ordered: Sequence[NodeInfo], tunnel: TunnelPolicy | None, previous: Topology | None,
+    snapshot: ClusterSnapshot,
 ) -> dict[str, DataPath]:
     """Each node's DataPath: its own pod CIDRs, and every pod range of the
     cluster - all nodes' pod CIDRs (overlapping ones and those of nodes without
     a key or isolated included: they are pod ranges all the same, and traffic
-    to them must never leave in the clear) and the TunnelPolicy's
-    clusterCIDRs, collapsed. No TunnelPolicy at all is fail-closed too: the
-    mesh is off, so cross-node pod traffic is dropped, not sent in the clear.
-    Unchanged values are the previous objects, so states compare by identity."""
+    to them must never leave in the clear), the TunnelPolicy's clusterCIDRs,
+    the controller's cluster CIDRs and the remembered podCIDRs of every Node
+    seen (deleted ones too), collapsed. No TunnelPolicy at all is fail-closed
+    too: the mesh is off, so cross-node pod traffic is dropped, not sent in
+    the clear. Unchanged values are the previous objects, so states compare
+    by identity."""
     fail_open = tunnel.fail_open if tunnel is not None else False
     extra = tunnel.cluster_cidrs if tunnel is not None else ()
-    cluster = _collapse([*extra, *itertools.chain.from_iterable(n.pod_cidrs for n in ordered)])
+    cluster = _collapse({*extra, *snapshot.cluster_cidrs,
+                         *(r.cidr for r in snapshot.remembered_pod_ranges),
+                         *itertools.chain.from_iterable(n.pod_cidrs for n in ordered)})
     old = previous.datapaths if previous is not None else {}
     old_cluster = next(iter(old.values())).cluster_cidrs if old else None
     if cluster == old_cluster:
@@ -901,6 +924,34 @@ def _datapaths(
         else:
             out[node.name] = _datapath(node.pod_cidrs, cluster, fail_open)
     return out
+
+
+def _pod_ranges_condition(tunnel: TunnelPolicy, snapshot: ClusterSnapshot,
+                          ordered: Sequence[NodeInfo]) -> Condition:
+    """The TunnelPolicy's PodRanges condition: the sources of cluster_cidrs.
+    It lists the named ranges and the remembered ranges no Node holds now,
+    not every Node's podCIDR, so a join does not rewrite it."""
+    named = []
+    if tunnel.cluster_cidrs:
+        named.append(f"spec.clusterCIDRs {', '.join(map(str, tunnel.cluster_cidrs))}")
+    if snapshot.cluster_cidrs:
+        named.append(f"the controller's --cluster-cidr "
+                     f"{', '.join(map(str, snapshot.cluster_cidrs))}")
+    live = {c for n in ordered for c in n.pod_cidrs}
+    deleted = [r for r in snapshot.remembered_pod_ranges if r.cidr not in live]
+    head = ("traffic to these pod ranges goes into the mesh or is dropped, and the "
+            "cleartext guard watches for them: " + "; ".join(
+                [*named, "every Node's podCIDRs"]))
+    if deleted:
+        head += ("; the podCIDRs of Nodes that are gone, remembered in ConfigMap "
+                 "vpblu-system/vpblu-pod-ranges")
+    elif not named:
+        head += (" (no range is named: set spec.clusterCIDRs or the controller's "
+                 "--cluster-cidr to cover ranges no Node holds yet)")
+    parts: list[Message] = [head, *(f"{r.cidr} (was {r.node or 'a Node'}'s)" for r in deleted)]
+    return Condition(_KIND_TUNNEL, tunnel.name, "PodRanges", ConditionStatus.TRUE.value,
+                     "Configured" if named else "NodePodCIDRs",
+                     _capped(parts, "remembered range"))
 
 
 def _datapath(local: tuple[IPNetwork, ...], cluster: tuple[IPNetwork, ...],

@@ -21,7 +21,9 @@ TunnelPolicy
     spec.peerings         Explicit only: [{nodes: [a, b]}], each an undirected pair
     spec.clusterCIDRs     optional extra pod ranges of the cluster (e.g. the whole
                           /16 the pod CIDRs are cut from): traffic to them that has
-                          no tunnel is dropped, never sent in the clear
+                          no tunnel is dropped, never sent in the clear (added to the
+                          controller's --cluster-cidr and every Node podCIDR it has
+                          seen, deleted Nodes' too: vpblu.core.podranges)
     spec.failOpen         default false; true lets traffic to a pod range without a
                           tunnel leave unencrypted (an explicit, visible migration aid)
 
@@ -251,9 +253,27 @@ class RotationPolicy:
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
 
+@attrs.frozen(slots=True, order=True)
+class PodRange:
+    """A pod range the controller remembers: `cidr` was a podCIDR of Node `node`
+    (the first Node seen holding it). vpblu.core.podranges owns why."""
+
+    cidr: IPNetwork = attrs.field(converter=network, order=_net_key)
+    node: str
+
+
+def _pod_ranges(values: Any) -> tuple[PodRange, ...]:
+    return tuple(sorted(values, key=lambda r: (_net_key(r.cidr), r.node)))
+
+
 @attrs.frozen(slots=True)
 class ClusterSnapshot:
-    """Everything the pure core reads, keyed by object name. Immutable."""
+    """Everything the pure core reads, keyed by object name. Immutable.
+
+    Besides the objects: `cluster_cidrs`, the pod ranges the controller was
+    configured with (`--cluster-cidr`), and `remembered_pod_ranges`, every Node
+    podCIDR the controller has seen (vpblu.core.podranges): both are pod ranges
+    of the cluster whatever Nodes exist now."""
 
     nodes: tuple[NodeInfo, ...] = attrs.field(default=(), converter=_node_infos)
     tunnel_policies: tuple[TunnelPolicy, ...] = attrs.field(default=(), converter=_tunnel_policies)
@@ -262,6 +282,8 @@ class ClusterSnapshot:
     rotation_policies: tuple[RotationPolicy, ...] = attrs.field(
         default=(), converter=_rotation_policies
     )
+    cluster_cidrs: tuple[IPNetwork, ...] = attrs.field(default=(), converter=_networks)
+    remembered_pod_ranges: tuple[PodRange, ...] = attrs.field(default=(), converter=_pod_ranges)
 
 
 # --- what the core produces ------------------------------------------------------

@@ -141,4 +141,15 @@ class DaemonPodSource:
     terminating: bool = False  # metadata.deletionTimestamp is set
 
 
-Typed = NodeSource | VpbluNodeSource | PolicySource | DaemonPodSource
+@attrs.frozen(slots=True)
+class PodRangesSource:
+    """The ConfigMap where the leader keeps every Node podCIDR it has seen
+    (vpblu.core.podranges): the ranges it holds, and its lines that are not
+    ranges (kept out, and said on the TunnelPolicy's PodRanges condition)."""
+
+    meta: ObjectMeta
+    ranges: tuple[model.PodRange, ...]
+    problems: tuple[str, ...] = ()
+
+
+Typed = NodeSource | VpbluNodeSource | PolicySource | DaemonPodSource | PodRangesSource

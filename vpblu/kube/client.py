@@ -94,6 +94,7 @@ BLOCK_POLICIES = ResourceKind("BlockPolicy", GROUP, VERSION, "blockpolicies")
 ROTATION_POLICIES = ResourceKind("RotationPolicy", GROUP, VERSION, "rotationpolicies")
 SERVICE_CIDRS = ResourceKind("ServiceCIDR", "networking.k8s.io", "v1", "servicecidrs")
 EVENTS = ResourceKind("Event", "", "v1", "events", namespaced=True)
+CONFIG_MAPS = ResourceKind("ConfigMap", "", "v1", "configmaps", namespaced=True)
 
 # Every write names this manager (managedFields), so a status write by anyone
 # else is told apart - and named - by the StatusActor.
