@@ -393,9 +393,9 @@ def test_deleting_a_node_removes_its_peer_everywhere(healthy: KubeletCluster) ->
                          f"{gone.name}'s VpbluNode deleted")
         a, b, _ = pods(cluster)
         assert cluster.ping(a, b.ip, count=1)
-        # (Not "a no longer reaches c", as on namespace nodes: the lab's
-        # host-gw routes to every podCIDR are static, so a->c leaves in the
-        # clear by the main table once the mesh no longer claims c's range; a
-        # real host-gw CNI withdraws a deleted Node's route.)
+        # (a->c is not checked here: c's range stays a pod range after its Node
+        # is deleted, so a->c by the lab's static host-gw route goes to a's
+        # fail-closed sink, not in the clear - tests/e2e/test_podranges_e2e.py
+        # shows that with a capture.)
     finally:
         cluster.restart_kubelet(gone)
