@@ -39,6 +39,7 @@ from vpblu.core.model import (
     NodeDesiredState,
     NodeInfo,
     Peer,
+    PodRange,
     RouteOverride,
     RoutePolicy,
     TunnelMode,
@@ -131,6 +132,11 @@ def snapshots(draw: st.DrawFn, nodes: list[NodeInfo] | None = None) -> ClusterSn
         tunnel_policies=_unique(draw(st.lists(tunnel_policies, max_size=2))),
         route_policies=_unique(draw(st.lists(route_policies, max_size=2))),
         block_policies=_unique(draw(st.lists(block_policies, max_size=2))),
+        # The controller's --cluster-cidr, and podCIDRs of Nodes seen before.
+        cluster_cidrs=draw(st.lists(st.sampled_from(["10.0.0.0/16", "fd00::/64"]), max_size=1)),
+        remembered_pod_ranges=draw(st.lists(st.builds(
+            PodRange, cidr=st.sampled_from(POD_POOL), node=st.sampled_from(["gone", *NAMES])),
+            max_size=3)),
     )
 
 
@@ -245,6 +251,9 @@ def test_deterministic_whatever_the_order(snapshot: ClusterSnapshot, rnd: random
         tunnel_policies=rnd.sample(snapshot.tunnel_policies, len(snapshot.tunnel_policies)),
         route_policies=rnd.sample(snapshot.route_policies, len(snapshot.route_policies)),
         block_policies=rnd.sample(snapshot.block_policies, len(snapshot.block_policies)),
+        cluster_cidrs=snapshot.cluster_cidrs,
+        remembered_pod_ranges=rnd.sample(snapshot.remembered_pod_ranges,
+                                         len(snapshot.remembered_pod_ranges)),
     )
     first, second = compute(snapshot), compute(shuffled)
     assert first == second
@@ -313,9 +322,11 @@ def test_incremental_equals_full_recompute(data: st.DataObject) -> None:
 @given(snapshots())
 def test_every_pod_range_is_a_cluster_range_of_every_node(snapshot: ClusterSnapshot) -> None:
     # Fail-closed holds only for what is in cluster_cidrs: every node's pod
-    # CIDRs (keyless, isolated or overlapping alike) must be covered, on every node.
+    # CIDRs (keyless, isolated or overlapping alike), every remembered podCIDR
+    # (a deleted Node's too) and the named ranges must be covered, on every node.
     result = compute(snapshot)
     every = [c for n in snapshot.nodes for c in n.pod_cidrs]
+    every += [*snapshot.cluster_cidrs, *(r.cidr for r in snapshot.remembered_pod_ranges)]
     for state in result.states.values():
         cluster = state.datapath.cluster_cidrs
         for cidr in every:
