@@ -15,13 +15,12 @@ that window could lose them.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import tenacity
 import trio
 
 from vpblu.core import podranges
-from vpblu.core.model import PodRange
+from vpblu.core.model import IPNetwork, PodRange
 from vpblu.core.sources import PodRangesSource, RawObject
 from vpblu.kube import client as k
 from vpblu.kube.resources import meta_of
@@ -44,7 +43,7 @@ def parse_pod_ranges(raw: RawObject) -> PodRangesSource:
     data = raw.get("data") or {}
     text = data.get(podranges.DATA_KEY, "") if isinstance(data, dict) else ""
     ranges, problems = podranges.parse_lines(text if isinstance(text, str) else "")
-    for problem in problems:
+    for problem in problems if meta.name == podranges.CONFIG_MAP else ():
         log.warning("ConfigMap %s/%s data.%s: %s", NAMESPACE, meta.name, podranges.DATA_KEY,
                     problem)
     return PodRangesSource(meta, ranges, problems)
@@ -55,7 +54,7 @@ class PodRangesActor:
                  ) -> None:
         self._kube = kube
         self._inbox = inbox
-        self._wanted: dict[Any, PodRange] = {}
+        self._wanted: dict[IPNetwork, PodRange] = {}
         self.writes = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
