@@ -11,6 +11,7 @@ connected by which channels. The tree:
           status        StatusActor
           state         StateActor (its term stamps every generation)
           watch-<Kind>  one WatcherActor per kind
+          pod-ranges    PodRangesActor (the remembered pod ranges' ConfigMap)
           health        HealthActor (telemetry in memory, paced VpbluNode health)
           sessions      SessionsActor -> one NodeSessionActor per daemon
           rotations     RotationsActor -> one RotationActor per node (key rotation)
