@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.fakes.streams import FakeNodeStream, public_key
+from tests.fakes.streams import FakeNodeStream, FakeOutbox, public_key
 from vpblu.actors.session import PENDING_REPORT_DELAY, NodeSessionActor, SessionSettings
 from vpblu.core import wire
 from vpblu.core.model import NodeDesiredState, Peer, PeerAdded
@@ -215,3 +215,134 @@ async def test_a_push_is_reported_pending_only_when_its_ack_is_late(
         assert (report.sent_generation, report.acked_generation) == (11, 10)
         assert trio.current_time() - sent_at == pytest.approx(PENDING_REPORT_DELAY)
         nursery.cancel_scope.cancel()
+
+
+# --- a backlogged controller: the ack clock is the daemon's, not the leader's queue -----
+
+BACKLOG_TEST_BOUND = 1000.0  # virtual seconds
+
+
+async def test_a_push_still_queued_here_is_not_the_daemons_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The push waits 40 s in the controller's outbox (a leader behind on its
+    writes), the daemon acks 2 s after it got it: no resend, no close."""
+    outbox = FakeOutbox(per_message=40)
+    h = Harness(FakeNodeStream("n0", outbox=outbox))
+    with trio.fail_after(BACKLOG_TEST_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            await nursery.start(h.run)
+            opened = await h.opened()
+            t0 = trio.current_time()
+            await opened.mailbox.send(PushSync(10, state(1)))
+            await h.stream.wait_sent(1)
+            assert trio.current_time() - t0 == 40
+            await trio.sleep(2)
+            await h.stream.ack_latest()
+            assert await h.state.receive() == NodeAcked("n0", 7, 10)
+            await trio.sleep(4 * SETTINGS.ack_timeout)
+            assert h.stream.sent == [wire.SyncState(10, state(1))]
+            assert h.stream.closed_reason is None
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_unacknowledged_push_is_resent_and_closed_counting_from_its_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Silence after the write is still the daemon's: resent ack_timeout after the
+    push was written (20 s after it was queued), closed ack_timeout after the
+    resend was written (20 s after it was queued)."""
+    outbox = FakeOutbox(per_message=20)
+    h = Harness(FakeNodeStream("n0", outbox=outbox))
+    with trio.fail_after(BACKLOG_TEST_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            await nursery.start(h.run)
+            opened = await h.opened()
+            t0 = trio.current_time()
+            await opened.mailbox.send(PushSync(10, state(1)))
+            await h.stream.wait_sent(2)
+            resent_written = trio.current_time() - t0
+            assert resent_written == 20 + SETTINGS.ack_timeout + 20
+            assert h.stream.sent == [wire.SyncState(10, state(1))] * 2
+            await h.done.wait()
+            assert trio.current_time() - t0 == resent_written + SETTINGS.ack_timeout
+            assert h.stream.closed_reason is not None
+            assert "not acknowledged" in h.stream.closed_reason
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_ack_waiting_unread_here_is_not_a_silence(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The daemon acked at once, but the leader has not read it for 40 s."""
+    h = Harness(FakeNodeStream("n0"))
+    h.stream.read_gate = trio.Event()
+    with trio.fail_after(BACKLOG_TEST_BOUND):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(h.run)
+            opened = await h.opened()
+            await opened.mailbox.send(PushSync(10, state(1)))
+            await h.stream.wait_sent(1)
+            await h.stream.ack_latest()
+            await trio.sleep(40)
+            assert h.stream.unread == 1
+            h.stream.read_gate.set()
+            assert await h.state.receive() == NodeAcked("n0", 7, 10)
+            await trio.sleep(4 * SETTINGS.ack_timeout)
+            assert h.stream.sent == [wire.SyncState(10, state(1))]
+            assert h.stream.closed_reason is None
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_behind_on_every_stream_closes_none_of_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every session pushes at once (a key every node must learn) through one
+    writer that takes 0.2 s a message, 40 s for all 200; each daemon acks 1 s after
+    its push reached it. Timed from the queue, the sessions whose push was written
+    after ack_timeout resent their whole state (behind everyone else's) and those
+    after twice that closed their streams together (the N=1000 rotation: 1000
+    streams in 0.1 s). Timed from the write: every push acked, nothing resent,
+    nothing closed."""
+    nodes = 200
+    outbox = FakeOutbox(per_message=0.2)
+    state_send, state_recv = trio.open_memory_channel[StateInbox](10 * nodes)
+    status_send, _status = trio.open_memory_channel[StatusInbox](10 * nodes)
+    streams = [FakeNodeStream(f"n{i}", outbox=outbox) for i in range(nodes)]
+    acked: set[str] = set()
+
+    async def daemon(stream: FakeNodeStream) -> None:
+        await stream.wait_sent(1)
+        await trio.sleep(1)
+        await stream.ack_latest()
+
+    with trio.fail_after(BACKLOG_TEST_BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.run)
+            for i, stream in enumerate(streams):
+                actor = NodeSessionActor(stream, i, state_send.clone(), status_send.clone(),
+                                         SETTINGS)
+                await nursery.start(actor.run)
+                nursery.start_soon(daemon, stream)
+            mailboxes = []
+            while len(mailboxes) < nodes:
+                message = await state_recv.receive()
+                if isinstance(message, SessionOpened):
+                    mailboxes.append(message.mailbox)
+            t0 = trio.current_time()
+            for mailbox in mailboxes:
+                mailbox.send_nowait(PushSync(10, state(1)))
+            with trio.move_on_after(nodes * 0.2 + 10 * SETTINGS.ack_timeout):
+                while len(acked) < nodes:
+                    match await state_recv.receive():
+                        case NodeAcked(node=node, generation=10, error=None):
+                            acked.add(node)
+            took = trio.current_time() - t0
+            await trio.sleep(4 * SETTINGS.ack_timeout)
+            closed = [s.node_name for s in streams if s.closed_reason is not None]
+            resent = [s.node_name for s in streams if len(s.sent) > 1]
+            assert (len(acked), closed, resent) == (nodes, [], [])
+            assert took == pytest.approx(nodes * 0.2 + 1)
+            nursery.cancel_scope.cancel()

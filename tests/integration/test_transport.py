@@ -170,6 +170,34 @@ async def test_single_message_batches_are_queued_and_arrive_in_order(pki: Pki) -
         assert await receive_n(daemon, 300) == deltas
 
 
+async def test_a_timed_batch_says_when_it_was_written_out(pki: Pki) -> None:
+    """What a NodeSessionActor's ack clock counts from (vpblu/actors/session.py):
+    a batch sent `timed` is queued, not written, when send_batch returns; once the
+    daemon has it, `written_at` says when it left. And `unread` counts what the
+    daemon said that waits for receive_batch."""
+    push = wire.SyncState(5, NodeDesiredState("a"))
+    async with running_mesh(pki.server) as mesh, \
+            open_mesh_stream(mesh.address, pki.client, "token-a", hello()) as daemon:
+        node_stream = await mesh.accept()
+        assert node_stream.written_at() is None
+        queued = trio.current_time()
+        await node_stream.send_batch([push], timed=True)
+        assert node_stream.written_at() is None  # the writer has not run since
+        assert await receive_n(daemon, 1) == [push]
+        written = node_stream.written_at()
+        assert written is not None
+        assert queued <= written <= trio.current_time()
+        await node_stream.send_batch([wire.Delta(6, 5, [PeerRemoved("b")])])
+        assert node_stream.written_at() == written  # an untimed batch leaves it
+        answers: list[wire.NodeMessage] = [wire.Ack(5), wire.Heartbeat()]
+        await daemon.send_batch(answers)
+        with trio.fail_after(PROMPTLY):
+            while node_stream.unread < len(answers):  # noqa: ASYNC110 (the asyncio reader sets no trio event per message)
+                await trio.sleep(0.01)
+        assert await receive_n(node_stream, 2) == answers
+        assert node_stream.unread == 0
+
+
 def big_state(node: str, peers: int) -> NodeDesiredState:
     return NodeDesiredState(node, peers=[
         Peer(f"p{i:05d}", base64.b64encode(i.to_bytes(32, "big")).decode(), None,

@@ -20,6 +20,13 @@ Acknowledgements: if the daemon has not acknowledged what was sent within
 refused delta is the likely cause); if that is not acknowledged either, the
 stream is closed, and the daemon's reconnect starts afresh. The daemon keeps
 its mesh in the meantime: closing a stream never changes a node's kernel.
+The clock counts from when the push was written out to the stream, not from
+when it was queued, and does not run out while the daemon's answers wait
+unread here: a leader that is behind (a whole-cluster rotation at N=1000 had
+every session push at once, and the writes took longer than the timeout) is
+slow on its own, and once timed from the queue every session resent its whole
+state and then closed its stream in the same tenth of a second, which only
+added to the backlog (tests/actors/test_session.py, the backlogged tests).
 An error Ack is an answer too (the daemon is there, and said why it could not
 apply): it goes to the StateActor, which resyncs the node with a backoff, and
 the session neither resends nor closes the stream for it.
@@ -77,7 +84,17 @@ class SessionStream(Protocol):
 
     async def receive_batch(self) -> list[wire.NodeMessage]: ...
 
-    async def send_batch(self, messages: Sequence[wire.ControllerMessage]) -> None: ...
+    async def send_batch(self, messages: Sequence[wire.ControllerMessage], *,
+                         timed: bool = False) -> None: ...
+
+    def written_at(self) -> float | None:
+        """When the last batch sent `timed` was written out (None: still queued)."""
+        ...
+
+    @property
+    def unread(self) -> int:
+        """Messages from the daemon that arrived and wait for `receive_batch`."""
+        ...
 
     def close(self, reason: str) -> None: ...
 
@@ -133,6 +150,8 @@ class NodeSessionActor:
         self._latest: tuple[int, NodeDesiredState] | None = None
         self._sent_generation = 0
         self._sent_at = 0.0
+        # While the latest push waits in the stream's outbox, when to look again.
+        self._ack_check_at = math.inf
         self._acked_generation = 0
         self._answered_generation = 0  # acknowledged, with an error or without
         self._resent_for_ack = False
@@ -230,8 +249,21 @@ class NodeSessionActor:
         if self._latest is not None:
             deadline = self._sent_at + self._settings.resync_period
         if self._sent_generation > self._answered_generation:
-            deadline = min(deadline, self._sent_at + self._settings.ack_timeout)
+            deadline = min(deadline, self._ack_due())
         return min(deadline, self._report_due)
+
+    def _ack_due(self) -> float:
+        """When the push not yet answered is overdue: `ack_timeout` after it was
+        written out; while it is still queued the clock has not started."""
+        written = self._stream.written_at()
+        if written is None:
+            return self._ack_check_at
+        return max(written + self._settings.ack_timeout, self._ack_check_at)
+
+    def _behind_here(self) -> bool:
+        """The wait is this controller's own: the push is still queued for the
+        stream, or what the daemon said waits unread."""
+        return self._stream.written_at() is None or self._stream.unread > 0
 
     async def _write(self) -> None:
         while True:
@@ -265,7 +297,11 @@ class NodeSessionActor:
                 await self._report()  # a push still unacknowledged: Pending
                 continue
             unacked = self._sent_generation > self._answered_generation
-            if unacked and now >= self._sent_at + self._settings.ack_timeout:
+            if unacked and now >= self._ack_due():
+                if self._behind_here():
+                    self._ack_check_at = now + self._settings.ack_timeout
+                    await trio.lowlevel.checkpoint()  # the reader takes what waits
+                    continue
                 if self._resent_for_ack:
                     self._end(f"generation {self._sent_generation} not acknowledged within "
                               f"{2 * self._settings.ack_timeout:.0f}s")
@@ -284,10 +320,11 @@ class NodeSessionActor:
                 return
 
     async def _send(self, messages: list[wire.SyncState | wire.Delta]) -> None:
-        await self._stream.send_batch(messages)
+        await self._stream.send_batch(messages, timed=True)
         self.messages_sent += len(messages)
         sent_before = self._sent_generation
         self._sent_generation = max(self._sent_generation, messages[-1].generation)
         self._sent_at = trio.current_time()
+        self._ack_check_at = self._sent_at + self._settings.ack_timeout
         if self._sent_generation != sent_before:
             self._report_due = min(self._report_due, self._sent_at + PENDING_REPORT_DELAY)

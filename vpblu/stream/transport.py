@@ -352,6 +352,10 @@ class _Inbox(Generic[R]):
         self._writable.set()
         return batch
 
+    @property
+    def waiting(self) -> int:
+        return len(self._items)
+
     def close(self, why: StreamClosed) -> None:
         """First reason wins; what already arrived is still delivered."""
         if self._closed is None:
@@ -384,6 +388,12 @@ class _Call(Generic[R, S]):
         self.bytes_received = 0  # protobuf bytes, without gRPC/HTTP/2/TLS framing
         self.outbox: deque[S] = deque()
         self.outbox_bytes = 0
+        # Messages queued and written out so far; the timed batch (see `enqueue`) is
+        # the one whose last message is number `_timed_mark`, written at `timed_at`.
+        self.enqueued = 0
+        self.written = 0
+        self._timed_mark = 0
+        self.timed_at: float | None = None
         self._outbox_ready = asyncio.Event()  # the writer has something to do
         self._room = asyncio.Event()  # the outbox went below OUTBOX_LIMIT
 
@@ -436,10 +446,15 @@ class _Call(Generic[R, S]):
             raise StreamClosed(closed.reason if closed else "stream ended",
                                status=closed.status if closed else None)
 
-    def enqueue(self, batch: Sequence[S]) -> bool:
+    def enqueue(self, batch: Sequence[S], *, timed: bool = False) -> bool:
         """Called from trio (same thread): queue `batch` for the writer, in
-        order. False when the outbox is full and the caller must `wait_for_room`."""
+        order. False when the outbox is full and the caller must `wait_for_room`.
+        `timed`: `timed_at` becomes the time its last message is written out
+        (None until then), in place of the previous timed batch's."""
         self.check_open()
+        self.enqueued += len(batch)
+        if timed:
+            self._timed_mark, self.timed_at = self.enqueued, None
         self.outbox.extend(batch)
         self.outbox_bytes += sum(_size(m) for m in batch)
         # Setting an asyncio Event from trio is safe under trio-asyncio: it
@@ -483,6 +498,9 @@ class _Call(Generic[R, S]):
                             return False
                         await self.stream.send_message(self.outbox[0])
                         self.outbox_bytes -= _size(self.outbox.popleft())
+                        self.written += 1
+                        if self.written == self._timed_mark:
+                            self.timed_at = trio.current_time()
                         if self.outbox_bytes < OUTBOX_LIMIT:
                             self._room.set()
             except TimeoutError:
@@ -660,14 +678,28 @@ class BatchStream(Generic[R, S]):
         `StreamClosed` once the stream is over and everything was delivered."""
         return await self._call.inbox.take(BATCH_LIMIT)
 
-    async def send_batch(self, messages: Sequence[S]) -> None:
+    async def send_batch(self, messages: Sequence[S], *, timed: bool = False) -> None:
         """Queued in order for the stream's writer; returns without crossing
         into asyncio unless the outbox is full. `StreamClosed` if the stream
-        is over (a failed earlier write included)."""
+        is over (a failed earlier write included). `timed`: `written_at` tells
+        when these messages have been written out (this replaces the batch it
+        told of before)."""
         if not messages:
             return
-        if not self._call.enqueue([self._encode(m) for m in messages]):
+        if not self._call.enqueue([self._encode(m) for m in messages], timed=timed):
             await trio_asyncio.aio_as_trio(self._call.wait_for_room)()
+
+    def written_at(self) -> float | None:
+        """When (trio's clock) the last batch sent `timed` was written out to the
+        stream, None while it still waits in the outbox (or none was sent timed).
+        A busy controller queues for seconds before it writes: what the other end
+        owes for a message counts from here, not from `send_batch`."""
+        return self._call.timed_at
+
+    @property
+    def unread(self) -> int:
+        """Messages that arrived and wait for `receive_batch`."""
+        return self._call.inbox.waiting
 
     @property
     def received(self) -> tuple[int, int]:
