@@ -27,6 +27,8 @@ every session push at once, and the writes took longer than the timeout) is
 slow on its own, and once timed from the queue every session resent its whole
 state and then closed its stream in the same tenth of a second, which only
 added to the backlog (tests/actors/test_session.py, the backlogged tests).
+A daemon that stops reading is still caught: the stream's write times out
+(vpblu/stream/transport.py WRITE_TIMEOUT) and the stream ends.
 An error Ack is an answer too (the daemon is there, and said why it could not
 apply): it goes to the StateActor, which resyncs the node with a backoff, and
 the session neither resends nor closes the stream for it.
