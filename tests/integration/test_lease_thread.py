@@ -12,6 +12,8 @@ And a Lease taken by someone else still stops the leader's work.
 from __future__ import annotations
 
 import datetime
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,7 @@ from vpblu.messages import LeaderObserved
 LEASE = dict(lease_duration=9.0, renew_deadline=6.0, retry_period=1.0)
 BURST = 7.0  # each burst holds the loop longer than the renew deadline
 BURSTS = 3
+SAMPLE_EVERY = 0.25
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/vpblu-system/leases/{}"
 
 
@@ -60,6 +63,38 @@ def lease_of(env: TestEnv, name: str) -> dict[str, object]:
     spec = answer.body["spec"]
     assert isinstance(spec, dict)
     return spec
+
+
+class RenewalSampler:
+    """Reads the Lease every SAMPLE_EVERY on a thread of its own (the trio
+    loop is held) and keeps every distinct renewTime its holder wrote."""
+
+    def __init__(self, env: TestEnv, name: str) -> None:
+        self._env = env
+        self._name = name
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="renewal-sampler")
+        self.renew_times: list[datetime.datetime] = []
+
+    def __enter__(self) -> RenewalSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY):
+            answer = self._env.request("GET", LEASE_PATH.format(self._name))
+            if answer.status != 200 or not answer.body["spec"].get("holderIdentity"):
+                continue  # not created yet, or released at the end
+            when = datetime.datetime.fromisoformat(answer.body["spec"]["renewTime"])
+            if not self.renew_times or when != self.renew_times[-1]:
+                self.renew_times.append(when)
+
+    def gaps(self) -> list[float]:
+        return [(b - a).total_seconds() for a, b in itertools.pairwise(self.renew_times)]
 
 
 async def wait_for(what: str, condition: Callable[[], bool]) -> None:
@@ -101,11 +136,18 @@ async def test_the_lease_thread_keeps_the_lease_while_the_main_loop_is_held(
     name = unique("lease")
     settings = LeaseSettings(namespace="vpblu-system", name=name, **LEASE)
     before = time.monotonic()
-    seen = await lead_hog_and_report(env, name, lambda out: LeaseThreadActor(
-        kubeconfig_client(env.kubeconfig_path), "keeper", "127.0.0.1:1", out, settings).run)
+    with RenewalSampler(env, name) as renewals:
+        seen = await lead_hog_and_report(env, name, lambda out: LeaseThreadActor(
+            kubeconfig_client(env.kubeconfig_path), "keeper", "127.0.0.1:1", out, settings).run)
     held = time.monotonic() - before
     assert held > BURSTS * BURST > settings.renew_deadline
     assert [o.is_me for o in seen] == [True], f"the lead was lost while the loop was held: {seen}"
+    # Seen from outside, by the API server's record: renewed all along.
+    gaps = renewals.gaps()
+    print(f"renewals seen: {len(gaps) + 1}, longest gap {max(gaps):.2f} s"
+          f" (renew deadline {settings.renew_deadline} s, loop held {BURSTS} x {BURST} s)")
+    assert len(gaps) + 1 >= BURSTS * BURST / settings.renew_deadline
+    assert max(gaps) < settings.renew_deadline, gaps
     # Released on the way out (the thread's shielded release), and never taken over.
     spec = lease_of(env, name)
     assert spec.get("holderIdentity") is None
