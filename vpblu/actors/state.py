@@ -209,13 +209,15 @@ class StateActor:
         metrics: ControllerMetrics | None = None,
         cluster_cidrs: Sequence[IPNetwork] = (),
         pod_ranges: trio.MemorySendChannel[RememberPodRanges] | None = None,
-        cost_clock: Callable[[], float] = time.perf_counter,
+        cost_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self._inbox = inbox
         self._metrics = metrics
-        # What a recompute's cost is measured with (a fake in actor tests,
-        # where trio's clock does not move during one), and the earliest
-        # time on trio's clock the next recompute may start.
+        # What a recompute's cost is measured with: this thread's CPU time,
+        # not the wall clock, which on a loaded host counts the time the
+        # process was not even running and would double it in the wait (a
+        # fake in actor tests, where trio's clock does not move during one).
+        # And the earliest time on trio's clock the next recompute may start.
         self._cost_clock = cost_clock
         self._recompute_after = -math.inf
         self._last_recompute_cost = 0.0
