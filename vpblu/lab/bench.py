@@ -256,6 +256,9 @@ class Bench:
         self.args = args
         self.samples: list[Sample] = []
         self.peak_rss: dict[str, int] = {}
+        # Per size: seconds from the controller listening to every node
+        # registered and served (settle), and the controller's CPU seconds by then.
+        self.registration: dict[str, tuple[float, float]] = {}
         self.rotations: dict[str, int] = {}  # nodes rotated in the rotation scenario
 
     def say(self, text: str) -> None:
@@ -343,7 +346,10 @@ class Bench:
                                        prefix=f"b{mode[0]}{n}", keep_history=False) as cluster:
                 names = sorted(cluster.daemons)
                 members, spare = names[:n], names[n]
+                registering = time.monotonic()
                 await self.settle(cluster, names)
+                self.registration[f"{mode}-{n}"] = (time.monotonic() - registering,
+                                                    controller.cpu_seconds())
                 # The spare node's daemon is up and its key is known; its Node
                 # object goes, so a join is one Node create.
                 await cluster.delete_node(spare)
@@ -787,6 +793,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = summarize(bench.samples)
     print()
     print(table(summaries, bench.peak_rss, bench.rotations, args.rotation_max_concurrent))
+    for key, (seconds, cpu) in sorted(bench.registration.items()):
+        print(f"registration ({key}): every node served in {seconds:.1f} s,"
+              f" controller CPU {cpu:.1f} s since its start")
     print(f"after the run: {calibration().describe()}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -796,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": list(args.sizes),
         "summaries": [attrs.asdict(s) for s in summaries],
         "peak_rss_bytes": bench.peak_rss,
+        "registration_seconds_cpu": bench.registration,
         "nodes_rotated": bench.rotations,
         "rotation_max_concurrent": args.rotation_max_concurrent or DEFAULT_MAX_CONCURRENT,
         "samples": [attrs.asdict(s) for s in bench.samples],
