@@ -31,6 +31,8 @@ DEFAULT_PATHS = ("tests/integration", "tests/e2e")
 LEFTOVER_PATTERN = (r"wireguard-go|kube-apiserver|kube-proxy|etcd |flowprobe"
                     r"|vpblu (daemon|controller)")
 OWNERS = ("pytest", "vpblu.bench", "vpblu.lab")
+# In the environment of every process a run starts: what it left behind is found by it.
+RUN_MARKER = "VPBLU_TEST_REPEAT_RUN"
 
 
 def _failures(junit: Path) -> tuple[int, dict[str, str]]:
@@ -65,42 +67,32 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _under_live_pytest(pid: int) -> bool:
-    """True when a running pytest or bench is an ancestor: that session still owns it."""
-    seen = 0
-    while pid > 1 and seen < 64:
-        pid, seen = _parent(pid), seen + 1
-        argv = _cmdline(pid)
-        if any(owner in argv for owner in OWNERS) and "test_repeat.py" not in argv:
-            return True
-    return False
-
-
 def _other_pytests() -> bool:
     me = os.getpid()
     return any(any(owner in _cmdline(int(p.name)) for owner in OWNERS) and int(p.name) != me
                for p in Path("/proc").iterdir() if p.name.isdigit())
 
 
-def _leftovers(netns_before: set[str]) -> list[str]:
-    """What this run left behind: processes it started that outlived it (orphans no
-    live pytest owns) and network namespaces made during it that stay. The machine
-    may be shared with other test sessions (a developer's own runs): their live
-    processes are not counted, and a new namespace counts only once no other pytest
-    runs or five minutes have passed with it still there."""
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def _leftovers(netns_before: set[str], marker: bytes) -> list[str]:
+    """What this run left behind: processes it started that outlived it and network
+    namespaces made during it that stay. A process is this run's when its environment
+    carries the run's marker (every process a test starts inherits it, also the
+    wireguard-go that daemonizes and is re-parented to init); the machine may be
+    shared with other test sessions, whose processes do not carry it. A new namespace
+    counts only once no other pytest runs or five minutes have passed with it still
+    there."""
     procs = subprocess.run(["pgrep", "-f", LEFTOVER_PATTERN],
                            capture_output=True, text=True).stdout
     found = [f"process {pid} {_cmdline(pid)[:120]}"
              for pid in map(int, procs.split())
-             if pid != os.getpid() and _cmdline(pid) and not _under_live_pytest(pid)]
+             if pid != os.getpid() and _cmdline(pid) and marker in _environ(pid)]
     deadline = time.monotonic() + 300
     new = _netns() - netns_before
     while new and _other_pytests() and time.monotonic() < deadline:
@@ -125,12 +117,14 @@ def main() -> int:
             junit = Path(tmp) / f"run{run}.xml"
             netns_before = _netns()
             began = time.monotonic()
+            mark = f"{os.getpid()}-{run}-{time.time_ns()}"
             code = subprocess.run(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 f"--junitxml={junit}", *args.paths], cwd=ROOT).returncode
+                 f"--junitxml={junit}", *args.paths], cwd=ROOT,
+                env={**os.environ, RUN_MARKER: mark}).returncode
             seconds = time.monotonic() - began
             total, failed = _failures(junit)
-            leaks = _leftovers(netns_before)
+            leaks = _leftovers(netns_before, f"{RUN_MARKER}={mark}".encode())
             for test_id, message in failed.items():
                 per_test[test_id].append((run, message))
             if leaks:
