@@ -166,8 +166,14 @@ def test_prometheus_scrapes_the_controllers_and_every_daemon(
     up = prometheus.wait_query("up == 1", lambda r: len(r) == targets,
                                f"all {targets} targets up")
     assert {s["metric"]["job"] for s in up} == {"vpblu-controller", "vpblu-daemon"}
-    leaders = prometheus.wait_query("sum(vpblu_leader)", lambda r: r and value(r[0]) == 1,
-                                    "exactly one replica leading")
+    try:
+        leaders = prometheus.wait_query("sum(vpblu_leader)", lambda r: r and value(r[0]) == 1,
+                                        "exactly one replica leading")
+    except AssertionError as e:
+        # Once seen under load (both replicas at 1 for 60 s): say who holds the
+        # Lease and what each replica logged.
+        raise AssertionError(f"{e}\nthe Lease's holder: {cluster.leader()}\n"
+                             f"{cluster.diagnostics()}") from None
     assert value(leaders[0]) == 1
     leader = "and on(job, instance) (vpblu_leader == 1)"
     prometheus.wait_query(f"max(vpblu_nodes {leader}) == {NODES}", lambda r: len(r) == 1,
