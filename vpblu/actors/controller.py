@@ -53,7 +53,7 @@ from vpblu.stream.identity import TokenReviewAuthenticator
 from vpblu.stream.podbinding import DaemonPods, PodBoundAuthenticator
 from vpblu.stream.tlsbuffers import shrink_tls_read_buffers
 from vpblu.stream.transport import MeshServer, NodeStream, ServerTLS, split_address
-from vpblu.supervisor import ChildSpec, Supervisor, with_inbox_clone
+from vpblu.supervisor import ChildSpec, Strategy, Supervisor, with_inbox_clone
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,13 @@ async def run_controller(
         if settings.dashboard is not None:
             children.append(dashboard_child(settings.dashboard, kube, settings.kubeconfig, view,
                                             settings.lease, settings.identity))
+        # rest_for_one, in this order: a LeadershipActor that restarts (its leader
+        # work escalated) starts with `leading` False and would never hear again
+        # that this replica holds the Lease - the LeaderActor reports changes
+        # only - so the Lease keeper after it restarts too: it releases the
+        # Lease on the way out and reports afresh. Nothing else depends on
+        # the metrics and dashboard children, which come last.
         root = Supervisor("controller", [
-            *children,
             ChildSpec("mesh-server", lambda: server.run),
             ChildSpec("leadership", with_inbox_clone(
                 lambda observed: LeadershipActor(
@@ -147,7 +152,8 @@ async def run_controller(
                 kubeconfig_client(settings.kubeconfig, k.CONTROLLER_USER_AGENT),
                 settings.identity, settings.advertise, observed_send.clone(),
                 settings.lease).run),
-        ])
+            *children,
+        ], strategy=Strategy.REST_FOR_ONE)
         async with (streams_send, streams_receive, observed_send, observed_receive,
                     trio.open_nursery() as nursery):
             await nursery.start(root.run)
