@@ -75,6 +75,7 @@ class LeaseThreadActor:
         self._stopping = False
         self._thread_token: trio.lowlevel.TrioToken | None = None
         self._thread_scope: trio.CancelScope | None = None
+        self._said_leading = False  # the last LeaderObserved forwarded was is_me
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         main_token = trio.lowlevel.current_trio_token()
@@ -87,10 +88,21 @@ class LeaseThreadActor:
                 await trio.sleep_forever()
             finally:
                 self._stop_thread()
+                self._step_down_on_the_way_out()
 
     async def _forward(self, inbox: trio.MemoryReceiveChannel[LeaderObserved]) -> None:
         async for observed in inbox:
             await self._out.send(observed)
+            self._said_leading = observed.is_me
+
+    def _step_down_on_the_way_out(self) -> None:
+        """Whatever ends this actor (its thread crashed, a restart, shutdown): once
+        it is gone nobody renews the Lease, so the leader work must not go on
+        through the restart backoff while another replica takes over."""
+        if self._said_leading:
+            self._said_leading = False
+            with suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                self._out.send_nowait(LeaderObserved(False, None, None))
 
     async def _run_thread(self, main_token: trio.lowlevel.TrioToken,
                           inbox: trio.MemorySendChannel[LeaderObserved]) -> None:
