@@ -129,6 +129,15 @@ class LeadershipActor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._view.leading = False
+        try:
+            await self._run(task_status)
+        finally:
+            # Crashed or stopped: the leader work is gone with it, and the view
+            # (the vpblu_leader gauge, the dashboard) must not say "leading"
+            # through the restart backoff.
+            self._view.leading = False
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             task_status.started()
             work: trio.CancelScope | None = None
