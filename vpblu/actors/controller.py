@@ -3,10 +3,10 @@
 Owns the wiring, nothing else: which actors run, under which supervisor,
 connected by which channels. The tree:
 
-    controller (one_for_one)
+    controller (rest_for_one)
       mesh-server       gRPC Mesh service (TLS); follower mode redirects
-      leader            LeaseThreadActor: the LeaderActor on the Lease, on its own thread
       leadership        starts/stops the leader subtree on LeaderObserved
+      leader            LeaseThreadActor: the LeaderActor on the Lease, on its own thread
         leader-work (one_for_all, only while this replica leads)
           status        StatusActor
           state         StateActor (its term stamps every generation)
@@ -21,6 +21,11 @@ StateActor restarts, its view is empty and every watcher must list again to
 refill it, exactly as a new leader does. Losing the Lease cancels the whole
 subtree at once; streams are closed, and daemons reconnect to whoever leads,
 keeping their mesh meanwhile.
+
+The root is rest_for_one so that a restarted LeadershipActor (which starts
+out not leading) is always followed by a restarted Lease keeper, which
+releases the Lease on its way out and reports afresh; metrics and dashboard
+(when configured) come last and restart alone.
 """
 
 from __future__ import annotations
