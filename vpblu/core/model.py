@@ -239,6 +239,12 @@ class BlockPolicy:
 
 # Rotations at once when a RotationPolicy does not say (vpblu/actors/rotation.py), and
 # the most it may say: one bridge per slot, `<interface>-rot<k>` on listenPort + k.
+# The default is measured (python -m vpblu.bench --scenarios rotation --sizes 100,300
+# --quick --rotation-max-concurrent K, 2026-11-27, medians of 2-4 runs at a load
+# average of 5-13, calibration 42-87 ms CPU): the whole cluster at N=100 in 202, 80, 80
+# and 67 s for K = 1, 4, 8, 16, at N=300 (sampled) about 1740, 554, 427 and 466 s, the
+# controller's CPU per rotated node at N=300 1614, 784, 728 and 704 ms. 8 is the
+# fastest at N=300; 16 is within the noise there and needs eight more UDP ports.
 DEFAULT_MAX_CONCURRENT = 8
 MAX_CONCURRENT = 16
 
