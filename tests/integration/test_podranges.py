@@ -50,6 +50,9 @@ async def test_pod_ranges_are_remembered_named_and_shown(
     env, pki, _ = mesh
     settings = attrs.evolve(mesh.settings, cluster_cidrs=(NAMED,))
     tunnel = unique("a-ranges")  # sorts first: the TunnelPolicy in force
+    # The API server is shared with the other tests, whose nodes had these same
+    # podCIDRs: their lines would keep their names. Start from no memory.
+    await aapi(env, "DELETE", CONFIG_MAP_PATH, ok=(200, 404))
     await aapi(env, "POST", f"{GROUP_PATH}/tunnelpolicies",
                policy("TunnelPolicy", tunnel, {"mode": "FullMesh"}))
     try:

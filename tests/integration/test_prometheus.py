@@ -139,8 +139,12 @@ class Prometheus:
                 return result
             if time.monotonic() > deadline:
                 targets = http_get(f"{self.url}/api/v1/targets").decode()
+                raw = {name: [(s["metric"].get("instance"), s["value"][1])
+                              for s in self.query(name)]
+                       for name in ("vpblu_leader", "vpblu_nodes", "vpblu_nodes_ready")}
                 raise AssertionError(f"{what}: not after {QUERY_TIMEOUT} s; {expr} gave "
-                                     f"{result}\ntargets: {targets[:3000]}")
+                                     f"{result}\nby instance: {raw}\n"
+                                     f"targets: {targets[:3000]}")
             time.sleep(POLL)
 
 
