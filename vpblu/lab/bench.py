@@ -178,6 +178,9 @@ class ControllerProcess:
             # No dashboard: its fixed port may be taken by another controller on
             # this machine, and it serves nobody here.
             "--dashboard-addr", "",
+            # Not the default 0.0.0.0:9090: on a shared machine a wildcard socket
+            # answered a local cluster's scrapes of its own controller there.
+            "--metrics-listen", f"127.0.0.1:{free_port()}",
             "--keepalive-timeout", str(BENCH_KEEPALIVE_TIMEOUT),
         ]  # the production lease settings: the bench measures what an operator gets
         self.child = spawn_child(spawner, "controller", args, log_path, REPO)
