@@ -184,7 +184,17 @@ def test_full_mesh_peers_have_the_right_keys_and_every_pod_pair_pings(
             assert peer is not None, (node.name, other.name)
             assert peer.endpoint == f"{other.underlay_ip}:{WG_PORT}"
             assert peer.allowed_ips == (str(other.pod_cidr),)
-    assert all_pairs_ping(cluster) == []
+    # A bounded wait, not one try: a fresh-clone run once had one pair of the
+    # kubelet cluster's just-started pods miss both of its first two pings
+    # (1.2 s) while every other pair answered. What failed first is printed.
+    first = failed = all_pairs_ping(cluster)
+    deadline = time.monotonic() + CHANGE_TIMEOUT
+    while failed and time.monotonic() < deadline:
+        by_name = {p.name: p for p in pods(cluster)}
+        failed = [(a, b) for a, b in failed
+                  if not cluster.ping(by_name[a], by_name[b].ip, count=2)]
+    print(f"every pod pair pings; on the first try these did not: {first}")
+    assert failed == [], f"no answer within {CHANGE_TIMEOUT:.0f} s: {failed}"
 
 
 # --- 3 ---------------------------------------------------------------------------------
