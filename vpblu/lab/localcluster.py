@@ -934,8 +934,12 @@ class LocalCluster:
                 lines.extend(line for line in out.splitlines() if line.strip())
         stats = {what: int(n) for n, what in re.findall(
             r"(\d+) packets? (captured|received by filter|dropped by kernel)", said)}
+        # tcpdump reads every packet as it comes (immediate mode); the one the
+        # kernel's filter may count in the instant SIGINT breaks its loop arrived
+        # 0.3 s after the block ended, so it is not the block's (a fresh-clone run
+        # once saw 5120 captured of 5121). More missing means tcpdump fell behind.
         if (len(stats) != 3 or stats["dropped by kernel"] > 0
-                or stats["captured"] != stats["received by filter"]):
+                or not 0 <= stats["received by filter"] - stats["captured"] <= 1):
             raise ClusterError(f"the capture is incomplete: tcpdump said {said.strip()!r}")
 
     def node(self, name: str) -> Node:
