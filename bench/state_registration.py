@@ -15,17 +15,18 @@ push including it (the join latency this pacing could add).
 
 from __future__ import annotations
 
-import base64
-import ipaddress
 import sys
 import time
 
 import trio
 
+# The same fixtures as bench/state_actor.py (run from bench/, as this script is).
+from state_actor import _drain, _meta, _node, _vnode
+
 from vpblu.actors import state as state_module
 from vpblu.actors.state import WATCHED_KINDS, StateActor
 from vpblu.core import model
-from vpblu.core.sources import NodeSource, ObjectMeta, PolicySource, VpbluNodeSource
+from vpblu.core.sources import PolicySource
 from vpblu.messages import (
     KindChanged,
     KindListed,
@@ -36,25 +37,6 @@ from vpblu.messages import (
     StateInbox,
     StatusInbox,
 )
-
-
-def _meta(name: str) -> ObjectMeta:
-    return ObjectMeta(name, 1, "1", f"uid-{name}")
-
-
-def _node(i: int) -> NodeSource:
-    return NodeSource(_meta(f"n{i:04d}"), ipaddress.ip_address(0xAC100000 + i),
-                      (ipaddress.ip_network((0x0A800000 + (i << 8), 24)),))
-
-
-def _vnode(i: int) -> VpbluNodeSource:
-    key = base64.b64encode(i.to_bytes(2, "big") * 16).decode()
-    return VpbluNodeSource(_meta(f"n{i:04d}"), None, key)
-
-
-async def _drain(channel: trio.MemoryReceiveChannel[StatusInbox]) -> None:
-    async for _ in channel:
-        pass
 
 
 async def run(n: int, every: float) -> dict[str, float]:
