@@ -189,8 +189,8 @@ def test_full_mesh_peers_have_the_right_keys_and_every_pod_pair_pings(
     # (1.2 s) while every other pair answered. What failed first is printed.
     first = failed = all_pairs_ping(cluster)
     deadline = time.monotonic() + CHANGE_TIMEOUT
+    by_name = {p.name: p for p in pods(cluster)}
     while failed and time.monotonic() < deadline:
-        by_name = {p.name: p for p in pods(cluster)}
         failed = [(a, b) for a, b in failed
                   if not cluster.ping(by_name[a], by_name[b].ip, count=2)]
     print(f"every pod pair pings; on the first try these did not: {first}")
