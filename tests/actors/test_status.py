@@ -159,6 +159,47 @@ async def test_a_status_edited_by_someone_else_in_between_is_read_again(
         nursery.cancel_scope.cancel()
 
 
+def _foreign_entry(*fields: str) -> dict[str, object]:
+    return {"manager": "kubectl-patch", "operation": "Update", "subresource": "status",
+            "time": "2026-11-27T21:39:10Z",
+            "fieldsV1": {"f:status": {f"f:{f}": {} for f in fields}}}
+
+
+@pytest.mark.parametrize(("owned", "named"), [
+    # The key was theirs: putting it back names them.
+    (("publicKey",), True),
+    # They own a field the controller leaves alone: nobody is named.
+    (("endpoint",), False),
+])
+async def test_a_foreign_writer_is_named_when_a_conflict_restores_before_the_watch_says_so(
+    autojump_clock: trio.testing.MockClock, owned: tuple[str, ...], named: bool,
+) -> None:
+    # No StatusObserved is sent: the next write's Conflict is how the actor
+    # learns of the foreign write (the watch event may come later than that).
+    kube = FakeKubeApi()
+    async with trio.open_nursery() as nursery:
+        send, actor = await run_status(nursery, kube)
+        await send.send(PublicKeyReported("n1", key(1)))
+        await trio.sleep(1)
+        obj = await kube.get(VPBLU_NODES, "n1")
+        if "publicKey" in owned:
+            obj["status"]["publicKey"] = key(9)
+        else:
+            obj["status"]["endpoint"] = "192.0.2.7:51820"
+        obj["metadata"]["managedFields"] = [_foreign_entry(*owned)]
+        await kube.put(VPBLU_NODES, obj)
+        await send.send(PublicKeyReported("n1", key(2)))
+        await trio.sleep(1)
+        assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(2)
+        events = [e for e in kube._objects["Event"].values()
+                  if e.get("reason") == "StatusReverted"]
+        assert actor.reverted == len(events) == (1 if named else 0)
+        if named:
+            assert "kubectl-patch" in events[0]["message"]
+            assert "publicKey" in events[0]["message"]
+        nursery.cancel_scope.cancel()
+
+
 async def test_deleted_objects_are_forgotten_but_a_reported_key(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

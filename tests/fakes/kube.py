@@ -129,6 +129,10 @@ class FakeKubeApi:
                      namespace: str | None = None) -> RawObject:
         await trio.lowlevel.checkpoint()
         self._check("create", kind)
+        if "name" not in body["metadata"]:  # generateName, as the API server does it
+            body = copy.deepcopy(body)
+            body["metadata"]["name"] = (f"{body['metadata']['generateName']}"
+                                        f"{len(self._objects[kind.kind]):05d}")
         if body["metadata"]["name"] in self._objects[kind.kind]:
             raise Conflict(409, "AlreadyExists", "exists")
         return await self.put(kind, body)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
 import trio
@@ -166,9 +166,8 @@ class StatusActor:
         self._metrics = metrics
         self._event_namespace = event_namespace
         self._ours: dict[_Key, tuple[str, ...]] = {}
-        # Objects someone else wrote, until read again; then who, if anyone, to name.
+        # Objects someone else wrote: read again before the next write.
         self._suspect: set[_Key] = set()
-        self._foreign: dict[_Key, tuple[str, str]] = {}
         self.reverted = 0  # foreign status writes undone (an Event each)
         self.refused = 0  # writes the API server refused for good (not retried)
         self._kube = kube
@@ -300,7 +299,6 @@ class StatusActor:
         self._seen.pop(key, None)
         self._ours.pop(key, None)
         self._suspect.discard(key)
-        self._foreign.pop(key, None)
         wanted = self._wanted.pop(key, None)
         self._version.pop(key, None)
         for _version, event in self._waiters.pop(key, []):
@@ -361,15 +359,22 @@ class StatusActor:
     async def _write(self, key: _Key, wanted: _Wanted) -> None:
         kind = self._kinds[key.kind]
         seen = None if key in self._suspect else self._seen.get(key)
+        read: RawObject | None = None
         if seen is None:
-            seen = await self._read(key, kind, wanted)
+            read = await self._read(key, kind, wanted)
+            seen = _version_and_status(read)
+        self._suspect.discard(key)
         version, status = seen
         patch = _patch(wanted, status, key.name)
-        if key in self._suspect:
-            self._suspect.discard(key)
-            foreign = self._foreign.pop(key, None)
-            if patch and foreign is not None:
-                await self._report_foreign(key, foreign, patch)
+        if patch and read is not None:
+            # Whoever else owns a field this patch puts back is named, however
+            # the re-read came about: the watch's word that someone else wrote
+            # (StatusObserved) may arrive after a Conflict already made this
+            # actor read the object and restore it.
+            writer = foreign_status_writer(read, patch)
+            if writer is not None:
+                uid = str(read.get("metadata", {}).get("uid", ""))
+                await self._report_foreign(key, writer, uid, patch)
         if not patch:
             if key in self._seen:
                 # What this actor last wrote says there is nothing to do; that
@@ -395,10 +400,9 @@ class StatusActor:
     def _remember_ours(self, key: _Key, resource_version: str) -> None:
         self._ours[key] = (*self._ours.get(key, ())[-(OWN_VERSIONS - 1):], resource_version)
 
-    async def _report_foreign(self, key: _Key, foreign: tuple[str, str], patch: RawObject) -> None:
+    async def _report_foreign(self, key: _Key, writer: str, uid: str, patch: RawObject) -> None:
         """A Warning Event on the object naming who wrote its status; never raises
         (the status is restored whether or not the Event is made)."""
-        writer, uid = foreign
         self.reverted += 1
         message = (f"status of {key.kind} {key.name} was written by {writer}; the vpblu "
                    f"controller owns it and restored {', '.join(sorted(patch))}")
@@ -419,8 +423,7 @@ class StatusActor:
         except (ApiUnavailable, ApiError) as exc:
             log.warning("cannot record an Event for %s %s: %r", key.kind, key.name, exc)
 
-    async def _read(self, key: _Key, kind: ResourceKind,
-                    wanted: _Wanted) -> tuple[str, RawObject]:
+    async def _read(self, key: _Key, kind: ResourceKind, wanted: _Wanted) -> RawObject:
         try:
             current = await self._kube.get(kind, key.name)
         except NotFound:
@@ -433,23 +436,27 @@ class StatusActor:
                 "metadata": {"name": key.name}, "spec": {},
             })
             self._remember_ours(key, _version_and_status(current)[0])
-        if key in self._suspect:
-            writer = foreign_status_writer(current)
-            if writer is not None:
-                self._foreign[key] = (writer, str(current.get("metadata", {}).get("uid", "")))
-        return _version_and_status(current)
+        return current
 
 
-def foreign_status_writer(obj: RawObject) -> str | None:
+def foreign_status_writer(obj: RawObject, fields: Iterable[str] | None = None) -> str | None:
     """Who else last wrote `obj`'s status: the latest managedFields entry of the
-    status subresource whose manager is not the controller."""
+    status subresource whose manager is not the controller (and, given
+    `fields`, that owns one of those status fields). A field the controller
+    wrote back is the controller's again, so one foreign write is named once."""
     entries = [m for m in (obj.get("metadata", {}).get("managedFields") or ())
                if isinstance(m, dict) and m.get("subresource") == "status"
-               and m.get("manager") != FIELD_MANAGER]
+               and m.get("manager") != FIELD_MANAGER
+               and (fields is None or _owns_status_field(m, fields))]
     if not entries:
         return None
     latest = max(entries, key=lambda m: str(m.get("time") or ""))
     return f"{latest.get('manager')!r} ({latest.get('operation')} at {latest.get('time')})"
+
+
+def _owns_status_field(entry: RawObject, fields: Iterable[str]) -> bool:
+    owned = (entry.get("fieldsV1") or {}).get("f:status")
+    return isinstance(owned, dict) and any(f"f:{name}" in owned for name in fields)
 
 
 def _version_and_status(obj: RawObject) -> tuple[str, RawObject]:
