@@ -85,6 +85,13 @@ class ControllerMetrics:
             "vpblu_stream_refusals",
             "Mesh streams refused or cut by a limit (message_too_large, admission_queue_full)",
             ["reason"], registry=r)
+        self.rotation_messages_dropped = Counter(
+            "vpblu_rotation_messages_dropped",
+            "Rotation steps or answers dropped on a full mailbox (the step is re-sent "
+            "when its rotation's resend interval passes), by kind (step, answer)",
+            ["kind"], registry=r)
+        for kind in ("step", "answer"):
+            self.rotation_messages_dropped.labels(kind)
         for kind in ("sync", "delta"):
             self.pushes.labels(kind)
         for source in ("daemon_apply", "status_write"):

@@ -15,12 +15,13 @@ import trio
 import trio.testing
 
 from vpblu.actors.state import (
+    MAX_OWED_STEPS,
     RESYNC_BACKOFF_INITIAL,
     RESYNC_BACKOFF_MAX,
     WATCHED_KINDS,
     StateActor,
 )
-from vpblu.core import model
+from vpblu.core import model, wire
 from vpblu.core.sources import NodeSource, ObjectMeta, PolicySource, Typed, VpbluNodeSource
 from vpblu.messages import (
     InvalidSource,
@@ -31,7 +32,9 @@ from vpblu.messages import (
     ObjectDeleted,
     PeersWanted,
     PushDelta,
+    PushRotationStep,
     PushSync,
+    SendRotationStep,
     SessionClosed,
     SessionInbox,
     SessionOpened,
@@ -475,3 +478,49 @@ async def test_routes_over_the_service_range_the_controller_was_given_are_refuse
                     break
         assert via_n2 == {"10.244.1.0/26", "10.244.2.0/24"}
         nursery.cancel_scope.cancel()
+
+
+def step(rotation: str, stamp: int, rotating: int = 2) -> wire.RotationStep:
+    return wire.RotationStep(rotation, wire.RotationStepKind.SWITCH_PEER, f"n{rotating}",
+                             key(rotating), key(100 + rotating), stamp=stamp)
+
+
+async def test_rotation_steps_wait_out_a_full_mailbox_and_go_without_another_message(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1, size=1)
+    await trio.sleep(1)  # the PushSync fills the one slot
+    for message in (step("r2", 1), step("r3", 1, rotating=3), step("r2", 2)):
+        await h.send.send(SendRotationStep("n1", message))
+    await trio.sleep(1)
+    assert isinstance(await box.receive(), PushSync)
+    got = []
+    for _ in range(2):
+        with trio.fail_after(1):  # no message to the actor: its own timer hands them over
+            pushed = await box.receive()
+        assert isinstance(pushed, PushRotationStep)
+        got.append((pushed.step.rotation_id, pushed.step.stamp))
+    # The latest stamp of r2 supersedes the one it held before.
+    assert got == [("r3", 1), ("r2", 2)]
+    stats = h.actor.statistics()
+    assert (stats.rotation_steps_deferred, stats.rotation_steps_dropped) == (3, 0)
+    with trio.move_on_after(5):
+        raise AssertionError(f"pushed {await box.receive()} once more")
+
+
+async def test_rotation_steps_held_for_a_session_are_bounded(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    await h.list_all(range(1, 4))
+    box = await h.connect(1, size=1)
+    await trio.sleep(1)
+    for r in range(MAX_OWED_STEPS + 3):
+        await h.send.send(SendRotationStep("n1", step(f"r{r}", 1)))
+    await trio.sleep(0.01)
+    stats = h.actor.statistics()
+    assert (stats.rotation_steps_deferred, stats.rotation_steps_dropped) == (MAX_OWED_STEPS, 3)
+    assert isinstance(await box.receive(), PushSync)
+    held = [(await box.receive()) for _ in range(MAX_OWED_STEPS)]
+    assert [m.step.rotation_id for m in held if isinstance(m, PushRotationStep)] == [
+        f"r{r}" for r in range(MAX_OWED_STEPS)]

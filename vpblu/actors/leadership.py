@@ -218,7 +218,7 @@ class LeadershipActor:
                     lambda inbox: RotationsActor(
                         LeaderRotationPorts(status_send.clone(), state_send.clone(), metrics),
                         inbox,
-                        RotationSettings(term=term)),
+                        RotationSettings(term=term), metrics=metrics),
                     rotations_receive)),
                 ChildSpec("health", with_inbox_clone(
                     lambda inbox: HealthActor(inbox, status_send.clone(), kube, self._health,

@@ -5,7 +5,7 @@ StatusActor and the StateActor.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 
 import trio
@@ -35,6 +35,8 @@ from vpblu.messages import (
     StatusInbox,
 )
 from vpblu.metrics import ControllerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class LeaderRotationPorts:
@@ -83,8 +85,11 @@ class RotationsActor:
     daemons' RotationResults to the rotating node's actor. Holds the RotationToken."""
 
     def __init__(self, ports: RotationPorts, inbox: trio.MemoryReceiveChannel[RotationsInbox],
-                 settings: RotationSettings | None = None) -> None:
+                 settings: RotationSettings | None = None, *,
+                 metrics: ControllerMetrics | None = None) -> None:
         self._ports = ports
+        self._metrics = metrics
+        self.answers_dropped = 0  # answers a rotation's full mailbox could not take
         self._inbox = inbox
         self._settings = settings if settings is not None else RotationSettings()
         # Batches as large as the RotationPolicies allow (each node's view says its
@@ -108,9 +113,23 @@ class RotationsActor:
                     case RotationResultReceived(result=result):
                         actor = self._actors.get(result.rotating_node)
                         if actor is not None:
-                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                            try:
                                 actor[1].send_nowait(message)
+                            except trio.WouldBlock:
+                                self._answer_dropped(result.rotating_node)
+                            except trio.BrokenResourceError:
+                                pass  # its actor is ending: so is its rotation's wait
             nursery.cancel_scope.cancel()
+
+    def _answer_dropped(self, node: str) -> None:
+        """An answer its rotation's full mailbox could not take: the step it
+        answers is re-sent when the rotation's resend interval passes."""
+        self.answers_dropped += 1
+        if self._metrics is not None:
+            self._metrics.rotation_messages_dropped.labels("answer").inc()
+        if self.answers_dropped == 1 or self.answers_dropped % 1000 == 0:
+            log.warning("rotation of %s: an answer dropped on a full mailbox (%d so far); "
+                        "its step goes again", node, self.answers_dropped)
 
     async def _update(self, nursery: trio.Nursery, views: tuple[NodeRotationView, ...]) -> None:
         wanted = {v.node: v for v in views}

@@ -68,7 +68,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from vpblu.core import desiredstate
+from vpblu.core import desiredstate, wire
 from vpblu.core.changes import diff
 from vpblu.core.convergence import ConvergenceTracker
 from vpblu.core.keyanchors import KeyAnchors
@@ -129,6 +129,10 @@ P = TypeVar("P", TunnelPolicy, RoutePolicy, BlockPolicy, RotationPolicy)
 SEQUENCE_BITS = 32
 # How often nodes whose mailbox overflowed are offered their PushSync again.
 RETRY_OVERFLOWED = 0.2
+# Rotation steps held for a full mailbox: looked at this often, and a session
+# holds at most this many (one per rotation: every slot of a batch and its own).
+RETRY_OWED_STEPS = 0.05
+MAX_OWED_STEPS = 2 * wire.MAX_ROTATION_SLOTS
 # A policy's Applied condition ("k/N nodes applied generation G") follows the
 # nodes' acks at most this often: a change's acks from 1000 nodes arrive over
 # a second or two and are one or two status writes, not one per ack batch. A
@@ -171,6 +175,9 @@ class _Session:
     sent_state: NodeDesiredState | None = None
     needs_sync: bool = True
     acked_generation: int = 0
+    # Rotation steps the full mailbox could not take, the latest per rotation:
+    # handed over as soon as it has room, ahead of any state push.
+    owed_steps: dict[str, wire.RotationStep] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -195,6 +202,8 @@ class StateStatistics:
     resyncs_after_error: int = 0  # PushSyncs sent because a node acked an error
     failing: int = 0  # nodes whose last ack was an error
     last_recompute_seconds: float = 0.0  # what the last recompute cost (it paces the next)
+    rotation_steps_deferred: int = 0  # steps held while a session's mailbox was full
+    rotation_steps_dropped: int = 0  # steps not held (more rotations than slots): re-sent later
 
 
 class StateActor:
@@ -247,6 +256,10 @@ class StateActor:
         # looked at after every batch of messages, and a batch is often one
         # ack, so finding them must not mean scanning all N sessions.
         self._unsynced: set[str] = set()
+        # The nodes whose session holds rotation steps its mailbox had no room for.
+        self._owing_steps: set[str] = set()
+        self._steps_deferred = 0
+        self._steps_dropped = 0
         self._result: desiredstate.DesiredResult | None = None
         self._node_infos: dict[str, tuple[NodeSource, VpbluNodeSource | None, str | None,
                                           NodeInfo]] = {}
@@ -278,7 +291,8 @@ class StateActor:
         return StateStatistics(self.generation, self._recomputes, len(self._states()),
                                len(self._sessions), self._pushes, self._overflows,
                                self._synced, self._resyncs_after_error, len(self._failing),
-                               self._last_recompute_cost)
+                               self._last_recompute_cost, self._steps_deferred,
+                               self._steps_dropped)
 
     def acked(self) -> Mapping[str, int]:
         """The generation each connected node last acknowledged."""
@@ -295,8 +309,10 @@ class StateActor:
         async with self._inbox, self._status:
             task_status.started()
             while True:
-                wake = min(trio.current_time() + RETRY_OVERFLOWED if self._overflowed()
-                           else math.inf, self._next_resync(), self._next_applied_report(),
+                now = trio.current_time()
+                wake = min(now + RETRY_OVERFLOWED if self._overflowed() else math.inf,
+                           now + RETRY_OWED_STEPS if self._owing_steps else math.inf,
+                           self._next_resync(), self._next_applied_report(),
                            self._recompute_after if self._dirty and self._synced
                            else math.inf)
                 message: StateInbox | None = None
@@ -319,6 +335,8 @@ class StateActor:
                 elif (self._acks_moved and self._result is not None
                       and trio.current_time() >= self._next_applied_report()):
                     await self._report_conditions(self._result.conditions)
+                if self._owing_steps:
+                    self._hand_owed_steps()
                 if self._synced:
                     self._release_resyncs()
                     self._push_pending_syncs()
@@ -396,9 +414,7 @@ class StateActor:
             case SendRotationStep(node=node, step=step):
                 session = self._sessions.get(node)
                 if session is not None:
-                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
-                                             trio.ClosedResourceError):
-                        session.mailbox.send_nowait(PushRotationStep(step))
+                    self._send_step(node, session, step)
             case RotationRecorded(node=node, record=record, public_key=key):
                 self._anchors.rotation_recorded(node, record, key)
                 self._dirty = self._dirty or self._key_moved(node)
@@ -641,6 +657,49 @@ class StateActor:
         # `node` as a peer are exactly the peers in its own desired state.
         state = self._states().get(node)
         return tuple(p.name for p in state.peers) if state is not None else ()
+
+    def _send_step(self, node: str, session: _Session, step: wire.RotationStep) -> None:
+        """A rotation step goes now, or is held on the session until its
+        mailbox has room: a step lost here would wait out the rotation's
+        resend interval, and at N=1000 the mailboxes are often full of deltas."""
+        if not session.owed_steps:
+            try:
+                session.mailbox.send_nowait(PushRotationStep(step))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the session is ending; the rotation re-sends to the next one
+            except trio.WouldBlock:
+                pass
+        owed = session.owed_steps
+        if step.rotation_id not in owed and len(owed) >= MAX_OWED_STEPS:
+            self._steps_dropped += 1
+            if self._metrics is not None:
+                self._metrics.rotation_messages_dropped.labels("step").inc()
+            return
+        owed.pop(step.rotation_id, None)
+        owed[step.rotation_id] = step  # the latest stamp of a rotation supersedes the rest
+        self._steps_deferred += 1
+        self._owing_steps.add(node)
+
+    def _hand_owed_steps(self) -> None:
+        for node in list(self._owing_steps):
+            session = self._sessions.get(node)
+            if session is None:
+                self._owing_steps.discard(node)
+                continue
+            owed = session.owed_steps
+            while owed:
+                rotation_id, step = next(iter(owed.items()))
+                try:
+                    session.mailbox.send_nowait(PushRotationStep(step))
+                except trio.WouldBlock:
+                    break
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    owed.clear()
+                    break
+                del owed[rotation_id]
+            if not owed:
+                self._owing_steps.discard(node)
 
     def _push_pending_syncs(self) -> None:
         for node in list(self._unsynced):
