@@ -1,8 +1,10 @@
 """LeaseThreadActor against FakeKubeApi (on the Lease thread's own loop): a keeper
-that dies while leading says so before it goes."""
+that dies while leading says so before it goes; a main loop wedged past the
+watchdog loses the Lease, a busy one under it keeps it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -54,3 +56,38 @@ async def test_a_lease_keeper_that_dies_while_leading_says_it_no_longer_leads() 
     assert ended, "the keeper should have ended with its thread's crash"
     assert [o.is_me for o in seen] == [True, False], seen
     assert seen[-1] == LeaderObserved(False, None, None)
+
+
+async def test_a_main_loop_wedged_past_the_watchdog_gives_up_the_lease() -> None:
+    made: list[FakeKubeApi] = []
+
+    @asynccontextmanager
+    async def client() -> AsyncIterator[k.KubeApi]:
+        made.append(FakeKubeApi())
+        yield made[-1]
+
+    send, receive = trio.open_memory_channel[LeaderObserved](16)
+    actor = LeaseThreadActor(client, "me", "me:7443", send, SETTINGS, wedged_after=1.5)
+    ended: list[BaseException] = []
+
+    async def keeper() -> None:
+        try:
+            await actor.run()
+        except BaseException as e:  # the thread's end is what is under test
+            ended.append(e)
+
+    def holder() -> object:
+        return made[0]._objects["Lease"]["vpblu-controller"]["spec"].get("holderIdentity")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keeper)
+            assert (await receive.receive()).is_me
+            time.sleep(0.5)  # noqa: ASYNC251 (a busy stretch, well under the watchdog)
+            await trio.sleep(1)
+            assert holder() == "me" and not ended
+            time.sleep(4)  # noqa: ASYNC251 (wedged: the main loop runs nothing)
+            seen = [o.is_me async for o in receive]
+    assert holder() is None, "the wedged replica should have released the Lease"
+    assert seen == [False], seen
+    assert ended and "the Lease thread ended" in repr(ended[0]), ended

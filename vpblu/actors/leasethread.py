@@ -24,6 +24,15 @@ only on a change of holder, a handful per term), and the main loop stops the
 thread by cancelling its scope through the thread's own token. On
 cancellation the thread releases a held Lease (LeaderActor's shielded
 release, bounded by one retry period) before this actor returns.
+
+The other side of renewing on a thread: a main loop that never runs again (a
+task stuck in a CPU loop, a deadlock in a C extension) would keep the Lease
+for ever while leading nothing. So the thread asks the main loop for a
+callback every `wedged_after / 10`; one not run within `wedged_after` (60 s:
+far above the longest busy stretch measured at N=1000, a few seconds) makes
+the thread release the Lease and end, and another replica leads. If the main
+loop comes back it finds the thread gone and this actor fails: its supervisor
+starts it again, and this replica competes for the Lease like any other.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from pathlib import Path
@@ -43,6 +53,10 @@ from vpblu.kube import client as k
 from vpblu.messages import LeaderObserved
 
 log = logging.getLogger(__name__)
+
+# A main loop that has run none of the Lease thread's callbacks this long is
+# wedged: the Lease is released.
+WEDGED_AFTER = 60.0
 
 ClientFactory = Callable[[], AbstractAsyncContextManager[k.KubeApi]]
 
@@ -65,8 +79,13 @@ class LeaseThreadActor:
 
     def __init__(self, open_client: ClientFactory, identity: str, address: str,
                  out: trio.MemorySendChannel[LeaderObserved],
-                 settings: LeaseSettings | None = None) -> None:
+                 settings: LeaseSettings | None = None, *,
+                 wedged_after: float = WEDGED_AFTER) -> None:
         self._open_client = open_client
+        self._wedged_after = wedged_after
+        # When the main loop last ran the thread's callback (time.monotonic()):
+        # written on the main thread, read on the Lease thread (one float).
+        self._main_ran_at = time.monotonic()
         self._identity = identity
         self._address = address
         self._out = out
@@ -140,6 +159,7 @@ class LeaseThreadActor:
                 actor = LeaderActor(kube, self._identity, self._address, send, self._settings)
                 async with receive, trio.open_nursery() as nursery:
                     nursery.start_soon(actor.run)
+                    nursery.start_soon(self._watch_main_loop, main_token, scope)
                     async for observed in receive:
                         try:
                             main_token.run_sync_soon(_deliver, inbox, observed)
@@ -147,4 +167,30 @@ class LeaseThreadActor:
                             # The main loop is gone: nobody left to lead for.
                             scope.cancel()
                             break
-        # Cancelled by _stop_thread: LeaderActor released the Lease on its way out.
+        # Cancelled by _stop_thread or the watchdog: LeaderActor released the
+        # Lease on its way out.
+
+    def _main_loop_ran(self) -> None:
+        """On the main loop, as a run_sync_soon callback."""
+        self._main_ran_at = time.monotonic()
+
+    async def _watch_main_loop(self, main_token: trio.lowlevel.TrioToken,
+                               scope: trio.CancelScope) -> None:
+        period = self._wedged_after / 10
+        while True:
+            asked_at = time.monotonic()
+            try:
+                main_token.run_sync_soon(self._main_loop_ran)
+            except trio.RunFinishedError:
+                scope.cancel()  # the main loop is gone: nobody left to lead for
+                return
+            # One callback at a time: a wedged loop's queue does not grow.
+            while self._main_ran_at < asked_at:
+                if time.monotonic() - asked_at > self._wedged_after:
+                    log.error("the controller's main loop has not run for %.0f s: "
+                              "releasing the Lease for another replica to lead",
+                              time.monotonic() - asked_at)
+                    scope.cancel()
+                    return
+                await trio.sleep(period)
+            await trio.sleep(period)
