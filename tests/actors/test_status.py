@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -126,6 +127,22 @@ async def test_later_writes_patch_onto_the_version_written_without_reading_it_ag
         nursery.cancel_scope.cancel()
 
 
+async def _reported_edited_reported(nursery: trio.Nursery, kube: FakeKubeApi,
+                                    edit: Callable[[dict[str, Any]], None],
+                                    second: int) -> StatusActor:
+    """n1's key(1) reported and written; someone else then `edit`s the stored
+    VpbluNode; then key(`second`) is reported (as a reconnect would)."""
+    send, actor = await run_status(nursery, kube)
+    await send.send(PublicKeyReported("n1", key(1)))
+    await trio.sleep(1)
+    obj = await kube.get(VPBLU_NODES, "n1")
+    edit(obj)
+    await kube.put(VPBLU_NODES, obj)
+    await send.send(PublicKeyReported("n1", key(second)))
+    await trio.sleep(1)
+    return actor
+
+
 def _add_their_field(status: dict[str, object]) -> None:
     status["endpoint"] = "192.0.2.7:51820"
 
@@ -146,14 +163,8 @@ async def test_a_status_edited_by_someone_else_in_between_is_read_again(
 ) -> None:
     kube = FakeKubeApi()
     async with trio.open_nursery() as nursery:
-        send, actor = await run_status(nursery, kube)
-        await send.send(PublicKeyReported("n1", key(1)))
-        await trio.sleep(1)
-        obj = await kube.get(VPBLU_NODES, "n1")
-        edit(obj["status"])
-        await kube.put(VPBLU_NODES, obj)
-        await send.send(PublicKeyReported("n1", key(second)))  # e.g. a reconnect's report
-        await trio.sleep(1)
+        actor = await _reported_edited_reported(nursery, kube, lambda o: edit(o["status"]),
+                                                second)
         assert (await kube.get(VPBLU_NODES, "n1"))["status"] == expected
         assert actor.writes == 2
         nursery.cancel_scope.cancel()
@@ -176,20 +187,16 @@ async def test_a_foreign_writer_is_named_when_a_conflict_restores_before_the_wat
 ) -> None:
     # No StatusObserved is sent: the next write's Conflict is how the actor
     # learns of the foreign write (the watch event may come later than that).
-    kube = FakeKubeApi()
-    async with trio.open_nursery() as nursery:
-        send, actor = await run_status(nursery, kube)
-        await send.send(PublicKeyReported("n1", key(1)))
-        await trio.sleep(1)
-        obj = await kube.get(VPBLU_NODES, "n1")
+    def edit(obj: dict[str, Any]) -> None:
         if "publicKey" in owned:
             obj["status"]["publicKey"] = key(9)
         else:
             obj["status"]["endpoint"] = "192.0.2.7:51820"
         obj["metadata"]["managedFields"] = [_foreign_entry(*owned)]
-        await kube.put(VPBLU_NODES, obj)
-        await send.send(PublicKeyReported("n1", key(2)))
-        await trio.sleep(1)
+
+    kube = FakeKubeApi()
+    async with trio.open_nursery() as nursery:
+        actor = await _reported_edited_reported(nursery, kube, edit, 2)
         assert (await kube.get(VPBLU_NODES, "n1"))["status"]["publicKey"] == key(2)
         events = [e for e in kube._objects["Event"].values()
                   if e.get("reason") == "StatusReverted"]
