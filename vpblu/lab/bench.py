@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from typing import Any
 
 import attrs
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from vpblu import aioloop
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
@@ -167,6 +169,7 @@ class ControllerProcess:
 
     def __init__(self, spawner: ThreadPoolExecutor, env: TestEnv, pki: MeshPki, port: int, *,
                  full_pushes: bool, log_path: Path) -> None:
+        self.metrics_port = free_port()
         # The whole-state baseline is the same controller with one decision replaced,
         # in its own entry point: the product has no benchmark switch.
         entry = "vpblu.lab.wholestate" if full_pushes else "vpblu"
@@ -180,7 +183,7 @@ class ControllerProcess:
             "--dashboard-addr", "",
             # Not the default 0.0.0.0:9090: on a shared machine a wildcard socket
             # answered a local cluster's scrapes of its own controller there.
-            "--metrics-listen", f"127.0.0.1:{free_port()}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--keepalive-timeout", str(BENCH_KEEPALIVE_TIMEOUT),
         ]  # the production lease settings: the bench measures what an operator gets
         self.child = spawn_child(spawner, "controller", args, log_path, REPO)
@@ -193,6 +196,20 @@ class ControllerProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])  # utime + stime
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    def counters(self, name: str) -> dict[str, float]:
+        """The controller's samples of the counter `name` (its /metrics), by label
+        values ('' for none); empty if the scrape fails."""
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return {}
+        return {",".join(sample.labels.values()): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if family.name == name and sample.name == f"{name}_total"}
 
     def peak_rss(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -487,6 +504,10 @@ class Bench:
                                lambda: self.rotate_all(rotating, f"bench-{mode}-{n}"),
                                has_rotated(cluster, rotating), members,
                                bound=max(EVENT_TIMEOUT, ROTATION_NODE_TIMEOUT * len(rotating)))
+            dropped = await trio.to_thread.run_sync(controller.counters,
+                                                    "vpblu_rotation_messages_dropped")
+            self.say(f"  N={n} {mode}: rotation messages dropped on a full mailbox since the "
+                     f"controller started: {dropped or 'not scraped'}")
             if self.args.rotation_max_concurrent:
                 await self.api("DELETE", f"{policy_path}/{ROTATION_POLICY}")
             self._progress("rotation", n, mode)
