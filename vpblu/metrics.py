@@ -75,6 +75,14 @@ class ControllerMetrics:
         self.nodes_ready = Gauge("vpblu_nodes_ready", "Nodes whose Ready condition is True",
                                  registry=r)
         self.nodes = Gauge("vpblu_nodes", "Nodes in the leader's desired state", registry=r)
+        self.recomputes = Counter(
+            "vpblu_desired_state_recomputes",
+            "Recomputes of every node's desired state (one per batch of API changes)",
+            registry=r)
+        self.recompute_seconds = Counter(
+            "vpblu_desired_state_recompute_seconds",
+            "Main-thread time spent recomputing desired state and offering the pushes",
+            registry=r)
         self.generation = Gauge("vpblu_generation",
                                 "The leader's current desired-state generation", registry=r)
         self.rotations = Counter("vpblu_rotations", "Key rotations that ended, by outcome",

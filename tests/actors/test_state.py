@@ -282,6 +282,12 @@ async def test_a_status_write_coming_back_does_not_recompute(
     await h.send.send(KindChanged("VpbluNode", (echo,), (), (), "9"))
     await trio.sleep(1)
     assert h.actor.statistics().recomputes == before
+    # The ownership actor's ownerReferences: read by no desired state.
+    owned = VpbluNodeSource(ObjectMeta("n2", 1, "9a", "uid-n2", owners=(("Node", "uid-node-n2"),)),
+                            None, key(2))
+    await h.send.send(KindChanged("VpbluNode", (owned,), (), (), "9a"))
+    await trio.sleep(1)
+    assert h.actor.statistics().recomputes == before
     # A new key is a change: recomputed and pushed.
     rekeyed = VpbluNodeSource(ObjectMeta("n2", 1, "10", "uid-n2"), None, key(42))
     await h.send.send(KindChanged("VpbluNode", (rekeyed,), (), (), "10"))

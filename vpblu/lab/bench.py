@@ -118,6 +118,10 @@ class Sample:
     # the harness competes with the controller, so a latency is only the
     # controller's when this stays well below it.
     harness_cpu: float = 0.0
+    # The controller's desired-state recomputes for this event, and their
+    # main-thread seconds (vpblu_desired_state_recompute*_total).
+    recomputes: float = 0.0
+    recompute_cpu: float = 0.0
 
 
 @attrs.frozen(slots=True)
@@ -133,6 +137,8 @@ class Summary:
     bytes: float
     cpu_ms: float
     harness_cpu_ms: float = 0.0
+    recomputes: float = 0.0  # median per event
+    recompute_ms: float = 0.0
 
     @classmethod
     def of(cls, samples: Sequence[Sample]) -> Summary:
@@ -144,7 +150,9 @@ class Summary:
                    statistics.median(s.messages for s in samples),
                    statistics.median(s.bytes for s in samples),
                    1000 * statistics.median(s.controller_cpu for s in samples),
-                   1000 * statistics.median(s.harness_cpu for s in samples))
+                   1000 * statistics.median(s.harness_cpu for s in samples),
+                   statistics.median(s.recomputes for s in samples),
+                   1000 * statistics.median(s.recompute_cpu for s in samples))
 
 
 def _percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -303,6 +311,7 @@ class Bench:
         await _quiesce(controller)
         with self._profiling(scenario, n, mode, controller):
             before = _received(cluster)
+            recomputes0 = _recompute_counters(controller)
             cpu0 = controller.cpu_seconds()
             harness0 = time.process_time()
             t0 = trio.current_time()
@@ -315,9 +324,12 @@ class Bench:
             await _quiesce(controller)
             after = _received(cluster)
             harness = time.process_time() - harness0
+            cpu = controller.cpu_seconds() - cpu0
+            recomputes1 = _recompute_counters(controller)
         self.samples.append(Sample(scenario, n, mode, latency, after[0] - before[0],
-                                   after[1] - before[1], controller.cpu_seconds() - cpu0,
-                                   harness))
+                                   after[1] - before[1], cpu, harness,
+                                   recomputes1[0] - recomputes0[0],
+                                   recomputes1[1] - recomputes0[1]))
 
     @contextmanager
     def _profiling(self, scenario: str, n: int, mode: str,
@@ -537,7 +549,14 @@ class Bench:
             s = Summary.of(mine)
             self.say(f"    {scenario:<9} p50 {s.p50_ms:8.1f} ms  p99 {s.p99_ms:8.1f} ms  "
                      f"{s.messages:7.0f} msgs {s.bytes / 1024:9.1f} KiB  cpu {s.cpu_ms:7.1f} ms"
-                     f" (harness {s.harness_cpu_ms:.0f} ms)")
+                     f" (harness {s.harness_cpu_ms:.0f} ms; {s.recomputes:.0f} recomputes"
+                     f" {s.recompute_ms:.0f} ms)")
+
+
+def _recompute_counters(controller: ControllerProcess) -> tuple[float, float]:
+    """The controller's recomputes so far and their seconds (0, 0 if the scrape fails)."""
+    return (controller.counters("vpblu_desired_state_recomputes").get("", 0.0),
+            controller.counters("vpblu_desired_state_recompute_seconds").get("", 0.0))
 
 
 def _received(cluster: SimCluster) -> tuple[int, int]:
