@@ -187,7 +187,7 @@ def test_bytes_go_past_the_threshold_and_the_whole_list_every_few_minutes() -> N
     assert controller.receive(whole).peers.rx_bytes[1] == BYTES_REPORT - 1
 
 
-def test_a_changed_peer_list_goes_with_the_beat_and_a_generation_at_once() -> None:
+def test_a_changed_peer_list_goes_with_the_beat_and_a_new_mtu_at_once() -> None:
     mesh, reporter, controller = Mesh(5), TelemetryReporter(), Controller()
     controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
     mesh.names.append("node-new")
@@ -197,15 +197,29 @@ def test_a_changed_peer_list_goes_with_the_beat_and_a_generation_at_once() -> No
     mesh.endpoints.append("")
     mesh.handshakes[0] = 0  # down, but on a list the controller does not have yet
     assert reporter.plan(mesh.sample(T0 + 10), 10.0, beat=False) is None
-    later = attrs.evolve(mesh.sample(T0 + 20), applied_generation=8)
-    applied = reporter.plan(later, 20.0, beat=False)
-    assert applied is not None and applied.applied_generation == 8
-    assert applied.peer_updates == wire.PeerUpdates()
-    held = controller.receive(applied)
+    # A new generation alone waits for the beat: the daemon's Ack carried it.
+    applied = attrs.evolve(mesh.sample(T0 + 15), applied_generation=8)
+    assert reporter.plan(applied, 15.0, beat=False) is None
+    shrunk = attrs.evolve(mesh.sample(T0 + 20), applied_generation=8, mtu=1380)
+    sent = reporter.plan(shrunk, 20.0, beat=False)
+    assert sent is not None and sent.mtu == 1380 and sent.applied_generation == 8
+    assert sent.peer_updates == wire.PeerUpdates()
+    held = controller.receive(sent)
     assert held.applied_generation == 8 and len(held.peers) == 5
     grown = reporter.plan(mesh.sample(T0 + 30), 30.0, beat=True)
     assert grown is not None and not grown.partial and len(grown.peers) == 6
     assert controller.receive(grown).peers.names[-1] == "node-new"
+
+
+def test_a_new_generation_alone_goes_with_the_beat() -> None:
+    mesh, reporter, controller = Mesh(3), TelemetryReporter(), Controller()
+    controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
+    newer = attrs.evolve(mesh.sample(T0 + 5), applied_generation=9)
+    assert reporter.plan(newer, 5.0, beat=False) is None
+    beat = reporter.plan(attrs.evolve(mesh.sample(T0 + 30), applied_generation=9), 30.0,
+                         beat=True)
+    assert beat is not None and beat.partial
+    assert controller.receive(beat).applied_generation == 9
 
 
 def test_a_partial_sample_outside_the_held_list_is_refused() -> None:

@@ -37,7 +37,11 @@ computes ages from the handshake times it holds, so a peer whose handshake
 stops advancing turns down there HANDSHAKE_FRESH after its last reported
 handshake without the daemon sending anything. Everything but the peers
 (generation, key, MTU, rotation, data-path counters) is in every message; a
-change of the generation, key, MTU, rotation or cleartext guard is urgent.
+change of the key, MTU, rotation or cleartext guard is urgent. A new applied
+generation is not: the daemon's Ack has told the controller already (its
+health takes the newer of the two), and sending it again at once was one more
+message from every node for every change of the mesh - at N=1000, a thousand
+telemetry messages after each join, beside the thousand acks.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ FULL_REFRESH = 300.0
 
 
 def _head(t: Telemetry) -> tuple[object, ...]:
+    """The node's own fields whose change is urgent (not the generation: acked)."""
     d = t.datapath
-    return (t.applied_generation, t.public_key, t.mtu, t.rotation,
+    return (t.public_key, t.mtu, t.rotation,
             None if d is None else (d.guard_cleartext, d.guard_attached))
 
 
