@@ -6,6 +6,7 @@ decided against the very status it writes)."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -231,3 +232,21 @@ async def test_the_status_actor_writes_health_beside_the_cores_conditions(
         await trio.sleep(1)
         assert status.writes == writes
         nursery.cancel_scope.cancel()
+
+
+def test_a_sample_stays_fresh_until_its_oldest_live_handshake_ages_out() -> None:
+    from vpblu.actors.health import _fresh_for
+    from vpblu.core.health import HANDSHAKE_FRESH
+
+    def sample(*handshakes: int) -> wire.Telemetry:
+        names = tuple(f"p{i}" for i in range(len(handshakes)))
+        zeros = (0,) * len(names)
+        return wire.Telemetry(sampled_at=1_000.0, peers=wire.PeerColumns(
+            names, handshakes, zeros, zeros, ("",) * len(names)))
+
+    limit = 1_000.0 - HANDSHAKE_FRESH
+    assert _fresh_for(sample(990, 950), 0.0) == 950 - limit  # every peer up
+    assert _fresh_for(sample(990, 0, 950), 0.0) == 950 - limit  # one never handshaked
+    assert _fresh_for(sample(990, 700), 0.0) == 990 - limit  # one down already
+    assert _fresh_for(sample(0, 700), 0.0) == math.inf  # none up
+    assert _fresh_for(sample(990, 950), 10.0) == 950 - limit - 10.0

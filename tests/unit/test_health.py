@@ -86,3 +86,16 @@ def test_the_digest_ignores_counters_and_ages_but_not_who_is_up() -> None:
     later = telemetry(9_990, 9_950, at=10_000.0 + HANDSHAKE_FRESH)
     assert telemetry_digest(later) != telemetry_digest(base)  # p1 went stale
     assert telemetry_digest(telemetry(9_990, 9_950, generation=8)) != telemetry_digest(base)
+
+
+@pytest.mark.parametrize(("handshakes", "down"), [
+    ((), ()),
+    ((9_990, 9_900, 9_850), ()),  # all up: the fast path
+    ((9_990, 0, 9_850), ("p1",)),  # never handshaked
+    ((9_990, 9_900, 10_000 - int(HANDSHAKE_FRESH) - 1), ("p2",)),  # stale
+    ((10_000 - int(HANDSHAKE_FRESH), 9_999), ()),  # exactly at the limit: still up
+    ((0, 0), ("p0", "p1")),
+])
+def test_peers_down_names_every_peer_without_a_fresh_handshake(
+        handshakes: tuple[int, ...], down: tuple[str, ...]) -> None:
+    assert peers_down(telemetry(*handshakes)) == down

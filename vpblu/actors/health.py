@@ -349,5 +349,8 @@ class HealthActor:
 def _fresh_for(t: Telemetry, elapsed: float) -> float:
     """Seconds from now until the first peer that is up now stops being up."""
     limit = t.sampled_at + elapsed - rules.HANDSHAKE_FRESH
-    fresh = [hs for hs in t.peers.latest_handshakes if hs and hs >= limit]
+    handshakes = t.peers.latest_handshakes
+    if handshakes and 0 not in handshakes and (oldest := min(handshakes)) >= limit:
+        return oldest - limit  # every peer up: found in C
+    fresh = [hs for hs in handshakes if hs and hs >= limit]
     return (min(fresh) - limit) if fresh else math.inf

@@ -38,7 +38,12 @@ def handshake_ages(t: Telemetry, elapsed: float = 0.0) -> tuple[float | None, ..
 def peers_down(t: Telemetry, elapsed: float = 0.0) -> tuple[str, ...]:
     """The peers without a handshake within HANDSHAKE_FRESH, `elapsed` s after the sample."""
     limit = t.sampled_at + elapsed - HANDSHAKE_FRESH
-    return tuple(name for name, hs in zip(t.peers.names, t.peers.latest_handshakes, strict=True)
+    handshakes = t.peers.latest_handshakes
+    if not handshakes or (0 not in handshakes and min(handshakes) >= limit):
+        # The usual case, every peer up, found in C: the controller asks this
+        # of every telemetry message (~33 a second of 999 peers at N=1000).
+        return ()
+    return tuple(name for name, hs in zip(t.peers.names, handshakes, strict=True)
                  if hs == 0 or hs < limit)
 
 
