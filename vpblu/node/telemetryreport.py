@@ -46,7 +46,9 @@ telemetry messages after each join, beside the thousand acks.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 
 import attrs
 
@@ -139,16 +141,23 @@ class TelemetryReporter:
         urgent_limit = at + wait - HANDSHAKE_URGENT_AGE
         threshold = self._bytes_report
         sent_hs, sent_rx, sent_tx, sent_ep = self._handshakes, self._rx, self._tx, self._endpoints
-        if (peers.latest_handshakes == tuple(sent_hs) and peers.endpoints == tuple(sent_ep)
-                and peers.rx_bytes == tuple(sent_rx) and peers.tx_bytes == tuple(sent_tx)):
-            return [], False  # the quiet case, compared in C
+        # The rows that differ from what was sent, found in C: a peer's
+        # handshake renews every two minutes, so a sample of 999 peers taken
+        # every 10 s differs in some 80 rows, and only those are looked at.
+        differ: set[int] = set()
+        everyone = range(len(peers))
+        for column, sent in ((peers.latest_handshakes, sent_hs), (peers.endpoints, sent_ep),
+                             (peers.rx_bytes, sent_rx), (peers.tx_bytes, sent_tx)):
+            if column != tuple(sent):
+                differ.update(itertools.compress(everyone, map(operator.ne, column, sent)))
+        if not differ:
+            return [], False  # the quiet case
         positions: list[int] = []
         any_urgent = False
-        for i, (hs, rx, tx, ep) in enumerate(zip(peers.latest_handshakes, peers.rx_bytes,
-                                                 peers.tx_bytes, peers.endpoints, strict=True)):
-            was = sent_hs[i]
-            if hs == was and rx == sent_rx[i] and tx == sent_tx[i] and ep == sent_ep[i]:
-                continue
+        handshakes, rxs, txs, endpoints = (peers.latest_handshakes, peers.rx_bytes,
+                                           peers.tx_bytes, peers.endpoints)
+        for i in sorted(differ):
+            hs, rx, tx, ep, was = handshakes[i], rxs[i], txs[i], endpoints[i], sent_hs[i]
             if ep != sent_ep[i] or (hs != 0 and hs >= up_limit) != (was != 0 and was >= up_limit):
                 any_urgent = True
             elif hs != was and (hs < was or was < report_limit):
