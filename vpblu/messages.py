@@ -233,13 +233,15 @@ class PushDelta:
 
 
 @attrs.frozen(slots=True)
-class PushRotationStep:
-    """Send the daemon one key-rotation step (not a desired state: no generation)."""
+class PushRotationSteps:
+    """Send the daemon key-rotation steps (not a desired state: no generation):
+    every step the StateActor had for this node when it handed them over, one
+    per rotation, so a batch of rotations costs one write per daemon and step."""
 
-    step: wire.RotationStep
+    steps: tuple[wire.RotationStep, ...]
 
 
-SessionInbox = PushSync | PushDelta | PushRotationStep
+SessionInbox = PushSync | PushDelta | PushRotationSteps
 
 
 @attrs.frozen(slots=True, eq=False)
@@ -369,9 +371,10 @@ RotationsInbox = RotationViews | RotationResultReceived
 
 @attrs.frozen(slots=True)
 class SendRotationStep:
-    """A RotationActor asks the StateActor (which holds the sessions) to pass a step on."""
+    """A RotationActor asks the StateActor (which holds the sessions) to pass a step
+    on to each of `nodes` (one message for all of them: a step goes to every peer)."""
 
-    node: str
+    nodes: tuple[str, ...]
     step: wire.RotationStep
 
 

@@ -5,7 +5,7 @@ timeout, and a new leader resuming from the persisted record."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import pytest
@@ -52,7 +52,11 @@ class FakeRotationPorts:
         self.log.append("persist " + (f"{record.phase.value}/{record.step.name}"
                                       if record else "done"))
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+        for node in nodes:
+            await self.send_one(node, step)
+
+    async def send_one(self, node: str, step: wire.RotationStep) -> None:
         # Every step is persisted before it is sent.
         last = self.persisted[-1]
         assert last is not None and last.step is step.step and last.stamp == step.stamp
@@ -304,11 +308,11 @@ class NoisyRotationPorts(FakeRotationPorts):
     """Before each real answer, a failed answer to the same rotation at the
     stamps on either side of the step's."""
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+    async def send_one(self, node: str, step: wire.RotationStep) -> None:
         for stamp in (step.stamp - 1, step.stamp + 1):
             await self.inbox.send(RotationResultReceived(node, wire.RotationResult(
                 step.rotation_id, step.step, "a", stamp, "junk", "")))
-        await super().send_step(node, step)
+        await super().send_one(node, step)
 
 
 async def test_results_for_another_stamp_during_a_step_are_dropped_and_the_rotation_completes(

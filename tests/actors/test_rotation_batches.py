@@ -9,6 +9,7 @@ complete; a batch never holds more than the smallest maxConcurrent of its member
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -74,7 +75,11 @@ class FakeNodePorts:
         if last is not None:
             self.cluster.lasts[node] = last
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+        for node in nodes:
+            await self.send_one(node, step)
+
+    async def send_one(self, node: str, step: wire.RotationStep) -> None:
         cluster = self.cluster
         cluster.sent.append(Sent(trio.current_time(), step.rotating_node, step.step, node,
                                  step.slot, step.stamp))

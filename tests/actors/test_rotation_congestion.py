@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -73,7 +74,11 @@ class FakeFleetPorts:
         if last is not None:
             self.fleet.lasts[node] = last
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+        for node in nodes:
+            await self.send_one(node, step)
+
+    async def send_one(self, node: str, step: wire.RotationStep) -> None:
         sent = (step.rotating_node, step.step, node)
         self.fleet.sent[sent] += 1
         if sent in self.fleet.lose:

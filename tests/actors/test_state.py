@@ -32,7 +32,7 @@ from vpblu.messages import (
     ObjectDeleted,
     PeersWanted,
     PushDelta,
-    PushRotationStep,
+    PushRotationSteps,
     PushSync,
     SendRotationStep,
     SessionClosed,
@@ -498,17 +498,14 @@ async def test_rotation_steps_wait_out_a_full_mailbox_and_go_without_another_mes
     box = await h.connect(1, size=1)
     await trio.sleep(1)  # the PushSync fills the one slot
     for message in (step("r2", 1), step("r3", 1, rotating=3), step("r2", 2)):
-        await h.send.send(SendRotationStep("n1", message))
+        await h.send.send(SendRotationStep(("n1",), message))
     await trio.sleep(1)
     assert isinstance(await box.receive(), PushSync)
-    got = []
-    for _ in range(2):
-        with trio.fail_after(1):  # no message to the actor: its own timer hands them over
-            pushed = await box.receive()
-        assert isinstance(pushed, PushRotationStep)
-        got.append((pushed.step.rotation_id, pushed.step.stamp))
-    # The latest stamp of r2 supersedes the one it held before.
-    assert got == [("r3", 1), ("r2", 2)]
+    with trio.fail_after(1):  # no message to the actor: its own timer hands them over
+        pushed = await box.receive()
+    # One message with every step held; the latest stamp of r2 supersedes the one before.
+    assert isinstance(pushed, PushRotationSteps)
+    assert [(s.rotation_id, s.stamp) for s in pushed.steps] == [("r3", 1), ("r2", 2)]
     stats = h.actor.statistics()
     assert (stats.rotation_steps_deferred, stats.rotation_steps_dropped) == (3, 0)
     with trio.move_on_after(5):
@@ -522,11 +519,11 @@ async def test_rotation_steps_held_for_a_session_are_bounded(
     box = await h.connect(1, size=1)
     await trio.sleep(1)
     for r in range(MAX_OWED_STEPS + 3):
-        await h.send.send(SendRotationStep("n1", step(f"r{r}", 1)))
+        await h.send.send(SendRotationStep(("n1",), step(f"r{r}", 1)))
     await trio.sleep(0.01)
     stats = h.actor.statistics()
     assert (stats.rotation_steps_deferred, stats.rotation_steps_dropped) == (MAX_OWED_STEPS, 3)
     assert isinstance(await box.receive(), PushSync)
-    held = [(await box.receive()) for _ in range(MAX_OWED_STEPS)]
-    assert [m.step.rotation_id for m in held if isinstance(m, PushRotationStep)] == [
-        f"r{r}" for r in range(MAX_OWED_STEPS)]
+    held = await box.receive()
+    assert isinstance(held, PushRotationSteps)
+    assert [s.rotation_id for s in held.steps] == [f"r{r}" for r in range(MAX_OWED_STEPS)]

@@ -89,7 +89,7 @@ import datetime
 import logging
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import attrs
@@ -137,8 +137,9 @@ class RotationPorts(Protocol):
         given; return once the API server has it."""
         ...
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
-        """Offer `step` to `node`'s daemon; silently nothing if it is not connected."""
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+        """Offer `step` to each of `nodes`' daemons; silently nothing for one that is
+        not connected."""
         ...
 
     async def peers_of(self, node: str) -> tuple[str, ...]:
@@ -678,8 +679,7 @@ class RotationActor:
         interval = self._settings.resend_interval
         try:
             while waiting:
-                for node in sorted(waiting):
-                    await self._ports.send_step(node, message)
+                await self._ports.send_step(sorted(waiting), message)
                 sent_at = trio.current_time()
                 while waiting:
                     arrived = self._result_arrived

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import trio
 
@@ -64,8 +65,8 @@ class LeaderRotationPorts:
             self._metrics.rotation_recorded(node, phase,
                                             last.outcome if last is not None else None)
 
-    async def send_step(self, node: str, step: wire.RotationStep) -> None:
-        await self._state.send(SendRotationStep(node, step))
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+        await self._state.send(SendRotationStep(tuple(nodes), step))
 
     async def peers_of(self, node: str) -> tuple[str, ...]:
         reply, answer = trio.open_memory_channel[tuple[str, ...]](1)

@@ -51,7 +51,7 @@ from vpblu.messages import (
     NodeAcked,
     PublicKeyReported,
     PushDelta,
-    PushRotationStep,
+    PushRotationSteps,
     PushSync,
     RotationResultReceived,
     SessionClosed,
@@ -279,8 +279,8 @@ class NodeSessionActor:
                     break
             if batch:
                 # Rotation steps are not state: never coalesced away, sent as they are.
-                steps = [p.step for p in batch if isinstance(p, PushRotationStep)]
-                pushes = coalesce([p for p in batch if not isinstance(p, PushRotationStep)])
+                steps = [s for p in batch if isinstance(p, PushRotationSteps) for s in p.steps]
+                pushes = coalesce([p for p in batch if not isinstance(p, PushRotationSteps)])
                 try:
                     if pushes:
                         self._latest = (pushes[-1].generation, pushes[-1].state)

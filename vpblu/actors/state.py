@@ -51,8 +51,9 @@ Invariants:
 
 It is also the leader's switchboard for rotations: it hands every node's
 `NodeRotationView` to the RotationsActor after each recompute, passes a
-RotationActor's `SendRotationStep` to that node's session (dropped when the node
-has no session or its mailbox is full: the RotationActor re-sends), and passes
+RotationActor's `SendRotationStep` to the sessions of the nodes it names (every
+step a node is owed goes as one message at the end of the actor's turn; dropped
+when the node has no session, held while its mailbox is full), and passes
 daemons' RotationResults back.
 """
 
@@ -106,7 +107,7 @@ from vpblu.messages import (
     ObjectDeleted,
     PeersWanted,
     PushDelta,
-    PushRotationStep,
+    PushRotationSteps,
     PushSync,
     RememberPodRanges,
     RotationRecorded,
@@ -175,9 +176,11 @@ class _Session:
     sent_state: NodeDesiredState | None = None
     needs_sync: bool = True
     acked_generation: int = 0
-    # Rotation steps the full mailbox could not take, the latest per rotation:
-    # handed over as soon as it has room, ahead of any state push.
+    # Rotation steps not handed over yet, the latest per rotation: all of them
+    # go as one PushRotationSteps at the end of the actor's turn, or as soon as
+    # a full mailbox has room, ahead of any state push.
     owed_steps: dict[str, wire.RotationStep] = attrs.Factory(dict)
+    fresh_steps: int = 0  # of those, steps not yet counted as deferred
 
 
 @attrs.define
@@ -329,14 +332,15 @@ class StateActor:
                         await self._handle(self._inbox.receive_nowait())
                     except trio.WouldBlock:
                         break
+                # Rotation steps first, as they came: one message per node.
+                if self._owing_steps:
+                    self._hand_owed_steps()
                 if (self._dirty and self._synced
                         and trio.current_time() >= self._recompute_after):
                     await self._recompute()
                 elif (self._acks_moved and self._result is not None
                       and trio.current_time() >= self._next_applied_report()):
                     await self._report_conditions(self._result.conditions)
-                if self._owing_steps:
-                    self._hand_owed_steps()
                 if self._synced:
                     self._release_resyncs()
                     self._push_pending_syncs()
@@ -411,10 +415,11 @@ class StateActor:
                     self._acks_moved = True
                     self._unsynced.discard(node)
                     self._converged(self._convergence.forget(node, trio.current_time()))
-            case SendRotationStep(node=node, step=step):
-                session = self._sessions.get(node)
-                if session is not None:
-                    self._send_step(node, session, step)
+            case SendRotationStep(nodes=nodes, step=step):
+                for node in nodes:
+                    session = self._sessions.get(node)
+                    if session is not None:
+                        self._owe_step(node, session, step)
             case RotationRecorded(node=node, record=record, public_key=key):
                 self._anchors.rotation_recorded(node, record, key)
                 self._dirty = self._dirty or self._key_moved(node)
@@ -660,18 +665,13 @@ class StateActor:
         state = self._states().get(node)
         return tuple(p.name for p in state.peers) if state is not None else ()
 
-    def _send_step(self, node: str, session: _Session, step: wire.RotationStep) -> None:
-        """A rotation step goes now, or is held on the session until its
-        mailbox has room: a step lost here would wait out the rotation's
-        resend interval, and at N=1000 the mailboxes are often full of deltas."""
-        if not session.owed_steps:
-            try:
-                session.mailbox.send_nowait(PushRotationStep(step))
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return  # the session is ending; the rotation re-sends to the next one
-            except trio.WouldBlock:
-                pass
+    def _owe_step(self, node: str, session: _Session, step: wire.RotationStep) -> None:
+        """Hold a rotation step for `node` until the end of this turn (or, when its
+        mailbox is full, until it has room): every step held for a node then goes
+        as one message. The rotations of a batch reach a phase together, so each
+        daemon gets one write with every member's step, not one per member; and a
+        step lost here would wait out its rotation's resend interval (at N=1000
+        the mailboxes are often full of deltas)."""
         owed = session.owed_steps
         if step.rotation_id not in owed and len(owed) >= MAX_OWED_STEPS:
             self._steps_dropped += 1
@@ -680,7 +680,7 @@ class StateActor:
             return
         owed.pop(step.rotation_id, None)
         owed[step.rotation_id] = step  # the latest stamp of a rotation supersedes the rest
-        self._steps_deferred += 1
+        session.fresh_steps += 1
         self._owing_steps.add(node)
 
     def _hand_owed_steps(self) -> None:
@@ -690,18 +690,18 @@ class StateActor:
                 self._owing_steps.discard(node)
                 continue
             owed = session.owed_steps
-            while owed:
-                rotation_id, step = next(iter(owed.items()))
-                try:
-                    session.mailbox.send_nowait(PushRotationStep(step))
-                except trio.WouldBlock:
-                    break
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    owed.clear()
-                    break
-                del owed[rotation_id]
-            if not owed:
-                self._owing_steps.discard(node)
+            try:
+                session.mailbox.send_nowait(PushRotationSteps(tuple(owed.values())))
+            except trio.WouldBlock:
+                # Held past the turn they came in: counted once each.
+                self._steps_deferred += session.fresh_steps
+                session.fresh_steps = 0
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the session is ending; the rotation re-sends to the next one
+            owed.clear()
+            session.fresh_steps = 0
+            self._owing_steps.discard(node)
 
     def _push_pending_syncs(self) -> None:
         for node in list(self._unsynced):
