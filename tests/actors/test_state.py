@@ -10,6 +10,7 @@ import base64
 import ipaddress
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -527,3 +528,49 @@ async def test_rotation_steps_held_for_a_session_are_bounded(
     held = await box.receive()
     assert isinstance(held, PushRotationSteps)
     assert [s.rotation_id for s in held.steps] == [f"r{r}" for r in range(MAX_OWED_STEPS)]
+
+
+async def test_a_rotation_record_alone_updates_the_views_without_a_recompute(
+        autojump_clock: trio.testing.MockClock) -> None:
+    from vpblu.core.sources import RotationPhase, RotationRecord
+    from vpblu.messages import RotationsInbox, RotationViews
+
+    send, receive = trio.open_memory_channel[StateInbox](1000)
+    status_send, status = trio.open_memory_channel[StatusInbox](1000)
+    views_send, views = trio.open_memory_channel[RotationsInbox](1000)
+    actor = StateActor(receive, status_send, term=3, rotations=views_send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain, status)
+        await nursery.start(actor.run)
+        for kind in WATCHED_KINDS:
+            objects = {"Node": (node(1), node(2)), "VpbluNode": (vnode(1), vnode(2)),
+                       "TunnelPolicy": (mesh(),)}.get(kind, ())
+            await send.send(KindListed(kind, objects, (), "1"))
+        first = await views.receive()
+        assert isinstance(first, RotationViews)
+        before = actor.statistics().recomputes
+        # The record a RotationActor writes before its Distribute: the key
+        # published to n1's peers is still the old one.
+        record = RotationRecord("r1", RotationPhase.DISTRIBUTE, wire.RotationStepKind.DISTRIBUTE,
+                                key(2), key(42), ("n1",), "now", 7)
+        recorded = VpbluNodeSource(ObjectMeta("n2", 1, "5", "uid-n2"), None, key(2), record)
+        await send.send(KindChanged("VpbluNode", (recorded,), (), (), "5"))
+        with trio.fail_after(5):
+            update = await views.receive()
+        assert isinstance(update, RotationViews)
+        assert {v.node: v.record for v in update.nodes}["n2"] == record
+        assert actor.statistics().recomputes == before
+        # At Retire the record publishes the new key: that is a recompute.
+        retired = VpbluNodeSource(ObjectMeta("n2", 1, "6", "uid-n2"), None, key(2),
+                                  attrs.evolve(record, phase=RotationPhase.RETIRE,
+                                               step=wire.RotationStepKind.SWITCH_PEER))
+        await send.send(KindChanged("VpbluNode", (retired,), (), (), "6"))
+        with trio.fail_after(5):
+            await views.receive()
+        assert actor.statistics().recomputes == before + 1
+        nursery.cancel_scope.cancel()
+
+
+async def _drain(channel: trio.MemoryReceiveChannel[StatusInbox]) -> None:
+    async for _ in channel:
+        pass

@@ -278,6 +278,7 @@ class StateActor:
         self._views: dict[str, tuple[VpbluNodeSource | None, NodeRotationView]] = {}
         self._view_policies: list[RotationPolicy] = []
         self._sent_views: tuple[NodeRotationView, ...] = ()
+        self._views_dirty = False  # a view's input changed, no desired state did
         self._daemon_conditions_cache: list[Condition] | None = None
         # Per policy: its metadata.generation and the desired-state generation
         # current when the leader took it in (a node that acked that, or is
@@ -338,6 +339,9 @@ class StateActor:
                 if (self._dirty and self._synced
                         and trio.current_time() >= self._recompute_after):
                     await self._recompute()
+                elif self._views_dirty and self._result is not None:
+                    self._views_dirty = False
+                    await self._report_rotation_views()
                 elif (self._acks_moved and self._result is not None
                       and trio.current_time() >= self._next_applied_report()):
                     await self._report_conditions(self._result.conditions)
@@ -385,7 +389,15 @@ class StateActor:
                     # Our own status writes come back as events that change
                     # nothing we read (a new resourceVersion): at 1000 nodes a
                     # recompute each would double the work of every event.
-                    changed = changed or was_invalid or before is None or not _same(before, obj)
+                    if changed or was_invalid or before is None or _same(before, obj):
+                        changed = changed or was_invalid or before is None
+                    elif self._rotation_only(name, before, obj):
+                        # A rotation's record, written before each of its steps
+                        # (8 a rotation): the key peers are told is the same, so
+                        # only the rotation views change, not a desired state.
+                        self._views_dirty = True
+                    else:
+                        changed = True
                 for name in deleted:
                     view.pop(name, None)
                     self._invalid.pop((kind, name), None)
@@ -444,6 +456,19 @@ class StateActor:
                         if self._metrics is not None:
                             self._metrics.reconcile_errors.labels("daemon_apply").inc()
                         self._failed(node, current, gen, error)
+
+    def _rotation_only(self, name: str, before: Typed, after: Typed) -> bool:
+        """Whether `after` differs from `before` only in what the rotation views
+        read (the rotation record, the last rotation, annotations), without
+        changing the key `name`'s peers are told."""
+        if not (isinstance(before, VpbluNodeSource) and isinstance(after, VpbluNodeSource)):
+            return False
+        same_rest = attrs.evolve(before, rotation=after.rotation,
+                                 last_rotation=after.last_rotation,
+                                 meta=attrs.evolve(before.meta,
+                                                   annotations=after.meta.annotations))
+        return (_same(same_rest, after) and self._anchors.published_key(name, before)
+                == self._anchors.published_key(name, after))
 
     def _key_moved(self, node: str) -> bool:
         """Whether `node`'s peers would now be told another key than the last
@@ -607,6 +632,7 @@ class StateActor:
         self._recompute_after = trio.current_time() + min(cost * RECOMPUTE_SPACING,
                                                           MAX_RECOMPUTE_WAIT)
         await self._report_conditions(self._result.conditions)
+        self._views_dirty = False
         await self._report_rotation_views()
 
     def _remember_pod_ranges(self) -> None:
