@@ -204,6 +204,32 @@ def big_state(node: str, peers: int) -> NodeDesiredState:
              (f"10.{i >> 8}.{i & 255}.0/24",)) for i in range(peers)])
 
 
+async def test_queued_messages_of_every_size_share_writes_and_arrive_whole_in_order(
+        pki: Pki) -> None:
+    """What is queued goes out in as few HTTP/2 writes as fit (transport
+    COALESCE_BYTES): small messages around one larger than a whole write,
+    from both ends, each arriving whole, in order, and counted once."""
+    big = wire.SyncState(7, big_state("a", 700))  # more than COALESCE_BYTES
+    to_node = [*(wire.Delta(g + 1, g, [PeerRemoved(f"n{g}")]) for g in range(1, 6)), big,
+               *(wire.Delta(g + 1, g, [PeerRemoved(f"n{g}")]) for g in range(8, 13))]
+    to_controller: list[wire.NodeMessage] = [
+        *(wire.RotationResult(f"r{i}", wire.RotationStepKind.SWITCH_PEER, "b", i + 1)
+          for i in range(40)), wire.Ack(12)]
+    async with running_mesh(pki.server) as mesh, \
+            open_mesh_stream(mesh.address, pki.client, "token-a", hello()) as daemon:
+        node_stream = await mesh.accept()
+        await node_stream.send_batch([wire.Delta(1, 0, [PeerRemoved("first")])])
+        await daemon.send_batch([wire.Heartbeat()])
+        assert len(await receive_n(daemon, 1)) == 1
+        assert len(await receive_n(node_stream, 1)) == 1
+        for _ in range(3):
+            await node_stream.send_batch(to_node)
+            await daemon.send_batch(to_controller)
+            assert await receive_n(daemon, len(to_node)) == to_node
+            assert await receive_n(node_stream, len(to_controller)) == to_controller
+        assert node_stream.received[0] == 1 + 3 * len(to_controller)
+
+
 async def test_a_daemon_that_stops_reading_pushes_back_on_the_sender(pki: Pki) -> None:
     state = big_state("a", 1000)  # ~100 KB a SyncState
     queued = 0

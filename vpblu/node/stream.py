@@ -100,6 +100,8 @@ CLOSED_RECONNECT_JITTER = 0.05
 # Telemetry: a sample this often (and after each apply), sent when it changed,
 # but at most once per TELEMETRY_INTERVAL; always with the heartbeat.
 SAMPLE_PERIOD = 10.0
+# Answers to rotation steps queued together go together, held at most this long.
+RESULTS_HELD = 0.05
 TELEMETRY_INTERVAL = 5.0
 # A stream that stayed up this long counts as healthy: the backoff starts over.
 STABLE_AFTER = 10.0
@@ -423,12 +425,25 @@ class StreamActor:
         from vpblu.messages import RotationStepDone
 
         async for step in steps:
-            if self._rotator is None:
-                done = RotationStepDone("this daemon does not rotate keys")
-            else:
-                done = await self._rotator.rotate(step)
+            # Steps queued together (a batch of rotations reaching a phase at
+            # once) are answered together, in one write, while the answers held
+            # are younger than RESULTS_HELD: the controller waits on each.
+            results: list[wire.NodeMessage] = []
+            held_since = trio.current_time()
+            while True:
+                if self._rotator is None:
+                    done = RotationStepDone("this daemon does not rotate keys")
+                else:
+                    done = await self._rotator.rotate(step)
+                results.append(_result(step, done))
+                if trio.current_time() - held_since >= RESULTS_HELD:
+                    break
+                try:
+                    step = steps.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             try:
-                await stream.send_batch([_result(step, done)])
+                await stream.send_batch(results)
             except StreamClosed:
                 return  # the receive loop sees the end too; a resent step is run again
 

@@ -55,6 +55,8 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -101,6 +103,10 @@ INBOX_BYTES = 8 << 20  # ... or this many bytes of them (~60 SyncStates of 1000 
 # byte bound, because a SyncState at N=1000 is ~150 KB and a message count
 # would let 1000 sessions queue gigabytes; small deltas never reach it.
 OUTBOX_LIMIT = 128 * 1024
+# Queued messages written as one HTTP/2 DATA write, up to this many bytes.
+COALESCE_BYTES = 64 * 1024
+# A gRPC message's prefix: compressed flag, then the length (big-endian).
+_GRPC_PREFIX = struct.Struct(">?I")
 ROOM_TIMEOUT = WRITE_TIMEOUT + CLOSE_TIMEOUT  # the writer gives up before this
 BATCH_LIMIT = 1024  # most messages one receive_batch returns
 CLOSE_REASON_KEY = "vpblu-close-reason"  # trailing metadata of a stream the controller closed
@@ -496,11 +502,12 @@ class _Call(Generic[R, S]):
                     while self.outbox:
                         if self.stop.is_set() and self.close_reason is None:
                             return False
-                        await self.stream.send_message(self.outbox[0])
-                        self.outbox_bytes -= _size(self.outbox.popleft())
-                        self.written += 1
-                        if self.written == self._timed_mark:
-                            self.timed_at = trio.current_time()
+                        taken = await self._send_some()
+                        for _ in range(taken):
+                            self.outbox_bytes -= _size(self.outbox.popleft())
+                            self.written += 1
+                            if self.written == self._timed_mark:
+                                self.timed_at = trio.current_time()
                         if self.outbox_bytes < OUTBOX_LIMIT:
                             self._room.set()
             except TimeoutError:
@@ -510,6 +517,44 @@ class _Call(Generic[R, S]):
                 self.request_close(f"a write failed: {exc!r}")
                 return False
         return True
+
+    async def _send_some(self) -> int:
+        """Write the head of the outbox; return how many messages went.
+
+        Whatever is queued (up to COALESCE_BYTES) goes as one HTTP/2 DATA
+        write: gRPC messages are length-prefixed in the stream's bytes, so
+        several may share a frame, and each write costs an h2 frame, a TLS
+        record and a socket write however small it is. A batch of rotations
+        hands a daemon one step per member at once, and a daemon answers them
+        together. The first message of a stream goes through grpclib's own
+        send_message, which sends the request or response headers first."""
+        first = self.outbox[0]
+        if self.written == 0 or len(self.outbox) == 1:
+            await self.stream.send_message(first)
+            return 1
+        batch, size = [], 0
+        for message in self.outbox:
+            batch.append(message)
+            size += _size(message)
+            if size >= COALESCE_BYTES:
+                break
+        if len(batch) == 1:
+            await self.stream.send_message(first)
+            return 1
+        grpc = self.stream
+        codec, send_type = grpc._codec, grpc._send_type
+        parts = []
+        for message in batch:
+            body = codec.encode(message, send_type)
+            parts.append(_GRPC_PREFIX.pack(False, len(body)))
+            parts.append(body)
+        await grpc._stream.send_data(b"".join(parts))
+        # What grpclib's send_message counts (its keepalive reads the connection's).
+        grpc._messages_sent += len(batch)
+        connection = grpc._stream.connection
+        connection.messages_sent += len(batch)
+        connection.last_message_sent = time.monotonic()
+        return len(batch)
 
     def request_close(self, reason: str) -> None:
         """From either side; the task serving the RPC ends it."""
