@@ -376,6 +376,10 @@ class SendRotationStep:
 
     nodes: tuple[str, ...]
     step: wire.RotationStep
+    # Other rotations are in the same batch: their steps for the same nodes come
+    # within moments (each after its own record is written), and may be held up to
+    # STEP_GATHER to go with them, one message per node.
+    gather: bool = False
 
 
 @attrs.frozen(slots=True)

@@ -52,7 +52,8 @@ class FakeRotationPorts:
         self.log.append("persist " + (f"{record.phase.value}/{record.step.name}"
                                       if record else "done"))
 
-    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep, *,
+                        gather: bool = False) -> None:
         for node in nodes:
             await self.send_one(node, step)
 

@@ -75,7 +75,8 @@ class FakeNodePorts:
         if last is not None:
             self.cluster.lasts[node] = last
 
-    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep, *,
+                        gather: bool = False) -> None:
         for node in nodes:
             await self.send_one(node, step)
 

@@ -74,7 +74,8 @@ class FakeFleetPorts:
         if last is not None:
             self.fleet.lasts[node] = last
 
-    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep, *,
+                        gather: bool = False) -> None:
         for node in nodes:
             await self.send_one(node, step)
 

@@ -574,3 +574,27 @@ async def test_a_rotation_record_alone_updates_the_views_without_a_recompute(
 async def _drain(channel: trio.MemoryReceiveChannel[StatusInbox]) -> None:
     async for _ in channel:
         pass
+
+
+async def test_a_batch_s_steps_for_one_node_are_gathered_into_one_message(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    from vpblu.actors.state import STEP_GATHER
+
+    await h.list_all(range(1, 5))
+    box = await h.connect(1)
+    assert isinstance(await box.receive(), PushSync)
+    # Two members of a batch, their records written moments apart.
+    await h.send.send(SendRotationStep(("n1",), step("r2", 1), gather=True))
+    await trio.sleep(STEP_GATHER / 3)
+    await h.send.send(SendRotationStep(("n1",), step("r3", 2, rotating=3), gather=True))
+    with trio.fail_after(STEP_GATHER):
+        pushed = await box.receive()
+    assert isinstance(pushed, PushRotationSteps)
+    assert [s.rotation_id for s in pushed.steps] == ["r2", "r3"]
+    # A lone rotation's step is not held.
+    started = trio.current_time()
+    await h.send.send(SendRotationStep(("n1",), step("r4", 3, rotating=4)))
+    alone = await box.receive()
+    assert isinstance(alone, PushRotationSteps) and len(alone.steps) == 1
+    assert trio.current_time() - started < STEP_GATHER / 2

@@ -137,9 +137,11 @@ class RotationPorts(Protocol):
         given; return once the API server has it."""
         ...
 
-    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep, *,
+                        gather: bool = False) -> None:
         """Offer `step` to each of `nodes`' daemons; silently nothing for one that is
-        not connected."""
+        not connected. `gather`: other rotations of the batch send theirs too, and
+        the steps for one node may wait a moment to go together."""
         ...
 
     async def peers_of(self, node: str) -> tuple[str, ...]:
@@ -679,7 +681,8 @@ class RotationActor:
         interval = self._settings.resend_interval
         try:
             while waiting:
-                await self._ports.send_step(sorted(waiting), message)
+                await self._ports.send_step(sorted(waiting), message,
+                                            gather=len(self._token.members) > 1)
                 sent_at = trio.current_time()
                 while waiting:
                     arrived = self._result_arrived

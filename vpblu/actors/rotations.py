@@ -65,8 +65,9 @@ class LeaderRotationPorts:
             self._metrics.rotation_recorded(node, phase,
                                             last.outcome if last is not None else None)
 
-    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep) -> None:
-        await self._state.send(SendRotationStep(tuple(nodes), step))
+    async def send_step(self, nodes: Sequence[str], step: wire.RotationStep, *,
+                        gather: bool = False) -> None:
+        await self._state.send(SendRotationStep(tuple(nodes), step, gather))
 
     async def peers_of(self, node: str) -> tuple[str, ...]:
         reply, answer = trio.open_memory_channel[tuple[str, ...]](1)

@@ -134,6 +134,11 @@ RETRY_OVERFLOWED = 0.2
 # holds at most this many (one per rotation: every slot of a batch and its own).
 RETRY_OWED_STEPS = 0.05
 MAX_OWED_STEPS = 2 * wire.MAX_ROTATION_SLOTS
+# A step of a batch of rotations waits at most this long for the other members'
+# steps to the same nodes (each member sends its own after its record is
+# written: moments apart), so every daemon gets them in one message. A lone
+# rotation's steps go at the end of the actor's turn.
+STEP_GATHER = 0.05
 # A policy's Applied condition ("k/N nodes applied generation G") follows the
 # nodes' acks at most this often: a change's acks from 1000 nodes arrive over
 # a second or two and are one or two status writes, not one per ack batch. A
@@ -261,6 +266,9 @@ class StateActor:
         self._unsynced: set[str] = set()
         # The nodes whose session holds rotation steps its mailbox had no room for.
         self._owing_steps: set[str] = set()
+        # When the held steps go (None: none held): at once, after STEP_GATHER
+        # for a batch's, or RETRY_OWED_STEPS after a full mailbox refused them.
+        self._steps_due: float | None = None
         self._steps_deferred = 0
         self._steps_dropped = 0
         self._result: desiredstate.DesiredResult | None = None
@@ -315,7 +323,7 @@ class StateActor:
             while True:
                 now = trio.current_time()
                 wake = min(now + RETRY_OVERFLOWED if self._overflowed() else math.inf,
-                           now + RETRY_OWED_STEPS if self._owing_steps else math.inf,
+                           self._steps_due if self._steps_due is not None else math.inf,
                            self._next_resync(), self._next_applied_report(),
                            self._recompute_after if self._dirty and self._synced
                            else math.inf)
@@ -334,7 +342,7 @@ class StateActor:
                     except trio.WouldBlock:
                         break
                 # Rotation steps first, as they came: one message per node.
-                if self._owing_steps:
+                if self._steps_due is not None and trio.current_time() >= self._steps_due:
                     self._hand_owed_steps()
                 if (self._dirty and self._synced
                         and trio.current_time() >= self._recompute_after):
@@ -427,11 +435,15 @@ class StateActor:
                     self._acks_moved = True
                     self._unsynced.discard(node)
                     self._converged(self._convergence.forget(node, trio.current_time()))
-            case SendRotationStep(nodes=nodes, step=step):
+            case SendRotationStep(nodes=nodes, step=step, gather=gather):
                 for node in nodes:
                     session = self._sessions.get(node)
                     if session is not None:
                         self._owe_step(node, session, step)
+                due = trio.current_time() + (STEP_GATHER if gather else 0.0)
+                if self._owing_steps:
+                    self._steps_due = due if self._steps_due is None else min(self._steps_due,
+                                                                              due)
             case RotationRecorded(node=node, record=record, public_key=key):
                 self._anchors.rotation_recorded(node, record, key)
                 self._dirty = self._dirty or self._key_moved(node)
@@ -692,12 +704,12 @@ class StateActor:
         return tuple(p.name for p in state.peers) if state is not None else ()
 
     def _owe_step(self, node: str, session: _Session, step: wire.RotationStep) -> None:
-        """Hold a rotation step for `node` until the end of this turn (or, when its
-        mailbox is full, until it has room): every step held for a node then goes
-        as one message. The rotations of a batch reach a phase together, so each
-        daemon gets one write with every member's step, not one per member; and a
-        step lost here would wait out its rotation's resend interval (at N=1000
-        the mailboxes are often full of deltas)."""
+        """Hold a rotation step for `node` until the end of this turn, a batch's up
+        to STEP_GATHER (or, when the mailbox is full, until it has room): every step
+        held for a node then goes as one message. The rotations of a batch reach a
+        phase together, so each daemon gets one write with every member's step, not
+        one per member; and a step lost here would wait out its rotation's resend
+        interval (at N=1000 the mailboxes are often full of deltas)."""
         owed = session.owed_steps
         if step.rotation_id not in owed and len(owed) >= MAX_OWED_STEPS:
             self._steps_dropped += 1
@@ -728,6 +740,9 @@ class StateActor:
             owed.clear()
             session.fresh_steps = 0
             self._owing_steps.discard(node)
+        # What a full mailbox refused is offered again shortly.
+        self._steps_due = (trio.current_time() + RETRY_OWED_STEPS if self._owing_steps
+                           else None)
 
     def _push_pending_syncs(self) -> None:
         for node in list(self._unsynced):
