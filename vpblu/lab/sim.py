@@ -187,6 +187,26 @@ class SimRotator:
         return RotationStepDone()
 
 
+_PEER_NAME = operator.attrgetter("name")
+# Each Peer's endpoint as WireGuard shows it, by the Peer object (the daemons'
+# decoder shares one object per distinct Peer across the whole process): a
+# key rotation gives every daemon new peer tuples, and a thousand daemons
+# formatting 999 endpoints each after every apply were the bench's bottleneck.
+_ENDPOINT_TEXTS: dict[int, tuple[Peer, str]] = {}
+_ENDPOINT_TEXTS_KEPT = 1 << 16
+
+
+def _endpoint_text(peer: Peer) -> str:
+    held = _ENDPOINT_TEXTS.get(id(peer))
+    if held is not None and held[0] is peer:
+        return held[1]
+    if len(_ENDPOINT_TEXTS) >= _ENDPOINT_TEXTS_KEPT:
+        _ENDPOINT_TEXTS.clear()
+    text = sys.intern(str(peer.endpoint)) if peer.endpoint is not None else ""
+    _ENDPOINT_TEXTS[id(peer)] = (peer, text)
+    return text
+
+
 class SimTelemetry:
     """The simulated node's `stream.TelemetrySource`: a healthy mesh, where every
     applied peer handshakes every `REKEY` seconds like WireGuard carrying
@@ -220,9 +240,8 @@ class SimTelemetry:
         peers = applied.peers if applied is not None else ()
         if peers is not self._for:
             self._for = peers
-            self._names = tuple(p.name for p in peers)
-            self._endpoints = tuple(sys.intern(str(p.endpoint)) if p.endpoint is not None
-                                    else "" for p in peers)
+            self._names = tuple(map(_PEER_NAME, peers))
+            self._endpoints = tuple(map(_endpoint_text, peers))
             self._zeros = (0,) * len(peers)
         second, rekey = int(now), self.REKEY
         # second - (second + 7 i) % REKEY for every peer i, in C.
