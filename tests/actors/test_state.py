@@ -598,3 +598,34 @@ async def test_a_batch_s_steps_for_one_node_are_gathered_into_one_message(
     alone = await box.receive()
     assert isinstance(alone, PushRotationSteps) and len(alone.steps) == 1
     assert trio.current_time() - started < STEP_GATHER / 2
+
+
+async def test_the_new_keys_of_a_batch_reaching_retire_go_to_a_peer_in_one_push(
+    autojump_clock: trio.testing.MockClock, h: Harness,
+) -> None:
+    from vpblu.actors.state import KEY_GATHER
+    from vpblu.core.sources import RotationPhase, RotationRecord
+    from vpblu.messages import RotationRecorded
+
+    await h.list_all(range(1, 5))
+    box = await h.connect(1)
+    for i in (2, 3):  # connected with the key they had: the record decides what is published
+        h.sid += 1
+        mailbox_send, _ = trio.open_memory_channel[SessionInbox](16)
+        await h.send.send(SessionOpened(f"n{i}", h.sid, mailbox_send, key(i)))
+    assert isinstance(await box.receive(), PushSync)
+    await trio.sleep(1)
+
+    def retiring(i: int) -> RotationRecord:
+        return RotationRecord(f"r{i}", RotationPhase.RETIRE, wire.RotationStepKind.SWAP_PEER,
+                              key(i), key(40 + i), ("n1",), "now", 7, slot=i - 1)
+
+    await h.send.send(RotationRecorded("n2", retiring(2)))
+    await trio.sleep(KEY_GATHER / 2)
+    await h.send.send(RotationRecorded("n3", retiring(3)))
+    with trio.fail_after(KEY_GATHER * 2):
+        delta = await box.receive()
+    assert isinstance(delta, PushDelta)
+    changed = {c.peer.name: c.peer.public_key for c in delta.changes
+               if type(c).__name__ == "PeerChanged"}
+    assert changed == {"n2": key(42), "n3": key(43)}

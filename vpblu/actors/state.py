@@ -139,6 +139,9 @@ MAX_OWED_STEPS = 2 * wire.MAX_ROTATION_SLOTS
 # written: moments apart), so every daemon gets them in one message. A lone
 # rotation's steps go at the end of the actor's turn.
 STEP_GATHER = 0.05
+# A rotation's key change (its record reached Retire, or it rolled back) waits
+# this long for the other members' changes: one push per peer for the batch.
+KEY_GATHER = 0.2
 # A policy's Applied condition ("k/N nodes applied generation G") follows the
 # nodes' acks at most this often: a change's acks from 1000 nodes arrive over
 # a second or two and are one or two status writes, not one per ack batch. A
@@ -446,7 +449,13 @@ class StateActor:
                                                                               due)
             case RotationRecorded(node=node, record=record, public_key=key):
                 self._anchors.rotation_recorded(node, record, key)
-                self._dirty = self._dirty or self._key_moved(node)
+                if self._key_moved(node):
+                    # The members of a batch reach Retire together: their new
+                    # keys go to every peer in one push, not one push each.
+                    if not self._dirty:
+                        self._recompute_after = max(self._recompute_after,
+                                                    trio.current_time() + KEY_GATHER)
+                    self._dirty = True
             case PeersWanted(node=node, reply=reply):
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                          trio.ClosedResourceError):
