@@ -512,6 +512,7 @@ class Bench:
                              "maxConcurrent": self.args.rotation_max_concurrent}})
             self.say(f"  N={n} {mode}: rotation of {len(rotating)} of {n} nodes' keys x1, "
                      f"{rotation_concurrency(self.args.rotation_max_concurrent)}")
+            before = await trio.to_thread.run_sync(_write_counters, controller)
             await self.measure("rotation", n, mode, cluster, controller,
                                lambda: self.rotate_all(rotating, f"bench-{mode}-{n}"),
                                has_rotated(cluster, rotating), members,
@@ -520,6 +521,9 @@ class Bench:
                                                     "vpblu_rotation_messages_dropped")
             self.say(f"  N={n} {mode}: rotation messages dropped on a full mailbox since the "
                      f"controller started: {dropped or 'not scraped'}")
+            after = await trio.to_thread.run_sync(_write_counters, controller)
+            self.say(f"  N={n} {mode}: during the rotation, status writes "
+                     f"{after[0] - before[0]:.0f}, pushes {after[1] - before[1]:.0f}")
             if self.args.rotation_max_concurrent:
                 await self.api("DELETE", f"{policy_path}/{ROTATION_POLICY}")
             self._progress("rotation", n, mode)
@@ -551,6 +555,12 @@ class Bench:
                      f"{s.messages:7.0f} msgs {s.bytes / 1024:9.1f} KiB  cpu {s.cpu_ms:7.1f} ms"
                      f" (harness {s.harness_cpu_ms:.0f} ms; {s.recomputes:.0f} recomputes"
                      f" {s.recompute_ms:.0f} ms)")
+
+
+def _write_counters(controller: ControllerProcess) -> tuple[float, float]:
+    """The controller's status writes and pushes so far (0 if the scrape fails)."""
+    return (controller.counters("vpblu_status_writes").get("", 0.0),
+            sum(controller.counters("vpblu_pushes").values()))
 
 
 def _recompute_counters(controller: ControllerProcess) -> tuple[float, float]:
