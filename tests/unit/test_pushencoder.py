@@ -3,8 +3,10 @@ never hands out the bytes of a different peer."""
 
 from __future__ import annotations
 
+import base64
 import gc
 
+import attrs
 from hypothesis import given, settings
 
 from tests.unit.test_codec import KEY, controller_messages, peers, states
@@ -62,3 +64,16 @@ def test_an_equal_but_distinct_peer_is_encoded_from_its_own_fields() -> None:
     new = Peer("b", KEY, None, ("10.0.2.0/24",))
     state = NodeDesiredState("a", peers=(new,))
     assert encoder.encode(wire.SyncState(1, state)) == plain(wire.SyncState(1, state))
+
+
+def test_a_rotation_step_sent_to_every_peer_is_serialized_once_and_exactly() -> None:
+    encoder = PushEncoder()
+    step = wire.RotationStep("r1", wire.RotationStepKind.DISTRIBUTE, "n2",
+                             base64.b64encode(bytes(32)).decode(),
+                             base64.b64encode(bytes([1]) * 32).decode(), stamp=9, slot=3)
+    first = encoder.encode(step)
+    assert first == codec.encode_controller_message(step).SerializeToString()
+    assert encoder.encode(step) is first  # the same object: the bytes kept
+    other = attrs.evolve(step, stamp=10)
+    assert encoder.encode(other) == codec.encode_controller_message(other).SerializeToString()
+    assert encoder.encode(other) != first

@@ -162,6 +162,11 @@ def _datapath(datapath: DataPath) -> bytes:
     return b"".join(parts)
 
 
+# Rotation steps whose bytes are kept (a batch has at most 16 rotations, each
+# with one step in flight).
+STEPS_KEPT = 64
+
+
 class PushEncoder:
     """Serializes controller messages, each distinct Peer object once.
 
@@ -180,6 +185,10 @@ class PushEncoder:
         # "other"): every message a stream sends is encoded here once (the
         # controller's vpblu_push_bytes_total).
         self.encoded_bytes: dict[str, int] = {"sync": 0, "delta": 0, "other": 0}
+        # The last rotation steps encoded, by the step object: a RotationActor
+        # sends one step object to every peer (999 at N=1000), so it is
+        # serialized once, not once per stream. Held strongly, a few at a time.
+        self._steps: dict[int, tuple[wire.RotationStep, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -268,7 +277,16 @@ class PushEncoder:
                          _uint(_DELTA_BASE, base_generation)]
                 parts.extend(_field(_DELTA_CHANGE, self.change_bytes(c)) for c in changes)
                 return _field(_CM_DELTA, b"".join(parts))
+            case wire.RotationStep():
+                held = self._steps.get(id(message))
+                if held is not None and held[0] is message:
+                    return held[1]
+                step: bytes = codec.encode_controller_message(message).SerializeToString()
+                if len(self._steps) >= STEPS_KEPT:
+                    self._steps.clear()
+                self._steps[id(message)] = (message, step)
+                return step
             case _:
-                # Rare and small (Redirect, Refused, RotationStep): the plain codec.
+                # Rare and small (Redirect, Refused): the plain codec.
                 data: bytes = codec.encode_controller_message(message).SerializeToString()
                 return data
