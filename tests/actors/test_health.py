@@ -151,6 +151,31 @@ async def test_counts_that_move_without_a_transition_are_coalesced_per_minute(
         assert written[-1][0] < 101 + SETTINGS.transition_interval
 
 
+async def test_a_new_applied_generation_alone_waits_for_the_generation_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running() as h:
+        await h.send.send(report("n1", sample(3, 3), generation=5))
+        await trio.sleep(1)
+        # Every change of the mesh: a generation pushed, applied and acked.
+        for generation in range(6, 30):
+            await trio.sleep(10)
+            await h.send.send(report("n1", sample(3, 3, generation=generation),
+                                     generation=generation))
+        await trio.sleep(1)
+        assert len(h.of("n1")) == 1  # 4 min of churn, under the generation interval
+        # A count that moves still goes at the update pace, the generation with it.
+        await h.send.send(report("n1", sample(2, 3, generation=40), generation=40))
+        await trio.sleep(SETTINGS.transition_interval + 1)
+        _, latest = h.of("n1")[-1]
+        assert (latest.peers_up, latest.applied_generation) == (2, 40)
+        # And the generation alone after the generation interval.
+        await trio.sleep(SETTINGS.generation_interval)
+        await h.send.send(report("n1", sample(2, 3, generation=41), generation=41))
+        await trio.sleep(1)
+        assert h.of("n1")[-1][1].applied_generation == 41
+
+
 async def test_a_thousand_nodes_are_written_at_the_bucket_rate(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
