@@ -365,8 +365,17 @@ class RotationResultReceived:
     result: wire.RotationResult
 
 
+@attrs.frozen(slots=True)
+class RotationResultsReceived:
+    """`node`'s daemon answered rotation steps: what one read from its stream
+    held, passed on as one message (a daemon answers a batch's steps together)."""
+
+    node: str
+    results: tuple[wire.RotationResult, ...]
+
+
 RotationInbox = NodeRotationView | RotationResultReceived
-RotationsInbox = RotationViews | RotationResultReceived
+RotationsInbox = RotationViews | RotationResultReceived | RotationResultsReceived
 
 
 @attrs.frozen(slots=True)
@@ -414,7 +423,8 @@ class RememberPodRanges:
 
 
 StateInbox = (WatchMessage | SessionOpened | SessionClosed | NodeAcked | SendRotationStep
-              | RotationResultReceived | PeersWanted | RotationRecorded)
+              | RotationResultReceived | RotationResultsReceived | PeersWanted
+              | RotationRecorded)
 
 
 # --- NetlinkActor (vpblu/node/netlink.py) ----------------------------------------

@@ -346,3 +346,25 @@ async def test_a_leader_behind_on_every_stream_closes_none_of_them(
             assert (len(acked), closed, resent) == (nodes, [], [])
             assert took == pytest.approx(nodes * 0.2 + 1)
             nursery.cancel_scope.cancel()
+
+
+async def test_answers_to_rotation_steps_read_together_go_on_as_one_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from vpblu.messages import PushRotationSteps, RotationResultsReceived
+
+    h = Harness(FakeNodeStream("n0", key=9))
+    steps = tuple(wire.RotationStep(f"r{i}", wire.RotationStepKind.SWITCH_PEER, f"n{i}",
+                                    public_key(i), public_key(10 + i), stamp=i, slot=i)
+                  for i in (1, 2, 3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(h.run)
+        opened = await h.opened()
+        await opened.mailbox.send(PushRotationSteps(steps))
+        await h.stream.wait_sent(3)
+        assert h.stream.sent == list(steps)
+        answers = [wire.RotationResult(s.rotation_id, s.step, s.rotating_node, s.stamp)
+                   for s in steps]
+        h.stream.deliver_at_once(*answers)
+        assert await h.state.receive() == RotationResultsReceived("n0", tuple(answers))
+        nursery.cancel_scope.cancel()

@@ -128,6 +128,11 @@ class FakeNodeStream:
         for m in messages:
             await self._to_session_send.send(m)
 
+    def deliver_at_once(self, *messages: wire.NodeMessage) -> None:
+        """As one read: all of them wait before the session looks."""
+        for m in messages:
+            self._to_session_send.send_nowait(m)
+
     async def ack_latest(self) -> int:
         generation = max(m.generation for m in self.sent
                          if isinstance(m, wire.SyncState | wire.Delta))

@@ -28,6 +28,7 @@ from vpblu.messages import (
     RotationInbox,
     RotationRecorded,
     RotationResultReceived,
+    RotationResultsReceived,
     RotationsInbox,
     RotationStatus,
     RotationViews,
@@ -112,16 +113,23 @@ class RotationsActor:
                 match message:
                     case RotationViews(nodes=views):
                         await self._update(nursery, views)
-                    case RotationResultReceived(result=result):
-                        actor = self._actors.get(result.rotating_node)
-                        if actor is not None:
-                            try:
-                                actor[1].send_nowait(message)
-                            except trio.WouldBlock:
-                                self._answer_dropped(result.rotating_node)
-                            except trio.BrokenResourceError:
-                                pass  # its actor is ending: so is its rotation's wait
+                    case RotationResultReceived():
+                        self._route(message)
+                    case RotationResultsReceived(node=node, results=results):
+                        for result in results:
+                            self._route(RotationResultReceived(node, result))
             nursery.cancel_scope.cancel()
+
+    def _route(self, message: RotationResultReceived) -> None:
+        """An answer to the rotating node's actor (whose rotation it is)."""
+        actor = self._actors.get(message.result.rotating_node)
+        if actor is not None:
+            try:
+                actor[1].send_nowait(message)
+            except trio.WouldBlock:
+                self._answer_dropped(message.result.rotating_node)
+            except trio.BrokenResourceError:
+                pass  # its actor is ending: so is its rotation's wait
 
     def _answer_dropped(self, node: str) -> None:
         """An answer its rotation's full mailbox could not take: the step it

@@ -53,7 +53,7 @@ from vpblu.messages import (
     PushDelta,
     PushRotationSteps,
     PushSync,
-    RotationResultReceived,
+    RotationResultsReceived,
     SessionClosed,
     SessionInbox,
     SessionOpened,
@@ -208,6 +208,7 @@ class NodeSessionActor:
             while True:
                 batch = await self._stream.receive_batch()
                 best: wire.Ack | None = None
+                results: list[wire.RotationResult] = []
                 for message in batch:
                     match message:
                         case wire.Ack(error=None):
@@ -233,10 +234,12 @@ class NodeSessionActor:
                                 return
                             self._telemetry, self._telemetry_at = whole, trio.current_time()
                         case wire.RotationResult():
-                            await self._state.send(RotationResultReceived(self._node, message))
+                            results.append(message)
                         case wire.Hello():
                             self._end("a second Hello on one stream")
                             return
+                if results:
+                    await self._state.send(RotationResultsReceived(self._node, tuple(results)))
                 if best is not None and best.generation > self._acked_generation:
                     self._acked_generation = best.generation
                     self._answered_generation = max(self._answered_generation, best.generation)

@@ -112,6 +112,7 @@ from vpblu.messages import (
     RememberPodRanges,
     RotationRecorded,
     RotationResultReceived,
+    RotationResultsReceived,
     RotationsInbox,
     RotationViews,
     SendRotationStep,
@@ -460,7 +461,7 @@ class StateActor:
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                          trio.ClosedResourceError):
                     reply.send_nowait(self._peers_of(node))
-            case RotationResultReceived():
+            case RotationResultReceived() | RotationResultsReceived():
                 if self._rotations is not None:
                     await self._rotations.send(message)
             case NodeAcked(node=node, session_id=sid, generation=gen, error=error):
