@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -98,7 +98,7 @@ ROTATION_POLICY_OVERLAP = 1
 # load average of 15 on two cores).
 ROTATION_NODE_TIMEOUT = 30.0
 # Before and after an event the controller is let finish what it is doing
-# (see _quiesce); /proc counts CPU in 10 ms ticks, so a window is 10 of them.
+# (see quiesce); /proc counts CPU in 10 ms ticks, so a window is 10 of them.
 QUIET_WINDOW = 0.1
 QUIET_SHARE = 0.2
 QUIET_MAX = 5.0
@@ -262,15 +262,20 @@ async def _wait_served_again(daemon: SimDaemon, before_leave: StreamStatistics) 
                        f" {SERVED_AGAIN_TIMEOUT:.0f} s after its Node was deleted")
 
 
-async def _quiesce(controller: ControllerProcess) -> None:
-    """Until the controller used at most QUIET_SHARE of a core over one
-    QUIET_WINDOW (or QUIET_MAX passed: daemons' heartbeats and lease
-    renewals never stop entirely)."""
-    with trio.move_on_after(QUIET_MAX):
+class Metered(Protocol):
+    def cpu_seconds(self) -> float: ...
+
+
+async def quiesce(controller: Metered, *, window: float = QUIET_WINDOW,
+                  share: float = QUIET_SHARE, limit: float = QUIET_MAX) -> None:
+    """Until the controller used at most `share` of a core over one `window`
+    (or `limit` passed: daemons' heartbeats and lease renewals never stop
+    entirely)."""
+    with trio.move_on_after(limit):
         while True:
             cpu = controller.cpu_seconds()
-            await trio.sleep(QUIET_WINDOW)
-            if controller.cpu_seconds() - cpu <= QUIET_SHARE * QUIET_WINDOW:
+            await trio.sleep(window)
+            if controller.cpu_seconds() - cpu <= share * window:
                 return
 
 
@@ -308,7 +313,7 @@ class Bench:
         # From a quiet controller: what the previous write (often the undoing
         # of the last event) left it to do would otherwise be timed and
         # counted as this event's.
-        await _quiesce(controller)
+        await quiesce(controller)
         with self._profiling(scenario, n, mode, controller):
             before = _received(cluster)
             recomputes0 = _recompute_counters(controller)
@@ -321,7 +326,7 @@ class Bench:
             latency = trio.current_time() - t0
             # The event's own work after the last daemon applied it (its
             # acks, status writes) is part of its CPU.
-            await _quiesce(controller)
+            await quiesce(controller)
             after = _received(cluster)
             harness = time.process_time() - harness0
             cpu = controller.cpu_seconds() - cpu0

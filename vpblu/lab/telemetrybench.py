@@ -46,6 +46,7 @@ import attrs
 import trio
 
 from vpblu import aioloop
+from vpblu.lab.bench import quiesce
 from vpblu.lab.realstack import calibration
 from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
 from vpblu.lab.testenv import REPO, TestEnv, free_port, install_base, spawn_child
@@ -195,17 +196,6 @@ async def _keys_published(env: TestEnv, cluster: SimCluster, names: Sequence[str
         await trio.sleep(POLL)
 
 
-async def _quiet(controller: MeteredController) -> None:
-    """Until the controller used at most QUIET_SHARE of a core over QUIET_STEP
-    (bounded: heartbeats never stop)."""
-    with trio.move_on_after(QUIET_MAX):
-        while True:
-            cpu = controller.cpu_seconds()
-            await trio.sleep(QUIET_STEP)
-            if controller.cpu_seconds() - cpu <= QUIET_SHARE * QUIET_STEP:
-                return
-
-
 async def run_one(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: int,
                   telemetry: bool, window: float, settle_quiet: float,
                   say: Callable[[str], None]) -> TelemetryRun:
@@ -227,7 +217,7 @@ async def run_one(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: i
                 # that began while keys were still being published timed their
                 # recomputes too (41-56 % of its samples, with telemetry or without).
                 await _keys_published(env, cluster, names)
-            await _quiet(controller)
+            await quiesce(controller, window=QUIET_STEP, share=QUIET_SHARE, limit=QUIET_MAX)
             say(f"  {label}: {n} daemons connected; forming the mesh...")
             cpu0, began = controller.cpu_seconds(), trio.current_time()
             await trio.to_thread.run_sync(env.request, "POST", MESH_PATH, MESH)
