@@ -46,7 +46,7 @@ import attrs
 import trio
 
 from vpblu import aioloop
-from vpblu.lab.bench import quiesce
+from vpblu.lab.quiet import quiesce
 from vpblu.lab.realstack import calibration
 from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
 from vpblu.lab.testenv import REPO, TestEnv, free_port, install_base, spawn_child
