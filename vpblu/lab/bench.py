@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import trio
@@ -60,6 +60,8 @@ from vpblu import aioloop
 from vpblu.cli import CONTROLLER_GC_THRESHOLDS
 from vpblu.core.model import DEFAULT_MAX_CONCURRENT, MAX_CONCURRENT
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
+from vpblu.lab import quiet
+from vpblu.lab.quiet import Metered
 from vpblu.lab.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.lab.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
 from vpblu.node.stream import StreamStatistics
@@ -208,16 +210,23 @@ class ControllerProcess:
     def counters(self, name: str) -> dict[str, float]:
         """The controller's samples of the counter `name` (its /metrics), by label
         values ('' for none); empty if the scrape fails."""
+        return self.counters_of((name,))[name]
+
+    def counters_of(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        """`counters` of each of `names`, from one scrape."""
+        found: dict[str, dict[str, float]] = {name: {} for name in names}
         try:
             with urllib.request.urlopen(
                     f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
                 text = answer.read().decode()
         except OSError:
-            return {}
-        return {",".join(sample.labels.values()): sample.value
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-                if family.name == name and sample.name == f"{name}_total"}
+            return found
+        for family in text_string_to_metric_families(text):
+            if family.name in found:
+                for sample in family.samples:
+                    if sample.name == f"{family.name}_total":
+                        found[family.name][",".join(sample.labels.values())] = sample.value
+        return found
 
     def peak_rss(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -262,21 +271,10 @@ async def _wait_served_again(daemon: SimDaemon, before_leave: StreamStatistics) 
                        f" {SERVED_AGAIN_TIMEOUT:.0f} s after its Node was deleted")
 
 
-class Metered(Protocol):
-    def cpu_seconds(self) -> float: ...
-
-
-async def quiesce(controller: Metered, *, window: float = QUIET_WINDOW,
-                  share: float = QUIET_SHARE, limit: float = QUIET_MAX) -> None:
-    """Until the controller used at most `share` of a core over one `window`
-    (or `limit` passed: daemons' heartbeats and lease renewals never stop
-    entirely)."""
-    with trio.move_on_after(limit):
-        while True:
-            cpu = controller.cpu_seconds()
-            await trio.sleep(window)
-            if controller.cpu_seconds() - cpu <= share * window:
-                return
+async def quiesce(controller: Metered) -> None:
+    """Until the controller used at most QUIET_SHARE of a core over one
+    QUIET_WINDOW (at most QUIET_MAX)."""
+    await quiet.quiesce(controller, window=QUIET_WINDOW, share=QUIET_SHARE, limit=QUIET_MAX)
 
 
 class Bench:
@@ -316,7 +314,7 @@ class Bench:
         await quiesce(controller)
         with self._profiling(scenario, n, mode, controller):
             before = _received(cluster)
-            recomputes0 = _recompute_counters(controller)
+            totals0 = await trio.to_thread.run_sync(_totals, controller)
             cpu0 = controller.cpu_seconds()
             harness0 = time.process_time()
             t0 = trio.current_time()
@@ -330,11 +328,10 @@ class Bench:
             after = _received(cluster)
             harness = time.process_time() - harness0
             cpu = controller.cpu_seconds() - cpu0
-            recomputes1 = _recompute_counters(controller)
+            totals1 = await trio.to_thread.run_sync(_totals, controller)
         self.samples.append(Sample(scenario, n, mode, latency, after[0] - before[0],
                                    after[1] - before[1], cpu, harness,
-                                   recomputes1[0] - recomputes0[0],
-                                   recomputes1[1] - recomputes0[1]))
+                                   totals1[0] - totals0[0], totals1[1] - totals0[1]))
 
     @contextmanager
     def _profiling(self, scenario: str, n: int, mode: str,
@@ -517,7 +514,7 @@ class Bench:
                              "maxConcurrent": self.args.rotation_max_concurrent}})
             self.say(f"  N={n} {mode}: rotation of {len(rotating)} of {n} nodes' keys x1, "
                      f"{rotation_concurrency(self.args.rotation_max_concurrent)}")
-            before = await trio.to_thread.run_sync(_write_counters, controller)
+            before = await trio.to_thread.run_sync(_totals, controller)
             await self.measure("rotation", n, mode, cluster, controller,
                                lambda: self.rotate_all(rotating, f"bench-{mode}-{n}"),
                                has_rotated(cluster, rotating), members,
@@ -526,9 +523,9 @@ class Bench:
                                                     "vpblu_rotation_messages_dropped")
             self.say(f"  N={n} {mode}: rotation messages dropped on a full mailbox since the "
                      f"controller started: {dropped or 'not scraped'}")
-            after = await trio.to_thread.run_sync(_write_counters, controller)
+            after = await trio.to_thread.run_sync(_totals, controller)
             self.say(f"  N={n} {mode}: during the rotation, status writes "
-                     f"{after[0] - before[0]:.0f}, pushes {after[1] - before[1]:.0f}")
+                     f"{after[2] - before[2]:.0f}, pushes {after[3] - before[3]:.0f}")
             if self.args.rotation_max_concurrent:
                 await self.api("DELETE", f"{policy_path}/{ROTATION_POLICY}")
             self._progress("rotation", n, mode)
@@ -562,16 +559,16 @@ class Bench:
                      f" {s.recompute_ms:.0f} ms)")
 
 
-def _write_counters(controller: ControllerProcess) -> tuple[float, float]:
-    """The controller's status writes and pushes so far (0 if the scrape fails)."""
-    return (controller.counters("vpblu_status_writes").get("", 0.0),
-            sum(controller.counters("vpblu_pushes").values()))
+_TOTALS = ("vpblu_desired_state_recomputes", "vpblu_desired_state_recompute_seconds",
+           "vpblu_status_writes", "vpblu_pushes")
 
 
-def _recompute_counters(controller: ControllerProcess) -> tuple[float, float]:
-    """The controller's recomputes so far and their seconds (0, 0 if the scrape fails)."""
-    return (controller.counters("vpblu_desired_state_recomputes").get("", 0.0),
-            controller.counters("vpblu_desired_state_recompute_seconds").get("", 0.0))
+def _totals(controller: ControllerProcess) -> tuple[float, float, float, float]:
+    """The controller's recomputes, their seconds, status writes and pushes so far,
+    from one scrape (0 for each if it fails). Blocking: call it in a thread."""
+    found = controller.counters_of(_TOTALS)
+    return (found[_TOTALS[0]].get("", 0.0), found[_TOTALS[1]].get("", 0.0),
+            found[_TOTALS[2]].get("", 0.0), sum(found[_TOTALS[3]].values()))
 
 
 def _received(cluster: SimCluster) -> tuple[int, int]:
