@@ -502,9 +502,10 @@ class _Call(Generic[R, S]):
                     while self.outbox:
                         if self.stop.is_set() and self.close_reason is None:
                             return False
-                        taken = await self._send_some()
+                        taken, size = await self._send_some()
+                        self.outbox_bytes -= size
                         for _ in range(taken):
-                            self.outbox_bytes -= _size(self.outbox.popleft())
+                            self.outbox.popleft()
                             self.written += 1
                             if self.written == self._timed_mark:
                                 self.timed_at = trio.current_time()
@@ -518,8 +519,9 @@ class _Call(Generic[R, S]):
                 return False
         return True
 
-    async def _send_some(self) -> int:
-        """Write the head of the outbox; return how many messages went.
+    async def _send_some(self) -> tuple[int, int]:
+        """Write the head of the outbox; return how many messages went, and their
+        bytes as the outbox counts them.
 
         Whatever is queued (up to COALESCE_BYTES) goes as one HTTP/2 DATA
         write: gRPC messages are length-prefixed in the stream's bytes, so
@@ -528,19 +530,17 @@ class _Call(Generic[R, S]):
         hands a daemon one step per member at once, and a daemon answers them
         together. The first message of a stream goes through grpclib's own
         send_message, which sends the request or response headers first."""
-        first = self.outbox[0]
-        if self.written == 0 or len(self.outbox) == 1:
-            await self.stream.send_message(first)
-            return 1
         batch, size = [], 0
-        for message in self.outbox:
-            batch.append(message)
-            size += _size(message)
-            if size >= COALESCE_BYTES:
-                break
-        if len(batch) == 1:
+        if self.written:
+            for message in self.outbox:
+                batch.append(message)
+                size += _size(message)
+                if size >= COALESCE_BYTES:
+                    break
+        if len(batch) <= 1:
+            first = self.outbox[0]
             await self.stream.send_message(first)
-            return 1
+            return 1, size if batch else _size(first)
         grpc = self.stream
         codec, send_type = grpc._codec, grpc._send_type
         parts = []
@@ -554,7 +554,7 @@ class _Call(Generic[R, S]):
         connection = grpc._stream.connection
         connection.messages_sent += len(batch)
         connection.last_message_sent = time.monotonic()
-        return len(batch)
+        return len(batch), size
 
     def request_close(self, reason: str) -> None:
         """From either side; the task serving the RPC ends it."""
