@@ -268,7 +268,7 @@ class StateActor:
         # looked at after every batch of messages, and a batch is often one
         # ack, so finding them must not mean scanning all N sessions.
         self._unsynced: set[str] = set()
-        # The nodes whose session holds rotation steps its mailbox had no room for.
+        # The nodes whose session holds rotation steps not handed over yet.
         self._owing_steps: set[str] = set()
         # When the held steps go (None: none held): at once, after STEP_GATHER
         # for a batch's, or RETRY_OWED_STEPS after a full mailbox refused them.
@@ -401,15 +401,16 @@ class StateActor:
                     # Our own status writes come back as events that change
                     # nothing we read (a new resourceVersion): at 1000 nodes a
                     # recompute each would double the work of every event.
-                    if changed or was_invalid or before is None or _same(before, obj):
-                        changed = changed or was_invalid or before is None
-                    elif self._rotation_only(name, before, obj):
-                        # A rotation's record, written before each of its steps
-                        # (8 a rotation): the key peers are told is the same, so
-                        # only the rotation views change, not a desired state.
-                        self._views_dirty = True
-                    else:
+                    if was_invalid or before is None:
                         changed = True
+                    elif not changed and not _same(before, obj):
+                        # A rotation's record, written before each of its steps
+                        # (8 a rotation), keeps the key peers are told: only the
+                        # rotation views change, not a desired state.
+                        if self._rotation_only(name, before, obj):
+                            self._views_dirty = True
+                        else:
+                            changed = True
                 for name in deleted:
                     view.pop(name, None)
                     self._invalid.pop((kind, name), None)
