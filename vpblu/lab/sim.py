@@ -188,23 +188,51 @@ class SimRotator:
 
 
 _PEER_NAME = operator.attrgetter("name")
-# Each Peer's endpoint as WireGuard shows it, by the Peer object (the daemons'
-# decoder shares one object per distinct Peer across the whole process): a
-# key rotation gives every daemon new peer tuples, and a thousand daemons
-# formatting 999 endpoints each after every apply were the bench's bottleneck.
-_ENDPOINT_TEXTS: dict[int, tuple[Peer, str]] = {}
+# Each Peer's endpoint as WireGuard shows it, by the Peer object's id (the
+# daemons' decoder shares one object per distinct Peer across the whole
+# process; `_ENDPOINT_PEERS` keeps each one alive, so an id in the table is
+# still its object's): a key rotation gives every daemon new peer tuples, and
+# a thousand daemons formatting 999 endpoints each after every apply were the
+# bench's bottleneck. Looked up with `map(dict.get, ...)`, in C: a Python call
+# per peer was still a tenth of the harness in a join.
+_ENDPOINT_TEXTS: dict[int, str] = {}
+_ENDPOINT_PEERS: dict[int, Peer] = {}
 _ENDPOINT_TEXTS_KEPT = 1 << 16
 
 
-def _endpoint_text(peer: Peer) -> str:
-    held = _ENDPOINT_TEXTS.get(id(peer))
-    if held is not None and held[0] is peer:
-        return held[1]
-    if len(_ENDPOINT_TEXTS) >= _ENDPOINT_TEXTS_KEPT:
+def _endpoint_texts(peers: tuple[Peer, ...]) -> tuple[str, ...]:
+    texts = tuple(map(_ENDPOINT_TEXTS.get, map(id, peers)))
+    if None not in texts:
+        return texts  # type: ignore[return-value]  # no None among them
+    if len(_ENDPOINT_TEXTS) + len(peers) > _ENDPOINT_TEXTS_KEPT:
         _ENDPOINT_TEXTS.clear()
-    text = sys.intern(str(peer.endpoint)) if peer.endpoint is not None else ""
-    _ENDPOINT_TEXTS[id(peer)] = (peer, text)
-    return text
+        _ENDPOINT_PEERS.clear()
+    for peer in peers:
+        if id(peer) not in _ENDPOINT_TEXTS:
+            _ENDPOINT_PEERS[id(peer)] = peer
+            _ENDPOINT_TEXTS[id(peer)] = (sys.intern(str(peer.endpoint))
+                                         if peer.endpoint is not None else "")
+    return tuple(map(_ENDPOINT_TEXTS.__getitem__, map(id, peers)))
+
+
+# The handshake column of a healthy sample depends only on the second and the
+# number of peers: daemons sampling in the same second share one tuple (a
+# thousand of them computing 999 fresh ints each was a tenth of the harness).
+_HANDSHAKES: dict[tuple[int, int, int], tuple[int, ...]] = {}
+_HANDSHAKES_KEPT = 64
+
+
+def _handshakes(second: int, count: int, rekey: int) -> tuple[int, ...]:
+    held = _HANDSHAKES.get((second, count, rekey))
+    if held is None:
+        if len(_HANDSHAKES) >= _HANDSHAKES_KEPT:
+            _HANDSHAKES.clear()
+        # second - (second + 7 i) % rekey for every peer i, in C.
+        ages = map(operator.mod, map(operator.add, itertools.repeat(second),
+                                     range(0, 7 * count, 7)), itertools.repeat(rekey))
+        held = _HANDSHAKES[second, count, rekey] = tuple(map(operator.sub, itertools.repeat(second),
+                                                      ages))
+    return held
 
 
 class SimTelemetry:
@@ -241,13 +269,9 @@ class SimTelemetry:
         if peers is not self._for:
             self._for = peers
             self._names = tuple(map(_PEER_NAME, peers))
-            self._endpoints = tuple(map(_endpoint_text, peers))
+            self._endpoints = _endpoint_texts(peers)
             self._zeros = (0,) * len(peers)
-        second, rekey = int(now), self.REKEY
-        # second - (second + 7 i) % REKEY for every peer i, in C.
-        ages = map(operator.mod, map(operator.add, itertools.repeat(second),
-                                     range(0, 7 * len(peers), 7)), itertools.repeat(rekey))
-        handshakes = tuple(map(operator.sub, itertools.repeat(second), ages))
+        handshakes = _handshakes(int(now), len(peers), self.REKEY)
         if self.down:
             handshakes = tuple(0 if name in self.down else hs
                                for name, hs in zip(self._names, handshakes, strict=True))
