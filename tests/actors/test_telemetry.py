@@ -8,13 +8,14 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import trio
 import trio.testing
 
 from tests.fakes.streams import FakeNodeStream, public_key
 from vpblu.actors.session import NodeSessionActor, SessionSettings
 from vpblu.core import wire
-from vpblu.core.model import NodeDesiredState, Peer
+from vpblu.core.model import Endpoint, NodeDesiredState, Peer
 from vpblu.lab.sim import RecordingApplier
 from vpblu.messages import (
     BpfMapInbox,
@@ -280,3 +281,28 @@ async def test_a_quiet_mesh_sends_few_peer_rows(autojump_clock: trio.testing.Moc
     rows = sum(len(m.peers) if not m.partial else len(m.peer_updates or ()) for m in sent)
     assert 2 <= len(whole) <= 3
     assert rows < 200 * len(sent) / 3, (rows, len(sent))
+
+
+async def test_the_simulated_sample_names_each_peer_with_its_endpoint() -> None:
+    """The bench's simulated WireGuard: its cached columns (endpoint texts by
+    Peer object, shared handshake columns) stay the applied peers' own, also
+    when new Peer objects (a rotation's) join held ones."""
+    from vpblu.lab.sim import SimTelemetry
+
+    class Daemon:
+        public_key = public_key(1)
+
+    def reachable(i: int) -> Peer:
+        return attrs.evolve(peer(i), endpoint=Endpoint(f"192.0.2.{i}", 51820))
+
+    source = SimTelemetry(Daemon())  # type: ignore[arg-type]
+    first = tuple(reachable(i) for i in range(2, 40))
+    second = first[:10] + tuple(reachable(i) for i in range(40, 70)) + (peer(70),) + first[10:]
+    for given in (first, second, first):
+        state = NodeDesiredState("a", peers=given)
+        sample, peers = await source.sample(state), state.peers
+        assert sample.peers.names == tuple(p.name for p in peers)
+        assert sample.peers.endpoints == tuple(str(p.endpoint or "") for p in peers)
+        assert len(sample.peers.latest_handshakes) == len(peers)
+        ages = [sample.sampled_at - hs for hs in sample.peers.latest_handshakes]
+        assert all(-1 <= age <= SimTelemetry.REKEY for age in ages), ages

@@ -207,11 +207,12 @@ def _endpoint_texts(peers: tuple[Peer, ...]) -> tuple[str, ...]:
     if len(_ENDPOINT_TEXTS) + len(peers) > _ENDPOINT_TEXTS_KEPT:
         _ENDPOINT_TEXTS.clear()
         _ENDPOINT_PEERS.clear()
-    for peer in peers:
-        if id(peer) not in _ENDPOINT_TEXTS:
-            _ENDPOINT_PEERS[id(peer)] = peer
-            _ENDPOINT_TEXTS[id(peer)] = (sys.intern(str(peer.endpoint))
-                                         if peer.endpoint is not None else "")
+        texts = (None,) * len(peers)
+    # Only the peers not held yet (a rotation's new Peer objects) in Python.
+    for peer in itertools.compress(peers, map(operator.is_, texts, itertools.repeat(None))):
+        _ENDPOINT_PEERS[id(peer)] = peer
+        _ENDPOINT_TEXTS[id(peer)] = (sys.intern(str(peer.endpoint))
+                                     if peer.endpoint is not None else "")
     return tuple(map(_ENDPOINT_TEXTS.__getitem__, map(id, peers)))
 
 
