@@ -80,13 +80,15 @@ def test_a_renewed_handshake_goes_with_the_beat_once_the_held_one_is_old() -> No
     assert reporter.plan(mesh.sample(at), 40.0, beat=False) is None
     sent = reporter.plan(mesh.sample(at), 60.0, beat=True)
     assert sent is not None and sent.peer_updates is not None
-    assert sent.peer_updates.positions == (5,)  # peer 3's held one is 59 s old
+    # Peer 3's held one is 59 s old; peer 5's renewal goes as a handshake alone.
+    assert sent.peer_updates.handshake_positions == (5,) and sent.peer_updates.positions == ()
+    assert sent.peer_updates.renewed_handshakes == (mesh.handshakes[5],)
     # Held one older than HANDSHAKE_URGENT_AGE: at once, between beats.
     at = mesh.handshakes[9] + HANDSHAKE_URGENT_AGE + 1
     mesh.handshakes[9] = int(at) - 1
     urgent = reporter.plan(mesh.sample(at), 70.0, beat=False)
     assert urgent is not None and urgent.peer_updates is not None
-    assert 9 in urgent.peer_updates.positions
+    assert 9 in urgent.peer_updates.handshake_positions
 
 
 def test_a_peer_whose_handshake_stops_turns_down_on_the_controller_without_a_word() -> None:
@@ -105,7 +107,9 @@ def test_a_peer_whose_handshake_stops_turns_down_on_the_controller_without_a_wor
                 mesh.handshakes[i] = int(at)
         planned = reporter.plan(mesh.sample(at), at - T0, beat=k % 3 == 0)
         if planned is not None:
-            assert planned.peer_updates is None or 4 not in planned.peer_updates.positions
+            assert planned.peer_updates is None or (
+                4 not in planned.peer_updates.positions
+                and 4 not in planned.peer_updates.handshake_positions)
             held = controller.receive(planned)
         # The controller evaluates at `at` plus up to 9 s after receiving.
         for elapsed in (0.0, 9.0):
@@ -230,3 +234,46 @@ def test_a_partial_sample_outside_the_held_list_is_refused() -> None:
         bad.merged_onto(held)
     with pytest.raises(ValueError, match="carries peer updates, not peers"):
         attrs.evolve(held, peer_updates=wire.PeerUpdates())
+
+
+def test_a_renewal_alone_carries_no_other_column_and_the_controller_keeps_them() -> None:
+    """A renewed handshake goes as two integers; the controller's merged view
+    keeps the peer's endpoint and bytes as held (the very tuples: a merge of
+    renewals copies one column). Bytes moved past the threshold with it make
+    the row whole."""
+    mesh, reporter, controller = Mesh(), TelemetryReporter(), Controller()
+    first = controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
+    at = T0 + HANDSHAKE_REPORT_AGE + 10  # the held ones 70-80 s old, still up
+    mesh.handshakes[10] = mesh.handshakes[11] = int(at)
+    mesh.rx[10] += 100  # under the threshold: waits
+    mesh.tx[11] += BYTES_REPORT  # past it: the row goes whole
+    sent = reporter.plan(mesh.sample(at), at - T0, beat=True)
+    assert sent is not None and sent.peer_updates is not None
+    u = sent.peer_updates
+    assert (u.handshake_positions, u.positions) == ((10,), (11,))
+    assert u.tx_bytes == (BYTES_REPORT,) and len(u) == 2
+    held = controller.receive(sent)
+    assert held.peers.latest_handshakes[10] == held.peers.latest_handshakes[11] == int(at)
+    assert held.peers.rx_bytes[10] == 0 and held.peers.tx_bytes[11] == BYTES_REPORT
+    assert held.peers.endpoints == first.peers.endpoints
+    mesh.handshakes[12] = int(at)
+    renewal = reporter.plan(mesh.sample(at + 30), at + 30 - T0, beat=True)
+    assert renewal is not None and renewal.peer_updates is not None
+    assert renewal.peer_updates.positions == () and renewal.peer_updates.rx_bytes == ()
+    merged = controller.receive(renewal)
+    assert merged.peers.latest_handshakes[12] == int(at)
+    assert merged.peers.endpoints is held.peers.endpoints
+    assert merged.peers.rx_bytes is held.peers.rx_bytes
+    # The bytes under the threshold reach the controller with the whole list.
+    whole = reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=True)
+    assert whole is not None and controller.receive(whole).peers.rx_bytes[10] == 100
+
+
+def test_a_renewal_outside_the_held_list_is_refused() -> None:
+    held = Mesh(3).sample(T0)
+    bad = wire.Telemetry(sampled_at=T0, peer_updates=wire.PeerUpdates(
+        handshake_positions=(3,), renewed_handshakes=(1,)))
+    with pytest.raises(ValueError, match="position 3 of a list of 3"):
+        bad.merged_onto(held)
+    with pytest.raises(ValueError, match="differ in length"):
+        wire.PeerUpdates(handshake_positions=(1, 2), renewed_handshakes=(1,))

@@ -181,6 +181,14 @@ class PeerUpdates:
     The daemon sends a full list first on every stream, whenever its peer set
     changes and every few minutes; in between only these rows, so a quiet
     1000-node mesh does not carry 999 unchanged rows per node per heartbeat.
+    Two kinds of row: whole ones (`positions` and the four columns after it:
+    an endpoint moved, a peer came up or went down, its bytes moved) and
+    renewed handshakes alone (`handshake_positions`, `renewed_handshakes`;
+    the peer's other columns stay as held). WireGuard renews every peer's
+    handshake every two minutes, so in a quiet mesh nearly every row is a
+    renewal: at N=1000, ~8000 a second reach the controller, and sending and
+    merging them without the endpoint and byte columns was most of what
+    telemetry cost it.
     """
 
     positions: tuple[int, ...] = attrs.field(default=(), converter=_counts)
@@ -188,28 +196,39 @@ class PeerUpdates:
     rx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     tx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
+    handshake_positions: tuple[int, ...] = attrs.field(default=(), converter=_counts)
+    renewed_handshakes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.positions)
-        if n > MAX_TELEMETRY_PEERS:
-            raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
+        if n + len(self.handshake_positions) > MAX_TELEMETRY_PEERS:
+            raise ValueError(f"telemetry for {len(self)} peers is more than "
+                             f"{MAX_TELEMETRY_PEERS}")
         lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
                    len(self.endpoints)}
-        if lengths != {n}:
+        if lengths != {n} or len(self.renewed_handshakes) != len(self.handshake_positions):
             raise ValueError("peer update columns differ in length")
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.positions) + len(self.handshake_positions)
 
     def onto(self, base: PeerColumns) -> PeerColumns:
-        """`base` with these rows replaced (ValueError for a position outside it)."""
+        """`base` with these rows replaced (ValueError for a position outside it).
+        Columns no row changes are `base`'s own tuples, shared."""
         n = len(base)
-        if self.positions and (max(self.positions) >= n or min(self.positions) < 0):
-            raise ValueError(f"a peer update names position {max(self.positions)} "
-                             f"of a list of {n} peers")
-        handshakes, rx, tx = (list(base.latest_handshakes), list(base.rx_bytes),
-                              list(base.tx_bytes))
-        endpoints = list(base.endpoints)
+        for positions in (self.positions, self.handshake_positions):
+            if positions and (max(positions) >= n or min(positions) < 0):
+                raise ValueError(f"a peer update names position {max(positions)} "
+                                 f"of a list of {n} peers")
+        if not self.positions and not self.handshake_positions:
+            return base
+        handshakes = list(base.latest_handshakes)
+        for i, hs in zip(self.handshake_positions, self.renewed_handshakes, strict=True):
+            handshakes[i] = hs
+        if not self.positions:  # renewals alone: the usual case
+            return PeerColumns(base.names, handshakes, base.rx_bytes, base.tx_bytes,
+                               base.endpoints)
+        rx, tx, endpoints = list(base.rx_bytes), list(base.tx_bytes), list(base.endpoints)
         for i, hs, r, t, e in zip(self.positions, self.latest_handshakes, self.rx_bytes,
                                   self.tx_bytes, self.endpoints, strict=True):
             handshakes[i], rx[i], tx[i], endpoints[i] = hs, r, t, e

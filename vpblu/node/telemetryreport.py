@@ -18,7 +18,8 @@ all of them unchanged. A peer's row goes up only when:
   (the caller says when that is), so the controller hears of a live peer's
   new handshake before its own view of it ages past HANDSHAKE_FRESH
   (WireGuard renews every 120 s of traffic or keepalives: each renewal is
-  sent once, ~1/120 s per peer instead of 1/30 s, nearly always with a beat);
+  sent once, ~1/120 s per peer instead of 1/30 s, nearly always with a beat;
+  as the handshake alone, two integers, unless its bytes moved too);
 - its bytes moved by `BYTES_REPORT` or more since last sent - with the next
   heartbeat; smaller moves wait for the whole sample.
 A whole sample goes first on every stream, with the first heartbeat after
@@ -116,7 +117,7 @@ class TelemetryReporter:
             self.partial_sent += 1
             return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates())
         wait = 0.0 if next_beat is None or beat else max(0.0, next_beat - now)
-        positions, urgent = self._changed(sample, wait)
+        positions, renewed, urgent = self._changed(sample, wait)
         if not beat and not urgent and head == self._head:
             return None
         handshakes, rx, tx, endpoints = (peers.latest_handshakes, peers.rx_bytes,
@@ -124,16 +125,21 @@ class TelemetryReporter:
         for i in positions:
             self._handshakes[i], self._rx[i], self._tx[i], self._endpoints[i] = (
                 handshakes[i], rx[i], tx[i], endpoints[i])
+        renewals = [handshakes[i] for i in renewed]
+        for i, hs in zip(renewed, renewals, strict=True):
+            self._handshakes[i] = hs
         self._head = head
         self.partial_sent += 1
-        self.rows_sent += len(positions)
+        self.rows_sent += len(positions) + len(renewed)
         return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates(
             positions, [handshakes[i] for i in positions], [rx[i] for i in positions],
-            [tx[i] for i in positions], [endpoints[i] for i in positions]))
+            [tx[i] for i in positions], [endpoints[i] for i in positions],
+            renewed, renewals))
 
-    def _changed(self, sample: Telemetry, wait: float) -> tuple[list[int], bool]:
-        """Positions of the rows worth sending, and whether one is urgent
-        (`wait`: seconds until the next heartbeat)."""
+    def _changed(self, sample: Telemetry, wait: float) -> tuple[list[int], list[int], bool]:
+        """Positions of the whole rows worth sending, of the rows whose renewed
+        handshake alone is worth sending, and whether one is urgent (`wait`:
+        seconds until the next heartbeat)."""
         peers = sample.peers
         at = sample.sampled_at
         up_limit = at - HANDSHAKE_FRESH
@@ -151,18 +157,23 @@ class TelemetryReporter:
             if column != tuple(sent):
                 differ.update(itertools.compress(everyone, map(operator.ne, column, sent)))
         if not differ:
-            return [], False  # the quiet case
+            return [], [], False  # the quiet case
         positions: list[int] = []
+        renewed: list[int] = []
         any_urgent = False
         handshakes, rxs, txs, endpoints = (peers.latest_handshakes, peers.rx_bytes,
                                            peers.tx_bytes, peers.endpoints)
         for i in sorted(differ):
             hs, rx, tx, ep, was = handshakes[i], rxs[i], txs[i], endpoints[i], sent_hs[i]
+            moved = abs(rx - sent_rx[i]) + abs(tx - sent_tx[i]) >= threshold
             if ep != sent_ep[i] or (hs != 0 and hs >= up_limit) != (was != 0 and was >= up_limit):
                 any_urgent = True
             elif hs != was and (hs < was or was < report_limit):
                 any_urgent = any_urgent or was < urgent_limit
-            elif abs(rx - sent_rx[i]) + abs(tx - sent_tx[i]) < threshold:
+                if not moved:
+                    renewed.append(i)  # the handshake alone; bytes wait for their own move
+                    continue
+            elif not moved:
                 continue
             positions.append(i)
-        return positions, any_urgent
+        return positions, renewed, any_urgent
