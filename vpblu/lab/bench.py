@@ -341,16 +341,20 @@ class Bench:
                    controller: ControllerProcess) -> Iterator[None]:
         """With --profile DIR: py-spy samples the controller and this process
         (the simulated daemons) while one event runs, into
-        DIR/<scenario>-<n>-<mode>-<i>-{controller,harness}.txt (collapsed stacks)."""
+        DIR/<scenario>-<n>-<mode>-<i>-{controller,harness}.txt (collapsed stacks).
+        Only samples that hold the GIL count (`--gil`): without it a process
+        waiting on the run queue - two cores shared with the API server and
+        the other process - was sampled where it was preempted, most often a
+        socket send, and a fifth of a join's samples looked like kernel work."""
         if self.args.profile is None:
             yield
             return
         self.args.profile.mkdir(parents=True, exist_ok=True)
         i = sum(1 for s in self.samples if (s.scenario, s.n, s.mode) == (scenario, n, mode))
         spies = [subprocess.Popen(
-            [self.args.py_spy, "record", "--pid", str(pid), "--nonblocking", "--format", "raw",
-             "--rate", "500", "--output", str(self.args.profile / f"{scenario}-{n}-{mode}-{i}-"
-                                                f"{who}.txt")],
+            [self.args.py_spy, "record", "--pid", str(pid), "--nonblocking", "--gil",
+             "--format", "raw", "--rate", "500",
+             "--output", str(self.args.profile / f"{scenario}-{n}-{mode}-{i}-{who}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for who, pid in (("controller", controller.pid), ("harness", os.getpid()))]
         time.sleep(PROFILER_ATTACH)
