@@ -5,10 +5,11 @@ server (issue 18's goals: 0 status writes per minute once a quiet mesh has
 settled; controller CPU and RSS less than 10 % above the same run without
 telemetry).
 
-Per size it runs the same thing twice, with telemetry and without (the
+Per size it sets up the same thing twice, with telemetry and without (the
 simulated daemons of vpblu.lab.sim send their Telemetry on every heartbeat
-and on change, or send none), each time with a fresh controller process on
-the test API server (vpblu.lab.testenv), its metrics on a loopback port:
+and on change, or send none), each with a fresh controller process on a test
+API server of its own (vpblu.lab.testenv), its metrics on a loopback port,
+and measures both over one quiet window (step 5):
 
 1. N simulated daemons connect and apply their first SyncState, every key is
    in the API and the controller is quiet again;
@@ -17,15 +18,18 @@ the test API server (vpblu.lab.testenv), its metrics on a loopback port:
 3. with telemetry, until every VpbluNode is Ready with n-1/n-1 peers;
 4. settle: until the controller made no status write for `settle_quiet`
    seconds (longer than the HealthActor's 30 s update pace), bounded;
-5. the quiet window: `window` seconds with nothing happening but heartbeats
-   (every daemon beats every 30 s, jittered). Measured over it: status writes
+5. the quiet window, both sides at once, once the second has settled:
+   `window` seconds with nothing happening but heartbeats (every daemon
+   beats every 30 s, jittered). Measured over it, per side: status writes
    (the controller's vpblu_status_writes_total, every write that reached the
    API server), telemetry messages received, controller CPU seconds; RSS
    (VmRSS) at its end and the process's peak (VmHWM).
 
 Figures from these shared 2-core machines compare only within a run and
 through the CPU calibration printed before and after (the real-stack
-scenario's fixed loop). The simulated daemons run in the benchmark's own
+scenario's fixed loop). The two sides share their quiet window because the
+host's speed drifts: run one after the other, the same side's quiet CPU
+differed by a quarter between runs, about what telemetry costs. The simulated daemons run in the benchmark's own
 process, so the controller's CPU is its own.
 """
 
@@ -37,8 +41,9 @@ import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +201,27 @@ async def _keys_published(env: TestEnv, cluster: SimCluster, names: Sequence[str
         await trio.sleep(POLL)
 
 
-async def run_one(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: int,
-                  telemetry: bool, window: float, settle_quiet: float,
-                  say: Callable[[str], None]) -> TelemetryRun:
+@attrs.define
+class _Prepared:
+    """One side of the pair, formed and settled, its quiet window still to come."""
+
+    label: str
+    n: int
+    telemetry: bool
+    controller: MeteredController
+    formation: float
+    formation_cpu: float
+    ready_seconds: float | None
+    settle: float
+    writes_settling: float
+
+
+@asynccontextmanager
+async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: int,
+                    telemetry: bool, settle_quiet: float,
+                    say: Callable[[str], None]) -> AsyncIterator[_Prepared]:
+    """Steps 1-4 (see the module docstring) on `env`; the controller and the
+    daemons keep running until the block ends."""
     label = f"N={n} telemetry {'on' if telemetry else 'off'}"
     directory = workdir / f"telemetry-{int(telemetry)}-{n}"
     pki = MeshPki.create(directory / "pki")
@@ -245,39 +268,53 @@ async def run_one(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n: i
                         last, since = now, trio.current_time()
             settle = trio.current_time() - began
             say(f"  {label}: no status write for {settle_quiet:.0f} s, {settle:.0f} s after "
-                f"the TunnelPolicy ({last:.0f} writes so far); quiet window {window:.0f} s...")
-            before = await _scrape(controller)
-            cpu0, w0 = controller.cpu_seconds(), trio.current_time()
-            await trio.sleep(window)
-            after = await _scrape(controller)
-            cpu = controller.cpu_seconds() - cpu0
-            elapsed = trio.current_time() - w0
-            per_minute = 60.0 / elapsed
-
-            def delta(name: str) -> float:
-                return after.get(name, 0.0) - before.get(name, 0.0)
-
-            run = TelemetryRun(
-                n=n, telemetry=telemetry, formation_seconds=round(formation, 2),
-                formation_cpu_seconds=round(formation_cpu, 2),
-                ready_seconds=None if ready_seconds is None else round(ready_seconds, 1),
-                settle_seconds=round(settle, 1),
-                status_writes_settling=before["vpblu_status_writes_total"],
-                window_seconds=round(elapsed, 1),
-                status_writes_per_minute=round(delta("vpblu_status_writes_total") * per_minute, 2),
-                telemetry_per_minute=round(delta("vpblu_telemetry_received_total") * per_minute,
-                                           1),
-                quiet_cpu_seconds=round(cpu, 2), quiet_cpu_share=round(cpu / elapsed, 4),
-                rss_bytes=controller.rss(), peak_rss_bytes=controller.peak_rss())
-            say(f"  {label}: {run.status_writes_per_minute} status writes/min, "
-                f"{run.telemetry_per_minute} telemetry msgs/min, controller CPU "
-                f"{cpu:.2f} s ({100 * run.quiet_cpu_share:.1f} % of a core), RSS "
-                f"{run.rss_bytes / 2**20:.0f} MiB (peak {run.peak_rss_bytes / 2**20:.0f} MiB)")
+                f"the TunnelPolicy ({last:.0f} writes so far)")
+            yield _Prepared(label, n, telemetry, controller, formation, formation_cpu,
+                            ready_seconds, settle, last)
             await trio.to_thread.run_sync(env.request, "DELETE",
                                           f"{MESH_PATH}/{MESH_NAME}")
-            return run
     finally:
         controller.stop()
+
+
+async def _quiet_window(sides: Sequence[_Prepared], window: float,
+                        say: Callable[[str], None]) -> list[TelemetryRun]:
+    """Step 5 for every side at once: the same `window` seconds of the same
+    host, so a host that runs slower for a while (the same command's quiet
+    CPU differed by a quarter between runs an hour apart, and the CPU
+    calibration by as much) slows both sides alike."""
+    say(f"  quiet window {window:.0f} s, {' and '.join(p.label for p in sides)} at once...")
+    before = [await _scrape(p.controller) for p in sides]
+    cpu0 = [p.controller.cpu_seconds() for p in sides]
+    w0 = trio.current_time()
+    await trio.sleep(window)
+    cpu = [p.controller.cpu_seconds() - c for p, c in zip(sides, cpu0, strict=True)]
+    elapsed = trio.current_time() - w0
+    after = [await _scrape(p.controller) for p in sides]
+    per_minute = 60.0 / elapsed
+    runs = []
+    for p, b, a, c in zip(sides, before, after, cpu, strict=True):
+
+        def delta(name: str, b: dict[str, float] = b, a: dict[str, float] = a) -> float:
+            return a.get(name, 0.0) - b.get(name, 0.0)
+
+        run = TelemetryRun(
+            n=p.n, telemetry=p.telemetry, formation_seconds=round(p.formation, 2),
+            formation_cpu_seconds=round(p.formation_cpu, 2),
+            ready_seconds=None if p.ready_seconds is None else round(p.ready_seconds, 1),
+            settle_seconds=round(p.settle, 1),
+            status_writes_settling=p.writes_settling,
+            window_seconds=round(elapsed, 1),
+            status_writes_per_minute=round(delta("vpblu_status_writes_total") * per_minute, 2),
+            telemetry_per_minute=round(delta("vpblu_telemetry_received_total") * per_minute, 1),
+            quiet_cpu_seconds=round(c, 2), quiet_cpu_share=round(c / elapsed, 4),
+            rss_bytes=p.controller.rss(), peak_rss_bytes=p.controller.peak_rss())
+        say(f"  {p.label}: {run.status_writes_per_minute} status writes/min, "
+            f"{run.telemetry_per_minute} telemetry msgs/min, controller CPU "
+            f"{c:.2f} s ({100 * run.quiet_cpu_share:.1f} % of a core), RSS "
+            f"{run.rss_bytes / 2**20:.0f} MiB (peak {run.peak_rss_bytes / 2**20:.0f} MiB)")
+        runs.append(run)
+    return runs
 
 
 def _ratio(on: float, off: float) -> str:
@@ -312,17 +349,22 @@ def table(runs: Sequence[TelemetryRun]) -> str:
     return "\n".join(lines)
 
 
-async def _run_all(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor,
+async def _run_all(envs: tuple[TestEnv, TestEnv], workdir: Path, spawner: ThreadPoolExecutor,
                    sizes: Sequence[int], window: float, settle_quiet: float,
                    say: Callable[[str], None]) -> list[TelemetryRun]:
+    """Per size: the side without telemetry formed and settled first (so the
+    one with it cannot be helped by a warmer machine), then the one with it,
+    each with a fresh controller and fresh daemons on an API server of its
+    own (two controllers on one would contend for the leader's Lease and
+    both see every node); then both measured over one quiet window."""
     runs = []
     async with aioloop.open_loop():
         for n in sizes:
-            # Without first, so the run with telemetry cannot be helped by a
-            # warmer machine; each has a fresh controller and fresh daemons.
-            for telemetry in (False, True):
-                runs.append(await run_one(env, workdir, spawner, n, telemetry, window,
-                                          settle_quiet, say))
+            async with AsyncExitStack() as stack:
+                sides = [await stack.enter_async_context(
+                    _prepared(env, workdir, spawner, n, telemetry, settle_quiet, say))
+                    for env, telemetry in zip(envs, (False, True), strict=True)]
+                runs.extend(await _quiet_window(sides, window, say))
     return runs
 
 
@@ -335,10 +377,13 @@ def main(sizes: Sequence[int], out: Path, *, window: float = QUIET_WINDOW,
 
     cal = calibration()
     say(cal.describe())
-    with TestEnv.start() as env, tempfile.TemporaryDirectory(prefix="vpblu-bench-") as d, \
+    with TestEnv.start() as env_off, TestEnv.start() as env_on, \
+            tempfile.TemporaryDirectory(prefix="vpblu-bench-") as d, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpblu-bench-spawner") as sp:
-        install_base(env)
-        runs = trio.run(_run_all, env, Path(d), sp, sizes, window, settle_quiet, say)
+        install_base(env_off)
+        install_base(env_on)
+        runs = trio.run(_run_all, (env_off, env_on), Path(d), sp, sizes, window, settle_quiet,
+                        say)
     after = calibration()
     print()
     print(table(runs))
