@@ -29,8 +29,9 @@ Figures from these shared 2-core machines compare only within a run and
 through the CPU calibration printed before and after (the real-stack
 scenario's fixed loop). The two sides share their quiet window because the
 host's speed drifts: run one after the other, the same side's quiet CPU
-differed by a quarter between runs, about what telemetry costs. The simulated daemons run in the benchmark's own
-process, so the controller's CPU is its own.
+differed by a quarter between runs, about what telemetry costs. The
+simulated daemons run in the benchmark's own process, so the controller's CPU
+is its own.
 """
 
 from __future__ import annotations
