@@ -260,8 +260,8 @@ async def test_the_status_actor_writes_health_beside_the_cores_conditions(
 
 
 def test_a_sample_stays_fresh_until_its_oldest_live_handshake_ages_out() -> None:
-    from vpblu.actors.health import _fresh_for
-    from vpblu.core.health import HANDSHAKE_FRESH
+    from vpblu.actors.health import _down_and_fresh_for, _fresh_for
+    from vpblu.core.health import HANDSHAKE_FRESH, peers_down
 
     def sample(*handshakes: int) -> wire.Telemetry:
         names = tuple(f"p{i}" for i in range(len(handshakes)))
@@ -275,3 +275,8 @@ def test_a_sample_stays_fresh_until_its_oldest_live_handshake_ages_out() -> None
     assert _fresh_for(sample(990, 700), 0.0) == 990 - limit  # one down already
     assert _fresh_for(sample(0, 700), 0.0) == math.inf  # none up
     assert _fresh_for(sample(990, 950), 10.0) == 950 - limit - 10.0
+    for handshakes in ((990, 950), (990, 0, 950), (990, 700), (0, 700), ()):
+        for elapsed in (0.0, 10.0, 200.0):
+            t = sample(*handshakes)
+            assert _down_and_fresh_for(t, elapsed) == (peers_down(t, elapsed),
+                                                       _fresh_for(t, elapsed))

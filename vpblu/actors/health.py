@@ -262,8 +262,9 @@ class HealthActor:
             # each node evaluate twice per event, and 999 peers are not
             # counted again each time.
             if t is not None and (held.down_for is not t or now >= held.down_until):
-                held.down_for, held.down = t, rules.peers_down(t, obs.telemetry_elapsed)
-                held.down_until = now + _fresh_for(t, obs.telemetry_elapsed)
+                held.down_for = t
+                held.down, fresh_for = _down_and_fresh_for(t, obs.telemetry_elapsed)
+                held.down_until = now + fresh_for
             health = rules.evaluate(name, obs, down=held.down if t is not None else ())
             self._evaluations += 1
             held.wanted = health
@@ -356,6 +357,18 @@ class HealthActor:
                 log.info("node %s: its status says Connected but it has no stream here", name)
                 self._nodes[name] = _Node(SessionReport(name, 0, False), -math.inf)
                 self._dirty.add(name)
+
+
+def _down_and_fresh_for(t: Telemetry, elapsed: float) -> tuple[tuple[str, ...], float]:
+    """`peers_down` and `_fresh_for` at once: in the usual case (every peer
+    up) one look at the handshakes, in C, answers both."""
+    handshakes = t.peers.latest_handshakes
+    if not handshakes:
+        return (), math.inf
+    limit = t.sampled_at + elapsed - rules.HANDSHAKE_FRESH
+    if 0 not in handshakes and (oldest := min(handshakes)) >= limit:
+        return (), oldest - limit
+    return rules.peers_down(t, elapsed), _fresh_for(t, elapsed)
 
 
 def _fresh_for(t: Telemetry, elapsed: float) -> float:
