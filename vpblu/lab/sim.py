@@ -188,6 +188,7 @@ class SimRotator:
 
 
 _PEER_NAME = operator.attrgetter("name")
+_PEER_KEY = operator.attrgetter("public_key")
 # Each Peer's endpoint as WireGuard shows it, by the Peer object's id (the
 # daemons' decoder shares one object per distinct Peer across the whole
 # process; `_ENDPOINT_PEERS` keeps each one alive, so an id in the table is
@@ -299,8 +300,13 @@ class SimDaemon:
 
     def __init__(self, node: SimNode, settings: StreamSettings,
                  on_applied: Callable[[str], None] | None = None,
-                 *, keep_history: bool = True, telemetry: bool = True) -> None:
+                 *, keep_history: bool = True, telemetry: bool = True,
+                 keys: dict[str, str] | None = None) -> None:
         self.node = node
+        # Every daemon's public key by node name, shared by a SimCluster's
+        # daemons and kept current here, so a predicate over 999 peers looks
+        # them up in C (`is_full_mesh`).
+        self._keys = keys if keys is not None else {}
         self.key_pair = _new_key_pair()
         self.applier = RecordingApplier(node.name, on_applied, keep_history=keep_history)
         self.settings = settings
@@ -312,8 +318,17 @@ class SimDaemon:
         self._ended = trio.Event()
 
     @property
+    def key_pair(self) -> tuple[X25519PrivateKey, str]:
+        return self._key_pair
+
+    @key_pair.setter
+    def key_pair(self, pair: tuple[X25519PrivateKey, str]) -> None:
+        self._key_pair = pair
+        self._keys[self.node.name] = pair[1]
+
+    @property
     def public_key(self) -> str:
-        return self.key_pair[1]
+        return self._key_pair[1]
 
     def __repr__(self) -> str:
         return f"SimDaemon({self.node.name!r}, {self.public_key})"
@@ -402,12 +417,14 @@ class SimCluster:
         self._waiters: list[_Waiter] = []
         self._limiter = trio.CapacityLimiter(API_CONCURRENCY)
         self.daemons: dict[str, SimDaemon] = {}
+        self.keys: dict[str, str] = {}  # every daemon's public key now, by node
         for node in nodes:
             settings = StreamSettings(addresses=addresses, tls=tls,
                                       token_file=directory / f"{node.name}.token",
                                       daemon_version="sim", heartbeat_period=HEARTBEAT_PERIOD)
             self.daemons[node.name] = SimDaemon(node, settings, self._applied,
-                                                keep_history=keep_history, telemetry=telemetry)
+                                                keep_history=keep_history, telemetry=telemetry,
+                                                keys=self.keys)
 
     @classmethod
     @asynccontextmanager
@@ -541,20 +558,23 @@ def is_full_mesh(cluster: SimCluster, names: Iterable[str] | None = None
     # were found right: at N=1000 comparing address objects again for every
     # daemon was a tenth of the harness. Kept alive, so an id stays theirs.
     shaped: dict[int, Peer] = {}
+    keys = cluster.keys
 
     def check(daemon: SimDaemon) -> bool:
         state = daemon.applier.current
         if state is None or len(state.peers) != len(members) - 1:
             return False
-        for peer in state.peers:
-            if id(peer) not in shaped:
-                if peer.name not in members or peer.allowed_ips != cidrs[peer.name]:
-                    return False
-                shaped[id(peer)] = peer
-            if peer.name == daemon.name or \
-                    peer.public_key != cluster.daemons[peer.name].public_key:
+        peers = state.peers
+        # Only peers not seen before are looked at one by one.
+        for peer in itertools.compress(peers, map(operator.not_,
+                                                  map(shaped.__contains__, map(id, peers)))):
+            if peer.name not in members or peer.allowed_ips != cidrs[peer.name]:
                 return False
-        return True
+            shaped[id(peer)] = peer
+        names = tuple(map(_PEER_NAME, peers))
+        # Each peer's key is its daemon's current one, compared in C.
+        return daemon.name not in names and all(
+            map(operator.eq, map(_PEER_KEY, peers), map(keys.__getitem__, names)))
 
     return check
 

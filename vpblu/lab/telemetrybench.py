@@ -93,6 +93,9 @@ class TelemetryRun:
     quiet_cpu_share: float  # of one core
     rss_bytes: int  # VmRSS at the end of the window
     peak_rss_bytes: int  # VmHWM
+    # The highest VmRSS sampled in each phase (register, formation, ready,
+    # settle, window): where the peak came from.
+    peak_rss_by_phase: dict[str, int] = attrs.field(factory=dict)
 
 
 class MeteredController:
@@ -202,6 +205,28 @@ async def _keys_published(env: TestEnv, cluster: SimCluster, names: Sequence[str
         await trio.sleep(POLL)
 
 
+RSS_SAMPLE = 0.5
+
+
+class _PhasePeaks:
+    """The controller's VmRSS every RSS_SAMPLE seconds, the highest per phase."""
+
+    def __init__(self, controller: MeteredController) -> None:
+        self._controller = controller
+        self.phase = "register"
+        self.peaks: dict[str, int] = {}
+
+    async def run(self) -> None:
+        while True:
+            rss = self._controller.rss()
+            if rss > self.peaks.get(self.phase, 0):
+                self.peaks[self.phase] = rss
+            await trio.sleep(RSS_SAMPLE)
+
+    def describe(self) -> str:
+        return ", ".join(f"{phase} {rss / 2**20:.0f}" for phase, rss in self.peaks.items())
+
+
 @attrs.define
 class _Prepared:
     """One side of the pair, formed and settled, its quiet window still to come."""
@@ -215,6 +240,7 @@ class _Prepared:
     ready_seconds: float | None
     settle: float
     writes_settling: float
+    peaks: _PhasePeaks
 
 
 @asynccontextmanager
@@ -229,11 +255,14 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
     port = free_port()
     controller = MeteredController(spawner, env, pki, port, free_port(),
                                    directory / "controller.log")
+    peaks = _PhasePeaks(controller)
     try:
         await controller.wait_listening(port)
-        async with SimCluster.open(env, directory / "nodes", pki.client,
+        async with trio.open_nursery() as watching, \
+                SimCluster.open(env, directory / "nodes", pki.client,
                                    (f"127.0.0.1:{port}",), n, prefix=f"t{int(telemetry)}{n}",
                                    keep_history=False, telemetry=telemetry) as cluster:
+            watching.start_soon(peaks.run)
             names = sorted(cluster.daemons)
             with trio.fail_after(FORMATION_TIMEOUT):
                 await cluster.wait_all(lambda d: d.applier.current is not None, names)
@@ -243,6 +272,7 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
                 await _keys_published(env, cluster, names)
             await quiesce(controller, window=QUIET_STEP, share=QUIET_SHARE, limit=QUIET_MAX)
             say(f"  {label}: {n} daemons connected; forming the mesh...")
+            peaks.phase = "formation"
             cpu0, began = controller.cpu_seconds(), trio.current_time()
             await trio.to_thread.run_sync(env.request, "POST", MESH_PATH, MESH)
             with trio.fail_after(FORMATION_TIMEOUT):
@@ -251,6 +281,7 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
             formation_cpu = controller.cpu_seconds() - cpu0
             say(f"  {label}: full mesh in {formation:.1f} s ({formation_cpu:.1f} s CPU)")
             ready_seconds = None
+            peaks.phase = "ready"
             if telemetry:
                 with trio.fail_after(READY_TIMEOUT):
                     while True:  # polled: the API server is the only place it shows
@@ -260,6 +291,7 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
                 ready_seconds = trio.current_time() - began
                 say(f"  {label}: every VpbluNode Ready {n - 1}/{n - 1} "
                     f"{ready_seconds:.1f} s after the TunnelPolicy")
+            peaks.phase = "settle"
             with trio.fail_after(SETTLE_TIMEOUT):
                 last, since = await _writes(controller), trio.current_time()
                 while trio.current_time() - since < settle_quiet:
@@ -271,7 +303,8 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
             say(f"  {label}: no status write for {settle_quiet:.0f} s, {settle:.0f} s after "
                 f"the TunnelPolicy ({last:.0f} writes so far)")
             yield _Prepared(label, n, telemetry, controller, formation, formation_cpu,
-                            ready_seconds, settle, last)
+                            ready_seconds, settle, last, peaks)
+            watching.cancel_scope.cancel()
             await trio.to_thread.run_sync(env.request, "DELETE",
                                           f"{MESH_PATH}/{MESH_NAME}")
     finally:
@@ -285,6 +318,8 @@ async def _quiet_window(sides: Sequence[_Prepared], window: float,
     CPU differed by a quarter between runs an hour apart, and the CPU
     calibration by as much) slows both sides alike."""
     say(f"  quiet window {window:.0f} s, {' and '.join(p.label for p in sides)} at once...")
+    for p in sides:
+        p.peaks.phase = "window"
     before = [await _scrape(p.controller) for p in sides]
     cpu0 = [p.controller.cpu_seconds() for p in sides]
     w0 = trio.current_time()
@@ -309,11 +344,13 @@ async def _quiet_window(sides: Sequence[_Prepared], window: float,
             status_writes_per_minute=round(delta("vpblu_status_writes_total") * per_minute, 2),
             telemetry_per_minute=round(delta("vpblu_telemetry_received_total") * per_minute, 1),
             quiet_cpu_seconds=round(c, 2), quiet_cpu_share=round(c / elapsed, 4),
-            rss_bytes=p.controller.rss(), peak_rss_bytes=p.controller.peak_rss())
+            rss_bytes=p.controller.rss(), peak_rss_bytes=p.controller.peak_rss(),
+            peak_rss_by_phase=dict(p.peaks.peaks))
         say(f"  {p.label}: {run.status_writes_per_minute} status writes/min, "
             f"{run.telemetry_per_minute} telemetry msgs/min, controller CPU "
             f"{c:.2f} s ({100 * run.quiet_cpu_share:.1f} % of a core), RSS "
-            f"{run.rss_bytes / 2**20:.0f} MiB (peak {run.peak_rss_bytes / 2**20:.0f} MiB)")
+            f"{run.rss_bytes / 2**20:.0f} MiB (peak {run.peak_rss_bytes / 2**20:.0f} MiB; "
+            f"MiB by phase: {p.peaks.describe()})")
         runs.append(run)
     return runs
 
