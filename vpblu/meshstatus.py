@@ -17,7 +17,11 @@ carries peers up/total, never a handshake time: that would be a write per
 node every two minutes). `--node X --dashboard URL --token-file F` adds them,
 read from the controller's dashboard JSON API (vpblu.dashboard, reviewed with
 your token), as a table of X's tunnels: peer, latest handshake age, state,
-endpoint, bytes. Without it `--node` says where to find them.
+endpoint, bytes. The state is the daemon's word as of its latest message; the
+age is of the handshake the leader last heard of (the daemon's last whole
+sample, at most 5 minutes old, or the peer's last change: renewals are not
+sent up); the daemon's own vpblu_peer_handshake_age_seconds is exact.
+Without it `--node` says where to find them.
 
 `rows`, `render` and `tunnels_text` are pure: the command is the only part that
 does I/O.

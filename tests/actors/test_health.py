@@ -6,7 +6,6 @@ decided against the very status it writes)."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,14 +34,16 @@ SETTINGS = HealthSettings(silent_limit=75, transition_interval=2, update_interva
 
 
 def sample(up: int, total: int, *, generation: int = 5) -> wire.Telemetry:
-    """`up` of `total` peers handshaked 10 s before a sample taken now."""
+    """`up` of `total` peers handshaked 10 s before a sample taken now (the
+    others never; the daemon names them down)."""
     now = 1_000_000 + trio.current_time()
     names = tuple(f"p{i}" for i in range(total))
     handshakes = tuple(int(now) - 10 if i < up else 0 for i in range(total))
     return wire.Telemetry(sampled_at=now, applied_generation=generation,
                           public_key=public_key(1), key_created=1000.0,
                           peers=wire.PeerColumns(names, handshakes, (0,) * total, (0,) * total,
-                                                 ("",) * total))
+                                                 ("",) * total),
+                          down=names[up:])
 
 
 def report(node: str, t: wire.Telemetry | None, *, sid: int = 1, connected: bool = True,
@@ -257,26 +258,3 @@ async def test_the_status_actor_writes_health_beside_the_cores_conditions(
         await trio.sleep(1)
         assert status.writes == writes
         nursery.cancel_scope.cancel()
-
-
-def test_a_sample_stays_fresh_until_its_oldest_live_handshake_ages_out() -> None:
-    from vpblu.actors.health import _down_and_fresh_for, _fresh_for
-    from vpblu.core.health import HANDSHAKE_FRESH, peers_down
-
-    def sample(*handshakes: int) -> wire.Telemetry:
-        names = tuple(f"p{i}" for i in range(len(handshakes)))
-        zeros = (0,) * len(names)
-        return wire.Telemetry(sampled_at=1_000.0, peers=wire.PeerColumns(
-            names, handshakes, zeros, zeros, ("",) * len(names)))
-
-    limit = 1_000.0 - HANDSHAKE_FRESH
-    assert _fresh_for(sample(990, 950), 0.0) == 950 - limit  # every peer up
-    assert _fresh_for(sample(990, 0, 950), 0.0) == 950 - limit  # one never handshaked
-    assert _fresh_for(sample(990, 700), 0.0) == 990 - limit  # one down already
-    assert _fresh_for(sample(0, 700), 0.0) == math.inf  # none up
-    assert _fresh_for(sample(990, 950), 10.0) == 950 - limit - 10.0
-    for handshakes in ((990, 950), (990, 0, 950), (990, 700), (0, 700), ()):
-        for elapsed in (0.0, 10.0, 200.0):
-            t = sample(*handshakes)
-            assert _down_and_fresh_for(t, elapsed) == (peers_down(t, elapsed),
-                                                       _fresh_for(t, elapsed))

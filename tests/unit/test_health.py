@@ -1,8 +1,9 @@
 """The health rules (vpblu.core.health): Connected, Applied, Ready, peers up,
-and what in telemetry counts as a change."""
+and which peers a daemon names down."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from vpblu.core import wire
@@ -11,16 +12,17 @@ from vpblu.core.health import (
     NodeObservation,
     evaluate,
     peers_down,
-    telemetry_digest,
 )
 
 
 def telemetry(*handshakes: int, at: float = 10_000.0, generation: int = 7) -> wire.Telemetry:
+    """A sample as the daemon sends it: the peers down named by its own rule."""
     names = tuple(f"p{i}" for i in range(len(handshakes)))
-    return wire.Telemetry(
+    sample = wire.Telemetry(
         sampled_at=at, applied_generation=generation, key_created=500.0,
         peers=wire.PeerColumns(names, handshakes, (0,) * len(names), (0,) * len(names),
                                ("",) * len(names)))
+    return attrs.evolve(sample, down=peers_down(sample))
 
 
 def statuses(obs: NodeObservation) -> dict[str, str]:
@@ -49,13 +51,22 @@ def test_not_ready(obs: NodeObservation, ready_reason: str) -> None:
     assert ready is not None and ready.status != "True" and ready.reason == ready_reason
 
 
-def test_a_handshake_ages_while_no_new_sample_comes() -> None:
-    sample = telemetry(9_900)  # 100 s old when sampled
-    fresh = NodeObservation(True, 7, 7, telemetry=sample, telemetry_elapsed=70)
-    stale = NodeObservation(True, 7, 7, telemetry=sample, telemetry_elapsed=90)
-    assert statuses(fresh)["Ready"] == "True"
-    assert statuses(stale)["Ready"] == "False"
-    assert evaluate("n1", stale).peers_up == 0
+def test_who_is_down_is_the_daemons_word_not_aged_by_the_controller() -> None:
+    """The handshake times the controller holds are not refreshed by renewals,
+    so it never ages them: a sample whose held handshake is 100 s old stays
+    Ready however long ago it came (a silent daemon is caught by Connected);
+    a peer the daemon names down is down."""
+    sample = telemetry(9_900)
+    for elapsed in (0, 70, 90, 600):
+        obs = NodeObservation(True, 7, 7, telemetry=sample, telemetry_elapsed=elapsed)
+        assert statuses(obs)["Ready"] == "True"
+        assert evaluate("n1", obs).peers_up == 1
+    named = attrs.evolve(sample, down=("p0",))
+    assert statuses(NodeObservation(True, 7, 7, telemetry=named))["Ready"] == "False"
+    assert evaluate("n1", NodeObservation(True, 7, 7, telemetry=named)).peers_up == 0
+    # A down list naming a peer of a list the controller does not hold yet.
+    ahead = attrs.evolve(sample, down=("p0", "p-new"))
+    assert evaluate("n1", NodeObservation(True, 7, 7, telemetry=ahead)).peers_up == 0
 
 
 def test_no_peers_is_ready_and_the_down_list_is_bounded() -> None:
@@ -75,17 +86,11 @@ def test_applied_follows_acks_and_errors() -> None:
         generation=8))).applied_generation == 9
 
 
-def test_the_digest_ignores_counters_and_ages_but_not_who_is_up() -> None:
+def test_peers_down_is_a_samples_own_time_plus_what_elapsed() -> None:
     base = telemetry(9_990, 9_950)
-    moved = wire.Telemetry(
-        sampled_at=10_030.0, applied_generation=7, key_created=500.0,
-        peers=wire.PeerColumns(base.peers.names, (10_020, 9_950), (5, 5), (6, 6), ("", "")),
-        datapath=None)
-    assert telemetry_digest(base) == telemetry_digest(moved)
-    assert peers_down(moved, elapsed=120) == ("p1",)
-    later = telemetry(9_990, 9_950, at=10_000.0 + HANDSHAKE_FRESH)
-    assert telemetry_digest(later) != telemetry_digest(base)  # p1 went stale
-    assert telemetry_digest(telemetry(9_990, 9_950, generation=8)) != telemetry_digest(base)
+    assert peers_down(base) == ()
+    assert peers_down(base, elapsed=140) == ("p1",)
+    assert peers_down(telemetry(9_990, 9_950, at=9_980.0 + HANDSHAKE_FRESH)) == ("p1",)
 
 
 @pytest.mark.parametrize(("handshakes", "down"), [

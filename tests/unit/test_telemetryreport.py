@@ -1,6 +1,6 @@
 """What of each telemetry sample goes up the stream (TelemetryReporter), and
 that the controller's merge of what went up (through the codec) keeps its
-view of the peers true: ages computed from the handshakes it holds."""
+view of the peers true: who is down is the daemon's word in every message."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from vpblu.core import health, wire
 from vpblu.node.telemetryreport import (
     BYTES_REPORT,
     FULL_REFRESH,
-    HANDSHAKE_REPORT_AGE,
-    HANDSHAKE_URGENT_AGE,
     TelemetryReporter,
 )
 from vpblu.stream import codec
@@ -67,39 +65,30 @@ def test_whole_first_then_only_what_changed_and_nothing_between_beats_when_quiet
     assert held.sampled_at == T0 + 30 and held.peers == first.peers
 
 
-def test_a_renewed_handshake_goes_with_the_beat_once_the_held_one_is_old() -> None:
-    mesh, reporter = Mesh(), TelemetryReporter()
-    assert reporter.plan(mesh.sample(T0), 0.0, beat=True) is not None
-    # Renewed 20 s after the one sent (held one young): not worth a row.
-    mesh.handshakes[3] += 20
-    quiet = reporter.plan(mesh.sample(T0 + 30), 30.0, beat=True)
-    assert quiet is not None and quiet.peer_updates == wire.PeerUpdates()
-    # Held one older than HANDSHAKE_REPORT_AGE: with the beat, not before.
-    at = mesh.handshakes[5] + HANDSHAKE_REPORT_AGE + 1
-    mesh.handshakes[5] = int(at) - 1
-    assert reporter.plan(mesh.sample(at), 40.0, beat=False) is None
-    sent = reporter.plan(mesh.sample(at), 60.0, beat=True)
-    assert sent is not None and sent.peer_updates is not None
-    # Peer 3's held one is 59 s old; peer 5's renewal goes as a handshake alone.
-    assert sent.peer_updates.handshake_positions == (5,) and sent.peer_updates.positions == ()
-    assert sent.peer_updates.renewed_handshakes == (mesh.handshakes[5],)
-    # Held one older than HANDSHAKE_URGENT_AGE: at once, between beats.
-    at = mesh.handshakes[9] + HANDSHAKE_URGENT_AGE + 1
-    mesh.handshakes[9] = int(at) - 1
-    urgent = reporter.plan(mesh.sample(at), 70.0, beat=False)
-    assert urgent is not None and urgent.peer_updates is not None
-    assert 9 in urgent.peer_updates.handshake_positions
+def test_a_renewed_handshake_is_not_sent() -> None:
+    mesh, reporter, controller = Mesh(), TelemetryReporter(), Controller()
+    controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
+    for k in range(1, 10):  # every peer renewed, again and again
+        mesh.handshakes = [int(T0) + 10 * k] * N
+        at = T0 + 10 * k
+        assert reporter.plan(mesh.sample(at), 10.0 * k, beat=False) is None
+    beat = reporter.plan(mesh.sample(T0 + 100), 100.0, beat=True)
+    assert beat is not None and beat.peer_updates == wire.PeerUpdates() and beat.down == ()
+    held = controller.receive(beat)
+    assert held.down == () and held.peers.latest_handshakes == tuple(
+        int(T0) - (i % 100) for i in range(N))  # as the whole sample said
 
 
-def test_a_peer_whose_handshake_stops_turns_down_on_the_controller_without_a_word() -> None:
-    """The daemon sends nothing for a handshake that does not advance; the
-    controller's age of it grows on its own, and the peer is down 180 s after
-    its last handshake (HANDSHAKE_FRESH), not later and not earlier."""
+def test_a_peer_whose_handshake_stops_is_named_down_at_once() -> None:
+    """The daemon names a peer down in its first sample past HANDSHAKE_FRESH
+    after its last handshake, at once (between beats), with its row; the
+    controller's view says so from that message on, and not before."""
     mesh, reporter, controller = Mesh(10), TelemetryReporter(), Controller()
     for i in range(10):
         mesh.handshakes[i] = int(T0)
     held = controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
     stopped = mesh.handshakes[4]
+    named_at = None
     for k in range(1, 30):  # the others renew every 120 s; peer 4 never again
         at = T0 + 10 * k
         for i in range(10):
@@ -107,31 +96,28 @@ def test_a_peer_whose_handshake_stops_turns_down_on_the_controller_without_a_wor
                 mesh.handshakes[i] = int(at)
         planned = reporter.plan(mesh.sample(at), at - T0, beat=k % 3 == 0)
         if planned is not None:
-            assert planned.peer_updates is None or (
-                4 not in planned.peer_updates.positions
-                and 4 not in planned.peer_updates.handshake_positions)
             held = controller.receive(planned)
-        # The controller evaluates at `at` plus up to 9 s after receiving.
-        for elapsed in (0.0, 9.0):
-            down = health.peers_down(held, elapsed)
-            now = at + elapsed
-            expected = ("node-4",) if now - stopped > health.HANDSHAKE_FRESH else ()
-            if planned is not None:
-                assert down == expected, (k, elapsed)
-    assert health.peers_down(held, 0.0) == ("node-4",)
+        if at - stopped > health.HANDSHAKE_FRESH:
+            assert held.down == ("node-4",), k
+            if named_at is None:
+                named_at = at
+                assert planned is not None and planned.peer_updates is not None
+                assert planned.peer_updates.positions == (4,)
+        else:
+            assert held.down == (), k
+    assert named_at == T0 + 190
 
 
 def test_the_controller_never_sees_a_live_peer_as_down() -> None:
     """WireGuard renewing every 120-145 s (keepalives), samples every 10 s,
-    beats every 22.5-37.5 s: every live peer is up in every merged view, at
-    any moment until the next message can arrive."""
+    beats every 22.5-37.5 s: no live peer is ever named down, and the rows
+    sent are few (renewals are not)."""
     mesh, reporter, controller = Mesh(50), TelemetryReporter(), Controller()
     for i in range(50):
         mesh.handshakes[i] = int(T0) - (i * 3) % 120
     held = controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
     next_beat = 37.5
     renew = [120 + (i * 7) % 26 for i in range(50)]  # each peer's own renewal gap
-    last_message = 0.0
     for k in range(1, 400):
         t = 10.0 * k
         at = T0 + t
@@ -141,19 +127,15 @@ def test_the_controller_never_sees_a_live_peer_as_down() -> None:
         beat = t >= next_beat
         if beat:
             next_beat = t + 37.5  # the slowest jittered beat
-        planned = reporter.plan(mesh.sample(at), t, beat=beat, next_beat=next_beat)
+        planned = reporter.plan(mesh.sample(at), t, beat=beat)
         if planned is not None:
             held = controller.receive(planned)
-            last_message = t
-        # Every sample (10 s apart), the controller's view, aged since its
-        # last message, has every peer up, up to the next sample.
-        assert health.peers_down(held, t + 10 - last_message) == (), k
-    assert last_message > 0
-    assert controller.rows < 50 * 400 / 3  # far fewer rows than whole samples per beat
-    # Most renewals ride a beat: those between beats (a renewal late in a
-    # long beat gap) add fewer messages than the beats themselves.
+        assert held.down == (), k
+    # Whole samples every FULL_REFRESH, nothing else: no row between them.
+    wholes = 1 + int(4000 // FULL_REFRESH)
+    assert controller.rows <= 50 * (wholes + 1), controller.rows
     beats = 4000 / 37.5
-    assert controller.messages < 2 * beats, controller.messages
+    assert controller.messages < 1.5 * beats, controller.messages
 
 
 def test_an_endpoint_change_or_a_peer_up_goes_at_once() -> None:
@@ -185,6 +167,7 @@ def test_bytes_go_past_the_threshold_and_the_whole_list_every_few_minutes() -> N
     held = controller.receive(sent)
     assert held.peers.tx_bytes[2] == BYTES_REPORT and held.peers.rx_bytes[1] == 0
     # The whole list with the first beat FULL_REFRESH after the last one.
+    mesh.handshakes = [int(T0 + FULL_REFRESH) - 5] * N  # renewed meanwhile: all still up
     assert reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=False) is None
     whole = reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=True)
     assert whole is not None and not whole.partial
@@ -200,7 +183,11 @@ def test_a_changed_peer_list_goes_with_the_beat_and_a_new_mtu_at_once() -> None:
     mesh.tx.append(0)
     mesh.endpoints.append("")
     mesh.handshakes[0] = 0  # down, but on a list the controller does not have yet
-    assert reporter.plan(mesh.sample(T0 + 10), 10.0, beat=False) is None
+    named = reporter.plan(mesh.sample(T0 + 10), 10.0, beat=False)  # urgent, without rows
+    assert named is not None and named.peer_updates == wire.PeerUpdates()
+    assert named.down == ("node-0", "node-new")
+    assert controller.receive(named).down == ("node-0", "node-new")
+    assert reporter.plan(mesh.sample(T0 + 12), 12.0, beat=False) is None
     # A new generation alone waits for the beat: the daemon's Ack carried it.
     applied = attrs.evolve(mesh.sample(T0 + 15), applied_generation=8)
     assert reporter.plan(applied, 15.0, beat=False) is None
@@ -234,46 +221,3 @@ def test_a_partial_sample_outside_the_held_list_is_refused() -> None:
         bad.merged_onto(held)
     with pytest.raises(ValueError, match="carries peer updates, not peers"):
         attrs.evolve(held, peer_updates=wire.PeerUpdates())
-
-
-def test_a_renewal_alone_carries_no_other_column_and_the_controller_keeps_them() -> None:
-    """A renewed handshake goes as two integers; the controller's merged view
-    keeps the peer's endpoint and bytes as held (the very tuples: a merge of
-    renewals copies one column). Bytes moved past the threshold with it make
-    the row whole."""
-    mesh, reporter, controller = Mesh(), TelemetryReporter(), Controller()
-    first = controller.receive(reporter.plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
-    at = T0 + HANDSHAKE_REPORT_AGE + 10  # the held ones 70-80 s old, still up
-    mesh.handshakes[10] = mesh.handshakes[11] = int(at)
-    mesh.rx[10] += 100  # under the threshold: waits
-    mesh.tx[11] += BYTES_REPORT  # past it: the row goes whole
-    sent = reporter.plan(mesh.sample(at), at - T0, beat=True)
-    assert sent is not None and sent.peer_updates is not None
-    u = sent.peer_updates
-    assert (u.handshake_positions, u.positions) == ((10,), (11,))
-    assert u.tx_bytes == (BYTES_REPORT,) and len(u) == 2
-    held = controller.receive(sent)
-    assert held.peers.latest_handshakes[10] == held.peers.latest_handshakes[11] == int(at)
-    assert held.peers.rx_bytes[10] == 0 and held.peers.tx_bytes[11] == BYTES_REPORT
-    assert held.peers.endpoints == first.peers.endpoints
-    mesh.handshakes[12] = int(at)
-    renewal = reporter.plan(mesh.sample(at + 30), at + 30 - T0, beat=True)
-    assert renewal is not None and renewal.peer_updates is not None
-    assert renewal.peer_updates.positions == () and renewal.peer_updates.rx_bytes == ()
-    merged = controller.receive(renewal)
-    assert merged.peers.latest_handshakes[12] == int(at)
-    assert merged.peers.endpoints is held.peers.endpoints
-    assert merged.peers.rx_bytes is held.peers.rx_bytes
-    # The bytes under the threshold reach the controller with the whole list.
-    whole = reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=True)
-    assert whole is not None and controller.receive(whole).peers.rx_bytes[10] == 100
-
-
-def test_a_renewal_outside_the_held_list_is_refused() -> None:
-    held = Mesh(3).sample(T0)
-    bad = wire.Telemetry(sampled_at=T0, peer_updates=wire.PeerUpdates(
-        handshake_positions=(3,), renewed_handshakes=(1,)))
-    with pytest.raises(ValueError, match="position 3 of a list of 3"):
-        bad.merged_onto(held)
-    with pytest.raises(ValueError, match="differ in length"):
-        wire.PeerUpdates(handshake_positions=(1, 2), renewed_handshakes=(1,))

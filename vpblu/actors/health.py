@@ -71,7 +71,7 @@ GENERATION_INTERVAL = 300.0
 WRITES_PER_SECOND = 20.0
 BURST = 20
 GRACE = 60.0
-# Even a quiet actor looks again this often (silence and handshakes age).
+# Even a quiet actor looks again this often (a daemon may fall silent).
 SWEEP_PERIOD = 5.0
 # The sessions and nodes-ready gauges are recounted at most this often (and
 # so at every sweep at the latest).
@@ -110,10 +110,6 @@ class _Node:
     wanted: NodeHealth | None = None  # the newest evaluation
     handed: NodeHealth | None = None  # the last one handed to the StatusActor
     handed_at: float = -math.inf
-    # The telemetry whose peers-down list is cached, and until when it holds.
-    down_for: Telemetry | None = None
-    down: tuple[str, ...] = ()
-    down_until: float = -math.inf
     # The earliest due time among this node's entries in the queues (None:
     # none); an entry with another time is stale and skipped.
     scheduled: float | None = None
@@ -256,16 +252,8 @@ class HealthActor:
             if held is None:
                 continue
             obs = self._observe(held, now)
-            t = obs.telemetry
-            # Which peers are down changes only when a new sample comes or a
-            # handshake crosses the limit: at N=1000 a push and its ack make
-            # each node evaluate twice per event, and 999 peers are not
-            # counted again each time.
-            if t is not None and (held.down_for is not t or now >= held.down_until):
-                held.down_for = t
-                held.down, fresh_for = _down_and_fresh_for(t, obs.telemetry_elapsed)
-                held.down_until = now + fresh_for
-            health = rules.evaluate(name, obs, down=held.down if t is not None else ())
+            # Which peers are down is the daemon's word, in every sample.
+            health = rules.evaluate(name, obs)
             self._evaluations += 1
             held.wanted = health
             if self._on_evaluated is not None:
@@ -357,25 +345,3 @@ class HealthActor:
                 log.info("node %s: its status says Connected but it has no stream here", name)
                 self._nodes[name] = _Node(SessionReport(name, 0, False), -math.inf)
                 self._dirty.add(name)
-
-
-def _down_and_fresh_for(t: Telemetry, elapsed: float) -> tuple[tuple[str, ...], float]:
-    """`peers_down` and `_fresh_for` at once: in the usual case (every peer
-    up) one look at the handshakes, in C, answers both."""
-    handshakes = t.peers.latest_handshakes
-    if not handshakes:
-        return (), math.inf
-    limit = t.sampled_at + elapsed - rules.HANDSHAKE_FRESH
-    if 0 not in handshakes and (oldest := min(handshakes)) >= limit:
-        return (), oldest - limit
-    return rules.peers_down(t, elapsed), _fresh_for(t, elapsed)
-
-
-def _fresh_for(t: Telemetry, elapsed: float) -> float:
-    """Seconds from now until the first peer that is up now stops being up."""
-    limit = t.sampled_at + elapsed - rules.HANDSHAKE_FRESH
-    handshakes = t.peers.latest_handshakes
-    if handshakes and 0 not in handshakes and (oldest := min(handshakes)) >= limit:
-        return oldest - limit  # every peer up: found in C
-    fresh = [hs for hs in handshakes if hs and hs >= limit]
-    return (min(fresh) - limit) if fresh else math.inf

@@ -1,15 +1,14 @@
 """What a node's health is, from what its daemon said: pure.
 
 Owns the rules behind a VpbluNode's Connected, Applied and Ready conditions
-and its peers up/total, and what in a daemon's telemetry counts as a change
-worth sending before the next heartbeat. The controller's HealthActor feeds it
-observations and writes what it returns; the daemon's StreamActor uses
-`telemetry_digest` to decide when to send.
+and its peers up/total, and which peers count as down. The controller's
+HealthActor feeds it observations and writes what it returns; the daemon's
+TelemetryReporter names the peers down in every sample (`peers_down`).
 
 No I/O and no clock: every age is passed in. Ages in telemetry are differences
-of two daemon times (`sampled_at` - `latest_handshake`) plus how long ago the
-controller received it on its own monotonic clock, so skew between the node's
-clock and the controller's never makes a handshake look fresh or stale.
+of two daemon times (`sampled_at` - `latest_handshake`), so skew between the
+node's clock and the controller's never makes a handshake look fresh or
+stale: a peer is down or up by the daemon's own clock, at its sample.
 """
 
 from __future__ import annotations
@@ -45,17 +44,6 @@ def peers_down(t: Telemetry, elapsed: float = 0.0) -> tuple[str, ...]:
         return ()
     return tuple(name for name, hs in zip(t.peers.names, handshakes, strict=True)
                  if hs == 0 or hs < limit)
-
-
-def telemetry_digest(t: Telemetry) -> tuple[object, ...]:
-    """The part of a sample whose change is sent at once (rate-bounded), not at
-    the next heartbeat: what the node applied, its key, MTU and rotation, which
-    peers are up and where they are, and whether the cleartext guard counted
-    anything. Byte and packet counters move all the time and wait for the beat."""
-    datapath = t.datapath
-    return (t.applied_generation, t.public_key, t.mtu, t.rotation, t.peers.names,
-            peers_down(t), t.peers.endpoints,
-            None if datapath is None else (datapath.guard_cleartext, datapath.guard_attached))
 
 
 @attrs.frozen(slots=True)
@@ -98,11 +86,12 @@ def _listed(names: tuple[str, ...]) -> str:
     return shown if len(names) <= LISTED else f"{shown} and {len(names) - LISTED} more"
 
 
-def evaluate(node: str, obs: NodeObservation,
-             down: tuple[str, ...] | None = None) -> NodeHealth:
+def evaluate(node: str, obs: NodeObservation) -> NodeHealth:
     """Connected, Applied and Ready for `node`, and the fields beside them.
-    `down`, when given, is `peers_down` of the observation's telemetry (a
-    caller that evaluates often computes it once per sample)."""
+    Which peers are down is the daemon's word (`Telemetry.down`, its
+    `peers_down` at the sample): the controller does not age the handshake
+    times it holds, which renewals no longer refresh; a daemon that falls
+    silent is not Connected after `silent_limit`."""
 
     def cond(ctype: str, status: str, reason: str, message: str) -> Condition:
         return Condition(KIND, node, ctype, status, reason, message)
@@ -112,14 +101,15 @@ def evaluate(node: str, obs: NodeObservation,
     if obs.acked_generation and (applied_generation is None
                                  or obs.acked_generation > applied_generation):
         applied_generation = obs.acked_generation
-    if down is None:
-        down = peers_down(t, obs.telemetry_elapsed) if t is not None else ()
+    down = t.down if t is not None else ()
     total = len(t.peers) if t is not None else None
 
     def health(*conditions: Condition) -> NodeHealth:
         return NodeHealth(
             conditions,
-            peers_up=None if total is None else total - len(down),
+            # The down list may name peers of a list the controller does not
+            # hold yet (a changed list waits for the beat).
+            peers_up=None if total is None else max(0, total - len(down)),
             peers_total=total,
             applied_generation=applied_generation,
             key_created=t.key_created if t is not None and t.key_created else None,

@@ -9,7 +9,6 @@ here does I/O or knows about gRPC.
 
 from __future__ import annotations
 
-import collections
 import enum
 from collections.abc import Iterable
 from typing import Any
@@ -185,16 +184,9 @@ class PeerUpdates:
     sent on this stream, by position in it (columns, like `PeerColumns`).
 
     The daemon sends a full list first on every stream, whenever its peer set
-    changes and every few minutes; in between only these rows, so a quiet
-    1000-node mesh does not carry 999 unchanged rows per node per heartbeat.
-    Two kinds of row: whole ones (`positions` and the four columns after it:
-    an endpoint moved, a peer came up or went down, its bytes moved) and
-    renewed handshakes alone (`handshake_positions`, `renewed_handshakes`;
-    the peer's other columns stay as held). WireGuard renews every peer's
-    handshake every two minutes, so in a quiet mesh nearly every row is a
-    renewal: at N=1000, ~8000 a second reach the controller, and sending and
-    merging them without the endpoint and byte columns was most of what
-    telemetry cost it.
+    changes and every few minutes; in between only these rows (an endpoint
+    moved, a peer came up or went down, its bytes moved), so a quiet 1000-node
+    mesh does not carry 999 unchanged rows per node per heartbeat.
     """
 
     positions: tuple[int, ...] = attrs.field(default=(), converter=_counts)
@@ -202,40 +194,31 @@ class PeerUpdates:
     rx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     tx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
-    handshake_positions: tuple[int, ...] = attrs.field(default=(), converter=_counts)
-    renewed_handshakes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.positions)
-        if n + len(self.handshake_positions) > MAX_TELEMETRY_PEERS:
-            raise ValueError(f"telemetry for {len(self)} peers is more than "
-                             f"{MAX_TELEMETRY_PEERS}")
+        if n > MAX_TELEMETRY_PEERS:
+            raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
         lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
                    len(self.endpoints)}
-        if lengths != {n} or len(self.renewed_handshakes) != len(self.handshake_positions):
+        if lengths != {n}:
             raise ValueError("peer update columns differ in length")
 
     def __len__(self) -> int:
-        return len(self.positions) + len(self.handshake_positions)
+        return len(self.positions)
 
     def onto(self, base: PeerColumns) -> PeerColumns:
-        """`base` with these rows replaced (ValueError for a position outside it).
-        Columns no row changes are `base`'s own tuples, shared."""
+        """`base` with these rows replaced (ValueError for a position outside it);
+        with no rows, `base` itself."""
+        if not self.positions:
+            return base  # the usual partial sample: nothing but the node's own fields
         n = len(base)
-        for positions in (self.positions, self.handshake_positions):
-            if positions and (max(positions) >= n or min(positions) < 0):
-                raise ValueError(f"a peer update names position {max(positions)} "
-                                 f"of a list of {n} peers")
-        if not self.positions and not self.handshake_positions:
-            return base
-        handshakes = list(base.latest_handshakes)
-        # handshakes[i] = hs for every renewal, in C.
-        collections.deque(map(handshakes.__setitem__, self.handshake_positions,
-                              self.renewed_handshakes), maxlen=0)
-        if not self.positions:  # renewals alone: the usual case
-            return PeerColumns(base.names, handshakes, base.rx_bytes, base.tx_bytes,
-                               base.endpoints, names_checked=True)
-        rx, tx, endpoints = list(base.rx_bytes), list(base.tx_bytes), list(base.endpoints)
+        if max(self.positions) >= n or min(self.positions) < 0:
+            raise ValueError(f"a peer update names position {max(self.positions)} "
+                             f"of a list of {n} peers")
+        handshakes, rx, tx = (list(base.latest_handshakes), list(base.rx_bytes),
+                              list(base.tx_bytes))
+        endpoints = list(base.endpoints)
         for i, hs, r, t, e in zip(self.positions, self.latest_handshakes, self.rx_bytes,
                                   self.tx_bytes, self.endpoints, strict=True):
             handshakes[i], rx[i], tx[i], endpoints[i] = hs, r, t, e
@@ -277,10 +260,18 @@ class Telemetry:
     # Not None: a partial sample; `peers` is empty and these rows are what
     # changed since the stream's last full one (see `merged_onto`).
     peer_updates: PeerUpdates | None = None
+    # The peers without a handshake within HANDSHAKE_FRESH at `sampled_at`,
+    # as the daemon found them (`vpblu.core.health.peers_down`), in every
+    # sample, whole or partial. The controller takes this word for who is up:
+    # a handshake renewed (every peer's, every two minutes) is not sent, so
+    # the handshake times it holds may be a whole sample old.
+    down: tuple[str, ...] = attrs.field(default=(), converter=_texts)
 
     def __attrs_post_init__(self) -> None:
         if self.peer_updates is not None and len(self.peers):
             raise ValueError("a partial telemetry sample carries peer updates, not peers")
+        if len(self.down) > MAX_TELEMETRY_PEERS:
+            raise ValueError(f"telemetry names more than {MAX_TELEMETRY_PEERS} peers down")
 
     @property
     def partial(self) -> bool:

@@ -17,12 +17,10 @@ from typing import Any
 
 import attrs
 
-from vpblu.core.health import HANDSHAKE_FRESH
 from vpblu.core.wire import Telemetry
 from vpblu.messages import HealthSnapshot, NodeTelemetryView
 
 POLICY_KINDS = ("TunnelPolicy", "RoutePolicy", "BlockPolicy", "RotationPolicy")
-HANDSHAKE_OK = 120.0  # WireGuard re-handshakes every 2 min on a live tunnel
 MAX_EVENTS = 50
 
 JSON = dict[str, Any]
@@ -61,13 +59,12 @@ def _stamp(value: Any) -> float | None:
         return None
 
 
-def handshake_state(age: float | None) -> str:
-    """ok (< 2 min), stale (< 3 min: Ready still counts it), down (older or never)."""
-    if age is None:
-        return "down"
-    if age < HANDSHAKE_OK:
-        return "ok"
-    return "stale" if age < HANDSHAKE_FRESH else "down"
+def handshake_state(named_down: bool) -> str:
+    """down: the daemon named the peer down (no handshake within 3 min at its
+    latest sample); ok otherwise. Not from the age shown beside it: renewals
+    are not reported, so the handshake time held is that of the daemon's last
+    whole sample (at most 5 min old) or of the peer's last change."""
+    return "down" if named_down else "ok"
 
 
 def _conditions(obj: Mapping[str, Any]) -> list[JSON]:
@@ -85,11 +82,13 @@ def _status_of(conditions: Sequence[JSON], ctype: str) -> str:
 
 def tunnels(node: str, t: Telemetry, rates: Rates) -> list[JSON]:
     out = []
+    down = frozenset(t.down)
     for p in t.peers.rows():
         age = t.sampled_at - p.latest_handshake if p.latest_handshake else None
         rx_rate, tx_rate = rates.rate(node, p.name, t.sampled_at, p.rx_bytes, p.tx_bytes)
         out.append({"peer": p.name, "handshakeAge": None if age is None else max(0.0, age),
-                    "state": handshake_state(age), "rxBytes": p.rx_bytes,
+                    "state": handshake_state(p.name in down),
+                    "rxBytes": p.rx_bytes,
                     "txBytes": p.tx_bytes, "rxRate": rx_rate, "txRate": tx_rate,
                     "endpoint": p.endpoint})
     return sorted(out, key=lambda x: x["peer"])

@@ -477,7 +477,7 @@ class StreamActor:
                     next_sample = now + settings.sample_period
                     sample = await self._sample(source)
                     if sample is not None:
-                        planned = reporter.plan(sample, now, beat=beat, next_beat=next_beat)
+                        planned = reporter.plan(sample, now, beat=beat)
                         if planned is None:
                             continue
                         message = planned

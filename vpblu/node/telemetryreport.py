@@ -1,47 +1,44 @@
 """TelemetryReporter: what of each telemetry sample goes up one stream.
 
 Owns the record of what the controller was told on the current stream (the
-peer list and, per peer, the handshake, bytes and endpoint last sent) and
-decides, per sample, whether to send a whole sample, a partial one (only the
-peers that changed meaningfully, by position in the last whole list:
+peer list and, per peer, whether it was up, its bytes and endpoint last sent)
+and decides, per sample, whether to send a whole sample, a partial one (only
+the peers that changed meaningfully, by position in the last whole list:
 `wire.PeerUpdates`) or nothing. Pure: no I/O, and time is passed in.
 
-Why: every daemon sending every peer on every heartbeat is N x (N-1) rows per
-30 s at the controller (about a third of a core at N=1000, measured), nearly
-all of them unchanged. A peer's row goes up only when:
-- its endpoint changed, or it came up or went down (its handshake crossed
-  `HANDSHAKE_FRESH` either way) - urgent: sent at once, rate-bounded by the
-  StreamActor;
-- its handshake advanced and the one the controller holds is older than
-  `HANDSHAKE_REPORT_AGE` - with the next heartbeat; at once only when the
-  held one would be older than `HANDSHAKE_URGENT_AGE` by the next heartbeat
-  (the caller says when that is), so the controller hears of a live peer's
-  new handshake before its own view of it ages past HANDSHAKE_FRESH
-  (WireGuard renews every 120 s of traffic or keepalives: each renewal is
-  sent once, ~1/120 s per peer instead of 1/30 s, nearly always with a beat;
-  as the handshake alone, two integers, unless its bytes moved too);
+Every message, whole or partial, names the peers that are down now (no
+handshake within HANDSHAKE_FRESH at the sample: `Telemetry.down`), and the
+controller takes that word for who is up. A peer's row goes up only when:
+- its endpoint changed, or it came up or went down - urgent: sent at once,
+  rate-bounded by the StreamActor (and the down list changed with it);
 - its bytes moved by `BYTES_REPORT` or more since last sent - with the next
   heartbeat; smaller moves wait for the whole sample.
+A renewed handshake alone is not sent. WireGuard renews every peer's session
+every two minutes, so reporting renewals (so that the controller could age
+each peer's handshake itself) was N x (N-1) rows per two minutes: at N=1000
+about 8000 a second into the controller, most of what telemetry cost it
+(a quarter more CPU in a quiet mesh, measured with and without telemetry
+over one window). The handshake times the controller holds are those of the
+last whole sample or of the peer's last row: at most FULL_REFRESH old, plus
+the renewal interval; up or down is always the daemon's latest word, and
+exact per-peer ages are on the daemon's own /metrics.
+
 A whole sample goes first on every stream, with the first heartbeat after
 the peer list changed, and with the first heartbeat `FULL_REFRESH` after the
-previous whole one (bytes and handshake ages on the controller are never
-older than that). A changed peer list waits for the beat: while a 1000-node
+previous whole one. A changed peer list waits for the beat: while a 1000-node
 mesh forms, every node's list grows for a minute, and a whole sample of up to
 999 rows per node every 5 s was most of the controller's CPU in the
 formation (13 s of it per formation, against 2.3 s without telemetry). Until
 that beat the controller holds the previous list (its peers up/total lag by
-at most a beat); an urgent change of the node's own fields meanwhile goes
-without peer rows.
+at most a beat); an urgent change of the node's own fields (the down list
+among them) goes meanwhile without peer rows.
 
-The controller merges partial samples into the stream's last whole one and
-computes ages from the handshake times it holds, so a peer whose handshake
-stops advancing turns down there HANDSHAKE_FRESH after its last reported
-handshake without the daemon sending anything. Everything but the peers
-(generation, key, MTU, rotation, data-path counters) is in every message; a
-change of the key, MTU, rotation or cleartext guard is urgent. A new applied
-generation is not: the daemon's Ack has told the controller already (its
-health takes the newer of the two), and sending it again at once was one more
-message from every node for every change of the mesh - at N=1000, a thousand
+Everything but the peers (generation, key, MTU, rotation, data-path
+counters, the down list) is in every message; a change of the key, MTU,
+rotation, cleartext guard or down list is urgent. A new applied generation
+is not: the daemon's Ack has told the controller already (its health takes
+the newer of the two), and sending it again at once was one more message
+from every node for every change of the mesh - at N=1000, a thousand
 telemetry messages after each join, beside the thousand acks.
 """
 
@@ -53,16 +50,9 @@ import operator
 
 import attrs
 
-from vpblu.core.health import HANDSHAKE_FRESH
+from vpblu.core.health import HANDSHAKE_FRESH, peers_down
 from vpblu.core.wire import PeerColumns, PeerUpdates, Telemetry
 
-HANDSHAKE_REPORT_AGE = 60.0
-# A renewal goes at once when the held handshake would be older than this by
-# the next beat; the 10 s left cover the rate bound (a message waits up to 5 s)
-# and a late beat. Renewals come at a held age of 120-145 s (REKEY_AFTER_TIME
-# plus up to one keepalive) and beats 22.5-37.5 s apart, so some always go
-# between beats: a bound with less room would send more of them.
-HANDSHAKE_URGENT_AGE = HANDSHAKE_FRESH - 10.0
 BYTES_REPORT = 1 << 20
 FULL_REFRESH = 300.0
 
@@ -70,8 +60,15 @@ FULL_REFRESH = 300.0
 def _head(t: Telemetry) -> tuple[object, ...]:
     """The node's own fields whose change is urgent (not the generation: acked)."""
     d = t.datapath
-    return (t.public_key, t.mtu, t.rotation,
+    return (t.public_key, t.mtu, t.rotation, t.down,
             None if d is None else (d.guard_cleartext, d.guard_attached))
+
+
+def _up(t: Telemetry) -> tuple[bool, ...]:
+    """Per peer: a handshake within HANDSHAKE_FRESH at the sample (0, never, is
+    below any limit), in C."""
+    limit = t.sampled_at - HANDSHAKE_FRESH
+    return tuple(map(operator.ge, t.peers.latest_handshakes, itertools.repeat(limit)))
 
 
 class TelemetryReporter:
@@ -82,7 +79,7 @@ class TelemetryReporter:
         self._full_refresh = full_refresh
         self._bytes_report = bytes_report
         self._names: tuple[str, ...] | None = None  # None: nothing sent on this stream
-        self._handshakes: list[int] = []
+        self._up: list[bool] = []
         self._rx: list[int] = []
         self._tx: list[int] = []
         self._endpoints: list[str] = []
@@ -92,18 +89,17 @@ class TelemetryReporter:
         self.partial_sent = 0
         self.rows_sent = 0
 
-    def plan(self, sample: Telemetry, now: float, *, beat: bool,
-             next_beat: float | None = None) -> Telemetry | None:
+    def plan(self, sample: Telemetry, now: float, *, beat: bool) -> Telemetry | None:
         """What to send for the whole sample `sample` at `now` (monotonic
         seconds); None: nothing (never when `beat`: a heartbeat always carries
-        a sample). `next_beat`: when the next heartbeat goes (None: now). What
-        is returned counts as sent."""
+        a sample). What is returned counts as sent, and names the peers down."""
+        sample = attrs.evolve(sample, down=peers_down(sample))
         peers = sample.peers
         if self._names is None or (beat and (self._names != peers.names
                                              or now >= self._whole_at + self._full_refresh)):
             self._names = peers.names
-            self._handshakes, self._rx, self._tx = (list(peers.latest_handshakes),
-                                                    list(peers.rx_bytes), list(peers.tx_bytes))
+            self._up = list(_up(sample))
+            self._rx, self._tx = list(peers.rx_bytes), list(peers.tx_bytes)
             self._endpoints = list(peers.endpoints)
             self._head, self._whole_at = _head(sample), now
             self.whole_sent += 1
@@ -116,64 +112,39 @@ class TelemetryReporter:
             self._head = head
             self.partial_sent += 1
             return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates())
-        wait = 0.0 if next_beat is None or beat else max(0.0, next_beat - now)
-        positions, renewed, urgent = self._changed(sample, wait)
+        up = _up(sample)
+        positions, urgent = self._changed(sample, up)
         if not beat and not urgent and head == self._head:
             return None
         handshakes, rx, tx, endpoints = (peers.latest_handshakes, peers.rx_bytes,
                                          peers.tx_bytes, peers.endpoints)
         for i in positions:
-            self._handshakes[i], self._rx[i], self._tx[i], self._endpoints[i] = (
-                handshakes[i], rx[i], tx[i], endpoints[i])
-        renewals = [handshakes[i] for i in renewed]
-        for i, hs in zip(renewed, renewals, strict=True):
-            self._handshakes[i] = hs
+            self._up[i], self._rx[i], self._tx[i], self._endpoints[i] = (
+                up[i], rx[i], tx[i], endpoints[i])
         self._head = head
         self.partial_sent += 1
-        self.rows_sent += len(positions) + len(renewed)
+        self.rows_sent += len(positions)
         return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates(
             positions, [handshakes[i] for i in positions], [rx[i] for i in positions],
-            [tx[i] for i in positions], [endpoints[i] for i in positions],
-            renewed, renewals))
+            [tx[i] for i in positions], [endpoints[i] for i in positions]))
 
-    def _changed(self, sample: Telemetry, wait: float) -> tuple[list[int], list[int], bool]:
-        """Positions of the whole rows worth sending, of the rows whose renewed
-        handshake alone is worth sending, and whether one is urgent (`wait`:
-        seconds until the next heartbeat)."""
+    def _changed(self, sample: Telemetry, up: tuple[bool, ...]) -> tuple[list[int], bool]:
+        """Positions of the rows worth sending, and whether one is urgent."""
         peers = sample.peers
-        at = sample.sampled_at
-        up_limit = at - HANDSHAKE_FRESH
-        report_limit = at - HANDSHAKE_REPORT_AGE
-        urgent_limit = at + wait - HANDSHAKE_URGENT_AGE
-        threshold = self._bytes_report
-        sent_hs, sent_rx, sent_tx, sent_ep = self._handshakes, self._rx, self._tx, self._endpoints
-        # The rows that differ from what was sent, found in C: a peer's
-        # handshake renews every two minutes, so a sample of 999 peers taken
-        # every 10 s differs in some 80 rows, and only those are looked at.
-        differ: set[int] = set()
         everyone = range(len(peers))
-        for column, sent in ((peers.latest_handshakes, sent_hs), (peers.endpoints, sent_ep),
-                             (peers.rx_bytes, sent_rx), (peers.tx_bytes, sent_tx)):
-            if column != tuple(sent):
-                differ.update(itertools.compress(everyone, map(operator.ne, column, sent)))
-        if not differ:
-            return [], [], False  # the quiet case
-        positions: list[int] = []
-        renewed: list[int] = []
-        any_urgent = False
-        handshakes, rxs, txs, endpoints = (peers.latest_handshakes, peers.rx_bytes,
-                                           peers.tx_bytes, peers.endpoints)
-        for i in sorted(differ):
-            hs, rx, tx, ep, was = handshakes[i], rxs[i], txs[i], endpoints[i], sent_hs[i]
-            moved = abs(rx - sent_rx[i]) + abs(tx - sent_tx[i]) >= threshold
-            if ep != sent_ep[i] or (hs != 0 and hs >= up_limit) != (was != 0 and was >= up_limit):
-                any_urgent = True
-            elif hs != was and (hs < was or was < report_limit):
-                any_urgent = any_urgent or was < urgent_limit
-                if not moved:
-                    renewed.append(i)  # the handshake alone; bytes wait for their own move
-                    continue
-            elif not moved:
-                continue
-            positions.append(i)
-        return positions, renewed, any_urgent
+        urgent: set[int] = set()
+        # Found in C: a quiet mesh's samples differ from what was sent in
+        # nothing but renewed handshakes, which are not looked at.
+        if up != tuple(self._up):
+            urgent.update(itertools.compress(everyone, map(operator.ne, up, self._up)))
+        if peers.endpoints != tuple(self._endpoints):
+            urgent.update(itertools.compress(everyone, map(operator.ne, peers.endpoints,
+                                                           self._endpoints)))
+        moved: set[int] = set()
+        if peers.rx_bytes != tuple(self._rx) or peers.tx_bytes != tuple(self._tx):
+            change = map(operator.add,
+                         map(abs, map(operator.sub, peers.rx_bytes, self._rx)),
+                         map(abs, map(operator.sub, peers.tx_bytes, self._tx)))
+            moved.update(itertools.compress(
+                everyone, map(operator.ge, change, itertools.repeat(self._bytes_report))))
+        return sorted(urgent | moved), bool(urgent)

@@ -257,6 +257,7 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
     msg = pb.Telemetry(
         sampled_at=t.sampled_at, applied_generation=t.applied_generation,
         public_key=t.public_key, key_created=t.key_created, mtu=t.mtu, rotation=t.rotation,
+        down=t.down,
         peers=pb.PeerColumns(name=peers.names, latest_handshake=peers.latest_handshakes,
                              rx_bytes=peers.rx_bytes, tx_bytes=peers.tx_bytes,
                              endpoint=peers.endpoints),
@@ -265,8 +266,7 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
         u = t.peer_updates
         msg.peer_updates.CopyFrom(pb.PeerUpdates(
             position=u.positions, latest_handshake=u.latest_handshakes, rx_bytes=u.rx_bytes,
-            tx_bytes=u.tx_bytes, endpoint=u.endpoints,
-            handshake_position=u.handshake_positions, renewed_handshake=u.renewed_handshakes))
+            tx_bytes=u.tx_bytes, endpoint=u.endpoints))
     if t.datapath is not None:
         d = t.datapath
         msg.datapath.CopyFrom(pb.DataPathCounters(
@@ -291,12 +291,12 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
         u = msg.peer_updates
         updates = wire.PeerUpdates(tuple(u.position), tuple(u.latest_handshake),
                                    tuple(u.rx_bytes), tuple(u.tx_bytes),
-                                   tuple(map(sys.intern, u.endpoint)),
-                                   tuple(u.handshake_position), tuple(u.renewed_handshake))
+                                   tuple(map(sys.intern, u.endpoint)))
     return wire.Telemetry(
         sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
         public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,
         rotation=msg.rotation, peer_updates=updates,
+        down=tuple(map(sys.intern, msg.down)) if msg.down else (),
         # Names and endpoints interned: the leader holds every node's latest
         # sample, N x (N-1) peers naming the same N nodes and endpoints;
         # shared strings halve what that costs (300 nodes' samples: 21.8 ->

@@ -193,7 +193,7 @@ class DataPathCounters(_message.Message):
     def __init__(self, passed: _Optional[int] = ..., dropped_blocked: _Optional[int] = ..., delivered: _Optional[int] = ..., delivery_dropped_blocked: _Optional[int] = ..., guard_cleartext: _Optional[int] = ..., guard_dropped: _Optional[int] = ..., fail_closed_drops: _Optional[int] = ..., guard_attached: _Optional[bool] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("sampled_at", "applied_generation", "public_key", "key_created", "mtu", "rotation", "peers", "datapath", "peer_updates")
+    __slots__ = ("sampled_at", "applied_generation", "public_key", "key_created", "mtu", "rotation", "peers", "datapath", "peer_updates", "down")
     SAMPLED_AT_FIELD_NUMBER: _ClassVar[int]
     APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class Telemetry(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     DATAPATH_FIELD_NUMBER: _ClassVar[int]
     PEER_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    DOWN_FIELD_NUMBER: _ClassVar[int]
     sampled_at: float
     applied_generation: int
     public_key: str
@@ -212,25 +213,22 @@ class Telemetry(_message.Message):
     peers: PeerColumns
     datapath: DataPathCounters
     peer_updates: PeerUpdates
-    def __init__(self, sampled_at: _Optional[float] = ..., applied_generation: _Optional[int] = ..., public_key: _Optional[str] = ..., key_created: _Optional[float] = ..., mtu: _Optional[int] = ..., rotation: _Optional[str] = ..., peers: _Optional[_Union[PeerColumns, _Mapping]] = ..., datapath: _Optional[_Union[DataPathCounters, _Mapping]] = ..., peer_updates: _Optional[_Union[PeerUpdates, _Mapping]] = ...) -> None: ...
+    down: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sampled_at: _Optional[float] = ..., applied_generation: _Optional[int] = ..., public_key: _Optional[str] = ..., key_created: _Optional[float] = ..., mtu: _Optional[int] = ..., rotation: _Optional[str] = ..., peers: _Optional[_Union[PeerColumns, _Mapping]] = ..., datapath: _Optional[_Union[DataPathCounters, _Mapping]] = ..., peer_updates: _Optional[_Union[PeerUpdates, _Mapping]] = ..., down: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PeerUpdates(_message.Message):
-    __slots__ = ("position", "latest_handshake", "rx_bytes", "tx_bytes", "endpoint", "handshake_position", "renewed_handshake")
+    __slots__ = ("position", "latest_handshake", "rx_bytes", "tx_bytes", "endpoint")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LATEST_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     RX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TX_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    HANDSHAKE_POSITION_FIELD_NUMBER: _ClassVar[int]
-    RENEWED_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     position: _containers.RepeatedScalarFieldContainer[int]
     latest_handshake: _containers.RepeatedScalarFieldContainer[int]
     rx_bytes: _containers.RepeatedScalarFieldContainer[int]
     tx_bytes: _containers.RepeatedScalarFieldContainer[int]
     endpoint: _containers.RepeatedScalarFieldContainer[str]
-    handshake_position: _containers.RepeatedScalarFieldContainer[int]
-    renewed_handshake: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, position: _Optional[_Iterable[int]] = ..., latest_handshake: _Optional[_Iterable[int]] = ..., rx_bytes: _Optional[_Iterable[int]] = ..., tx_bytes: _Optional[_Iterable[int]] = ..., endpoint: _Optional[_Iterable[str]] = ..., handshake_position: _Optional[_Iterable[int]] = ..., renewed_handshake: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, position: _Optional[_Iterable[int]] = ..., latest_handshake: _Optional[_Iterable[int]] = ..., rx_bytes: _Optional[_Iterable[int]] = ..., tx_bytes: _Optional[_Iterable[int]] = ..., endpoint: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
     __slots__ = ("hello", "ack", "heartbeat", "rotation_result", "telemetry")
