@@ -18,7 +18,9 @@ and measures both over one quiet window (step 5):
 3. with telemetry, until every VpbluNode is Ready with n-1/n-1 peers;
 4. settle: until the controller made no status write for `settle_quiet`
    seconds (longer than the HealthActor's 30 s update pace), bounded;
-5. the quiet window, both sides at once, once the second has settled:
+5. the quiet window, both sides at once, once neither has written a status
+   for `settle_quiet` seconds and the new applied generations' deferred
+   writes (5 minutes after the formation) are behind both:
    `window` seconds with nothing happening but heartbeats (every daemon
    beats every 30 s, jittered). Measured over it, per side: status writes
    (the controller's vpblu_status_writes_total, every write that reached the
@@ -52,6 +54,7 @@ import attrs
 import trio
 
 from vpblu import aioloop
+from vpblu.actors.health import GENERATION_INTERVAL
 from vpblu.lab.quiet import quiesce
 from vpblu.lab.realstack import calibration
 from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
@@ -241,6 +244,7 @@ class _Prepared:
     settle: float
     writes_settling: float
     peaks: _PhasePeaks
+    formed_at: float  # trio time the mesh was whole
 
 
 @asynccontextmanager
@@ -277,7 +281,8 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
             await trio.to_thread.run_sync(env.request, "POST", MESH_PATH, MESH)
             with trio.fail_after(FORMATION_TIMEOUT):
                 await cluster.wait_all(is_full_mesh(cluster, names), names)
-            formation = trio.current_time() - began
+            formed_at = trio.current_time()
+            formation = formed_at - began
             formation_cpu = controller.cpu_seconds() - cpu0
             say(f"  {label}: full mesh in {formation:.1f} s ({formation_cpu:.1f} s CPU)")
             ready_seconds = None
@@ -303,12 +308,32 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
             say(f"  {label}: no status write for {settle_quiet:.0f} s, {settle:.0f} s after "
                 f"the TunnelPolicy ({last:.0f} writes so far)")
             yield _Prepared(label, n, telemetry, controller, formation, formation_cpu,
-                            ready_seconds, settle, last, peaks)
+                            ready_seconds, settle, last, peaks, formed_at)
             watching.cancel_scope.cancel()
             await trio.to_thread.run_sync(env.request, "DELETE",
                                           f"{MESH_PATH}/{MESH_NAME}")
     finally:
         controller.stop()
+
+
+async def _settled_together(sides: Sequence[_Prepared], settle_quiet: float,
+                            say: Callable[[str], None]) -> None:
+    """Until no side has made a status write for `settle_quiet` seconds, and
+    not before every side's deferred writes of its nodes' new applied
+    generation (GENERATION_INTERVAL after its formation) are due and done: the
+    side set up first was quiet for 40 s, then wrote 1000 of them at the
+    bucket's rate inside the shared window (244 a minute, its CPU with them)."""
+    not_before = max(p.formed_at for p in sides) + GENERATION_INTERVAL
+    last = [await _writes(p.controller) for p in sides]
+    since = trio.current_time()
+    if not_before > since:
+        say(f"  waiting {not_before - since:.0f} s for the deferred generation writes...")
+    with trio.fail_after(SETTLE_TIMEOUT + GENERATION_INTERVAL):
+        while trio.current_time() < not_before or trio.current_time() - since < settle_quiet:
+            await trio.sleep(POLL)
+            now = [await _writes(p.controller) for p in sides]
+            if now != last:
+                last, since = now, trio.current_time()
 
 
 async def _quiet_window(sides: Sequence[_Prepared], window: float,
@@ -402,6 +427,7 @@ async def _run_all(envs: tuple[TestEnv, TestEnv], workdir: Path, spawner: Thread
                 sides = [await stack.enter_async_context(
                     _prepared(env, workdir, spawner, n, telemetry, settle_quiet, say))
                     for env, telemetry in zip(envs, (False, True), strict=True)]
+                await _settled_together(sides, settle_quiet, say)
                 runs.extend(await _quiet_window(sides, window, say))
     return runs
 
