@@ -260,9 +260,9 @@ async def test_the_session_merges_partial_samples_into_the_whole_one(
 
 async def test_a_quiet_mesh_sends_few_peer_rows(autojump_clock: trio.testing.MockClock) -> None:
     """Simulated WireGuard (renewing each peer every 120 s) at 200 peers over
-    10 minutes: whole samples at the start and every 5 minutes, in between
-    only renewed handshakes - about a quarter of the rows whole samples on
-    every beat would carry."""
+    10 minutes: a whole sample at the start, a refresh of every row's
+    handshake and bytes every 5 minutes, in between no rows (renewals are not
+    sent) - under a third of the rows whole samples on every beat would carry."""
     from vpblu.lab.sim import SimTelemetry
 
     class Daemon:
@@ -278,8 +278,9 @@ async def test_a_quiet_mesh_sends_few_peer_rows(autojump_clock: trio.testing.Moc
         await actor._heartbeat(stream)
     sent = [m for _, m in stream.telemetry()]
     whole = [m for m in sent if not m.partial]
+    refreshes = [m for m in sent if m.peer_updates is not None and m.peer_updates.every_row]
     rows = sum(len(m.peers) if not m.partial else len(m.peer_updates or ()) for m in sent)
-    assert 2 <= len(whole) <= 3
+    assert len(whole) == 1 and 1 <= len(refreshes) <= 2
     assert rows < 200 * len(sent) / 3, (rows, len(sent))
 
 

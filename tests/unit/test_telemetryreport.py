@@ -169,9 +169,29 @@ def test_bytes_go_past_the_threshold_and_the_whole_list_every_few_minutes() -> N
     # The whole list with the first beat FULL_REFRESH after the last one.
     mesh.handshakes = [int(T0 + FULL_REFRESH) - 5] * N  # renewed meanwhile: all still up
     assert reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=False) is None
-    whole = reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=True)
+    refresh = reporter.plan(mesh.sample(T0 + FULL_REFRESH), FULL_REFRESH, beat=True)
+    assert refresh is not None and refresh.peer_updates is not None
+    assert refresh.peer_updates.every_row and refresh.peer_updates.endpoints == ()
+    held = controller.receive(refresh)
+    assert held.peers.rx_bytes[1] == BYTES_REPORT - 1
+    assert held.peers.latest_handshakes == (int(T0 + FULL_REFRESH) - 5,) * N
+    assert held.peers.names == tuple(mesh.names) and held.peers.endpoints == tuple(
+        mesh.endpoints)
+    # A moved endpoint not yet sent makes the refresh a whole sample.
+    mesh.endpoints[3] = "198.51.100.3:51820"
+    whole = reporter.plan(mesh.sample(T0 + 2 * FULL_REFRESH), 2 * FULL_REFRESH, beat=True)
     assert whole is not None and not whole.partial
-    assert controller.receive(whole).peers.rx_bytes[1] == BYTES_REPORT - 1
+    assert controller.receive(whole).peers.endpoints[3] == "198.51.100.3:51820"
+
+
+def test_a_refresh_of_another_length_is_refused() -> None:
+    held = Mesh(3).sample(T0)
+    bad = wire.Telemetry(sampled_at=T0, peer_updates=wire.PeerUpdates(
+        latest_handshakes=(1, 2), rx_bytes=(0, 0), tx_bytes=(0, 0), every_row=True))
+    with pytest.raises(ValueError, match="a refresh of 2 rows onto a list of 3 peers"):
+        bad.merged_onto(held)
+    with pytest.raises(ValueError, match="no positions and no endpoints"):
+        wire.PeerUpdates((0,), (1,), (0,), (0,), ("",), every_row=True)
 
 
 def test_a_changed_peer_list_goes_with_the_beat_and_a_new_mtu_at_once() -> None:

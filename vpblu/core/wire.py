@@ -194,22 +194,38 @@ class PeerUpdates:
     rx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     tx_bytes: tuple[int, ...] = attrs.field(default=(), converter=_counts)
     endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
+    # True: a refresh of every row of the held list, in its order - no
+    # positions, no endpoints (a moved endpoint goes as a row at once), the
+    # handshake and byte columns whole. Every FULL_REFRESH the daemon sends
+    # this instead of a whole sample while its peer list is unchanged: three
+    # integer columns, where 999 names and endpoints to decode and intern made
+    # the refreshes most of what telemetry cost a quiet 1000-node controller.
+    every_row: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
-        n = len(self.positions)
+        n = len(self.latest_handshakes) if self.every_row else len(self.positions)
         if n > MAX_TELEMETRY_PEERS:
             raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
-        lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
-                   len(self.endpoints)}
+        if self.every_row and (self.positions or self.endpoints):
+            raise ValueError("a refresh of every row carries no positions and no endpoints")
+        lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes)}
+        if not self.every_row:
+            lengths.add(len(self.endpoints))
         if lengths != {n}:
             raise ValueError("peer update columns differ in length")
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.latest_handshakes)
 
     def onto(self, base: PeerColumns) -> PeerColumns:
-        """`base` with these rows replaced (ValueError for a position outside it);
-        with no rows, `base` itself."""
+        """`base` with these rows replaced (ValueError for a position outside it,
+        or a refresh of another length); with no rows, `base` itself."""
+        if self.every_row:
+            if len(self.latest_handshakes) != len(base):
+                raise ValueError(f"a refresh of {len(self.latest_handshakes)} rows onto a "
+                                 f"list of {len(base)} peers")
+            return PeerColumns(base.names, self.latest_handshakes, self.rx_bytes,
+                               self.tx_bytes, base.endpoints, names_checked=True)
         if not self.positions:
             return base  # the usual partial sample: nothing but the node's own fields
         n = len(base)

@@ -799,8 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also run the telemetry scenario (vpblu.lab.telemetrybench: status"
                              " writes in a quiet mesh, controller CPU and RSS with telemetry"
                              " against without) at these sizes, e.g. 1000")
-    parser.add_argument("--telemetry-window", type=float, default=120.0, metavar="SECONDS",
-                        help="the telemetry scenario's quiet window")
+    parser.add_argument("--telemetry-window", type=float, default=300.0, metavar="SECONDS",
+                        help="the telemetry scenario's quiet window (default: one period"
+                             " of the daemons' 5-minute refreshes)")
     parser.add_argument("--rotation-max-concurrent", type=int, default=0, metavar="K",
                         choices=range(0, MAX_CONCURRENT + 1),
                         help="the rotation scenario's batches: a RotationPolicy with"

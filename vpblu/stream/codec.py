@@ -266,7 +266,7 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
         u = t.peer_updates
         msg.peer_updates.CopyFrom(pb.PeerUpdates(
             position=u.positions, latest_handshake=u.latest_handshakes, rx_bytes=u.rx_bytes,
-            tx_bytes=u.tx_bytes, endpoint=u.endpoints))
+            tx_bytes=u.tx_bytes, endpoint=u.endpoints, every_row=u.every_row))
     if t.datapath is not None:
         d = t.datapath
         msg.datapath.CopyFrom(pb.DataPathCounters(
@@ -291,7 +291,8 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
         u = msg.peer_updates
         updates = wire.PeerUpdates(tuple(u.position), tuple(u.latest_handshake),
                                    tuple(u.rx_bytes), tuple(u.tx_bytes),
-                                   tuple(map(sys.intern, u.endpoint)))
+                                   tuple(map(sys.intern, u.endpoint)),
+                                   every_row=u.every_row)
     return wire.Telemetry(
         sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
         public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,

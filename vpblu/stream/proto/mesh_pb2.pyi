@@ -217,18 +217,20 @@ class Telemetry(_message.Message):
     def __init__(self, sampled_at: _Optional[float] = ..., applied_generation: _Optional[int] = ..., public_key: _Optional[str] = ..., key_created: _Optional[float] = ..., mtu: _Optional[int] = ..., rotation: _Optional[str] = ..., peers: _Optional[_Union[PeerColumns, _Mapping]] = ..., datapath: _Optional[_Union[DataPathCounters, _Mapping]] = ..., peer_updates: _Optional[_Union[PeerUpdates, _Mapping]] = ..., down: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PeerUpdates(_message.Message):
-    __slots__ = ("position", "latest_handshake", "rx_bytes", "tx_bytes", "endpoint")
+    __slots__ = ("position", "latest_handshake", "rx_bytes", "tx_bytes", "endpoint", "every_row")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LATEST_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
     RX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TX_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    EVERY_ROW_FIELD_NUMBER: _ClassVar[int]
     position: _containers.RepeatedScalarFieldContainer[int]
     latest_handshake: _containers.RepeatedScalarFieldContainer[int]
     rx_bytes: _containers.RepeatedScalarFieldContainer[int]
     tx_bytes: _containers.RepeatedScalarFieldContainer[int]
     endpoint: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, position: _Optional[_Iterable[int]] = ..., latest_handshake: _Optional[_Iterable[int]] = ..., rx_bytes: _Optional[_Iterable[int]] = ..., tx_bytes: _Optional[_Iterable[int]] = ..., endpoint: _Optional[_Iterable[str]] = ...) -> None: ...
+    every_row: bool
+    def __init__(self, position: _Optional[_Iterable[int]] = ..., latest_handshake: _Optional[_Iterable[int]] = ..., rx_bytes: _Optional[_Iterable[int]] = ..., tx_bytes: _Optional[_Iterable[int]] = ..., endpoint: _Optional[_Iterable[str]] = ..., every_row: _Optional[bool] = ...) -> None: ...
 
 class NodeMessage(_message.Message):
     __slots__ = ("hello", "ack", "heartbeat", "rotation_result", "telemetry")
