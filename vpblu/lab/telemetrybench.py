@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import tempfile
@@ -301,12 +302,7 @@ async def _prepared(env: TestEnv, workdir: Path, spawner: ThreadPoolExecutor, n:
                     f"{ready_seconds:.1f} s after the TunnelPolicy")
             peaks.phase = "settle"
             with trio.fail_after(SETTLE_TIMEOUT):
-                last, since = await _writes(controller), trio.current_time()
-                while trio.current_time() - since < settle_quiet:
-                    await trio.sleep(POLL)
-                    now = await _writes(controller)
-                    if now != last:
-                        last, since = now, trio.current_time()
+                last, = await _no_writes_for([controller], settle_quiet)
             settle = trio.current_time() - began
             say(f"  {label}: no status write for {settle_quiet:.0f} s, {settle:.0f} s after "
                 f"the TunnelPolicy ({last:.0f} writes so far)")
@@ -327,16 +323,26 @@ async def _settled_together(sides: Sequence[_Prepared], settle_quiet: float,
     side set up first was quiet for 40 s, then wrote 1000 of them at the
     bucket's rate inside the shared window (244 a minute, its CPU with them)."""
     not_before = max(p.formed_at for p in sides) + GENERATION_INTERVAL
-    last = [await _writes(p.controller) for p in sides]
-    since = trio.current_time()
-    if not_before > since:
-        say(f"  waiting {not_before - since:.0f} s for the deferred generation writes...")
+    if not_before > trio.current_time():
+        say(f"  waiting {not_before - trio.current_time():.0f} s for the deferred "
+            "generation writes...")
     with trio.fail_after(SETTLE_TIMEOUT + GENERATION_INTERVAL):
-        while trio.current_time() < not_before or trio.current_time() - since < settle_quiet:
-            await trio.sleep(POLL)
-            now = [await _writes(p.controller) for p in sides]
-            if now != last:
-                last, since = now, trio.current_time()
+        await _no_writes_for([p.controller for p in sides], settle_quiet,
+                             not_before=not_before)
+
+
+async def _no_writes_for(controllers: Sequence[MeteredController], quiet: float, *,
+                         not_before: float = -math.inf) -> list[float]:
+    """Until none of `controllers` made a status write for `quiet` seconds (and
+    not before `not_before`, trio time); their status writes so far."""
+    last = [await _writes(c) for c in controllers]
+    since = trio.current_time()
+    while trio.current_time() < not_before or trio.current_time() - since < quiet:
+        await trio.sleep(POLL)
+        now = [await _writes(c) for c in controllers]
+        if now != last:
+            last, since = now, trio.current_time()
+    return last
 
 
 async def _quiet_window(sides: Sequence[_Prepared], window: float,
