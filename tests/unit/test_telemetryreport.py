@@ -75,7 +75,7 @@ def test_a_renewed_handshake_is_not_sent() -> None:
     beat = reporter.plan(mesh.sample(T0 + 100), 100.0, beat=True)
     assert beat is not None and beat.peer_updates == wire.PeerUpdates() and beat.down == ()
     held = controller.receive(beat)
-    assert held.down == () and held.peers.latest_handshakes == tuple(
+    assert held.down == () and tuple(held.peers.latest_handshakes) == tuple(
         int(T0) - (i % 100) for i in range(N))  # as the whole sample said
 
 
@@ -174,7 +174,7 @@ def test_bytes_go_past_the_threshold_and_the_whole_list_every_few_minutes() -> N
     assert refresh.peer_updates.every_row and refresh.peer_updates.endpoints == ()
     held = controller.receive(refresh)
     assert held.peers.rx_bytes[1] == BYTES_REPORT - 1
-    assert held.peers.latest_handshakes == (int(T0 + FULL_REFRESH) - 5,) * N
+    assert tuple(held.peers.latest_handshakes) == (int(T0 + FULL_REFRESH) - 5,) * N
     assert held.peers.names == tuple(mesh.names) and held.peers.endpoints == tuple(
         mesh.endpoints)
     # A moved endpoint not yet sent makes the refresh a whole sample.
@@ -241,3 +241,22 @@ def test_a_partial_sample_outside_the_held_list_is_refused() -> None:
         bad.merged_onto(held)
     with pytest.raises(ValueError, match="carries peer updates, not peers"):
         attrs.evolve(held, peer_updates=wire.PeerUpdates())
+
+
+def test_the_held_counters_are_compact_and_a_merge_leaves_its_base_alone() -> None:
+    """The leader holds N x (N-1) rows: its counters are 8-byte unsigned arrays,
+    a value outside uint64 is refused, and merging rows copies, never writes
+    into the held sample."""
+    mesh = Mesh(3)
+    base = Controller().receive(TelemetryReporter().plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
+    for column in (base.peers.latest_handshakes, base.peers.rx_bytes, base.peers.tx_bytes):
+        assert column.typecode == "Q" and column.itemsize == 8
+    before = base.peers.rx_bytes.tolist()
+    merged = wire.PeerUpdates((1,), (5,), (2**64 - 1,), (0,), ("192.0.2.9:51820",)).onto(
+        base.peers)
+    assert merged.rx_bytes.tolist() == [before[0], 2**64 - 1, before[2]]
+    assert base.peers.rx_bytes.tolist() == before
+    with pytest.raises(ValueError, match="is outside"):
+        wire.PeerColumns(("a",), (2**64,), (0,), (0,), ("",))
+    with pytest.raises(ValueError, match="is outside"):
+        wire.PeerUpdates((0,), (-1,), (0,), (0,), ("",))

@@ -28,6 +28,7 @@ import logging
 import operator
 import sys
 import time
+from array import array
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -218,13 +219,13 @@ def _endpoint_texts(peers: tuple[Peer, ...]) -> tuple[str, ...]:
 
 
 # The handshake column of a healthy sample depends only on the second and the
-# number of peers: daemons sampling in the same second share one tuple (a
+# number of peers: daemons sampling in the same second share one column (a
 # thousand of them computing 999 fresh ints each was a tenth of the harness).
-_HANDSHAKES: dict[tuple[int, int, int], tuple[int, ...]] = {}
+_HANDSHAKES: dict[tuple[int, int, int], array[int]] = {}
 _HANDSHAKES_KEPT = 64
 
 
-def _handshakes(second: int, count: int, rekey: int) -> tuple[int, ...]:
+def _handshakes(second: int, count: int, rekey: int) -> array[int]:
     held = _HANDSHAKES.get((second, count, rekey))
     if held is None:
         if len(_HANDSHAKES) >= _HANDSHAKES_KEPT:
@@ -232,8 +233,8 @@ def _handshakes(second: int, count: int, rekey: int) -> tuple[int, ...]:
         # second - (second + 7 i) % rekey for every peer i, in C.
         ages = map(operator.mod, map(operator.add, itertools.repeat(second),
                                      range(0, 7 * count, 7)), itertools.repeat(rekey))
-        held = _HANDSHAKES[second, count, rekey] = tuple(map(operator.sub, itertools.repeat(second),
-                                                      ages))
+        held = _HANDSHAKES[second, count, rekey] = array(
+            "Q", map(operator.sub, itertools.repeat(second), ages))
     return held
 
 
@@ -260,7 +261,7 @@ class SimTelemetry:
         self._for: tuple[Peer, ...] | None = None
         self._names: tuple[str, ...] = ()
         self._endpoints: tuple[str, ...] = ()
-        self._zeros: tuple[int, ...] = ()
+        self._zeros: array[int] = array("Q")
 
     async def sample(self, applied: NodeDesiredState | None) -> wire.Telemetry:
         self.samples += 1
@@ -272,11 +273,11 @@ class SimTelemetry:
             self._for = peers
             self._names = tuple(map(_PEER_NAME, peers))
             self._endpoints = _endpoint_texts(peers)
-            self._zeros = (0,) * len(peers)
+            self._zeros = array("Q", (0,)) * len(peers)
         handshakes = _handshakes(int(now), len(peers), self.REKEY)
         if self.down:
-            handshakes = tuple(0 if name in self.down else hs
-                               for name, hs in zip(self._names, handshakes, strict=True))
+            handshakes = array("Q", (0 if name in self.down else hs
+                                     for name, hs in zip(self._names, handshakes, strict=True)))
         return wire.Telemetry(
             sampled_at=now, public_key=self._key, key_created=self._key_created, mtu=1420,
             peers=wire.PeerColumns(self._names, handshakes, self._zeros, self._zeros,

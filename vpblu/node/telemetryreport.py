@@ -50,6 +50,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from array import array
 
 import attrs
 
@@ -83,8 +84,8 @@ class TelemetryReporter:
         self._bytes_report = bytes_report
         self._names: tuple[str, ...] | None = None  # None: nothing sent on this stream
         self._up: list[bool] = []
-        self._rx: list[int] = []
-        self._tx: list[int] = []
+        self._rx: array[int] = array("Q")
+        self._tx: array[int] = array("Q")
         self._endpoints: list[str] = []
         self._head: tuple[object, ...] | None = None
         self._whole_at = -math.inf
@@ -104,7 +105,7 @@ class TelemetryReporter:
                 refresh and peers.endpoints != tuple(self._endpoints)):
             self._names = peers.names
             self._up = list(_up(sample))
-            self._rx, self._tx = list(peers.rx_bytes), list(peers.tx_bytes)
+            self._rx, self._tx = peers.rx_bytes[:], peers.tx_bytes[:]
             self._endpoints = list(peers.endpoints)
             self._head, self._whole_at = _head(sample), now
             self.whole_sent += 1
@@ -113,7 +114,7 @@ class TelemetryReporter:
         head = _head(sample)
         if refresh:  # the same list: every row's handshake and bytes, no names
             self._up = list(_up(sample))
-            self._rx, self._tx = list(peers.rx_bytes), list(peers.tx_bytes)
+            self._rx, self._tx = peers.rx_bytes[:], peers.tx_bytes[:]
             self._head, self._whole_at = head, now
             self.refreshes_sent += 1
             self.rows_sent += len(peers)
@@ -155,7 +156,7 @@ class TelemetryReporter:
             urgent.update(itertools.compress(everyone, map(operator.ne, peers.endpoints,
                                                            self._endpoints)))
         moved: set[int] = set()
-        if peers.rx_bytes != tuple(self._rx) or peers.tx_bytes != tuple(self._tx):
+        if peers.rx_bytes != self._rx or peers.tx_bytes != self._tx:
             change = map(operator.add,
                          map(abs, map(operator.sub, peers.rx_bytes, self._rx)),
                          map(abs, map(operator.sub, peers.tx_bytes, self._tx)))

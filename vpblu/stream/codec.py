@@ -278,7 +278,7 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
 
 
 def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
-    """Columns become tuples in C (see `wire.PeerColumns`)."""
+    """Columns become tuples and arrays in C (see `wire.PeerColumns`)."""
     p = msg.peers
     datapath = None
     if msg.HasField("datapath"):
@@ -289,8 +289,8 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
     updates = None
     if msg.HasField("peer_updates"):
         u = msg.peer_updates
-        updates = wire.PeerUpdates(tuple(u.position), tuple(u.latest_handshake),
-                                   tuple(u.rx_bytes), tuple(u.tx_bytes),
+        updates = wire.PeerUpdates(tuple(u.position), u.latest_handshake,
+                                   u.rx_bytes, u.tx_bytes,
                                    tuple(map(sys.intern, u.endpoint)),
                                    every_row=u.every_row)
     return wire.Telemetry(
@@ -302,8 +302,8 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
         # sample, N x (N-1) peers naming the same N nodes and endpoints;
         # shared strings halve what that costs (300 nodes' samples: 21.8 ->
         # 11.5 MiB measured with tracemalloc).
-        peers=wire.PeerColumns(tuple(map(sys.intern, p.name)), tuple(p.latest_handshake),
-                               tuple(p.rx_bytes), tuple(p.tx_bytes),
+        peers=wire.PeerColumns(tuple(map(sys.intern, p.name)), p.latest_handshake,
+                               p.rx_bytes, p.tx_bytes,
                                tuple(map(sys.intern, p.endpoint))),
         datapath=datapath,
     )
