@@ -48,6 +48,7 @@ from vpblu.actors.leasethread import LeaseThreadActor, kubeconfig_client
 from vpblu.actors.session import SessionSettings
 from vpblu.core.model import IPNetwork
 from vpblu.dashboard.server import DashboardSettings, dashboard_child
+from vpblu.heaptrim import Heap, HeapTrimmer
 from vpblu.kube import client as k
 from vpblu.kube.servicecidrs import service_cidrs
 from vpblu.kubeversion import require_supported
@@ -158,6 +159,8 @@ async def run_controller(
                 settings.identity, settings.advertise, observed_send.clone(),
                 settings.lease).run),
             *children,
+            # Free heap a burst left behind goes back to the kernel (heaptrim).
+            ChildSpec("heap-trim", lambda: HeapTrimmer(Heap.of_libc()).run),
         ], strategy=Strategy.REST_FOR_ONE)
         async with (streams_send, streams_receive, observed_send, observed_receive,
                     trio.open_nursery() as nursery):
