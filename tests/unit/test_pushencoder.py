@@ -8,13 +8,15 @@ import gc
 
 import attrs
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.unit.test_codec import KEY, controller_messages, peers, states
 from vpblu.core import wire
 from vpblu.core.model import Endpoint, NodeDesiredState, Peer, PeerAdded, PeerChanged, PeerRemoved
 from vpblu.stream import codec
 from vpblu.stream.proto import mesh_pb2 as pb
-from vpblu.stream.pushencoder import PushEncoder
+from vpblu.stream.pushencoder import PIECES_MIN, Pieces, PushEncoder
+from vpblu.stream.transport import write_chunks
 
 
 def plain(message: wire.ControllerMessage) -> bytes:
@@ -77,3 +79,30 @@ def test_a_rotation_step_sent_to_every_peer_is_serialized_once_and_exactly() -> 
     other = attrs.evolve(step, stamp=10)
     assert encoder.encode(other) == codec.encode_controller_message(other).SerializeToString()
     assert encoder.encode(other) != first
+
+
+def test_a_large_sync_state_is_queued_as_the_cached_pieces_it_is_made_of() -> None:
+    """What a stream queues for a SyncState of 999 peers: the peers' cached
+    bytes themselves (shared by every stream), joined only as it is written;
+    exactly the codec's bytes. A small one is plain bytes."""
+    encoder = PushEncoder()
+    peers = [Peer(f"node-{i:04d}", base64.b64encode(i.to_bytes(32, "big")).decode(),
+                  Endpoint(f"10.1.{i >> 8}.{i & 255}", 51820), (f"10.{i >> 8}.{i & 255}.0/24",), 25)
+             for i in range(999)]
+    big = wire.SyncState(3, NodeDesiredState("a", peers=peers))
+    queued = encoder.encode_for_stream(big)
+    assert isinstance(queued, Pieces) and len(queued) >= PIECES_MIN
+    assert queued.join() == plain(big) and len(queued) == len(plain(big))
+    assert any(part is encoder.peer_bytes(peers[5]) for part in queued.parts)
+    small = wire.SyncState(3, NodeDesiredState("a", peers=peers[:2]))
+    assert encoder.encode_for_stream(small) == plain(small)
+
+
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=200), st.integers(1, 2000))
+def test_pieces_are_written_in_chunks_of_at_least_the_size_and_nothing_else(
+        pieces: list[bytes], size: int) -> None:
+    chunks = list(write_chunks(pieces, size))
+    assert b"".join(chunks) == b"".join(pieces)
+    assert all(len(c) >= size for c in chunks[:-1])
+    # A chunk stops at the first piece that reaches the size: less than a piece over.
+    assert all(len(c) < size + 300 for c in chunks)

@@ -28,6 +28,7 @@ weak references only and forgets a Peer when it is collected.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from typing import TypeVar
@@ -162,6 +163,32 @@ def _datapath(datapath: DataPath) -> bytes:
     return b"".join(parts)
 
 
+class Pieces:
+    """A serialized message as the byte strings it is made of, in order,
+    without joining them: most of a SyncState is its peers' and routes'
+    cached bytes, the same objects in every node's message. A SyncState of
+    999 peers is ~150 KB; at a formation every stream queues one, and 1000
+    joined copies waiting for their daemons to read were most of the
+    controller's N=1000 peak. As pieces, a queued SyncState holds a list of
+    references (~32 KB) and the stream joins one frame's worth at a time as
+    it writes (`vpblu.stream.transport`)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+
+# Below this a SyncState is joined: pieces save nothing on a small message.
+PIECES_MIN = 16 * 1024
+
 # Rotation steps whose bytes are kept (a batch has at most 16 rotations, each
 # with one step in flight).
 STEPS_KEPT = 64
@@ -222,18 +249,21 @@ class PushEncoder:
 
     def state_bytes(self, state: NodeDesiredState) -> bytes:
         """The serialized pb.NodeDesiredState."""
+        return b"".join(self._state_parts(state))
+
+    def _state_parts(self, state: NodeDesiredState) -> list[bytes]:
+        """pb.NodeDesiredState's bytes as pieces: per element its field's tag,
+        then the cached length and bytes (interleaved in C)."""
         parts = [_string(_STATE_NODE, state.node), _uint(_STATE_PORT, state.listen_port)]
-        # Tag, length, bytes per element: the tag is the separator of a join.
-        if state.peers:
-            parts += (_STATE_PEER, _STATE_PEER.join([self._cached(p, _peer) for p in state.peers]))
-        if state.routes:
-            parts += (_STATE_ROUTE,
-                      _STATE_ROUTE.join([self._cached(r, _route) for r in state.routes]))
-        if state.blocks:
-            parts += (_STATE_BLOCK,
-                      _STATE_BLOCK.join([self._cached(b, _block) for b in state.blocks]))
+
+        def repeated(tag: bytes, cached: list[bytes]) -> None:
+            parts.extend(itertools.chain.from_iterable(zip(itertools.repeat(tag), cached)))
+
+        repeated(_STATE_PEER, [self._cached(p, _peer) for p in state.peers])
+        repeated(_STATE_ROUTE, [self._cached(r, _route) for r in state.routes])
+        repeated(_STATE_BLOCK, [self._cached(b, _block) for b in state.blocks])
         parts += (_STATE_DATAPATH, self._cached(state.datapath, _datapath))
-        return b"".join(parts)
+        return parts
 
     def change_bytes(self, change: object) -> bytes:
         """The serialized pb.Change."""
@@ -260,18 +290,32 @@ class PushEncoder:
 
     def encode(self, message: wire.ControllerMessage) -> bytes:
         """The serialized pb.ControllerMessage, byte for byte what the codec makes."""
+        data = self.encode_for_stream(message)
+        return data.join() if isinstance(data, Pieces) else data
+
+    def encode_for_stream(self, message: wire.ControllerMessage) -> bytes | Pieces:
+        """What `encode` gives, as `Pieces` when it is a SyncState of
+        PIECES_MIN bytes or more (for a stream's outbox)."""
         data = self._encode(message)
         kind = ("sync" if isinstance(message, wire.SyncState)
                 else "delta" if isinstance(message, wire.Delta) else "other")
         self.encoded_bytes[kind] += len(data)
         return data
 
-    def _encode(self, message: wire.ControllerMessage) -> bytes:
+    def _sync_state(self, generation: int, state: NodeDesiredState) -> bytes | Pieces:
+        parts = self._state_parts(state)
+        state_size = sum(map(len, parts))
+        head = _uint(_SYNC_GENERATION, generation) + _SYNC_STATE + _varint(state_size)
+        head = _CM_SYNC + _varint(len(head) + state_size) + head
+        if len(head) + state_size < PIECES_MIN:
+            return head + b"".join(parts)
+        parts.insert(0, head)
+        return Pieces(parts, len(head) + state_size)
+
+    def _encode(self, message: wire.ControllerMessage) -> bytes | Pieces:
         match message:
             case wire.SyncState(generation, state):
-                sync = (_uint(_SYNC_GENERATION, generation)
-                        + _field(_SYNC_STATE, self.state_bytes(state)))
-                return _field(_CM_SYNC, sync)
+                return self._sync_state(generation, state)
             case wire.Delta(generation, base_generation, changes):
                 parts = [_uint(_DELTA_GENERATION, generation),
                          _uint(_DELTA_BASE, base_generation)]

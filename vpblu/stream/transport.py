@@ -51,14 +51,16 @@ with backoff) and never decide anything about desired state.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -83,7 +85,7 @@ from vpblu.stream.codec import ProtocolViolation
 from vpblu.stream.identity import AuthenticationFailed, Authenticator, Identity
 from vpblu.stream.proto import mesh_grpc
 from vpblu.stream.proto import mesh_pb2 as pb
-from vpblu.stream.pushencoder import PushEncoder
+from vpblu.stream.pushencoder import Pieces, PushEncoder
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,11 @@ INBOX_BYTES = 8 << 20  # ... or this many bytes of them (~60 SyncStates of 1000 
 # byte bound, because a SyncState at N=1000 is ~150 KB and a message count
 # would let 1000 sessions queue gigabytes; small deltas never reach it.
 OUTBOX_LIMIT = 128 * 1024
-# Queued messages written as one HTTP/2 DATA write, up to this many bytes.
+# Queued messages written together, up to this many bytes, ...
 COALESCE_BYTES = 64 * 1024
+# ... handed to HTTP/2 in writes of about one DATA frame (16 KiB by default)
+# each: what is joined at once for a write.
+WRITE_CHUNK = 16 * 1024
 # A gRPC message's prefix: compressed flag, then the length (big-endian).
 _GRPC_PREFIX = struct.Struct(">?I")
 ROOM_TIMEOUT = WRITE_TIMEOUT + CLOSE_TIMEOUT  # the writer gives up before this
@@ -523,10 +528,11 @@ class _Call(Generic[R, S]):
         """Write the head of the outbox; return how many messages went, and their
         bytes as the outbox counts them.
 
-        Whatever is queued (up to COALESCE_BYTES) goes as one HTTP/2 DATA
-        write: gRPC messages are length-prefixed in the stream's bytes, so
-        several may share a frame, and each write costs an h2 frame, a TLS
-        record and a socket write however small it is. A batch of rotations
+        Whatever is queued (up to COALESCE_BYTES) goes out together, in
+        HTTP/2 DATA writes of about a frame (WRITE_CHUNK): gRPC messages are
+        length-prefixed in the stream's bytes, so several may share a frame,
+        and each write costs an h2 frame, a TLS record and a socket write
+        however small it is. A batch of rotations
         hands a daemon one step per member at once, and a daemon answers them
         together. The first message of a stream goes through grpclib's own
         send_message, which sends the request or response headers first."""
@@ -537,18 +543,24 @@ class _Call(Generic[R, S]):
                 size += _size(message)
                 if size >= COALESCE_BYTES:
                     break
-        if len(batch) <= 1:
+        if not batch:
             first = self.outbox[0]
-            await self.stream.send_message(first)
-            return 1, size if batch else _size(first)
+            await self.stream.send_message(first.join() if isinstance(first, Pieces) else first)
+            return 1, _size(first)
         grpc = self.stream
         codec, send_type = grpc._codec, grpc._send_type
-        parts = []
+        # Joined and handed to HTTP/2 a frame's worth at a time: a SyncState
+        # queued as Pieces is never one 150 KB string here either.
+        pieces: list[bytes] = []
         for message in batch:
-            body = codec.encode(message, send_type)
-            parts.append(_GRPC_PREFIX.pack(False, len(body)))
-            parts.append(body)
-        await grpc._stream.send_data(b"".join(parts))
+            body = message if isinstance(message, Pieces) else codec.encode(message, send_type)
+            pieces.append(_GRPC_PREFIX.pack(False, len(body)))
+            if isinstance(body, Pieces):
+                pieces.extend(body.parts)
+            else:
+                pieces.append(body)
+        for chunk in write_chunks(pieces, WRITE_CHUNK):
+            await grpc._stream.send_data(chunk)
         # What grpclib's send_message counts (its keepalive reads the connection's).
         grpc._messages_sent += len(batch)
         connection = grpc._stream.connection
@@ -568,9 +580,22 @@ def _grpc_reason(exc: GRPCError) -> str:
     return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
 
 
+def write_chunks(pieces: list[bytes], size: int) -> Iterator[bytes]:
+    """`pieces` joined, in order, into strings of at least `size` bytes (the
+    last may be shorter; a piece is never split). The boundaries are found in
+    C (running sums, bisection): a SyncState of 999 peers is ~4000 pieces."""
+    ends = list(itertools.accumulate(map(len, pieces)))
+    start, done = 0, 0
+    while start < len(pieces):
+        stop = min(bisect.bisect_left(ends, done + size, lo=start) + 1, len(pieces))
+        yield b"".join(pieces[start:stop])
+        start, done = stop, ends[stop - 1]
+
+
 def _size(message: Any) -> int:
-    """Bytes of a queued message: serialized already, or a protobuf message."""
-    return len(message) if isinstance(message, bytes) else int(message.ByteSize())
+    """Bytes of a queued message: serialized already (whole or in pieces), or
+    a protobuf message."""
+    return len(message) if isinstance(message, (bytes, Pieces)) else int(message.ByteSize())
 
 
 class _ServerCall(_Call[wire.NodeMessage, bytes | pb.ControllerMessage]):
@@ -783,7 +808,7 @@ class NodeStream(BatchStream[wire.NodeMessage, wire.ControllerMessage]):
 
     def __init__(self, call: _ServerCall, hello: wire.Hello, identity: Identity,
                  peer: PeerInfo, encoder: PushEncoder) -> None:
-        super().__init__(call, encoder.encode)
+        super().__init__(call, encoder.encode_for_stream)
         self.hello = hello
         self.identity = identity
         self.peer = peer
