@@ -329,7 +329,11 @@ class StatusActor:
                 self._wake(key, version)
                 if self._version[key] == version:
                     self._forget(key)
-                return
+                    return
+                # Newer status came while this write ran (a busy key is not
+                # queued again): the key a deleted Node's daemon said, handed
+                # over as its Node registers again, makes the object anew.
+                continue
             except Conflict:
                 continue  # someone wrote in between: read again and redo
             except (ApiUnavailable, ApiError) as exc:
