@@ -553,12 +553,12 @@ class _Call(Generic[R, S]):
         # queued as Pieces is never one 150 KB string here either.
         pieces: list[bytes] = []
         for message in batch:
-            body = message if isinstance(message, Pieces) else codec.encode(message, send_type)
-            pieces.append(_GRPC_PREFIX.pack(False, len(body)))
-            if isinstance(body, Pieces):
-                pieces.extend(body.parts)
+            if isinstance(message, Pieces):
+                pieces.append(_GRPC_PREFIX.pack(False, len(message)))
+                pieces.extend(message.parts)
             else:
-                pieces.append(body)
+                body = codec.encode(message, send_type)
+                pieces += (_GRPC_PREFIX.pack(False, len(body)), body)
         for chunk in write_chunks(pieces, WRITE_CHUNK):
             await grpc._stream.send_data(chunk)
         # What grpclib's send_message counts (its keepalive reads the connection's).
