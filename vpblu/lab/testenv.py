@@ -556,9 +556,17 @@ class TestEnv:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     def _write_kubeconfig(self) -> None:
-        write_private(self.kubeconfig_path, yaml.safe_dump(self.client_kubeconfig(
-            "admin", (self.dir / "admin.crt").read_bytes(),
-            (self.dir / "admin.key").read_bytes())).encode())
+        """The admin kubeconfig names its certificate and key files instead of
+        embedding them: kubernetes-asyncio copies embedded data into temporary
+        files that it removes only at interpreter exit, so every controller a
+        test killed left the admin key behind in /tmp."""
+        d = self.dir
+        config = self.client_kubeconfig("admin", b"", b"")
+        config["clusters"][0]["cluster"] = {"server": self.server_url,
+                                            "certificate-authority": str(d / "serving-ca.crt")}
+        config["users"][0]["user"] = {"client-certificate": str(d / "admin.crt"),
+                                      "client-key": str(d / "admin.key")}
+        write_private(self.kubeconfig_path, yaml.safe_dump(config).encode())
 
     def client_kubeconfig(self, user: str, cert_pem: bytes, key_pem: bytes, *,
                           server: str | None = None,
