@@ -5,6 +5,8 @@ the JSON and the plot written, and nothing left running."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,36 @@ def test_a_quick_run_measures_every_scenario_and_writes_its_results(tmp_path: Pa
     assert data["peak_rss_bytes"]["delta-3"] > 0
     assert list(tmp_path.glob("bench-*.png"))
     assert "scenario" in run.stdout and "controller peak RSS" in run.stdout
+
+
+def test_sigterm_stops_the_telemetry_scenario_and_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM while a side's controller runs: the run ends (exit 130) with its
+    API servers, controller processes and work directories gone. Before, the
+    KeyboardInterrupt landed in trio-asyncio's loop and the run hung."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "vpblu.lab.bench", "--sizes", "", "--telemetry", "3",
+         "--telemetry-window", "5", "--out", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        assert bench.stdout is not None
+        for line in bench.stdout:
+            if "forming the mesh" in line:
+                break
+        else:
+            pytest.fail("the telemetry scenario never formed a mesh")
+        bench.send_signal(signal.SIGTERM)
+        rest, _ = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 130, rest[-2000:]
+    assert "everything started was stopped" in rest
+    left = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True,
+                          check=False).stdout.split()
+    assert left == [], f"processes still running from {temp}: {left}"
+    assert list(temp.iterdir()) == []
+    assert not list(tmp_path.glob("telemetry-*.json"))

@@ -62,6 +62,7 @@ from vpblu.cli import CONTROLLER_GC_THRESHOLDS
 from vpblu.core.model import DEFAULT_MAX_CONCURRENT, MAX_CONCURRENT
 from vpblu.core.sources import ROTATE_NOW_ANNOTATION
 from vpblu.lab import quiet
+from vpblu.lab.interrupt import cancel_on_signal
 from vpblu.lab.quiet import Metered
 from vpblu.lab.sim import MeshPki, SimCluster, SimDaemon, has_rotated, is_full_mesh
 from vpblu.lab.testenv import REPO, ApiConnection, TestEnv, free_port, install_base, spawn_child
@@ -722,11 +723,8 @@ async def _main(args: argparse.Namespace, env: TestEnv, connection: ApiConnectio
     bench = Bench(env, connection, workdir, args, spawner)
     modes = ("delta", "full") if args.compare else ("delta",)
     async with trio.open_nursery() as nursery:
-        # Ctrl-C and SIGTERM cancel the run, which then cleans up in order. Left
-        # to trio's default, the KeyboardInterrupt is raised in whatever code
-        # runs when it comes - often trio-asyncio's loop, whose death leaves
-        # every asyncio call waiting forever.
-        interrupted = await nursery.start(_cancel_on_signal, nursery.cancel_scope)
+        # Ctrl-C and SIGTERM cancel the run, which then cleans up in order.
+        interrupted = await nursery.start(cancel_on_signal, nursery.cancel_scope)
         async with aioloop.open_loop():
             for n in args.sizes:
                 for mode in modes:
@@ -738,19 +736,6 @@ async def _main(args: argparse.Namespace, env: TestEnv, connection: ApiConnectio
     if interrupted.is_set():
         raise KeyboardInterrupt
     return bench
-
-
-async def _cancel_on_signal(scope: trio.CancelScope, *,
-                            task_status: trio.TaskStatus[trio.Event]) -> None:
-    interrupted = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started(interrupted)
-        async for signo in signals:
-            if not interrupted.is_set():
-                print(f"\n{signal.Signals(signo).name}: stopping; cleaning up (nodes, controller,"
-                      " API server)...", file=sys.stderr, flush=True)
-                interrupted.set()
-                scope.cancel()
 
 
 def _dump_tasks(_signo: int, _frame: object) -> None:
@@ -832,7 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.set_threshold(*CONTROLLER_GC_THRESHOLDS)
     if args.telemetry:
         from vpblu.lab import telemetrybench
-        telemetrybench.main(args.telemetry, args.out, window=args.telemetry_window)
+        try:
+            telemetrybench.main(args.telemetry, args.out, window=args.telemetry_window)
+        except KeyboardInterrupt:
+            print("interrupted: nothing was written; everything started was stopped",
+                  file=sys.stderr)
+            return 130
     if not args.sizes:
         if args.telemetry and not args.real_stack:
             return 0

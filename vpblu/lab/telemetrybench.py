@@ -56,6 +56,7 @@ import trio
 
 from vpblu import aioloop
 from vpblu.actors.health import GENERATION_INTERVAL
+from vpblu.lab.interrupt import cancel_on_signal
 from vpblu.lab.quiet import quiesce
 from vpblu.lab.realstack import calibration
 from vpblu.lab.sim import MeshPki, SimCluster, is_full_mesh
@@ -430,14 +431,20 @@ async def _run_all(envs: tuple[TestEnv, TestEnv], workdir: Path, spawner: Thread
     own (two controllers on one would contend for the leader's Lease and
     both see every node); then both measured over one quiet window."""
     runs = []
-    async with aioloop.open_loop():
-        for n in sizes:
-            async with AsyncExitStack() as stack:
-                sides = [await stack.enter_async_context(
-                    _prepared(env, workdir, spawner, n, telemetry, settle_quiet, say))
-                    for env, telemetry in zip(envs, (False, True), strict=True)]
-                await _settled_together(sides, settle_quiet, say)
-                runs.extend(await _quiet_window(sides, window, say))
+    async with trio.open_nursery() as nursery:
+        # Ctrl-C and SIGTERM cancel the run, which then cleans up in order.
+        interrupted = await nursery.start(cancel_on_signal, nursery.cancel_scope)
+        async with aioloop.open_loop():
+            for n in sizes:
+                async with AsyncExitStack() as stack:
+                    sides = [await stack.enter_async_context(
+                        _prepared(env, workdir, spawner, n, telemetry, settle_quiet, say))
+                        for env, telemetry in zip(envs, (False, True), strict=True)]
+                    await _settled_together(sides, settle_quiet, say)
+                    runs.extend(await _quiet_window(sides, window, say))
+        nursery.cancel_scope.cancel()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     return runs
 
 
