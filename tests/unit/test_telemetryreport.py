@@ -4,6 +4,8 @@ view of the peers true: who is down is the daemon's word in every message."""
 
 from __future__ import annotations
 
+import random
+
 import attrs
 import pytest
 
@@ -11,6 +13,7 @@ from vpblu.core import health, wire
 from vpblu.node.telemetryreport import (
     BYTES_REPORT,
     FULL_REFRESH,
+    REFRESH_JITTER,
     TelemetryReporter,
 )
 from vpblu.stream import codec
@@ -131,8 +134,9 @@ def test_the_controller_never_sees_a_live_peer_as_down() -> None:
         if planned is not None:
             held = controller.receive(planned)
         assert held.down == (), k
-    # Whole samples every FULL_REFRESH, nothing else: no row between them.
-    wholes = 1 + int(4000 // FULL_REFRESH)
+    # Whole samples (refreshes) at most every (1 - REFRESH_JITTER) x
+    # FULL_REFRESH, nothing else: no row between them.
+    wholes = 1 + int(4000 // (FULL_REFRESH * (1 - REFRESH_JITTER)))
     assert controller.rows <= 50 * (wholes + 1), controller.rows
     beats = 4000 / 37.5
     assert controller.messages < 1.5 * beats, controller.messages
@@ -260,3 +264,43 @@ def test_the_held_counters_are_compact_and_a_merge_leaves_its_base_alone() -> No
         wire.PeerColumns(("a",), (2**64,), (0,), (0,), ("",))
     with pytest.raises(ValueError, match="is outside"):
         wire.PeerUpdates((0,), (-1,), (0,), (0,), ("",))
+
+
+def _refresh_times(jitter: float, nodes: int = 50, cycles: int = 3) -> list[list[float]]:
+    """Per node, when its first `cycles` refreshes went: every node sent its
+    whole list at 0 (a mesh formed) and beats every 10 s."""
+    mesh = Mesh(4)
+    times: list[list[float]] = []
+    for k in range(nodes):
+        reporter = TelemetryReporter(jitter=jitter, rng=random.Random(k))
+        reporter.plan(mesh.sample(T0), 0.0, beat=True)
+        went: list[float] = []
+        t = 0.0
+        while len(went) < cycles:
+            t += 10.0
+            sent = reporter.plan(mesh.sample(T0 + t), t, beat=True)
+            if sent is not None and sent.peer_updates is not None and sent.peer_updates.every_row:
+                went.append(t)
+        times.append(went)
+    return times
+
+
+def test_refreshes_of_nodes_that_sent_together_drift_apart_and_none_comes_late() -> None:
+    """Without jitter a thousand daemons whose lists went together refresh
+    together for ever; with it the third refresh of 200 such nodes is spread
+    over more than 100 s, and no refresh comes later than FULL_REFRESH (plus
+    the beat that carries it) after the one before."""
+    together = _refresh_times(0.0)
+    assert {tuple(went) for went in together} == {(300.0, 600.0, 900.0)}
+    spread = _refresh_times(REFRESH_JITTER)
+    third = [went[2] for went in spread]
+    assert max(third) - min(third) > 100.0, (min(third), max(third))
+    for went in spread:
+        gaps = [b - a for a, b in zip([0.0, *went], went, strict=False)]
+        assert all(FULL_REFRESH * (1 - REFRESH_JITTER) <= g <= FULL_REFRESH + 10.0
+                   for g in gaps), gaps
+
+
+def test_a_refresh_jitter_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"refresh jitter 1\.0 is outside"):
+        TelemetryReporter(jitter=1.0)

@@ -24,11 +24,12 @@ the renewal interval; up or down is always the daemon's latest word, and
 exact per-peer ages are on the daemon's own /metrics.
 
 A whole sample goes first on every stream and with the first heartbeat
-after the peer list changed; with the first heartbeat `FULL_REFRESH` after
-the previous one, a refresh of every row (`PeerUpdates.every_row`: each
-peer's handshake and bytes, not its name or endpoint - decoding and
-interning 999 of each, 1000 nodes every 5 minutes, was what telemetry cost a
-quiet controller once renewals were gone). A changed peer list waits for the beat: while a 1000-node
+after the peer list changed; with the first heartbeat 0.75-1 x
+`FULL_REFRESH` after the previous one (`REFRESH_JITTER`, drawn each time), a
+refresh of every row (`PeerUpdates.every_row`: each peer's handshake and
+bytes, not its name or endpoint - decoding and interning 999 of each, 1000
+nodes every 5 minutes, was what telemetry cost a quiet controller once
+renewals were gone). A changed peer list waits for the beat: while a 1000-node
 mesh forms, every node's list grows for a minute, and a whole sample of up to
 999 rows per node every 5 s was most of the controller's CPU in the
 formation (13 s of it per formation, against 2.3 s without telemetry). Until
@@ -50,6 +51,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import random
 from array import array
 
 import attrs
@@ -59,6 +61,13 @@ from vpblu.core.wire import PeerColumns, PeerUpdates, Telemetry
 
 BYTES_REPORT = 1 << 20
 FULL_REFRESH = 300.0
+# Each refresh is due a random 0-REFRESH_JITTER share of FULL_REFRESH early.
+# Daemons that sent their whole lists together (a mesh formed, a controller
+# failed over) would otherwise refresh together for ever, a thousand of them
+# within one beat every five minutes: at N=1000 the leader's RSS rose 35-55
+# MiB in each such wave. Early only, so no handshake time the controller
+# holds is older than it was.
+REFRESH_JITTER = 0.25
 
 
 def _head(t: Telemetry) -> tuple[object, ...]:
@@ -79,16 +88,21 @@ class TelemetryReporter:
     """One stream's reporter: make a new one for every stream."""
 
     def __init__(self, *, full_refresh: float = FULL_REFRESH,
-                 bytes_report: int = BYTES_REPORT) -> None:
+                 bytes_report: int = BYTES_REPORT, jitter: float = REFRESH_JITTER,
+                 rng: random.Random | None = None) -> None:
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"refresh jitter {jitter} is outside [0, 1)")
         self._full_refresh = full_refresh
         self._bytes_report = bytes_report
+        self._jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
         self._names: tuple[str, ...] | None = None  # None: nothing sent on this stream
         self._up: list[bool] = []
         self._rx: array[int] = array("Q")
         self._tx: array[int] = array("Q")
         self._endpoints: list[str] = []
         self._head: tuple[object, ...] | None = None
-        self._whole_at = -math.inf
+        self._refresh_due = -math.inf
         self.whole_sent = 0
         self.refreshes_sent = 0
         self.partial_sent = 0
@@ -100,14 +114,14 @@ class TelemetryReporter:
         a sample). What is returned counts as sent, and names the peers down."""
         sample = attrs.evolve(sample, down=peers_down(sample))
         peers = sample.peers
-        refresh = beat and now >= self._whole_at + self._full_refresh
+        refresh = beat and now >= self._refresh_due
         if self._names is None or (beat and self._names != peers.names) or (
                 refresh and peers.endpoints != tuple(self._endpoints)):
             self._names = peers.names
             self._up = list(_up(sample))
             self._rx, self._tx = peers.rx_bytes[:], peers.tx_bytes[:]
             self._endpoints = list(peers.endpoints)
-            self._head, self._whole_at = _head(sample), now
+            self._head, self._refresh_due = _head(sample), self._next_refresh(now)
             self.whole_sent += 1
             self.rows_sent += len(peers)
             return sample
@@ -115,7 +129,7 @@ class TelemetryReporter:
         if refresh:  # the same list: every row's handshake and bytes, no names
             self._up = list(_up(sample))
             self._rx, self._tx = peers.rx_bytes[:], peers.tx_bytes[:]
-            self._head, self._whole_at = head, now
+            self._head, self._refresh_due = head, self._next_refresh(now)
             self.refreshes_sent += 1
             self.rows_sent += len(peers)
             return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates(
@@ -142,6 +156,9 @@ class TelemetryReporter:
         return attrs.evolve(sample, peers=PeerColumns(), peer_updates=PeerUpdates(
             positions, [handshakes[i] for i in positions], [rx[i] for i in positions],
             [tx[i] for i in positions], [endpoints[i] for i in positions]))
+
+    def _next_refresh(self, now: float) -> float:
+        return now + self._full_refresh * (1.0 - self._jitter * self._rng.random())
 
     def _changed(self, sample: Telemetry, up: tuple[bool, ...]) -> tuple[list[int], bool]:
         """Positions of the rows worth sending, and whether one is urgent."""
