@@ -416,14 +416,12 @@ class _Call(Generic[R, S]):
     async def read_loop(self) -> None:
         try:
             while True:
-                message = await self.stream.recv_message()
-                if message is None:
+                received = await self._receive_one()
+                if received is None:
                     self.inbox.close(await self._end_of_stream())
                     return
-                size = message.ByteSize()
-                self.messages_received += 1
-                self.bytes_received += size
-                await self.inbox.put(self._decode(message), size)
+                await self.inbox.put(*received)
+                del received
         except ProtocolViolation as exc:
             log.warning("protocol violation on the mesh stream: %s", exc)
             self.inbox.close(StreamClosed(f"protocol violation: {exc}"))
@@ -441,6 +439,23 @@ class _Call(Generic[R, S]):
         finally:
             self.inbox.close(StreamClosed("stream ended"))
             self._stopped()
+
+    async def _receive_one(self) -> tuple[R, int] | None:
+        """The next message decoded, and its protobuf size; None at the end.
+
+        The protobuf message goes with this frame, before the reader waits
+        again: a local of the loop would pin every stream's latest one, and
+        with it the upb arena it was parsed into (~3.5 times the message:
+        140 KB for a 40 KB whole telemetry sample). At N=1000 every daemon's
+        whole sample arrives within one beat, and the leader held 140 MB of
+        arenas at its peak (memray) until the streams' next messages."""
+        message = await self.stream.recv_message()
+        if message is None:
+            return None
+        size = message.ByteSize()
+        self.messages_received += 1
+        self.bytes_received += size
+        return self._decode(message), size
 
     async def _end_of_stream(self) -> StreamClosed:
         return StreamClosed("the other end ended the stream")
