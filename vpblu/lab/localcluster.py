@@ -951,13 +951,14 @@ class LocalCluster:
         install_base(self.env)
         token = self.kubectl("create", "token", CONTROLLER_SA, "-n", SYSTEM_NAMESPACE,
                              f"--duration={TOKEN_DURATION}").stdout.strip()
-        import base64
-
+        # The CA by its file, not embedded: kubernetes-asyncio copies embedded
+        # data into /tmp files it removes only at interpreter exit, which a
+        # controller killed by a test never reaches.
         config = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "local", "cluster": {
                 "server": self.env.server_url,
-                "certificate-authority-data": base64.b64encode(self.env.ca_pem).decode()}}],
+                "certificate-authority": str(self.env.dir / "serving-ca.crt")}}],
             "users": [{"name": CONTROLLER_SA, "user": {"token": token}}],
             "contexts": [{"name": "local", "context": {"cluster": "local",
                                                       "user": CONTROLLER_SA}}],
