@@ -287,7 +287,7 @@ def _refresh_times(jitter: float, nodes: int = 50, cycles: int = 3) -> list[list
 
 def test_refreshes_of_nodes_that_sent_together_drift_apart_and_none_comes_late() -> None:
     """Without jitter a thousand daemons whose lists went together refresh
-    together for ever; with it the third refresh of 200 such nodes is spread
+    together for ever; with it the third refresh of 50 such nodes is spread
     over more than 100 s, and no refresh comes later than FULL_REFRESH (plus
     the beat that carries it) after the one before."""
     together = _refresh_times(0.0)

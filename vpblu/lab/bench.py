@@ -738,6 +738,12 @@ async def _main(args: argparse.Namespace, env: TestEnv, connection: ApiConnectio
     return bench
 
 
+def _interrupted() -> int:
+    """What a run stopped by Ctrl-C or SIGTERM says, and its exit status."""
+    print("interrupted: nothing was written; everything started was stopped", file=sys.stderr)
+    return 130
+
+
 def _dump_tasks(_signo: int, _frame: object) -> None:
     """SIGUSR1: print where every trio task waits (for a run that seems stuck)."""
     try:
@@ -820,9 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             telemetrybench.main(args.telemetry, args.out, window=args.telemetry_window)
         except KeyboardInterrupt:
-            print("interrupted: nothing was written; everything started was stopped",
-                  file=sys.stderr)
-            return 130
+            return _interrupted()
     if not args.sizes:
         if args.telemetry and not args.real_stack:
             return 0
@@ -842,9 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             install_base(env)
             bench = trio.run(_main, args, env, connection, workdir, spawner)
     except KeyboardInterrupt:
-        print("interrupted: nothing was written; everything started was stopped",
-              file=sys.stderr)
-        return 130
+        return _interrupted()
     summaries = summarize(bench.samples)
     print()
     print(table(summaries, bench.peak_rss, bench.rotations, args.rotation_max_concurrent))
