@@ -951,19 +951,8 @@ class LocalCluster:
         install_base(self.env)
         token = self.kubectl("create", "token", CONTROLLER_SA, "-n", SYSTEM_NAMESPACE,
                              f"--duration={TOKEN_DURATION}").stdout.strip()
-        # The CA by its file, not embedded: kubernetes-asyncio copies embedded
-        # data into /tmp files it removes only at interpreter exit, which a
-        # controller killed by a test never reaches.
-        config = {
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {
-                "server": self.env.server_url,
-                "certificate-authority": str(self.env.dir / "serving-ca.crt")}}],
-            "users": [{"name": CONTROLLER_SA, "user": {"token": token}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local",
-                                                      "user": CONTROLLER_SA}}],
-            "current-context": "local",
-        }
+        # Files, not embedded data (see TestEnv._write_kubeconfig).
+        config = self.env.kubeconfig(CONTROLLER_SA, {"token": token})
         write_private(self.dir / "controller.kubeconfig", yaml.safe_dump(config).encode())
 
     def _prepare_kube_proxy(self) -> None:

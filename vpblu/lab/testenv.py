@@ -561,40 +561,47 @@ class TestEnv:
         files that it removes only at interpreter exit, so every controller a
         test killed left the admin key behind in /tmp."""
         d = self.dir
-        config = self.client_kubeconfig("admin", b"", b"")
-        config["clusters"][0]["cluster"] = {"server": self.server_url,
-                                            "certificate-authority": str(d / "serving-ca.crt")}
-        config["users"][0]["user"] = {"client-certificate": str(d / "admin.crt"),
-                                      "client-key": str(d / "admin.key")}
-        write_private(self.kubeconfig_path, yaml.safe_dump(config).encode())
+        write_private(self.kubeconfig_path, yaml.safe_dump(self.kubeconfig(
+            "admin", {"client-certificate": str(d / "admin.crt"),
+                      "client-key": str(d / "admin.key")})).encode())
 
-    def client_kubeconfig(self, user: str, cert_pem: bytes, key_pem: bytes, *,
-                          server: str | None = None,
-                          tls_server_name: str | None = None) -> dict[str, Any]:
-        """A kubeconfig (as a dict) that presents a client certificate.
+    def kubeconfig(self, user: str, credentials: dict[str, str], *,
+                   ca: dict[str, str] | None = None, server: str | None = None,
+                   tls_server_name: str | None = None) -> dict[str, Any]:
+        """A kubeconfig (as a dict) for `user` presenting `credentials` (a
+        kubeconfig user's fields); it trusts the serving CA by its file unless
+        `ca` gives the cluster's CA fields.
 
         `server` defaults to `server_url`; a caller that reaches the API server
         through another address (a forwarder) names it, with `tls_server_name`
         one of the serving certificate's names ("localhost")."""
-        def b64(data: bytes) -> str:
-            return base64.b64encode(data).decode()
-
-        cluster: dict[str, Any] = {"server": server or self.server_url,
-                                   "certificate-authority-data": b64(self.ca_pem)}
+        cluster: dict[str, Any] = {
+            "server": server or self.server_url,
+            **(ca or {"certificate-authority": str(self.dir / "serving-ca.crt")})}
         if tls_server_name:
             cluster["tls-server-name"] = tls_server_name
         return {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "vpblu-testenv", "cluster": cluster}],
-            "users": [{"name": user, "user": {
-                "client-certificate-data": b64(cert_pem),
-                "client-key-data": b64(key_pem),
-            }}],
+            "users": [{"name": user, "user": credentials}],
             "contexts": [{"name": "vpblu-testenv",
                           "context": {"cluster": "vpblu-testenv", "user": user}}],
             "current-context": "vpblu-testenv",
         }
+
+    def client_kubeconfig(self, user: str, cert_pem: bytes, key_pem: bytes, *,
+                          server: str | None = None,
+                          tls_server_name: str | None = None) -> dict[str, Any]:
+        """A kubeconfig (as a dict) with the client certificate, its key and the
+        CA embedded, for the Go components (kubelets, kube-proxy)."""
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
+        return self.kubeconfig(user, {"client-certificate-data": b64(cert_pem),
+                                      "client-key-data": b64(key_pem)},
+                               ca={"certificate-authority-data": b64(self.ca_pem)},
+                               server=server, tls_server_name=tls_server_name)
 
     def issue_client_cert(self, user: str, groups: Sequence[str] = ()) -> IssuedCert:
         """A client certificate from the API server's client CA: the API server
