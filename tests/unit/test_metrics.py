@@ -166,7 +166,10 @@ def test_convergence_waits_for_every_pushed_node() -> None:
     assert len(tracker) == 3 and tracker.given_up == 2
 
 
-def test_decoded_telemetry_shares_peer_names_and_endpoints() -> None:
+def test_decoded_telemetry_is_packed_and_shares_its_rows() -> None:
+    """The leader holds every node's latest sample: a peer's name and endpoint
+    are one string that every node seeing it there shares, and the counters
+    that fit take 4 bytes a value."""
     from vpblu.stream import codec
     from vpblu.stream.proto import mesh_pb2 as pb
 
@@ -179,10 +182,13 @@ def test_decoded_telemetry_shares_peer_names_and_endpoints() -> None:
         return out
 
     base = telemetry(3)
-    a = decoded(attrs.evolve(base, peers=attrs.evolve(
-        base.peers, endpoints=("10.0.0.1:51820",) * 3)))
-    b = decoded(attrs.evolve(base, peers=attrs.evolve(
-        base.peers, endpoints=("10.0.0.1:51820",) * 3)))
+    moved = wire.PeerColumns(base.peers.names, base.peers.latest_handshakes,
+                             base.peers.rx_bytes, base.peers.tx_bytes, ("10.0.0.1:51820",) * 3)
+    a = decoded(attrs.evolve(base, peers=moved))
+    b = decoded(attrs.evolve(base, peers=moved))
     assert a == b
-    assert all(x is y for x, y in zip(a.peers.names, b.peers.names, strict=True))
-    assert all(x is y for x, y in zip(a.peers.endpoints, b.peers.endpoints, strict=True))
+    assert a.peers.packed_rows is not None and b.peers.packed_rows is not None
+    assert all(x is y for x, y in zip(a.peers.packed_rows, b.peers.packed_rows, strict=True))
+    assert a.peers.names == base.peers.names
+    assert a.peers.endpoints == ("10.0.0.1:51820",) * 3
+    assert a.peers.latest_handshakes.itemsize == 4 and a.peers.rx_bytes.itemsize == 4

@@ -248,22 +248,36 @@ def test_a_partial_sample_outside_the_held_list_is_refused() -> None:
 
 
 def test_the_held_counters_are_compact_and_a_merge_leaves_its_base_alone() -> None:
-    """The leader holds N x (N-1) rows: its counters are 8-byte unsigned arrays,
-    a value outside uint64 is refused, and merging rows copies, never writes
-    into the held sample."""
+    """The leader holds N x (N-1) rows: counters that fit take 4 bytes a value,
+    a column whose new value needs 8 is widened (never wrapped), a value
+    outside uint64 is refused, and merging rows copies, never writes into the
+    held sample."""
     mesh = Mesh(3)
     base = Controller().receive(TelemetryReporter().plan(mesh.sample(T0), 0.0, beat=True))  # type: ignore[arg-type]
+    assert base.peers.packed_rows is not None
     for column in (base.peers.latest_handshakes, base.peers.rx_bytes, base.peers.tx_bytes):
-        assert column.typecode == "Q" and column.itemsize == 8
+        assert column.typecode == "I" and column.itemsize == 4
     before = base.peers.rx_bytes.tolist()
-    merged = wire.PeerUpdates((1,), (5,), (2**64 - 1,), (0,), ("192.0.2.9:51820",)).onto(
-        base.peers)
+    update = wire.PeerUpdates((1,), wire.narrow((5,)), wire.narrow((2**64 - 1,)),
+                              wire.narrow((0,)), ("192.0.2.9:51820",))
+    merged = update.onto(base.peers)
     assert merged.rx_bytes.tolist() == [before[0], 2**64 - 1, before[2]]
+    assert merged.rx_bytes.itemsize == 8 and merged.tx_bytes.itemsize == 4
+    assert merged.endpoints[1] == "192.0.2.9:51820" and merged.names == base.peers.names
     assert base.peers.rx_bytes.tolist() == before
+    assert base.peers.endpoints[1] != "192.0.2.9:51820"
+    refreshed = wire.PeerUpdates(latest_handshakes=(1, 2, 3), rx_bytes=(2**40, 0, 0),
+                                 tx_bytes=(0, 0, 0), every_row=True).onto(merged)
+    assert refreshed.rx_bytes.tolist() == [2**40, 0, 0]
+    assert refreshed.packed_rows == merged.packed_rows
     with pytest.raises(ValueError, match="is outside"):
         wire.PeerColumns(("a",), (2**64,), (0,), (0,), ("",))
     with pytest.raises(ValueError, match="is outside"):
+        wire.PeerColumns.packed(("a",), (0,), (2**64,), (0,), ("",))
+    with pytest.raises(ValueError, match="is outside"):
         wire.PeerUpdates((0,), (-1,), (0,), (0,), ("",))
+    with pytest.raises(ValueError, match="NUL"):
+        wire.PeerColumns.packed(("a\0b",), (0,), (0,), (0,), ("",))
 
 
 def _refresh_times(jitter: float, nodes: int = 50, cycles: int = 3) -> list[list[float]]:

@@ -10,6 +10,7 @@ here does I/O or knows about gRPC.
 from __future__ import annotations
 
 import enum
+import sys
 from array import array
 from collections.abc import Iterable
 from typing import Any
@@ -122,16 +123,51 @@ def _counts(values: Iterable[int]) -> tuple[int, ...]:
 
 def _counters(values: Iterable[int]) -> array[int]:
     """A column of the proto's uint64s as an unsigned 64-bit array: 8 bytes a
-    value where a tuple held 40 (a pointer and an int object), and the leader
-    holds every node's columns, N x (N-1) rows (at N=1000 a tuple's handshake
-    column alone was ~38 MiB). An array already of that type is taken as it
-    is: a column is never changed once in a `PeerColumns` or `PeerUpdates`."""
-    if isinstance(values, array) and values.typecode == "Q":
+    value where a tuple held 40 (a pointer and an int object). An unsigned
+    array ("Q", or "I" from `narrow`) is taken as it is: a column is never
+    changed once in a `PeerColumns` or `PeerUpdates`."""
+    if isinstance(values, array) and values.typecode in ("I", "Q"):
         return values
     try:
         return array("Q", values)
     except OverflowError:
         raise ValueError("a peer counter is outside 0..2**64-1") from None
+
+
+def narrow(values: Iterable[int]) -> array[int]:
+    """A counter column in 4 bytes a value when every value fits, else in 8:
+    for the columns the leader holds from every node (N x (N-1) rows).
+    Handshake times, seconds since the epoch, fit until 2106; a byte counter
+    until its peer has moved 4 GiB, and from then that node's column is 8
+    bytes a value. Not for a column changed in place (the daemon's own)."""
+    if iter(values) is values:  # an iterator: read once, tried twice below
+        values = tuple(values)
+    try:
+        return array("I", values)
+    except OverflowError:
+        return _counters(values)
+
+
+def _with_rows(column: array[int], positions: Iterable[int], values: array[int]) -> array[int]:
+    """A copy of `column` with `values` at `positions`: 8 bytes a value when
+    one of the new values needs it."""
+    copy = column[:] if column.itemsize >= values.itemsize else array("Q", column)
+    for i, v in zip(positions, values, strict=True):
+        copy[i] = v
+    return copy
+
+
+_SEP = "\0"  # between a peer's name and its endpoint in a packed row
+
+
+def _check_names(names: tuple[str, ...], *, packing: bool) -> None:
+    n = len(names)
+    if n > MAX_TELEMETRY_PEERS:
+        raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
+    if n and (not all(names) or max(map(len, names)) > 253):
+        raise ValueError("peer telemetry names a peer with an empty or over-long name")
+    if packing and _SEP in "".join(names):
+        raise ValueError("peer telemetry names a peer with a NUL in its name")
 
 
 @attrs.frozen(slots=True)
@@ -145,42 +181,122 @@ class PeerStats:
     endpoint: str  # "host:port" WireGuard last used, "" when it has none
 
 
-@attrs.frozen(slots=True)
 class PeerColumns:
     """Every peer's WireGuard statistics, as index-aligned columns.
 
     Columns, not one object per peer, because the controller receives one of
     these from every daemon on every heartbeat: at N=1000 that is ~33 messages
     of 999 peers a second, and turning repeated fields into tuples (names,
-    endpoints) and unsigned 64-bit arrays (the counters) is a few C-level
-    conversions where 999 objects per message cost milliseconds.
-    `rows()` gives the per-peer view for the few readers that want one.
+    endpoints) and unsigned arrays (the counters) is a few C-level conversions
+    where 999 objects per message cost milliseconds. `rows()` gives the
+    per-peer view for the few readers that want one.
+
+    Held in one of two forms, read the same way. The daemon's, as sampled: a
+    tuple of names, one of endpoints, 8-byte counters. The leader's
+    (`packed`), which it holds for every node, N x (N-1) rows: one tuple of
+    interned "name NUL endpoint" strings - one string for every node that
+    sees a peer at the same endpoint - and counters `narrow`ed, 20 bytes a
+    row where the daemon's form takes 40 (at N=1000, 19 MiB less). A packed
+    one's `names` and `endpoints` are made when read, by the status and the
+    dashboard, never per heartbeat. Immutable, like the attrs values around it.
     """
 
-    names: tuple[str, ...] = attrs.field(default=(), converter=_texts)
-    latest_handshakes: array[int] = attrs.field(default=(), converter=_counters)
-    rx_bytes: array[int] = attrs.field(default=(), converter=_counters)
-    tx_bytes: array[int] = attrs.field(default=(), converter=_counters)
-    endpoints: tuple[str, ...] = attrs.field(default=(), converter=_texts)
-    # True: `names` are those of a PeerColumns already checked (a merge of
-    # updates keeps its base's), so they are not looked over again: at N=1000
-    # that was a tenth of what telemetry cost the controller.
-    names_checked: bool = attrs.field(default=False, eq=False, repr=False, kw_only=True)
+    __slots__ = (
+        "_endpoints",
+        "_names",
+        "_packed",
+        "latest_handshakes",
+        "rx_bytes",
+        "tx_bytes",
+    )
+    _names: tuple[str, ...]
+    _endpoints: tuple[str, ...]
+    _packed: tuple[str, ...] | None  # set: `_names` and `_endpoints` are ()
+    latest_handshakes: array[int]
+    rx_bytes: array[int]
+    tx_bytes: array[int]
 
-    def __attrs_post_init__(self) -> None:
-        n = len(self.names)
-        if n > MAX_TELEMETRY_PEERS:
-            raise ValueError(f"telemetry for {n} peers is more than {MAX_TELEMETRY_PEERS}")
-        if n and not self.names_checked and (not all(self.names)
-                                             or max(map(len, self.names)) > 253):
-            raise ValueError("peer telemetry names a peer with an empty or over-long name")
-        lengths = {len(self.latest_handshakes), len(self.rx_bytes), len(self.tx_bytes),
-                   len(self.endpoints)}
+    def __init__(self, names: Iterable[str] = (), latest_handshakes: Iterable[int] = (),
+                 rx_bytes: Iterable[int] = (), tx_bytes: Iterable[int] = (),
+                 endpoints: Iterable[str] = ()) -> None:
+        names = tuple(names)
+        _check_names(names, packing=False)
+        self._fill(names, tuple(endpoints), None, _counters(latest_handshakes),
+                   _counters(rx_bytes), _counters(tx_bytes))
+
+    @classmethod
+    def packed(cls, names: Iterable[str], latest_handshakes: Iterable[int],
+               rx_bytes: Iterable[int], tx_bytes: Iterable[int],
+               endpoints: Iterable[str]) -> PeerColumns:
+        """These columns in the leader's form (see the class)."""
+        names, endpoints = tuple(names), tuple(endpoints)
+        _check_names(names, packing=True)
+        if len(endpoints) != len(names):
+            raise ValueError("peer telemetry columns differ in length")
+        rows = tuple(map(sys.intern, map(_SEP.join, zip(names, endpoints, strict=True))))
+        return cls._made((), (), rows, narrow(latest_handshakes), narrow(rx_bytes),
+                         narrow(tx_bytes))
+
+    @classmethod
+    def _made(cls, names: tuple[str, ...], endpoints: tuple[str, ...],
+              packed: tuple[str, ...] | None, latest_handshakes: array[int],
+              rx_bytes: array[int], tx_bytes: array[int]) -> PeerColumns:
+        self = object.__new__(cls)
+        self._fill(names, endpoints, packed, latest_handshakes, rx_bytes, tx_bytes)
+        return self
+
+    def _fill(self, names: tuple[str, ...], endpoints: tuple[str, ...],
+              packed: tuple[str, ...] | None, latest_handshakes: array[int],
+              rx_bytes: array[int], tx_bytes: array[int]) -> None:
+        n = len(packed) if packed is not None else len(names)
+        lengths = {len(latest_handshakes), len(rx_bytes), len(tx_bytes)}
+        if packed is None:
+            lengths.add(len(endpoints))
         if lengths != {n}:
             raise ValueError("peer telemetry columns differ in length")
+        for slot, value in (("_names", names), ("_endpoints", endpoints), ("_packed", packed),
+                            ("latest_handshakes", latest_handshakes),
+                            ("rx_bytes", rx_bytes), ("tx_bytes", tx_bytes)):
+            object.__setattr__(self, slot, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PeerColumns is immutable (setting {name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"PeerColumns is immutable (deleting {name})")
+
+    @property
+    def packed_rows(self) -> tuple[str, ...] | None:
+        """The packed form's rows ("name NUL endpoint"), None for the daemon's form."""
+        return self._packed
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        if self._packed is None:
+            return self._names
+        return tuple(row.partition(_SEP)[0] for row in self._packed)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        if self._packed is None:
+            return self._endpoints
+        return tuple(row.partition(_SEP)[2] for row in self._packed)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._packed) if self._packed is not None else len(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PeerColumns):
+            return NotImplemented
+        return (len(self) == len(other) and self.latest_handshakes == other.latest_handshakes
+                and self.rx_bytes == other.rx_bytes and self.tx_bytes == other.tx_bytes
+                and self.names == other.names and self.endpoints == other.endpoints)
+
+    __hash__ = None  # type: ignore[assignment]  # like the arrays it holds
+
+    def __repr__(self) -> str:
+        form = "packed, " if self._packed is not None else ""
+        return f"PeerColumns({form}{list(self.rows())!r})"
 
     def rows(self) -> Iterable[PeerStats]:
         return map(PeerStats, self.names, self.latest_handshakes, self.rx_bytes,
@@ -192,6 +308,29 @@ class PeerColumns:
         return cls(tuple(p.name for p in rows), tuple(p.latest_handshake for p in rows),
                    tuple(p.rx_bytes for p in rows), tuple(p.tx_bytes for p in rows),
                    tuple(p.endpoint for p in rows))
+
+    def with_rows(self, positions: tuple[int, ...], latest_handshakes: array[int],
+                  rx_bytes: array[int], tx_bytes: array[int],
+                  endpoints: tuple[str, ...]) -> PeerColumns:
+        """A copy with the rows at `positions` replaced (in range: the caller checks)."""
+        handshakes = _with_rows(self.latest_handshakes, positions, latest_handshakes)
+        rx = _with_rows(self.rx_bytes, positions, rx_bytes)
+        tx = _with_rows(self.tx_bytes, positions, tx_bytes)
+        if self._packed is None:
+            changed = list(self._endpoints)
+            for i, e in zip(positions, endpoints, strict=True):
+                changed[i] = e
+            return self._made(self._names, tuple(changed), None, handshakes, rx, tx)
+        rows = list(self._packed)
+        for i, e in zip(positions, endpoints, strict=True):
+            rows[i] = sys.intern(f"{rows[i].partition(_SEP)[0]}{_SEP}{e}")
+        return self._made((), (), tuple(rows), handshakes, rx, tx)
+
+    def with_counters(self, latest_handshakes: array[int], rx_bytes: array[int],
+                      tx_bytes: array[int]) -> PeerColumns:
+        """The same peers and endpoints with every row's counters replaced."""
+        return self._made(self._names, self._endpoints, self._packed, latest_handshakes,
+                          rx_bytes, tx_bytes)
 
 
 @attrs.frozen(slots=True)
@@ -240,22 +379,15 @@ class PeerUpdates:
             if len(self.latest_handshakes) != len(base):
                 raise ValueError(f"a refresh of {len(self.latest_handshakes)} rows onto a "
                                  f"list of {len(base)} peers")
-            return PeerColumns(base.names, self.latest_handshakes, self.rx_bytes,
-                               self.tx_bytes, base.endpoints, names_checked=True)
+            return base.with_counters(self.latest_handshakes, self.rx_bytes, self.tx_bytes)
         if not self.positions:
             return base  # the usual partial sample: nothing but the node's own fields
         n = len(base)
         if max(self.positions) >= n or min(self.positions) < 0:
             raise ValueError(f"a peer update names position {max(self.positions)} "
                              f"of a list of {n} peers")
-        # Copies (a column is never changed in place once made), filled below.
-        handshakes, rx, tx = (base.latest_handshakes[:], base.rx_bytes[:],
-                              base.tx_bytes[:])
-        endpoints = list(base.endpoints)
-        for i, hs, r, t, e in zip(self.positions, self.latest_handshakes, self.rx_bytes,
-                                  self.tx_bytes, self.endpoints, strict=True):
-            handshakes[i], rx[i], tx[i], endpoints[i] = hs, r, t, e
-        return PeerColumns(base.names, handshakes, rx, tx, endpoints, names_checked=True)
+        return base.with_rows(self.positions, self.latest_handshakes, self.rx_bytes,
+                              self.tx_bytes, self.endpoints)
 
 
 @attrs.frozen(slots=True)

@@ -278,7 +278,8 @@ def encode_telemetry(t: wire.Telemetry) -> pb.Telemetry:
 
 
 def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
-    """Columns become tuples and arrays in C (see `wire.PeerColumns`)."""
+    """Columns become tuples and arrays in C (see `wire.PeerColumns`): what
+    decodes this is the leader, which keeps the peers packed."""
     p = msg.peers
     datapath = None
     if msg.HasField("datapath"):
@@ -289,22 +290,18 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
     updates = None
     if msg.HasField("peer_updates"):
         u = msg.peer_updates
-        updates = wire.PeerUpdates(tuple(u.position), u.latest_handshake,
-                                   u.rx_bytes, u.tx_bytes,
-                                   tuple(map(sys.intern, u.endpoint)),
-                                   every_row=u.every_row)
+        updates = wire.PeerUpdates(tuple(u.position), wire.narrow(u.latest_handshake),
+                                   wire.narrow(u.rx_bytes), wire.narrow(u.tx_bytes),
+                                   tuple(u.endpoint), every_row=u.every_row)
     return wire.Telemetry(
         sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
         public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,
         rotation=msg.rotation, peer_updates=updates,
         down=tuple(map(sys.intern, msg.down)) if msg.down else (),
-        # Names and endpoints interned: the leader holds every node's latest
-        # sample, N x (N-1) peers naming the same N nodes and endpoints;
-        # shared strings halve what that costs (300 nodes' samples: 21.8 ->
-        # 11.5 MiB measured with tracemalloc).
-        peers=wire.PeerColumns(tuple(map(sys.intern, p.name)), p.latest_handshake,
-                               p.rx_bytes, p.tx_bytes,
-                               tuple(map(sys.intern, p.endpoint))),
+        # The leader's form (`wire.PeerColumns.packed`): it holds every node's
+        # latest sample, N x (N-1) rows naming the same N nodes and endpoints.
+        peers=wire.PeerColumns.packed(p.name, p.latest_handshake, p.rx_bytes, p.tx_bytes,
+                                      p.endpoint),
         datapath=datapath,
     )
 
