@@ -440,6 +440,8 @@ class Applied:
     routes_added: tuple[IPNetwork, ...] = ()
     routes_removed: tuple[IPNetwork, ...] = ()
     listen_port_changed: bool = False
+    # Seconds each part took, in order ("device", "routes", "steering"): for the log.
+    timings: tuple[tuple[str, float], ...] = attrs.field(default=(), eq=False)
 
     @property
     def changed_anything(self) -> bool:

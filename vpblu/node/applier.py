@@ -149,17 +149,21 @@ class KernelApplier:
 
             datapath = DataPathApplied(0, 0)
             self._datapath_behind = state
+        maps_done = trio.current_time()
         applied = await self._apply_netlink(state)
         elapsed = trio.current_time() - started
+        parts = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in
+                          (("maps", maps_done - started), *applied.timings))
         self._applies += 1
         self._map_writes += datapath.written + datapath.deleted
         self._last_apply = elapsed
         after = self.statistics()
         log.info(
-            "apply done in %.1f ms: %d peers, %d routes, %d blocks; writes netlink=%d "
+            "apply done in %.1f ms (%s ms): %d peers, %d routes, %d blocks; writes netlink=%d "
             "wireguard=%d maps=%d; since start netlink=%d wireguard=%d; "
             "peers +%d ~%d -%d, routes +%d -%d%s",
             elapsed * 1000,
+            parts,
             len(state.peers),
             len(state.routes),
             len(state.blocks),

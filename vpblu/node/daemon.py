@@ -124,6 +124,11 @@ class _KernelAdapters:
             self.routes_counter.counted = kernel
         return self._made
 
+    async def aclose(self) -> None:
+        """End the rtnetlink adapter's thread (see `IPRouteKernel.aclose`)."""
+        if self._made is not None:
+            await self._made[1].aclose()
+
 
 @attrs.frozen(slots=True)
 class DaemonSettings:
@@ -268,8 +273,12 @@ async def run_daemon(settings: DaemonSettings) -> None:
         )
         # The original channel ends stay open for the tree's lifetime (see
         # with_inbox_clone); the MtuActor's sender is kept so its inbox never ends.
-        async with netlink_send, netlink_recv, bpf_send, bpf_recv, mtu_send, mtu_recv:
-            await tree.run()
+        try:
+            async with netlink_send, netlink_recv, bpf_send, bpf_recv, mtu_send, mtu_recv:
+                await tree.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await adapters.aclose()
     finally:
         keys.close()
 
@@ -307,7 +316,11 @@ async def cleanup_node(config: DaemonConfig, *, remove_key: bool = False) -> Non
         userspace if any(userspace.socket_path(i).exists() for i in interfaces)
         else KernelBackend()
     )
-    await remove_mesh(config, backend, IPRouteKernel())
+    kernel = IPRouteKernel()
+    try:
+        await remove_mesh(config, backend, kernel)
+    finally:
+        await kernel.aclose()
     # A wireguard-go ended by SIGKILL leaves its socket on the node's
     # /var/run/wireguard (one that exits on SIGTERM removes it). A socket that
     # answers belongs to a running wireguard-go whose link is in another network

@@ -80,7 +80,13 @@ from vpblu.node.kernel.iproute import (
     MeshRule,
     family_of,
 )
-from vpblu.node.kernel.wireguard import PeerConfig, WireGuardBackend, WireGuardError, plan_update
+from vpblu.node.kernel.wireguard import (
+    DeviceState,
+    PeerConfig,
+    WireGuardBackend,
+    WireGuardError,
+    plan_update,
+)
 from vpblu.node.keys import KeyFileError, KeyStore
 
 log = logging.getLogger(__name__)
@@ -267,8 +273,8 @@ class NetlinkActor:
                         outcome = await self._apply_or_fail(state)
                         await reply.send(outcome)
                     case ReadMesh(reply=read_reply):
-                        await self._reconfigure_if_new()
-                        reading = await self._read_or_none()
+                        device = await self._reconfigure_if_new()
+                        reading = await self._read_or_none(device)
                         if reading is not None:
                             with contextlib.suppress(trio.BrokenResourceError,
                                                      trio.ClosedResourceError):
@@ -291,17 +297,19 @@ class NetlinkActor:
     def sink(self) -> str:
         return self._config.interface + SINK_SUFFIX
 
-    async def _read_or_none(self) -> MeshReading | None:
+    async def _read_or_none(self, device: DeviceState | None) -> MeshReading | None:
         try:
-            return await self.read()
+            return await self.read(device)
         except (WireGuardError, OSError) as exc:
             log.warning("%s: reading the interface for telemetry failed: %s", self.interface, exc)
             return None
 
-    async def read(self) -> MeshReading:
+    async def read(self, device: DeviceState | None = None) -> MeshReading:
         """The interface's peers (handshakes, bytes, endpoints), key, MTU and the
-        fail-closed sink's drops, for the daemon's telemetry. Reads only."""
-        device = await self._backend.read(self.interface)
+        fail-closed sink's drops, for the daemon's telemetry. Reads only;
+        `device`: the device as just read, if it was."""
+        if device is None:
+            device = await self._backend.read(self.interface)
         keys = self._keys
         stat = await trio.Path(keys.path).stat()
         rotation = ("Staged" if keys.staged_public_key is not None
@@ -359,25 +367,26 @@ class NetlinkActor:
             if not await self._kernel.has_rule(rule):
                 await self._kernel.add_rule(rule)
 
-    async def _reconfigure_if_new(self) -> None:
+    async def _reconfigure_if_new(self) -> DeviceState | None:
         """A WireGuard device without a private key is one made after ours went:
         the node's wireguard-go restarted (its vpblu-wireguard pod replaced),
         whose new link has no key, peers or routes. Prepare it again and apply
         the last desired state to it, at the next telemetry read, instead of
         at the next full SyncState. A key rotation never leaves the device
         without a key, and a device that cannot be read is left to the next
-        read."""
+        read. Returns the device as read when it was left alone."""
         try:
             device = await self._backend.read(self.interface)
         except (WireGuardError, OSError, trio.TooSlowError):
-            return
+            return None
         if device.public_key is not None:
-            return
+            return device
         log.warning("%s: the WireGuard device has no key (its wireguard-go was replaced?): "
                     "configuring it again", self.interface)
         await self.prepare()
         if self._last_state is not None:
             await self._apply_or_fail(self._last_state)
+        return None
 
     async def _apply_or_fail(self, state: NodeDesiredState) -> ApplyOutcome:
         self._last_state = state
@@ -391,6 +400,7 @@ class NetlinkActor:
 
     async def apply(self, state: NodeDesiredState) -> Applied:
         iface = self.interface
+        started = trio.current_time()
         device = await self._backend.read(iface)
         update = plan_update(
             device,
@@ -406,21 +416,25 @@ class NetlinkActor:
         changed = tuple(p.public_key for p in update.peers if not p.remove and p.public_key in had)
         removed = tuple(p.public_key for p in update.peers if p.remove)
 
+        device_done = trio.current_time()
         table = self._config.table
-        have_routes = await self._kernel.routes(table, iface)
-        # A route a rotation moved into a bridge (of any slot) is there: it goes home
-        # by a step.
+        # One read of the table: this interface's routes, and those a rotation
+        # moved into a bridge (of any slot), which are there: they go home by a step.
+        routes_now = await self._kernel.table_routes(table)
+        have_routes = frozenset(c for c, i in routes_now.items() if i == iface)
         bridges = frozenset(rotation.bridge_names(iface))
-        on_bridge = frozenset(c for c, i in (await self._kernel.table_routes(table)).items()
-                              if i in bridges)
+        on_bridge = frozenset(c for c, i in routes_now.items() if i in bridges)
         want_routes = frozenset(r.cidr for r in state.routes)
         routes_added = _ordered(want_routes - have_routes - on_bridge)
         routes_removed = _ordered(have_routes - want_routes)
         for cidr in routes_added:
             await self._kernel.add_route(table, iface, cidr)
+        routes_done = trio.current_time()
         await self._apply_steering(state)
+        steering_done = trio.current_time()
         for cidr in routes_removed:
             await self._kernel.delete_route(table, iface, cidr)
+        done = trio.current_time()
         return Applied(
             added,
             changed,
@@ -428,6 +442,9 @@ class NetlinkActor:
             routes_added,
             routes_removed,
             listen_port_changed=update.listen_port is not None,
+            timings=(("device", device_done - started),
+                     ("routes", routes_done - device_done + done - steering_done),
+                     ("steering", steering_done - routes_done)),
         )
 
     async def _apply_steering(self, state: NodeDesiredState) -> None:

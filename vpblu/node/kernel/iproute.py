@@ -1,18 +1,28 @@
 """`MeshKernel` over pyroute2's IPRoute: links, routes in the mesh table, the
 mesh's ip rules and sysctls, in the daemon's network namespace.
 
-Owns nothing: the NetlinkActor owns the resources and is this adapter's only
-caller. Every call runs on a worker thread (pyroute2's sync classes cannot
-run on the trio thread under trio-asyncio).
+Owns nothing in the kernel: the NetlinkActor owns the resources and is this
+adapter's only caller. Every call runs on a worker thread (pyroute2's sync
+classes cannot run on the trio thread under trio-asyncio). In the daemon's own
+network namespace that is one thread keeping one IPRoute (`_NetlinkThread`)
+while calls keep coming; in another namespace (the tests' in-process nodes), a
+thread switched into it and a new IPRoute per call, so nothing outlives the
+call and keeps a deleted namespace alive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+import outcome
+import trio
 
 from vpblu.core.model import IPNetwork, network
 from vpblu.node.kernel.devconf import IPV4_DEVCONF_RP_FILTER, setlink_ipv4_devconf
@@ -21,6 +31,7 @@ from vpblu.node.kernel.nsexec import run_in_netns
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 ENOENT = 2
+ENODEV = 19
 ESRCH = 3  # rtnetlink's answer to deleting a route that is not there
 
 # rp_filter: 0 off, 1 strict, 2 loose. The kernel uses max(all, <interface>).
@@ -75,15 +86,129 @@ def _os_error(exc: Any) -> OSError:
     return OSError(code, f"netlink: {message}")
 
 
+IDLE_SECONDS = 60.0  # a `_NetlinkThread` with no call for this long closes and ends
+# A function of the IPRoute, and how its outcome gets back to the waiting task.
+_Call = tuple[Callable[[Any], Any], Callable[[outcome.Outcome[Any]], None]]
+
+
+class _NetlinkThread:
+    """One thread, started at the first call, that holds one IPRoute and runs
+    the calls given to it in turn; it closes the IPRoute and ends after
+    IDLE_SECONDS without a call, or at `close`, and the next call starts
+    another.
+
+    Why: a new IPRoute per call (its socket, and its asyncio event loop, which
+    under trio-asyncio's loop policy is a trio-asyncio loop) cost about as
+    much CPU as the call itself, and an apply makes several; at N=10 nine
+    daemons adding one peer at once on two cores spent most of their CPU
+    there. The loop given to IPRoute is a plain selector loop this thread
+    makes and closes. A call fails with what its function raised; any error
+    but the kernel's refusal also drops the IPRoute, and the next call makes
+    a new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # The running thread and its own queue (None in a queue: end).
+        self._worker: tuple[threading.Thread, queue.SimpleQueue[_Call | None]] | None = None
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def deliver(result: outcome.Outcome[Any]) -> None:
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        with self._lock:
+            if self._worker is None:
+                calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+                thread = threading.Thread(target=self._serve, args=(calls,),
+                                          name="vpblu-netlink", daemon=True)
+                self._worker = thread, calls
+                thread.start()
+            self._worker[1].put((fn, deliver))
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED  # the call runs to its end, as on a thread
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def close(self) -> None:
+        """End the thread (after the calls already given) and close its IPRoute."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            thread, calls = worker
+            calls.put(None)
+            await trio.to_thread.run_sync(thread.join)
+
+    def _serve(self, calls: queue.SimpleQueue[_Call | None]) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        ipr: Any = None
+        loop: asyncio.AbstractEventLoop | None = None
+
+        def drop() -> None:
+            nonlocal ipr, loop
+            try:
+                if ipr is not None:
+                    ipr.close()
+                if loop is not None:
+                    # What closing scheduled (the transport's connection_lost)
+                    # runs before the loop goes: else its socket is left open.
+                    loop.run_until_complete(asyncio.sleep(0))
+                    loop.run_until_complete(asyncio.sleep(0))
+            finally:
+                if loop is not None:
+                    loop.close()
+                ipr = loop = None
+
+        try:
+            while True:
+                try:
+                    item = calls.get(timeout=IDLE_SECONDS)
+                except queue.Empty:
+                    with self._lock:
+                        if self._worker is not None and self._worker[1] is calls \
+                                and calls.empty():
+                            self._worker = None
+                            return
+                    continue  # a call came meanwhile, or `close` put the end in
+                if item is None:
+                    return
+                fn, deliver = item
+                if ipr is None:
+                    try:
+                        loop = asyncio.SelectorEventLoop()
+                        ipr = IPRoute(use_event_loop=loop)
+                    except BaseException as exc:
+                        drop()
+                        deliver(outcome.Error(exc))
+                        continue
+                result = outcome.capture(fn, ipr)
+                if isinstance(result, outcome.Error) and not isinstance(result.error,
+                                                                        NetlinkError):
+                    drop()
+                deliver(result)
+        finally:
+            drop()
+
+
 class IPRouteKernel:
-    """`MeshKernel` over pyroute2's IPRoute, on a worker thread, in `netns`."""
+    """`MeshKernel` over pyroute2's IPRoute, on a worker thread, in `netns`.
+    `aclose` ends its netlink thread (a later call starts another)."""
 
     def __init__(self, *, netns: str | None = None) -> None:
         self._netns = netns
         self._writes = 0
+        self._thread = _NetlinkThread() if netns is None else None
 
     def statistics(self) -> KernelStatistics:
         return KernelStatistics(writes=self._writes)
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            await self._thread.close()
 
     async def _call(self, fn: Any) -> Any:
         """Run `fn(ipr)` on a worker thread. pyroute2's NetlinkError (the
@@ -91,10 +216,16 @@ class IPRouteKernel:
         it becomes one here, with the kernel's errno, so the NetlinkActor
         reports it in the apply's ack like any other kernel error instead of
         crashing on it."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        if self._thread is not None:
+            try:
+                return await self._thread.call(fn)
+            except NetlinkError as exc:
+                raise _os_error(exc) from exc
 
         def run() -> Any:
             from pyroute2 import IPRoute
-            from pyroute2.netlink.exceptions import NetlinkError
 
             try:
                 with IPRoute() as ipr:
@@ -354,8 +485,19 @@ class IPRouteKernel:
 
     async def table_routes(self, table: int) -> dict[IPNetwork, str]:
         def dump(ipr: Any) -> dict[IPNetwork, str]:
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            return {net: names[oif] for net, oif in _table_routes(ipr, table) if oif in names}
+            from pyroute2.netlink.exceptions import NetlinkError
+
+            routes = _table_routes(ipr, table)
+            # The names of the few devices the routes use, not a dump of every
+            # link (a node has one per pod).
+            names: dict[int, str] = {}
+            for oif in {oif for _, oif in routes if oif is not None}:
+                try:
+                    names[oif] = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
+                except NetlinkError as exc:
+                    if exc.code != ENODEV:  # gone since the dump: so are its routes
+                        raise
+            return {net: names[oif] for net, oif in routes if oif in names}
 
         result: dict[IPNetwork, str] = await self._call(dump)
         return result
