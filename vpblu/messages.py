@@ -467,10 +467,13 @@ ApplyOutcome = Applied | ApplyFailed
 
 @attrs.frozen(slots=True)
 class ApplyDesiredState:
-    """Make the mesh interface's peers and the mesh table's routes match `state`."""
+    """Make the mesh interface's peers and the mesh table's routes match `state`.
+    `whole`: it came as a whole SyncState, and what the kernel holds is read
+    (False, a Delta's: what the last apply left may be taken as there)."""
 
     state: NodeDesiredState
     reply: trio.MemorySendChannel[ApplyOutcome] = attrs.field(eq=False, repr=False)
+    whole: bool = attrs.field(default=True, kw_only=True)
 
 
 @attrs.frozen(slots=True)

@@ -104,14 +104,14 @@ class Daemon:
     send: trio.MemorySendChannel[ApplyDesiredState]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
-    async def apply(self, state: NodeDesiredState) -> ApplyOutcome:
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> ApplyOutcome:
         reply_send, reply_recv = trio.open_memory_channel[ApplyOutcome](1)
         with trio.fail_after(APPLY_TIMEOUT):
-            await self.send.send(ApplyDesiredState(state, reply_send))
+            await self.send.send(ApplyDesiredState(state, reply_send, whole=whole))
             return await reply_recv.receive()
 
-    async def apply_ok(self, state: NodeDesiredState) -> Applied:
-        outcome = await self.apply(state)
+    async def apply_ok(self, state: NodeDesiredState, *, whole: bool = True) -> Applied:
+        outcome = await self.apply(state, whole=whole)
         assert isinstance(outcome, Applied), outcome
         return outcome
 

@@ -45,7 +45,7 @@ MESH_MTU = UNDERLAY_MTU - 80
 START_TIMEOUT = 60.0  # a daemon process to its Hello: interpreter and imports (slow under load)
 STOP_TIMEOUT = 10.0
 APPLY_LINE = re.compile(
-    r"apply done in (?P<ms>[\d.]+) ms: .* writes netlink=(?P<netlink>\d+) "
+    r"apply done in (?P<ms>[\d.]+) ms(?: \([^)]*\))?: .* writes netlink=(?P<netlink>\d+) "
     r"wireguard=(?P<wireguard>\d+) maps=(?P<maps>\d+); since start netlink=(?P<total_netlink>\d+) "
     r"wireguard=(?P<total_wireguard>\d+)"
 )

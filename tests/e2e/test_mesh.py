@@ -6,13 +6,15 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from tests.e2e.conftest import Daemon, desired_state, remote_cidrs, start_daemon
 from tests.e2e.netns import Lab, Node, Pod, in_ns, wireguard_go_pids
-from vpblu.node.config import MESH_FWMARK, MESH_FWMARK_MASK
+from vpblu.node import netlink
+from vpblu.node.config import MESH_FWMARK, MESH_FWMARK_MASK, MESH_TABLE
 
 pytestmark = pytest.mark.e2e
 
@@ -154,6 +156,56 @@ async def test_reapplying_the_same_state_writes_nothing(lab: Lab, state_root: Pa
         finally:
             for d in daemons:
                 await d.cleanup()
+
+
+async def test_a_delta_takes_what_the_last_apply_left_and_a_whole_state_reads_it(
+        lab: Lab, state_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Delta's apply (`whole=False`) reads no route, rule or address: it
+    takes what the last apply left, so a peer joining costs its route's write,
+    not five dumps. A whole SyncState's apply reads them all and puts back
+    what someone removed; so does a Delta's once KNOWN_FOR has passed."""
+    nodes = build(lab, 3)
+    table = str(MESH_TABLE)
+    async with trio.open_nursery() as nursery:
+        daemons = [await start_daemon(nursery, n, state_root) for n in nodes]
+        try:
+            await converge(daemons[:2])
+            d0 = daemons[0]
+            reads: list[str] = []
+            for name in ("table_routes", "fallback_routes", "rules", "addresses"):
+                monkeypatch.setattr(d0.kernel, name, _counted(reads, name,
+                                                              getattr(d0.kernel, name)))
+            everyone = desired_state(d0.node, daemons)
+
+            applied = await d0.apply_ok(everyone, whole=False)
+            assert applied.routes_added == (nodes[2].pod_cidr,) and not reads
+            assert str(nodes[2].pod_cidr) in in_ns(nodes[0].netns, "ip", "route", "show",
+                                                   "table", table)
+
+            in_ns(nodes[0].netns, "ip", "route", "del", str(nodes[1].pod_cidr), "table", table)
+            applied = await d0.apply_ok(everyone, whole=False)
+            assert not applied.changed_anything and not reads  # taken as there
+            applied = await d0.apply_ok(everyone)
+            assert applied.routes_added == (nodes[1].pod_cidr,)
+            assert sorted(reads) == ["addresses", "fallback_routes", "rules", "table_routes"]
+
+            reads.clear()
+            monkeypatch.setattr(netlink, "KNOWN_FOR", 0.0)
+            in_ns(nodes[0].netns, "ip", "route", "del", str(nodes[1].pod_cidr), "table", table)
+            applied = await d0.apply_ok(everyone, whole=False)
+            assert applied.routes_added == (nodes[1].pod_cidr,) and len(reads) == 4
+            assert ping(nodes[0].pods[0], nodes[1].pods[0])[:2] == (3, 3)
+        finally:
+            for d in daemons:
+                await d.cleanup()
+
+
+def _counted(reads: list[str], name: str, read: Any) -> Any:
+    async def counted(*args: Any) -> Any:
+        reads.append(name)
+        return await read(*args)
+
+    return counted
 
 
 async def test_adding_a_peer_loses_no_packet_to_another(lab: Lab, state_root: Path) -> None:

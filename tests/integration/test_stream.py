@@ -153,7 +153,7 @@ class GatedFakeApplier(RecordingApplier):
         self.gate.set()
         self.waiting = trio.Event()
 
-    async def apply(self, state: NodeDesiredState) -> None:
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> None:
         if not self.gate.is_set():
             self.waiting.set()
             await self.gate.wait()

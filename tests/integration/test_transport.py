@@ -391,7 +391,7 @@ async def test_the_server_stopping_ends_every_stream(pki: Pki) -> None:
 
 
 class _NoApplier:
-    async def apply(self, state: NodeDesiredState) -> None:
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> None:
         pass
 
 

@@ -101,7 +101,7 @@ class RecordingApplier:
     def fail_next(self, count: int = 1) -> None:
         self._fail_next = count
 
-    async def apply(self, state: NodeDesiredState) -> None:
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> None:
         if self.delay:
             await trio.sleep(self.delay)
         if self._fail_next > 0:

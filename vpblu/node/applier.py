@@ -118,9 +118,9 @@ class KernelApplier:
             self._last_apply,
         )
 
-    async def apply(self, state: NodeDesiredState) -> None:
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> None:
         async with self._lock:
-            await self._apply(state)
+            await self._apply(state, whole)
 
     async def catch_up(self) -> None:
         """Give the maps the latest state `apply` took without them (no-op when
@@ -137,7 +137,7 @@ class KernelApplier:
                 log.info("data path caught up: %d map writes, %d blocks",
                          result.written + result.deleted, len(state.blocks))
 
-    async def _apply(self, state: NodeDesiredState) -> None:
+    async def _apply(self, state: NodeDesiredState, whole: bool) -> None:
         started = trio.current_time()
         before = self.statistics()
         ready = self._datapath_ready is None or self._datapath_ready.is_set()
@@ -150,7 +150,7 @@ class KernelApplier:
             datapath = DataPathApplied(0, 0)
             self._datapath_behind = state
         maps_done = trio.current_time()
-        applied = await self._apply_netlink(state)
+        applied = await self._apply_netlink(state, whole)
         elapsed = trio.current_time() - started
         parts = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in
                           (("maps", maps_done - started), *applied.timings))
@@ -192,13 +192,13 @@ class KernelApplier:
             return RotationStepDone(f"no answer from the netlink actor in {ROTATION_STEP_WAIT}s")
         return done
 
-    async def _apply_netlink(self, state: NodeDesiredState) -> Applied:
+    async def _apply_netlink(self, state: NodeDesiredState, whole: bool) -> Applied:
         from vpblu.messages import Applied, ApplyDesiredState, ApplyOutcome
 
         send, receive = trio.open_memory_channel[ApplyOutcome](1)
         async with send, receive:
             with trio.fail_after(self._step_timeout):
-                await self._netlink.send(ApplyDesiredState(state, send))
+                await self._netlink.send(ApplyDesiredState(state, send, whole=whole))
                 outcome = await receive.receive()
         match outcome:
             case Applied():

@@ -118,9 +118,10 @@ class Applier(Protocol):
     """Makes the node's kernel match a desired state, by difference.
 
     Raises on failure; may be called again with the same state (idempotent).
+    `whole`: the state came whole (a SyncState), not as a Delta's result.
     """
 
-    async def apply(self, state: NodeDesiredState) -> None: ...
+    async def apply(self, state: NodeDesiredState, *, whole: bool = True) -> None: ...
 
 
 class TelemetrySource(Protocol):
@@ -572,7 +573,7 @@ class StreamActor:
         if target is not None and target is not applied:
             started = trio.current_time()
             try:
-                await self._applier.apply(target.state)
+                await self._applier.apply(target.state, whole=syncs > 0)
             except Exception as exc:
                 log.exception("applying generation %d failed", target.generation)
                 self._apply_failures += 1
