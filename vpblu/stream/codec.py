@@ -290,9 +290,12 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
     updates = None
     if msg.HasField("peer_updates"):
         u = msg.peer_updates
-        updates = wire.PeerUpdates(tuple(u.position), wire.narrow(u.latest_handshake),
-                                   wire.narrow(u.rx_bytes), wire.narrow(u.tx_bytes),
-                                   tuple(u.endpoint), every_row=u.every_row)
+        # Most messages of a quiet mesh: no row changed (shared, immutable).
+        updates = _NO_UPDATES if not (
+            u.every_row or u.position or u.latest_handshake or u.rx_bytes or u.tx_bytes
+            or u.endpoint) else wire.PeerUpdates(
+                tuple(u.position), wire.narrow(u.latest_handshake), wire.narrow(u.rx_bytes),
+                wire.narrow(u.tx_bytes), tuple(u.endpoint), every_row=u.every_row)
     return wire.Telemetry(
         sampled_at=msg.sampled_at, applied_generation=msg.applied_generation,
         public_key=msg.public_key, key_created=msg.key_created, mtu=msg.mtu,
@@ -300,10 +303,16 @@ def decode_telemetry(msg: pb.Telemetry) -> wire.Telemetry:
         down=tuple(map(sys.intern, msg.down)) if msg.down else (),
         # The leader's form (`wire.PeerColumns.packed`): it holds every node's
         # latest sample, N x (N-1) rows naming the same N nodes and endpoints.
-        peers=wire.PeerColumns.packed(p.name, p.latest_handshake, p.rx_bytes, p.tx_bytes,
-                                      p.endpoint),
+        peers=_NO_PEERS if not (p.name or p.latest_handshake or p.rx_bytes or p.tx_bytes
+                                or p.endpoint)
+        else wire.PeerColumns.packed(p.name, p.latest_handshake, p.rx_bytes, p.tx_bytes,
+                                     p.endpoint),
         datapath=datapath,
     )
+
+
+_NO_UPDATES = wire.PeerUpdates()
+_NO_PEERS = wire.PeerColumns()
 
 
 def _rotation_step_kind(value: int) -> wire.RotationStepKind:
